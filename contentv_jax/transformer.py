@@ -1,0 +1,260 @@
+"""The ContentV / SD3.5 MMDiT in Flax NNX (mirrors contentv_torch_npu/transformer.py module for module).
+
+Module attribute names are the canonical parameter names of contentv_common.param_table, so weights map by name.
+Layout: input and output `[B, C, F, H, W]`; tokens are ordered (frame, row, col); attention runs in `[B, N, heads, d]`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+from contentv_common.config import ModelConfig
+from contentv_common.pos_embed import crop_sd3_table, sd3_table, sincos_3d
+from contentv_jax.ops import attention, layer_norm, rms_norm
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_all": jax.checkpoint_policies.dots_saveable,
+}
+
+
+class Buffer(nnx.Variable):
+    """A fixed, non-trainable array stored with the weights (SD3's 2D position table)."""
+
+
+class Dtypes:
+    """Compute dtype and parameter dtype, passed to every layer."""
+
+    def __init__(self, dtype: jnp.dtype, param_dtype: jnp.dtype):
+        self.dtype, self.param_dtype = dtype, param_dtype
+
+    def linear(self, d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+        return nnx.Linear(d_in, d_out, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dt: Dtypes):
+        self.scale = nnx.Param(jnp.ones((dim,), dt.param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+class MLP(nnx.Module):
+    """linear_1 -> SiLU -> linear_2 (diffusers TimestepEmbedding / PixArtAlphaTextProjection)."""
+
+    def __init__(self, d_in: int, d_out: int, dt: Dtypes, rngs: nnx.Rngs):
+        self.linear_1 = dt.linear(d_in, d_out, rngs)
+        self.linear_2 = dt.linear(d_out, d_out, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(nnx.silu(self.linear_1(x)))
+
+
+class FeedForward(nnx.Module):
+    """fc1 -> GELU (tanh) -> fc2."""
+
+    def __init__(self, dim: int, hidden: int, dt: Dtypes, rngs: nnx.Rngs):
+        self.fc1 = dt.linear(dim, hidden, rngs)
+        self.fc2 = dt.linear(hidden, dim, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+def timestep_embedding(timestep: jax.Array, channels: int) -> jax.Array:
+    """Sinusoidal projection of timesteps in 0..1000, [cos | sin] (diffusers Timesteps, flip_sin_to_cos=True)."""
+    half = channels // 2
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = timestep.astype(jnp.float32)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimeEmbed(nnx.Module):
+    """Timestep MLP + pooled-text MLP, summed: the conditioning vector of every adaLN."""
+
+    def __init__(self, cfg: ModelConfig, dt: Dtypes, rngs: nnx.Rngs):
+        self.channels = cfg.timestep_channels
+        self.dtype = dt.dtype
+        self.timestep = MLP(cfg.timestep_channels, cfg.hidden_size, dt, rngs)
+        self.pooled = MLP(cfg.pooled_projection_dim, cfg.hidden_size, dt, rngs)
+
+    def __call__(self, timestep: jax.Array, pooled_projections: jax.Array) -> jax.Array:
+        t = timestep_embedding(timestep, self.channels).astype(self.dtype)
+        return self.timestep(t) + self.pooled(pooled_projections.astype(self.dtype))
+
+
+class PatchEmbed(nnx.Module):
+    """Per-frame 2D patch projection plus a fixed position table (3D sin-cos, or SD3's cropped 2D table)."""
+
+    def __init__(self, cfg: ModelConfig, dt: Dtypes, rngs: nnx.Rngs):
+        self.cfg = cfg
+        p = cfg.patch_size
+        self.proj = nnx.Conv(
+            cfg.in_channels,
+            cfg.hidden_size,
+            kernel_size=(p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=dt.dtype,
+            param_dtype=dt.param_dtype,
+            rngs=rngs,
+        )
+        if cfg.pos_embed == "sd3_2d":
+            table = sd3_table(cfg.hidden_size, cfg.pos_embed_max_size, cfg.sample_size, cfg.patch_size)
+            self.pos_table = Buffer(jnp.asarray(table))
+
+    def positions(self, frames: int, h: int, w: int) -> jax.Array:
+        cfg = self.cfg
+        if cfg.pos_embed == "sd3_2d":
+            return crop_sd3_table(self.pos_table[...], cfg.pos_embed_max_size, h, w)
+        table = sincos_3d(
+            cfg.hidden_size, frames, h, w, cfg.spatial_interpolation_scale, cfg.temporal_interpolation_scale
+        )
+        return jnp.asarray(table)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, _, f, _, _ = x.shape
+        x = self.proj(rearrange(x, "b c f h w -> (b f) h w c"))
+        _, h, w, _ = x.shape
+        x = rearrange(x, "(b f) h w d -> b (f h w) d", b=b)
+        return (x.astype(jnp.float32) + self.positions(f, h, w)[None]).astype(x.dtype)
+
+
+class JointAttention(nnx.Module):
+    """Separate q/k/v (and output) projections for the image and text streams, one attention over both."""
+
+    def __init__(self, cfg: ModelConfig, context_pre_only: bool, dt: Dtypes, rngs: nnx.Rngs, impl: str | None):
+        d = cfg.hidden_size
+        self.heads, self.impl = cfg.num_attention_heads, impl
+        self.to_q, self.to_k, self.to_v = (dt.linear(d, d, rngs) for _ in range(3))
+        self.add_q, self.add_k, self.add_v = (dt.linear(d, d, rngs) for _ in range(3))
+        self.to_out = dt.linear(d, d, rngs)
+        if not context_pre_only:
+            self.add_out = dt.linear(d, d, rngs)
+        self.context_pre_only = context_pre_only
+        self.qk_norm = cfg.qk_norm is not None
+        if self.qk_norm:
+            hd, eps = cfg.attention_head_dim, cfg.norm_eps
+            self.norm_q, self.norm_k = RMSNorm(hd, eps, dt), RMSNorm(hd, eps, dt)
+            self.norm_added_q, self.norm_added_k = RMSNorm(hd, eps, dt), RMSNorm(hd, eps, dt)
+
+    def _heads(self, x: jax.Array) -> jax.Array:
+        return rearrange(x, "b n (h d) -> b n h d", h=self.heads)
+
+    def __call__(self, x: jax.Array, context: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        q, k, v = (self._heads(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
+        cq, ck, cv = (self._heads(proj(context)) for proj in (self.add_q, self.add_k, self.add_v))
+        if self.qk_norm:
+            q, k = self.norm_q(q), self.norm_k(k)
+            cq, ck = self.norm_added_q(cq), self.norm_added_k(ck)
+        q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((q, cq), (k, ck), (v, cv)))
+        out = rearrange(attention(q, k, v, self.impl), "b n h d -> b n (h d)")
+        n = x.shape[1]
+        x_out = self.to_out(out[:, :n])
+        return x_out, None if self.context_pre_only else self.add_out(out[:, n:])
+
+
+def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    return layer_norm(x, eps) * (1 + scale) + shift
+
+
+class JointBlock(nnx.Module):
+    """MMDiT block with adaLN-zero; `context_pre_only` (last block) drops the text stream's output path."""
+
+    def __init__(self, cfg: ModelConfig, context_pre_only: bool, dt: Dtypes, rngs: nnx.Rngs, impl: str | None):
+        d = cfg.hidden_size
+        self.eps, self.context_pre_only = cfg.norm_eps, context_pre_only
+        self.norm1 = dt.linear(d, 6 * d, rngs)
+        self.norm1_context = dt.linear(d, (2 if context_pre_only else 6) * d, rngs)
+        self.attn = JointAttention(cfg, context_pre_only, dt, rngs, impl)
+        self.ff = FeedForward(d, cfg.mlp_ratio * d, dt, rngs)
+        if not context_pre_only:
+            self.ff_context = FeedForward(d, cfg.mlp_ratio * d, dt, rngs)
+
+    def __call__(self, x: jax.Array, context: jax.Array, temb_act: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        eps = self.eps
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
+            self.norm1(temb_act)[:, None], 6, axis=-1
+        )
+        c_mod = jnp.split(self.norm1_context(temb_act)[:, None], 2 if self.context_pre_only else 6, axis=-1)
+        if self.context_pre_only:
+            c_scale, c_shift = c_mod  # AdaLayerNormContinuous order: scale first
+            norm_context = _modulate(context, c_shift, c_scale, eps)
+        else:
+            c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mod
+            norm_context = _modulate(context, c_shift_msa, c_scale_msa, eps)
+        attn_x, attn_context = self.attn(_modulate(x, shift_msa, scale_msa, eps), norm_context)
+        x = x + gate_msa * attn_x
+        x = x + gate_mlp * self.ff(_modulate(x, shift_mlp, scale_mlp, eps))
+        if self.context_pre_only:
+            return x, None
+        context = context + c_gate_msa * attn_context
+        context = context + c_gate_mlp * self.ff_context(_modulate(context, c_shift_mlp, c_scale_mlp, eps))
+        return x, context
+
+
+class Transformer(nnx.Module):
+    """ContentV-8B / SD3.5-Large MMDiT. Call as `model(hidden_states, timestep, encoder_hidden_states, pooled)`.
+
+    `dtype` is the compute dtype (e.g. bf16) and `param_dtype` the stored one (fp32 masters); norms, position
+    tables and timestep features are computed in fp32. `remat` names a rematerialisation policy per block.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        attention_impl: str | None = None,
+        remat: str = "none",
+    ):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {remat!r} is not one of {sorted(REMAT_POLICIES)}")
+        dt = Dtypes(dtype, param_dtype)
+        d = cfg.hidden_size
+        self.cfg, self.dtype, self.remat = cfg, dtype, remat
+        self.patch_embed = PatchEmbed(cfg, dt, rngs)
+        self.time_embed = TimeEmbed(cfg, dt, rngs)
+        self.context_embedder = dt.linear(cfg.joint_attention_dim, d, rngs)
+        self.blocks = nnx.List(
+            [JointBlock(cfg, i == cfg.num_layers - 1, dt, rngs, attention_impl) for i in range(cfg.num_layers)]
+        )
+        self.norm_out = dt.linear(d, 2 * d, rngs)
+        self.proj_out = dt.linear(d, cfg.patch_size**2 * cfg.out_channels, rngs)
+
+    def __call__(
+        self,
+        hidden_states: jax.Array,
+        timestep: jax.Array,
+        encoder_hidden_states: jax.Array,
+        pooled_projections: jax.Array,
+    ) -> jax.Array:
+        cfg = self.cfg
+        cfg.check_latent_shape(hidden_states.shape)
+        _, _, f, h, w = hidden_states.shape
+        p = cfg.patch_size
+        x = self.patch_embed(hidden_states.astype(self.dtype))
+        temb_act = nnx.silu(self.time_embed(timestep, pooled_projections))
+        context = self.context_embedder(encoder_hidden_states.astype(self.dtype))
+
+        def run(block: JointBlock, x: jax.Array, context: jax.Array, temb_act: jax.Array):
+            return block(x, context, temb_act)
+
+        if self.remat != "none":
+            run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
+        for block in self.blocks:
+            x, context = run(block, x, context, temb_act)
+        scale, shift = jnp.split(self.norm_out(temb_act)[:, None], 2, axis=-1)
+        x = self.proj_out(_modulate(x, shift, scale, cfg.norm_eps))
+        return rearrange(x, "b (f h w) (p q c) -> b c f (h p) (w q)", f=f, h=h // p, w=w // p, p=p, q=p)

@@ -1,0 +1,92 @@
+"""Op registry of the torch twin: eager torch (SDPA) or Ascend fused kernels, chosen by device.
+
+Every NPU wrapper owns its semantic conversions (layout, explicit scale, mask polarity, keep_prob, dtypes), so the rest
+of the model is backend-agnostic. torch_npu comes from `device.torch_npu()`, which tests replace with a fake.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from contentv_torch_npu import device as device_mod
+
+
+class Ops(Protocol):
+    name: str
+
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, dropout: float = 0.0
+    ) -> torch.Tensor: ...
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
+
+    def gelu_tanh(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class TorchOps:
+    """Eager torch: SDPA attention (flash/efficient kernels on GPU), float32 norms."""
+
+    name: str = "torch"
+
+    def attention(self, q, k, v, mask=None, dropout=0.0):
+        """q, k, v: [B, heads, N, d]. `mask`: bool, True = attend (broadcastable to [B, heads, Nq, Nk])."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+    def rms_norm(self, x, weight, eps):
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return (y * weight.float()).to(x.dtype)
+
+    def gelu_tanh(self, x):
+        return F.gelu(x, approximate="tanh")
+
+
+@dataclass(frozen=True)
+class NpuOps:
+    """Ascend kernels through torch_npu: npu_fusion_attention (BNSD), npu_rms_norm, npu_gelu."""
+
+    name: str = "npu"
+
+    def attention(self, q, k, v, mask=None, dropout=0.0):
+        """Same contract as TorchOps.attention; converts to npu_fusion_attention's conventions."""
+        head_dim = q.shape[-1]
+        atten_mask = None if mask is None else ~mask.bool()  # npu: True = masked out
+        out = device_mod.torch_npu().npu_fusion_attention(
+            q,
+            k,
+            v,
+            q.shape[1],
+            input_layout="BNSD",
+            pse=None,
+            atten_mask=atten_mask,
+            scale=1.0 / math.sqrt(head_dim),
+            pre_tockens=65536,
+            next_tockens=65536,
+            keep_prob=1.0 - dropout,
+        )
+        return out[0]
+
+    def rms_norm(self, x, weight, eps):
+        y, _rstd = device_mod.torch_npu().npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)
+        return y
+
+    def gelu_tanh(self, x):
+        return device_mod.torch_npu().npu_gelu(x, approximate="tanh")
+
+
+OPS: dict[str, Ops] = {"torch": TorchOps(), "npu": NpuOps()}
+
+
+def ops_for(choice: str, device_type: str) -> Ops:
+    """`choice` "auto" picks by the tensor's device type (npu -> NpuOps, else TorchOps); "torch"/"npu" force one."""
+    if choice == "auto":
+        return OPS["npu" if device_type == "npu" else "torch"]
+    if choice not in OPS:
+        raise ValueError(f"ops {choice!r} is not one of auto, {', '.join(OPS)}")
+    return OPS[choice]
