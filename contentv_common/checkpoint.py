@@ -159,7 +159,9 @@ def _canonical_keys(keys: list[str], table: ParamTable, path: Path, from_diffuse
         try:
             p = table.from_diffusers(key) if from_diffusers else table.from_canonical(key)
         except UnknownParameterError:
-            raise CheckpointError(f"{path}: unexpected key {key!r} (no rule in the {table.name} parameter table)") from None
+            raise CheckpointError(
+                f"{path}: unexpected key {key!r} (no rule in the {table.name} parameter table)"
+            ) from None
         out[key] = p.canonical
     return out
 
@@ -206,15 +208,20 @@ def check_keys(
         skip.add(POS_TABLE)
     problems = []
     for key in sorted(set(expected) - set(source.shapes)):
-        problems.append(f"missing key {key!r} (diffusers {table.from_canonical(key).diffusers!r}), "
-                        f"model shape {tuple(expected[key])}")
+        problems.append(
+            f"missing key {key!r} (diffusers {table.from_canonical(key).diffusers!r}), "
+            f"model shape {tuple(expected[key])}"
+        )
     for key in sorted(set(source.shapes) - set(expected) - skip):
-        problems.append(f"unexpected key {key!r} (diffusers {table.from_canonical(key).diffusers!r}), "
-                        f"checkpoint shape {tuple(source.shapes[key])}")
+        problems.append(
+            f"unexpected key {key!r} (diffusers {table.from_canonical(key).diffusers!r}), "
+            f"checkpoint shape {tuple(source.shapes[key])}"
+        )
     for key in sorted(set(source.shapes) & set(expected)):
         if tuple(source.shapes[key]) != tuple(expected[key]):
-            problems.append(f"wrong shape for key {key!r}: checkpoint {tuple(source.shapes[key])} "
-                            f"vs model {tuple(expected[key])}")
+            problems.append(
+                f"wrong shape for key {key!r}: checkpoint {tuple(source.shapes[key])} vs model {tuple(expected[key])}"
+            )
     if problems:
         raise CheckpointError(f"{source.path}: checkpoint does not match the model:\n  " + "\n  ".join(problems))
     return skip

@@ -140,7 +140,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         _check(len(value) == len(args), key, f"must have {len(args)} items, got {len(value)}")
-        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if origin is dict:
         _check(isinstance(value, dict), key, f"must be a mapping, got {type(value).__name__}")
         return {k: _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}

@@ -74,7 +74,11 @@ class ParamTable:
     def __init__(self, name: str, rules: tuple[Rule, ...]):
         self.name = name
         self.rules = rules
-        self._by_space: dict[str, list[tuple[re.Pattern[str], Rule, Leaf]]] = {"diffusers": [], "canonical": [], "jax": []}
+        self._by_space: dict[str, list[tuple[re.Pattern[str], Rule, Leaf]]] = {
+            "diffusers": [],
+            "canonical": [],
+            "jax": [],
+        }
         for rule in rules:
             for leaf in rule.kind.leaves:
                 self._by_space["diffusers"].append((_compile(_join(rule.diffusers, leaf.torch)), rule, leaf))

@@ -96,7 +96,7 @@ def write_sharded(
     max_shard_bytes: int = 5 * 2**30,
     metadata: dict[str, str] | None = None,
 ) -> list[Path]:
-    """Write tensors to `folder/prefix.safetensors` or to shards plus `prefix.safetensors.index.json` (diffusers layout).
+    """Write `folder/prefix.safetensors`, or shards plus `prefix.safetensors.index.json` (the diffusers layout).
 
     Shards are flushed as they fill, so at most one shard is held in memory.
     """

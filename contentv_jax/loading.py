@@ -111,10 +111,8 @@ def load_transformer(
 
 def save_jax(folder: str | Path, model: Transformer, overwrite: bool = False) -> Path:
     """Write our JAX format: contentv_config.json + an orbax folder `params/` of {NNX path: array}."""
-    params = {}
-    for name, array in canonical_tensors(model):
-        p = TRANSFORMER_TABLE.from_canonical(name)
-        params[p.jax] = array if p.jax_perm is None else np.ascontiguousarray(np.transpose(array, p.jax_perm))
+    flat = nnx.to_flat_state(nnx.state(model))
+    params = {_path(path): np.asarray(jax.device_get(var[...])) for path, var in flat}
     return write_jax_params(folder, model.cfg, params, overwrite)
 
 

@@ -233,6 +233,29 @@ class Transformer(nnx.Module):
         self.norm_out = dt.linear(d, 2 * d, rngs)
         self.proj_out = dt.linear(d, cfg.patch_size**2 * cfg.out_channels, rngs)
 
+    def embed(
+        self,
+        hidden_states: jax.Array,
+        timestep: jax.Array,
+        encoder_hidden_states: jax.Array,
+        pooled_projections: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Image tokens, text tokens and the SiLU-activated conditioning vector fed to every block."""
+        self.cfg.check_latent_shape(hidden_states.shape)
+        x = self.patch_embed(hidden_states.astype(self.dtype))
+        temb_act = nnx.silu(self.time_embed(timestep, pooled_projections))
+        context = self.context_embedder(encoder_hidden_states.astype(self.dtype))
+        return x, context, temb_act
+
+    def head(self, x: jax.Array, temb_act: jax.Array, latent_shape: tuple[int, ...]) -> jax.Array:
+        """Final adaLN + projection, unpatchified back to `[B, C, F, H, W]`."""
+        cfg = self.cfg
+        _, _, f, h, w = latent_shape
+        p = cfg.patch_size
+        scale, shift = jnp.split(self.norm_out(temb_act)[:, None], 2, axis=-1)
+        x = self.proj_out(_modulate(x, shift, scale, cfg.norm_eps))
+        return rearrange(x, "b (f h w) (p q c) -> b c f (h p) (w q)", f=f, h=h // p, w=w // p, p=p, q=p)
+
     def __call__(
         self,
         hidden_states: jax.Array,
@@ -240,13 +263,7 @@ class Transformer(nnx.Module):
         encoder_hidden_states: jax.Array,
         pooled_projections: jax.Array,
     ) -> jax.Array:
-        cfg = self.cfg
-        cfg.check_latent_shape(hidden_states.shape)
-        _, _, f, h, w = hidden_states.shape
-        p = cfg.patch_size
-        x = self.patch_embed(hidden_states.astype(self.dtype))
-        temb_act = nnx.silu(self.time_embed(timestep, pooled_projections))
-        context = self.context_embedder(encoder_hidden_states.astype(self.dtype))
+        x, context, temb_act = self.embed(hidden_states, timestep, encoder_hidden_states, pooled_projections)
 
         def run(block: JointBlock, x: jax.Array, context: jax.Array, temb_act: jax.Array):
             return block(x, context, temb_act)
@@ -255,6 +272,4 @@ class Transformer(nnx.Module):
             run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
         for block in self.blocks:
             x, context = run(block, x, context, temb_act)
-        scale, shift = jnp.split(self.norm_out(temb_act)[:, None], 2, axis=-1)
-        x = self.proj_out(_modulate(x, shift, scale, cfg.norm_eps))
-        return rearrange(x, "b (f h w) (p q c) -> b c f (h p) (w q)", f=f, h=h // p, w=w // p, p=p, q=p)
+        return self.head(x, temb_act, hidden_states.shape)

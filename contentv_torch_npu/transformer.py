@@ -95,7 +95,7 @@ class PatchEmbed(nn.Module):
         table = sincos_3d(
             cfg.hidden_size, frames, h, w, cfg.spatial_interpolation_scale, cfg.temporal_interpolation_scale
         )
-        return torch.from_numpy(table).to(device)
+        return torch.tensor(table, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, f, _, _ = x.shape
@@ -211,6 +211,30 @@ class Transformer(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.compute_dtype)
 
+    def embed(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image tokens, text tokens and the SiLU-activated conditioning vector fed to every block."""
+        self.cfg.check_latent_shape(tuple(hidden_states.shape))
+        dtype = self.compute_dtype or self.proj_out.weight.dtype
+        x = self.patch_embed(hidden_states.to(dtype))
+        temb_act = F.silu(self.time_embed(timestep, pooled_projections.to(dtype)))
+        context = self.context_embedder(encoder_hidden_states.to(dtype))
+        return x, context, temb_act
+
+    def head(self, x: torch.Tensor, temb_act: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """Final adaLN + projection, unpatchified back to `[B, C, F, H, W]`."""
+        cfg = self.cfg
+        _, _, f, h, w = latent_shape
+        p = cfg.patch_size
+        scale, shift = self.norm_out(temb_act)[:, None].chunk(2, -1)
+        x = self.proj_out(_modulate(x, shift, scale, cfg.norm_eps))
+        return rearrange(x, "b (f h w) (p q c) -> b c f (h p) (w q)", f=f, h=h // p, w=w // p, p=p, q=p)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -218,21 +242,12 @@ class Transformer(nn.Module):
         encoder_hidden_states: torch.Tensor,
         pooled_projections: torch.Tensor,
     ) -> torch.Tensor:
-        cfg = self.cfg
-        cfg.check_latent_shape(tuple(hidden_states.shape))
-        _, _, f, h, w = hidden_states.shape
-        p = cfg.patch_size
         ops = ops_for(self.ops, hidden_states.device.type)
-        dtype = self.compute_dtype or self.proj_out.weight.dtype
         with self._autocast(hidden_states.device):
-            x = self.patch_embed(hidden_states.to(dtype))
-            temb_act = F.silu(self.time_embed(timestep, pooled_projections.to(dtype)))
-            context = self.context_embedder(encoder_hidden_states.to(dtype))
+            x, context, temb_act = self.embed(hidden_states, timestep, encoder_hidden_states, pooled_projections)
             for block in self.blocks:
                 if self.gradient_checkpointing and torch.is_grad_enabled():
                     x, context = checkpoint(block, x, context, temb_act, ops, use_reentrant=False)
                 else:
                     x, context = block(x, context, temb_act, ops)
-            scale, shift = self.norm_out(temb_act)[:, None].chunk(2, -1)
-            x = self.proj_out(_modulate(x, shift, scale, cfg.norm_eps))
-        return rearrange(x, "b (f h w) (p q c) -> b c f (h p) (w q)", f=f, h=h // p, w=w // p, p=p, q=p)
+            return self.head(x, temb_act, tuple(hidden_states.shape))

@@ -1,0 +1,87 @@
+"""Checkpoint conversion between diffusers, our torch (safetensors) and our JAX (orbax) formats, every direction.
+
+Tensors stream one at a time from the source; the diffusers and torch writers flush shard by shard, so converting
+between safetensors formats holds at most one shard. The JAX writer holds the model once (orbax saves one tree).
+Without a dtype change, every tensor is copied bit for bit, so any round trip is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import ml_dtypes
+import numpy as np
+from tqdm import tqdm
+
+from contentv_common.checkpoint import (
+    POS_TABLE,
+    TensorSource,
+    detect_format,
+    open_safetensors_source,
+    write_diffusers,
+    write_torch,
+)
+from contentv_common.param_table import TRANSFORMER_TABLE
+
+Format = Literal["diffusers", "torch", "jax"]
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def open_checkpoint(path: str | Path) -> TensorSource:
+    """Open any of the three formats; the JAX format needs jax + orbax installed."""
+    if detect_format(path) == "jax":
+        from contentv_jax.loading import open_jax_source
+
+        return open_jax_source(path)
+    return open_safetensors_source(path)
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    to: Format,
+    dtype: str | None = None,
+    pos_embed: Literal["sincos_3d", "sd3_2d"] | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert the transformer checkpoint folder `src` into `dst` in format `to`.
+
+    `dtype` casts floating tensors (e.g. "bfloat16"); `pos_embed="sincos_3d"` turns an SD3/SD3.5 image checkpoint into
+    a ContentV video checkpoint (SD3's 2D position table is dropped).
+    """
+    source = open_checkpoint(src)
+    cfg = source.config if pos_embed is None else source.config.replace(pos_embed=pos_embed)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if cfg.pos_embed == "sd3_2d" and POS_TABLE not in source.shapes:
+        raise ValueError(f"{src}: has no {POS_TABLE!r} (a sincos_3d checkpoint); cannot convert to sd3_2d mode")
+    total = len([k for k in source.shapes if not (k == POS_TABLE and cfg.pos_embed == "sincos_3d")])
+
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        bar = tqdm(total=total, desc=f"convert -> {to}", unit="tensor", disable=not progress)
+        for name, array in source.tensors():
+            if name == POS_TABLE and cfg.pos_embed == "sincos_3d":
+                continue
+            if dtype is not None and array.dtype.kind in "fV":
+                array = array.astype(DTYPES[dtype])
+            bar.update()
+            yield name, array
+        bar.close()
+
+    if to == "diffusers":
+        return write_diffusers(dst, cfg, tensors(), max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    if to == "torch":
+        return write_torch(dst, cfg, tensors(), max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    if to == "jax":
+        from contentv_jax.loading import write_jax_params
+
+        params = {}
+        for name, array in tensors():
+            p = TRANSFORMER_TABLE.from_canonical(name)
+            params[p.jax] = array if p.jax_perm is None else np.ascontiguousarray(np.transpose(array, p.jax_perm))
+        return write_jax_params(dst, cfg, params, overwrite)
+    raise ValueError(f"unknown target format {to!r} (diffusers, torch, jax)")

@@ -1,0 +1,46 @@
+"""Test-wide numerics: float32 references (JAX matmul precision "highest", torch TF32 off) and 8 simulated JAX devices.
+
+XLA_FLAGS must be set before jax is imported anywhere, so it is set here at collection time.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+def _configure_numerics() -> None:
+    try:
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", "highest")
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    except ImportError:
+        pass
+
+
+_configure_numerics()
+
+
+@pytest.fixture
+def rel_err():
+    """Relative error ||a - b|| / ||b|| in float64."""
+    import numpy as np
+
+    def rel(a, b) -> float:
+        a = np.asarray(a, dtype=np.float64)
+        b = np.asarray(b, dtype=np.float64)
+        return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+    return rel

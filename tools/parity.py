@@ -1,0 +1,164 @@
+"""Per-layer parity between backends (jax, torch, diffusers) on the same weights and the same random inputs.
+
+    python tools/parity.py --tiny                                 # random tiny model, all three backends
+    python tools/parity.py --checkpoint PATH/transformer --frames 3 --size 32x32 --backends jax,torch
+
+Prints a table of relative error (||other - ref|| / ||ref||, float64) per layer against the first backend, and the
+first layer that exceeds --tol. Runs in float32 with JAX matmul precision "highest" and torch TF32 off.
+Exit status 1 if any layer exceeds the tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from contentv_common.config import named_model_config
+
+BACKENDS = ("jax", "torch", "diffusers")
+
+
+def trace_jax(path: Path, pos_embed: str | None, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import jax
+
+    import contentv_jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    model = contentv_jax.load_transformer(path, pos_embed=pos_embed)
+    x, context, temb_act = model.embed(*inputs.values())
+    out = {"patch_embed": x, "conditioning": temb_act, "context_embedder": context}
+    for i, block in enumerate(model.blocks):
+        x, context = block(x, context, temb_act)
+        out[f"blocks.{i}.x"] = x
+        if context is not None:
+            out[f"blocks.{i}.context"] = context
+    out["output"] = model.head(x, temb_act, inputs["hidden_states"].shape)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def trace_torch(path: Path, pos_embed: str | None, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import torch
+
+    import contentv_torch_npu
+    from contentv_torch_npu.ops import ops_for
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = contentv_torch_npu.load_transformer(path, pos_embed=pos_embed).eval()
+    ops = ops_for(model.ops, "cpu")
+    with torch.no_grad():
+        x, context, temb_act = model.embed(*(torch.from_numpy(v) for v in inputs.values()))
+        out = {"patch_embed": x, "conditioning": temb_act, "context_embedder": context}
+        for i, block in enumerate(model.blocks):
+            x, context = block(x, context, temb_act, ops)
+            out[f"blocks.{i}.x"] = x
+            if context is not None:
+                out[f"blocks.{i}.context"] = context
+        out["output"] = model.head(x, temb_act, inputs["hidden_states"].shape)
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def trace_diffusers(path: Path, pos_embed: str | None, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import torch
+
+    from contentv_torch_npu.reference import load_diffusers, reference_forward
+
+    model, cfg = load_diffusers(path)
+    cfg = cfg if pos_embed is None else cfg.replace(pos_embed=pos_embed)
+    trace: dict[str, torch.Tensor] = {}
+    reference_forward(model, cfg, *(torch.from_numpy(v) for v in inputs.values()), trace=trace)
+    return {k: v.numpy() for k, v in trace.items()}
+
+
+TRACERS = {"jax": trace_jax, "torch": trace_torch, "diffusers": trace_diffusers}
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def random_inputs(cfg, batch: int, frames: int, height: int, width: int, text_tokens: int, seed: int):
+    rng = np.random.default_rng(seed)
+    return {
+        "hidden_states": rng.standard_normal((batch, cfg.in_channels, frames, height, width), dtype=np.float32),
+        "timestep": rng.uniform(0, 1000, batch).astype(np.float32),
+        "encoder_hidden_states": rng.standard_normal((batch, text_tokens, cfg.joint_attention_dim), dtype=np.float32),
+        "pooled_projections": rng.standard_normal((batch, cfg.pooled_projection_dim), dtype=np.float32),
+    }
+
+
+def write_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
+    """A random tiny SD3 transformer saved by diffusers itself (`save_pretrained`), image-mode config."""
+    import torch
+
+    from contentv_torch_npu.reference import build_diffusers
+
+    torch.manual_seed(seed)
+    cfg = named_model_config("tiny").replace(pos_embed="sd3_2d")
+    build_diffusers(cfg).save_pretrained(folder)
+    return folder
+
+
+def compare(traces: dict[str, dict[str, np.ndarray]], tol: float) -> tuple[list[str], str | None]:
+    """Table lines and the first layer whose error exceeds `tol` (None if all pass)."""
+    names = list(traces)
+    ref = traces[names[0]]
+    lines = [f"{'layer':<22}" + "".join(f"{n + ' vs ' + names[0]:>22}" for n in names[1:])]
+    first_bad = None
+    for layer in ref:
+        errs = [rel_err(traces[n][layer], ref[layer]) for n in names[1:]]
+        flag = "  <-- exceeds tol" if any(e > tol for e in errs) else ""
+        if flag and first_bad is None:
+            first_bad = layer
+        lines.append(f"{layer:<22}" + "".join(f"{e:>22.3e}" for e in errs) + flag)
+    return lines, first_bad
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="transformer folder (diffusers, torch or jax format)")
+    src.add_argument("--tiny", action="store_true", help="random tiny model written by diffusers (no downloads)")
+    ap.add_argument("--backends", default="jax,torch,diffusers", help="comma list; the first is the reference")
+    ap.add_argument("--pos-embed", choices=["sincos_3d", "sd3_2d"], help="override the checkpoint's mode")
+    ap.add_argument("--frames", type=int, default=3)
+    ap.add_argument("--size", default="16x16", help="latent HxW")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--text-tokens", type=int, default=7)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tol", type=float, default=1e-5)
+    args = ap.parse_args(argv)
+    backends = args.backends.split(",")
+    for b in backends:
+        if b not in BACKENDS:
+            ap.error(f"unknown backend {b!r} (choose from {', '.join(BACKENDS)})")
+    if len(backends) < 2:
+        ap.error("need at least two backends to compare")
+    height, width = (int(v) for v in args.size.lower().split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.checkpoint or write_tiny_checkpoint(Path(tmp) / "tiny")
+        if args.tiny and args.pos_embed is None:
+            args.pos_embed = "sincos_3d"
+        from contentv_common.convert import open_checkpoint
+
+        cfg = open_checkpoint(path).config
+        cfg = cfg if args.pos_embed is None else cfg.replace(pos_embed=args.pos_embed)
+        frames = 1 if cfg.pos_embed == "sd3_2d" else args.frames
+        inputs = random_inputs(cfg, args.batch, frames, height, width, args.text_tokens, args.seed)
+        traces = {b: TRACERS[b](path, args.pos_embed, inputs) for b in backends}
+    print(f"parity: {cfg.pos_embed}, latents {inputs['hidden_states'].shape}, float32, reference = {backends[0]}")
+    lines, first_bad = compare(traces, args.tol)
+    print("\n".join(lines))
+    if first_bad is None:
+        print(f"all layers within tol {args.tol:g}")
+        return 0
+    print(f"first layer exceeding tol {args.tol:g}: {first_bad}")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
