@@ -1,0 +1,38 @@
+"""Each package imports without the other framework: contentv_common needs neither, contentv_jax no torch."""
+
+import subprocess
+import sys
+
+BLOCK = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked}:
+            raise ImportError(f"blocked {{name}}")
+sys.meta_path.insert(0, Block())
+import {module}
+assert not any(m.split(".")[0] in {blocked} for m in sys.modules), sorted(sys.modules)
+print("ok")
+"""
+
+
+def _run(module: str, blocked: set[str]) -> subprocess.CompletedProcess:
+    code = BLOCK.format(module=module, blocked=sorted(blocked))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_common_needs_neither_framework():
+    for module in ("contentv_common.config", "contentv_common.param_table", "contentv_common.checkpoint",
+                   "contentv_common.convert", "contentv_common.schedules"):
+        result = _run(module, {"jax", "torch", "flax"})
+        assert result.returncode == 0 and "ok" in result.stdout, (module, result.stderr[-2000:])
+
+
+def test_jax_package_without_torch():
+    result = _run("contentv_jax", {"torch", "torch_npu"})
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_blocker_really_blocks():
+    result = _run("contentv_torch_npu", {"torch"})
+    assert result.returncode != 0 and "blocked torch" in result.stderr
