@@ -25,7 +25,7 @@ from contentv_common.checkpoint import (
     write_our_config,
 )
 from contentv_common.config import ModelConfig
-from contentv_common.param_table import TRANSFORMER_TABLE, inverse_perm, jax_shape
+from contentv_common.param_table import TRANSFORMER_TABLE, ParamTable, inverse_perm, jax_shape
 from contentv_common.safetensors_io import AtomicFolder, CheckpointError
 from contentv_jax.transformer import Transformer
 
@@ -34,26 +34,26 @@ def _path(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def canonical_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+def canonical_shapes(model: nnx.Module, table: ParamTable = TRANSFORMER_TABLE) -> dict[str, tuple[int, ...]]:
     """Canonical name -> torch-layout shape of every weight/buffer of a (possibly abstract) model."""
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model)):
-        p = TRANSFORMER_TABLE.from_jax(_path(path))
+        p = table.from_jax(_path(path))
         shape = tuple(var.shape)
         out[p.canonical] = shape if p.jax_perm is None else jax_shape(shape, inverse_perm(p.jax_perm))
     return out
 
 
-def fill_from_source(abstract: nnx.Module, source: TensorSource) -> nnx.Module:
-    """Materialise an abstract model from a checkpoint, checking every key and shape first."""
-    skip = check_keys(source, canonical_shapes(abstract))
+def fill_from_source(abstract: nnx.Module, source: TensorSource, table: ParamTable = TRANSFORMER_TABLE) -> nnx.Module:
+    """Materialise an abstract model from a checkpoint, checking every key and shape first (`table` maps names)."""
+    skip = check_keys(source, canonical_shapes(abstract, table), table)
     graphdef, state = nnx.split(abstract)
     flat = {_path(path): var for path, var in nnx.to_flat_state(state)}
     filled = {}
     for name, array in source.tensors():
         if name in skip:
             continue
-        p = TRANSFORMER_TABLE.from_canonical(name)
+        p = table.from_canonical(name)
         var = flat[p.jax]
         if p.jax_perm is not None:
             array = np.transpose(array, p.jax_perm)
@@ -62,10 +62,10 @@ def fill_from_source(abstract: nnx.Module, source: TensorSource) -> nnx.Module:
     return nnx.merge(graphdef, nnx.from_flat_state(items))
 
 
-def canonical_tensors(model: nnx.Module) -> Iterator[tuple[str, np.ndarray]]:
+def canonical_tensors(model: nnx.Module, table: ParamTable = TRANSFORMER_TABLE) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (canonical name, numpy array in torch layout) for every weight/buffer, without changing dtypes."""
     for path, var in nnx.to_flat_state(nnx.state(model)):
-        p = TRANSFORMER_TABLE.from_jax(_path(path))
+        p = table.from_jax(_path(path))
         array = np.asarray(jax.device_get(var[...]))
         if p.jax_perm is not None:
             array = np.transpose(array, inverse_perm(p.jax_perm))
@@ -88,6 +88,7 @@ def load_transformer(
     *,
     compute_dtype: jnp.dtype | None = None,
     attention_impl: str | None = None,
+    attention_pad_multiple: int | None = None,
     remat: str = "none",
 ) -> Transformer:
     """Load a transformer checkpoint folder (diffusers, torch or jax format).
@@ -104,6 +105,7 @@ def load_transformer(
         dtype=jnp.dtype(compute_dtype or param_dtype),
         param_dtype=param_dtype,
         attention_impl=attention_impl,
+        attention_pad_multiple=attention_pad_multiple,
         remat=remat,
     )
     return fill_from_source(abstract, source)

@@ -25,6 +25,9 @@ REMAT_POLICIES = {
 }
 
 
+AttentionImpl = tuple[str | None, int | None]  # (implementation, pad_multiple) for ops.attention
+
+
 class Buffer(nnx.Variable):
     """A fixed, non-trainable array stored with the weights (SD3's 2D position table)."""
 
@@ -132,7 +135,7 @@ class PatchEmbed(nnx.Module):
 class JointAttention(nnx.Module):
     """Separate q/k/v (and output) projections for the image and text streams, one attention over both."""
 
-    def __init__(self, cfg: ModelConfig, context_pre_only: bool, dt: Dtypes, rngs: nnx.Rngs, impl: str | None):
+    def __init__(self, cfg: ModelConfig, context_pre_only: bool, dt: Dtypes, rngs: nnx.Rngs, impl: AttentionImpl):
         d = cfg.hidden_size
         self.heads, self.impl = cfg.num_attention_heads, impl
         self.to_q, self.to_k, self.to_v = (dt.linear(d, d, rngs) for _ in range(3))
@@ -157,7 +160,7 @@ class JointAttention(nnx.Module):
             q, k = self.norm_q(q), self.norm_k(k)
             cq, ck = self.norm_added_q(cq), self.norm_added_k(ck)
         q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((q, cq), (k, ck), (v, cv)))
-        out = rearrange(attention(q, k, v, self.impl), "b n h d -> b n (h d)")
+        out = rearrange(attention(q, k, v, *self.impl), "b n h d -> b n (h d)")
         n = x.shape[1]
         x_out = self.to_out(out[:, :n])
         return x_out, None if self.context_pre_only else self.add_out(out[:, n:])
@@ -170,7 +173,7 @@ def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float) -> j
 class JointBlock(nnx.Module):
     """MMDiT block with adaLN-zero; `context_pre_only` (last block) drops the text stream's output path."""
 
-    def __init__(self, cfg: ModelConfig, context_pre_only: bool, dt: Dtypes, rngs: nnx.Rngs, impl: str | None):
+    def __init__(self, cfg: ModelConfig, context_pre_only: bool, dt: Dtypes, rngs: nnx.Rngs, impl: AttentionImpl):
         d = cfg.hidden_size
         self.eps, self.context_pre_only = cfg.norm_eps, context_pre_only
         self.norm1 = dt.linear(d, 6 * d, rngs)
@@ -207,6 +210,7 @@ class Transformer(nnx.Module):
 
     `dtype` is the compute dtype (e.g. bf16) and `param_dtype` the stored one (fp32 masters); norms, position
     tables and timestep features are computed in fp32. `remat` names a rematerialisation policy per block.
+    `attention_impl` ("cudnn" on GPU) and `attention_pad_multiple` are passed to ops.attention.
     """
 
     def __init__(
@@ -217,18 +221,20 @@ class Transformer(nnx.Module):
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         attention_impl: str | None = None,
+        attention_pad_multiple: int | None = None,
         remat: str = "none",
     ):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat {remat!r} is not one of {sorted(REMAT_POLICIES)}")
         dt = Dtypes(dtype, param_dtype)
+        impl = (attention_impl, attention_pad_multiple)
         d = cfg.hidden_size
         self.cfg, self.dtype, self.remat = cfg, dtype, remat
         self.patch_embed = PatchEmbed(cfg, dt, rngs)
         self.time_embed = TimeEmbed(cfg, dt, rngs)
         self.context_embedder = dt.linear(cfg.joint_attention_dim, d, rngs)
         self.blocks = nnx.List(
-            [JointBlock(cfg, i == cfg.num_layers - 1, dt, rngs, attention_impl) for i in range(cfg.num_layers)]
+            [JointBlock(cfg, i == cfg.num_layers - 1, dt, rngs, impl) for i in range(cfg.num_layers)]
         )
         self.norm_out = dt.linear(d, 2 * d, rngs)
         self.proj_out = dt.linear(d, cfg.patch_size**2 * cfg.out_channels, rngs)

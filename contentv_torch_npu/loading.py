@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from contentv_common.checkpoint import TensorSource, check_keys, detect_format, open_safetensors_source, write_torch
+from contentv_common.param_table import TRANSFORMER_TABLE, ParamTable
 from contentv_torch_npu.transformer import Transformer
 
 
@@ -44,9 +45,11 @@ def canonical_tensors(model: torch.nn.Module) -> Iterator[tuple[str, np.ndarray]
         yield name, torch_to_numpy(tensor)
 
 
-def fill_from_source(model: torch.nn.Module, source: TensorSource, dtype: torch.dtype) -> torch.nn.Module:
-    """Load a checkpoint into a meta-device model, checking every key and shape first."""
-    skip = check_keys(source, canonical_shapes(model))
+def fill_from_source(
+    model: torch.nn.Module, source: TensorSource, dtype: torch.dtype, table: ParamTable = TRANSFORMER_TABLE
+) -> torch.nn.Module:
+    """Load a checkpoint into a meta-device model, checking every key and shape first (`table` names them)."""
+    skip = check_keys(source, canonical_shapes(model), table)
     state = {}
     for name, array in source.tensors():
         if name not in skip:
