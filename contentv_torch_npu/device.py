@@ -1,6 +1,7 @@
 """The only place that knows about accelerator vendors: device choice, lazy torch_npu import, collective backend.
 
-Library code elsewhere asks this module; it never names a vendor API itself (a test greps for that).
+Library code elsewhere asks this module; it never names a vendor API itself (a test greps for that). torch_npu is
+imported on first use only, so CPU and CUDA environments never need it; tests inject a fake with `set_torch_npu`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from types import ModuleType
 import torch
 
 _TORCH_NPU: ModuleType | None = None
+DEVICE_TYPES = ("npu", "cuda", "cpu")
 
 
 def set_torch_npu(module: ModuleType | None) -> None:
@@ -46,8 +48,8 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("npu")
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kind = name.split(":")[0]
-    if kind not in ("npu", "cuda", "cpu"):
-        raise ValueError(f"device {name!r} is not one of auto, npu, cuda, cpu")
+    if kind not in DEVICE_TYPES:
+        raise ValueError(f"device {name!r} is not one of auto, {', '.join(DEVICE_TYPES)}")
     if kind == "npu":
         torch_npu()  # registers the npu device type with torch
     return torch.device(name)
@@ -56,3 +58,41 @@ def resolve_device(name: str = "auto") -> torch.device:
 def dist_backend(device: torch.device) -> str:
     """The torch.distributed backend for a device type: hccl (Ascend), nccl (NVIDIA), gloo (CPU)."""
     return {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}[device.type]
+
+
+def accelerator(device: torch.device) -> ModuleType | None:
+    """The per-vendor runtime namespace (torch.npu / torch.cuda) of a device; None for the CPU."""
+    if device.type == "npu":
+        torch_npu()
+        return torch.npu
+    if device.type == "cuda":
+        return torch.cuda
+    return None
+
+
+def local_device(device: torch.device, local_rank: int) -> torch.device:
+    """The device of one process of a multi-process run: accelerator `local_rank` made current, or the CPU."""
+    runtime = accelerator(device)
+    if runtime is None:
+        return torch.device("cpu")
+    runtime.set_device(local_rank)
+    return torch.device(device.type, local_rank)
+
+
+def configure_numerics(device: torch.device, allow_tf32: bool) -> None:
+    """Exact fp32 matmuls (parity, tests) or TF32/HF32 (speed); NPU tensors stay in plain ND layout."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+    elif device.type == "npu":
+        torch_npu()
+        torch.npu.config.allow_internal_format = False
+        torch.npu.matmul.allow_hf32 = allow_tf32
+        torch.npu.conv.allow_hf32 = allow_tf32
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels (timings); a no-op on the CPU."""
+    runtime = accelerator(device)
+    if runtime is not None:
+        runtime.synchronize()

@@ -56,7 +56,7 @@ class NpuOps:
     def attention(self, q, k, v, mask=None, dropout=0.0):
         """Same contract as TorchOps.attention; converts to npu_fusion_attention's conventions."""
         head_dim = q.shape[-1]
-        atten_mask = None if mask is None else ~mask.bool()  # npu: True = masked out
+        atten_mask = None if mask is None else npu_mask(mask, q.shape[-2], k.shape[-2])
         out = device_mod.torch_npu().npu_fusion_attention(
             q,
             k,
@@ -80,11 +80,26 @@ class NpuOps:
         return device_mod.torch_npu().npu_gelu(x, approximate="tanh")
 
 
+def npu_mask(mask: torch.Tensor, q_len: int, k_len: int) -> torch.Tensor:
+    """SDPA's keep-mask (True = attend, broadcastable) -> npu_fusion_attention's: True = masked, 4-D, query axis
+    materialised (the kernel takes BNSS / B1SS / 11SS, never a [B, 1, 1, Sk] key-padding mask)."""
+    m = mask.bool()
+    if m.dim() > 4:
+        raise ValueError(f"attention mask must have at most 4 dims [B, heads, Nq, Nk], got shape {tuple(m.shape)}")
+    m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
+    return (~m.expand(m.shape[0], m.shape[1], q_len, k_len)).contiguous()
+
+
 OPS: dict[str, Ops] = {"torch": TorchOps(), "npu": NpuOps()}
 
 
-def ops_for(choice: str, device_type: str) -> Ops:
-    """`choice` "auto" picks by the tensor's device type (npu -> NpuOps, else TorchOps); "torch"/"npu" force one."""
+def ops_for(choice: str | Ops, device_type: str) -> Ops:
+    """`choice` "auto" picks by the tensor's device type (npu -> NpuOps, else TorchOps); "torch"/"npu" force one.
+
+    An `Ops` object is used as given (the sequence-parallel wrapper of contentv_torch_npu.distributed is one).
+    """
+    if not isinstance(choice, str):
+        return choice
     if choice == "auto":
         return OPS["npu" if device_type == "npu" else "torch"]
     if choice not in OPS:

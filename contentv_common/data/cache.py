@@ -1,0 +1,166 @@
+"""The latent/text cache: decode each manifest entry into its bucket, encode it once, train from the cache.
+
+Layout of `cache_dir`: `samples/NNNNNN.safetensors` (latents [C, f, h, w], text [L, D], pooled [P], float32),
+`empty_prompt.safetensors` (the encoded "" used for text dropout) and `index.json` (samples with their bucket, the
+skipped files with reasons). `index.json` is written last and atomically: without it the cache is not complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+from tqdm import tqdm
+
+from contentv_common.data.buckets import BucketLike, assign_bucket, available_frames
+from contentv_common.data.decode import ClipError, decode_clip, probe
+from contentv_common.data.manifest import read_manifest
+
+INDEX = "index.json"
+EMPTY_PROMPT = "empty_prompt.safetensors"
+
+
+class Encoders(Protocol):
+    """What the cache needs from the VAE and text encoders (contentv_torch_npu.encoders.Encoders provides it)."""
+
+    latent_channels: int
+    text_dim: int
+    pooled_dim: int
+
+    def encode_video(self, frames: np.ndarray) -> np.ndarray: ...
+
+    def encode_text(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def bucket_name(b: BucketLike) -> str:
+    return f"{b.width}x{b.height}x{b.frames}"
+
+
+@dataclass
+class CacheIndex:
+    """What `index.json` holds: the cached samples and the files that were skipped, with reasons."""
+
+    samples: list[dict[str, Any]]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def skip_counts(self) -> dict[str, int]:
+        return dict(Counter(s["reason"] for s in self.skipped))
+
+
+def _save_atomic(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def cache_settings(manifest: str | Path, buckets: list[BucketLike], fps: float, encoders_name: str) -> dict[str, Any]:
+    """What a cache depends on; a cache whose settings differ must be rebuilt."""
+    return {
+        "manifest": str(Path(manifest).resolve()),
+        "buckets": [bucket_name(b) for b in buckets],
+        "fps": fps,
+        "encoders": encoders_name,
+    }
+
+
+def build_cache(
+    manifest: str | Path,
+    cache_dir: str | Path,
+    encoders: Encoders,
+    buckets: list[BucketLike],
+    fps: float,
+    encoders_name: str = "",
+    progress: bool = True,
+) -> CacheIndex:
+    """Decode, bucket and encode every manifest entry into `cache_dir`; bad entries are skipped and counted."""
+    cache_dir = Path(cache_dir)
+    entries = read_manifest(manifest)
+    samples_dir = cache_dir / "samples"
+    if samples_dir.exists():
+        shutil.rmtree(samples_dir)
+    (cache_dir / INDEX).unlink(missing_ok=True)
+    samples_dir.mkdir(parents=True)
+    index = CacheIndex(samples=[], settings=cache_settings(manifest, buckets, fps, encoders_name))
+    for entry in tqdm(entries, desc="cache latents", disable=not progress):
+        try:
+            info = probe(entry)
+            frames = 1 if entry.is_image else available_frames(info.duration_s, info.fps, fps)
+            b = assign_bucket(info.width, info.height, frames, entry.is_image, buckets)
+            if b is None:
+                kind = "image" if entry.is_image else f"video with {frames} frames at {fps} fps"
+                raise ClipError(
+                    "too_short" if not entry.is_image else "no_bucket", f"{entry.path}: no bucket for {kind}"
+                )
+            bucket = buckets[b]
+            clip = decode_clip(entry.path, fps, bucket.frames, bucket.width, bucket.height)
+        except ClipError as e:
+            index.skipped.append({"path": str(entry.path), "reason": e.reason, "message": str(e)})
+            continue
+        latents = encoders.encode_video(clip[None])[0]
+        text, pooled = encoders.encode_text([entry.caption])
+        name = f"samples/{len(index.samples):06d}.safetensors"
+        _save_atomic(cache_dir / name, {"latents": latents, "text": text[0], "pooled": pooled[0]})
+        index.samples.append(
+            {"file": name, "bucket": bucket_name(bucket), "caption": entry.caption, "source": str(entry.path)}
+        )
+    empty_text, empty_pooled = encoders.encode_text([""])
+    _save_atomic(cache_dir / EMPTY_PROMPT, {"text": empty_text[0], "pooled": empty_pooled[0]})
+    tmp = cache_dir / (INDEX + ".tmp")
+    tmp.write_text(
+        json.dumps({"samples": index.samples, "skipped": index.skipped, "settings": index.settings}, indent=1)
+    )
+    os.replace(tmp, cache_dir / INDEX)
+    return index
+
+
+def read_index(cache_dir: str | Path) -> CacheIndex:
+    path = Path(cache_dir) / INDEX
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no cache index (run the cache step first)")
+    data = json.loads(path.read_text())
+    return CacheIndex(samples=data["samples"], skipped=data["skipped"], settings=data["settings"])
+
+
+def cache_is_current(cache_dir: str | Path, settings: dict[str, Any]) -> bool:
+    try:
+        return read_index(cache_dir).settings == settings
+    except FileNotFoundError:
+        return False
+
+
+class LatentCache:
+    """Random access to a built cache: samples by index, their buckets (as indices into `buckets`), the empty prompt."""
+
+    def __init__(self, cache_dir: str | Path, buckets: list[BucketLike]):
+        self.dir = Path(cache_dir)
+        self.index = read_index(self.dir)
+        names = [bucket_name(b) for b in buckets]
+        self.bucket_ids = []
+        for s in self.index.samples:
+            if s["bucket"] not in names:
+                raise ValueError(
+                    f"{self.dir / INDEX}: sample {s['file']} is in bucket {s['bucket']}, not one of {names}"
+                )
+            self.bucket_ids.append(names.index(s["bucket"]))
+        empty = load_file(str(self.dir / EMPTY_PROMPT))
+        self.empty_text, self.empty_pooled = empty["text"], empty["pooled"]
+
+    def __len__(self) -> int:
+        return len(self.index.samples)
+
+    def sample(self, i: int) -> dict[str, np.ndarray]:
+        return load_file(str(self.dir / self.index.samples[i]["file"]))
+
+    def batch(self, indices: list[int]) -> dict[str, np.ndarray]:
+        """Stacked latents [B, C, f, h, w], text [B, L, D], pooled [B, P] of the given samples."""
+        rows = [self.sample(i) for i in indices]
+        return {k: np.stack([r[k] for r in rows]) for k in ("latents", "text", "pooled")}

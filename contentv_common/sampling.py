@@ -1,0 +1,80 @@
+"""Flow-match Euler sampling, framework-free: the schedule, the update and the noise that both backends share.
+
+The schedule is the one ContentV's pipeline builds with diffusers' `FlowMatchEulerDiscreteScheduler` (static shift):
+N sigmas linearly spaced from 1 to 1/N, shifted, then a final sigma of 0; the model sees timestep = sigma * 1000.
+Arithmetic is float32 as in diffusers, so a trajectory matches it step for step. `euler_step` and `guide` use only
+`+ - *`, so they apply unchanged to numpy, jax and torch arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+from contentv_common.schedules import shift_sigmas
+
+NUM_TRAIN_TIMESTEPS = 1000
+VAE_TIME_FACTOR = 4
+VAE_SPACE_FACTOR = 8
+
+Array = TypeVar("Array")
+
+
+@dataclass(frozen=True)
+class FlowMatchSchedule:
+    """`sigmas` [steps + 1] (last 0) and the model's `timesteps` [steps] = sigmas[:-1] * 1000, float32."""
+
+    sigmas: np.ndarray
+    timesteps: np.ndarray
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def step_sizes(self) -> np.ndarray:
+        """dt[i] = sigmas[i + 1] - sigmas[i] in float32, the size of Euler step i (negative)."""
+        return np.diff(self.sigmas)
+
+
+def flow_match_schedule(steps: int, shift: float) -> FlowMatchSchedule:
+    """The ContentV/SD3 inference schedule: linspace(1, 1/steps, steps) -> static shift -> append sigma 0."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if shift <= 0:
+        raise ValueError(f"shift must be positive, got {shift}")
+    sigmas = shift_sigmas(np.linspace(1.0, 1.0 / steps, steps), shift).astype(np.float32)
+    timesteps = sigmas * np.float32(NUM_TRAIN_TIMESTEPS)
+    return FlowMatchSchedule(sigmas=np.append(sigmas, np.float32(0.0)), timesteps=timesteps)
+
+
+def euler_step(sample: Array, velocity: Array, dt: Array | float) -> Array:
+    """One Euler step of dx/dsigma = velocity over `dt` (a `FlowMatchSchedule.step_sizes` entry)."""
+    return sample + dt * velocity
+
+
+def guide(uncond: Array, cond: Array, guidance: float) -> Array:
+    """Classifier-free guidance: uncond + g * (cond - uncond)."""
+    return uncond + guidance * (cond - uncond)
+
+
+def uses_guidance(guidance: float) -> bool:
+    """As in diffusers: guidance <= 1 runs the conditional branch alone (one forward, no negative prompt)."""
+    return guidance > 1.0
+
+
+def latent_shape(channels: int, frames: int, height: int, width: int, batch: int = 1) -> tuple[int, ...]:
+    """Latent `[B, C, f, h, w]` of a `frames x height x width` video through the Wan VAE (4x time, 8x space)."""
+    if frames < 1 or (frames - 1) % VAE_TIME_FACTOR:
+        raise ValueError(f"frames must be 1 + {VAE_TIME_FACTOR} k (1, 5, 9, ...), got {frames}")
+    for name, size in (("height", height), ("width", width)):
+        if size < 1 or size % (2 * VAE_SPACE_FACTOR):
+            raise ValueError(f"{name} must be a positive multiple of {2 * VAE_SPACE_FACTOR} pixels, got {size}")
+    return (batch, channels, 1 + (frames - 1) // VAE_TIME_FACTOR, height // VAE_SPACE_FACTOR, width // VAE_SPACE_FACTOR)
+
+
+def draw_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal float32 noise from numpy's PCG64, so every backend starts from the very same latents."""
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)

@@ -1,0 +1,144 @@
+"""The device mesh and where every parameter and input lives on it (logical axis rules, maxtext style).
+
+Parameters get logical axis names from their canonical path (contentv_common.param_table names, which are the NNX
+paths of contentv_jax/transformer.py); ordered rules map logical names to mesh axes. A mesh axis that does not divide
+a dimension is dropped for that parameter (it stays replicated there), so any mesh works for any model size.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from contentv_common.recipe import MeshConfig
+
+AXES = ("data", "fsdp", "sequence", "tensor")
+BATCH = ("data", "fsdp")
+
+# logical name -> mesh axes; "embed" is the FSDP-sharded model width, "heads"/"mlp" the tensor-parallel dims.
+LOGICAL_RULES: dict[str, tuple[str, ...]] = {
+    "batch": BATCH,
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "mlp": ("tensor",),
+    "frames": ("sequence",),
+}
+
+# (regex on the dotted parameter path, logical axes per dimension of the JAX array). First match wins.
+PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r".*attn\.(to_q|to_k|to_v|add_q|add_k|add_v)\.kernel", ("embed", "heads")),
+    (r".*attn\.(to_q|to_k|to_v|add_q|add_k|add_v)\.bias", ("heads",)),
+    (r".*attn\.(to_out|add_out)\.kernel", ("heads", "embed")),
+    (r".*\.(ff|ff_context)\.fc1\.kernel", ("embed", "mlp")),
+    (r".*\.(ff|ff_context)\.fc1\.bias", ("mlp",)),
+    (r".*\.(ff|ff_context)\.fc2\.kernel", ("mlp", "embed")),
+    (r".*\.(norm1|norm1_context)\.kernel", ("embed", None)),
+    (r"norm_out\.kernel", ("embed", None)),
+    (r"proj_out\.kernel", ("embed", None)),
+    (r"context_embedder\.kernel", (None, "embed")),
+    (r"time_embed\.(timestep|pooled)\.linear_1\.kernel", (None, "embed")),
+    (r"time_embed\.(timestep|pooled)\.linear_2\.kernel", ("embed", None)),
+    (r"patch_embed\.proj\.kernel", (None, None, None, "embed")),
+)
+
+
+def maybe_initialize_distributed() -> bool:
+    """Join a multi-host run when the launcher set the coordinator env vars (JAX_COORDINATOR_ADDRESS etc.)."""
+    if "JAX_COORDINATOR_ADDRESS" not in os.environ or jax.distributed.is_initialized():
+        return False
+    jax.distributed.initialize(
+        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+        process_id=int(os.environ["JAX_PROCESS_ID"]),
+    )
+    return True
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A Mesh with axes (data, fsdp, sequence, tensor); the sizes must multiply to the number of devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    if int(np.prod(cfg.shape)) != len(devices):
+        raise ValueError(
+            f"mesh: data x fsdp x sequence x tensor = {' x '.join(map(str, cfg.shape))} = {int(np.prod(cfg.shape))} "
+            f"does not match the {len(devices)} devices"
+        )
+    return Mesh(np.asarray(devices).reshape(cfg.shape), AXES)
+
+
+def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+    """Logical axis names of a parameter (None = replicated); unknown paths (norm scales, biases) are replicated."""
+    for pattern, axes in PARAM_AXES:
+        if re.fullmatch(pattern, path):
+            if len(axes) != ndim:
+                raise ValueError(f"parameter {path}: rule gives {len(axes)} axes for a {ndim}-d array")
+            return axes
+    return (None,) * ndim
+
+
+def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec from logical names, keeping only mesh axes of size > 1 that divide the dimension."""
+    used: set[str] = set()
+    out = []
+    for name, size in zip(logical, shape, strict=True):
+        axes = []
+        for axis in LOGICAL_RULES.get(name, ()) if name else ():
+            n = mesh.shape[axis]
+            if n > 1 and axis not in used and size % (n * int(np.prod([mesh.shape[a] for a in axes]))) == 0:
+                axes.append(axis)
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    return PartitionSpec(*out)
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def param_shardings(params, mesh: Mesh):
+    """NamedSharding for every leaf of a (pure-dict) parameter tree, from the logical axis rules."""
+
+    def one(path, leaf):
+        return NamedSharding(mesh, spec_for(logical_axes(_dotted(path), leaf.ndim), leaf.shape, mesh))
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def like_params_shardings(tree, params_shardings, mesh: Mesh):
+    """Shardings for a tree that embeds copies of the parameter tree (optimizer moments, EMA): a leaf whose path
+    ends with a parameter's path gets that parameter's sharding, everything else (counters) is replicated."""
+    by_path = {
+        tuple(_dotted((k,)) for k in path): s for path, s in jax.tree_util.tree_flatten_with_path(params_shardings)[0]
+    }
+    depth = max(len(k) for k in by_path)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(path, leaf):
+        keys = tuple(_dotted((k,)) for k in path)
+        for n in range(min(depth, len(keys)), 0, -1):
+            s = by_path.get(keys[-n:])
+            if s is not None and len(s.spec) <= leaf.ndim:
+                return s
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_shardings(batch_shapes: dict[str, tuple[int, ...]], mesh: Mesh) -> dict[str, NamedSharding]:
+    """Inputs are split over (data, fsdp) on the batch axis; latent-shaped inputs also over `sequence` on frames."""
+    out = {}
+    for name, shape in batch_shapes.items():
+        logical = ["batch"] + [None] * (len(shape) - 1)
+        if len(shape) == 5:
+            logical[2] = "frames"
+        spec = spec_for(logical, shape, mesh)
+        if shape[0] % int(np.prod([mesh.shape[a] for a in BATCH])):
+            raise ValueError(
+                f"batch of {shape[0]} does not split over data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}"
+            )
+        out[name] = NamedSharding(mesh, spec)
+    return out

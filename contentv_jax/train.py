@@ -1,0 +1,299 @@
+"""Flow-matching training of the ContentV transformer in JAX, sharded over a (data, fsdp, sequence, tensor) mesh.
+
+Read top to bottom: the optimizer, the train state, the jitted step (loss, grads, NaN/inf skip, AdamW, EMA), then
+`run`, the loop with checkpoints and resume. Randomness (noise, sigmas, text dropout) arrives with each batch from
+contentv_jax.data, so the step itself is deterministic and equal on every mesh.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from contentv_common.recipe import OptimizerConfig, Recipe
+from contentv_common.schedules import interpolate, velocity_target
+from contentv_jax import sharding
+from contentv_jax.checkpointing import Checkpointer, abstract_like
+from contentv_jax.data import make_loader
+from contentv_jax.transformer import Transformer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainingStopped(RuntimeError):
+    """Too many non-finite steps: the run stops; the last good checkpoint stays on disk."""
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int | None) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with linear warm-up and constant or cosine decay; no decay on 1-d params."""
+    if cfg.decay == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0, cfg.lr, cfg.warmup_steps, max(total_steps or 0, cfg.warmup_steps + 1)
+        )
+    else:
+        lr = optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), optax.constant_schedule(cfg.lr)],
+            [cfg.warmup_steps],
+        )
+    adamw = optax.adamw(
+        lr,
+        b1=cfg.betas[0],
+        b2=cfg.betas[1],
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params),
+    )
+    return adamw if cfg.grad_clip is None else optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+
+
+class Trainer:
+    """The model's static part, the optimizer and the jitted functions for one recipe on one mesh."""
+
+    def __init__(self, recipe: Recipe, mesh: Mesh):
+        self.recipe, self.mesh = recipe, mesh
+        dtype = DTYPES[recipe.compute_dtype]
+
+        def build() -> Transformer:
+            return Transformer(recipe.model_config, rngs=nnx.Rngs(recipe.seed), dtype=dtype, remat=recipe.remat)
+
+        self._build = build
+        self.graphdef, self._abstract_params, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+        # fixed buffers (SD3's 2D position table) are computed, not stored in the train state; XLA drops the params
+        self.buffers = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
+        self.param_shardings = sharding.param_shardings(nnx.to_pure_dict(self._abstract_params), mesh)
+        self.tx = make_optimizer(recipe.optimizer, _schedule_steps(recipe))
+        self._steps: dict[tuple, Callable] = {}
+        self._init: tuple[Callable, Callable] | None = None
+
+    # ---- state -------------------------------------------------------------------------------------------------
+
+    def state_shardings(self, state: dict[str, Any]) -> dict[str, Any]:
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        out = {
+            "step": replicated,
+            "skipped": replicated,
+            "params": self.param_shardings,
+            "opt_state": sharding.like_params_shardings(state["opt_state"], self.param_shardings, self.mesh),
+        }
+        if "ema" in state:
+            out["ema"] = self.param_shardings
+        return out
+
+    def _state_from_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        state = {
+            "step": jnp.zeros((), jnp.int32),
+            "skipped": jnp.zeros((), jnp.int32),
+            "params": params,
+            "opt_state": self.tx.init(params),
+        }
+        if self.recipe.optimizer.ema_decay is not None:
+            state["ema"] = jax.tree.map(jnp.copy, params)
+        return state
+
+    def abstract_state(self) -> dict[str, Any]:
+        """Shapes, dtypes and shardings of the train state (the restore target; nothing allocated)."""
+        abstract = jax.eval_shape(self._state_from_params, nnx.to_pure_dict(self._abstract_params))
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, self.state_shardings(abstract)
+        )
+
+    def init_state(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A fresh, sharded train state: random init (on device, never whole on one host) or the given params."""
+        if self._init is None:
+            shardings = jax.tree.map(lambda x: x.sharding, self.abstract_state())
+
+            def fresh() -> dict[str, Any]:
+                _, p, _ = nnx.split(self._build(), nnx.Param, ...)
+                return self._state_from_params(nnx.to_pure_dict(p))
+
+            self._init = (
+                jax.jit(fresh, out_shardings=shardings),
+                jax.jit(self._state_from_params, out_shardings=shardings),
+            )
+        if params is None:
+            return self._init[0]()
+        return self._init[1](jax.device_put(params, self.param_shardings))
+
+    def model(self, params: dict[str, Any]) -> Transformer:
+        """The NNX model for a pure-dict parameter tree (for sampling or evaluation)."""
+        state = jax.tree.map(lambda x: x, self._abstract_params)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state, self.buffers)
+
+    # ---- the step ----------------------------------------------------------------------------------------------
+
+    def loss(self, params: dict[str, Any], batch: dict[str, jax.Array]) -> jax.Array:
+        """Weighted velocity MSE at x_t = (1 - s) x0 + s noise, timestep 1000 s."""
+        model = self.model(params)
+        x0, noise, sigmas = batch["latents"], batch["noise"], batch["sigmas"]
+        pred = model(interpolate(x0, noise, sigmas), sigmas * 1000.0, batch["text"], batch["pooled"])
+        per_sample = jnp.mean(jnp.square(pred.astype(jnp.float32) - velocity_target(x0, noise)), axis=(1, 2, 3, 4))
+        return jnp.mean(per_sample * batch["weights"])
+
+    def step(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+        """One update; a non-finite loss or gradient leaves params, optimizer and EMA untouched (counted in skipped)."""
+        loss, grads = jax.value_and_grad(self.loss)(state["params"], batch)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+
+        def keep_if_bad(new: Any, old: Any) -> Any:
+            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+        new = {
+            "step": state["step"] + 1,
+            "skipped": state["skipped"] + (~ok).astype(jnp.int32),
+            "params": keep_if_bad(params, state["params"]),
+            "opt_state": keep_if_bad(opt_state, state["opt_state"]),
+        }
+        if "ema" in state:
+            d = self.recipe.optimizer.ema_decay
+            ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], new["params"])
+            new["ema"] = keep_if_bad(ema, state["ema"])
+        return new, {"loss": loss, "grad_norm": grad_norm, "ok": ok}
+
+    def batch_shardings(self, batch: dict[str, np.ndarray]) -> dict[str, NamedSharding]:
+        global_shapes = {k: (v.shape[0] * jax.process_count(), *v.shape[1:]) for k, v in batch.items()}
+        return sharding.batch_shardings(global_shapes, self.mesh)
+
+    def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Host batch (this process's rows) -> global arrays sharded over the mesh."""
+        shardings = self.batch_shardings(batch)
+        return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
+
+    def jitted_step(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> Callable:
+        """The compiled step for this state layout and batch shape (one compile per bucket), state donated."""
+        key = (tuple(sorted(state)), tuple((k, v.shape) for k, v in sorted(batch.items())))
+        if key not in self._steps:
+            state_sh = self.state_shardings(state)
+            batch_sh = {k: v.sharding for k, v in batch.items()}
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+            self._steps[key] = jax.jit(
+                self.step,
+                in_shardings=(state_sh, batch_sh),
+                out_shardings=(state_sh, replicated),
+                donate_argnums=0,
+            )
+        return self._steps[key]
+
+
+def _schedule_steps(recipe: Recipe) -> int | None:
+    return recipe.steps if recipe.optimizer.decay == "cosine" else None
+
+
+_TRAINERS: dict[tuple, Trainer] = {}
+
+
+def get_trainer(recipe: Recipe, mesh: Mesh) -> Trainer:
+    """A Trainer for this recipe and mesh, reused when only data, paths or run length differ (no recompiles
+    between stages or resumed runs of the same shapes in one process)."""
+    r = recipe
+    key = (r.model_config, r.compute_dtype, r.remat, r.optimizer, _schedule_steps(r), r.seed, mesh)
+    if key not in _TRAINERS:
+        _TRAINERS[key] = Trainer(recipe, mesh)
+    return _TRAINERS[key]
+
+
+def default_mesh(recipe: Recipe) -> Mesh:
+    """The recipe's mesh; a single-host run with more devices than the mesh needs uses the first ones."""
+    n = int(np.prod(recipe.mesh.shape))
+    devices = jax.devices()
+    if jax.process_count() == 1 and n < len(devices):
+        devices = devices[:n]
+    return sharding.make_mesh(recipe.mesh, devices)
+
+
+@dataclass
+class RunResult:
+    losses: dict[int, float]  # step -> loss of the steps run in this call (skipped steps excluded)
+    skipped_steps: list[int]
+    final_step: int
+    state: dict[str, Any]
+
+
+def run(
+    recipe: Recipe,
+    *,
+    mesh: Mesh | None = None,
+    progress: bool = True,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    stop_after: int | None = None,
+) -> RunResult:
+    """Train `recipe` (one stage) to `recipe.steps`, resuming from its checkpoint dir if it holds a checkpoint.
+
+    `stop_after` ends the call early at that step (after checkpointing it), as an interruption would; a later call
+    continues the same loss trajectory. `on_step` gets {step, loss, grad_norm, lr-free metrics, step_time}.
+    """
+    sharding.maybe_initialize_distributed()
+    trainer = get_trainer(recipe, mesh or default_mesh(recipe))
+    ckpt = Checkpointer(recipe.checkpoint)
+    data_state = None
+    if ckpt.latest_step() is not None:
+        state, data_state = ckpt.restore(trainer.abstract_state())
+    else:
+        state = trainer.init_state(_initial_params(recipe))
+        if recipe.resume_from is not None:
+            prev = Checkpointer(replace(recipe.checkpoint, dir=recipe.resume_from))
+            state = {**state, **prev.restore_weights(abstract_like(state))}
+            prev.close()
+    loader = make_loader(recipe, data_state)
+    start = int(state["step"])
+    end = recipe.steps if stop_after is None else min(stop_after, recipe.steps)
+    losses, skipped = {}, []
+    with tqdm(total=end - start, desc="train", disable=not progress) as bar:
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            batch = trainer.device_batch(next(loader))
+            state, metrics = trainer.jitted_step(state, batch)(state, batch)
+            metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
+            dt = time.perf_counter() - t0
+            if metrics["ok"]:
+                losses[step] = metrics["loss"]
+            else:
+                skipped.append(step)
+                bar.write(f"step {step}: non-finite loss {metrics['loss']} / grad norm {metrics['grad_norm']}, skipped")
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", step_s=f"{dt:.2f}")
+            bar.update()
+            if on_step is not None:
+                on_step(
+                    {
+                        "step": step,
+                        "loss": metrics["loss"],
+                        "grad_norm": metrics["grad_norm"],
+                        "skipped": not metrics["ok"],
+                        "step_time": dt,
+                        "batch": int(batch["latents"].shape[0]),
+                    }
+                )
+            if len(skipped) > recipe.nan_skip_limit:
+                ckpt.close()
+                raise TrainingStopped(
+                    f"{len(skipped)} non-finite steps (limit nan_skip_limit={recipe.nan_skip_limit}); last good "
+                    f"checkpoint: step {ckpt.latest_step()} in {ckpt.dir}"
+                )
+            if (step + 1) % recipe.checkpoint.interval == 0 or step + 1 == end:
+                ckpt.save(step + 1, state, loader.get_state())
+    ckpt.close()
+    return RunResult(losses=losses, skipped_steps=skipped, final_step=end, state=state)
+
+
+def _initial_params(recipe: Recipe) -> dict[str, Any] | None:
+    """Pretrained weights from `init_from` (e.g. SD3.5-Large as the video model), or None for random init."""
+    if recipe.init_from is None:
+        return None
+    from contentv_jax.loading import load_transformer
+
+    model = load_transformer(Path(recipe.init_from), dtype=jnp.float32, pos_embed=recipe.model_config.pos_embed)
+    return nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])

@@ -1,0 +1,217 @@
+"""Training checkpoints of the torch twin: safetensors for tensors, JSON for counters; never pickle.
+
+One checkpoint is a folder `step_NNNNNNNN/` written atomically (a temporary sibling renamed into place):
+- `model/`: our torch weights format (contentv_config.json + model*.safetensors, canonical names), so
+  `load_transformer` and the JAX loader read it directly;
+- `ema/`: the same format for the EMA weights, when the recipe keeps an EMA;
+- `optimizer.safetensors`: AdamW moments `exp_avg.<name>` / `exp_avg_sq.<name>` in canonical names and torch layout;
+- `state.json`: training step, AdamW step count, data position (next global batch) and skipped-step count.
+Everything random in a step is a function of (seed, step), so these files resume a run exactly. The numpy-level
+`TrainState` is framework-free, so a JAX run's state converts to it and back through the shared parameter table.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from contentv_common.checkpoint import read_our_config, write_our_config
+from contentv_common.config import ModelConfig
+from contentv_common.safetensors_io import AtomicFolder, CheckpointError, iter_tensors, weight_files, write_sharded
+from contentv_torch_npu.loading import numpy_to_torch, torch_to_numpy
+
+_STEP_DIR = re.compile(r"step_(\d{8})")
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class TrainState:
+    """A whole training state as numpy arrays with canonical names (torch layout), plus the counters."""
+
+    config: ModelConfig
+    params: dict[str, np.ndarray]
+    exp_avg: dict[str, np.ndarray]
+    exp_avg_sq: dict[str, np.ndarray]
+    step: int
+    adam_step: int
+    data_position: int
+    ema: dict[str, np.ndarray] | None = None
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under `root` (temporary folders of an interrupted write are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+def _write_weights(folder: Path, config: ModelConfig, tensors: dict[str, np.ndarray]) -> None:
+    folder.mkdir()
+    write_our_config(folder, config)
+    write_sharded(sorted(tensors.items()), folder, "model", metadata={"format": "pt"})
+
+
+def _read_weights(folder: Path) -> dict[str, np.ndarray]:
+    return dict(iter_tensors(weight_files(folder, "model")))
+
+
+def save_state(root: str | Path, state: TrainState, keep: int) -> Path:
+    """Write `root/step_NNNNNNNN` atomically, then delete all but the `keep` newest checkpoints."""
+    target = step_dir(root, state.step)
+    with AtomicFolder(target, overwrite=True) as tmp:
+        _write_weights(tmp / "model", state.config, state.params)
+        if state.ema is not None:
+            _write_weights(tmp / "ema", state.config, state.ema)
+        moments = {f"{kind}.{name}": a for kind in MOMENTS for name, a in getattr(state, kind).items()}
+        write_sharded(sorted(moments.items()), tmp, "optimizer", metadata={"format": "pt"})
+        counters = {"step": state.step, "adam_step": state.adam_step, "data_position": state.data_position}
+        (tmp / "state.json").write_text(json.dumps({**counters, "counters": state.counters}, indent=1))
+    done = sorted(p for p in Path(root).iterdir() if _STEP_DIR.fullmatch(p.name))
+    for old in done[:-keep]:
+        shutil.rmtree(old)
+    return target
+
+
+def load_state(folder: str | Path) -> TrainState:
+    """Read a checkpoint folder; a missing or damaged file is a CheckpointError naming it."""
+    folder = Path(folder)
+    meta_file = folder / "state.json"
+    try:
+        meta = json.loads(meta_file.read_text())
+        step, adam_step, position = (int(meta[k]) for k in ("step", "adam_step", "data_position"))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{meta_file}: not a training state ({type(e).__name__}: {e})") from None
+    moments: dict[str, dict[str, np.ndarray]] = {kind: {} for kind in MOMENTS}
+    for key, array in iter_tensors(weight_files(folder, "optimizer")):
+        kind, _, name = key.partition(".")
+        if kind not in moments:
+            raise CheckpointError(f"{folder / 'optimizer.safetensors'}: unexpected key {key!r}")
+        moments[kind][name] = array
+    params = _read_weights(folder / "model")
+    for kind, values in moments.items():
+        if values and set(values) != set(params):
+            missing = sorted(set(params) - set(values)) or sorted(set(values) - set(params))
+            raise CheckpointError(f"{folder}: {kind} does not match the parameters (first mismatch {missing[0]!r})")
+    return TrainState(
+        config=read_our_config(folder / "model"),
+        params=params,
+        exp_avg=moments["exp_avg"],
+        exp_avg_sq=moments["exp_avg_sq"],
+        step=step,
+        adam_step=adam_step,
+        data_position=position,
+        ema=_read_weights(folder / "ema") if (folder / "ema").is_dir() else None,
+        counters={k: int(v) for k, v in meta.get("counters", {}).items()},
+    )
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _like(full: np.ndarray, ref: torch.Tensor) -> torch.Tensor:
+    """A tensor holding `full`, placed (and sharded, for FSDP2's DTensors) like `ref`."""
+    t = numpy_to_torch(full).to(dtype=ref.dtype)
+    if isinstance(ref, DTensor):
+        return distribute_tensor(t.to(ref.device_mesh.device_type), ref.device_mesh, ref.placements)
+    return t.to(ref.device)
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def gather_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: dict[str, torch.Tensor] | None,
+    *,
+    step: int,
+    data_position: int,
+    counters: dict[str, int],
+) -> TrainState | None:
+    """The full state of a (possibly FSDP2-sharded) model and its AdamW; every rank must call it, rank 0 gets it."""
+    params = get_model_state_dict(model, options=_FULL)
+    optim = get_optimizer_state_dict(model, optimizer, options=_FULL)
+    ema_full = None if ema is None else {n: _full(t).detach().cpu() for n, t in ema.items()}
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return None
+    state = optim["state"]
+    adam_steps = {int(s["step"]) for s in state.values()}
+    if len(adam_steps) > 1:
+        raise RuntimeError(f"AdamW step counts differ between parameters: {sorted(adam_steps)}")
+    return TrainState(
+        config=model.cfg,
+        params={n: torch_to_numpy(t) for n, t in params.items()},
+        exp_avg={n: torch_to_numpy(s["exp_avg"]) for n, s in state.items()},
+        exp_avg_sq={n: torch_to_numpy(s["exp_avg_sq"]) for n, s in state.items()},
+        step=step,
+        adam_step=adam_steps.pop() if adam_steps else 0,
+        data_position=data_position,
+        ema=None if ema_full is None else {n: torch_to_numpy(t) for n, t in ema_full.items()},
+        counters=dict(counters),
+    )
+
+
+def restore_weights(model: nn.Module, params: dict[str, np.ndarray]) -> None:
+    """Load full canonical weights into a (possibly sharded) model; every rank passes the full arrays."""
+    missing = sorted(set(model.state_dict()) - set(params))
+    unused = sorted(set(params) - set(model.state_dict()))
+    if missing or unused:
+        raise CheckpointError(f"weights do not match the model: missing {missing[:3]}, unused {unused[:3]}")
+    full = {n: numpy_to_torch(a) for n, a in params.items()}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
+
+
+def restore_ema(model: nn.Module, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    named = dict(model.named_parameters())
+    if set(arrays) != set(named):
+        raise CheckpointError(f"EMA weights do not match the parameters: {sorted(set(arrays) ^ set(named))[:3]}")
+    return {n: _like(arrays[n], p.detach()) for n, p in named.items()}
+
+
+def restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
+    """Put AdamW moments and step count back (the hyper-parameters come from the recipe, not the checkpoint)."""
+    named = list(model.named_parameters())
+    names = [n for n, _ in named]
+    name_of = {id(p): n for n, p in named}
+    if set(state.exp_avg) != set(names):
+        raise CheckpointError(
+            f"optimizer state does not match the parameters: {sorted(set(state.exp_avg) ^ set(names))[:3]}"
+        )
+    full = {
+        "state": {
+            n: {
+                "step": torch.tensor(float(state.adam_step)),
+                "exp_avg": numpy_to_torch(state.exp_avg[n]),
+                "exp_avg_sq": numpy_to_torch(state.exp_avg_sq[n]),
+            }
+            for n in names
+        },
+        "param_groups": [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": [name_of[id(p)] for p in g["params"]]}
+            for g in optimizer.param_groups
+        ],
+    }
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))

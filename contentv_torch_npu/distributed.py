@@ -1,0 +1,204 @@
+"""Multi-process training of the torch twin: process groups, FSDP2 sharding, Ulysses sequence parallel.
+
+The world is `dp x sp` ranks: ranks `[i*sp, (i+1)*sp)` form one sequence-parallel group that sees the same batch and
+splits its tokens; FSDP2 shards parameters over the whole world. Ulysses works without changing the model's math:
+forward hooks keep each rank's slice of the image and text tokens after the embeddings and gather the image tokens
+before the unpatchify, and an `Ops` wrapper turns the joint attention into all-to-all (tokens -> heads), full
+attention over every token for `heads / sp` heads, all-to-all back. Token order inside attention does not matter
+(no mask, positions are added at the embedding), so the interleaved [image_i; text_i] layout is exact.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.utils.hooks import RemovableHandle
+
+from contentv_torch_npu import device as device_mod
+from contentv_torch_npu.ops import Ops, ops_for
+from contentv_torch_npu.transformer import Transformer
+
+
+@dataclass(frozen=True)
+class Topology:
+    """This process's place in the `dp x sp` world; `sp_group` is None without sequence parallelism."""
+
+    rank: int = 0
+    world: int = 1
+    sp: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    sp_group: dist.ProcessGroup | None = None
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.sp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank % self.sp
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str = "auto", sp: int = 1) -> Topology:
+    """Join the torchrun world (RANK / WORLD_SIZE / LOCAL_RANK), backend by device: hccl, nccl or gloo.
+
+    A single process without torchrun variables runs without a process group (unless `sp > 1`, an error).
+    """
+    device = device_mod.resolve_device(device_name)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % sp:
+        raise ValueError(f"sequence_parallel {sp} does not divide the world size {world}")
+    if world == 1 and not dist.is_initialized():
+        return Topology(device=device, sp=sp)
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = device_mod.local_device(device, local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=device_mod.dist_backend(device), rank=rank, world_size=world)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sp_group = None
+    if sp > 1:
+        for start in range(0, world, sp):  # every rank must create every group, in the same order
+            group = dist.new_group(list(range(start, start + sp)))
+            if start <= rank < start + sp:
+                sp_group = group
+    return Topology(rank=rank, world=world, sp=sp, device=device, sp_group=sp_group)
+
+
+def shard_model(model: Transformer, reshard_after_forward: bool = True) -> Transformer:
+    """FSDP2: one `fully_shard` unit per joint block (gathered just in time), then the root for the rest."""
+    for block in model.blocks:
+        fully_shard(block, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """Split `x` along `scatter_dim` into one chunk per rank, exchange, concatenate what arrives along `gather_dim`."""
+    size = dist.get_world_size(group)
+    send = torch.stack(x.chunk(size, dim=scatter_dim)).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Differentiable `_all_to_all`: the gradient takes the inverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x, scatter_dim: int, gather_dim: int, group):
+        ctx.dims, ctx.group = (scatter_dim, gather_dim), group
+        return _all_to_all(x, scatter_dim, gather_dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scatter_dim, gather_dim = ctx.dims
+        return _all_to_all(grad, gather_dim, scatter_dim, ctx.group), None, None, None
+
+
+class _Slice(torch.autograd.Function):
+    """Keep this rank's chunk of a replicated tensor; the gradient is zero outside the chunk."""
+
+    @staticmethod
+    def forward(ctx, x, dim: int, group):
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        ctx.dim, ctx.shape, ctx.rank = dim, x.shape, rank
+        return x.chunk(size, dim=dim)[rank].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        full = grad.new_zeros(ctx.shape)
+        n = grad.shape[ctx.dim]
+        full.narrow(ctx.dim, ctx.rank * n, n).copy_(grad)
+        return full, None, None
+
+
+class _Gather(torch.autograd.Function):
+    """Concatenate every rank's chunk; each rank then computes the same loss, so the gradient of a chunk is the
+    matching slice of the (identical) full gradient, not a sum over ranks."""
+
+    @staticmethod
+    def forward(ctx, x, dim: int, group):
+        ctx.dim, ctx.group = dim, group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        size, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        return grad.chunk(size, dim=ctx.dim)[rank].contiguous(), None, None
+
+
+@dataclass(frozen=True)
+class UlyssesOps:
+    """Sequence-parallel attention around any `Ops`: tokens are split over the group, heads are split inside."""
+
+    inner: Ops
+    group: dist.ProcessGroup
+    name: str = "ulysses"
+
+    def attention(self, q, k, v, mask=None, dropout=0.0):
+        """q, k, v: [B, heads, N_local, d] -> all-to-all -> [B, heads / sp, N, d] -> attention -> back."""
+        if mask is not None:
+            raise ValueError("Ulysses sequence parallel attention takes no mask (the joint attention has none)")
+        size = dist.get_world_size(self.group)
+        if q.shape[1] % size:
+            raise ValueError(f"{q.shape[1]} attention heads are not divisible by sequence_parallel {size}")
+        q, k, v = (_AllToAll.apply(t, 1, 2, self.group) for t in (q, k, v))
+        out = self.inner.attention(q, k, v, dropout=dropout)
+        return _AllToAll.apply(out, 2, 1, self.group)
+
+    def rms_norm(self, x, weight, eps):
+        return self.inner.rms_norm(x, weight, eps)
+
+    def gelu_tanh(self, x):
+        return self.inner.gelu_tanh(x)
+
+
+def _split_tokens(group: dist.ProcessGroup, what: str):
+    size = dist.get_world_size(group)
+
+    def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        if output.shape[1] % size:
+            raise ValueError(f"{output.shape[1]} {what} tokens are not divisible by sequence_parallel {size}")
+        return _Slice.apply(output, 1, group)
+
+    return hook
+
+
+def _gather_tokens(group: dist.ProcessGroup):
+    def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        return _Gather.apply(output, 1, group)
+
+    return hook
+
+
+def enable_sequence_parallel(model: Transformer, group: dist.ProcessGroup, device_type: str) -> list[RemovableHandle]:
+    """Ulysses over `group` with hooks and an ops wrapper; the model's parameters and math are untouched.
+
+    Every rank of the group must get the same inputs; each rank's parameter gradients are then its tokens' share,
+    so the group's gradients must be summed (the trainer scales the loss by the group size before FSDP averages).
+    """
+    if model.cfg.num_attention_heads % dist.get_world_size(group):
+        raise ValueError(
+            f"num_attention_heads {model.cfg.num_attention_heads} is not divisible by sequence_parallel "
+            f"{dist.get_world_size(group)}"
+        )
+    model.ops = UlyssesOps(ops_for(model.ops, device_type), group)
+    return [
+        model.patch_embed.register_forward_hook(_split_tokens(group, "image")),
+        model.context_embedder.register_forward_hook(_split_tokens(group, "text")),
+        model.proj_out.register_forward_hook(_gather_tokens(group)),
+    ]

@@ -1,0 +1,277 @@
+"""The torch twin's trainer: the same recipe, data order, timesteps and noise as the JAX core, on NPU, CUDA or CPU.
+
+Read top to bottom: `run` sets up processes, model, optimizer and data, then loops `train_step` and checkpoints.
+Parallelism is configuration: the recipe's mesh gives the sequence-parallel size (Ulysses), every rank shards the
+parameters with FSDP2, bf16 runs as autocast over fp32 master weights (`compute_dtype`), and any `remat` other
+than "none" recomputes each block in the backward pass (activation checkpointing).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from tqdm import tqdm
+
+from contentv_common.data.cache import Encoders
+from contentv_common.recipe import OptimizerConfig, Recipe
+from contentv_common.schedules import flow_inputs, interpolate, resolve_shift, step_rng, velocity_target
+from contentv_torch_npu import checkpointing as ckpt
+from contentv_torch_npu.data import make_loader, open_cache
+from contentv_torch_npu.distributed import Topology, enable_sequence_parallel, init_distributed, shard_model
+from contentv_torch_npu.loading import load_transformer
+from contentv_torch_npu.transformer import Transformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def learning_rate(opt: OptimizerConfig, updates: int, total_steps: int) -> float:
+    """The rate of AdamW update number `updates` (0-based; skipped steps do not count), as the JAX trainer's optax
+    schedule: linear warm-up from 0 over `warmup_steps`, then constant or cosine decay to 0 at `total_steps`."""
+    if updates < opt.warmup_steps:
+        return opt.lr * updates / opt.warmup_steps
+    if opt.decay == "constant":
+        return opt.lr
+    span = max(total_steps, opt.warmup_steps + 1) - opt.warmup_steps
+    return opt.lr * 0.5 * (1.0 + math.cos(math.pi * min(updates - opt.warmup_steps, span) / span))
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """One step's rows on this rank: clean latents, noise, noise levels, loss weights and (dropped-out) text."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    sigmas: torch.Tensor
+    weights: torch.Tensor
+    text: torch.Tensor
+    pooled: torch.Tensor
+
+
+def step_inputs(recipe: Recipe, batch: dict[str, Any], empty: tuple[np.ndarray, np.ndarray]) -> StepInputs:
+    """Draw the randomness of global batch k from (seed, k), keep this rank's rows.
+
+    The draws are those of contentv_jax.data.StepBatches (flow_inputs, then text dropout, for the global batch),
+    so both backends and every mesh see the same noise, sigmas and dropped captions.
+    """
+    obj = recipe.objective
+    latents = batch["latents"]
+    global_shape = (batch["global_size"], *latents.shape[1:])
+    _, _, f, h, w = latents.shape
+    p = recipe.model_config.patch_size
+    shift = resolve_shift(obj.shift_mode, obj.shift, f * (h // p) * (w // p), obj.base_tokens)
+    rng = step_rng(recipe.seed, batch["batch_index"])
+    flow = flow_inputs(
+        rng, global_shape, logit_mean=obj.logit_mean, logit_std=obj.logit_std, shift=shift, weighting=obj.weighting
+    )
+    dropped = rng.random(global_shape[0]) < recipe.data.text_dropout
+    rows = slice(batch["offset"], batch["offset"] + latents.shape[0])
+    keep = torch.from_numpy(~dropped[rows])
+    empty_text, empty_pooled = (torch.from_numpy(np.asarray(a)) for a in empty)
+    text = torch.where(keep[:, None, None], batch["text"], empty_text[None])
+    pooled = torch.where(keep[:, None], batch["pooled"], empty_pooled[None])
+    return StepInputs(
+        latents=latents,
+        noise=torch.from_numpy(flow["noise"][rows]),
+        sigmas=torch.from_numpy(flow["sigmas"][rows]),
+        weights=torch.from_numpy(flow["weights"][rows]),
+        text=text,
+        pooled=pooled,
+    )
+
+
+def flow_matching_loss(model: torch.nn.Module, inputs: StepInputs) -> torch.Tensor:
+    """Weighted velocity MSE: per-sample mean over [C, F, H, W] times the loss weight, averaged over the batch."""
+    x_t = interpolate(inputs.latents, inputs.noise, inputs.sigmas)
+    target = velocity_target(inputs.latents, inputs.noise)
+    pred = model(x_t, inputs.sigmas * 1000.0, inputs.text, inputs.pooled)
+    per_sample = (pred.float() - target.float()).square().mean(dim=(1, 2, 3, 4))
+    return (per_sample * inputs.weights).mean()
+
+
+def global_grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    """L2 norm of all gradients (over every FSDP shard)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: StepInputs,
+    *,
+    lr: float,
+    grad_clip: float | None,
+    ema: dict[str, torch.Tensor] | None = None,
+    ema_decay: float | None = None,
+    topo: Topology | None = None,
+) -> tuple[float, float, bool]:
+    """Forward, backward, clip, AdamW, EMA. Returns (loss, grad norm, applied); a non-finite step is skipped.
+
+    Each rank's loss is its rows' mean; FSDP averages gradients over all ranks, and the ranks of a sequence-parallel
+    group each hold their tokens' share, so the loss is scaled by the group size to make the average a sum there.
+    """
+    topo = topo or Topology()
+    loss = flow_matching_loss(model, inputs)
+    (loss * topo.sp).backward()
+    norm = global_grad_norm(model)
+    stats = torch.stack([loss.detach().float(), norm.detach().float().to(loss.device)])
+    if topo.world > 1:
+        dist.all_reduce(stats[:1], op=dist.ReduceOp.SUM)
+        stats[0] /= topo.world
+    loss_value, norm_value = (float(v) for v in stats.cpu())
+    applied = math.isfinite(loss_value) and math.isfinite(norm_value)
+    if applied:
+        if grad_clip is not None and norm_value > grad_clip:
+            scale = grad_clip / norm_value
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        if ema is not None:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    ema[name].mul_(ema_decay).add_(p.detach(), alpha=1.0 - ema_decay)
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, norm_value, applied
+
+
+def make_optimizer(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and kernels only (not on biases and norm scales), as the JAX trainer."""
+    params = list(model.parameters())
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": opt.weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps)
+
+
+def build_model(recipe: Recipe, topo: Topology, ops: str) -> Transformer:
+    """The recipe's model in fp32 masters, identical on every rank (seeded init or `init_from` weights)."""
+    cfg = recipe.model_config
+    kwargs = dict(compute_dtype=DTYPES[recipe.compute_dtype], ops=ops, gradient_checkpointing=recipe.remat != "none")
+    if recipe.init_from:
+        model = load_transformer(recipe.init_from, torch.float32, cfg.pos_embed, device=topo.device, **kwargs)
+        if model.cfg != cfg:
+            raise ValueError(f"init_from {recipe.init_from}: model config {model.cfg} differs from the recipe's {cfg}")
+        return model
+    torch.manual_seed(recipe.seed)
+    return Transformer(cfg, **kwargs).to(topo.device)
+
+
+def _previous_stage(recipe: Recipe) -> ckpt.TrainState | None:
+    if recipe.resume_from is None:
+        return None
+    folder = ckpt.latest_checkpoint(recipe.resume_from)
+    if folder is None:
+        raise FileNotFoundError(f"resume_from {recipe.resume_from}: no checkpoint there")
+    return ckpt.load_state(folder)
+
+
+def run(
+    recipe: Recipe,
+    *,
+    device: str = "auto",
+    ops: str = "auto",
+    encoders: Encoders | None = None,
+    progress: bool = True,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train `recipe` (resuming from its checkpoint dir if it holds a checkpoint); returns the last metrics.
+
+    Launch several processes with torchrun; `mesh.sequence` ranks share each batch (Ulysses), the rest is data
+    parallel. `mesh.tensor` > 1 is not supported by the torch twin. `on_step` (main rank only) gets the same
+    record as the JAX trainer's: {step (0-based), loss, grad_norm, skipped, step_time, batch (global size)}.
+    """
+    if recipe.mesh.tensor != 1:
+        raise ValueError(f"mesh.tensor: the torch twin has no tensor parallelism (got {recipe.mesh.tensor})")
+    topo = init_distributed(device, sp=recipe.mesh.sequence)
+    cache = open_cache(recipe.data, encoders, build=topo.is_main, progress=progress)
+    if topo.world > 1:
+        dist.barrier()
+        cache = open_cache(recipe.data, None, build=False)
+
+    model = build_model(recipe, topo, ops)
+    if topo.sp > 1:
+        enable_sequence_parallel(model, topo.sp_group, topo.device.type)
+    if topo.world > 1:
+        shard_model(model)
+    optimizer = make_optimizer(model, recipe.optimizer)
+    decay = recipe.optimizer.ema_decay
+    ema = {n: p.detach().clone() for n, p in model.named_parameters()} if decay else None
+
+    step, position, counters = 0, 0, {"nan_skips": 0}
+    resume = ckpt.latest_checkpoint(recipe.checkpoint.dir)
+    state = ckpt.load_state(resume) if resume else _previous_stage(recipe)
+    if state is not None:
+        ckpt.restore_weights(model, state.params)
+        if ema is not None:
+            ema = ckpt.restore_ema(model, state.ema if state.ema is not None else state.params)
+        if resume:  # same stage: optimizer, counters and data position continue too
+            ckpt.restore_optimizer(model, optimizer, state)
+            step, position, counters = state.step, state.data_position, {**counters, **state.counters}
+
+    def save() -> None:
+        full = ckpt.gather_state(
+            model, optimizer, ema, step=step, data_position=position, counters=counters
+        )  # every rank takes part in the gather
+        if full is not None:
+            ckpt.save_state(recipe.checkpoint.dir, full, recipe.checkpoint.keep)
+        if topo.world > 1:
+            dist.barrier()
+
+    log_file = Path(recipe.log_dir) / "metrics.jsonl"
+    if topo.is_main:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+    loader = iter(make_loader(cache, recipe.data, recipe.seed, position, topo.dp_rank, topo.dp))
+    empty = (cache.empty_text, cache.empty_pooled)
+    metrics: dict[str, Any] = {}
+    bar = tqdm(total=recipe.steps, initial=step, desc="train (torch)", disable=not (progress and topo.is_main))
+    while step < recipe.steps:
+        batch = next(loader)
+        if batch["batch_index"] != position:
+            raise RuntimeError(f"data loader is at batch {batch['batch_index']}, the trainer expects {position}")
+        inputs = step_inputs(recipe, batch, empty)
+        inputs = StepInputs(*(t.to(topo.device) for t in vars(inputs).values()))
+        lr = learning_rate(recipe.optimizer, step - counters["nan_skips"], recipe.steps)
+        start = time.perf_counter()
+        loss, norm, applied = train_step(
+            model, optimizer, inputs, lr=lr, grad_clip=recipe.optimizer.grad_clip, ema=ema, ema_decay=decay, topo=topo
+        )
+        if not applied:
+            counters["nan_skips"] += 1
+            if counters["nan_skips"] > recipe.nan_skip_limit:
+                raise FloatingPointError(
+                    f"step {step}: non-finite loss or gradients {counters['nan_skips']} times "
+                    f"(nan_skip_limit {recipe.nan_skip_limit})"
+                )
+        step_time = time.perf_counter() - start
+        if on_step is not None and topo.is_main:
+            on_step(
+                {"step": step, "loss": loss, "grad_norm": norm, "skipped": not applied, "step_time": step_time,
+                 "batch": batch["global_size"]}
+            )  # fmt: skip
+        step, position = step + 1, position + 1
+        metrics = {"step": step, "loss": loss, "grad_norm": norm, "lr": lr, "skipped": not applied}
+        metrics["step_s"] = step_time
+        if topo.is_main and step % recipe.log_interval == 0:
+            with log_file.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if step % recipe.checkpoint.interval == 0 or step == recipe.steps:
+            save()
+    bar.close()
+    return metrics

@@ -1,0 +1,160 @@
+"""JAX flow-matching training: mesh equivalence, exact resume, loss falls, NaN skip, stage hand-over."""
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from contentv_common.data.cache import build_cache, read_index
+from contentv_common.data.synthetic import make_synthetic_set
+from contentv_common.recipe import MeshConfig, load_recipe
+from contentv_jax.checkpointing import Checkpointer
+from contentv_jax.sharding import make_mesh
+from contentv_jax.train import TrainingStopped, default_mesh, get_trainer, run
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "recipes" / "tiny.yaml"
+
+
+class StandInEncoders:
+    """Deterministic stand-in for contentv_torch_npu.encoders.Encoders (pooled pixels, hashed caption words)."""
+
+    latent_channels, text_dim, pooled_dim = 16, 48, 24
+
+    def encode_video(self, frames):
+        b, f, h, w, _ = frames.shape
+        x = frames.astype(np.float32) / 127.5 - 1
+        lf = 1 + (f - 1) // 4
+        if f > 1:
+            x = np.concatenate([x[:, :1], x[:, 1:].reshape(b, lf - 1, 4, h, w, 3).mean(2)], axis=1)
+        x = x.reshape(b, lf, h // 8, 8, w // 8, 8, 3).mean((3, 5))
+        proj = np.random.default_rng(0).standard_normal((3, self.latent_channels)).astype(np.float32)
+        return np.einsum("bfhwc,cd->bdfhw", x, proj)
+
+    def encode_text(self, captions):
+        text = np.zeros((len(captions), 6, self.text_dim), np.float32)
+        for i, caption in enumerate(captions):
+            for j, word in enumerate(caption.split()[:6]):
+                text[i, j] = np.random.default_rng(sum(map(ord, word))).standard_normal(self.text_dim)
+        return text, text.mean(1)[:, : self.pooled_dim]
+
+
+@pytest.fixture(scope="module")
+def cached_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    manifest = make_synthetic_set(root / "set", num_videos=24, num_images=2, frames=12, fps=8, progress=False)
+    recipe = tiny_recipe(root, "cache")
+    index = build_cache(manifest, root / "cache", StandInEncoders(), list(recipe.data.buckets), 8, progress=False)
+    assert index.skip_counts == {"no_bucket": 2}  # the images: these tests use one video bucket (one compile)
+    return root
+
+
+def tiny_recipe(root: Path, name: str, **overrides):
+    base = {
+        "data.manifest": str(root / "set" / "manifest.jsonl"),
+        "data.cache_dir": str(root / "cache"),
+        "checkpoint.dir": str(root / name / "ckpt"),
+        "log_dir": str(root / name / "logs"),
+        "data.buckets": [{"width": 64, "height": 64, "frames": 9, "batch_size": 8}],
+    }
+    return load_recipe(TINY, base | overrides)
+
+
+def _batch(rng, b=8):
+    return {
+        "latents": rng.standard_normal((b, 16, 3, 8, 8), dtype=np.float32),
+        "noise": rng.standard_normal((b, 16, 3, 8, 8), dtype=np.float32),
+        "sigmas": rng.uniform(0.05, 0.95, b).astype(np.float32),
+        "weights": np.ones(b, np.float32),
+        "text": rng.standard_normal((b, 6, 48), dtype=np.float32),
+        "pooled": rng.standard_normal((b, 24), dtype=np.float32),
+    }
+
+
+def _one_step(recipe, mesh_shape, params=None):
+    """(initial params, state after one step on host, loss, live state) on a mesh of that shape."""
+    mesh = make_mesh(MeshConfig(*mesh_shape), jax.devices()[: int(np.prod(mesh_shape))])
+    trainer = get_trainer(recipe, mesh)
+    state = trainer.init_state(params)
+    initial = jax.device_get(state["params"])
+    batch = trainer.device_batch(_batch(np.random.default_rng(0)))
+    state, metrics = trainer.jitted_step(state, batch)(state, batch)
+    return initial, jax.device_get(state), float(metrics["loss"]), state
+
+
+def test_step_is_the_same_on_every_mesh(cached_set, rel_err):
+    one_layer = {
+        "num_layers": 1,
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "hidden_size": 32,
+        "joint_attention_dim": 48,
+        "pooled_projection_dim": 24,
+        "sample_size": 16,
+    }
+    recipe = tiny_recipe(cached_set, "mesh", model=one_layer)  # one block: a quarter of the compile time
+    assert recipe.compute_dtype == "float32"
+    params, ref_state, ref_loss, _ = _one_step(recipe, (1, 1, 1, 1))
+    assert np.isfinite(ref_loss)
+    for shape in [(8, 1, 1, 1), (2, 4, 1, 1), (2, 2, 2, 1)]:
+        _, state, loss, live = _one_step(recipe, shape, params)
+        assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss), shape
+        for name in ("params", "ema"):
+            a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(state[name])])
+            b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(ref_state[name])])
+            assert rel_err(a, b) < 1e-6, (shape, name, rel_err(a, b))
+        mu = jax.tree.leaves(live["opt_state"])
+        kernel = live["params"]["blocks"][0]["ff"]["fc1"]["kernel"]
+        if shape[1] > 1:  # FSDP really shards the weights and the Adam moments
+            assert "fsdp" in str(kernel.sharding.spec)
+            assert any("fsdp" in str(getattr(m.sharding, "spec", "")) for m in mu)
+            assert kernel.addressable_shards[0].data.shape[0] == kernel.shape[0] // shape[1]
+
+
+def test_resume_continues_the_exact_loss_trajectory(cached_set):
+    full = run(tiny_recipe(cached_set, "full", steps=6, **{"checkpoint.interval": 3}), progress=False)
+    split_recipe = tiny_recipe(cached_set, "split", steps=6, **{"checkpoint.interval": 3})
+    first = run(split_recipe, progress=False, stop_after=3)
+    assert sorted(first.losses) == [0, 1, 2]
+    second = run(split_recipe, progress=False)
+    assert sorted(second.losses) == [3, 4, 5]
+    assert [full.losses[k] for k in range(6)] == [{**first.losses, **second.losses}[k] for k in range(6)]
+    for a, b in zip(jax.tree.leaves(full.state["params"]), jax.tree.leaves(second.state["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the next stage starts from these weights and EMA
+    stage2 = tiny_recipe(cached_set, "stage2", resume_from=str(cached_set / "full" / "ckpt"))
+    trainer = get_trainer(stage2, default_mesh(stage2))
+    weights = Checkpointer(replace(stage2.checkpoint, dir=stage2.resume_from)).restore_weights(trainer.abstract_state())
+    for a, b in zip(jax.tree.leaves(weights["ema"]), jax.tree.leaves(full.state["ema"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_loss_falls_on_the_synthetic_set(cached_set):
+    result = run(tiny_recipe(cached_set, "learn", steps=80), progress=False)
+    losses = [result.losses[k] for k in sorted(result.losses)]
+    assert len(losses) == 80 and not result.skipped_steps
+    early, late = np.mean(losses[:10]), np.mean(losses[-10:])
+    print(f"loss first 10 steps {early:.4f}, last 10 steps {late:.4f}")
+    assert late < 0.8 * early
+
+
+def test_nan_steps_are_skipped_then_the_run_stops(cached_set):
+    recipe = tiny_recipe(cached_set, "nan", steps=10, nan_skip_limit=2, **{"checkpoint.interval": 2})
+    run(recipe, progress=False, stop_after=2)
+    bad = cached_set / "nan_cache"
+    shutil.copytree(cached_set / "cache", bad)
+    for sample in read_index(bad).samples:
+        tensors = load_file(str(bad / sample["file"]))
+        tensors["latents"][:] = np.nan
+        save_file(tensors, str(bad / sample["file"]))
+    bad_recipe = tiny_recipe(cached_set, "nan", steps=10, nan_skip_limit=2, **{"data.cache_dir": str(bad)})
+    seen = []
+    with pytest.raises(TrainingStopped, match="nan_skip_limit=2"):
+        run(bad_recipe, progress=False, on_step=seen.append)
+    assert [s["skipped"] for s in seen] == [True, True, True]
+    ckpt = Checkpointer(recipe.checkpoint)
+    assert ckpt.latest_step() == 2
+    ckpt.close()

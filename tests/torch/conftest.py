@@ -1,0 +1,104 @@
+"""A fake torch_npu that computes the documented reference formulas on CPU and records every call, so the NPU
+branches of the op registry run (and their argument conventions are checked) without Ascend hardware."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from contentv_torch_npu import device
+
+
+class FakeTorchNpu(types.ModuleType):
+    """Reference semantics of npu_fusion_attention (BNSD, True = masked, scale default 1.0), npu_rms_norm and
+    npu_gelu; it refuses arguments the real kernels would reject (masks that broadcast over queries, gamma dtype)."""
+
+    def __init__(self, available: bool = False):
+        super().__init__("torch_npu")
+        self.calls: list[tuple[str, dict]] = []
+        self.npu = types.SimpleNamespace(is_available=lambda: available)
+
+    def npu_fusion_attention(
+        self, query, key, value, head_num, input_layout, pse=None, padding_mask=None, atten_mask=None,
+        scale=1.0, keep_prob=1.0, pre_tockens=2147483647, next_tockens=2147483647, **kwargs,
+    ):  # fmt: skip
+        self.calls.append(
+            ("npu_fusion_attention", dict(shape=tuple(query.shape), head_num=head_num, input_layout=input_layout,
+                                          atten_mask=atten_mask, scale=scale, keep_prob=keep_prob, dtype=query.dtype,
+                                          pre_tockens=pre_tockens, next_tockens=next_tockens, pse=pse))
+        )  # fmt: skip
+        assert input_layout == "BNSD" and query.dim() == 4 and query.shape[1] == head_num
+        scores = (query.float() @ key.float().transpose(-1, -2)) * scale
+        if atten_mask is not None:
+            assert atten_mask.dtype == torch.bool and atten_mask.dim() == 4
+            assert atten_mask.shape[-2:] == (query.shape[2], key.shape[2]), "masks must not broadcast over S"
+            scores = scores.masked_fill(atten_mask, -math.inf)
+        probs = torch.softmax(scores, dim=-1)
+        if keep_prob < 1.0:
+            probs = F.dropout(probs, p=1.0 - keep_prob)
+        out = (probs @ value.float()).to(query.dtype)
+        return (out, None, None, None, 0, 0, 0)
+
+    def npu_rms_norm(self, x, gamma, epsilon=1e-6):
+        self.calls.append(("npu_rms_norm", dict(x_dtype=x.dtype, gamma_dtype=gamma.dtype, epsilon=epsilon)))
+        assert gamma.dtype == x.dtype, "npu_rms_norm needs gamma in x's dtype"
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + epsilon)
+        return (x.float() * rstd * gamma.float()).to(x.dtype), rstd
+
+    def npu_gelu(self, x, approximate="none"):
+        self.calls.append(("npu_gelu", dict(approximate=approximate, dtype=x.dtype)))
+        return F.gelu(x, approximate=approximate)
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+
+@pytest.fixture
+def fake_npu():
+    fake = FakeTorchNpu()
+    device.set_torch_npu(fake)
+    yield fake
+    device.set_torch_npu(None)
+
+
+class FakeEncoders:
+    """Deterministic stand-in for the VAE and text encoders with the tiny model's sizes: 8x8 average pooling of
+    the frames (4-frame temporal stride) through a fixed projection, and hashed random text embeddings."""
+
+    latent_channels, text_dim, pooled_dim = 16, 48, 24
+
+    def __init__(self):
+        self.proj = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+
+    def encode_video(self, frames: np.ndarray) -> np.ndarray:
+        x = frames.astype(np.float32)[:, ::4] / 127.5 - 1.0  # [B, f, H, W, 3], f = 1 + (F - 1) // 4
+        b, f, h, w, _ = x.shape
+        x = x.reshape(b, f, h // 8, 8, w // 8, 8, 3).mean(axis=(3, 5))
+        return np.ascontiguousarray((x @ self.proj).transpose(0, 4, 1, 2, 3))
+
+    def encode_text(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        rows = [np.random.default_rng(list(c.encode()) or [0]) for c in captions]
+        text = np.stack([r.standard_normal((8, 48)) for r in rows]).astype(np.float32)
+        pooled = np.stack([r.standard_normal(24) for r in rows]).astype(np.float32)
+        return text, pooled
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A synthetic manifest (8 clips of 64x64 and 96x64) and its latent cache, built once per session."""
+    from contentv_common.data.cache import build_cache
+    from contentv_common.data.synthetic import make_synthetic_set
+    from contentv_common.recipe import BucketConfig
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    manifest = make_synthetic_set(root / "videos", num_videos=8, frames=12, fps=8, progress=False)
+    buckets = [BucketConfig(64, 64, 9, 2), BucketConfig(96, 64, 9, 2)]
+    build_cache(manifest, root / "cache", FakeEncoders(), buckets, 8.0, "fake", progress=False)
+    return {"manifest": str(manifest), "cache_dir": str(root / "cache"), "encoders": "fake", "fps": 8,
+            "buckets": [{"width": 64, "height": 64, "frames": 9, "batch_size": 2},
+                        {"width": 96, "height": 64, "frames": 9, "batch_size": 2}]}  # fmt: skip

@@ -1,0 +1,109 @@
+"""2 gloo processes on CPU: FSDP2 data parallel equals one process on the whole batch, and Ulysses sequence
+parallel equals no sequence parallelism (outputs and summed gradients)."""
+
+import os
+import socket
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from contentv_common.config import named_model_config
+from contentv_torch_npu.distributed import enable_sequence_parallel, init_distributed, shard_model
+from contentv_torch_npu.transformer import Transformer
+
+STEPS = 2
+
+
+def _model() -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(named_model_config("tiny"), ops="torch")
+    for p in model.parameters():  # adaLN-zero style zeros would hide bugs: give every weight a value
+        torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def _batch():
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 16, 2, 8, 8, generator=g)  # 2 frames x 4 x 4 patches = 32 image tokens
+    return latents, torch.tensor([100.0, 700.0]), torch.randn(2, 6, 48, generator=g), torch.randn(2, 24, generator=g)
+
+
+def _loss(model, batch):
+    latents, *rest = batch
+    return (model(latents, *rest) - latents).square().mean()
+
+
+def _reference() -> dict[str, np.ndarray]:
+    model, batch = _model(), _batch()
+    out = {"sp_out": model(*batch).detach().numpy()}
+    loss = _loss(model, batch)
+    loss.backward()
+    out["sp_loss"] = loss.detach().numpy()
+    out.update({f"sp_grad/{n}": p.grad.numpy().copy() for n, p in model.named_parameters()})
+    model.zero_grad()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    for step in range(STEPS):
+        loss = _loss(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        out[f"dp_loss/{step}"] = loss.detach().numpy()
+    out.update({f"dp_param/{n}": p.detach().numpy().copy() for n, p in model.named_parameters()})
+    return out
+
+
+def _worker(rank: int, world: int, port: int, folder: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    topo = init_distributed("cpu", sp=world)
+    out = {}
+    batch = _batch()
+    # Ulysses: both ranks see the whole batch and split its tokens.
+    model = _model()
+    enable_sequence_parallel(model, topo.sp_group, "cpu")
+    out["sp_out"] = model(*batch).detach().numpy()
+    loss = _loss(model, batch)
+    loss.backward()
+    out["sp_loss"] = loss.detach().numpy()
+    for n, p in model.named_parameters():
+        dist.all_reduce(p.grad, group=topo.sp_group)  # each rank holds its tokens' share
+        out[f"sp_grad/{n}"] = p.grad.numpy()
+    # FSDP2: each rank takes one sample; gradients are averaged by the reduce-scatter.
+    model = shard_model(_model())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    mine = tuple(t[rank : rank + 1] for t in batch)
+    for step in range(STEPS):
+        loss = _loss(model, mine)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        dist.all_reduce(loss := loss.detach(), op=dist.ReduceOp.AVG)
+        out[f"dp_loss/{step}"] = loss.numpy()
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    out.update({f"dp_param/{n}": t.numpy() for n, t in full.items() if n != "patch_embed.pos_table"})
+    np.savez(os.path.join(folder, f"rank{rank}.npz"), **out)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_fsdp_and_ulysses_match_single_process(tmp_path, rel_err):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ref = _reference()
+    for rank in range(2):
+        got = dict(np.load(tmp_path / f"rank{rank}.npz"))
+        expected = [k for k in ref if rank == 0 or not k.startswith("dp_param")]  # full params come to rank 0
+        assert sorted(got) == sorted(expected)
+        assert rel_err(got["sp_out"], ref["sp_out"]) < 1e-6
+        for key in expected:
+            tol = 1e-5 if key.startswith(("sp_", "dp_loss")) else 1e-4
+            assert rel_err(got[key], ref[key]) < tol, (rank, key, rel_err(got[key], ref[key]))
+    assert float(ref["dp_loss/1"]) < float(ref["dp_loss/0"])  # the steps did train

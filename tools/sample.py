@@ -1,0 +1,206 @@
+"""Text to video: prompt(s) -> mp4, with the JAX core or the torch twin.
+
+    python tools/sample.py --pipeline ContentV-8B --prompt "a cat on the sea" --size 432x768 --dtype bfloat16
+    python tools/sample.py --pipeline sd3.5-large --prompt "a red fox" --frames 1 --size 1024x1024 --backend torch
+    python tools/sample.py --tiny --transformer runs/tiny/final --prompt "a red cat" --frames 9 --size 64x64
+
+Encoders (CLIP-L/CLIP-G/T5 + Wan VAE, torch) come from `--pipeline` (a local diffusers folder) or `--tiny` (random tiny
+ones, no downloads). The transformer is `--transformer` (any folder `load_transformer` reads: diffusers, our torch or
+our JAX format), else `PIPELINE/transformer`, else (with `--tiny`) a random tiny model seeded by `--model-seed`.
+SD3/SD3.5 checkpoints run in image mode (`--frames 1`). Noise is drawn in numpy from `--seed` + prompt index, so both
+backends and any batch size give the same video for the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from contentv_common.config import named_model_config
+from contentv_common.sampling import draw_noise, latent_shape
+from contentv_common.video_io import write_video
+
+DTYPES = ("float32", "bfloat16")
+SHIFT = 3.0  # SD3.5-Large's scheduler shift
+
+
+def scheduler_shift(pipeline: Path | None) -> float:
+    """The static shift in a pipeline's scheduler/scheduler_config.json (SD3.5: 3.0), else SHIFT."""
+    path = None if pipeline is None else pipeline / "scheduler" / "scheduler_config.json"
+    if path is None or not path.exists():
+        return SHIFT
+    config = json.loads(path.read_text())
+    if config.get("use_dynamic_shifting"):
+        raise ValueError(f"{path}: use_dynamic_shifting is not supported (static shift only); pass --shift")
+    return float(config.get("shift", 1.0))
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"--size must be HEIGHTxWIDTH in pixels (e.g. 432x768), got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def slug(prompt: str, length: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:length] or "prompt"
+
+
+def load_model(backend: str, path: Path, dtype: str, device: str):
+    """The transformer of `backend` from a checkpoint folder, with its ModelConfig at `.cfg`."""
+    if backend == "jax":
+        import jax.numpy as jnp
+
+        import contentv_jax
+
+        return contentv_jax.load_transformer(path, dtype=jnp.dtype(dtype))
+    import torch
+
+    import contentv_torch_npu
+    from contentv_torch_npu.device import resolve_device
+
+    model = contentv_torch_npu.load_transformer(path, dtype=getattr(torch, dtype), device=resolve_device(device))
+    return model.eval()
+
+
+def random_tiny_checkpoint(folder: Path, seed: int) -> Path:
+    """A seeded random tiny transformer in our torch format, so both backends load the very same weights."""
+    import torch
+
+    from contentv_torch_npu import Transformer, save_torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Transformer(named_model_config("tiny"))
+    return save_torch(folder / "transformer", model)
+
+
+def sampler(backend: str):
+    if backend == "jax":
+        from contentv_jax.sampling import sample
+    else:
+        from contentv_torch_npu.sampling import sample
+    return sample
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_argument_group("models")
+    src.add_argument("--pipeline", type=Path, help="local diffusers pipeline folder (ContentV-8B or SD3.5)")
+    src.add_argument("--tiny", action="store_true", help="random tiny encoders (and model, without --transformer)")
+    src.add_argument("--transformer", type=Path, help="transformer checkpoint folder (diffusers, torch or jax format)")
+    src.add_argument("--model-seed", type=int, default=0, help="seed of the random tiny transformer")
+    src.add_argument("--encoder-seed", type=int, default=0, help="seed of the random tiny encoders")
+    ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    ap.add_argument("--prompts-file", type=Path, help="text file with one prompt per line")
+    ap.add_argument("--negative-prompt", default="", help="the unconditional branch of guidance")
+    ap.add_argument("--backend", choices=["jax", "torch"], default="jax")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=6.0, help="CFG scale; <= 1 disables guidance")
+    ap.add_argument(
+        "--shift", type=float, help=f"static flow-match shift (default: the pipeline's scheduler config, else {SHIFT})"
+    )
+    ap.add_argument("--frames", type=int, default=125, help="1 + 4k frames (1 for image models)")
+    ap.add_argument("--size", type=parse_size, default=(432, 768), help="HEIGHTxWIDTH in pixels, multiples of 16")
+    ap.add_argument("--seed", type=int, default=0, help="noise seed; prompt i uses seed + i")
+    ap.add_argument("--batch-size", type=int, default=1, help="prompts denoised together")
+    ap.add_argument("--dtype", choices=DTYPES, default="float32", help="transformer and text-encoder dtype")
+    ap.add_argument("--device", default="auto", help="torch device: auto, npu, cuda, cpu")
+    ap.add_argument("--cache-dir", type=Path, help="on-disk text-embedding cache")
+    ap.add_argument("--fps", type=float, default=24.0)
+    ap.add_argument("--out", type=Path, default=Path("samples"), help="output folder for the mp4 files")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    return prompts
+
+
+def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, prompts: list[str]) -> None:
+    if not prompts:
+        ap.error("give at least one --prompt or a --prompts-file")
+    if args.pipeline is None and not args.tiny:
+        ap.error("give --pipeline FOLDER (a local diffusers pipeline) or --tiny")
+    if args.pipeline is not None and args.tiny:
+        ap.error("--pipeline and --tiny are exclusive")
+    if args.steps < 1 or args.batch_size < 1:
+        ap.error("--steps and --batch-size must be >= 1")
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    prompts = read_prompts(args)
+    check_args(ap, args, prompts)
+    from contentv_torch_npu.device import resolve_device
+    from contentv_torch_npu.encoders import load_encoders, tiny_encoders
+
+    device = resolve_device(args.device)
+    if args.tiny:
+        encoders = tiny_encoders(args.encoder_seed, device=device, cache_dir=args.cache_dir)
+    else:
+        import torch
+
+        dtype = getattr(torch, args.dtype)
+        encoders = load_encoders(args.pipeline, dtype=dtype, device=device, cache_dir=args.cache_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.transformer
+        if path is None and args.pipeline is not None:
+            path = args.pipeline / "transformer"
+        elif path is None:
+            path = random_tiny_checkpoint(Path(tmp), args.model_seed)
+        model = load_model(args.backend, path, args.dtype, args.device)
+    cfg = model.cfg
+    if (cfg.joint_attention_dim, cfg.pooled_projection_dim) != (encoders.text_dim, encoders.pooled_dim):
+        ap.error(
+            f"transformer expects text {cfg.joint_attention_dim} / pooled {cfg.pooled_projection_dim} wide, the "
+            f"encoders give {encoders.text_dim} / {encoders.pooled_dim}"
+        )
+    if cfg.pos_embed == "sd3_2d" and args.frames != 1:
+        ap.error(f"{path} is an image model (SD3 position table): use --frames 1")
+    height, width = args.size
+    shift = args.shift if args.shift is not None else scheduler_shift(args.pipeline)
+    try:
+        shape = latent_shape(cfg.in_channels, args.frames, height, width)
+    except ValueError as e:
+        ap.error(str(e))
+
+    text, pooled = encoders.encode_text(prompts)
+    guided = args.guidance > 1.0
+    neg_text, neg_pooled = encoders.encode_text([args.negative_prompt]) if guided else (None, None)
+    sample = sampler(args.backend)
+    written = []
+    for start in range(0, len(prompts), args.batch_size):
+        idx = list(range(start, min(start + args.batch_size, len(prompts))))
+        noise = np.concatenate([draw_noise(args.seed + i, shape) for i in idx])
+        negs = (np.repeat(neg_text, len(idx), 0), np.repeat(neg_pooled, len(idx), 0)) if guided else (None, None)
+        latents = sample(
+            model,
+            noise,
+            text[idx],
+            pooled[idx],
+            *negs,
+            steps=args.steps,
+            guidance=args.guidance,
+            shift=shift,
+            progress=not args.no_progress,
+        )
+        for i, video in zip(idx, encoders.decode_latents(latents), strict=True):
+            out = write_video(args.out / f"{i:03d}-{slug(prompts[i])}.mp4", video, fps=args.fps)
+            print(f"wrote {out} ({video.shape[0]} frames, {video.shape[1]}x{video.shape[2]})")
+            written.append(out)
+    return written
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
