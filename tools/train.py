@@ -118,11 +118,49 @@ def train_stage(recipe: Recipe, backend: str, progress: bool) -> MetricsLog:
     return log
 
 
+def export_transformer(recipe: Recipe, backend: str) -> Path:
+    """The last checkpoint's weights (EMA when kept) as a transformer folder that load_transformer reads."""
+    if backend == "torch":
+        from contentv_torch_npu.checkpointing import latest_checkpoint
+
+        step = latest_checkpoint(recipe.checkpoint.dir)
+        if step is None:
+            raise FileNotFoundError(f"{recipe.checkpoint.dir}: no checkpoint to export")
+        return step / "ema" if (step / "ema").is_dir() else step / "model"
+    from contentv_jax.checkpointing import Checkpointer
+    from contentv_jax.loading import save_jax
+    from contentv_jax.train import default_mesh, get_trainer
+
+    trainer = get_trainer(recipe, default_mesh(recipe))
+    ckpt = Checkpointer(recipe.checkpoint)
+    state, _ = ckpt.restore(trainer.abstract_state())
+    ckpt.close()
+    out = Path(recipe.checkpoint.dir).parent / "transformer"
+    return save_jax(out, trainer.model(state.get("ema", state["params"])), overwrite=True)
+
+
+def sample_demo(recipe: Recipe, backend: str, prompt: str, progress: bool) -> None:
+    """Sample a short clip from the model just trained (tiny encoders, as the cache was built with)."""
+    from tools import sample
+
+    bucket = recipe.data.buckets[0]
+    folder = export_transformer(recipe, backend)
+    args = ["--tiny", "--encoder-seed", str(recipe.seed), "--transformer", str(folder), "--backend", backend]
+    args += ["--prompt", prompt, "--frames", str(bucket.frames), "--size", f"{bucket.height}x{bucket.width}"]
+    args += ["--steps", "20", "--guidance", "3.0", "--fps", str(recipe.data.fps), "--out", str(Path(recipe.log_dir))]
+    sample.main(args + ([] if progress else ["--no-progress"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(TINY), help="recipe YAML (default: the tiny CPU demo)")
     parser.add_argument("--backend", choices=("jax", "torch"), default="jax")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--sample-prompt",
+        default="a red circle moving right",
+        help="after training with tiny encoders, sample a clip with this prompt ('' to skip)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optimizer.lr=3e-4 steps=50")
     args = parser.parse_args(argv)
     try:
@@ -137,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         if log.losses:
             plot = log.plot()
             print(f"stage {name}: loss {log.losses[0]:.4f} -> {log.losses[-1]:.4f}; curve {plot}")
+    if args.sample_prompt and stage.data.encoders == "tiny":
+        sample_demo(stage, args.backend, args.sample_prompt, progress)
     return 0
 
 
