@@ -144,16 +144,20 @@ def detect_format(path: str | Path) -> str:
 
 @dataclass
 class TensorSource:
-    """A checkpoint opened for streaming: config, canonical shapes/dtypes, and a per-tensor iterator."""
+    """A checkpoint opened for streaming: config, canonical shapes/dtypes, and a per-tensor iterator.
+
+    `config` is the model's config (ModelConfig for transformers; other models, e.g. the VAE, bring their own).
+    """
 
     path: Path
-    config: ModelConfig
+    config: Any
     shapes: dict[str, tuple[int, ...]]  # canonical name -> torch-layout shape
     dtypes: dict[str, str]
     tensors: Callable[[], Iterator[tuple[str, np.ndarray]]]  # canonical name, torch-layout array
 
 
-def _canonical_keys(keys: list[str], table: ParamTable, path: Path, from_diffusers: bool) -> dict[str, str]:
+def canonical_keys(keys: list[str], table: ParamTable, path: Path, from_diffusers: bool) -> dict[str, str]:
+    """Checkpoint key -> canonical name; a key no rule matches is a CheckpointError naming the file and key."""
     out = {}
     for key in keys:
         try:
@@ -180,7 +184,7 @@ def open_safetensors_source(path: str | Path, table: ParamTable = TRANSFORMER_TA
     else:
         raise CheckpointError(f"{path}: a jax (orbax) checkpoint; open it with contentv_jax.convert")
     index = tensor_index(files)
-    names = _canonical_keys(list(index), table, path, from_diffusers=fmt == "diffusers")
+    names = canonical_keys(list(index), table, path, from_diffusers=fmt == "diffusers")
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for key, array in iter_tensors(files):

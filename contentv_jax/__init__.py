@@ -2,5 +2,6 @@
 
 from contentv_jax.loading import load_transformer, save_jax
 from contentv_jax.transformer import Transformer
+from contentv_jax.vae import WanVAE, load_vae, save_vae
 
-__all__ = ["Transformer", "load_transformer", "save_jax"]
+__all__ = ["Transformer", "WanVAE", "load_vae", "save_vae", "load_transformer", "save_jax"]

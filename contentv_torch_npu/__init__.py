@@ -2,5 +2,6 @@
 
 from contentv_torch_npu.loading import load_transformer, save_torch
 from contentv_torch_npu.transformer import Transformer
+from contentv_torch_npu.vae import WanVAE, load_vae, save_vae
 
-__all__ = ["Transformer", "load_transformer", "save_torch"]
+__all__ = ["Transformer", "WanVAE", "load_vae", "save_vae", "load_transformer", "save_torch"]
