@@ -1,48 +1,67 @@
-"""Fixed sin-cos position tables in numpy (float64 maths, float32 result), shared by both backends.
+"""Fixed sin-cos position tables, written once against the numpy API (float32 result).
 
-Both backends add the same table, so position embeddings can never be a source of cross-framework drift. The formulas
-follow diffusers' `get_1d/2d/3d_sincos_pos_embed` (tests compare against diffusers itself).
+`xp` is numpy (float64 maths; the torch twin adds these tables) or jax.numpy (float32 maths computed on device inside
+jit, so an 8B run does not embed a 400 MB constant in the executable). The formulas follow diffusers'
+`get_1d/2d/3d_sincos_pos_embed`; tests compare both variants against diffusers itself.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+from types import ModuleType
 
 import numpy as np
 
 
-def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+def _float(xp: ModuleType):
+    return np.float64 if xp is np else xp.float32
+
+
+def sincos_1d(dim: int, positions, xp: ModuleType = np):
     """[M, dim]: sin of positions x frequencies in the first half, cos in the second."""
     if dim % 2:
         raise ValueError(f"sin-cos embedding width must be even, got {dim}")
-    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-    out = np.outer(positions.reshape(-1).astype(np.float64), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    omega = 1.0 / 10000 ** (xp.arange(dim // 2, dtype=_float(xp)) / (dim / 2.0))
+    out = xp.outer(positions.reshape(-1).astype(_float(xp)), omega)
+    return xp.concatenate([xp.sin(out), xp.cos(out)], axis=1)
 
 
-def sincos_2d(dim: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def sincos_2d(dim: int, rows, cols, xp: ModuleType = np):
     """[len(rows) * len(cols), dim], row-major; the first half encodes the column, the second the row (diffusers)."""
-    col_grid, row_grid = np.meshgrid(cols, rows, indexing="xy")
-    return np.concatenate([sincos_1d(dim // 2, col_grid), sincos_1d(dim // 2, row_grid)], axis=1)
+    col_grid, row_grid = xp.meshgrid(cols, rows, indexing="xy")
+    return xp.concatenate([sincos_1d(dim // 2, col_grid, xp), sincos_1d(dim // 2, row_grid, xp)], axis=1)
 
 
-@lru_cache(maxsize=64)
-def sincos_3d(
-    dim: int, frames: int, height: int, width: int, spatial_scale: float = 0.5, temporal_scale: float = 1.0
-) -> np.ndarray:
+def sincos_3d_table(
+    dim: int,
+    frames: int,
+    height: int,
+    width: int,
+    spatial_scale: float = 0.5,
+    temporal_scale: float = 1.0,
+    xp: ModuleType = np,
+):
     """ContentV's table, [frames * height * width, dim] in (frame, row, col) order: [temporal 1/4 | spatial 3/4]."""
-    rows = np.arange(height, dtype=np.float32) / np.float32(spatial_scale)
-    cols = np.arange(width, dtype=np.float32) / np.float32(spatial_scale)
-    spatial = sincos_2d(3 * dim // 4, rows, cols)  # [h*w, 3d/4]
-    temporal = sincos_1d(dim // 4, np.arange(frames, dtype=np.float32) / np.float32(temporal_scale))  # [f, d/4]
-    table = np.concatenate(
+    rows = xp.arange(height, dtype=xp.float32) / np.float32(spatial_scale)
+    cols = xp.arange(width, dtype=xp.float32) / np.float32(spatial_scale)
+    spatial = sincos_2d(3 * dim // 4, rows, cols, xp)  # [h*w, 3d/4]
+    temporal = sincos_1d(dim // 4, xp.arange(frames, dtype=xp.float32) / np.float32(temporal_scale), xp)  # [f, d/4]
+    table = xp.concatenate(
         [
-            np.repeat(temporal[:, None, :], height * width, axis=1),
-            np.repeat(spatial[None, :, :], frames, axis=0),
+            xp.repeat(temporal[:, None, :], height * width, axis=1),
+            xp.repeat(spatial[None, :, :], frames, axis=0),
         ],
         axis=-1,
     )
-    table = table.reshape(frames * height * width, dim).astype(np.float32)
+    return table.reshape(frames * height * width, dim).astype(xp.float32)
+
+
+@lru_cache(maxsize=16)
+def sincos_3d(
+    dim: int, frames: int, height: int, width: int, spatial_scale: float = 0.5, temporal_scale: float = 1.0
+) -> np.ndarray:
+    """The numpy table, cached per shape (read-only)."""
+    table = sincos_3d_table(dim, frames, height, width, spatial_scale, temporal_scale)
     table.setflags(write=False)
     return table
 

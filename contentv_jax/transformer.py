@@ -14,7 +14,7 @@ from einops import rearrange
 from flax import nnx
 
 from contentv_common.config import ModelConfig
-from contentv_common.pos_embed import crop_sd3_table, sd3_table, sincos_3d
+from contentv_common.pos_embed import crop_sd3_table, sd3_table, sincos_3d_table
 from contentv_jax.ops import attention, layer_norm, rms_norm
 
 REMAT_POLICIES = {
@@ -119,10 +119,9 @@ class PatchEmbed(nnx.Module):
         cfg = self.cfg
         if cfg.pos_embed == "sd3_2d":
             return crop_sd3_table(self.pos_table[...], cfg.pos_embed_max_size, h, w)
-        table = sincos_3d(
-            cfg.hidden_size, frames, h, w, cfg.spatial_interpolation_scale, cfg.temporal_interpolation_scale
+        return sincos_3d_table(
+            cfg.hidden_size, frames, h, w, cfg.spatial_interpolation_scale, cfg.temporal_interpolation_scale, xp=jnp
         )
-        return jnp.asarray(table)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, _, f, _, _ = x.shape

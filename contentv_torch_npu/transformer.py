@@ -84,6 +84,7 @@ class PatchEmbed(nn.Module):
         self.cfg = cfg
         p = cfg.patch_size
         self.proj = nn.Conv2d(cfg.in_channels, cfg.hidden_size, kernel_size=p, stride=p)
+        self._tables: dict[tuple, torch.Tensor] = {}  # the latest 3D table on its device
         if cfg.pos_embed == "sd3_2d":
             table = sd3_table(cfg.hidden_size, cfg.pos_embed_max_size, cfg.sample_size, cfg.patch_size)
             self.register_buffer("pos_table", torch.from_numpy(table), persistent=True)
@@ -92,10 +93,13 @@ class PatchEmbed(nn.Module):
         cfg = self.cfg
         if cfg.pos_embed == "sd3_2d":
             return crop_sd3_table(self.pos_table.float(), cfg.pos_embed_max_size, h, w)
-        table = sincos_3d(
-            cfg.hidden_size, frames, h, w, cfg.spatial_interpolation_scale, cfg.temporal_interpolation_scale
-        )
-        return torch.tensor(table, device=device)
+        key = (frames, h, w, device)
+        if key not in self._tables:  # one host-to-device copy per shape, not per forward
+            table = sincos_3d(
+                cfg.hidden_size, frames, h, w, cfg.spatial_interpolation_scale, cfg.temporal_interpolation_scale
+            )
+            self._tables = {key: torch.tensor(table, device=device)}
+        return self._tables[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, f, _, _ = x.shape

@@ -1,5 +1,6 @@
 """Both backends load a diffusers-saved SD3 transformer and compute the same function as diffusers (fp32)."""
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch
 import contentv_jax
 import contentv_torch_npu
 from contentv_common.config import named_model_config
-from contentv_common.pos_embed import sd3_table, sincos_3d
+from contentv_common.pos_embed import sd3_table, sincos_3d, sincos_3d_table
 from contentv_torch_npu.reference import build_diffusers, reference_forward
 
 TOL = 1e-5
@@ -78,6 +79,8 @@ def test_position_tables_match_diffusers(rel_err):
     ours = sincos_3d(64, 3, 4, 6, 0.5, 1.0)
     theirs = get_3d_sincos_pos_embed(64, (6, 4), 3, spatial_interpolation_scale=0.5, temporal_interpolation_scale=1.0)
     assert rel_err(ours, theirs.reshape(-1, 64).numpy()) < 1e-6
+    on_device = sincos_3d_table(64, 3, 4, 6, 0.5, 1.0, xp=jax.numpy)  # float32 maths inside jit (JAX backend)
+    assert on_device.dtype == np.float32 and rel_err(on_device, theirs.reshape(-1, 64).numpy()) < 1e-6
     embed = PatchEmbed(height=32, width=32, patch_size=2, in_channels=4, embed_dim=64, pos_embed_max_size=24)
     assert rel_err(sd3_table(64, 24, 32, 2), embed.pos_embed.numpy()) < 1e-6
 
@@ -153,7 +156,9 @@ def test_padded_attention_equals_unpadded(sd3_folder, rel_err):
 
     folder, _ = sd3_folder
     inputs = _inputs(named_model_config("tiny"), frames=2, seed=4, batch=1, height=6, width=6)  # 18 + 5 = 23 tokens
-    models = [contentv_jax.load_transformer(folder, pos_embed="sincos_3d", attention_pad_multiple=m) for m in (None, 16)]
+    models = [
+        contentv_jax.load_transformer(folder, pos_embed="sincos_3d", attention_pad_multiple=m) for m in (None, 16)
+    ]
     outs = [np.asarray(m(*inputs)) for m in models]
     grads = [nnx.grad(lambda m: jax.numpy.mean(m(*inputs) ** 2))(m).blocks[0].attn.to_q.kernel[...] for m in models]
     assert rel_err(outs[1], outs[0]) < 1e-6
