@@ -253,7 +253,7 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], where: str 
     return out
 
 
-def _read_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def read_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: base recipes form a cycle")
@@ -270,7 +270,7 @@ def _read_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base: must be a recipe file name")
-    parent = _read_with_base(path.parent / base, (*seen, path))
+    parent = read_with_base(path.parent / base, (*seen, path))
     return _merge(parent, data)
 
 
@@ -284,7 +284,7 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
     """Load a recipe YAML (following `base`), apply dotted `overrides`, validate; errors name the file and key."""
     path = Path(path)
-    data = apply_overrides(_read_with_base(path), overrides or {})
+    data = apply_overrides(read_with_base(path), overrides or {})
     try:
         return from_dict(Recipe, data)
     except ConfigError as e:

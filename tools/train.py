@@ -20,6 +20,7 @@ from contentv_common.config import ConfigError  # noqa: E402
 from contentv_common.data.cache import build_cache, cache_is_current, cache_settings, read_index  # noqa: E402
 from contentv_common.data.synthetic import make_synthetic_set  # noqa: E402
 from contentv_common.recipe import Recipe, load_recipe, parse_override  # noqa: E402
+from contentv_common.reward_recipe import is_reward_recipe, load_reward_recipe  # noqa: E402
 
 TINY = ROOT / "configs" / "recipes" / "tiny.yaml"
 
@@ -151,6 +152,25 @@ def sample_demo(recipe: Recipe, backend: str, prompt: str, progress: bool) -> No
     sample.main(args + ([] if progress else ["--no-progress"]))
 
 
+def train_reward(
+    path: str, overrides: dict[str, Any], backend: str, progress: bool, parser: argparse.ArgumentParser
+) -> int:
+    """Reward fine-tuning (ReFL or GRPO): recipes with a `method` key (configs/recipes/reward_*.yaml)."""
+    try:
+        recipe = load_reward_recipe(path, overrides)
+    except ConfigError as e:
+        parser.error(str(e))
+    if recipe.data is not None:
+        prepare_data(recipe, progress)
+    if backend == "jax":
+        from contentv_jax.reward_run import run
+    else:
+        from contentv_torch_npu.reward_run import run
+    record = run(recipe, progress=progress)
+    print(f"reward fine-tuning ({recipe.method}, {backend}): last step {record}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(TINY), help="recipe YAML (default: the tiny CPU demo)")
@@ -163,11 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optimizer.lr=3e-4 steps=50")
     args = parser.parse_args(argv)
+    progress = not args.no_progress
+    overrides = dict(parse_override(o) for o in args.overrides)
+    if is_reward_recipe(args.config):
+        return train_reward(args.config, overrides, args.backend, progress, parser)
     try:
-        recipe = load_recipe(args.config, dict(parse_override(o) for o in args.overrides))
+        recipe = load_recipe(args.config, overrides)
     except ConfigError as e:
         parser.error(str(e))
-    progress = not args.no_progress
     for name, stage in recipe.stage_recipes():
         print(f"stage {name}: {stage.steps} steps, checkpoints in {stage.checkpoint.dir}")
         prepare_data(stage, progress)

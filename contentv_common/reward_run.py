@@ -1,0 +1,174 @@
+"""What a reward fine-tuning run does the same way in both backends (numpy): batches, held-out evaluation inputs,
+reward construction from the recipe, and the per-step log (JSONL) with its plot.
+
+Every random draw is a pure function of (seed, step) through `contentv_common.schedules.step_rng`, so the JAX run and
+the torch run of one recipe see the same prompts, noise, SFT samples and exploration noise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from contentv_common.data.cache import Encoders, LatentCache, build_cache, cache_is_current, cache_settings
+from contentv_common.reward import BlackBoxReward, as_black_box, load_black_box, simple_reward
+from contentv_common.reward_recipe import RewardModelConfig, RewardRecipe
+from contentv_common.sampling import latent_shape
+from contentv_common.schedules import flow_inputs, resolve_shift, step_rng
+
+
+class RewardData:
+    """Numpy batches of one run: rollout inputs per step, SFT batches from the latent cache, held-out eval inputs."""
+
+    def __init__(self, recipe: RewardRecipe, encoders: Encoders, cache: LatentCache | None):
+        self.recipe, self.cache = recipe, cache
+        r = recipe.rollout
+        self.prompts = list(r.prompts)
+        self.text, self.pooled = encoders.encode_text(self.prompts)
+        neg_text, neg_pooled = encoders.encode_text([r.negative_prompt])
+        self.neg_text, self.neg_pooled = neg_text[0], neg_pooled[0]
+        self.group = recipe.grpo.group_size if recipe.method == "grpo" else 1
+        self.rows = r.batch_size * self.group
+        self.latent_shape = latent_shape(encoders.latent_channels, r.frames, r.height, r.width, self.rows)
+
+    def _prompt_rows(self, prompt_ids: np.ndarray) -> dict[str, np.ndarray]:
+        ids = np.repeat(prompt_ids, self.group)
+        n = len(ids)
+        return {
+            "text": self.text[ids],
+            "pooled": self.pooled[ids],
+            "neg_text": np.repeat(self.neg_text[None], n, axis=0),
+            "neg_pooled": np.repeat(self.neg_pooled[None], n, axis=0),
+        }
+
+    def rollout(self, step: int) -> tuple[dict[str, np.ndarray], list[str], np.ndarray | None]:
+        """(batch without tokens, the prompt of each row, GRPO's SDE exploration noise [S, rows, ...]) for a step."""
+        rng = step_rng(self.recipe.seed, step)
+        ids = rng.integers(len(self.prompts), size=self.recipe.rollout.batch_size)
+        batch = self._prompt_rows(ids)
+        batch["noise"] = rng.standard_normal(self.latent_shape, dtype=np.float32)
+        step_noise = None
+        if self.recipe.method == "grpo":
+            step_noise = rng.standard_normal((self.recipe.rollout.steps, *self.latent_shape), dtype=np.float32)
+        return batch, [self.prompts[i] for i in np.repeat(ids, self.group)], step_noise
+
+    def evaluation(self) -> tuple[dict[str, np.ndarray], list[str]]:
+        """Held-out inputs: one row per eval seed (prompts cycled), noise from the seed alone."""
+        seeds = self.recipe.rollout.eval_seeds
+        ids = np.arange(len(seeds)) % len(self.prompts)
+        batch = {
+            "text": self.text[ids],
+            "pooled": self.pooled[ids],
+            "neg_text": np.repeat(self.neg_text[None], len(seeds), axis=0),
+            "neg_pooled": np.repeat(self.neg_pooled[None], len(seeds), axis=0),
+        }
+        shape = self.latent_shape[1:]
+        batch["noise"] = np.stack([np.random.default_rng(s).standard_normal(shape, dtype=np.float32) for s in seeds])
+        return batch, [self.prompts[i] for i in ids]
+
+    def sft(self, step: int) -> dict[str, np.ndarray]:
+        """A real batch (same bucket) with its flow-matching noise, sigmas and weights; {} when there is no SFT."""
+        if self.cache is None or len(self.cache) == 0:
+            return {}
+        rng = step_rng(self.recipe.seed + 1, step)
+        bucket_ids = np.asarray(self.cache.bucket_ids)
+        bucket = bucket_ids[rng.integers(len(bucket_ids))]
+        members = np.flatnonzero(bucket_ids == bucket)
+        n = self.recipe.rollout.batch_size
+        picked = rng.choice(members, size=n, replace=len(members) < n)
+        real = self.cache.batch([int(i) for i in picked])
+        obj = self.recipe.objective
+        _, _, f, h, w = real["latents"].shape
+        tokens = f * (h // 2) * (w // 2)
+        draws = flow_inputs(rng, real["latents"].shape, logit_mean=obj.logit_mean, logit_std=obj.logit_std,
+                            shift=resolve_shift(obj.shift_mode, obj.shift, tokens, obj.base_tokens),
+                            weighting=obj.weighting)  # fmt: skip
+        return {
+            "sft_x0": real["latents"].astype(np.float32),
+            "sft_noise": draws["noise"],
+            "sft_sigmas": draws["sigmas"],
+            "sft_weights": draws["weights"],
+            "sft_text": real["text"].astype(np.float32),
+            "sft_pooled": real["pooled"].astype(np.float32),
+        }
+
+
+def open_sft_cache(recipe: RewardRecipe, encoders: Encoders, progress: bool = True) -> LatentCache | None:
+    """The SFT term's latent cache (built with the run's encoders when stale), or None without a data section."""
+    data = recipe.data
+    if data is None:
+        return None
+    buckets = list(data.buckets)
+    settings = cache_settings(data.manifest, buckets, data.fps, data.encoders)
+    if not cache_is_current(data.cache_dir, settings):
+        build_cache(data.manifest, data.cache_dir, encoders, buckets, data.fps, data.encoders, progress=progress)
+    return LatentCache(data.cache_dir, buckets)
+
+
+def black_box_reward(cfg: RewardModelConfig, backend_clip: Any = None) -> BlackBoxReward:
+    """The recipe's reward as a scorer on uint8 frames (GRPO): built-ins, `module:factory`, or a backend CLIP reward."""
+    if cfg.kind == "black_box":
+        return load_black_box(cfg.black_box, **cfg.kwargs)
+    if cfg.kind == "clip":
+        return as_black_box(backend_clip)
+    return as_black_box(differentiable_builtin(cfg))
+
+
+def differentiable_builtin(cfg: RewardModelConfig):
+    """`brightness` / `target_colour` from the recipe (array-generic, either backend)."""
+    return simple_reward(cfg.kind, **({"target": cfg.target} if cfg.kind == "target_colour" else {}))
+
+
+class RewardLog:
+    """Appends one JSON line per step to `<log_dir>/reward_log.jsonl` (flushed, so a crash loses nothing logged) and
+    draws `reward.png` (reward mean +- std per step, held-out reward) from it."""
+
+    def __init__(self, log_dir: str | Path, fresh: bool = True):
+        self.dir = Path(log_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "reward_log.jsonl"
+        if fresh:
+            self.path.unlink(missing_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({k: (float(v) if isinstance(v, (np.floating, np.integer)) else v)
+                                for k, v in record.items()}) + "\n")  # fmt: skip
+            f.flush()
+            os.fsync(f.fileno())
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def plot(self, title: str) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = self.records()
+        train = [r for r in rows if "reward_mean" in r]
+        evals = [r for r in rows if "eval_reward_mean" in r]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        steps = np.array([r["step"] for r in train])
+        mean = np.array([r["reward_mean"] for r in train])
+        std = np.array([r["reward_std"] for r in train])
+        ax.plot(steps, mean, label="train reward (mean)")
+        ax.fill_between(steps, mean - std, mean + std, alpha=0.25, label="train reward (std)")
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["eval_reward_mean"] for r in evals], "o-", label="held-out seeds")
+        ax.set_xlabel("step")
+        ax.set_ylabel("reward")
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        out = self.dir / "reward.png"
+        tmp = self.dir / "reward.tmp.png"
+        fig.savefig(tmp)
+        plt.close(fig)
+        tmp.replace(out)
+        return out

@@ -1,0 +1,103 @@
+"""`run(recipe)`: a reward fine-tuning run (ReFL or GRPO) of the JAX transformer, logged per step.
+
+Text encoders and the SFT data cache go through the torch `Encoders` (numpy in and out, as in training); the
+transformer, the VAE decode of the first frame and a CLIP reward run in JAX. Writes `<log_dir>/reward_log.jsonl`
+(reward mean/std per step, held-out reward every `rollout.eval_interval` steps), `<log_dir>/reward.png`, and the
+tuned weights to `checkpoint.dir` (our JAX format) every `checkpoint.interval` steps and at the end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from contentv_common.reward import to_uint8
+from contentv_common.reward_recipe import RewardRecipe
+from contentv_common.reward_run import RewardData, RewardLog, black_box_reward, differentiable_builtin, open_sft_cache
+from contentv_jax import reward_train as jr
+from contentv_jax.loading import load_transformer, save_jax
+from contentv_jax.sampling import sample
+from contentv_jax.transformer import Transformer
+
+
+def _encoders(recipe: RewardRecipe):
+    from contentv_torch_npu.encoders import load_encoders, tiny_encoders
+
+    return tiny_encoders(recipe.seed) if recipe.encoders == "tiny" else load_encoders(recipe.encoders)
+
+
+def _decoder(recipe: RewardRecipe, encoders) -> jr.VaeFirstFrameDecoder:
+    """The Wan VAE in JAX: the pipeline's vae/ folder, or the tiny encoders' VAE moved over through a folder."""
+    from contentv_jax.vae import load_vae
+
+    if recipe.encoders != "tiny":
+        return jr.VaeFirstFrameDecoder(load_vae(Path(recipe.encoders) / "vae"))
+    from contentv_torch_npu.vae import save_vae
+
+    folder = Path(recipe.log_dir) / "tiny_vae"
+    save_vae(folder, encoders.vae, overwrite=True)
+    return jr.VaeFirstFrameDecoder(load_vae(folder))
+
+
+def _model(recipe: RewardRecipe) -> nnx.Module:
+    dtype = jnp.bfloat16 if recipe.compute_dtype == "bfloat16" else jnp.float32
+    if recipe.init_from is not None:
+        return load_transformer(recipe.init_from, compute_dtype=dtype)
+    return Transformer(recipe.model_config, rngs=nnx.Rngs(recipe.seed), dtype=dtype)
+
+
+def _clip_reward(recipe: RewardRecipe):
+    from contentv_jax.reward_clip import load_clip_reward
+
+    return load_clip_reward(recipe.reward.path)
+
+
+def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe) -> float:
+    """Mean reward of ODE samples (the plain sampler) from the held-out seeds."""
+    batch, prompts = data.evaluation()
+    r = recipe.rollout
+    latents = sample(model, batch["noise"], batch["text"], batch["pooled"], batch["neg_text"], batch["neg_pooled"],
+                     steps=r.steps, guidance=r.guidance, shift=r.shift, progress=False)  # fmt: skip
+    frames = np.asarray(jr.decode_first_frame(decoder, latents))
+    return float(np.mean(score(to_uint8(frames), prompts)))
+
+
+def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:
+    """Train per the recipe; returns the last step's record."""
+    encoders = _encoders(recipe)
+    data = RewardData(recipe, encoders, open_sft_cache(recipe, encoders, progress))
+    model = _model(recipe)
+    decoder = _decoder(recipe, encoders)
+    refl, grpo = recipe.method == "refl", recipe.grpo
+    anchored = recipe.refl.anchor != "none" if refl else grpo.kl_weight > 0
+    ref_model = nnx.clone(model) if anchored else None
+    optimizer = jr.make_optimizer(model, recipe.optimizer)
+    clip = _clip_reward(recipe) if recipe.reward.kind == "clip" else None
+    scorer = black_box_reward(recipe.reward, clip)
+    reward = (clip if clip is not None else jr.carried(differentiable_builtin(recipe.reward))) if refl else None
+    log = RewardLog(recipe.log_dir)
+    record: dict[str, Any] = {}
+    for step in tqdm(range(recipe.steps), desc=f"reward {recipe.method} (jax)", disable=not progress):
+        batch, prompts, step_noise = data.rollout(step)
+        batch.update(data.sft(step))
+        if refl:
+            batch["tokens"] = jr.unwrap(reward).tokenize(prompts)
+            metrics = jr.refl_train_step(optimizer, model, ref_model, decoder, reward, jr.to_device_batch(batch),
+                                         recipe.rollout, recipe.refl)  # fmt: skip
+        else:
+            metrics = jr.grpo_iteration(optimizer, model, ref_model, decoder, scorer, batch, step_noise, prompts,
+                                        recipe.rollout, grpo)  # fmt: skip
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        last = step == recipe.steps - 1
+        if step % recipe.rollout.eval_interval == 0 or last:
+            record["eval_reward_mean"] = _eval_reward(model, decoder, scorer, data, recipe)
+        log.write(record)
+        if (step + 1) % recipe.checkpoint.interval == 0 or last:
+            save_jax(recipe.checkpoint.dir, model, overwrite=True)
+    log.plot(f"{recipe.method} (jax): {recipe.reward.kind}")
+    return record

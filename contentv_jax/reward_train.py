@@ -1,0 +1,319 @@
+"""Reward fine-tuning of the JAX transformer: ReFL / DRaFT-K reward backprop and GRPO (Flow-GRPO / DanceGRPO).
+
+ReFL: sample from noise with the flow-match Euler sampler; the early steps run without gradient, the last K steps
+carry it (each step rematerialised, so memory is one step's activations whatever K); the first latent frame alone is
+decoded (the causal VAE decodes it without the others) and scored. loss = -w_r mean(reward) + w_sft FM loss on a real
+batch + w_a anchor, the anchor being |v - v_ref|^2 on the K differentiable steps against a frozen copy or an EMA of
+the weights (for equal-variance Gaussian steps this is the KL up to a constant).
+
+GRPO: SDE rollouts (contentv_common.reward_sde) in groups per prompt, any black-box reward on uint8 frames,
+group-normalised advantages, PPO-clipped ratio of per-step Gaussian log-probs, optional KL to the reference policy.
+
+Both share the numpy schedule, noise and SFT draws with the torch twin (contentv_torch_npu/reward_train.py), so the
+same weights and inputs give the same gradients. The training loop `run(recipe)` lives in contentv_jax/reward_run.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from einops import rearrange
+from flax import nnx
+
+from contentv_common.recipe import OptimizerConfig
+from contentv_common.reward import BlackBoxReward, Reward, group_advantages, to_uint8
+from contentv_common.reward_recipe import GrpoConfig, ReflConfig, RolloutConfig
+from contentv_common.reward_sde import gaussian_kl, gaussian_log_prob, sde_mean, sde_schedule
+from contentv_common.sampling import euler_step, flow_match_schedule, guide, uses_guidance
+from contentv_common.schedules import interpolate, velocity_target
+from contentv_jax.vae import WanVAE
+
+Decoder = Callable[[jax.Array], jax.Array]
+"""First-frame latents [B, C, 1, h, w] (normalised, as the transformer sees them) -> RGB [B, H, W, 3] in [0, 1]."""
+
+Batch = dict[str, Any]
+
+
+def velocity(model: nnx.Module, x: jax.Array, timestep: float, batch: Batch, guidance: float) -> jax.Array:
+    """The (guided) velocity at one sampler step; uncond and cond share one forward, uncond first (diffusers)."""
+    guided = uses_guidance(guidance)
+    text, pooled = batch["text"], batch["pooled"]
+    if guided:
+        x_in = jnp.concatenate([x, x])
+        text = jnp.concatenate([batch["neg_text"], text])
+        pooled = jnp.concatenate([batch["neg_pooled"], pooled])
+    else:
+        x_in = x
+    t = jnp.full((x_in.shape[0],), timestep, jnp.float32)
+    v = model(x_in, t, text, pooled).astype(jnp.float32)
+    if guided:
+        uncond, cond = jnp.split(v, 2)
+        v = guide(uncond, cond, guidance)
+    return v
+
+
+class VaeFirstFrameDecoder(nnx.Module):
+    """The reward's decoder: normalised first-frame latents -> RGB [B, H, W, 3] in [0, 1] through the Wan VAE.
+
+    The causal VAE decodes latent frame 0 alone into pixel frame 0, so the reward never pays for the whole video.
+    The VAE stays frozen (it is not in the optimizer); gradients flow through it to the latents.
+    """
+
+    def __init__(self, vae: WanVAE):
+        self.vae = vae
+
+    def __call__(self, latents: jax.Array) -> jax.Array:
+        video = self.vae.decode(self.vae.denormalize(latents[:, :, :1]))
+        return (rearrange(video[:, :, 0], "b c h w -> b h w c").astype(jnp.float32) + 1.0) * 0.5
+
+
+def sft_loss(model: nnx.Module, batch: Batch) -> jax.Array:
+    """Flow-matching loss on a real batch: weighted MSE of the velocity against noise - x0 at the drawn sigmas."""
+    x0, noise, sigmas = batch["sft_x0"], batch["sft_noise"], batch["sft_sigmas"]
+    pred = model(interpolate(x0, noise, sigmas), sigmas * 1000.0, batch["sft_text"], batch["sft_pooled"])
+    err = (pred.astype(jnp.float32) - velocity_target(x0, noise)) ** 2
+    return jnp.mean(err.reshape(err.shape[0], -1).mean(-1) * batch["sft_weights"])
+
+
+def score_first_frame(decoder: Decoder, reward: Reward, latents: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Decode latent frame 0 alone and score it -> rewards [B]."""
+    return unwrap(reward).score_tokens(unwrap(decoder)(latents[:, :, :1]), tokens)
+
+
+class Carried(nnx.Module):
+    """A plain callable (a built-in reward, a fixture decoder) carried through nnx.jit as a static graph attribute;
+    rewards and decoders that are nnx.Modules (ClipReward, the VAE) pass as they are, weights as jit arguments."""
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+
+def carried(obj: Any) -> nnx.Module:
+    return obj if isinstance(obj, nnx.Module) else Carried(obj)
+
+
+def unwrap(obj: Any) -> Any:
+    return obj.obj if isinstance(obj, Carried) else obj
+
+
+def _split(model: nnx.Module):
+    return nnx.split(model, nnx.Param, ...)
+
+
+def refl_loss(
+    model: nnx.Module,
+    ref_model: nnx.Module | None,
+    decoder: nnx.Module,
+    reward: nnx.Module,
+    batch: Batch,
+    rollout: RolloutConfig,
+    refl: ReflConfig,
+) -> tuple[jax.Array, nnx.State, dict[str, jax.Array]]:
+    """(loss, grads w.r.t. the model's nnx.Param state, metrics). Call inside nnx.jit (see `refl_grads`).
+
+    Sampler steps run under lax.scan (one compiled step body however many steps); the differentiable ones are
+    rematerialised with jax.checkpoint.
+    """
+    schedule = flow_match_schedule(rollout.steps, rollout.shift)
+    graphdef, params, rest = _split(model)
+    first_grad = schedule.steps - refl.grad_steps
+    ts, dts = jnp.asarray(schedule.timesteps), jnp.asarray(schedule.step_sizes)
+    ref = nnx.split(ref_model) if ref_model is not None else None
+
+    def loss_fn(p: nnx.State):
+        frozen = jax.lax.stop_gradient(p)
+
+        def no_grad_step(x, t_dt):
+            v = velocity(nnx.merge(graphdef, frozen, rest), x, t_dt[0], batch, rollout.guidance)
+            return euler_step(x, v, t_dt[1]), None
+
+        x, _ = jax.lax.scan(no_grad_step, batch["noise"], (ts[:first_grad], dts[:first_grad]))
+        x = jax.lax.stop_gradient(x)
+
+        @jax.checkpoint
+        def grad_step(carry, t_dt):
+            x, anchor = carry
+            v = velocity(nnx.merge(graphdef, p, rest), x, t_dt[0], batch, rollout.guidance)
+            if ref is not None:
+                v_ref = jax.lax.stop_gradient(velocity(nnx.merge(*ref), x, t_dt[0], batch, rollout.guidance))
+                anchor = anchor + jnp.mean((v - v_ref) ** 2) / refl.grad_steps
+            return (euler_step(x, v, t_dt[1]), anchor), None
+
+        init = (x, jnp.zeros((), jnp.float32))
+        (x, anchor), _ = jax.lax.scan(grad_step, init, (ts[first_grad:], dts[first_grad:]))
+        rewards = score_first_frame(decoder, reward, x, batch["tokens"]).astype(jnp.float32)
+        sft = sft_loss(nnx.merge(graphdef, p, rest), batch) if refl.sft_weight > 0 else jnp.zeros((), jnp.float32)
+        loss = -refl.reward_weight * jnp.mean(rewards) + refl.sft_weight * sft + refl.anchor_weight * anchor
+        metrics = {"loss": loss, "reward_mean": jnp.mean(rewards), "reward_std": jnp.std(rewards),
+                   "sft_loss": sft, "anchor": anchor}  # fmt: skip
+        return loss, metrics
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, grads, metrics
+
+
+@nnx.jit(static_argnames=("rollout", "refl"))
+def refl_grads(model, ref_model, decoder, reward, batch, rollout, refl):
+    """Jitted `refl_loss`: (loss, grads, metrics) without an optimizer step (parity tests, gradient inspection).
+
+    `decoder` and `reward` are nnx.Modules or plain callables wrapped with `carried`."""
+    return refl_loss(model, ref_model, decoder, reward, batch, rollout, refl)
+
+
+def make_optimizer(model: nnx.Module, cfg: OptimizerConfig) -> nnx.Optimizer:
+    """AdamW (+ global-norm clipping) on every parameter: reward tuning is a full fine-tune (no LoRA)."""
+    import optax
+
+    tx = optax.adamw(cfg.lr, b1=cfg.betas[0], b2=cfg.betas[1], eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.grad_clip is not None:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+@nnx.jit
+def apply_gradients(optimizer: nnx.Optimizer, model: nnx.Module, grads: nnx.State) -> None:
+    """Optimizer update in place (kept apart from the loss so one compiled loss serves inspection and training)."""
+    optimizer.update(model, grads)
+
+
+@nnx.jit(static_argnames=("decay",))
+def ema_update(ref_model: nnx.Module, model: nnx.Module, decay: float) -> None:
+    """ref <- decay ref + (1 - decay) model, in place: the EMA anchor."""
+    ref_params, params = nnx.state(ref_model, nnx.Param), nnx.state(model, nnx.Param)
+    nnx.update(ref_model, jax.tree.map(lambda r, p: decay * r + (1.0 - decay) * p, ref_params, params))
+
+
+def refl_train_step(optimizer, model, ref_model, decoder, reward, batch, rollout, refl) -> dict[str, jax.Array]:
+    """One ReFL update in place (model, optimizer, EMA anchor); returns the metrics."""
+    _, grads, metrics = refl_grads(model, ref_model, decoder, reward, batch, rollout, refl)
+    apply_gradients(optimizer, model, grads)
+    if ref_model is not None and refl.anchor == "ema":
+        ema_update(ref_model, model, refl.anchor_ema_decay)
+    return metrics
+
+
+def _sde_arrays(rollout: RolloutConfig, noise_level: float) -> dict[str, jax.Array]:
+    schedule = flow_match_schedule(rollout.steps, rollout.shift)
+    sched = sde_schedule(schedule, noise_level)
+    arrays = {"t": schedule.timesteps, "sigma": sched.sigmas, "dt": sched.dts, "drift": sched.drift,
+              "std": sched.std, "log_std": sched.log_std}  # fmt: skip
+    return {k: jnp.asarray(v) for k, v in arrays.items()}
+
+
+def _sde_step_mean(model: nnx.Module, x: jax.Array, c: dict[str, jax.Array], batch: Batch, guidance: float):
+    return sde_mean(x, velocity(model, x, c["t"], batch, guidance), c["sigma"], c["dt"], c["drift"])
+
+
+@nnx.jit(static_argnames=("rollout", "noise_level"))
+def sde_rollout(model, batch, step_noise, rollout: RolloutConfig, noise_level: float):
+    """SDE sampling without gradient -> (states [S + 1, B, ...], log-probs [S, B]); step_noise [S, B, ...] is the
+    exploration noise drawn in numpy (shared with the torch twin)."""
+    graphdef, state = nnx.split(model)
+
+    def step(x, inputs):
+        c, eps = inputs
+        mean = _sde_step_mean(nnx.merge(graphdef, state), x, c, batch, rollout.guidance)
+        x_next = mean + c["std"] * eps
+        return x_next, (x_next, gaussian_log_prob(x_next, mean, c["std"], c["log_std"]))
+
+    x0 = batch["noise"]
+    _, (states, log_probs) = jax.lax.scan(step, x0, (_sde_arrays(rollout, noise_level), step_noise))
+    return jnp.concatenate([x0[None], states]), log_probs
+
+
+def grpo_loss(
+    model: nnx.Module,
+    ref_model: nnx.Module | None,
+    batch: Batch,
+    rollout: RolloutConfig,
+    grpo: GrpoConfig,
+) -> tuple[jax.Array, nnx.State, dict[str, jax.Array]]:
+    """Clipped GRPO objective over the trained sampler steps (+ KL, + SFT): (loss, grads, metrics).
+
+    batch adds to the rollout inputs: "states" [S + 1, B, ...], "old_log_probs" [S, B], "advantages" [B].
+    """
+    n = min(grpo.train_steps or rollout.steps, rollout.steps)
+    coeffs = {k: v[:n] for k, v in _sde_arrays(rollout, grpo.noise_level).items()}
+    graphdef, params, rest = _split(model)
+    ref = nnx.split(ref_model) if ref_model is not None and grpo.kl_weight > 0 else None
+    adv = batch["advantages"]
+    xs = (coeffs, batch["states"][:n], batch["states"][1 : n + 1], batch["old_log_probs"][:n])
+
+    def loss_fn(p: nnx.State):
+        def step(carry, inputs):
+            policy, kl = carry
+            c, x, x_next, old_logp = inputs
+            mean = _sde_step_mean(nnx.merge(graphdef, p, rest), x, c, batch, rollout.guidance)
+            ratio = jnp.exp(gaussian_log_prob(x_next, mean, c["std"], c["log_std"]) - old_logp)
+            clipped = jnp.clip(ratio, 1.0 - grpo.clip_range, 1.0 + grpo.clip_range)
+            policy = policy + jnp.mean(-jnp.minimum(ratio * adv, clipped * adv)) / n
+            if ref is not None:
+                ref_mean = jax.lax.stop_gradient(_sde_step_mean(nnx.merge(*ref), x, c, batch, rollout.guidance))
+                kl = kl + jnp.mean(gaussian_kl(mean, ref_mean, c["std"])) / n
+            return (policy, kl), ratio
+
+        zero = jnp.zeros((), jnp.float32)
+        (policy, kl), ratios = jax.lax.scan(step, (zero, zero), xs)
+        sft = sft_loss(nnx.merge(graphdef, p, rest), batch) if grpo.sft_weight > 0 else zero
+        loss = policy + grpo.kl_weight * kl + grpo.sft_weight * sft
+        metrics = {"loss": loss, "policy_loss": policy, "kl": kl, "sft_loss": sft,
+                   "clip_fraction": jnp.mean(jnp.abs(ratios - 1.0) > grpo.clip_range)}  # fmt: skip
+        return loss, metrics
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, grads, metrics
+
+
+@nnx.jit(static_argnames=("rollout", "grpo"))
+def grpo_grads(model, ref_model, batch, rollout, grpo):
+    return grpo_loss(model, ref_model, batch, rollout, grpo)
+
+
+def grpo_train_step(optimizer, model, ref_model, batch, rollout, grpo) -> dict[str, jax.Array]:
+    """One GRPO update in place; returns the metrics."""
+    _, grads, metrics = grpo_grads(model, ref_model, batch, rollout, grpo)
+    apply_gradients(optimizer, model, grads)
+    return metrics
+
+
+def grpo_iteration(
+    optimizer: nnx.Optimizer,
+    model: nnx.Module,
+    ref_model: nnx.Module | None,
+    decoder: nnx.Module,
+    black_box: BlackBoxReward,
+    batch: dict[str, np.ndarray],
+    step_noise: np.ndarray,
+    prompts: Sequence[str],
+    rollout: RolloutConfig,
+    grpo: GrpoConfig,
+) -> dict[str, float]:
+    """Rollout (SDE, no gradient) -> decode frame 0 -> black-box rewards on uint8 -> advantages -> updates.
+
+    `batch` holds consecutive groups of `grpo.group_size` rows sharing a prompt; `prompts` has one entry per row.
+    """
+    device_batch = to_device_batch(batch)
+    states, log_probs = sde_rollout(model, device_batch, jnp.asarray(step_noise), rollout, grpo.noise_level)
+    frames = np.asarray(decode_first_frame(decoder, states[-1]))
+    rewards = np.asarray(black_box(to_uint8(frames), list(prompts)), dtype=np.float32)
+    device_batch.update(states=states, old_log_probs=log_probs,
+                        advantages=jnp.asarray(group_advantages(rewards, grpo.group_size)))  # fmt: skip
+    for _ in range(grpo.updates_per_rollout):
+        metrics = grpo_train_step(optimizer, model, ref_model, device_batch, rollout, grpo)
+    out = {k: float(v) for k, v in metrics.items()}
+    out.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()))
+    return out
+
+
+@nnx.jit
+def decode_first_frame(decoder, latents):
+    """Decode latent frame 0 -> RGB [B, H, W, 3] in [0, 1] (for black-box scoring and logging)."""
+    return unwrap(decoder)(latents[:, :, :1])
+
+
+def to_device_batch(batch: dict[str, np.ndarray]) -> Batch:
+    return {k: jnp.asarray(v) for k, v in batch.items()}

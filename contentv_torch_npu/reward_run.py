@@ -1,0 +1,102 @@
+"""`run(recipe)`: a reward fine-tuning run (ReFL or GRPO) of the torch transformer, logged per step.
+
+The twin of contentv_jax/reward_run.py (same numpy batches from contentv_common.reward_run, same log and plot);
+runs on CPU, CUDA or Ascend NPU (`device="auto"`). Tuned weights go to `checkpoint.dir` in our torch format.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from contentv_common.reward import to_uint8
+from contentv_common.reward_recipe import RewardRecipe
+from contentv_common.reward_run import RewardData, RewardLog, black_box_reward, differentiable_builtin, open_sft_cache
+from contentv_torch_npu import reward_train as tr
+from contentv_torch_npu.device import resolve_device
+from contentv_torch_npu.loading import load_transformer, save_torch
+from contentv_torch_npu.sampling import sample
+from contentv_torch_npu.transformer import Transformer
+
+
+def _model(recipe: RewardRecipe, device: torch.device) -> torch.nn.Module:
+    dtype = torch.bfloat16 if recipe.compute_dtype == "bfloat16" else None
+    if recipe.init_from is not None:
+        return load_transformer(recipe.init_from, compute_dtype=dtype, device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        return Transformer(recipe.model_config, compute_dtype=dtype).to(device)
+
+
+class _TorchBlackBox:
+    """A torch CLIP reward as a black-box scorer on uint8 numpy frames (GRPO, evaluation)."""
+
+    def __init__(self, reward, device: torch.device):
+        self.reward, self.device = reward, device
+
+    @torch.no_grad()
+    def __call__(self, frames: np.ndarray, prompts) -> np.ndarray:
+        x = torch.from_numpy(frames.astype(np.float32) / 255.0).to(self.device)
+        return self.reward(x, list(prompts)).float().cpu().numpy()
+
+
+def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe) -> float:
+    """Mean reward of ODE samples (the plain sampler) from the held-out seeds."""
+    batch, prompts = data.evaluation()
+    r = recipe.rollout
+    latents = sample(model, batch["noise"], batch["text"], batch["pooled"], batch["neg_text"], batch["neg_pooled"],
+                     steps=r.steps, guidance=r.guidance, shift=r.shift, progress=False)  # fmt: skip
+    device = next(model.parameters()).device
+    frames = tr.decode_first_frame(decoder, torch.from_numpy(latents).to(device)).float().cpu().numpy()
+    return float(np.mean(score(to_uint8(frames), prompts)))
+
+
+def run(recipe: RewardRecipe, progress: bool = True, device: str = "auto") -> dict[str, Any]:
+    """Train per the recipe; returns the last step's record."""
+    from contentv_torch_npu.encoders import load_encoders, tiny_encoders
+
+    dev = resolve_device(device)
+    encoders = (
+        tiny_encoders(recipe.seed, device=dev)
+        if recipe.encoders == "tiny"
+        else load_encoders(recipe.encoders, device=dev)
+    )
+    data = RewardData(recipe, encoders, open_sft_cache(recipe, encoders, progress))
+    model = _model(recipe, dev)
+    decoder = tr.VaeFirstFrameDecoder(encoders.vae)
+    refl, grpo = recipe.method == "refl", recipe.grpo
+    anchored = recipe.refl.anchor != "none" if refl else grpo.kl_weight > 0
+    ref_model = copy.deepcopy(model).requires_grad_(False) if anchored else None
+    optimizer = tr.make_optimizer(model, recipe.optimizer)
+    clip = None
+    if recipe.reward.kind == "clip":
+        from contentv_torch_npu.reward_clip import load_clip_reward
+
+        clip = load_clip_reward(recipe.reward.path, dev)
+    scorer = black_box_reward(recipe.reward, _TorchBlackBox(clip, dev) if clip is not None else None)
+    reward = (clip if clip is not None else differentiable_builtin(recipe.reward)) if refl else None
+    log = RewardLog(recipe.log_dir)
+    record: dict[str, Any] = {}
+    for step in tqdm(range(recipe.steps), desc=f"reward {recipe.method} (torch)", disable=not progress):
+        batch, prompts, step_noise = data.rollout(step)
+        batch.update(data.sft(step))
+        if refl:
+            batch["tokens"] = reward.tokenize(prompts)
+            metrics = tr.refl_train_step(optimizer, recipe.optimizer, model, ref_model, decoder, reward,
+                                         tr.to_device_batch(batch, dev), recipe.rollout, recipe.refl)  # fmt: skip
+        else:
+            metrics = tr.grpo_iteration(optimizer, recipe.optimizer, model, ref_model, decoder, scorer, batch,
+                                        step_noise, prompts, recipe.rollout, grpo)  # fmt: skip
+        record = {"step": step, **metrics}
+        last = step == recipe.steps - 1
+        if step % recipe.rollout.eval_interval == 0 or last:
+            record["eval_reward_mean"] = _eval_reward(model, decoder, scorer, data, recipe)
+        log.write(record)
+        if (step + 1) % recipe.checkpoint.interval == 0 or last:
+            save_torch(recipe.checkpoint.dir, model, overwrite=True)
+    log.plot(f"{recipe.method} (torch): {recipe.reward.kind}")
+    return record

@@ -1,0 +1,267 @@
+"""Reward fine-tuning of the torch transformer: ReFL / DRaFT-K reward backprop and GRPO, twin of
+contentv_jax/reward_train.py (same schedule, noise, SFT draws and loss terms; see that module for the method).
+
+Runs on CPU, CUDA or Ascend NPU (device-agnostic torch only). The K differentiable sampler steps are each wrapped in
+torch.utils.checkpoint, so activation memory is one step's whatever K.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from contentv_common.recipe import OptimizerConfig
+from contentv_common.reward import BlackBoxReward, Reward, group_advantages, to_uint8
+from contentv_common.reward_recipe import GrpoConfig, ReflConfig, RolloutConfig
+from contentv_common.reward_sde import gaussian_kl, gaussian_log_prob, sde_mean, sde_schedule
+from contentv_common.sampling import euler_step, flow_match_schedule, guide, uses_guidance
+from contentv_common.schedules import interpolate, velocity_target
+from contentv_torch_npu.vae import WanVAE
+
+Decoder = Callable[[torch.Tensor], torch.Tensor]
+"""First-frame latents [B, C, 1, h, w] (normalised) -> RGB [B, H, W, 3] in [0, 1]."""
+
+Batch = dict[str, torch.Tensor]
+
+
+def velocity(model: torch.nn.Module, x: torch.Tensor, timestep: float, batch: Batch, guidance: float) -> torch.Tensor:
+    """The (guided) velocity at one sampler step; uncond and cond share one forward, uncond first (diffusers)."""
+    guided = uses_guidance(guidance)
+    text, pooled = batch["text"], batch["pooled"]
+    if guided:
+        x_in = torch.cat([x, x])
+        text, pooled = torch.cat([batch["neg_text"], text]), torch.cat([batch["neg_pooled"], pooled])
+    else:
+        x_in = x
+    t = torch.full((x_in.shape[0],), float(timestep), device=x.device)
+    v = model(x_in, t, text, pooled).float()
+    if guided:
+        uncond, cond = v.chunk(2)
+        v = guide(uncond, cond, guidance)
+    return v
+
+
+class VaeFirstFrameDecoder(torch.nn.Module):
+    """The reward's decoder: normalised first-frame latents -> RGB [B, H, W, 3] in [0, 1] through the Wan VAE.
+
+    The causal VAE decodes latent frame 0 alone into pixel frame 0; its weights are frozen, gradients flow through
+    it to the latents.
+    """
+
+    def __init__(self, vae: WanVAE):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        video = self.vae.decode(self.vae.denormalize(latents[:, :, :1]))
+        return (video[:, :, 0].permute(0, 2, 3, 1).float() + 1.0) * 0.5
+
+
+def sft_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Flow-matching loss on a real batch: weighted MSE of the velocity against noise - x0 at the drawn sigmas."""
+    x0, noise, sigmas = batch["sft_x0"], batch["sft_noise"], batch["sft_sigmas"]
+    pred = model(interpolate(x0, noise, sigmas), sigmas * 1000.0, batch["sft_text"], batch["sft_pooled"])
+    err = (pred.float() - velocity_target(x0, noise)) ** 2
+    return (err.reshape(err.shape[0], -1).mean(-1) * batch["sft_weights"]).mean()
+
+
+def score_first_frame(decoder: Decoder, reward: Reward, latents: torch.Tensor, tokens: Any) -> torch.Tensor:
+    """Decode latent frame 0 alone and score it -> rewards [B]."""
+    return reward.score_tokens(decoder(latents[:, :, :1]), tokens)
+
+
+def refl_loss(
+    model: torch.nn.Module,
+    ref_model: torch.nn.Module | None,
+    decoder: Decoder,
+    reward: Reward,
+    batch: Batch,
+    rollout: RolloutConfig,
+    refl: ReflConfig,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss with its graph, metrics); call `loss.backward()` for the gradients of the model's parameters."""
+    schedule = flow_match_schedule(rollout.steps, rollout.shift)
+    first_grad = schedule.steps - refl.grad_steps
+    x = batch["noise"]
+    with torch.no_grad():
+        for i in range(first_grad):
+            x = euler_step(
+                x, velocity(model, x, schedule.timesteps[i], batch, rollout.guidance), float(schedule.step_sizes[i])
+            )
+
+    def step(x: torch.Tensor, i: int) -> torch.Tensor:
+        return velocity(model, x, schedule.timesteps[i], batch, rollout.guidance)
+
+    anchor = torch.zeros((), device=x.device)
+    for i in range(first_grad, schedule.steps):
+        v = checkpoint(step, x, i, use_reentrant=False)
+        if ref_model is not None:
+            with torch.no_grad():
+                v_ref = velocity(ref_model, x, schedule.timesteps[i], batch, rollout.guidance)
+            anchor = anchor + ((v - v_ref) ** 2).mean() / refl.grad_steps
+        x = euler_step(x, v, float(schedule.step_sizes[i]))
+    rewards = score_first_frame(decoder, reward, x, batch["tokens"]).float()
+    sft = sft_loss(model, batch) if refl.sft_weight > 0 else torch.zeros((), device=x.device)
+    loss = -refl.reward_weight * rewards.mean() + refl.sft_weight * sft + refl.anchor_weight * anchor
+    metrics = {"loss": loss.detach(), "reward_mean": rewards.mean().detach(),
+               "reward_std": rewards.std(unbiased=False).detach(), "sft_loss": sft.detach(),
+               "anchor": anchor.detach()}  # fmt: skip
+    return loss, metrics
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """AdamW on every parameter: reward tuning is a full fine-tune (no LoRA)."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def _apply(optimizer: torch.optim.Optimizer, model: torch.nn.Module, loss: torch.Tensor, cfg: OptimizerConfig) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+
+
+@torch.no_grad()
+def ema_update(ref_model: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ref <- decay ref + (1 - decay) model, in place: the EMA anchor."""
+    for r, p in zip(ref_model.parameters(), model.parameters(), strict=True):
+        r.lerp_(p, 1.0 - decay)
+
+
+def refl_train_step(
+    optimizer: torch.optim.Optimizer,
+    opt_cfg: OptimizerConfig,
+    model: torch.nn.Module,
+    ref_model: torch.nn.Module | None,
+    decoder: Decoder,
+    reward: Reward,
+    batch: Batch,
+    rollout: RolloutConfig,
+    refl: ReflConfig,
+) -> dict[str, float]:
+    """One ReFL update in place (model, optimizer, EMA anchor); returns the metrics."""
+    loss, metrics = refl_loss(model, ref_model, decoder, reward, batch, rollout, refl)
+    _apply(optimizer, model, loss, opt_cfg)
+    if ref_model is not None and refl.anchor == "ema":
+        ema_update(ref_model, model, refl.anchor_ema_decay)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+@torch.no_grad()
+def sde_rollout(
+    model: torch.nn.Module, batch: Batch, step_noise: torch.Tensor, rollout: RolloutConfig, noise_level: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDE sampling without gradient -> (states [S + 1, B, ...], log-probs [S, B]); step_noise [S, B, ...]."""
+    schedule = flow_match_schedule(rollout.steps, rollout.shift)
+    sched = sde_schedule(schedule, noise_level)
+    x = batch["noise"]
+    states, log_probs = [x], []
+    for i in range(sched.steps):
+        v = velocity(model, x, schedule.timesteps[i], batch, rollout.guidance)
+        mean = sde_mean(x, v, float(sched.sigmas[i]), float(sched.dts[i]), float(sched.drift[i]))
+        x = mean + float(sched.std[i]) * step_noise[i]
+        states.append(x)
+        log_probs.append(gaussian_log_prob(x, mean, float(sched.std[i]), float(sched.log_std[i])))
+    return torch.stack(states), torch.stack(log_probs)
+
+
+def grpo_loss(
+    model: torch.nn.Module,
+    ref_model: torch.nn.Module | None,
+    batch: Batch,
+    rollout: RolloutConfig,
+    grpo: GrpoConfig,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped GRPO objective over the trained sampler steps (+ KL, + SFT): (loss with graph, metrics).
+
+    batch adds to the rollout inputs: "states" [S + 1, B, ...], "old_log_probs" [S, B], "advantages" [B].
+    """
+    schedule = flow_match_schedule(rollout.steps, rollout.shift)
+    sched = sde_schedule(schedule, grpo.noise_level)
+    n = min(grpo.train_steps or sched.steps, sched.steps)
+    adv = batch["advantages"]
+    device = adv.device
+    policy, kl, ratios = torch.zeros((), device=device), torch.zeros((), device=device), []
+    for i in range(n):
+        x, x_next = batch["states"][i], batch["states"][i + 1]
+        sigma, dt, drift, std, log_std = (
+            float(a[i]) for a in (sched.sigmas, sched.dts, sched.drift, sched.std, sched.log_std)
+        )
+        mean = sde_mean(x, velocity(model, x, schedule.timesteps[i], batch, rollout.guidance), sigma, dt, drift)
+        ratio = torch.exp(gaussian_log_prob(x_next, mean, std, log_std) - batch["old_log_probs"][i])
+        clipped = ratio.clamp(1.0 - grpo.clip_range, 1.0 + grpo.clip_range)
+        policy = policy + (-torch.minimum(ratio * adv, clipped * adv)).mean()
+        ratios.append(ratio.detach())
+        if ref_model is not None and grpo.kl_weight > 0:
+            with torch.no_grad():
+                ref_mean = sde_mean(x, velocity(ref_model, x, schedule.timesteps[i], batch, rollout.guidance),
+                                    sigma, dt, drift)  # fmt: skip
+            kl = kl + gaussian_kl(mean, ref_mean, std).mean()
+    policy, kl = policy / n, kl / n
+    sft = sft_loss(model, batch) if grpo.sft_weight > 0 else torch.zeros((), device=device)
+    loss = policy + grpo.kl_weight * kl + grpo.sft_weight * sft
+    r = torch.stack(ratios)
+    metrics = {"loss": loss.detach(), "policy_loss": policy.detach(), "kl": kl.detach(), "sft_loss": sft.detach(),
+               "clip_fraction": ((r - 1.0).abs() > grpo.clip_range).float().mean()}  # fmt: skip
+    return loss, metrics
+
+
+def grpo_train_step(
+    optimizer: torch.optim.Optimizer,
+    opt_cfg: OptimizerConfig,
+    model: torch.nn.Module,
+    ref_model: torch.nn.Module | None,
+    batch: Batch,
+    rollout: RolloutConfig,
+    grpo: GrpoConfig,
+) -> dict[str, float]:
+    """One GRPO update in place; returns the metrics."""
+    loss, metrics = grpo_loss(model, ref_model, batch, rollout, grpo)
+    _apply(optimizer, model, loss, opt_cfg)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def grpo_iteration(
+    optimizer: torch.optim.Optimizer,
+    opt_cfg: OptimizerConfig,
+    model: torch.nn.Module,
+    ref_model: torch.nn.Module | None,
+    decoder: Decoder,
+    black_box: BlackBoxReward,
+    batch: dict[str, np.ndarray],
+    step_noise: np.ndarray,
+    prompts: Sequence[str],
+    rollout: RolloutConfig,
+    grpo: GrpoConfig,
+) -> dict[str, float]:
+    """Rollout (SDE, no gradient) -> decode frame 0 -> black-box rewards on uint8 -> advantages -> updates.
+
+    `batch` holds consecutive groups of `grpo.group_size` rows sharing a prompt; `prompts` has one entry per row.
+    """
+    device = next(model.parameters()).device
+    device_batch = to_device_batch(batch, device)
+    states, log_probs = sde_rollout(model, device_batch, torch.as_tensor(step_noise, device=device), rollout,
+                                    grpo.noise_level)  # fmt: skip
+    frames = decode_first_frame(decoder, states[-1]).float().cpu().numpy()
+    rewards = np.asarray(black_box(to_uint8(frames), list(prompts)), dtype=np.float32)
+    advantages = torch.as_tensor(group_advantages(rewards, grpo.group_size), device=device)
+    device_batch.update(states=states, old_log_probs=log_probs, advantages=advantages)
+    for _ in range(grpo.updates_per_rollout):
+        metrics = grpo_train_step(optimizer, opt_cfg, model, ref_model, device_batch, rollout, grpo)
+    metrics.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()))
+    return metrics
+
+
+@torch.no_grad()
+def decode_first_frame(decoder: Decoder, latents: torch.Tensor) -> torch.Tensor:
+    """Decode latent frame 0 -> RGB [B, H, W, 3] in [0, 1] (for black-box scoring and logging)."""
+    return decoder(latents[:, :, :1])
+
+
+def to_device_batch(batch: dict[str, np.ndarray], device: torch.device | str = "cpu") -> Batch:
+    return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
