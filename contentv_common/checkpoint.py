@@ -182,21 +182,47 @@ def open_safetensors_source(path: str | Path, table: ParamTable = TRANSFORMER_TA
         config = read_our_config(path)
         files = weight_files(path, "model")
     else:
-        raise CheckpointError(f"{path}: a jax (orbax) checkpoint; open it with contentv_jax.convert")
-    index = tensor_index(files)
-    names = canonical_keys(list(index), table, path, from_diffusers=fmt == "diffusers")
+        raise CheckpointError(f"{path}: a jax (orbax) checkpoint; open it with open_checkpoint")
+    return stream_source(path, config, files, table, from_diffusers=fmt == "diffusers")
+
+
+def stream_source(
+    path: Path,
+    config: Any,
+    files: list[Path],
+    table: ParamTable,
+    from_diffusers: bool = True,
+    ignored_suffixes: tuple[str, ...] = (),
+) -> TensorSource:
+    """A TensorSource over safetensors files, keys renamed through `table`: headers are read now, data on iteration.
+
+    Keys ending in `ignored_suffixes` (recomputed buffers some writers save) are skipped; any other unknown key is a
+    CheckpointError naming the file and key.
+    """
+    index = {k: v for k, v in tensor_index(files).items() if not k.endswith(ignored_suffixes)}
+    names = canonical_keys(list(index), table, path, from_diffusers)
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for key, array in iter_tensors(files):
-            yield names[key], array
+            if key in names:
+                yield names[key], array
 
     return TensorSource(
         path=path,
         config=config,
-        shapes={names[k]: v.shape for k, v in index.items()},
+        shapes={names[k]: tuple(v.shape) for k, v in index.items()},
         dtypes={names[k]: v.dtype for k, v in index.items()},
         tensors=tensors,
     )
+
+
+def open_checkpoint(path: str | Path) -> TensorSource:
+    """Any of the three transformer formats as a TensorSource; the JAX (orbax) format needs jax installed."""
+    if detect_format(path) == "jax":
+        from contentv_jax.loading import open_jax_source
+
+        return open_jax_source(path)
+    return open_safetensors_source(path)
 
 
 def check_keys(

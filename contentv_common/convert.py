@@ -15,27 +15,11 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from contentv_common.checkpoint import (
-    POS_TABLE,
-    TensorSource,
-    detect_format,
-    open_safetensors_source,
-    write_diffusers,
-    write_torch,
-)
+from contentv_common.checkpoint import POS_TABLE, open_checkpoint, write_diffusers, write_torch
 from contentv_common.param_table import TRANSFORMER_TABLE
 
 Format = Literal["diffusers", "torch", "jax"]
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-
-
-def open_checkpoint(path: str | Path) -> TensorSource:
-    """Open any of the three formats; the JAX format needs jax + orbax installed."""
-    if detect_format(path) == "jax":
-        from contentv_jax.loading import open_jax_source
-
-        return open_jax_source(path)
-    return open_safetensors_source(path)
 
 
 def convert(

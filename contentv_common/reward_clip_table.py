@@ -16,10 +16,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from contentv_common.checkpoint import TensorSource
+from contentv_common.checkpoint import TensorSource, stream_source
 from contentv_common.config import ConfigError
-from contentv_common.param_table import Kind, ParamTable, Rule, UnknownParameterError
-from contentv_common.safetensors_io import CheckpointError, iter_tensors, tensor_index, weight_files
+from contentv_common.param_table import Kind, ParamTable, Rule
+from contentv_common.safetensors_io import CheckpointError, weight_files
 
 Activation = Literal["quick_gelu", "gelu"]
 
@@ -163,27 +163,7 @@ def open_clip_source(folder: str | Path) -> TensorSource:
     """A CLIPModel folder as a stream of (canonical name, torch-layout array); unknown keys are errors."""
     folder = Path(folder)
     cfg = read_clip_config(folder)
-    files = weight_files(folder, "model")
-    index = {k: v for k, v in tensor_index(files).items() if not k.endswith(_IGNORED_SUFFIXES)}
-    names = {}
-    for key in index:
-        try:
-            names[key] = CLIP_TABLE.from_diffusers(key).canonical
-        except UnknownParameterError:
-            raise CheckpointError(f"{folder}: unexpected key {key!r} (no rule in the clip parameter table)") from None
-
-    def tensors():
-        for key, array in iter_tensors(files):
-            if key in names:
-                yield names[key], array
-
-    return TensorSource(
-        path=folder,
-        config=cfg,
-        shapes={names[k]: tuple(v.shape) for k, v in index.items()},
-        dtypes={names[k]: v.dtype for k, v in index.items()},
-        tensors=tensors,
-    )
+    return stream_source(folder, cfg, weight_files(folder, "model"), CLIP_TABLE, ignored_suffixes=_IGNORED_SUFFIXES)
 
 
 def load_clip_tokenizer(folder: str | Path):

@@ -12,13 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from contentv_common.checkpoint import TensorSource, canonical_keys
+from contentv_common.checkpoint import TensorSource, stream_source
 from contentv_common.config import ConfigError
 from contentv_common.safetensors_io import (
     AtomicFolder,
     CheckpointError,
-    iter_tensors,
-    tensor_index,
     weight_files,
     write_sharded,
 )
@@ -48,21 +46,7 @@ def open_vae_source(path: str | Path) -> TensorSource:
     """Open a diffusers VAE folder for streaming (canonical names, torch layout) without reading tensor data."""
     path = Path(path)
     cfg = read_vae_config(path)
-    files = weight_files(path, WEIGHTS_PREFIX)
-    index = tensor_index(files)
-    names = canonical_keys(list(index), vae_table(cfg), path, from_diffusers=True)
-
-    def tensors() -> Iterator[tuple[str, np.ndarray]]:
-        for key, array in iter_tensors(files):
-            yield names[key], array
-
-    return TensorSource(
-        path=path,
-        config=cfg,
-        shapes={names[k]: v.shape for k, v in index.items()},
-        dtypes={names[k]: v.dtype for k, v in index.items()},
-        tensors=tensors,
-    )
+    return stream_source(path, cfg, weight_files(path, WEIGHTS_PREFIX), vae_table(cfg))
 
 
 def write_vae_diffusers(

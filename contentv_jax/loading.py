@@ -19,8 +19,7 @@ from flax import nnx
 from contentv_common.checkpoint import (
     TensorSource,
     check_keys,
-    detect_format,
-    open_safetensors_source,
+    open_checkpoint,
     read_our_config,
     write_our_config,
 )
@@ -76,11 +75,6 @@ def abstract_transformer(cfg: ModelConfig, **kwargs) -> Transformer:
     return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), **kwargs))
 
 
-def open_source(path: str | Path) -> TensorSource:
-    """Any of our three transformer checkpoint formats as a TensorSource."""
-    return open_jax_source(path) if detect_format(path) == "jax" else open_safetensors_source(path)
-
-
 def load_transformer(
     path: str | Path,
     dtype: jnp.dtype | None = None,
@@ -97,7 +91,7 @@ def load_transformer(
     `compute_dtype` defaults to `dtype`. `pos_embed="sincos_3d"` turns an SD3/SD3.5 image checkpoint into the
     ContentV video model (its 2D table is dropped); `"sd3_2d"` keeps image mode.
     """
-    source = open_source(path)
+    source = open_checkpoint(path)
     cfg = source.config if pos_embed is None else source.config.replace(pos_embed=pos_embed)
     param_dtype = jnp.dtype(dtype or jnp.float32)
     abstract = abstract_transformer(

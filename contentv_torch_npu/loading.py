@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from contentv_common.checkpoint import TensorSource, check_keys, detect_format, open_safetensors_source, write_torch
+from contentv_common.checkpoint import TensorSource, check_keys, open_checkpoint, write_torch
 from contentv_common.param_table import TRANSFORMER_TABLE, ParamTable
 from contentv_torch_npu.transformer import Transformer
 
@@ -58,14 +58,6 @@ def fill_from_source(
     return model
 
 
-def open_source(path: str | Path) -> TensorSource:
-    if detect_format(path) == "jax":
-        from contentv_jax.loading import open_jax_source  # needs jax; only for our orbax format
-
-        return open_jax_source(path)
-    return open_safetensors_source(path)
-
-
 def load_transformer(
     path: str | Path,
     dtype: torch.dtype | None = None,
@@ -80,7 +72,7 @@ def load_transformer(
     `dtype` is the parameter dtype (default float32; bf16 is cast directly, never via float64). `pos_embed`
     overrides the checkpoint's mode ("sincos_3d" turns an SD3/SD3.5 image checkpoint into the video model).
     """
-    source = open_source(path)
+    source = open_checkpoint(path)
     cfg = source.config if pos_embed is None else source.config.replace(pos_embed=pos_embed)
     with torch.device("meta"):
         model = Transformer(cfg, compute_dtype=compute_dtype, ops=ops)

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         path = args.checkpoint or write_tiny_checkpoint(Path(tmp) / "tiny")
         if args.tiny and args.pos_embed is None:
             args.pos_embed = "sincos_3d"
-        from contentv_common.convert import open_checkpoint
+        from contentv_common.checkpoint import open_checkpoint
 
         cfg = open_checkpoint(path).config
         cfg = cfg if args.pos_embed is None else cfg.replace(pos_embed=args.pos_embed)
