@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import jax
 import numpy as np
@@ -21,12 +22,16 @@ AXES = ("data", "fsdp", "sequence", "tensor")
 BATCH = ("data", "fsdp")
 
 # logical name -> mesh axes; "embed" is the FSDP-sharded model width, "heads"/"mlp" the tensor-parallel dims.
+# Activations: image tokens are split over `sequence`; inside attention the heads are split over sequence x tensor
+# instead, so the constraint pair makes XLA emit Ulysses' all-to-all (tokens <-> heads) around the attention.
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "batch": BATCH,
     "embed": ("fsdp",),
     "heads": ("tensor",),
     "mlp": ("tensor",),
     "frames": ("sequence",),
+    "tokens": ("sequence",),
+    "act_heads": ("sequence", "tensor"),
 }
 
 # (regex on the dotted parameter path, logical axes per dimension of the JAX array). First match wins.
@@ -93,6 +98,16 @@ def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) ->
         used.update(axes)
         out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
     return PartitionSpec(*out)
+
+
+@dataclass(frozen=True)
+class ActivationSharding:
+    """The model's `constrain` hook: pins an activation to the mesh by logical axis names (hashable, so jit caches)."""
+
+    mesh: Mesh
+
+    def __call__(self, x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec_for(logical, x.shape, self.mesh)))
 
 
 def _dotted(path: tuple) -> str:

@@ -65,7 +65,13 @@ class Trainer:
         dtype = DTYPES[recipe.compute_dtype]
 
         def build() -> Transformer:
-            return Transformer(recipe.model_config, rngs=nnx.Rngs(recipe.seed), dtype=dtype, remat=recipe.remat)
+            return Transformer(
+                recipe.model_config,
+                rngs=nnx.Rngs(recipe.seed),
+                dtype=dtype,
+                remat=recipe.remat,
+                constrain=sharding.ActivationSharding(mesh),
+            )
 
         self._build = build
         self.graphdef, self._abstract_params, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)

@@ -7,6 +7,7 @@ Layout: input and output `[B, C, F, H, W]`; tokens are ordered (frame, row, col)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,13 @@ REMAT_POLICIES = {
 
 
 AttentionImpl = tuple[str | None, int | None]  # (implementation, pad_multiple) for ops.attention
+# Places an activation on the device mesh by logical axis names ("batch", "tokens", "act_heads"); identity by default.
+# The trainer passes contentv_jax.sharding.activation_constraint(mesh), keeping the model free of mesh code.
+Constrain = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
+
+
+def no_constraint(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
+    return x
 
 
 class Buffer(nnx.Variable):
@@ -134,9 +142,17 @@ class PatchEmbed(nnx.Module):
 class JointAttention(nnx.Module):
     """Separate q/k/v (and output) projections for the image and text streams, one attention over both."""
 
-    def __init__(self, cfg: ModelConfig, context_pre_only: bool, dt: Dtypes, rngs: nnx.Rngs, impl: AttentionImpl):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        context_pre_only: bool,
+        dt: Dtypes,
+        rngs: nnx.Rngs,
+        impl: AttentionImpl,
+        constrain: Constrain,
+    ):
         d = cfg.hidden_size
-        self.heads, self.impl = cfg.num_attention_heads, impl
+        self.heads, self.impl, self.constrain = cfg.num_attention_heads, impl, constrain
         self.to_q, self.to_k, self.to_v = (dt.linear(d, d, rngs) for _ in range(3))
         self.add_q, self.add_k, self.add_v = (dt.linear(d, d, rngs) for _ in range(3))
         self.to_out = dt.linear(d, d, rngs)
@@ -158,7 +174,11 @@ class JointAttention(nnx.Module):
         if self.qk_norm:
             q, k = self.norm_q(q), self.norm_k(k)
             cq, ck = self.norm_added_q(cq), self.norm_added_k(ck)
-        q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((q, cq), (k, ck), (v, cv)))
+        # sequence-sharded tokens -> head-sharded q/k/v: XLA inserts the all-to-all (Ulysses) where the mesh asks
+        q, k, v = (
+            self.constrain(jnp.concatenate(pair, axis=1), ("batch", None, "act_heads", None))
+            for pair in ((q, cq), (k, ck), (v, cv))
+        )
         out = rearrange(attention(q, k, v, *self.impl), "b n h d -> b n (h d)")
         n = x.shape[1]
         x_out = self.to_out(out[:, :n])
@@ -172,12 +192,20 @@ def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float) -> j
 class JointBlock(nnx.Module):
     """MMDiT block with adaLN-zero; `context_pre_only` (last block) drops the text stream's output path."""
 
-    def __init__(self, cfg: ModelConfig, context_pre_only: bool, dt: Dtypes, rngs: nnx.Rngs, impl: AttentionImpl):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        context_pre_only: bool,
+        dt: Dtypes,
+        rngs: nnx.Rngs,
+        impl: AttentionImpl,
+        constrain: Constrain,
+    ):
         d = cfg.hidden_size
-        self.eps, self.context_pre_only = cfg.norm_eps, context_pre_only
+        self.eps, self.context_pre_only, self.constrain = cfg.norm_eps, context_pre_only, constrain
         self.norm1 = dt.linear(d, 6 * d, rngs)
         self.norm1_context = dt.linear(d, (2 if context_pre_only else 6) * d, rngs)
-        self.attn = JointAttention(cfg, context_pre_only, dt, rngs, impl)
+        self.attn = JointAttention(cfg, context_pre_only, dt, rngs, impl, constrain)
         self.ff = FeedForward(d, cfg.mlp_ratio * d, dt, rngs)
         if not context_pre_only:
             self.ff_context = FeedForward(d, cfg.mlp_ratio * d, dt, rngs)
@@ -196,7 +224,7 @@ class JointBlock(nnx.Module):
             norm_context = _modulate(context, c_shift_msa, c_scale_msa, eps)
         attn_x, attn_context = self.attn(_modulate(x, shift_msa, scale_msa, eps), norm_context)
         x = x + gate_msa * attn_x
-        x = x + gate_mlp * self.ff(_modulate(x, shift_mlp, scale_mlp, eps))
+        x = self.constrain(x + gate_mlp * self.ff(_modulate(x, shift_mlp, scale_mlp, eps)), ("batch", "tokens", None))
         if self.context_pre_only:
             return x, None
         context = context + c_gate_msa * attn_context
@@ -209,7 +237,8 @@ class Transformer(nnx.Module):
 
     `dtype` is the compute dtype (e.g. bf16) and `param_dtype` the stored one (fp32 masters); norms, position
     tables and timestep features are computed in fp32. `remat` names a rematerialisation policy per block.
-    `attention_impl` ("cudnn" on GPU) and `attention_pad_multiple` are passed to ops.attention.
+    `attention_impl` ("cudnn" on GPU) and `attention_pad_multiple` are passed to ops.attention; `constrain` places
+    activations on a device mesh (sequence-sharded tokens, head-sharded attention).
     """
 
     def __init__(
@@ -222,18 +251,19 @@ class Transformer(nnx.Module):
         attention_impl: str | None = None,
         attention_pad_multiple: int | None = None,
         remat: str = "none",
+        constrain: Constrain = no_constraint,
     ):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat {remat!r} is not one of {sorted(REMAT_POLICIES)}")
         dt = Dtypes(dtype, param_dtype)
         impl = (attention_impl, attention_pad_multiple)
         d = cfg.hidden_size
-        self.cfg, self.dtype, self.remat = cfg, dtype, remat
+        self.cfg, self.dtype, self.remat, self.constrain = cfg, dtype, remat, constrain
         self.patch_embed = PatchEmbed(cfg, dt, rngs)
         self.time_embed = TimeEmbed(cfg, dt, rngs)
         self.context_embedder = dt.linear(cfg.joint_attention_dim, d, rngs)
         self.blocks = nnx.List(
-            [JointBlock(cfg, i == cfg.num_layers - 1, dt, rngs, impl) for i in range(cfg.num_layers)]
+            [JointBlock(cfg, i == cfg.num_layers - 1, dt, rngs, impl, constrain) for i in range(cfg.num_layers)]
         )
         self.norm_out = dt.linear(d, 2 * d, rngs)
         self.proj_out = dt.linear(d, cfg.patch_size**2 * cfg.out_channels, rngs)
@@ -247,7 +277,7 @@ class Transformer(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Image tokens, text tokens and the SiLU-activated conditioning vector fed to every block."""
         self.cfg.check_latent_shape(hidden_states.shape)
-        x = self.patch_embed(hidden_states.astype(self.dtype))
+        x = self.constrain(self.patch_embed(hidden_states.astype(self.dtype)), ("batch", "tokens", None))
         temb_act = nnx.silu(self.time_embed(timestep, pooled_projections))
         context = self.context_embedder(encoder_hidden_states.astype(self.dtype))
         return x, context, temb_act

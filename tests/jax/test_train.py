@@ -99,7 +99,7 @@ def test_step_is_the_same_on_every_mesh(cached_set, rel_err):
     assert recipe.compute_dtype == "float32"
     params, ref_state, ref_loss, _ = _one_step(recipe, (1, 1, 1, 1))
     assert np.isfinite(ref_loss)
-    for shape in [(8, 1, 1, 1), (2, 4, 1, 1), (2, 2, 2, 1)]:
+    for shape in [(8, 1, 1, 1), (2, 4, 1, 1), (2, 2, 2, 1), (1, 1, 2, 1)]:
         _, state, loss, live = _one_step(recipe, shape, params)
         assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss), shape
         for name in ("params", "ema"):
@@ -112,6 +112,12 @@ def test_step_is_the_same_on_every_mesh(cached_set, rel_err):
             assert "fsdp" in str(kernel.sharding.spec)
             assert any("fsdp" in str(getattr(m.sharding, "spec", "")) for m in mu)
             assert kernel.addressable_shards[0].data.shape[0] == kernel.shape[0] // shape[1]
+    # the sequence axis splits image tokens and re-splits attention by heads: Ulysses' all-to-all in the step
+    mesh = make_mesh(MeshConfig(1, 1, 2, 1), jax.devices()[:2])
+    trainer = get_trainer(recipe, mesh)
+    state = trainer.init_state(params)
+    batch = trainer.device_batch(_batch(np.random.default_rng(0)))
+    assert "all-to-all" in trainer.jitted_step(state, batch).lower(state, batch).compile().as_text()
 
 
 def test_resume_continues_the_exact_loss_trajectory(cached_set):
