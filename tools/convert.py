@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from contentv_common.config import ConfigError
 from contentv_common.convert import DTYPES, convert
+from contentv_common.safetensors_io import CheckpointError
 
 
 def parse_size(text: str) -> int:
@@ -32,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-size", default="5GB", type=parse_size, help="max safetensors shard size (e.g. 5GB)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     args = ap.parse_args(argv)
-    out = convert(args.src, args.dst, args.to, args.dtype, args.pos_embed, args.shard_size, args.overwrite)
+    try:
+        out = convert(args.src, args.dst, args.to, args.dtype, args.pos_embed, args.shard_size, args.overwrite)
+    except (CheckpointError, ConfigError, FileExistsError, ValueError) as e:
+        print(f"convert: error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.to} checkpoint to {out}")
     return 0
 

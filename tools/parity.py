@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from contentv_common.config import named_model_config
+from contentv_common.checkpoint import open_checkpoint
+from contentv_common.config import ConfigError, named_model_config
+from contentv_common.safetensors_io import CheckpointError
 
 BACKENDS = ("jax", "torch", "diffusers")
 
@@ -118,6 +120,19 @@ def compare(traces: dict[str, dict[str, np.ndarray]], tol: float) -> tuple[list[
     return lines, first_bad
 
 
+def run_traces(args: argparse.Namespace, backends: list[str], height: int, width: int):
+    """Write or open the checkpoint, draw the inputs, and trace every backend on them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.checkpoint or write_tiny_checkpoint(Path(tmp) / "tiny")
+        pos_embed = "sincos_3d" if args.tiny and args.pos_embed is None else args.pos_embed
+        cfg = open_checkpoint(path).config
+        cfg = cfg if pos_embed is None else cfg.replace(pos_embed=pos_embed)
+        frames = 1 if cfg.pos_embed == "sd3_2d" else args.frames
+        inputs = random_inputs(cfg, args.batch, frames, height, width, args.text_tokens, args.seed)
+        traces = {b: TRACERS[b](path, pos_embed, inputs) for b in backends}
+    return traces, cfg, inputs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
@@ -139,17 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(backends) < 2:
         ap.error("need at least two backends to compare")
     height, width = (int(v) for v in args.size.lower().split("x"))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = args.checkpoint or write_tiny_checkpoint(Path(tmp) / "tiny")
-        if args.tiny and args.pos_embed is None:
-            args.pos_embed = "sincos_3d"
-        from contentv_common.checkpoint import open_checkpoint
-
-        cfg = open_checkpoint(path).config
-        cfg = cfg if args.pos_embed is None else cfg.replace(pos_embed=args.pos_embed)
-        frames = 1 if cfg.pos_embed == "sd3_2d" else args.frames
-        inputs = random_inputs(cfg, args.batch, frames, height, width, args.text_tokens, args.seed)
-        traces = {b: TRACERS[b](path, args.pos_embed, inputs) for b in backends}
+    try:
+        traces, cfg, inputs = run_traces(args, backends, height, width)
+    except (CheckpointError, ConfigError, ValueError) as e:
+        print(f"parity: error: {e}", file=sys.stderr)
+        return 2
     print(f"parity: {cfg.pos_embed}, latents {inputs['hidden_states'].shape}, float32, reference = {backends[0]}")
     lines, first_bad = compare(traces, args.tol)
     print("\n".join(lines))

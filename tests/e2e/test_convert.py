@@ -119,3 +119,11 @@ def test_parity_tool_reports_first_bad_layer(capsys, monkeypatch):
     monkeypatch.setitem(parity_tool.TRACERS, "torch", broken)
     assert parity_tool.main(["--tiny", "--backends", "jax,torch", "--frames", "1"]) == 1
     assert "first layer exceeding tol 1e-05: blocks.1.x" in capsys.readouterr().out
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert convert_tool.main([str(missing), str(tmp_path / "out"), "--to", "jax"]) == 2
+    assert f"{missing}: checkpoint folder not found" in capsys.readouterr().err
+    assert parity_tool.main(["--checkpoint", str(missing)]) == 2
+    assert f"{missing}: checkpoint folder not found" in capsys.readouterr().err
