@@ -302,4 +302,6 @@ def _initial_params(recipe: Recipe) -> dict[str, Any] | None:
     from contentv_jax.loading import load_transformer
 
     model = load_transformer(Path(recipe.init_from), dtype=jnp.float32, pos_embed=recipe.model_config.pos_embed)
+    if model.cfg != recipe.model_config:
+        raise ValueError(f"init_from {recipe.init_from}: model config {model.cfg} differs from the recipe's")
     return nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])

@@ -164,3 +164,26 @@ def test_nan_steps_are_skipped_then_the_run_stops(cached_set):
     ckpt = Checkpointer(recipe.checkpoint)
     assert ckpt.latest_step() == 2
     ckpt.close()
+
+
+def test_init_from_an_sd3_image_checkpoint_starts_the_video_model(cached_set, tmp_path):
+    """Stage 1 starts from SD3.5's diffusers folder: its weights, switched to 3D sin-cos positions, seed the state."""
+    import torch
+
+    from contentv_common.config import named_model_config, to_dict
+    from contentv_jax.train import _initial_params
+    from contentv_torch_npu.reference import build_diffusers
+
+    torch.manual_seed(0)
+    sd3 = build_diffusers(named_model_config("tiny").replace(pos_embed="sd3_2d"))
+    sd3.save_pretrained(tmp_path / "sd3")
+    recipe = tiny_recipe(cached_set, "init", init_from=str(tmp_path / "sd3"))
+    trainer = get_trainer(recipe, default_mesh(recipe))
+    state = trainer.init_state(_initial_params(recipe))
+    kernel = np.asarray(state["params"]["blocks"][1]["attn"]["to_k"]["kernel"])
+    np.testing.assert_array_equal(kernel.T, sd3.state_dict()["transformer_blocks.1.attn.to_k.weight"].numpy())
+    assert "pos_table" not in state["params"]["patch_embed"]
+    deeper = to_dict(named_model_config("tiny").replace(num_layers=3))
+    wider = tiny_recipe(cached_set, "init2", init_from=str(tmp_path / "sd3"), model=deeper)
+    with pytest.raises(ValueError, match="init_from .*differs from the recipe"):
+        _initial_params(wider)
