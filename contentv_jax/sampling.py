@@ -1,8 +1,9 @@
-"""Text-to-video sampling with the JAX transformer: flow-match Euler + classifier-free guidance.
+"""Text-to-video sampling with the JAX core: flow-match Euler + classifier-free guidance, then Wan VAE decoding.
 
 The schedule, noise and update rule come from contentv_common.sampling, so the torch twin walks the same trajectory.
 One jitted function does a whole step (batched cond/uncond forward, guidance, Euler update); it is compiled once per
-model structure and shape and reused for every step and every call.
+model structure and shape and reused for every step and every call. Latents are decoded to uint8 frames by the JAX
+Wan VAE, rounded exactly as the torch twin's `Encoders.decode_latents` rounds.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from contentv_common.sampling import euler_step, flow_match_schedule, guide, uses_guidance
+from contentv_jax.vae import WanVAE
 
 
 @partial(jax.jit, static_argnames=("graphdef", "guided"))
@@ -69,3 +71,24 @@ def sample(
             guided=guided,
         )
     return np.asarray(jax.device_get(x))
+
+
+@jax.jit
+def _to_uint8(video: jax.Array) -> jax.Array:
+    """Video [B, 3, F, H, W] in [-1, 1] -> uint8 frames [B, F, H, W, 3]: scale, round half to even, clamp."""
+    frames = jnp.clip(jnp.round((video.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+    return jnp.transpose(frames, (0, 2, 3, 4, 1))
+
+
+def decode_latents(vae: WanVAE, latents: np.ndarray) -> np.ndarray:
+    """Normalised latents [B, C, f, h, w] -> uint8 frames [B, 1 + 4 (f - 1), 8 h, 8 w, 3], one clip at a time.
+
+    The VAE runs one latent frame per jitted call, compiled once per latent frame size (one program for the first
+    frame, one for the rest), so neither compile time nor memory grows with the video's length, and neither a longer
+    video nor a bigger batch compiles the VAE again.
+    """
+    latents = np.asarray(latents, np.float32)
+    if latents.ndim != 5 or latents.shape[1] != vae.cfg.z_dim:
+        raise ValueError(f"latents must be [B, {vae.cfg.z_dim}, f, h, w], got {latents.shape}")
+    clips = [_to_uint8(vae.decode(vae.denormalize(jnp.asarray(clip[None])))) for clip in latents]
+    return np.concatenate(jax.device_get(clips))

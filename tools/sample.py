@@ -5,8 +5,9 @@
     python tools/sample.py --tiny --transformer runs/tiny/final --prompt "a red cat" --frames 9 --size 64x64
 
 Encoders (CLIP-L/CLIP-G/T5 + Wan VAE, torch) come from `--pipeline` (a local diffusers folder) or `--tiny` (random tiny
-ones, no downloads). The transformer is `--transformer` (any folder `load_transformer` reads: diffusers, our torch or
-our JAX format), else `PIPELINE/transformer`, else (with `--tiny`) a random tiny model seeded by `--model-seed`.
+ones, no downloads). The JAX backend decodes with the JAX Wan VAE (same weights), so it uses torch for text only.
+The transformer is `--transformer` (any folder `load_transformer` reads: diffusers, our torch or our JAX format), else
+`PIPELINE/transformer`, else (with `--tiny`) a random tiny model seeded by `--model-seed`.
 SD3/SD3.5 checkpoints run in image mode (`--frames 1`). Noise is drawn in numpy from `--seed` + prompt index, so both
 backends and any batch size give the same video for the same weights.
 """
@@ -18,13 +19,19 @@ import json
 import re
 import sys
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from contentv_common.config import named_model_config
 from contentv_common.sampling import draw_noise, latent_shape
 from contentv_common.video_io import write_video
+
+if TYPE_CHECKING:
+    from contentv_torch_npu.encoders import Encoders
 
 DTYPES = ("float32", "bfloat16")
 SHIFT = 3.0  # SD3.5-Large's scheduler shift
@@ -87,6 +94,25 @@ def sampler(backend: str):
     else:
         from contentv_torch_npu.sampling import sample
     return sample
+
+
+def latent_decoder(
+    backend: str, encoders: Encoders, pipeline: Path | None, folder: Path
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Normalised latents -> uint8 frames, decoded in `backend`.
+
+    JAX loads the JAX Wan VAE from `PIPELINE/vae`, or from the tiny encoders' VAE saved into `folder`: the same
+    weights as the torch one. SD3's 2D image VAE exists in torch only, so image pipelines decode in torch.
+    """
+    from contentv_torch_npu.vae import WanVAE, save_vae
+
+    if backend == "torch" or not isinstance(encoders.vae, WanVAE):
+        return encoders.decode_latents
+    from contentv_jax.sampling import decode_latents
+    from contentv_jax.vae import load_vae
+
+    source = pipeline / "vae" if pipeline is not None else save_vae(folder / "vae", encoders.vae)
+    return partial(decode_latents, load_vae(source))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +186,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         elif path is None:
             path = random_tiny_checkpoint(Path(tmp), args.model_seed)
         model = load_model(args.backend, path, args.dtype, args.device)
+        decode = latent_decoder(args.backend, encoders, args.pipeline, Path(tmp))
     cfg = model.cfg
     if (cfg.joint_attention_dim, cfg.pooled_projection_dim) != (encoders.text_dim, encoders.pooled_dim):
         ap.error(
@@ -195,7 +222,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             shift=shift,
             progress=not args.no_progress,
         )
-        for i, video in zip(idx, encoders.decode_latents(latents), strict=True):
+        for i, video in zip(idx, decode(latents), strict=True):
             out = write_video(args.out / f"{i:03d}-{slug(prompts[i])}.mp4", video, fps=args.fps)
             print(f"wrote {out} ({video.shape[0]} frames, {video.shape[1]}x{video.shape[2]})")
             written.append(out)

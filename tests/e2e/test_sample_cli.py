@@ -7,7 +7,7 @@ import contentv_jax.sampling as jax_sampling
 import contentv_torch_npu.sampling as torch_sampling
 from contentv_common.sampling import draw_noise, latent_shape
 from contentv_common.video_io import read_video
-from contentv_torch_npu.encoders import tiny_encoders
+from contentv_torch_npu.encoders import Encoders, tiny_encoders
 from tools import sample as sample_tool
 
 ARGS = ["--tiny", "--prompt", "a cat walking", "--prompt", "a red dog", "--negative-prompt", "low quality"]
@@ -24,25 +24,30 @@ def checkpoint(tmp_path_factory):
     return sample_tool.random_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
-def test_backends_give_the_same_frames(encoders, checkpoint, rel_err):
-    """Same weights, seed and prompt: JAX and torch latents agree in fp32 and decode to the same frames."""
+def test_backends_give_the_same_frames(encoders, checkpoint, rel_err, tmp_path):
+    """Same weights, seed and prompt: JAX and torch latents agree in fp32, and each backend's own Wan VAE decodes them
+    to the same uint8 frames (at most one level apart)."""
     text, pooled = encoders.encode_text(["a cat walking"])
     neg_text, neg_pooled = encoders.encode_text(["low quality"])
     noise = draw_noise(5, latent_shape(16, frames=5, height=32, width=48))
-    latents = {}
+    frames, latents = {}, {}
     for backend, sample in (("jax", jax_sampling.sample), ("torch", torch_sampling.sample)):
         model = sample_tool.load_model(backend, checkpoint, "float32", "cpu")
         latents[backend] = sample(model, noise, text, pooled, neg_text, neg_pooled, 4, 4.0, 3.0, progress=False)
+        frames[backend] = sample_tool.latent_decoder(backend, encoders, None, tmp_path)(latents[backend])
     assert rel_err(latents["jax"], latents["torch"]) < 1e-5
-    frames_jax, frames_torch = encoders.decode_latents(latents["jax"]), encoders.decode_latents(latents["torch"])
-    assert frames_jax.shape == (1, 5, 32, 48, 3) and frames_jax.dtype == np.uint8
-    assert np.abs(frames_jax.astype(int) - frames_torch.astype(int)).max() <= 1
-    assert frames_jax.std() > 5, "decoded frames are not flat"
+    assert frames["jax"].shape == frames["torch"].shape == (1, 5, 32, 48, 3)
+    assert frames["jax"].dtype == frames["torch"].dtype == np.uint8
+    assert np.abs(frames["jax"].astype(int) - frames["torch"].astype(int)).max() <= 1
+    assert frames["jax"].std() > 5, "decoded frames are not flat"
 
 
-def test_cli_writes_mp4_for_each_prompt_in_both_backends(tmp_path, checkpoint):
+def test_cli_writes_mp4_for_each_prompt_in_both_backends(tmp_path, checkpoint, monkeypatch):
+    """Both backends write the same videos; the JAX one never calls the torch VAE decoder."""
     videos = {}
     for backend, extra in (("torch", []), ("jax", ["--transformer", str(checkpoint), "--batch-size", "2"])):
+        if backend == "jax":
+            monkeypatch.setattr(Encoders, "decode_latents", _torch_decode_forbidden)
         paths = sample_tool.main([*ARGS, "--backend", backend, "--out", str(tmp_path / backend), *extra])
         assert [p.name for p in paths] == ["000-a-cat-walking.mp4", "001-a-red-dog.mp4"]
         videos[backend] = [read_video(p) for p in paths]
@@ -51,6 +56,10 @@ def test_cli_writes_mp4_for_each_prompt_in_both_backends(tmp_path, checkpoint):
         # the random tiny model (torch, --model-seed 0) and the saved checkpoint are the same weights
         assert np.abs(torch_frames.astype(int) - jax_frames.astype(int)).mean() < 1.0
     assert np.abs(videos["jax"][0][0].astype(int) - videos["jax"][1][0].astype(int)).mean() > 1, "prompts differ"
+
+
+def _torch_decode_forbidden(self, latents):
+    raise AssertionError("the JAX backend decoded with the torch VAE")
 
 
 def test_cli_rejects_bad_arguments(capsys):
