@@ -1,11 +1,16 @@
-"""Multi-process training of the torch twin: process groups, FSDP2 sharding, Ulysses sequence parallel.
+"""Multi-process training of the torch twin: process groups, FSDP2 / HSDP sharding, Ulysses sequence parallel.
 
-The world is `dp x sp` ranks: ranks `[i*sp, (i+1)*sp)` form one sequence-parallel group that sees the same batch and
-splits its tokens; FSDP2 shards parameters over the whole world. Ulysses works without changing the model's math:
-forward hooks keep each rank's slice of the image and text tokens after the embeddings and gather the image tokens
-before the unpatchify, and an `Ops` wrapper turns the joint attention into all-to-all (tokens -> heads), full
-attention over every token for `heads / sp` heads, all-to-all back. Token order inside attention does not matter
-(no mask, positions are added at the embedding), so the interleaved [image_i; text_i] layout is exact.
+The world is the recipe's mesh `data x fsdp x sequence`, laid out like the JAX mesh (sequence fastest): rank
+`(d * fsdp + f) * sequence + s`. Ranks `[i*sequence, (i+1)*sequence)` form one sequence-parallel group that sees the
+same batch and splits its tokens; the `data x fsdp` groups each load their own slice of the global batch.
+Parameters are replicated over `mesh.data` and sharded over the rest (fsdp and sequence ranks hold the same weights):
+with `data > 1` that is FSDP2's hybrid sharding (HSDP) on a 2-D DeviceMesh (replicate=data, shard=fsdp x sequence),
+pure replication when the shard side has one rank; with `data == 1` plain FSDP over every rank.
+Ulysses works without changing the model's math: forward hooks keep each rank's slice of the image and text tokens
+after the embeddings and gather the image tokens before the unpatchify, and an `Ops` wrapper turns the joint
+attention into all-to-all (tokens -> heads), full attention over every token for `heads / sp` heads, all-to-all
+back. Token order inside attention does not matter (no mask, positions are added at the embedding), so the
+interleaved [image_i; text_i] layout is exact.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.utils.hooks import RemovableHandle
 
+from contentv_common.recipe import MeshConfig
 from contentv_torch_npu import device as device_mod
 from contentv_torch_npu.ops import Ops, ops_for
 from contentv_torch_npu.transformer import Transformer
@@ -26,13 +33,15 @@ from contentv_torch_npu.transformer import Transformer
 
 @dataclass(frozen=True)
 class Topology:
-    """This process's place in the `dp x sp` world; `sp_group` is None without sequence parallelism."""
+    """This process's place in the `data x fsdp x sp` world; `sp_group` is None without sequence parallelism and
+    `shard_mesh` (the DeviceMesh FSDP2 shards over) is None in a single process."""
 
     rank: int = 0
     world: int = 1
     sp: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     sp_group: dist.ProcessGroup | None = None
+    shard_mesh: DeviceMesh | None = None
 
     @property
     def dp(self) -> int:
@@ -51,36 +60,69 @@ class Topology:
         return self.rank == 0
 
 
-def init_distributed(device_name: str = "auto", sp: int = 1) -> Topology:
-    """Join the torchrun world (RANK / WORLD_SIZE / LOCAL_RANK), backend by device: hccl, nccl or gloo.
+def check_mesh(mesh: MeshConfig, world: int) -> None:
+    """The mesh must cover the world exactly; the torch twin has no tensor parallelism."""
+    if mesh.tensor != 1:
+        raise ValueError(f"mesh.tensor: the torch twin has no tensor parallelism (got {mesh.tensor})")
+    size = mesh.data * mesh.fsdp * mesh.sequence
+    if size != world:
+        raise ValueError(
+            f"mesh.data {mesh.data} x mesh.fsdp {mesh.fsdp} x mesh.sequence {mesh.sequence} = {size} processes, "
+            f"but the world size is {world} (launch {size} processes with torchrun, or change the recipe's mesh)"
+        )
 
-    A single process without torchrun variables runs without a process group (unless `sp > 1`, an error).
-    """
+
+def sequence_groups(mesh: MeshConfig) -> list[list[int]]:
+    """The ranks of each Ulysses group: consecutive runs of `mesh.sequence` ranks."""
+    world = mesh.data * mesh.fsdp * mesh.sequence
+    return [list(range(start, start + mesh.sequence)) for start in range(0, world, mesh.sequence)]
+
+
+def shard_mesh_shape(mesh: MeshConfig) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """FSDP2's mesh: (replicate=data, shard=fsdp x sequence) for HSDP when `data > 1`, else 1-D over all ranks."""
+    shard = mesh.fsdp * mesh.sequence
+    if mesh.data > 1:
+        return (mesh.data, shard), ("data", "shard")
+    return (shard,), ("shard",)
+
+
+def init_distributed(device_name: str = "auto", mesh: MeshConfig | None = None) -> Topology:
+    """Join the torchrun world (RANK / WORLD_SIZE / LOCAL_RANK), backend by device: hccl, nccl or gloo, and build
+    the recipe mesh's process groups. A single process without torchrun variables runs without a process group."""
+    mesh = mesh or MeshConfig()
     device = device_mod.resolve_device(device_name)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world % sp:
-        raise ValueError(f"sequence_parallel {sp} does not divide the world size {world}")
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    check_mesh(mesh, world)
     if world == 1 and not dist.is_initialized():
-        return Topology(device=device, sp=sp)
+        return Topology(device=device)
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = device_mod.local_device(device, local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend=device_mod.dist_backend(device), rank=rank, world_size=world)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     sp_group = None
-    if sp > 1:
-        for start in range(0, world, sp):  # every rank must create every group, in the same order
-            group = dist.new_group(list(range(start, start + sp)))
-            if start <= rank < start + sp:
+    if mesh.sequence > 1:
+        for ranks in sequence_groups(mesh):  # every rank must create every group, in the same order
+            group = dist.new_group(ranks)
+            if rank in ranks:
                 sp_group = group
-    return Topology(rank=rank, world=world, sp=sp, device=device, sp_group=sp_group)
+    shape, names = shard_mesh_shape(mesh)
+    return Topology(
+        rank=rank,
+        world=world,
+        sp=mesh.sequence,
+        device=device,
+        sp_group=sp_group,
+        shard_mesh=init_device_mesh(device.type, shape, mesh_dim_names=names),
+    )
 
 
-def shard_model(model: Transformer, reshard_after_forward: bool = True) -> Transformer:
-    """FSDP2: one `fully_shard` unit per joint block (gathered just in time), then the root for the rest."""
+def shard_model(model: Transformer, mesh: DeviceMesh | None = None, reshard_after_forward: bool = True) -> Transformer:
+    """FSDP2 (1-D `mesh`) or HSDP (2-D): one `fully_shard` unit per joint block (gathered just in time), then the
+    root for the rest. `mesh` None shards over the whole default process group."""
     for block in model.blocks:
-        fully_shard(block, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return model
 
 

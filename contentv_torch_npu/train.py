@@ -1,9 +1,11 @@
 """The torch twin's trainer: the same recipe, data order, timesteps and noise as the JAX core, on NPU, CUDA or CPU.
 
 Read top to bottom: `run` sets up processes, model, optimizer and data, then loops `train_step` and checkpoints.
-Parallelism is configuration: the recipe's mesh gives the sequence-parallel size (Ulysses), every rank shards the
-parameters with FSDP2, bf16 runs as autocast over fp32 master weights (`compute_dtype`), and any `remat` other
-than "none" recomputes each block in the backward pass (activation checkpointing).
+Parallelism is configuration: the recipe's mesh (`data x fsdp x sequence` processes) gives the sequence-parallel
+size (Ulysses) and the parameter layout (FSDP2 over every rank, or HSDP replicated over `mesh.data`), bf16 runs
+as autocast over fp32 master weights (`compute_dtype`), and any `remat` other than "none" recomputes each block in
+the backward pass (activation checkpointing). A non-finite step is skipped and counted; more than `nan_skip_limit`
+of them stop the run (`TrainingStopped`), keeping the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ from contentv_torch_npu.loading import load_transformer
 from contentv_torch_npu.transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class TrainingStopped(RuntimeError):
+    """Too many non-finite steps: the run stops; the last good checkpoint stays on disk."""
 
 
 def learning_rate(opt: OptimizerConfig, updates: int, total_steps: int) -> float:
@@ -118,7 +124,8 @@ def train_step(
 ) -> tuple[float, float, bool]:
     """Forward, backward, clip, AdamW, EMA. Returns (loss, grad norm, applied); a non-finite step is skipped.
 
-    Each rank's loss is its rows' mean; FSDP averages gradients over all ranks, and the ranks of a sequence-parallel
+    Each rank's loss is its rows' mean; FSDP (and HSDP: reduce-scatter over the shard ranks, all-reduce over the
+    replicas) averages gradients over all ranks, and the ranks of a sequence-parallel
     group each hold their tokens' share, so the loss is scaled by the group size to make the average a sum there.
     """
     topo = topo or Topology()
@@ -191,13 +198,11 @@ def run(
 ) -> dict[str, Any]:
     """Train `recipe` (resuming from its checkpoint dir if it holds a checkpoint); returns the last metrics.
 
-    Launch several processes with torchrun; `mesh.sequence` ranks share each batch (Ulysses), the rest is data
-    parallel. `mesh.tensor` > 1 is not supported by the torch twin. `on_step` (main rank only) gets the same
-    record as the JAX trainer's: {step (0-based), loss, grad_norm, skipped, step_time, batch (global size)}.
+    Launch `data x fsdp x sequence` processes with torchrun; `mesh.sequence` ranks share each batch (Ulysses), the
+    rest is data parallel. `mesh.tensor` > 1 is not supported by the torch twin. `on_step` (main rank only) gets the
+    same record as the JAX trainer's: {step (0-based), loss, grad_norm, skipped, step_time, batch (global size)}.
     """
-    if recipe.mesh.tensor != 1:
-        raise ValueError(f"mesh.tensor: the torch twin has no tensor parallelism (got {recipe.mesh.tensor})")
-    topo = init_distributed(device, sp=recipe.mesh.sequence)
+    topo = init_distributed(device, recipe.mesh)
     cache = open_cache(recipe.data, encoders, build=topo.is_main, progress=progress)
     if topo.world > 1:
         dist.barrier()
@@ -207,7 +212,7 @@ def run(
     if topo.sp > 1:
         enable_sequence_parallel(model, topo.sp_group, topo.device.type)
     if topo.world > 1:
-        shard_model(model)
+        shard_model(model, topo.shard_mesh)
     optimizer = make_optimizer(model, recipe.optimizer)
     decay = recipe.optimizer.ema_decay
     ema = {n: p.detach().clone() for n, p in model.named_parameters()} if decay else None
@@ -250,14 +255,11 @@ def run(
         loss, norm, applied = train_step(
             model, optimizer, inputs, lr=lr, grad_clip=recipe.optimizer.grad_clip, ema=ema, ema_decay=decay, topo=topo
         )
+        step_time = time.perf_counter() - start
         if not applied:
             counters["nan_skips"] += 1
-            if counters["nan_skips"] > recipe.nan_skip_limit:
-                raise FloatingPointError(
-                    f"step {step}: non-finite loss or gradients {counters['nan_skips']} times "
-                    f"(nan_skip_limit {recipe.nan_skip_limit})"
-                )
-        step_time = time.perf_counter() - start
+            if topo.is_main:
+                bar.write(f"step {step}: non-finite loss {loss} / grad norm {norm}, skipped")
         if on_step is not None and topo.is_main:
             on_step(
                 {"step": step, "loss": loss, "grad_norm": norm, "skipped": not applied, "step_time": step_time,
@@ -265,10 +267,17 @@ def run(
             )  # fmt: skip
         step, position = step + 1, position + 1
         metrics = {"step": step, "loss": loss, "grad_norm": norm, "lr": lr, "skipped": not applied}
-        metrics["step_s"] = step_time
+        metrics.update(nan_skips=counters["nan_skips"], step_s=step_time)
         if topo.is_main and step % recipe.log_interval == 0:
             with log_file.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
+        if counters["nan_skips"] > recipe.nan_skip_limit:
+            bar.close()
+            last = ckpt.latest_checkpoint(recipe.checkpoint.dir)
+            raise TrainingStopped(
+                f"{counters['nan_skips']} non-finite steps (limit nan_skip_limit={recipe.nan_skip_limit}); "
+                f"last good checkpoint: {last if last else 'none'}"
+            )
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if step % recipe.checkpoint.interval == 0 or step == recipe.steps:

@@ -1,17 +1,24 @@
-"""The torch trainer end to end on the tiny recipe: it learns, checkpoints atomically, resumes exactly, and 2 gloo
-processes (FSDP2 data parallel, or Ulysses sequence parallel) follow the single-process losses."""
+"""The torch trainer end to end on the tiny recipe: it learns, checkpoints atomically, resumes exactly, trains in
+bf16 autocast over fp32 masters, skips non-finite steps (then stops), and 2 gloo processes (FSDP2, Ulysses
+sequence parallel, or the replicated data axis) follow the single-process losses."""
 
 import json
 import os
+import shutil
 import socket
 
 import numpy as np
 import pytest
+import torch
 import torch.multiprocessing as mp
+from safetensors.numpy import load_file, save_file
 
+from contentv_common.config import named_model_config
+from contentv_common.data.cache import read_index
 from contentv_common.recipe import load_recipe
 from contentv_torch_npu import checkpointing as ckpt
-from contentv_torch_npu.train import learning_rate, run
+from contentv_torch_npu.train import StepInputs, TrainingStopped, learning_rate, make_optimizer, run, train_step
+from contentv_torch_npu.transformer import Transformer
 
 RECIPE = "configs/recipes/tiny.yaml"
 
@@ -60,9 +67,79 @@ def test_learning_rate_schedule():
     assert lrs[9] == pytest.approx(opt.lr / 2) and lrs[14] == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.fixture(scope="module")
+def single_run(tiny_dataset, tmp_path_factory):
+    """3 fp32 steps in one process: the reference of the multi-process and bf16 runs."""
+    folder = tmp_path_factory.mktemp("single")
+    run(_recipe(tiny_dataset, folder, steps=3), device="cpu", progress=False)
+    return folder
+
+
 def test_bad_mesh_is_an_error(tiny_dataset, tmp_path):
     with pytest.raises(ValueError, match="mesh.tensor"):
         run(_recipe(tiny_dataset, tmp_path, **{"mesh.tensor": 2}), device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"mesh.data 2 x mesh.fsdp 1 x mesh.sequence 1 = 2 .* world size is 1"):
+        run(_recipe(tiny_dataset, tmp_path, **{"mesh.data": 2}), device="cpu", progress=False)
+
+
+def test_bf16_autocast_keeps_fp32_masters(tiny_dataset, tmp_path, single_run, rel_err):
+    """A sanity check, not parity: bf16 compute changes the losses a little, the weights and moments stay fp32."""
+    run(_recipe(tiny_dataset, tmp_path, steps=3, compute_dtype="bfloat16"), device="cpu", progress=False)
+    bf16, fp32 = np.array(_losses(tmp_path)), np.array(_losses(single_run))
+    assert np.isfinite(bf16).all() and not np.array_equal(bf16, fp32)  # autocast did run in bf16
+    assert rel_err(bf16, fp32) < 1e-2, (bf16, fp32)
+    state = ckpt.load_state(tmp_path / "ckpt" / "step_00000003")
+    for field in ("params", "exp_avg", "exp_avg_sq", "ema"):
+        assert {a.dtype for a in getattr(state, field).values()} == {np.dtype(np.float32)}, field
+    fp32_state = ckpt.load_state(single_run / "ckpt" / "step_00000003")
+    assert rel_err(state.params["proj_out.weight"], fp32_state.params["proj_out.weight"]) < 5e-2
+
+
+def test_non_finite_step_changes_nothing():
+    """A NaN batch: the step reports itself skipped and leaves weights, AdamW moments and the EMA untouched."""
+    torch.manual_seed(0)
+    model = Transformer(named_model_config("tiny"), ops="torch")
+    recipe = load_recipe(RECIPE)
+    optimizer = make_optimizer(model, recipe.optimizer)
+    ema = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 16, 1, 4, 4, generator=g)
+    latents[1, 0, 0, 0, 0] = float("nan")
+    inputs = StepInputs(
+        latents, torch.randn(latents.shape, generator=g), torch.tensor([0.3, 0.7]), torch.ones(2),
+        torch.randn(2, 5, 48, generator=g), torch.randn(2, 24, generator=g),
+    )  # fmt: skip
+    loss, norm, applied = train_step(model, optimizer, inputs, lr=1e-3, grad_clip=1.0, ema=ema, ema_decay=0.9)
+    assert not applied and not np.isfinite(loss)
+    assert not optimizer.state and all(p.grad is None for p in model.parameters())
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and torch.equal(ema[n], before[n]), n
+
+
+def test_nan_steps_are_skipped_then_the_run_stops(tiny_dataset, tmp_path):
+    """Twin of tests/jax/test_train.py: after 2 good steps the cache turns NaN; each step is skipped, counted and
+    reported, and the third skip (nan_skip_limit 2) stops the run with the step-2 checkpoint kept intact."""
+    run(_recipe(tiny_dataset, tmp_path, steps=2, nan_skip_limit=2), device="cpu", progress=False)
+    good = ckpt.load_state(tmp_path / "ckpt" / "step_00000002")
+    bad = tmp_path / "nan_cache"
+    shutil.copytree(tiny_dataset["cache_dir"], bad)
+    for sample in read_index(bad).samples:
+        tensors = load_file(str(bad / sample["file"]))
+        tensors["latents"][:] = np.nan
+        save_file(tensors, str(bad / sample["file"]))
+    data = {**tiny_dataset, "cache_dir": str(bad), "text_dropout": 0.25, "num_threads": 0}
+    recipe = _recipe(tiny_dataset, tmp_path, steps=10, nan_skip_limit=2, data=data, **{"checkpoint.interval": 100})
+    seen = []
+    with pytest.raises(TrainingStopped, match=r"3 non-finite steps \(limit nan_skip_limit=2\).*step_00000002"):
+        run(recipe, device="cpu", progress=False, on_step=seen.append)
+    assert [(r["step"], r["skipped"]) for r in seen] == [(2, True), (3, True), (4, True)]
+    logged = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["skipped"], r["nan_skips"]) for r in logged] == [(False, 0), (False, 0), (True, 1), (True, 2), (True, 3)]
+    assert ckpt.latest_checkpoint(tmp_path / "ckpt").name == "step_00000002"
+    kept = ckpt.load_state(tmp_path / "ckpt" / "step_00000002")
+    assert all(np.array_equal(kept.params[k], good.params[k]) for k in good.params)
+    assert all(np.isfinite(a).all() for a in kept.params.values())
 
 
 def _worker(rank, world, port, dataset, folder, overrides):
@@ -81,10 +158,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mesh", [{"mesh.fsdp": 2}, {"mesh.sequence": 2}], ids=["fsdp2", "ulysses"])
-def test_two_processes_follow_one(tiny_dataset, tmp_path, mesh, rel_err):
-    single = tmp_path / "single"
-    run(_recipe(tiny_dataset, single, steps=3), device="cpu", progress=False)
+@pytest.mark.parametrize(
+    "mesh", [{"mesh.fsdp": 2}, {"mesh.sequence": 2}, {"mesh.data": 2}], ids=["fsdp2", "ulysses", "replicate"]
+)
+def test_two_processes_follow_one(tiny_dataset, tmp_path, mesh, rel_err, single_run):
+    single = single_run
     multi = tmp_path / "multi"
     mp.spawn(_worker, args=(2, _free_port(), tiny_dataset, multi, {"steps": 3, **mesh}), nprocs=2, join=True)
     assert rel_err(_losses(multi), _losses(single)) < 1e-5
