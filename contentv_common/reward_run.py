@@ -1,22 +1,28 @@
 """What a reward fine-tuning run does the same way in both backends (numpy): batches, held-out evaluation inputs,
-reward construction from the recipe, and the per-step log (JSONL) with its plot.
+reward construction from the recipe, the per-step log (JSONL) with its plot, and what a checkpoint records besides
+tensors (`ResumePoint`).
 
 Every random draw is a pure function of (seed, step) through `contentv_common.schedules.step_rng`, so the JAX run and
-the torch run of one recipe see the same prompts, noise, SFT samples and exploration noise.
+the torch run of one recipe see the same prompts, noise, SFT samples and exploration noise, and the step alone is
+the data and RNG position a resumed run needs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from contentv_common.config import ConfigError
 from contentv_common.data.cache import Encoders, LatentCache, build_cache, cache_is_current, cache_settings
 from contentv_common.reward import BlackBoxReward, as_black_box, load_black_box, simple_reward
 from contentv_common.reward_recipe import RewardModelConfig, RewardRecipe
+from contentv_common.safetensors_io import CheckpointError
 from contentv_common.sampling import latent_shape
 from contentv_common.schedules import flow_inputs, resolve_shift, step_rng
 
@@ -123,16 +129,73 @@ def differentiable_builtin(cfg: RewardModelConfig):
     return simple_reward(cfg.kind, **({"target": cfg.target} if cfg.kind == "target_colour" else {}))
 
 
+def uses_ema_anchor(recipe: RewardRecipe) -> bool:
+    """The anchor that changes during training (so a checkpoint must carry it): ReFL with `refl.anchor: ema`."""
+    return recipe.method == "refl" and recipe.refl.anchor == "ema"
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A checkpoint's counters: the next step (also the data/RNG position), the reward log's line count when it was
+    written (later lines belong to steps the resumed run redoes), the seed and whether it holds an EMA anchor."""
+
+    step: int
+    log_lines: int
+    seed: int
+    ema_anchor: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def read(cls, values: Mapping[str, Any], recipe: RewardRecipe, where: str | Path) -> ResumePoint:
+        """Parse a checkpoint's counters and check that `recipe` can continue from them (errors name the key)."""
+        try:
+            point = cls(**{k: int(values[k]) for k in ("step", "log_lines", "seed", "ema_anchor")})
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: not a reward-run checkpoint ({type(e).__name__}: {e})") from None
+        if point.seed != recipe.seed:
+            raise ConfigError(
+                f"seed: the recipe has {recipe.seed} but the checkpoint in {where} continues a run with seed "
+                f"{point.seed}; use the same seed or a new checkpoint.dir"
+            )
+        if uses_ema_anchor(recipe) and not point.ema_anchor:
+            raise ConfigError(
+                f"refl.anchor: ema, but the checkpoint in {where} holds no EMA anchor; use the anchor it was "
+                "written with or a new checkpoint.dir"
+            )
+        return point
+
+
 class RewardLog:
     """Appends one JSON line per step to `<log_dir>/reward_log.jsonl` (flushed, so a crash loses nothing logged) and
-    draws `reward.png` (reward mean +- std per step, held-out reward) from it."""
+    draws `reward.png` (reward mean +- std per step, held-out reward) from it.
 
-    def __init__(self, log_dir: str | Path, fresh: bool = True):
+    `keep_lines` > 0 resumes a log: its first `keep_lines` lines (the steps a checkpoint covers) stay and the rest,
+    written by steps after that checkpoint, is cut (atomically) because the resumed run writes them again.
+    """
+
+    def __init__(self, log_dir: str | Path, keep_lines: int = 0):
         self.dir = Path(log_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "reward_log.jsonl"
-        if fresh:
+        if keep_lines == 0:
             self.path.unlink(missing_ok=True)
+            self.lines = 0
+            return
+        lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+        if len(lines) < keep_lines:
+            raise CheckpointError(
+                f"{self.path}: {len(lines)} lines, but the checkpoint being resumed was written after "
+                f"{keep_lines}; restore the log or start a new run (new checkpoint.dir)"
+            )
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            f.writelines(lines[:keep_lines])
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.path)
+        self.lines = keep_lines
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
@@ -140,6 +203,7 @@ class RewardLog:
                                 for k, v in record.items()}) + "\n")  # fmt: skip
             f.flush()
             os.fsync(f.fileno())
+        self.lines += 1
 
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

@@ -2,8 +2,14 @@
 
 Text encoders and the SFT data cache go through the torch `Encoders` (numpy in and out, as in training); the
 transformer, the VAE decode of the first frame and a CLIP reward run in JAX. Writes `<log_dir>/reward_log.jsonl`
-(reward mean/std per step, held-out reward every `rollout.eval_interval` steps), `<log_dir>/reward.png`, and the
-tuned weights to `checkpoint.dir` (our JAX format) every `checkpoint.interval` steps and at the end.
+(reward mean/std per step, held-out reward every `rollout.eval_interval` steps) and `<log_dir>/reward.png`.
+
+Every `checkpoint.interval` steps (and at the end) an orbax checkpoint goes to `checkpoint.dir` through the training
+`Checkpointer` (atomic, `checkpoint.keep` kept): params, optimizer state, the EMA anchor when `refl.anchor: ema`, and
+the counters of `ResumePoint` as JSON. A run whose checkpoint dir holds a checkpoint continues from the latest one
+and gives the same per-step records as an uninterrupted run; the frozen anchor is rebuilt from the initial weights
+(`init_from` or the seed). At the end the tuned model is exported as a transformer folder (our JAX format, read by
+`load_transformer`) next to the checkpoint dir: `<checkpoint.dir>/../transformer`.
 """
 
 from __future__ import annotations
@@ -13,13 +19,23 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
 from contentv_common.reward import to_uint8
 from contentv_common.reward_recipe import RewardRecipe
-from contentv_common.reward_run import RewardData, RewardLog, black_box_reward, differentiable_builtin, open_sft_cache
+from contentv_common.reward_run import (
+    ResumePoint,
+    RewardData,
+    RewardLog,
+    black_box_reward,
+    differentiable_builtin,
+    open_sft_cache,
+    uses_ema_anchor,
+)
 from contentv_jax import reward_train as jr
+from contentv_jax.checkpointing import Checkpointer, abstract_like
 from contentv_jax.loading import load_transformer, save_jax
 from contentv_jax.sampling import sample
 from contentv_jax.transformer import Transformer
@@ -67,8 +83,39 @@ def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe) 
     return float(np.mean(score(to_uint8(frames), prompts)))
 
 
+def _modules(model: nnx.Module, optimizer: nnx.Optimizer, anchor: nnx.Module | None) -> dict[str, nnx.Module]:
+    return {"params": model, "optimizer": optimizer, **({"anchor": anchor} if anchor is not None else {})}
+
+
+def _state(modules: dict[str, nnx.Module]) -> dict[str, Any]:
+    """The checkpointed tree: the model's and the anchor's nnx.Params, all of the optimizer's state."""
+    return {
+        k: nnx.to_pure_dict(nnx.state(m) if k == "optimizer" else nnx.state(m, nnx.Param)) for k, m in modules.items()
+    }
+
+
+def _resume(recipe: RewardRecipe, checkpointer: Checkpointer, modules: dict[str, nnx.Module]) -> tuple[int, RewardLog]:
+    """(first step, log) of the run: 0 and a fresh log, or the latest checkpoint's step with the modules restored
+    in place and the log cut back to that step."""
+    step = checkpointer.latest_step()
+    if step is None:
+        return 0, RewardLog(recipe.log_dir)
+    counters = checkpointer.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+    point = ResumePoint.read(counters, recipe, checkpointer.dir / str(step))  # before the tensors: clear errors
+    target = abstract_like(_state(modules))
+    if point.ema_anchor and "anchor" not in target:  # an EMA anchor this recipe does not use: read, then dropped
+        target["anchor"] = target["params"]
+    state, _ = checkpointer.restore(target, step)
+    for key, module in modules.items():
+        current = nnx.state(module) if key == "optimizer" else nnx.state(module, nnx.Param)
+        nnx.replace_by_pure_dict(current, state[key])
+        nnx.update(module, current)
+    return point.step, RewardLog(recipe.log_dir, keep_lines=point.log_lines)
+
+
 def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:
-    """Train per the recipe; returns the last step's record."""
+    """Train per the recipe, resuming from `checkpoint.dir` when it holds a checkpoint; returns the last step's
+    record."""
     encoders = _encoders(recipe)
     data = RewardData(recipe, encoders, open_sft_cache(recipe, encoders, progress))
     model = _model(recipe)
@@ -80,24 +127,34 @@ def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:
     clip = _clip_reward(recipe) if recipe.reward.kind == "clip" else None
     scorer = black_box_reward(recipe.reward, clip)
     reward = (clip if clip is not None else jr.carried(differentiable_builtin(recipe.reward))) if refl else None
-    log = RewardLog(recipe.log_dir)
-    record: dict[str, Any] = {}
-    for step in tqdm(range(recipe.steps), desc=f"reward {recipe.method} (jax)", disable=not progress):
-        batch, prompts, step_noise = data.rollout(step)
-        batch.update(data.sft(step))
-        if refl:
-            batch["tokens"] = jr.unwrap(reward).tokenize(prompts)
-            metrics = jr.refl_train_step(optimizer, model, ref_model, decoder, reward, jr.to_device_batch(batch),
-                                         recipe.rollout, recipe.refl)  # fmt: skip
-        else:
-            metrics = jr.grpo_iteration(optimizer, model, ref_model, decoder, scorer, batch, step_noise, prompts,
-                                        recipe.rollout, grpo)  # fmt: skip
-        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        last = step == recipe.steps - 1
-        if step % recipe.rollout.eval_interval == 0 or last:
-            record["eval_reward_mean"] = _eval_reward(model, decoder, scorer, data, recipe)
-        log.write(record)
-        if (step + 1) % recipe.checkpoint.interval == 0 or last:
-            save_jax(recipe.checkpoint.dir, model, overwrite=True)
+    ema_anchor = ref_model if uses_ema_anchor(recipe) else None
+    modules = _modules(model, optimizer, ema_anchor)
+    checkpointer = Checkpointer(recipe.checkpoint)
+    start, log = _resume(recipe, checkpointer, modules)
+    try:
+        steps = tqdm(range(start, recipe.steps), desc=f"reward {recipe.method} (jax)", initial=start,
+                     total=recipe.steps, disable=not progress)  # fmt: skip
+        for step in steps:
+            batch, prompts, step_noise = data.rollout(step)
+            batch.update(data.sft(step))
+            if refl:
+                batch["tokens"] = jr.unwrap(reward).tokenize(prompts)
+                metrics = jr.refl_train_step(optimizer, model, ref_model, decoder, reward, jr.to_device_batch(batch),
+                                             recipe.rollout, recipe.refl)  # fmt: skip
+            else:
+                metrics = jr.grpo_iteration(optimizer, model, ref_model, decoder, scorer, batch, step_noise, prompts,
+                                            recipe.rollout, grpo)  # fmt: skip
+            record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+            last = step == recipe.steps - 1
+            if step % recipe.rollout.eval_interval == 0 or last:
+                record["eval_reward_mean"] = _eval_reward(model, decoder, scorer, data, recipe)
+            log.write(record)
+            if (step + 1) % recipe.checkpoint.interval == 0 or last:
+                point = ResumePoint(step + 1, log.lines, recipe.seed, int(ema_anchor is not None))
+                checkpointer.save(step + 1, _state(modules), point.as_dict())
+    finally:
+        checkpointer.close()
+    save_jax(Path(recipe.checkpoint.dir).parent / "transformer", model, overwrite=True)
     log.plot(f"{recipe.method} (jax): {recipe.reward.kind}")
-    return record
+    records = log.records()
+    return records[-1] if records else {}

@@ -1,7 +1,14 @@
 """`run(recipe)`: a reward fine-tuning run (ReFL or GRPO) of the torch transformer, logged per step.
 
 The twin of contentv_jax/reward_run.py (same numpy batches from contentv_common.reward_run, same log and plot);
-runs on CPU, CUDA or Ascend NPU (`device="auto"`). Tuned weights go to `checkpoint.dir` in our torch format.
+runs on CPU, CUDA or Ascend NPU (`device="auto"`).
+
+Every `checkpoint.interval` steps (and at the end) the run writes `checkpoint.dir/step_NNNNNNNN/` atomically with the
+training checkpoint code (contentv_torch_npu/checkpointing.py: safetensors + JSON): `model/` (our torch weights
+format, which `load_transformer` reads: the tuned model), AdamW moments and step, `ema/` = the EMA anchor when
+`refl.anchor: ema`, and the counters of `ResumePoint`. A run whose checkpoint dir holds a checkpoint continues from the
+latest one and gives the same per-step records as an uninterrupted run; the frozen anchor is rebuilt from the
+initial weights (`init_from` or the seed).
 """
 
 from __future__ import annotations
@@ -15,10 +22,20 @@ from tqdm.auto import tqdm
 
 from contentv_common.reward import to_uint8
 from contentv_common.reward_recipe import RewardRecipe
-from contentv_common.reward_run import RewardData, RewardLog, black_box_reward, differentiable_builtin, open_sft_cache
+from contentv_common.reward_run import (
+    ResumePoint,
+    RewardData,
+    RewardLog,
+    black_box_reward,
+    differentiable_builtin,
+    open_sft_cache,
+    uses_ema_anchor,
+)
+from contentv_common.safetensors_io import CheckpointError
+from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu import reward_train as tr
 from contentv_torch_npu.device import resolve_device
-from contentv_torch_npu.loading import load_transformer, save_torch
+from contentv_torch_npu.loading import load_transformer
 from contentv_torch_npu.sampling import sample
 from contentv_torch_npu.transformer import Transformer
 
@@ -55,8 +72,41 @@ def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe) 
     return float(np.mean(score(to_uint8(frames), prompts)))
 
 
+def _resume(
+    recipe: RewardRecipe, model: torch.nn.Module, optimizer: torch.optim.Optimizer, anchor: torch.nn.Module | None
+) -> tuple[int, RewardLog]:
+    """(first step, log) of the run: 0 and a fresh log, or the latest checkpoint's step with model, AdamW and EMA
+    anchor restored in place and the log cut back to that step."""
+    folder = ckpt.latest_checkpoint(recipe.checkpoint.dir)
+    if folder is None:
+        return 0, RewardLog(recipe.log_dir)
+    state = ckpt.load_state(folder)
+    point = ResumePoint.read({**state.counters, "step": state.step}, recipe, folder)
+    ckpt.restore_weights(model, state.params)
+    ckpt.restore_optimizer(model, optimizer, state)
+    if anchor is not None:
+        if state.ema is None:
+            raise CheckpointError(f"{folder}: the EMA anchor (ema/) is missing")
+        ckpt.restore_weights(anchor, state.ema)
+    return point.step, RewardLog(recipe.log_dir, keep_lines=point.log_lines)
+
+
+def _save(
+    recipe: RewardRecipe,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    anchor: torch.nn.Module | None,
+    point: ResumePoint,
+) -> None:
+    ema = None if anchor is None else dict(anchor.named_parameters())
+    counters = {k: v for k, v in point.as_dict().items() if k != "step"}
+    state = ckpt.gather_state(model, optimizer, ema, step=point.step, data_position=point.step, counters=counters)
+    ckpt.save_state(recipe.checkpoint.dir, state, recipe.checkpoint.keep)
+
+
 def run(recipe: RewardRecipe, progress: bool = True, device: str = "auto") -> dict[str, Any]:
-    """Train per the recipe; returns the last step's record."""
+    """Train per the recipe, resuming from `checkpoint.dir` when it holds a checkpoint; returns the last step's
+    record."""
     from contentv_torch_npu.encoders import load_encoders, tiny_encoders
 
     dev = resolve_device(device)
@@ -79,9 +129,11 @@ def run(recipe: RewardRecipe, progress: bool = True, device: str = "auto") -> di
         clip = load_clip_reward(recipe.reward.path, dev)
     scorer = black_box_reward(recipe.reward, _TorchBlackBox(clip, dev) if clip is not None else None)
     reward = (clip if clip is not None else differentiable_builtin(recipe.reward)) if refl else None
-    log = RewardLog(recipe.log_dir)
-    record: dict[str, Any] = {}
-    for step in tqdm(range(recipe.steps), desc=f"reward {recipe.method} (torch)", disable=not progress):
+    ema_anchor = ref_model if uses_ema_anchor(recipe) else None
+    start, log = _resume(recipe, model, optimizer, ema_anchor)
+    steps = tqdm(range(start, recipe.steps), desc=f"reward {recipe.method} (torch)", initial=start,
+                 total=recipe.steps, disable=not progress)  # fmt: skip
+    for step in steps:
         batch, prompts, step_noise = data.rollout(step)
         batch.update(data.sft(step))
         if refl:
@@ -97,6 +149,8 @@ def run(recipe: RewardRecipe, progress: bool = True, device: str = "auto") -> di
             record["eval_reward_mean"] = _eval_reward(model, decoder, scorer, data, recipe)
         log.write(record)
         if (step + 1) % recipe.checkpoint.interval == 0 or last:
-            save_torch(recipe.checkpoint.dir, model, overwrite=True)
+            _save(recipe, model, optimizer, ema_anchor,
+                  ResumePoint(step + 1, log.lines, recipe.seed, int(ema_anchor is not None)))  # fmt: skip
     log.plot(f"{recipe.method} (torch): {recipe.reward.kind}")
-    return record
+    records = log.records()
+    return records[-1] if records else {}

@@ -166,7 +166,10 @@ def train_reward(
         from contentv_jax.reward_run import run
     else:
         from contentv_torch_npu.reward_run import run
-    record = run(recipe, progress=progress)
+    try:
+        record = run(recipe, progress=progress)
+    except ConfigError as e:
+        parser.error(str(e))
     print(f"reward fine-tuning ({recipe.method}, {backend}): last step {record}")
     return 0
 

@@ -1,8 +1,11 @@
-"""End to end: the tiny reward recipes run in each backend, log reward mean/std per step, plot, and checkpoint."""
+"""End to end: the tiny reward recipes run in each backend, log reward mean/std per step, plot, checkpoint, and
+resume from a checkpoint exactly."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -33,31 +36,94 @@ def _recipe(name: str, synthetic, tmp_path, **extra):
     return load_reward_recipe(f"configs/recipes/{name}.yaml", overrides)
 
 
-@pytest.mark.parametrize("name", ["reward_refl_tiny", "reward_grpo_tiny"])
-def test_torch_run_logs_plots_and_checkpoints(name, synthetic, tmp_path):
+def _rows(tmp_path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "logs" / "reward_log.jsonl").read_text().splitlines()]
+
+
+def _count_rollouts(monkeypatch) -> list[int]:
+    """The steps a run actually executes (to tell a resumed run from one that started over)."""
+    from contentv_common.reward_run import RewardData
+
+    steps, rollout = [], RewardData.rollout
+
+    def counted(self, step):
+        steps.append(step)
+        return rollout(self, step)
+
+    monkeypatch.setattr(RewardData, "rollout", counted)
+    return steps
+
+
+@pytest.mark.parametrize(
+    "name, extra",
+    [
+        ("reward_refl_tiny", {"refl.anchor": "ema"}),
+        ("reward_grpo_tiny", {"grpo.group_size": 2, "grpo.updates_per_rollout": 1, "rollout.steps": 2}),
+    ],
+)
+def test_torch_run_logs_plots_checkpoints_and_resumes(name, extra, synthetic, tmp_path, monkeypatch):
+    """3 steps with checkpoints after steps 2 and 3; the step-3 checkpoint is then deleted (a crash after the log
+    line of step index 2, before its checkpoint) and the rerun must redo exactly that step: same log, same weights,
+    AdamW moments and EMA anchor, bit for bit."""
+    from contentv_torch_npu.checkpointing import latest_checkpoint, load_state
     from contentv_torch_npu.reward_run import run
 
-    grpo = {"grpo.group_size": 2, "grpo.updates_per_rollout": 1, "steps": 2, "rollout.steps": 2}
-    recipe = _recipe(name, synthetic, tmp_path, **(grpo if "grpo" in name else {}))
+    executed = _count_rollouts(monkeypatch)
+    recipe = _recipe(name, synthetic, tmp_path, **{"checkpoint.interval": 2, **extra})
     last = run(recipe, progress=False, device="cpu")
-    rows = [json.loads(line) for line in (tmp_path / "logs" / "reward_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(recipe.steps))
+    rows = _rows(tmp_path)
+    assert executed == [0, 1, 2] and [r["step"] for r in rows] == [0, 1, 2]
     assert all(np.isfinite(r["reward_mean"]) and r["reward_std"] >= 0 and r["sft_loss"] > 0 for r in rows)
-    assert [r["step"] for r in rows if "eval_reward_mean" in r] == [0, recipe.steps - 1]
+    assert [r["step"] for r in rows if "eval_reward_mean" in r] == [0, 2]
     assert last == rows[-1]
     assert (tmp_path / "logs" / "reward.png").stat().st_size > 1000
-    assert (tmp_path / "ckpt" / "contentv_config.json").exists()
+    final = latest_checkpoint(tmp_path / "ckpt")
+    assert final.name == "step_00000003" and (final / "model" / "contentv_config.json").exists()
+    full = load_state(final)
+    assert full.step == 3 and full.counters["log_lines"] == 3 and (full.ema is not None) == ("refl" in name)
+
+    shutil.rmtree(final)
+    executed.clear()
+    resumed = run(recipe, progress=False, device="cpu")
+    assert executed == [2]
+    assert _rows(tmp_path) == rows and resumed == last
+    again = load_state(latest_checkpoint(tmp_path / "ckpt"))
+    assert again.adam_step == full.adam_step
+    for field in ("params", "exp_avg", "exp_avg_sq") + (("ema",) if full.ema is not None else ()):
+        a, b = getattr(full, field), getattr(again, field)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), field
+
+    executed.clear()
+    assert run(recipe, progress=False, device="cpu") == last and executed == []  # finished: nothing to redo
+    with pytest.raises(ConfigError, match="^seed: the recipe has 5"):
+        run(replace(recipe, seed=5), progress=False, device="cpu")
 
 
-def test_jax_run_refl(synthetic, tmp_path):
+def test_jax_run_resumes_exactly(synthetic, tmp_path, monkeypatch):
+    """JAX twin of the torch resume test (2 steps, checkpoint every step, the last one deleted)."""
+    import jax
+    from flax import nnx
+
+    from contentv_jax.loading import load_transformer
     from contentv_jax.reward_run import run
 
-    recipe = _recipe("reward_refl_tiny", synthetic, tmp_path, steps=2, **{"rollout.steps": 2, "refl.grad_steps": 1})
+    executed = _count_rollouts(monkeypatch)
+    overrides = {"rollout.steps": 2, "refl.grad_steps": 1, "refl.anchor": "ema", "checkpoint.interval": 1}
+    recipe = _recipe("reward_refl_tiny", synthetic, tmp_path, steps=2, **overrides)
     run(recipe, progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "logs" / "reward_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1]
+    rows = _rows(tmp_path)
+    assert executed == [0, 1] and [r["step"] for r in rows] == [0, 1]
     assert all(np.isfinite(r["reward_mean"]) and np.isfinite(r["eval_reward_mean"]) for r in rows)
-    assert (tmp_path / "logs" / "reward.png").exists() and (tmp_path / "ckpt" / "params").is_dir()
+    assert (tmp_path / "logs" / "reward.png").exists()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1", "2"]
+    weights = nnx.to_pure_dict(nnx.state(load_transformer(tmp_path / "transformer"), nnx.Param))
+
+    shutil.rmtree(tmp_path / "ckpt" / "2")
+    executed.clear()
+    run(recipe, progress=False)
+    assert executed == [1] and _rows(tmp_path) == rows
+    again = nnx.to_pure_dict(nnx.state(load_transformer(tmp_path / "transformer"), nnx.Param))
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), weights, again)))
 
 
 def test_recipe_errors_name_the_key(tmp_path):
