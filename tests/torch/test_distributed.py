@@ -96,6 +96,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     out.update({f"dp_param/{n}": t.numpy() for n, t in full.items() if n != "patch_embed.pos_table"})
     np.savez(os.path.join(folder, f"rank{rank}.npz"), **out)
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 
@@ -159,6 +160,7 @@ def _hsdp_worker(rank: int, world: int, port: int, folder: str) -> None:
     if rank == 0:
         out.update({f"param/{n}": t.numpy() for n, t in full.items() if n != "patch_embed.pos_table"})
     np.savez(os.path.join(folder, f"rank{rank}.npz"), **out)
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

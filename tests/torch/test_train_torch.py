@@ -149,6 +149,7 @@ def _worker(rank, world, port, dataset, folder, overrides):
 
     torch.set_num_threads(1)
     run(_recipe(dataset, folder, **overrides), device="cpu", progress=False)
+    torch.distributed.barrier()  # no rank tears gloo down while another still talks to it
     torch.distributed.destroy_process_group()
 
 
