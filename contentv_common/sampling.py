@@ -65,6 +65,22 @@ def uses_guidance(guidance: float) -> bool:
     return guidance > 1.0
 
 
+def guidance_batch(
+    text: np.ndarray,
+    pooled: np.ndarray,
+    neg_text: np.ndarray | None,
+    neg_pooled: np.ndarray | None,
+    guidance: float,
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The text batch of one forward: [negative; prompt] when guidance is on (uncond first, as diffusers), else the
+    prompt alone; returns (text, pooled, guided). Guidance without the negative prompt's embeddings is an error."""
+    if not uses_guidance(guidance):
+        return text, pooled, False
+    if neg_text is None or neg_pooled is None:
+        raise ValueError(f"guidance {guidance} > 1 needs neg_text and neg_pooled (the negative prompt)")
+    return np.concatenate([neg_text, text]), np.concatenate([neg_pooled, pooled]), True
+
+
 def latent_shape(channels: int, frames: int, height: int, width: int, batch: int = 1) -> tuple[int, ...]:
     """Latent `[B, C, f, h, w]` of a `frames x height x width` video through the Wan VAE (4x time, 8x space)."""
     if frames < 1 or (frames - 1) % VAE_TIME_FACTOR:

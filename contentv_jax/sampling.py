@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from contentv_common.sampling import euler_step, flow_match_schedule, guide, uses_guidance
+from contentv_common.sampling import euler_step, flow_match_schedule, guidance_batch, guide
 from contentv_jax.vae import WanVAE
 
 
@@ -50,11 +50,7 @@ def sample(
     forward as the prompt's, uncond first as in diffusers.
     """
     schedule = flow_match_schedule(steps, shift)
-    guided = uses_guidance(guidance)
-    if guided:
-        if neg_text is None or neg_pooled is None:
-            raise ValueError(f"guidance {guidance} > 1 needs neg_text and neg_pooled (the negative prompt)")
-        text, pooled = np.concatenate([neg_text, text]), np.concatenate([neg_pooled, pooled])
+    text, pooled, guided = guidance_batch(text, pooled, neg_text, neg_pooled, guidance)
     graphdef, state = nnx.split(model)
     x = jnp.asarray(noise, jnp.float32)
     text, pooled = jnp.asarray(text, jnp.float32), jnp.asarray(pooled, jnp.float32)

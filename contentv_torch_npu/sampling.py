@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from contentv_common.sampling import euler_step, flow_match_schedule, guide, uses_guidance
+from contentv_common.sampling import euler_step, flow_match_schedule, guidance_batch, guide
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -36,11 +36,7 @@ def sample(
     forward as the prompt's, uncond first as in diffusers.
     """
     schedule = flow_match_schedule(steps, shift)
-    guided = uses_guidance(guidance)
-    if guided:
-        if neg_text is None or neg_pooled is None:
-            raise ValueError(f"guidance {guidance} > 1 needs neg_text and neg_pooled (the negative prompt)")
-        text, pooled = np.concatenate([neg_text, text]), np.concatenate([neg_pooled, pooled])
+    text, pooled, guided = guidance_batch(text, pooled, neg_text, neg_pooled, guidance)
     device = _device(model)
     x = torch.as_tensor(np.asarray(noise, np.float32), device=device)
     text = torch.as_tensor(np.asarray(text, np.float32), device=device)
