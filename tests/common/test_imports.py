@@ -22,8 +22,13 @@ def _run(module: str, blocked: set[str]) -> subprocess.CompletedProcess:
 
 
 def test_common_needs_neither_framework():
-    for module in ("contentv_common.config", "contentv_common.param_table", "contentv_common.checkpoint",
-                   "contentv_common.convert", "contentv_common.schedules"):
+    for module in (
+        "contentv_common.config",
+        "contentv_common.param_table",
+        "contentv_common.checkpoint",
+        "contentv_common.convert",
+        "contentv_common.schedules",
+    ):
         result = _run(module, {"jax", "torch", "flax"})
         assert result.returncode == 0 and "ok" in result.stdout, (module, result.stderr[-2000:])
 
