@@ -102,3 +102,28 @@ def tiny_dataset(tmp_path_factory):
     return {"manifest": str(manifest), "cache_dir": str(root / "cache"), "encoders": "fake", "fps": 8,
             "buckets": [{"width": 64, "height": 64, "frames": 9, "batch_size": 2},
                         {"width": 96, "height": 64, "frames": 9, "batch_size": 2}]}  # fmt: skip
+
+
+def _spawn_ranks(fn, args: tuple, nprocs: int, outputs=None) -> None:
+    """torch.multiprocessing.spawn, retried once when a rank dies by a signal (gloo's CPU teardown has aborted a rank
+    on a loaded machine). Python errors and failed assertions in a rank are never retried; `outputs` (a folder) is
+    cleared before the retry so the second run starts from nothing."""
+    import shutil
+
+    import torch.multiprocessing as mp
+
+    try:
+        mp.spawn(fn, args=args, nprocs=nprocs, join=True)
+    except mp.ProcessExitedException as e:
+        if e.signal_name is None:
+            raise
+        print(f"rank {e.error_index} died by {e.signal_name}; retrying the {nprocs}-process run once")
+        if outputs is not None:
+            shutil.rmtree(outputs, ignore_errors=True)
+        mp.spawn(fn, args=args, nprocs=nprocs, join=True)
+
+
+@pytest.fixture
+def spawn_ranks():
+    """`spawn_ranks(fn, args, nprocs, outputs=None)`: start a gloo run of `nprocs` ranks (see _spawn_ranks)."""
+    return _spawn_ranks

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from contentv_common.config import named_model_config
@@ -106,8 +105,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_fsdp_and_ulysses_match_single_process(tmp_path, rel_err):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_two_process_fsdp_and_ulysses_match_single_process(tmp_path, rel_err, spawn_ranks):
+    spawn_ranks(_worker, (2, _free_port(), str(tmp_path)), 2)
     ref = _reference()
     for rank in range(2):
         got = dict(np.load(tmp_path / f"rank{rank}.npz"))
@@ -164,10 +163,10 @@ def _hsdp_worker(rank: int, world: int, port: int, folder: str) -> None:
     dist.destroy_process_group()
 
 
-def test_hsdp_four_processes_match_single_process(tmp_path, rel_err):
+def test_hsdp_four_processes_match_single_process(tmp_path, rel_err, spawn_ranks):
     """mesh data=2 x fsdp=2: parameters replicated over data and sharded over fsdp; the AdamW trajectory equals one
     process on the whole batch."""
-    mp.spawn(_hsdp_worker, args=(4, _free_port(), str(tmp_path)), nprocs=4, join=True)
+    spawn_ranks(_hsdp_worker, (4, _free_port(), str(tmp_path)), 4)
     losses = []
     ref = _hsdp_train(_model(), _hsdp_batch(), losses)
     rows = ref.proj_out.weight.shape[0]

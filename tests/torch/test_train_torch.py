@@ -10,7 +10,6 @@ import socket
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.numpy import load_file, save_file
 
 from contentv_common.config import named_model_config
@@ -162,10 +161,10 @@ def _free_port():
 @pytest.mark.parametrize(
     "mesh", [{"mesh.fsdp": 2}, {"mesh.sequence": 2}, {"mesh.data": 2}], ids=["fsdp2", "ulysses", "replicate"]
 )
-def test_two_processes_follow_one(tiny_dataset, tmp_path, mesh, rel_err, single_run):
+def test_two_processes_follow_one(tiny_dataset, tmp_path, mesh, rel_err, single_run, spawn_ranks):
     single = single_run
     multi = tmp_path / "multi"
-    mp.spawn(_worker, args=(2, _free_port(), tiny_dataset, multi, {"steps": 3, **mesh}), nprocs=2, join=True)
+    spawn_ranks(_worker, (2, _free_port(), tiny_dataset, multi, {"steps": 3, **mesh}), 2, outputs=multi)
     assert rel_err(_losses(multi), _losses(single)) < 1e-5
     a = ckpt.load_state(single / "ckpt" / "step_00000003")
     b = ckpt.load_state(multi / "ckpt" / "step_00000003")
