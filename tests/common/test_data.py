@@ -17,6 +17,7 @@ from contentv_common.data.decode import ClipError, decode_clip
 from contentv_common.data.manifest import ManifestError, read_manifest, write_manifest
 from contentv_common.data.synthetic import make_synthetic_set, render, write_mp4
 from contentv_common.recipe import BucketConfig
+from tests.stand_in_encoders import StandInEncoders
 
 BUCKETS = [
     BucketConfig(64, 64, 9, 2),
@@ -24,27 +25,6 @@ BUCKETS = [
     BucketConfig(64, 64, 5, 2),
     BucketConfig(64, 64, 1, 4),
 ]
-
-
-class StandInEncoders:
-    """Deterministic stand-in for contentv_torch_npu.encoders.Encoders: pooled pixels and hashed captions."""
-
-    latent_channels, text_dim, pooled_dim = 16, 48, 24
-
-    def encode_video(self, frames):
-        b, f, h, w, _ = frames.shape
-        x = frames.astype(np.float32) / 127.5 - 1
-        lf = 1 + (f - 1) // 4
-        x = np.concatenate([x[:, :1], x[:, 1:].reshape(b, lf - 1, 4, h, w, 3).mean(2)], axis=1) if f > 1 else x
-        x = x.reshape(b, lf, h // 8, 8, w // 8, 8, 3).mean((3, 5))
-        proj = np.random.default_rng(0).standard_normal((3, self.latent_channels)).astype(np.float32)
-        return np.einsum("bfhwc,cd->bdfhw", x, proj)
-
-    def encode_text(self, captions):
-        out = np.zeros((len(captions), 4, self.text_dim), np.float32)
-        for i, c in enumerate(captions):
-            out[i] = np.random.default_rng(abs(hash(c)) % 2**32).standard_normal((4, self.text_dim))
-        return out, out.mean(1)[:, : self.pooled_dim]
 
 
 def test_bucket_assignment():
@@ -124,7 +104,7 @@ def test_cache_skips_bad_files_and_reads_back(tmp_path):
     assert sorted(set(cache.bucket_ids)) == [0, 1, 3]
     batch = cache.batch([i for i, b in enumerate(cache.bucket_ids) if b == 0])
     assert batch["latents"].shape == (2, 16, 3, 8, 8)
-    assert batch["text"].shape == (2, 4, 48) and batch["pooled"].shape == (2, 24)
+    assert batch["text"].shape == (2, 8, 48) and batch["pooled"].shape == (2, 24)  # the stand-in gives 8 tokens
     first = cache.sample(0)
     expect = StandInEncoders().encode_video(decode_clip(tmp_path / "set" / rows[0]["path"], 8, 9, 64, 64)[None])[0]
     np.testing.assert_allclose(first["latents"], expect, rtol=1e-6)

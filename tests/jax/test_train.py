@@ -15,31 +15,9 @@ from contentv_common.recipe import MeshConfig, load_recipe
 from contentv_jax.checkpointing import Checkpointer
 from contentv_jax.sharding import make_mesh
 from contentv_jax.train import TrainingStopped, default_mesh, get_trainer, run
+from tests.stand_in_encoders import StandInEncoders
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "recipes" / "tiny.yaml"
-
-
-class StandInEncoders:
-    """Deterministic stand-in for contentv_torch_npu.encoders.Encoders (pooled pixels, hashed caption words)."""
-
-    latent_channels, text_dim, pooled_dim = 16, 48, 24
-
-    def encode_video(self, frames):
-        b, f, h, w, _ = frames.shape
-        x = frames.astype(np.float32) / 127.5 - 1
-        lf = 1 + (f - 1) // 4
-        if f > 1:
-            x = np.concatenate([x[:, :1], x[:, 1:].reshape(b, lf - 1, 4, h, w, 3).mean(2)], axis=1)
-        x = x.reshape(b, lf, h // 8, 8, w // 8, 8, 3).mean((3, 5))
-        proj = np.random.default_rng(0).standard_normal((3, self.latent_channels)).astype(np.float32)
-        return np.einsum("bfhwc,cd->bdfhw", x, proj)
-
-    def encode_text(self, captions):
-        text = np.zeros((len(captions), 6, self.text_dim), np.float32)
-        for i, caption in enumerate(captions):
-            for j, word in enumerate(caption.split()[:6]):
-                text[i, j] = np.random.default_rng(sum(map(ord, word))).standard_normal(self.text_dim)
-        return text, text.mean(1)[:, : self.pooled_dim]
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ from __future__ import annotations
 import math
 import types
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from contentv_torch_npu import device
+from tests.stand_in_encoders import StandInEncoders
 
 
 class FakeTorchNpu(types.ModuleType):
@@ -66,28 +66,6 @@ def fake_npu():
     device.set_torch_npu(None)
 
 
-class FakeEncoders:
-    """Deterministic stand-in for the VAE and text encoders with the tiny model's sizes: 8x8 average pooling of
-    the frames (4-frame temporal stride) through a fixed projection, and hashed random text embeddings."""
-
-    latent_channels, text_dim, pooled_dim = 16, 48, 24
-
-    def __init__(self):
-        self.proj = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
-
-    def encode_video(self, frames: np.ndarray) -> np.ndarray:
-        x = frames.astype(np.float32)[:, ::4] / 127.5 - 1.0  # [B, f, H, W, 3], f = 1 + (F - 1) // 4
-        b, f, h, w, _ = x.shape
-        x = x.reshape(b, f, h // 8, 8, w // 8, 8, 3).mean(axis=(3, 5))
-        return np.ascontiguousarray((x @ self.proj).transpose(0, 4, 1, 2, 3))
-
-    def encode_text(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        rows = [np.random.default_rng(list(c.encode()) or [0]) for c in captions]
-        text = np.stack([r.standard_normal((8, 48)) for r in rows]).astype(np.float32)
-        pooled = np.stack([r.standard_normal(24) for r in rows]).astype(np.float32)
-        return text, pooled
-
-
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """A synthetic manifest (8 clips of 64x64 and 96x64) and its latent cache, built once per session."""
@@ -98,7 +76,7 @@ def tiny_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_data")
     manifest = make_synthetic_set(root / "videos", num_videos=8, frames=12, fps=8, progress=False)
     buckets = [BucketConfig(64, 64, 9, 2), BucketConfig(96, 64, 9, 2)]
-    build_cache(manifest, root / "cache", FakeEncoders(), buckets, 8.0, "fake", progress=False)
+    build_cache(manifest, root / "cache", StandInEncoders(), buckets, 8.0, "fake", progress=False)
     return {"manifest": str(manifest), "cache_dir": str(root / "cache"), "encoders": "fake", "fps": 8,
             "buckets": [{"width": 64, "height": 64, "frames": 9, "batch_size": 2},
                         {"width": 96, "height": 64, "frames": 9, "batch_size": 2}]}  # fmt: skip
