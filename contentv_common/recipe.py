@@ -13,11 +13,13 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
 from contentv_common.config import ConfigError, ModelConfig, from_dict, named_model_config
+
+T = TypeVar("T")
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -281,11 +283,12 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Load a recipe YAML (following `base`), apply dotted `overrides`, validate; errors name the file and key."""
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, cls: type[T] = Recipe) -> T:
+    """Load a recipe YAML (following `base`) as `cls` (Recipe, or RewardRecipe), apply dotted `overrides`, validate;
+    errors name the file and key."""
     path = Path(path)
     data = apply_overrides(read_with_base(path), overrides or {})
     try:
-        return from_dict(Recipe, data)
+        return from_dict(cls, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None

@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from contentv_common.config import ConfigError, ModelConfig, from_dict, named_model_config
+from contentv_common.config import ConfigError, ModelConfig, named_model_config
 from contentv_common.recipe import (
     CheckpointConfig,
     DataConfig,
     ObjectiveConfig,
     OptimizerConfig,
-    apply_overrides,
+    load_recipe,
     read_with_base,
 )
 
@@ -164,9 +164,4 @@ def is_reward_recipe(path: str | Path) -> bool:
 
 def load_reward_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> RewardRecipe:
     """Load a reward recipe YAML (following `base`), apply dotted overrides, validate; errors name file and key."""
-    path = Path(path)
-    data = apply_overrides(read_with_base(path), overrides or {})
-    try:
-        return from_dict(RewardRecipe, data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    return load_recipe(path, overrides, RewardRecipe)
