@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from contentv_common.config import ConfigError, ModelConfig, from_dict, named_model_config
+from contentv_common.vae_config import VAEConfig
 
 T = TypeVar("T")
 
@@ -193,6 +194,7 @@ class Recipe:
                 raise ConfigError(f"model: {e}") from None
         names = [s.name for s in self.stages]
         _check(len(set(names)) == len(names), "stages", f"stage names must be unique, got {names}")
+        check_buckets_on_mesh(self.data.buckets, self.mesh, self.model_config.patch_size)
 
     @property
     def model_config(self) -> ModelConfig:
@@ -213,6 +215,47 @@ class Recipe:
             runs.append((stage.name, from_dict(Recipe, data)))
             previous = data["checkpoint"]["dir"]
         return runs
+
+
+_WAN_VAE = VAEConfig()
+
+
+def image_tokens(bucket: BucketConfig, patch_size: int) -> int:
+    """Video tokens of one sample of `bucket` through the Wan VAE: latent frames x rows x columns per patch."""
+    s = _WAN_VAE.spatial_factor * patch_size
+    return _WAN_VAE.latent_frames(bucket.frames) * (bucket.height // s) * (bucket.width // s)
+
+
+def check_buckets_on_mesh(buckets: tuple[BucketConfig, ...], mesh: MeshConfig, patch_size: int) -> None:
+    """Every bucket must run on the recipe's own mesh, so a bad recipe fails when it loads, not at its first batch:
+    its batch splits evenly over the batch axes (data x fsdp), and its image tokens split evenly over `sequence`
+    (contentv_jax.sharding and the torch twin split the video tokens of one sequence over that axis; the 333 text
+    tokens and the 38 heads are padded inside the attention, so they set no rule here)."""
+    split = mesh.data * mesh.fsdp
+    for i, b in enumerate(buckets):
+        where = f"data.buckets[{i}] ({b.name})"
+        _check(
+            b.batch_size % split == 0,
+            where,
+            f"batch_size {b.batch_size} does not split over mesh data x fsdp = {mesh.data} x {mesh.fsdp} = {split}",
+        )
+        tokens = image_tokens(b, patch_size)
+        _check(
+            tokens % mesh.sequence == 0,
+            where,
+            f"{tokens} image tokens per sample do not split over mesh sequence = {mesh.sequence}",
+        )
+
+
+def check_device_count(mesh: MeshConfig, devices: int) -> None:
+    """The mesh must use exactly the devices the run has (callers that know the count: the CLIs, the planner)."""
+    n = mesh.data * mesh.fsdp * mesh.sequence * mesh.tensor
+    _check(
+        n == devices,
+        "mesh",
+        f"data x fsdp x sequence x tensor = {' x '.join(map(str, mesh.shape))} = {n} devices, but the target has "
+        f"{devices}",
+    )
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

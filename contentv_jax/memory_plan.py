@@ -1,0 +1,166 @@
+"""Ahead-of-time memory plan of a recipe's steps (the method of MaxText's train_compile.py): the real train step and
+sampling step are lowered with abstract inputs (`jax.ShapeDtypeStruct` carrying the recipe's shardings) on any mesh,
+real or not (TPU topologies from libtpu, fake CPU devices), and compiled; XLA's memory analysis gives the bytes per
+device. Nothing is allocated, so a 64-chip TPU plan runs on a laptop.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from contentv_common.flops import transformer_flops
+from contentv_common.plan_report import StepPlan, peak_bytes
+from contentv_common.recipe import BucketConfig, Recipe, image_tokens
+from contentv_common.sampling import latent_shape
+from contentv_jax import sharding
+from contentv_jax.sampling import _denoise_step
+from contentv_jax.train import DTYPES, Trainer, get_trainer
+
+KINDS = ("train", "sample")
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _abstract(shape: tuple[int, ...], dtype: Any, sharding_: NamedSharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_)
+
+
+def _bytes_in(message: str, label: str) -> int:
+    """'<label> 12.5G' or '<label> (12.5G)' in a compiler out-of-memory message, in bytes (0 when absent)."""
+    m = re.search(rf"{label}\W*\(?([\d.]+)([KMGT]?)i?B?\)?", message)
+    return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else 0
+
+
+def compile_plan(kind: str, bucket: str, tokens: int, batch: int, flops: float, lower: Callable, hbm: int) -> StepPlan:
+    """Compile one lowered step and read its per-device bytes. A compiler that refuses the program for lack of
+    memory (XLA:TPU checks against the chip's HBM) gives a plan that does not fit, with the sizes it reported."""
+    t0 = time.perf_counter()
+    try:
+        m = lower().compile().memory_analysis()
+    except jax.errors.JaxRuntimeError as e:
+        message = str(e)
+        if "RESOURCE_EXHAUSTED" not in message:
+            raise
+        args, temp = _bytes_in(message, "arguments"), _bytes_in(message, "HLO temporaries")
+        used = _bytes_in(message, "Used") or args + temp
+        return StepPlan(kind, bucket, tokens, batch, args, temp, 0, 0, max(used, hbm + 1), 0.0, flops, False)
+    compile_s = time.perf_counter() - t0
+    arg, temp, out, alias = (
+        int(m.argument_size_in_bytes),
+        int(m.temp_size_in_bytes),
+        int(m.output_size_in_bytes),
+        int(m.alias_size_in_bytes),
+    )
+    peak = peak_bytes(arg, temp, out, alias)
+    return StepPlan(kind, bucket, tokens, batch, arg, temp, out, alias, peak, compile_s, flops, peak <= hbm)
+
+
+def _train_batch(trainer: Trainer, b: BucketConfig, text_tokens: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The abstract batch the data loader feeds the train step for bucket `b` (float32, as the cache holds it)."""
+    cfg = trainer.recipe.model_config
+    latent = latent_shape(cfg.in_channels, b.frames, b.height, b.width, b.batch_size)
+    shapes = {
+        "latents": latent,
+        "noise": latent,
+        "sigmas": (b.batch_size,),
+        "weights": (b.batch_size,),
+        "text": (b.batch_size, text_tokens, cfg.joint_attention_dim),
+        "pooled": (b.batch_size, cfg.pooled_projection_dim),
+    }
+    shardings = sharding.batch_shardings(shapes, trainer.mesh)
+    return {k: _abstract(s, jnp.float32, shardings[k]) for k, s in shapes.items()}
+
+
+def plan_train(trainer: Trainer, b: BucketConfig, text_tokens: int, hbm: int) -> StepPlan:
+    """The jitted train step of the trainer (state donated) for one bucket."""
+    state, batch = trainer.abstract_state(), _train_batch(trainer, b, text_tokens)
+    cfg = trainer.recipe.model_config
+    tokens = image_tokens(b, cfg.patch_size)
+    flops = transformer_flops(cfg, tokens, text_tokens, b.batch_size).step("train")
+    step = trainer.jitted_step(state, batch)
+    return compile_plan(
+        "train", b.name, tokens + text_tokens, b.batch_size, flops, lambda: step.lower(state, batch), hbm
+    )
+
+
+def plan_sample(trainer: Trainer, b: BucketConfig, text_tokens: int, hbm: int) -> StepPlan:
+    """One sampler step (the cond/uncond pair batched in one forward, guidance, Euler update) at bucket `b` with one
+    prompt per training sample, the weights in the compute dtype, sharded as in training."""
+    cfg, mesh = trainer.recipe.model_config, trainer.mesh
+    dtype = DTYPES[trainer.recipe.compute_dtype]
+    params = jax.tree.map(lambda a: _abstract(a.shape, dtype, a.sharding), trainer.abstract_state()["params"])
+    graphdef, state = nnx.split(trainer.model(params))
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    pair = 2 * b.batch_size
+    x_shape = latent_shape(cfg.in_channels, b.frames, b.height, b.width, b.batch_size)
+    shapes = {
+        "x": x_shape,
+        "text": (pair, text_tokens, cfg.joint_attention_dim),
+        "pooled": (pair, cfg.pooled_projection_dim),
+    }
+    sh = sharding.batch_shardings(shapes, mesh)
+    x, text, pooled = (_abstract(shapes[k], jnp.float32, sh[k]) for k in ("x", "text", "pooled"))
+    scalar = _abstract((), jnp.float32, replicated)
+    tokens = image_tokens(b, cfg.patch_size)
+    flops = transformer_flops(cfg, tokens, text_tokens, pair).step("sample")
+
+    def lower():
+        return _denoise_step.lower(graphdef, state, x, scalar, scalar, text, pooled, scalar, guided=True)
+
+    return compile_plan("sample", b.name, tokens + text_tokens, pair, flops, lower, hbm)
+
+
+def largest_bucket(recipe: Recipe) -> BucketConfig:
+    """The bucket with the most tokens per sample (ties: the larger batch)."""
+    p = recipe.model_config.patch_size
+    return max(recipe.data.buckets, key=lambda b: (image_tokens(b, p), b.batch_size))
+
+
+def plan_recipe(
+    recipe: Recipe,
+    mesh: Mesh,
+    hbm_bytes: int,
+    *,
+    kinds: Sequence[str] = KINDS,
+    buckets: Sequence[str] | None = None,
+    text_tokens: int = 333,
+    on_plan: Callable[[StepPlan], None] | None = None,
+) -> list[StepPlan]:
+    """Train step per bucket, then the sampling step at the largest bucket (both limited by `buckets` names)."""
+    trainer = get_trainer(recipe, mesh)
+    wanted = [b for b in recipe.data.buckets if buckets is None or b.name in buckets]
+    todo: list[tuple[Callable, BucketConfig]] = []
+    if "train" in kinds:
+        todo += [(plan_train, b) for b in wanted]
+    big = largest_bucket(recipe)
+    if "sample" in kinds and (buckets is None or big.name in buckets):
+        todo.append((plan_sample, big))
+    plans = []
+    for fn, b in todo:
+        plans.append(fn(trainer, b, text_tokens, hbm_bytes))
+        if on_plan is not None:
+            on_plan(plans[-1])
+    return plans
+
+
+def replicated_params(recipe: Recipe, mesh: Mesh) -> list[dict[str, Any]]:
+    """Parameters the sharding rules leave whole on every device (name, shape, fp32 bytes), largest first."""
+    flat = jax.tree_util.tree_flatten_with_path(get_trainer(recipe, mesh).abstract_state()["params"])[0]
+    out = [
+        {
+            "name": ".".join(str(getattr(k, "key", k)) for k in path),
+            "shape": list(a.shape),
+            "bytes": int(np.prod(a.shape)) * a.dtype.itemsize,
+        }
+        for path, a in flat
+        if all(axis is None for axis in a.sharding.spec)
+    ]
+    return sorted(out, key=lambda r: -r["bytes"])

@@ -1,0 +1,198 @@
+"""Ahead-of-time memory planner: will every step of a recipe fit its devices? Nothing is allocated, no TPU needed.
+
+    python tools/plan.py --recipe R --target tpu:v5p:4x4x4 --hbm-gib 64 --json OUT [--blocks N] [key=value ...]
+    python tools/plan.py --recipe R --target cpu:8 --hbm-gib 16
+    python tools/plan.py --backend torch --recipe R --hbm-gib 64 --json OUT
+
+JAX: compiles the real train step of every bucket and one sampling step (cond/uncond pair batched) at the largest
+bucket with abstract inputs sharded over the recipe's mesh, built from the target's devices: `tpu:<libtpu topology>`
+(chips = the product, e.g. v5p:4x4x4 = 64; needs `pip install .[tpu]`) or `cpu:N` fake CPU devices. Prints per-device
+argument, temporary, output and aliased bytes, peak, compile time, model FLOPs and fit; lists parameters left
+replicated. `--blocks N` plans a shallower model for quick checks. Torch: contentv_torch_npu.memory_plan.
+
+Exit status: 0 when every step fits, 1 when one does not, 2 on bad input (one line on stderr, before any compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from contentv_common.config import ConfigError  # noqa: E402
+from contentv_common.plan_report import GIB, StepPlan, format_table, gib, report  # noqa: E402
+from contentv_common.recipe import Recipe, check_device_count, load_recipe, parse_override  # noqa: E402
+from contentv_common.reward_recipe import is_reward_recipe  # noqa: E402
+
+KINDS = ("train", "sample")
+
+
+class BadInput(Exception):
+    """Bad command-line input: one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise BadInput(message)
+
+
+def parse_target(text: str) -> tuple[str, str | None, int]:
+    """`tpu:<topology>` -> ("tpu", topology, chips); `cpu:N` -> ("cpu", None, N)."""
+    platform, _, rest = text.partition(":")
+    if platform == "cpu" and rest.isdigit() and int(rest) > 0:
+        return "cpu", None, int(rest)
+    if platform == "tpu":
+        _, _, dims = rest.rpartition(":")
+        sizes = dims.split("x")
+        if ":" in rest and all(s.isdigit() and int(s) > 0 for s in sizes):
+            return "tpu", rest, math.prod(int(s) for s in sizes)
+    raise BadInput(f"--target {text!r}: expected tpu:<libtpu topology> (e.g. tpu:v5p:4x4x4) or cpu:<devices>")
+
+
+def load(args: argparse.Namespace) -> Recipe:
+    if is_reward_recipe(args.recipe):
+        raise BadInput(f"{args.recipe}: reward recipes have no mesh yet (issue 12); plan training recipes")
+    try:
+        overrides = dict(parse_override(o) for o in args.overrides)
+        recipe = load_recipe(args.recipe, overrides)
+    except ConfigError as e:
+        raise BadInput(str(e)) from None
+    if recipe.stages:
+        raise BadInput(f"{args.recipe}: has stages; plan each stage's recipe file")
+    if args.blocks is not None:
+        if args.blocks < 1:
+            raise BadInput(f"--blocks must be >= 1, got {args.blocks}")
+        model = dataclasses.replace(recipe.model_config, num_layers=args.blocks)
+        recipe = dataclasses.replace(recipe, model=model)
+    names = {b.name for b in recipe.data.buckets}
+    unknown = sorted(set(args.buckets or ()) - names)
+    if unknown:
+        raise BadInput(f"--buckets {unknown}: not in {args.recipe} (buckets: {sorted(names)})")
+    return recipe
+
+
+def jax_devices(platform: str, topology: str | None, count: int) -> list[Any]:
+    """The target's devices; set XLA_FLAGS for fake CPU devices before jax is imported."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if platform == "cpu":
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    import jax
+
+    if platform == "cpu":
+        devices = jax.devices("cpu")
+        if len(devices) < count:
+            raise BadInput(f"--target cpu:{count}: jax has only {len(devices)} CPU devices (jax imported before?)")
+        return devices[:count]
+    try:
+        from jax.experimental import topologies
+
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+    except Exception as e:  # libtpu missing or an unknown topology name
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(f"--target tpu:{topology}: no TPU topology ({first}); libtpu comes with `pip install .[tpu]`")
+
+
+def plan_jax(args: argparse.Namespace, recipe: Recipe, hbm: int) -> tuple[list[StepPlan], dict[str, Any]]:
+    platform, topology, count = parse_target(args.target)
+    try:
+        check_device_count(recipe.mesh, count)
+    except ConfigError as e:
+        raise BadInput(f"{args.recipe}: {e} ({args.target})") from None
+    devices = jax_devices(platform, topology, count)
+
+    from contentv_jax.memory_plan import plan_recipe, replicated_params
+    from contentv_jax.sharding import make_mesh
+
+    mesh = make_mesh(recipe.mesh, devices)
+    print(format_table([], hbm).splitlines()[0], flush=True)
+    plans = plan_recipe(
+        recipe,
+        mesh,
+        hbm,
+        kinds=args.kinds,
+        buckets=args.buckets,
+        text_tokens=args.text_tokens,
+        on_plan=lambda p: print(format_table([p], hbm).splitlines()[-1], flush=True),
+    )
+    replicated = replicated_params(recipe, mesh)
+    total = sum(r["bytes"] for r in replicated)
+    print(f"{len(replicated)} parameters left replicated, {gib(total)} GiB in fp32 on every device:")
+    for r in replicated[:8]:
+        print(f"  {r['name']} {tuple(r['shape'])}")
+    meta = {"target": args.target, "devices": count, "device_kind": devices[0].device_kind}
+    return plans, {**meta, "replicated_params": replicated, "replicated_bytes": total}
+
+
+def plan_torch(args: argparse.Namespace, recipe: Recipe, hbm: int) -> tuple[list[StepPlan], dict[str, Any]]:
+    try:
+        from contentv_torch_npu.memory_plan import plan_recipe
+    except ImportError as e:
+        raise BadInput(f"--backend torch: the torch planner is not available ({e})") from None
+    return plan_recipe(recipe, hbm), {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, help="training recipe YAML (configs/recipes/stage*.yaml)")
+    parser.add_argument("--target", help="tpu:<topology> (tpu:v5p:4x4x4, tpu:v6e:8x8) or cpu:<devices>; JAX only")
+    parser.add_argument("--hbm-gib", type=float, required=True, help="memory per device to fit in, GiB")
+    parser.add_argument("--json", help="write the plan here (JSON)")
+    parser.add_argument("--backend", choices=("jax", "torch"), default="jax")
+    parser.add_argument("--blocks", type=int, help="plan this many transformer blocks instead of the model's")
+    parser.add_argument("--kinds", default="train,sample", help="steps to plan, comma-separated: train,sample")
+    parser.add_argument("--buckets", help="only these bucket names, comma-separated (e.g. 832x480x121)")
+    parser.add_argument("--text-tokens", type=int, default=333, help="text tokens per sample (SD3.5: 333)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides, e.g. mesh.fsdp=8")
+    try:
+        args = parser.parse_args(argv)
+        args.kinds = tuple(k for k in args.kinds.split(",") if k)
+        if not args.kinds or set(args.kinds) - set(KINDS):
+            raise BadInput(f"--kinds {','.join(args.kinds)}: choose from {','.join(KINDS)}")
+        args.buckets = tuple(args.buckets.split(",")) if args.buckets else None
+        if not (args.hbm_gib > 0 and math.isfinite(args.hbm_gib)):
+            raise BadInput(f"--hbm-gib must be a positive number, got {args.hbm_gib}")
+        if args.text_tokens < 1:
+            raise BadInput(f"--text-tokens must be positive, got {args.text_tokens}")
+        if args.backend == "jax" and not args.target:
+            raise BadInput("--target is required with --backend jax (e.g. tpu:v5p:4x4x4 or cpu:8)")
+        if args.backend == "jax":
+            parse_target(args.target)
+        if args.json and not Path(args.json).resolve().parent.is_dir():
+            raise BadInput(f"--json {args.json}: directory does not exist")
+        recipe = load(args)
+        hbm = int(args.hbm_gib * GIB)
+        print(
+            f"plan {args.recipe} ({recipe.model_config.num_layers} blocks, mesh data x fsdp x sequence x tensor = "
+            f"{' x '.join(map(str, recipe.mesh.shape))}) on {args.target or args.backend}, {args.hbm_gib:g} GiB",
+            flush=True,
+        )
+        plans, meta = (plan_jax if args.backend == "jax" else plan_torch)(args, recipe, hbm)
+    except BadInput as e:
+        print(f"plan.py: error: {e}", file=sys.stderr)
+        return 2
+    doc = report(
+        plans,
+        hbm,
+        recipe=args.recipe,
+        backend=args.backend,
+        blocks=recipe.model_config.num_layers,
+        mesh=dict(zip(("data", "fsdp", "sequence", "tensor"), recipe.mesh.shape, strict=True)),
+        **meta,
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+    print("every step fits" if doc["fits"] else "a step does NOT fit", f"{args.hbm_gib:g} GiB per device")
+    return 0 if doc["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
