@@ -39,19 +39,27 @@ def _bytes_in(message: str, label: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else 0
 
 
-def compile_plan(kind: str, bucket: str, tokens: int, batch: int, flops: float, lower: Callable, hbm: int) -> StepPlan:
-    """Compile one lowered step and read its per-device bytes. A compiler that refuses the program for lack of
-    memory (XLA:TPU checks against the chip's HBM) gives a plan that does not fit, with the sizes it reported."""
+def argument_bytes(*args: Any) -> int:
+    """Bytes of one device's shards of abstract (or real) arguments."""
+    leaves = [a for a in jax.tree.leaves(args) if hasattr(a, "sharding") and hasattr(a, "dtype")]
+    return sum(int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize for a in leaves)
+
+
+def compile_plan(
+    kind: str, bucket: str, tokens: int, batch: int, flops: float, lower: Callable, args: int, hbm: int
+) -> StepPlan:
+    """Compile one lowered step and read its per-device bytes. When the compiler refuses the program for lack of
+    memory (XLA:TPU checks against the chip's own HBM), the plan does not fit: its temporaries are the figure the
+    compiler reported and its arguments `args`, the bytes of the inputs' shards."""
     t0 = time.perf_counter()
     try:
         m = lower().compile().memory_analysis()
     except jax.errors.JaxRuntimeError as e:
-        message = str(e)
-        if "RESOURCE_EXHAUSTED" not in message:
+        if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        args, temp = _bytes_in(message, "arguments"), _bytes_in(message, "HLO temporaries")
-        used = _bytes_in(message, "Used") or args + temp
-        return StepPlan(kind, bucket, tokens, batch, args, temp, 0, 0, max(used, hbm + 1), 0.0, flops, False)
+        temp = _bytes_in(str(e), "HLO temporaries")
+        peak = max(args + temp, hbm + 1)
+        return StepPlan(kind, bucket, tokens, batch, args, temp, 0, 0, peak, time.perf_counter() - t0, flops, False)
     compile_s = time.perf_counter() - t0
     arg, temp, out, alias = (
         int(m.argument_size_in_bytes),
@@ -86,8 +94,9 @@ def plan_train(trainer: Trainer, b: BucketConfig, text_tokens: int, hbm: int) ->
     tokens = image_tokens(b, cfg.patch_size)
     flops = transformer_flops(cfg, tokens, text_tokens, b.batch_size).step("train")
     step = trainer.jitted_step(state, batch)
+    lower = lambda: step.lower(state, batch)  # noqa: E731
     return compile_plan(
-        "train", b.name, tokens + text_tokens, b.batch_size, flops, lambda: step.lower(state, batch), hbm
+        "train", b.name, tokens + text_tokens, b.batch_size, flops, lower, argument_bytes(state, batch), hbm
     )
 
 
@@ -115,7 +124,8 @@ def plan_sample(trainer: Trainer, b: BucketConfig, text_tokens: int, hbm: int) -
     def lower():
         return _denoise_step.lower(graphdef, state, x, scalar, scalar, text, pooled, scalar, guided=True)
 
-    return compile_plan("sample", b.name, tokens + text_tokens, pair, flops, lower, hbm)
+    args = argument_bytes(state, x, text, pooled)
+    return compile_plan("sample", b.name, tokens + text_tokens, pair, flops, lower, args, hbm)
 
 
 def largest_bucket(recipe: Recipe) -> BucketConfig:

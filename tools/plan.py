@@ -58,9 +58,9 @@ def parse_target(text: str) -> tuple[str, str | None, int]:
 
 
 def load(args: argparse.Namespace) -> Recipe:
-    if is_reward_recipe(args.recipe):
-        raise BadInput(f"{args.recipe}: reward recipes have no mesh yet (issue 12); plan training recipes")
     try:
+        if is_reward_recipe(args.recipe):
+            raise BadInput(f"{args.recipe}: reward recipes have no mesh yet (issue 12); plan training recipes")
         overrides = dict(parse_override(o) for o in args.overrides)
         recipe = load_recipe(args.recipe, overrides)
     except ConfigError as e:
@@ -92,13 +92,16 @@ def jax_devices(platform: str, topology: str | None, count: int) -> list[Any]:
         if len(devices) < count:
             raise BadInput(f"--target cpu:{count}: jax has only {len(devices)} CPU devices (jax imported before?)")
         return devices[:count]
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: other processes may hold libtpu
     try:
         from jax.experimental import topologies
 
         return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
     except Exception as e:  # libtpu missing or an unknown topology name
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(f"--target tpu:{topology}: no TPU topology ({first}); libtpu comes with `pip install .[tpu]`")
+        raise BadInput(
+            f"--target tpu:{topology}: no TPU topology ({first}); libtpu comes with `pip install .[tpu]`"
+        ) from None
 
 
 def plan_jax(args: argparse.Namespace, recipe: Recipe, hbm: int) -> tuple[list[StepPlan], dict[str, Any]]:
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-tokens", type=int, default=333, help="text tokens per sample (SD3.5: 333)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides, e.g. mesh.fsdp=8")
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_intermixed_args(argv)
         args.kinds = tuple(k for k in args.kinds.split(",") if k)
         if not args.kinds or set(args.kinds) - set(KINDS):
             raise BadInput(f"--kinds {','.join(args.kinds)}: choose from {','.join(KINDS)}")

@@ -1,0 +1,132 @@
+"""tools/plan.py: the ahead-of-time planner compiles a narrow recipe's steps on fake devices (and for a TPU topology
+when libtpu is installed), writes consistent JSON, and exits 0 / 1 / 2 for fits / does not fit / bad input."""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from contentv_common.config import named_model_config
+from contentv_common.flops import transformer_flops
+from contentv_common.plan_report import GIB, StepPlan
+from tools import plan
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "recipes" / "tiny.yaml"
+# the tiny model on a 2 x 2 x 2 mesh: one video bucket, one image bucket; 7 text tokens (the tiny encoders')
+NARROW = [
+    "mesh.data=2",
+    "mesh.fsdp=2",
+    "mesh.sequence=2",
+    "data.buckets=[{width: 64, height: 64, frames: 9, batch_size: 4}, {width: 64, height: 64, frames: 1, "
+    "batch_size: 8}]",
+    "--text-tokens",
+    "7",
+]
+FIELDS = {f for f in StepPlan.__dataclass_fields__}
+
+
+def _check_consistent(doc: dict, hbm_gib: float) -> None:
+    cfg = dataclasses.replace(named_model_config("tiny"), num_layers=doc["blocks"])
+    assert doc["hbm_bytes"] == int(hbm_gib * GIB)
+    assert doc["fits"] == all(s["fits"] for s in doc["steps"])
+    for s in doc["steps"]:
+        assert set(s) == FIELDS
+        assert s["peak_bytes"] == s["argument_bytes"] + s["temp_bytes"] + s["output_bytes"] - s["alias_bytes"]
+        assert s["peak_bytes"] > 0 and s["temp_bytes"] > 0 and s["compile_s"] > 0
+        assert s["fits"] == (s["peak_bytes"] <= doc["hbm_bytes"])
+        w, h, f = map(int, s["bucket"].split("x"))
+        image = (1 + (f - 1) // 4) * (h // 16) * (w // 16)
+        assert s["tokens"] == image + 7
+        per_sample = transformer_flops(cfg, image, 7, 1).step(s["kind"])
+        assert s["flops"] == pytest.approx(per_sample * s["batch"], rel=1e-12)
+
+
+def test_cpu_plan_of_a_narrow_recipe_fits_and_reports_every_step(tmp_path):
+    out = tmp_path / "plan.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)  # the planner sets the fake device count itself
+    cmd = [sys.executable, str(ROOT / "tools" / "plan.py"), "--recipe", str(TINY), "--target", "cpu:8"]
+    cmd += ["--hbm-gib", "64", "--json", str(out), "--blocks", "1", *NARROW]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["devices"] == 8 and doc["blocks"] == 1 and doc["fits"] is True
+    assert doc["mesh"] == {"data": 2, "fsdp": 2, "sequence": 2, "tensor": 1}
+    assert [(s["kind"], s["bucket"], s["batch"]) for s in doc["steps"]] == [
+        ("train", "64x64x9", 4),
+        ("train", "64x64x1", 8),
+        ("sample", "64x64x9", 8),  # the largest bucket, cond/uncond pair batched
+    ]
+    _check_consistent(doc, 64)
+    names = {r["name"] for r in doc["replicated_params"]}
+    assert "blocks.0.norm_q.scale" not in names and "blocks.0.attn.norm_q.scale" in names  # 1-d norm scales
+    assert not any(r["name"].endswith(".kernel") and len(r["shape"]) == 2 for r in doc["replicated_params"])
+    assert doc["replicated_bytes"] == sum(r["bytes"] for r in doc["replicated_params"])
+    assert "| train | 64x64x9 |" in proc.stdout
+
+
+def test_a_step_over_the_memory_is_exit_1(tmp_path, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    out = tmp_path / "plan.json"
+    argv = ["--recipe", str(TINY), "--target", "cpu:8", "--hbm-gib", "1e-6", "--json", str(out), "--blocks", "1"]
+    assert plan.main(argv + ["--kinds", "sample", *NARROW]) == 1
+    doc = json.loads(out.read_text())
+    assert doc["fits"] is False and [s["fits"] for s in doc["steps"]] == [False]
+    _check_consistent(doc, 1e-6)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--target", "gpu:8"], "--target 'gpu:8': expected tpu:<libtpu topology>"),
+        (["--target", "tpu:v5p"], "--target 'tpu:v5p'"),
+        (["--target", "cpu:4"], "= 8 devices, but the target has 4"),
+        (["--target", "cpu:8", "--hbm-gib", "-3"], "--hbm-gib must be a positive number"),
+        (["--target", "cpu:8", "--hbm-gib", "lots"], "--hbm-gib: invalid float value"),
+        (["--target", "cpu:8", "--buckets", "1x1x1"], "--buckets ['1x1x1']: not in"),
+        (["--target", "cpu:8", "--kinds", "reward"], "--kinds reward: choose from train,sample"),
+        (["--target", "cpu:8", "--blocks", "0"], "--blocks must be >= 1"),
+        (["--target", "cpu:8", "mesh.fsdp=3"], "data.buckets[0] (64x64x9): batch_size 4 does not split"),
+        (["--target", "cpu:8", "--json", "/no/such/dir/p.json"], "--json /no/such/dir/p.json: directory does not"),
+        ([], "--target is required with --backend jax"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    hbm = [] if "--hbm-gib" in argv else ["--hbm-gib", "64"]
+    full = ["--recipe", str(TINY), *hbm, *NARROW[:4], *argv]
+    assert plan.main(full) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_missing_and_reward_recipes_are_exit_2(capsys, tmp_path):
+    assert plan.main(["--recipe", str(tmp_path / "none.yaml"), "--target", "cpu:8", "--hbm-gib", "64"]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
+    reward = ROOT / "configs" / "recipes" / "reward_refl_tiny.yaml"
+    assert plan.main(["--recipe", str(reward), "--target", "cpu:1", "--hbm-gib", "64"]) == 2
+    assert "reward recipes have no mesh yet" in capsys.readouterr().err
+
+
+def test_torch_backend_without_its_planner_is_exit_2(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "contentv_torch_npu.memory_plan", None)  # import fails as if absent
+    assert plan.main(["--backend", "torch", "--recipe", str(TINY), "--hbm-gib", "64"]) == 2
+    assert "--backend torch: the torch planner is not available" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install .[tpu])")
+def test_tpu_topology_compile_of_a_narrow_model(tmp_path):
+    out = tmp_path / "plan.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "tools" / "plan.py"), "--recipe", str(TINY), "--target", "tpu:v5p:2x2x2"]
+    cmd += ["--hbm-gib", "64", "--json", str(out), "--blocks", "1", "--kinds", "sample", *NARROW]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["devices"] == 8 and "TPU v5" in doc["device_kind"]
+    _check_consistent(doc, 64)
