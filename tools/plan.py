@@ -117,15 +117,18 @@ def plan_jax(args: argparse.Namespace, recipe: Recipe, hbm: int) -> tuple[list[S
 
     mesh = make_mesh(recipe.mesh, devices)
     print(format_table([], hbm).splitlines()[0], flush=True)
-    plans = plan_recipe(
-        recipe,
-        mesh,
-        hbm,
-        kinds=args.kinds,
-        buckets=args.buckets,
-        text_tokens=args.text_tokens,
-        on_plan=lambda p: print(format_table([p], hbm).splitlines()[-1], flush=True),
-    )
+    try:
+        plans = plan_recipe(
+            recipe,
+            mesh,
+            hbm,
+            kinds=args.kinds,
+            buckets=args.buckets,
+            text_tokens=args.text_tokens,
+            on_plan=lambda p: print(format_table([p], hbm).splitlines()[-1], flush=True),
+        )
+    except ValueError as e:  # a shape the mesh cannot split (contentv_jax.sharding names the dimension and axis)
+        raise BadInput(f"{args.recipe}: {e}") from None
     replicated = replicated_params(recipe, mesh)
     total = sum(r["bytes"] for r in replicated)
     print(f"{len(replicated)} parameters left replicated, {gib(total)} GiB in fp32 on every device:")

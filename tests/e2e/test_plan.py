@@ -130,3 +130,27 @@ def test_tpu_topology_compile_of_a_narrow_model(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["devices"] == 8 and "TPU v5" in doc["device_kind"]
     _check_consistent(doc, 64)
+
+
+def test_a_program_the_tpu_compiler_refuses_is_a_plan_that_does_not_fit():
+    import jax
+
+    from contentv_jax.memory_plan import compile_plan
+
+    message = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (187.22G) "
+        "exceeds available HBM (95.74G)."
+    )  # XLA:TPU's words, measured on a tiny model at 720p x 121 frames with XLA attention
+
+    def lower():
+        raise jax.errors.JaxRuntimeError(message)
+
+    p = compile_plan("train", "1280x720x121", 111_933, 8, 1.0, lower, args=3 * 2**30, hbm=64 * 2**30)
+    assert not p.fits and p.temp_bytes == int(187.22 * 2**30) and p.argument_bytes == 3 * 2**30
+    assert p.peak_bytes == p.argument_bytes + p.temp_bytes
+
+    def broken():
+        raise jax.errors.JaxRuntimeError("INVALID_ARGUMENT: something else")
+
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INVALID_ARGUMENT"):
+        compile_plan("train", "b", 1, 1, 1.0, broken, args=0, hbm=1)
