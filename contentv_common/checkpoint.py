@@ -7,7 +7,8 @@ Formats:
 - `diffusers`: `config.json` + `diffusion_pytorch_model*.safetensors` (sharded with an index or not), diffusers names.
   This is the layout of the official SD3.5-Large and ContentV-8B transformer folders.
 - `torch`: `contentv_config.json` + `model*.safetensors` with canonical names (the torch twin's state_dict).
-- `jax`: `contentv_config.json` + an orbax folder `params/` (read and written by `contentv_jax.convert`).
+- `jax`: `contentv_config.json` + an orbax folder `params/`. A backend's own format is read and written by that
+  backend: `contentv_jax` registers it with `register_format` on import, so this layer never imports a framework.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from contentv_common.config import ConfigError, ModelConfig, from_dict, to_dict
 from contentv_common.param_table import TRANSFORMER_TABLE, ParamTable, UnknownParameterError
@@ -142,11 +144,16 @@ def detect_format(path: str | Path) -> str:
     raise CheckpointError(f"{path}: neither config.json (diffusers) nor {OUR_CONFIG} (contentv) found")
 
 
+Index = tuple[slice, ...]
+
+
 @dataclass
 class TensorSource:
     """A checkpoint opened for streaming: config, canonical shapes/dtypes, and a per-tensor iterator.
 
     `config` is the model's config (ModelConfig for transformers; other models, e.g. the VAE, bring their own).
+    `read(name, index)`, where the format allows it, reads one slice of one tensor (torch layout) and nothing else:
+    how a sharded loader puts every device's part in place without a whole copy on the host.
     """
 
     path: Path
@@ -154,6 +161,34 @@ class TensorSource:
     shapes: dict[str, tuple[int, ...]]  # canonical name -> torch-layout shape
     dtypes: dict[str, str]
     tensors: Callable[[], Iterator[tuple[str, np.ndarray]]]  # canonical name, torch-layout array
+    read: Callable[[str, Index], np.ndarray] | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """A backend's own checkpoint format: open a folder as a TensorSource; write canonical tensors as a folder
+    (`write(folder, config, tensors, overwrite)`)."""
+
+    open: Callable[[Path], TensorSource]
+    write: Callable[[Path, ModelConfig, Iterator[tuple[str, np.ndarray]], bool], Path]
+
+
+_FORMATS: dict[str, CheckpointFormat] = {}
+_PROVIDERS = {"jax": "contentv_jax"}  # for the error message only: who registers which format
+
+
+def register_format(name: str, fmt: CheckpointFormat) -> None:
+    """Called by a backend package on import (contentv_jax registers "jax")."""
+    _FORMATS[name] = fmt
+
+
+def checkpoint_format(name: str, path: str | Path = "") -> CheckpointFormat:
+    if name not in _FORMATS:
+        provider = _PROVIDERS.get(name, "a backend package")
+        raise CheckpointError(
+            f"{path}: the {name!r} checkpoint format is read and written by {provider}: install it and import it first"
+        )
+    return _FORMATS[name]
 
 
 def canonical_keys(keys: list[str], table: ParamTable, path: Path, from_diffusers: bool) -> dict[str, str]:
@@ -201,11 +236,15 @@ def stream_source(
     """
     index = {k: v for k, v in tensor_index(files).items() if not k.endswith(ignored_suffixes)}
     names = canonical_keys(list(index), table, path, from_diffusers)
+    keys = {name: key for key, name in names.items()}
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for key, array in iter_tensors(files):
             if key in names:
                 yield names[key], array
+
+    def read(name: str, where: Index) -> np.ndarray:
+        return read_slice(index[keys[name]].file, keys[name], where)
 
     return TensorSource(
         path=path,
@@ -213,16 +252,26 @@ def stream_source(
         shapes={names[k]: tuple(v.shape) for k, v in index.items()},
         dtypes={names[k]: v.dtype for k, v in index.items()},
         tensors=tensors,
+        read=read,
     )
 
 
-def open_checkpoint(path: str | Path) -> TensorSource:
-    """Any of the three transformer formats as a TensorSource; the JAX (orbax) format needs jax installed."""
-    if detect_format(path) == "jax":
-        from contentv_jax.loading import open_jax_source
+def read_slice(file: Path, key: str, where: Index) -> np.ndarray:
+    """One slice of one safetensors tensor. The file is opened per call: its memory map (resident pages count as the
+    process's memory) is dropped at once, so reading a whole model never holds a shard's pages."""
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            return f.get_slice(key)[where]
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: cannot read tensor {key!r}: {e}") from None
 
-        return open_jax_source(path)
-    return open_safetensors_source(path)
+
+def open_checkpoint(path: str | Path) -> TensorSource:
+    """Any transformer checkpoint folder as a TensorSource; a backend's own format (jax) needs that backend imported."""
+    fmt = detect_format(path)
+    if fmt in ("diffusers", "torch"):
+        return open_safetensors_source(path)
+    return checkpoint_format(fmt, path).open(Path(path))
 
 
 def check_keys(

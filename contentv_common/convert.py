@@ -1,7 +1,8 @@
 """Checkpoint conversion between diffusers, our torch (safetensors) and our JAX (orbax) formats, every direction.
 
 Tensors stream one at a time from the source; the diffusers and torch writers flush shard by shard, so converting
-between safetensors formats holds at most one shard. The JAX writer holds the model once (orbax saves one tree).
+between safetensors formats holds at most one shard. The JAX format is the JAX backend's own (registered by
+`contentv_jax` on import); its writer holds the model once (orbax saves one tree of stacked blocks).
 Without a dtype change, every tensor is copied bit for bit, so any round trip is exact.
 """
 
@@ -15,10 +16,10 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from contentv_common.checkpoint import POS_TABLE, open_checkpoint, write_diffusers, write_torch
-from contentv_common.param_table import TRANSFORMER_TABLE
+from contentv_common.checkpoint import POS_TABLE, checkpoint_format, open_checkpoint, write_diffusers, write_torch
 
 Format = Literal["diffusers", "torch", "jax"]
+FORMATS = ("diffusers", "torch", "jax")
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
@@ -37,6 +38,9 @@ def convert(
     `dtype` casts floating tensors (e.g. "bfloat16"); `pos_embed="sincos_3d"` turns an SD3/SD3.5 image checkpoint into
     a ContentV video checkpoint (SD3's 2D position table is dropped).
     """
+    if to not in FORMATS:
+        raise ValueError(f"unknown target format {to!r} ({', '.join(FORMATS)})")
+    writer = None if to in ("diffusers", "torch") else checkpoint_format(to, dst).write
     source = open_checkpoint(src)
     cfg = source.config if pos_embed is None else source.config.replace(pos_embed=pos_embed)
     if dtype is not None and dtype not in DTYPES:
@@ -60,12 +64,4 @@ def convert(
         return write_diffusers(dst, cfg, tensors(), max_shard_bytes=max_shard_bytes, overwrite=overwrite)
     if to == "torch":
         return write_torch(dst, cfg, tensors(), max_shard_bytes=max_shard_bytes, overwrite=overwrite)
-    if to == "jax":
-        from contentv_jax.loading import write_jax_params
-
-        params = {}
-        for name, array in tensors():
-            p = TRANSFORMER_TABLE.from_canonical(name)
-            params[p.jax] = array if p.jax_perm is None else np.ascontiguousarray(np.transpose(array, p.jax_perm))
-        return write_jax_params(dst, cfg, params, overwrite)
-    raise ValueError(f"unknown target format {to!r} (diffusers, torch, jax)")
+    return writer(Path(dst), cfg, tensors(), overwrite)

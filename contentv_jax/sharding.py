@@ -75,10 +75,17 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     return Mesh(np.asarray(devices).reshape(cfg.shape), AXES)
 
 
+# The scanned blocks of contentv_jax.transformer: one leading layer axis, never split (each device keeps its
+# slice of every layer, so the scan body sees the same sharding as an unstacked block).
+STACKED_PARAMS = re.compile(r"blocks\..*")
+
+
 def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
     """Logical axis names of a parameter (None = replicated); unknown paths (norm scales, biases) are replicated."""
+    stacked = STACKED_PARAMS.fullmatch(path) is not None
     for pattern, axes in PARAM_AXES:
         if re.fullmatch(pattern, path):
+            axes = ("layers", *axes) if stacked else axes
             if len(axes) != ndim:
                 raise ValueError(f"parameter {path}: rule gives {len(axes)} axes for a {ndim}-d array")
             return axes

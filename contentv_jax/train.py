@@ -26,7 +26,7 @@ from contentv_common.schedules import interpolate, velocity_target
 from contentv_jax import sharding
 from contentv_jax.checkpointing import Checkpointer, abstract_like
 from contentv_jax.data import make_loader
-from contentv_jax.transformer import Transformer
+from contentv_jax.transformer import Transformer, layer_axes
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -36,7 +36,8 @@ class TrainingStopped(RuntimeError):
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int | None) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW with linear warm-up and constant or cosine decay; no decay on 1-d params."""
+    """Global-norm clipping, then AdamW with linear warm-up and constant or cosine decay; no decay on 1-d params
+    (biases, norm scales; per layer for the stacked blocks)."""
     if cfg.decay == "cosine":
         lr = optax.warmup_cosine_decay_schedule(
             0.0, cfg.lr, cfg.warmup_steps, max(total_steps or 0, cfg.warmup_steps + 1)
@@ -52,7 +53,7 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int | None) -> optax.Gradi
         b2=cfg.betas[1],
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
-        mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params),
+        mask=lambda params: jax.tree_util.tree_map_with_path(lambda path, p: p.ndim - layer_axes(path) > 1, params),
     )
     return adamw if cfg.grad_clip is None else optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
 
@@ -249,7 +250,7 @@ def run(
     if ckpt.latest_step() is not None:
         state, data_state = ckpt.restore(trainer.abstract_state())
     else:
-        state = trainer.init_state(_initial_params(recipe))
+        state = trainer.init_state(_initial_params(recipe, trainer.mesh))
         if recipe.resume_from is not None:
             prev = Checkpointer(replace(recipe.checkpoint, dir=recipe.resume_from))
             state = {**state, **prev.restore_weights(abstract_like(state))}
@@ -295,13 +296,16 @@ def run(
     return RunResult(losses=losses, skipped_steps=skipped, final_step=end, state=state)
 
 
-def _initial_params(recipe: Recipe) -> dict[str, Any] | None:
-    """Pretrained weights from `init_from` (e.g. SD3.5-Large as the video model), or None for random init."""
+def _initial_params(recipe: Recipe, mesh: Mesh | None = None) -> dict[str, Any] | None:
+    """Pretrained weights from `init_from` (e.g. SD3.5-Large as the video model), or None for random init; with
+    `mesh`, each parameter is read straight onto its shards."""
     if recipe.init_from is None:
         return None
     from contentv_jax.loading import load_transformer
 
-    model = load_transformer(Path(recipe.init_from), dtype=jnp.float32, pos_embed=recipe.model_config.pos_embed)
+    model = load_transformer(
+        Path(recipe.init_from), dtype=jnp.float32, pos_embed=recipe.model_config.pos_embed, mesh=mesh
+    )
     if model.cfg != recipe.model_config:
         raise ValueError(f"init_from {recipe.init_from}: model config {model.cfg} differs from the recipe's")
     return nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])

@@ -32,6 +32,12 @@ AttentionImpl = tuple[str | None, int | None]  # (implementation, pad_multiple) 
 Constrain = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
 
 
+def layer_axes(path: tuple) -> int:
+    """1 for a parameter of the stacked blocks (leading layer axis), else 0; `path` is a jax key path from the root
+    of the model's parameter tree."""
+    return int(bool(path) and getattr(path[0], "key", path[0]) == "blocks")
+
+
 def no_constraint(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
     return x
 
@@ -239,6 +245,11 @@ class Transformer(nnx.Module):
     tables and timestep features are computed in fp32. `remat` names a rematerialisation policy per block.
     `attention_impl` ("cudnn" on GPU) and `attention_pad_multiple` are passed to ops.attention; `constrain` places
     activations on a device mesh (sequence-sharded tokens, head-sharded attention).
+
+    Blocks 0..L-2 are one stacked JointBlock (every parameter has a leading layer axis) run by `jax.lax.scan`, so
+    compile time does not grow with depth; the last, `context_pre_only` block has other parameters and runs after
+    it as `last_block`. `block(i)` gives block i as a module; contentv_jax.loading maps the canonical per-block
+    names `blocks.{i}.*` to and from this layout.
     """
 
     def __init__(
@@ -262,11 +273,25 @@ class Transformer(nnx.Module):
         self.patch_embed = PatchEmbed(cfg, dt, rngs)
         self.time_embed = TimeEmbed(cfg, dt, rngs)
         self.context_embedder = dt.linear(cfg.joint_attention_dim, d, rngs)
-        self.blocks = nnx.List(
-            [JointBlock(cfg, i == cfg.num_layers - 1, dt, rngs, impl, constrain) for i in range(cfg.num_layers)]
-        )
+
+        @nnx.split_rngs(splits=cfg.num_layers - 1)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def stacked(rngs: nnx.Rngs) -> JointBlock:
+            return JointBlock(cfg, False, dt, rngs, impl, constrain)
+
+        self.blocks = nnx.data(stacked(rngs) if cfg.num_layers > 1 else None)
+        self.last_block = JointBlock(cfg, True, dt, rngs, impl, constrain)
         self.norm_out = dt.linear(d, 2 * d, rngs)
         self.proj_out = dt.linear(d, cfg.patch_size**2 * cfg.out_channels, rngs)
+
+    def block(self, i: int) -> JointBlock:
+        """Block i (0..L-1) as its own module: a slice of the stacked blocks, or the last block."""
+        if not 0 <= i < self.cfg.num_layers:
+            raise IndexError(f"block {i} of {self.cfg.num_layers}")
+        if i == self.cfg.num_layers - 1:
+            return self.last_block
+        graphdef, state = nnx.split(self.blocks)
+        return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
     def embed(
         self,
@@ -281,6 +306,26 @@ class Transformer(nnx.Module):
         temb_act = nnx.silu(self.time_embed(timestep, pooled_projections))
         context = self.context_embedder(encoder_hidden_states.astype(self.dtype))
         return x, context, temb_act
+
+    def run_blocks(self, x: jax.Array, context: jax.Array, temb_act: jax.Array) -> jax.Array:
+        """All blocks: a scan over the stacked ones (remat inside the scan body), then the last block."""
+        policy = REMAT_POLICIES[self.remat]
+        if self.blocks is not None:
+            graphdef, stacked = nnx.split(self.blocks)
+
+            def body(carry: tuple[jax.Array, jax.Array], layer: nnx.State) -> tuple[tuple[jax.Array, jax.Array], None]:
+                return nnx.merge(graphdef, layer)(*carry, temb_act), None
+
+            if self.remat != "none":
+                body = jax.checkpoint(body, policy=policy, prevent_cse=False)  # scan already keeps CSE apart
+            (x, context), _ = jax.lax.scan(body, (x, context), stacked)
+
+        def last(block: JointBlock, x: jax.Array, context: jax.Array) -> jax.Array:
+            return block(x, context, temb_act)[0]
+
+        if self.remat != "none":
+            last = nnx.remat(last, policy=policy)
+        return last(self.last_block, x, context)
 
     def head(self, x: jax.Array, temb_act: jax.Array, latent_shape: tuple[int, ...]) -> jax.Array:
         """Final adaLN + projection, unpatchified back to `[B, C, F, H, W]`."""
@@ -299,12 +344,4 @@ class Transformer(nnx.Module):
         pooled_projections: jax.Array,
     ) -> jax.Array:
         x, context, temb_act = self.embed(hidden_states, timestep, encoder_hidden_states, pooled_projections)
-
-        def run(block: JointBlock, x: jax.Array, context: jax.Array, temb_act: jax.Array):
-            return block(x, context, temb_act)
-
-        if self.remat != "none":
-            run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
-        for block in self.blocks:
-            x, context = run(block, x, context, temb_act)
-        return self.head(x, temb_act, hidden_states.shape)
+        return self.head(self.run_blocks(x, context, temb_act), temb_act, hidden_states.shape)

@@ -11,9 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from contentv_common.checkpoint import detect_format
 from contentv_common.config import ConfigError
 from contentv_common.convert import DTYPES, convert
 from contentv_common.safetensors_io import CheckpointError
+
+
+def import_backends(src: str, to: str) -> None:
+    """The JAX format is contentv_jax's own: importing it registers the format's reader and writer."""
+    if to == "jax" or detect_format(src) == "jax":
+        import contentv_jax  # noqa: F401
 
 
 def parse_size(text: str) -> int:
@@ -35,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     args = ap.parse_args(argv)
     try:
+        import_backends(args.src, args.to)
         out = convert(args.src, args.dst, args.to, args.dtype, args.pos_embed, args.shard_size, args.overwrite)
     except (CheckpointError, ConfigError, FileExistsError, ValueError) as e:
         print(f"convert: error: {e}", file=sys.stderr)

@@ -33,8 +33,8 @@ def trace_jax(path: Path, pos_embed: str | None, inputs: dict[str, np.ndarray]) 
     model = contentv_jax.load_transformer(path, pos_embed=pos_embed)
     x, context, temb_act = model.embed(*inputs.values())
     out = {"patch_embed": x, "conditioning": temb_act, "context_embedder": context}
-    for i, block in enumerate(model.blocks):
-        x, context = block(x, context, temb_act)
+    for i in range(model.cfg.num_layers):
+        x, context = model.block(i)(x, context, temb_act)
         out[f"blocks.{i}.x"] = x
         if context is not None:
             out[f"blocks.{i}.context"] = context

@@ -85,7 +85,7 @@ def test_step_is_the_same_on_every_mesh(cached_set, rel_err):
             b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(ref_state[name])])
             assert rel_err(a, b) < 1e-6, (shape, name, rel_err(a, b))
         mu = jax.tree.leaves(live["opt_state"])
-        kernel = live["params"]["blocks"][0]["ff"]["fc1"]["kernel"]
+        kernel = live["params"]["last_block"]["ff"]["fc1"]["kernel"]  # the only block
         if shape[1] > 1:  # FSDP really shards the weights and the Adam moments
             assert "fsdp" in str(kernel.sharding.spec)
             assert any("fsdp" in str(getattr(m.sharding, "spec", "")) for m in mu)
@@ -158,7 +158,7 @@ def test_init_from_an_sd3_image_checkpoint_starts_the_video_model(cached_set, tm
     recipe = tiny_recipe(cached_set, "init", init_from=str(tmp_path / "sd3"))
     trainer = get_trainer(recipe, default_mesh(recipe))
     state = trainer.init_state(_initial_params(recipe))
-    kernel = np.asarray(state["params"]["blocks"][1]["attn"]["to_k"]["kernel"])
+    kernel = np.asarray(state["params"]["last_block"]["attn"]["to_k"]["kernel"])  # block 1 of 2
     np.testing.assert_array_equal(kernel.T, sd3.state_dict()["transformer_blocks.1.attn.to_k.weight"].numpy())
     assert "pos_table" not in state["params"]["patch_embed"]
     deeper = to_dict(named_model_config("tiny").replace(num_layers=3))

@@ -98,7 +98,7 @@ def test_sharded_bf16_checkpoint_loads_exactly(tmp_path):
         tm.state_dict()["blocks.1.attn.to_q.weight"].numpy(), ref["transformer_blocks.1.attn.to_q.weight"]
     )
     jm = contentv_jax.load_transformer(tmp_path, dtype="bfloat16")
-    kernel = np.asarray(jm.blocks[0].ff.fc1.kernel[...])
+    kernel = np.asarray(jm.block(0).ff.fc1.kernel[...])
     assert kernel.dtype.name == "bfloat16"
     np.testing.assert_array_equal(kernel.astype(np.float32).T, ref["transformer_blocks.0.ff.net.0.proj.weight"])
 
@@ -112,7 +112,7 @@ def test_bf16_compute_runs_close_to_fp32(sd3_folder, rel_err):
     inputs = _inputs(cfg, frames=2, seed=2)
     y32_jax, y32_torch = _run_both(folder, inputs, pos_embed="sincos_3d")
     jm = contentv_jax.load_transformer(folder, pos_embed="sincos_3d", compute_dtype=jnp.bfloat16)
-    assert jm.blocks[0].attn.to_q.kernel[...].dtype == jnp.float32
+    assert jm.block(0).attn.to_q.kernel[...].dtype == jnp.float32
     y16_jax = np.asarray(jm(*inputs).astype(jnp.float32))
     tm = contentv_torch_npu.load_transformer(folder, pos_embed="sincos_3d", compute_dtype=torch.bfloat16)
     with torch.no_grad():
@@ -135,8 +135,8 @@ def test_remat_and_checkpointing_keep_outputs_and_grads(sd3_folder, rel_err):
         return nnx.grad(lambda m: jax.numpy.mean(m(*inputs) ** 2))(model)
 
     g_plain, g_remat = grad_of("none"), grad_of("full")
-    a = g_plain.blocks[0].attn.to_k.kernel[...]
-    assert rel_err(g_remat.blocks[0].attn.to_k.kernel[...], a) < 1e-6 and np.abs(a).max() > 0
+    a = g_plain.blocks.attn.to_k.kernel[...][0]  # block 0: layer 0 of the stacked blocks
+    assert rel_err(g_remat.blocks.attn.to_k.kernel[...][0], a) < 1e-6 and np.abs(a).max() > 0
 
     tm = contentv_torch_npu.load_transformer(folder, pos_embed="sincos_3d")
     grads = []
@@ -160,6 +160,6 @@ def test_padded_attention_equals_unpadded(sd3_folder, rel_err):
         contentv_jax.load_transformer(folder, pos_embed="sincos_3d", attention_pad_multiple=m) for m in (None, 16)
     ]
     outs = [np.asarray(m(*inputs)) for m in models]
-    grads = [nnx.grad(lambda m: jax.numpy.mean(m(*inputs) ** 2))(m).blocks[0].attn.to_q.kernel[...] for m in models]
+    grads = [nnx.grad(lambda m: jax.numpy.mean(m(*inputs) ** 2))(m).blocks.attn.to_q.kernel[...][0] for m in models]
     assert rel_err(outs[1], outs[0]) < 1e-6
     assert rel_err(grads[1], grads[0]) < 1e-5
