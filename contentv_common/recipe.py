@@ -21,6 +21,9 @@ from contentv_common.config import ConfigError, ModelConfig, from_dict, named_mo
 
 T = TypeVar("T")
 
+# The attention kernel: auto = cuDNN flash on GPU, Pallas splash on TPU, XLA on CPU (contentv_jax.ops)
+AttentionChoice = Literal["auto", "xla", "cudnn", "splash"]
+
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -174,6 +177,7 @@ class Recipe:
     mesh: MeshConfig = MeshConfig()
     remat: Literal["none", "full", "dots", "dots_all"] = "none"
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    attention: AttentionChoice = "auto"
     seed: int = 0
     nan_skip_limit: int = 10
     log_dir: str = "runs/train"
