@@ -22,6 +22,9 @@ from contentv_common.vae_config import VAEConfig
 
 T = TypeVar("T")
 
+# The attention kernel: auto = cuDNN flash on GPU, Pallas splash on TPU, XLA on CPU (contentv_jax.ops)
+AttentionChoice = Literal["auto", "xla", "cudnn", "splash"]
+
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -175,6 +178,7 @@ class Recipe:
     mesh: MeshConfig = MeshConfig()
     remat: Literal["none", "full", "dots", "dots_all"] = "none"
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    attention: AttentionChoice = "auto"
     seed: int = 0
     nan_skip_limit: int = 10
     log_dir: str = "runs/train"

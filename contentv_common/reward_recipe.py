@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from contentv_common.config import ConfigError, ModelConfig, named_model_config
 from contentv_common.recipe import (
+    AttentionChoice,
     CheckpointConfig,
     DataConfig,
     ObjectiveConfig,
@@ -132,6 +133,7 @@ class RewardRecipe:
     encoders: str = "tiny"
     init_from: str | None = None
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    attention: AttentionChoice = "auto"
     seed: int = 0
     log_dir: str = "runs/reward"
 

@@ -39,6 +39,7 @@ from contentv_common.config import ModelConfig
 from contentv_common.param_table import TRANSFORMER_TABLE, Param, ParamTable, inverse_perm, jax_shape
 from contentv_common.safetensors_io import AtomicFolder, CheckpointError
 from contentv_jax import sharding
+from contentv_jax.ops import XLA_ATTENTION, Attention
 from contentv_jax.transformer import Transformer
 
 _STACKED = re.compile(r"blocks\.(.+)")
@@ -194,8 +195,7 @@ def load_transformer(
     pos_embed: Literal["sincos_3d", "sd3_2d"] | None = None,
     *,
     compute_dtype: jnp.dtype | None = None,
-    attention_impl: str | None = None,
-    attention_pad_multiple: int | None = None,
+    attention: Attention = XLA_ATTENTION,
     remat: str = "none",
     mesh: Mesh | None = None,
 ) -> Transformer:
@@ -213,8 +213,7 @@ def load_transformer(
         cfg,
         dtype=jnp.dtype(compute_dtype or param_dtype),
         param_dtype=param_dtype,
-        attention_impl=attention_impl,
-        attention_pad_multiple=attention_pad_multiple,
+        attention=attention,
         remat=remat,
     )
     shardings = transformer_shardings(abstract, mesh) if mesh is not None else None

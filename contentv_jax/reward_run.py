@@ -37,6 +37,7 @@ from contentv_common.reward_run import (
 from contentv_jax import reward_train as jr
 from contentv_jax.checkpointing import Checkpointer, abstract_like
 from contentv_jax.loading import load_transformer, save_jax
+from contentv_jax.ops import attention_for
 from contentv_jax.sampling import sample
 from contentv_jax.transformer import Transformer
 
@@ -62,9 +63,10 @@ def _decoder(recipe: RewardRecipe, encoders) -> jr.VaeFirstFrameDecoder:
 
 def _model(recipe: RewardRecipe) -> nnx.Module:
     dtype = jnp.bfloat16 if recipe.compute_dtype == "bfloat16" else jnp.float32
+    attention = attention_for(recipe.attention)
     if recipe.init_from is not None:
-        return load_transformer(recipe.init_from, compute_dtype=dtype)
-    return Transformer(recipe.model_config, rngs=nnx.Rngs(recipe.seed), dtype=dtype)
+        return load_transformer(recipe.init_from, compute_dtype=dtype, attention=attention)
+    return Transformer(recipe.model_config, rngs=nnx.Rngs(recipe.seed), dtype=dtype, attention=attention)
 
 
 def _clip_reward(recipe: RewardRecipe):

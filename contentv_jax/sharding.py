@@ -2,7 +2,9 @@
 
 Parameters get logical axis names from their canonical path (contentv_common.param_table names, which are the NNX
 paths of contentv_jax/transformer.py); ordered rules map logical names to mesh axes. A mesh axis that does not divide
-a dimension is dropped for that parameter (it stays replicated there), so any mesh works for any model size.
+a parameter's dimension is dropped for that parameter (it stays replicated there; `unsplit_params` lists them). For
+activations a split the mesh asks for but cannot honour is an error naming the dimension and the mesh axis.
+Attention is laid out by contentv_jax.ops.Attention (Ulysses over `sequence`, heads padded inside attention).
 """
 
 from __future__ import annotations
@@ -22,16 +24,13 @@ AXES = ("data", "fsdp", "sequence", "tensor")
 BATCH = ("data", "fsdp")
 
 # logical name -> mesh axes; "embed" is the FSDP-sharded model width, "heads"/"mlp" the tensor-parallel dims.
-# Activations: image tokens are split over `sequence`; inside attention the heads are split over sequence x tensor
-# instead, so the constraint pair makes XLA emit Ulysses' all-to-all (tokens <-> heads) around the attention.
+# Activations: image tokens are split over `sequence` (contentv_jax.ops.Attention re-splits them by heads inside).
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "batch": BATCH,
     "embed": ("fsdp",),
     "heads": ("tensor",),
     "mlp": ("tensor",),
-    "frames": ("sequence",),
     "tokens": ("sequence",),
-    "act_heads": ("sequence", "tensor"),
 }
 
 # (regex on the dotted parameter path, logical axes per dimension of the JAX array). First match wins.
@@ -92,19 +91,42 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
     return (None,) * ndim
 
 
-def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-    """PartitionSpec from logical names, keeping only mesh axes of size > 1 that divide the dimension."""
+def _split(
+    logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh
+) -> tuple[PartitionSpec, list[tuple[int, str]]]:
+    """PartitionSpec keeping the mesh axes of size > 1 that divide the dimension, and the (dim, axis) pairs dropped."""
     used: set[str] = set()
-    out = []
-    for name, size in zip(logical, shape, strict=True):
-        axes = []
+    out, dropped = [], []
+    for dim, (name, size) in enumerate(zip(logical, shape, strict=True)):
+        axes: list[str] = []
         for axis in LOGICAL_RULES.get(name, ()) if name else ():
             n = mesh.shape[axis]
-            if n > 1 and axis not in used and size % (n * int(np.prod([mesh.shape[a] for a in axes]))) == 0:
+            if n == 1 or axis in used:
+                continue
+            if size % (n * int(np.prod([mesh.shape[a] for a in axes]))) == 0:
                 axes.append(axis)
+            else:
+                dropped.append((dim, axis))
         used.update(axes)
         out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
-    return PartitionSpec(*out)
+    return PartitionSpec(*out), dropped
+
+
+def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Parameter PartitionSpec from logical names: a mesh axis that does not divide a dimension is dropped there."""
+    return _split(logical, shape, mesh)[0]
+
+
+def activation_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Activation PartitionSpec from logical names; a split the mesh cannot honour is a ValueError, never dropped."""
+    spec, dropped = _split(logical, shape, mesh)
+    if dropped:
+        dim, axis = dropped[0]
+        raise ValueError(
+            f"activation {tuple(shape)}: dimension {dim} ({logical[dim]}, size {shape[dim]}) does not split over "
+            f"mesh axis {axis}={mesh.shape[axis]}"
+        )
+    return spec
 
 
 @dataclass(frozen=True)
@@ -114,7 +136,9 @@ class ActivationSharding:
     mesh: Mesh
 
     def __call__(self, x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
-        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec_for(logical, x.shape, self.mesh)))
+        return jax.lax.with_sharding_constraint(
+            x, NamedSharding(self.mesh, activation_spec(logical, x.shape, self.mesh))
+        )
 
 
 def _dotted(path: tuple) -> str:
@@ -128,6 +152,18 @@ def param_shardings(params, mesh: Mesh):
         return NamedSharding(mesh, spec_for(logical_axes(_dotted(path), leaf.ndim), leaf.shape, mesh))
 
     return jax.tree_util.tree_map_with_path(one, params)
+
+
+def unsplit_params(params, mesh: Mesh) -> list[str]:
+    """Parameters a rule asks to split but the mesh axis does not divide (they stay replicated on that axis), as
+    "path: dim D (size S) not split over AXIS=N" lines, for the planner's report."""
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = _dotted(path)
+        logical = logical_axes(name, len(leaf.shape))
+        for dim, axis in _split(logical, leaf.shape, mesh)[1]:
+            out.append(f"{name}: dim {dim} (size {leaf.shape[dim]}) not split over {axis}={mesh.shape[axis]}")
+    return out
 
 
 def like_params_shardings(tree, params_shardings, mesh: Mesh):
@@ -151,12 +187,11 @@ def like_params_shardings(tree, params_shardings, mesh: Mesh):
 
 
 def batch_shardings(batch_shapes: dict[str, tuple[int, ...]], mesh: Mesh) -> dict[str, NamedSharding]:
-    """Inputs are split over (data, fsdp) on the batch axis; latent-shaped inputs also over `sequence` on frames."""
+    """Inputs are split over (data, fsdp) on the batch axis. Latents are small (16 channels) and stay whole over
+    `sequence`: the model splits image tokens after the patch embedding, where any token count dividing it works."""
     out = {}
     for name, shape in batch_shapes.items():
         logical = ["batch"] + [None] * (len(shape) - 1)
-        if len(shape) == 5:
-            logical[2] = "frames"
         spec = spec_for(logical, shape, mesh)
         if shape[0] % int(np.prod([mesh.shape[a] for a in BATCH])):
             raise ValueError(

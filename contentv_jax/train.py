@@ -26,6 +26,7 @@ from contentv_common.schedules import interpolate, velocity_target
 from contentv_jax import sharding
 from contentv_jax.checkpointing import Checkpointer, abstract_like
 from contentv_jax.data import make_loader
+from contentv_jax.ops import attention_for
 from contentv_jax.transformer import Transformer, layer_axes
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -71,6 +72,7 @@ class Trainer:
                 rngs=nnx.Rngs(recipe.seed),
                 dtype=dtype,
                 remat=recipe.remat,
+                attention=attention_for(recipe.attention, mesh),
                 constrain=sharding.ActivationSharding(mesh),
             )
 
@@ -207,7 +209,7 @@ def get_trainer(recipe: Recipe, mesh: Mesh) -> Trainer:
     """A Trainer for this recipe and mesh, reused when only data, paths or run length differ (no recompiles
     between stages or resumed runs of the same shapes in one process)."""
     r = recipe
-    key = (r.model_config, r.compute_dtype, r.remat, r.optimizer, _schedule_steps(r), r.seed, mesh)
+    key = (r.model_config, r.compute_dtype, r.remat, r.attention, r.optimizer, _schedule_steps(r), r.seed, mesh)
     if key not in _TRAINERS:
         _TRAINERS[key] = Trainer(recipe, mesh)
     return _TRAINERS[key]

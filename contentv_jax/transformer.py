@@ -16,7 +16,7 @@ from flax import nnx
 
 from contentv_common.config import ModelConfig
 from contentv_common.pos_embed import crop_sd3_table, sd3_table, sincos_3d_table
-from contentv_jax.ops import attention, layer_norm, rms_norm
+from contentv_jax.ops import XLA_ATTENTION, Attention, layer_norm, rms_norm
 
 REMAT_POLICIES = {
     "none": None,
@@ -26,8 +26,7 @@ REMAT_POLICIES = {
 }
 
 
-AttentionImpl = tuple[str | None, int | None]  # (implementation, pad_multiple) for ops.attention
-# Places an activation on the device mesh by logical axis names ("batch", "tokens", "act_heads"); identity by default.
+# Places an activation on the device mesh by logical axis names ("batch", "tokens"); identity by default.
 # The trainer passes contentv_jax.sharding.activation_constraint(mesh), keeping the model free of mesh code.
 Constrain = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
 
@@ -138,11 +137,14 @@ class PatchEmbed(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        b, _, f, _, _ = x.shape
-        x = self.proj(rearrange(x, "b c f h w -> (b f) h w c"))
-        _, h, w, _ = x.shape
-        x = rearrange(x, "(b f) h w d -> b (f h w) d", b=b)
-        return (x.astype(jnp.float32) + self.positions(f, h, w)[None]).astype(x.dtype)
+        """The stride-p conv as patchify + matmul (same weights): with tokens split over `sequence`, XLA's SPMD
+        partitioner mis-sums a spatially split conv's kernel gradient (x2 at degree 4); a matmul splits cleanly."""
+        _, _, f, h, w = x.shape
+        p, dtype = self.cfg.patch_size, self.proj.dtype
+        patches = rearrange(x, "b c f (h p) (w q) -> b (f h w) (p q c)", p=p, q=p).astype(dtype)
+        kernel = self.proj.kernel[...].astype(dtype)
+        x = patches @ kernel.reshape(-1, kernel.shape[-1]) + self.proj.bias[...].astype(dtype)
+        return (x.astype(jnp.float32) + self.positions(f, h // p, w // p)[None]).astype(x.dtype)
 
 
 class JointAttention(nnx.Module):
@@ -154,11 +156,10 @@ class JointAttention(nnx.Module):
         context_pre_only: bool,
         dt: Dtypes,
         rngs: nnx.Rngs,
-        impl: AttentionImpl,
-        constrain: Constrain,
+        attention: Attention,
     ):
         d = cfg.hidden_size
-        self.heads, self.impl, self.constrain = cfg.num_attention_heads, impl, constrain
+        self.heads, self.attention = cfg.num_attention_heads, attention
         self.to_q, self.to_k, self.to_v = (dt.linear(d, d, rngs) for _ in range(3))
         self.add_q, self.add_k, self.add_v = (dt.linear(d, d, rngs) for _ in range(3))
         self.to_out = dt.linear(d, d, rngs)
@@ -180,15 +181,8 @@ class JointAttention(nnx.Module):
         if self.qk_norm:
             q, k = self.norm_q(q), self.norm_k(k)
             cq, ck = self.norm_added_q(cq), self.norm_added_k(ck)
-        # sequence-sharded tokens -> head-sharded q/k/v: XLA inserts the all-to-all (Ulysses) where the mesh asks
-        q, k, v = (
-            self.constrain(jnp.concatenate(pair, axis=1), ("batch", None, "act_heads", None))
-            for pair in ((q, cq), (k, ck), (v, cv))
-        )
-        out = rearrange(attention(q, k, v, *self.impl), "b n h d -> b n (h d)")
-        n = x.shape[1]
-        x_out = self.to_out(out[:, :n])
-        return x_out, None if self.context_pre_only else self.add_out(out[:, n:])
+        out, c_out = (rearrange(o, "b n h d -> b n (h d)") for o in self.attention(q, k, v, cq, ck, cv))
+        return self.to_out(out), None if self.context_pre_only else self.add_out(c_out)
 
 
 def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -204,14 +198,14 @@ class JointBlock(nnx.Module):
         context_pre_only: bool,
         dt: Dtypes,
         rngs: nnx.Rngs,
-        impl: AttentionImpl,
+        attention: Attention,
         constrain: Constrain,
     ):
         d = cfg.hidden_size
         self.eps, self.context_pre_only, self.constrain = cfg.norm_eps, context_pre_only, constrain
         self.norm1 = dt.linear(d, 6 * d, rngs)
         self.norm1_context = dt.linear(d, (2 if context_pre_only else 6) * d, rngs)
-        self.attn = JointAttention(cfg, context_pre_only, dt, rngs, impl, constrain)
+        self.attn = JointAttention(cfg, context_pre_only, dt, rngs, attention)
         self.ff = FeedForward(d, cfg.mlp_ratio * d, dt, rngs)
         if not context_pre_only:
             self.ff_context = FeedForward(d, cfg.mlp_ratio * d, dt, rngs)
@@ -243,8 +237,8 @@ class Transformer(nnx.Module):
 
     `dtype` is the compute dtype (e.g. bf16) and `param_dtype` the stored one (fp32 masters); norms, position
     tables and timestep features are computed in fp32. `remat` names a rematerialisation policy per block.
-    `attention_impl` ("cudnn" on GPU) and `attention_pad_multiple` are passed to ops.attention; `constrain` places
-    activations on a device mesh (sequence-sharded tokens, head-sharded attention).
+    `attention` is the kernel on its mesh (contentv_jax.ops.Attention: XLA, cuDNN or splash, sequence parallel);
+    `constrain` places activations on the device mesh (sequence-sharded image tokens).
 
     Blocks 0..L-2 are one stacked JointBlock (every parameter has a leading layer axis) run by `jax.lax.scan`, so
     compile time does not grow with depth; the last, `context_pre_only` block has other parameters and runs after
@@ -259,15 +253,13 @@ class Transformer(nnx.Module):
         rngs: nnx.Rngs,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
-        attention_impl: str | None = None,
-        attention_pad_multiple: int | None = None,
+        attention: Attention = XLA_ATTENTION,
         remat: str = "none",
         constrain: Constrain = no_constraint,
     ):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat {remat!r} is not one of {sorted(REMAT_POLICIES)}")
         dt = Dtypes(dtype, param_dtype)
-        impl = (attention_impl, attention_pad_multiple)
         d = cfg.hidden_size
         self.cfg, self.dtype, self.remat, self.constrain = cfg, dtype, remat, constrain
         self.patch_embed = PatchEmbed(cfg, dt, rngs)
@@ -277,10 +269,10 @@ class Transformer(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers - 1)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def stacked(rngs: nnx.Rngs) -> JointBlock:
-            return JointBlock(cfg, False, dt, rngs, impl, constrain)
+            return JointBlock(cfg, False, dt, rngs, attention, constrain)
 
         self.blocks = nnx.data(stacked(rngs) if cfg.num_layers > 1 else None)
-        self.last_block = JointBlock(cfg, True, dt, rngs, impl, constrain)
+        self.last_block = JointBlock(cfg, True, dt, rngs, attention, constrain)
         self.norm_out = dt.linear(d, 2 * d, rngs)
         self.proj_out = dt.linear(d, cfg.patch_size**2 * cfg.out_channels, rngs)
 

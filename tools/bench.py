@@ -73,7 +73,7 @@ class Case:
     dtype: str
     warmup: int
     repeats: int
-    attention: str | None = None  # JAX: None (XLA) or "cudnn"
+    attention: str | None = None  # JAX: auto, xla, cudnn or splash (contentv_jax.ops.resolve_attention)
     remat: str = "none"
     compile: bool = False  # torch.compile (torch twin and reference)
     pad_to: int = 0  # JAX: pad the joint sequence to a multiple of this, masking the padding (0 = off)
@@ -142,13 +142,13 @@ def cpu_name() -> str:
 # --- JAX -------------------------------------------------------------------------------------------------------------
 
 
-def jax_attention_impl(case: Case) -> str | None:
-    """`auto` is cuDNN flash attention on GPU (JAX's own default is XLA everywhere), XLA elsewhere."""
+def jax_attention_impl(case: Case) -> str:
+    """The kernel `case.attention` means here: `auto` is cuDNN flash on GPU, splash on TPU, XLA on CPU."""
     import jax
 
-    if case.attention == "auto":
-        return "cudnn" if jax.default_backend() == "gpu" else None
-    return case.attention
+    from contentv_jax.ops import resolve_attention
+
+    return resolve_attention(case.attention or "auto", jax.default_backend())
 
 
 def jax_model(case: Case):
@@ -156,6 +156,7 @@ def jax_model(case: Case):
     import jax.numpy as jnp
     from flax import nnx
 
+    from contentv_jax.ops import Attention
     from contentv_jax.transformer import Transformer
 
     compute = jnp.dtype(case.dtype)
@@ -164,8 +165,7 @@ def jax_model(case: Case):
         rngs=nnx.Rngs(0),
         dtype=compute,
         param_dtype=jnp.float32 if case.mode == "train" else compute,
-        attention_impl=jax_attention_impl(case),
-        attention_pad_multiple=case.pad_to or None,
+        attention=Attention(jax_attention_impl(case), pad_multiple=case.pad_to or None),
         remat=case.remat,
     )
 
@@ -226,7 +226,7 @@ def run_jax(case: Case) -> dict[str, Any]:
         "peak_memory_bytes": int(peak),
         "peak_memory_source": source,
         "device": name,
-        "attention": jax_attention_impl(case) or "xla",
+        "attention": jax_attention_impl(case),
     }
 
 
@@ -558,7 +558,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="CPU-sized smoke run with configs/model/tiny.yaml")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype")
     p.add_argument("--cfg-batch", action="store_true", help="sampling: batch the CFG pair (batch 2)")
-    p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"), help="JAX attention kernel")
+    p.add_argument(
+        "--attention", default="auto", choices=("auto", "xla", "cudnn", "splash"), help="JAX attention kernel"
+    )
     p.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_all"), help="JAX remat policy")
     p.add_argument("--pad-to", type=int, default=0, help="JAX: pad the joint sequence to a multiple (e.g. 128)")
     p.add_argument("--compile", action="store_true", help="torch.compile the torch twin and the reference")

@@ -22,11 +22,12 @@ import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 
 from contentv_common.config import named_model_config
+from contentv_common.recipe import AttentionChoice
 from contentv_common.sampling import draw_noise, latent_shape
 from contentv_common.video_io import write_video
 
@@ -59,14 +60,15 @@ def slug(prompt: str, length: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:length] or "prompt"
 
 
-def load_model(backend: str, path: Path, dtype: str, device: str):
+def load_model(backend: str, path: Path, dtype: str, device: str, attention: str = "auto"):
     """The transformer of `backend` from a checkpoint folder, with its ModelConfig at `.cfg`."""
     if backend == "jax":
         import jax.numpy as jnp
 
         import contentv_jax
+        from contentv_jax.ops import attention_for
 
-        return contentv_jax.load_transformer(path, dtype=jnp.dtype(dtype))
+        return contentv_jax.load_transformer(path, dtype=jnp.dtype(dtype), attention=attention_for(attention))
     import torch
 
     import contentv_torch_npu
@@ -136,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--size", type=parse_size, default=(432, 768), help="HEIGHTxWIDTH in pixels, multiples of 16")
     ap.add_argument("--seed", type=int, default=0, help="noise seed; prompt i uses seed + i")
     ap.add_argument("--batch-size", type=int, default=1, help="prompts denoised together")
+    ap.add_argument(
+        "--attention",
+        choices=get_args(AttentionChoice),
+        default="auto",
+        help="JAX attention kernel: auto = cuDNN flash on GPU, splash on TPU, XLA on CPU",
+    )
     ap.add_argument("--dtype", choices=DTYPES, default="float32", help="transformer and text-encoder dtype")
     ap.add_argument("--device", default="auto", help="torch device: auto, npu, cuda, cpu")
     ap.add_argument("--cache-dir", type=Path, help="on-disk text-embedding cache")
@@ -161,6 +169,17 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, prompts: l
         ap.error("--pipeline and --tiny are exclusive")
     if args.steps < 1 or args.batch_size < 1:
         ap.error("--steps and --batch-size must be >= 1")
+    if args.attention != "auto" and args.backend != "jax":
+        ap.error("--attention chooses the JAX kernel: use it with --backend jax")
+    if args.backend == "jax":
+        import jax
+
+        from contentv_jax.ops import resolve_attention
+
+        try:
+            resolve_attention(args.attention, jax.default_backend())
+        except ValueError as e:
+            ap.error(f"--attention: {e}")
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -185,7 +204,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             path = args.pipeline / "transformer"
         elif path is None:
             path = random_tiny_checkpoint(Path(tmp), args.model_seed)
-        model = load_model(args.backend, path, args.dtype, args.device)
+        model = load_model(args.backend, path, args.dtype, args.device, args.attention)
         decode = latent_decoder(args.backend, encoders, args.pipeline, Path(tmp))
     cfg = model.cfg
     if (cfg.joint_attention_dim, cfg.pooled_projection_dim) != (encoders.text_dim, encoders.pooled_dim):

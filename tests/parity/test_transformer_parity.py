@@ -154,10 +154,13 @@ def test_padded_attention_equals_unpadded(sd3_folder, rel_err):
     import jax
     from flax import nnx
 
+    from contentv_jax.ops import Attention
+
     folder, _ = sd3_folder
     inputs = _inputs(named_model_config("tiny"), frames=2, seed=4, batch=1, height=6, width=6)  # 18 + 5 = 23 tokens
     models = [
-        contentv_jax.load_transformer(folder, pos_embed="sincos_3d", attention_pad_multiple=m) for m in (None, 16)
+        contentv_jax.load_transformer(folder, pos_embed="sincos_3d", attention=Attention("xla", pad_multiple=m))
+        for m in (None, 16)
     ]
     outs = [np.asarray(m(*inputs)) for m in models]
     grads = [nnx.grad(lambda m: jax.numpy.mean(m(*inputs) ** 2))(m).blocks.attn.to_q.kernel[...][0] for m in models]
