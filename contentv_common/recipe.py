@@ -233,8 +233,8 @@ def image_tokens(bucket: BucketConfig, patch_size: int) -> int:
 def check_buckets_on_mesh(buckets: tuple[BucketConfig, ...], mesh: MeshConfig, patch_size: int) -> None:
     """Every bucket must run on the recipe's own mesh, so a bad recipe fails when it loads, not at its first batch:
     its batch splits evenly over the batch axes (data x fsdp), and its image tokens split evenly over `sequence`
-    (contentv_jax.sharding and the torch twin split the video tokens of one sequence over that axis; the 333 text
-    tokens and the 38 heads are padded inside the attention, so they set no rule here)."""
+    (the sequence-parallel rule of contentv_common.sequence_split: the 333 text tokens stay whole and the 38 heads are
+    padded inside the attention, so they set no rule here)."""
     split = mesh.data * mesh.fsdp
     for i, b in enumerate(buckets):
         where = f"data.buckets[{i}] ({b.name})"

@@ -161,16 +161,17 @@ def plan_recipe(
     return plans
 
 
-def replicated_params(recipe: Recipe, mesh: Mesh) -> list[dict[str, Any]]:
-    """Parameters the sharding rules leave whole on every device (name, shape, fp32 bytes), largest first."""
-    flat = jax.tree_util.tree_flatten_with_path(get_trainer(recipe, mesh).abstract_state()["params"])[0]
-    out = [
-        {
-            "name": ".".join(str(getattr(k, "key", k)) for k in path),
-            "shape": list(a.shape),
-            "bytes": int(np.prod(a.shape)) * a.dtype.itemsize,
-        }
-        for path, a in flat
+def replicated_params(recipe: Recipe, mesh: Mesh) -> tuple[list[dict[str, Any]], list[str]]:
+    """Parameters left whole on every device (name, shape, bytes; largest first), and the "path: dim not split over
+    axis" lines of those a sharding rule asks to split but the mesh axis does not divide."""
+    params = get_trainer(recipe, mesh).abstract_state()["params"]
+    whole = [
+        {"name": ".".join(str(getattr(k, "key", k)) for k in path), "shape": list(a.shape), "bytes": _nbytes(a)}
+        for path, a in jax.tree_util.tree_flatten_with_path(params)[0]
         if all(axis is None for axis in a.sharding.spec)
     ]
-    return sorted(out, key=lambda r: -r["bytes"])
+    return sorted(whole, key=lambda r: -r["bytes"]), sharding.unsplit_params(params, mesh)
+
+
+def _nbytes(a: jax.ShapeDtypeStruct) -> int:
+    return int(np.prod(a.shape)) * a.dtype.itemsize

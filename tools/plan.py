@@ -129,13 +129,16 @@ def plan_jax(args: argparse.Namespace, recipe: Recipe, hbm: int) -> tuple[list[S
         )
     except ValueError as e:  # a shape the mesh cannot split (contentv_jax.sharding names the dimension and axis)
         raise BadInput(f"{args.recipe}: {e}") from None
-    replicated = replicated_params(recipe, mesh)
+    replicated, unsplit = replicated_params(recipe, mesh)
     total = sum(r["bytes"] for r in replicated)
-    print(f"{len(replicated)} parameters left replicated, {gib(total)} GiB in fp32 on every device:")
-    for r in replicated[:8]:
+    print(f"{len(replicated)} parameters left whole on every device ({gib(total)} GiB), largest:")
+    for r in replicated[:5]:
         print(f"  {r['name']} {tuple(r['shape'])}")
+    print(f"{len(unsplit)} parameter dimensions a rule splits but the mesh does not divide:")
+    for line in unsplit[:5]:
+        print(f"  {line}")
     meta = {"target": args.target, "devices": count, "device_kind": devices[0].device_kind}
-    return plans, {**meta, "replicated_params": replicated, "replicated_bytes": total}
+    return plans, {**meta, "replicated_params": replicated, "replicated_bytes": total, "unsplit_params": unsplit}
 
 
 def plan_torch(args: argparse.Namespace, recipe: Recipe, hbm: int) -> tuple[list[StepPlan], dict[str, Any]]:
