@@ -121,7 +121,8 @@ def _leaf_array(read, leaf_slots: list[Slot], shape: tuple[int, ...], dtype, whe
         else:
             layers = leaf_slots[where[0]]
             part = np.stack([_read_jax_layout(read, s.param, where[1:]) for s in layers])
-        return np.ascontiguousarray(part, dtype=dtype)
+        part = np.asarray(part, dtype=dtype)  # not ascontiguousarray: it turns a scalar into shape (1,)
+        return part if part.flags.c_contiguous else part.copy()
 
     return jax.make_array_from_callback(shape, where_sharding, shard)
 
