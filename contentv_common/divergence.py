@@ -4,8 +4,9 @@ A step is bad when its loss or gradient norm is non-finite, or (with `divergence
 factor above the median of the last `divergence.window` good steps; a bad step changes nothing (params, optimizer,
 EMA) and is counted. `state()` goes into every checkpoint (the count, the first bad step and the window), so a
 resumed run decides exactly as an uninterrupted one and a restart cannot reset the count. More than `limit` bad steps
-stop the run; checkpoints written after the first bad step are then set aside, so the run resumes from the last one
-saved before the trouble began.
+stop the run; the checkpoints from the first bad step on are then set aside (also one written just before it: its
+parameters made that step, and a huge learning rate leaves finite but useless ones), so the run resumes from the last
+checkpoint whose next step was good.
 """
 
 from __future__ import annotations

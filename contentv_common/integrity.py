@@ -29,9 +29,7 @@ def _digest(path: Path) -> str:
 
 
 def _files(folder: Path) -> list[str]:
-    return sorted(
-        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
-    )
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -127,12 +125,12 @@ def remove_partial(root: str | Path, is_partial: Callable[[str], bool]) -> list[
     return removed
 
 
-def steps_to_delete(steps: Sequence[int], keep: int, pin_at_or_before: int | None = None) -> list[int]:
-    """Old checkpoints beyond the `keep` newest; the newest one at or before `pin_at_or_before` (the last one saved
-    before a run's first skipped step, its resume point if it diverges) is kept too."""
+def steps_to_delete(steps: Sequence[int], keep: int, pin_before: int | None = None) -> list[int]:
+    """Old checkpoints beyond the `keep` newest; the newest one before step `pin_before` (a run's first skipped step:
+    its resume point if it diverges) is kept too."""
     ordered = sorted(steps)
     kept = set(ordered[-keep:])
-    if pin_at_or_before is not None:
-        before = [s for s in ordered if s <= pin_at_or_before]
+    if pin_before is not None:
+        before = [s for s in ordered if s < pin_before]
         kept |= set(before[-1:])
     return [s for s in ordered if s not in kept]

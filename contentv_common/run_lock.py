@@ -82,7 +82,9 @@ class RunLock:
                 os.close(fd)
                 stale = record.get("host") == host and isinstance(record.get("pid"), int)
                 if stale and not _pid_alive(record["pid"]) and attempt == 0:
-                    self.path.unlink(missing_ok=True)  # an orphan holds the old file's flock: start a new file
+                    print(f"taking over the lock of {_describe(record)}, which is no longer running (a process it "
+                          "started still held the lock)", file=sys.stderr)  # fmt: skip
+                    self.path.unlink(missing_ok=True)  # the orphan keeps the old file's flock: start a new file
                     continue
                 raise RunLockedError(
                     f"{self.folder}: checkpoint dir is in use by {_describe(record)}; stop that run or use another "

@@ -72,9 +72,9 @@ class Checkpointer:
         """The newest intact step (verified against its manifest when the folder was opened)."""
         return self._step
 
-    def save(self, step: int, state: Any, data_state: dict[str, Any], pin_at_or_before: int | None = None) -> None:
+    def save(self, step: int, state: Any, data_state: dict[str, Any], pin_before: int | None = None) -> None:
         """Write `step` and commit it with the manifest; then delete all but the `keep` newest steps (and the newest
-        one at or before `pin_at_or_before`)."""
+        one before `pin_before`, the resume point should the run diverge)."""
         try:
             self.manager.save(
                 step,
@@ -84,21 +84,21 @@ class Checkpointer:
             self.manager.wait_until_finished()
             if self.main:
                 integrity.write_manifest(self.dir / str(step))
-                for old in integrity.steps_to_delete(self.manager.all_steps(), self.keep, pin_at_or_before):
+                for old in integrity.steps_to_delete(self.manager.all_steps(), self.keep, pin_before):
                     self.manager.delete(old)
         except Exception as e:  # any failure ends the run now, with the previous checkpoint as its resume point
             why = f"{type(e).__name__}: {one_line(e)}"
             raise CheckpointSaveError(f"{self.dir}: saving step {step} failed: {why}") from e
         self._step = step
 
-    def set_aside_after(self, step: int | None) -> list[Path]:
-        """Rename the steps after `step` out of the way (a diverged run must not resume from them)."""
+    def set_aside_from(self, step: int) -> list[Path]:
+        """Rename the steps from `step` on out of the way (a diverged run must not resume from them)."""
         if not self.main:
             return []
-        later = [s for s in self.manager.all_steps() if step is None or s > step]
+        later = [s for s in self.manager.all_steps() if s >= step]
         moved = [integrity.set_aside(self.dir / str(s), "diverged") for s in sorted(later)]
         self.manager.reload()
-        self._step = max((s for s in self.manager.all_steps() if step is None or s <= step), default=None)
+        self._step = max((s for s in self.manager.all_steps() if s < step), default=None)
         return moved
 
     def _restore(self, step: int, args: ocp.args.Composite) -> Any:

@@ -322,7 +322,7 @@ def _train(
                     }
                 )
             if guard.stopped:
-                moved = ckpt.set_aside_after(guard.first_bad_step)
+                moved = ckpt.set_aside_from(guard.first_bad_step)
                 aside = f" (set aside: {', '.join(p.name for p in moved)})" if moved else ""
                 last = ckpt.latest_step()
                 where = (
@@ -333,7 +333,7 @@ def _train(
                 raise TrainingStopped(guard.stop_message(where + aside))
             if (step + 1) % recipe.checkpoint.interval == 0 or step + 1 == end:
                 data = {**loader.get_state(), "divergence": guard.state()}
-                ckpt.save(step + 1, state, data, pin_at_or_before=guard.first_bad_step)
+                ckpt.save(step + 1, state, data, pin_before=guard.first_bad_step)
     return RunResult(losses=losses, skipped_steps=skipped, final_step=end, state=state)
 
 

@@ -81,12 +81,10 @@ def remove_partial_saves(root: str | Path) -> list[Path]:
     return integrity.remove_partial(root, lambda name: name.startswith(".step_") and ".tmp-" in name)
 
 
-def set_aside_after(root: str | Path, step: int | None) -> list[Path]:
-    """Rename the checkpoints after `step` out of the way (a diverged run must not resume from them)."""
+def set_aside_from(root: str | Path, step: int) -> list[Path]:
+    """Rename the checkpoints from `step` on out of the way (a diverged run must not resume from them)."""
     root = Path(root)
-    later = sorted(
-        p for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and (step is None or int(m[1]) > step)
-    )
+    later = sorted(p for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and int(m[1]) >= step)
     return [integrity.set_aside(p, "diverged") for p in later]
 
 
@@ -100,9 +98,9 @@ def _read_weights(folder: Path) -> dict[str, np.ndarray]:
     return dict(iter_tensors(weight_files(folder, "model")))
 
 
-def save_state(root: str | Path, state: TrainState, keep: int, pin_at_or_before: int | None = None) -> Path:
+def save_state(root: str | Path, state: TrainState, keep: int, pin_before: int | None = None) -> Path:
     """Write `root/step_NNNNNNNN` atomically with its manifest last, then delete all but the `keep` newest
-    checkpoints (and the newest one at or before `pin_at_or_before`, a run's last step before its first bad one)."""
+    checkpoints (and the newest one before step `pin_before`, the resume point should the run diverge)."""
     target = step_dir(root, state.step)
     with AtomicFolder(target, overwrite=True) as tmp:
         _write_weights(tmp / "model", state.config, state.params)
@@ -115,7 +113,7 @@ def save_state(root: str | Path, state: TrainState, keep: int, pin_at_or_before:
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
         integrity.write_manifest(tmp)
     done = {int(m[1]): p for p in Path(root).iterdir() if (m := _STEP_DIR.fullmatch(p.name))}
-    for old in integrity.steps_to_delete(list(done), keep, pin_at_or_before):
+    for old in integrity.steps_to_delete(list(done), keep, pin_before):
         shutil.rmtree(done[old])
     return target
 

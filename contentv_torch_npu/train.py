@@ -352,9 +352,9 @@ def _run(
 
 
 def _keep_resume_point(recipe: Recipe, guard: DivergenceGuard, topo: Topology) -> str:
-    """Set aside the checkpoints written after the first bad step; say which one a restart resumes from."""
+    """Set aside the checkpoints from the first bad step on; say which one a restart resumes from."""
     root = recipe.checkpoint.dir
-    moved = ckpt.set_aside_after(root, guard.first_bad_step) if topo.is_main else []
+    moved = ckpt.set_aside_from(root, guard.first_bad_step) if topo.is_main else []
     if topo.world > 1:
         dist.barrier()
     aside = f" (set aside: {', '.join(p.name for p in moved)})" if moved else ""
