@@ -8,6 +8,7 @@ file is replaced and taken over. Locks are re-entrant within a process (stages a
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -15,6 +16,8 @@ import socket
 import sys
 import time
 from pathlib import Path
+
+from contentv_common.config import ConfigError
 
 LOCK_FILE = ".run.lock"
 
@@ -71,7 +74,15 @@ class RunLock:
         return lock
 
     def _take(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._lock_file()
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST):
+                raise
+            raise ConfigError(f"checkpoint.dir: {self.folder}: cannot write there ({e.strerror})") from None
+
+    def _lock_file(self) -> None:
         host = socket.gethostname()
         for attempt in range(2):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -113,8 +124,6 @@ class RunLock:
 
 
 def check_unlocked(folder: str | Path) -> None:
-    """Fail fast (before expensive set-up) when another live process holds `folder`; takes nothing."""
-    folder = Path(folder).resolve()
-    if folder in RunLock._held or not (folder / LOCK_FILE).exists():
-        return
+    """Fail fast (before expensive set-up) when `folder` cannot be written or another live process holds it; the
+    lock is not kept."""
     RunLock.acquire(folder).release()

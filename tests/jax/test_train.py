@@ -151,8 +151,8 @@ def test_nan_steps_are_skipped_then_the_run_stops(cached_set):
         run(bad_recipe, progress=False, on_step=seen.append)  # a restart counts on from 2
     assert [s["skipped"] for s in seen] == [True, True, True, True]
     ckpt = Checkpointer(recipe.checkpoint, writer=False)
-    assert ckpt.latest_step() == 1  # kept past `keep` as the resume point; 2 was dropped, 3 and 4 are set aside
-    assert sorted(p.name for p in ckpt.dir.glob(".diverged.*")) == [".diverged.3", ".diverged.4"]
+    assert ckpt.latest_step() == 1  # kept past `keep` as the resume point; 2 and 3 went with `keep`
+    assert sorted(p.name for p in ckpt.dir.glob(".diverged.*")) == [".diverged.4", ".diverged.5"]
     ckpt.close()
 
 
