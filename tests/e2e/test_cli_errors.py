@@ -109,7 +109,7 @@ def test_sample_convert_parity_bench_reject_bad_input_with_one_line(tmp_path):
         ("convert", [str(good), str(tmp_path / "out"), "--to", "jax", "--shard-size", "lots"], "--shard-size"),
         ("parity", ["--checkpoint", str(tmp_path / "nope")], "nope: checkpoint folder not found"),
         ("parity", ["--tiny", "--size", "8by8"], "--size must be HxW"),
-        ("bench", ["--tiny", "--model", "nosuch", "--in-process"], "nosuch"),
+        ("bench", ["--model", "nosuch"], "nosuch"),
         ("bench", ["--tiny", "--out", str(tmp_path / "empty")], "not a writable file path"),
     ]
     _check_all(cases)
