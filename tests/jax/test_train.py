@@ -276,7 +276,8 @@ def test_missing_ema_is_an_error_and_a_failed_save_is_one_error(cached_set):
 def test_spiking_steps_are_skipped(cached_set):
     """With divergence.spike_factor, a step whose loss or gradient norm is above factor x the median of the last
     `window` applied steps is skipped, exactly as the host-side rule says."""
-    recipe = tiny_recipe(cached_set, "spike", steps=12, **{"divergence.spike_factor": 1.05, "divergence.window": 3})
+    spikes = {"divergence.spike_factor": 1.05, "divergence.window": 3, "nan_skip_limit": 100}
+    recipe = tiny_recipe(cached_set, "spike", steps=12, **spikes)
     seen = []
     result = run(recipe, progress=False, on_step=seen.append)
     losses, norms, expected = [], [], []
