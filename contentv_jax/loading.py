@@ -121,7 +121,8 @@ def _leaf_array(read, leaf_slots: list[Slot], shape: tuple[int, ...], dtype, whe
         else:
             layers = leaf_slots[where[0]]
             part = np.stack([_read_jax_layout(read, s.param, where[1:]) for s in layers])
-        return np.ascontiguousarray(part, dtype=dtype)
+        part = np.asarray(part, dtype=dtype)  # not ascontiguousarray: it turns a scalar into shape (1,)
+        return part if part.flags.c_contiguous else part.copy()
 
     return jax.make_array_from_callback(shape, where_sharding, shard)
 
@@ -231,13 +232,20 @@ def save_jax(folder: str | Path, model: Transformer, overwrite: bool = False) ->
     return write_jax_params(folder, model.cfg, params, overwrite)
 
 
+# bytes (GB) orbax moves at once while saving or restoring: the host never stages a whole second copy of the model
+HOST_GB_IN_FLIGHT = 1.0
+
+
 def write_jax_params(folder: str | Path, cfg: ModelConfig, params: dict[str, Any], overwrite: bool) -> Path:
     import orbax.checkpoint as ocp
 
+    handler = ocp.PyTreeCheckpointHandler(
+        save_concurrent_gb=HOST_GB_IN_FLIGHT, save_device_host_concurrent_gb=HOST_GB_IN_FLIGHT
+    )
     with AtomicFolder(folder, overwrite) as tmp:
         write_our_config(tmp, cfg)
-        with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save((tmp / "params").resolve(), params)
+        with ocp.Checkpointer(handler) as ckpt:
+            ckpt.save((tmp / "params").resolve(), args=ocp.args.PyTreeSave(params))
     return Path(folder)
 
 
@@ -278,9 +286,11 @@ def _orbax_metadata(path: Path) -> dict[str, Any]:
 def _restore(path: Path, target: dict[str, jax.ShapeDtypeStruct]) -> dict[str, Any]:
     import orbax.checkpoint as ocp
 
+    handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=HOST_GB_IN_FLIGHT)
+    args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
     try:
-        with ocp.StandardCheckpointer() as ckpt:
-            return ckpt.restore((path / "params").resolve(), target)
+        with ocp.Checkpointer(handler) as ckpt:
+            return ckpt.restore((path / "params").resolve(), args=args)
     except Exception as e:
         raise CheckpointError(f"{path / 'params'}: cannot restore orbax checkpoint: {e}") from None
 

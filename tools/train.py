@@ -1,5 +1,9 @@
 """Train ContentV with flow matching: `python tools/train.py [--config RECIPE] [--backend jax|torch] [key=value ...]`.
 
+Flags and overrides may come in any order. Everything is checked before any model or data work (recipe file, YAML,
+overrides, mesh vs devices, the checkpoint dir's run lock, then the data): a problem is one line naming the file or
+key, exit status 2; a run that stops (divergence, a failed checkpoint save) is one line and exit status 1.
+
 With the default tiny recipe the run is self-contained: it generates the synthetic moving-shapes set, caches its
 latents and text embeddings with tiny random encoders, trains the tiny model on CPU and writes a loss-curve PNG.
 Logs go to `<log_dir>/metrics.jsonl` and TensorBoard; multi-stage recipes run their stages in order.
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,11 +21,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from contentv_common.cli import run_cli  # noqa: E402
 from contentv_common.config import ConfigError  # noqa: E402
+from contentv_common.data.buckets import BucketBatchSampler  # noqa: E402
 from contentv_common.data.cache import build_cache, cache_is_current, cache_settings, read_index  # noqa: E402
 from contentv_common.data.synthetic import make_synthetic_set  # noqa: E402
+from contentv_common.errors import DataError  # noqa: E402
 from contentv_common.recipe import Recipe, load_recipe, parse_override  # noqa: E402
 from contentv_common.reward_recipe import is_reward_recipe, load_reward_recipe  # noqa: E402
+from contentv_common.run_lock import check_unlocked  # noqa: E402
 
 TINY = ROOT / "configs" / "recipes" / "tiny.yaml"
 
@@ -90,6 +99,8 @@ def prepare_data(recipe: Recipe, progress: bool = True) -> None:
     manifest = Path(data.manifest)
     if not manifest.exists() and "synthetic" in manifest.parts:
         make_synthetic_set(manifest.parent, seed=recipe.seed, progress=progress)
+    if not manifest.is_file():
+        raise DataError(f"data.manifest: {manifest}: no such file")
     settings = cache_settings(manifest, list(data.buckets), data.fps, data.encoders)
     if not cache_is_current(data.cache_dir, settings):
         build_cache(
@@ -104,6 +115,39 @@ def prepare_data(recipe: Recipe, progress: bool = True) -> None:
     index = read_index(data.cache_dir)
     skipped = index.skip_counts
     print(f"cache {data.cache_dir}: {len(index.samples)} samples" + (f", skipped {skipped}" if skipped else ""))
+    check_batches(index, recipe)
+
+
+def check_batches(index, recipe: Recipe) -> None:
+    """DataError unless the cache makes at least one full batch; names the manifest and the first skipped file."""
+    names = [b.name for b in recipe.data.buckets]
+    ids = [names.index(s["bucket"]) for s in index.samples if s["bucket"] in names]
+    try:
+        BucketBatchSampler(ids, [b.batch_size for b in recipe.data.buckets], recipe.seed)
+    except ValueError as e:
+        first = f"; first skipped: {index.skipped[0]['message']}" if index.skipped else ""
+        raise DataError(f"{recipe.data.manifest}: {len(index.samples)} usable samples, {e}{first}") from None
+
+
+def check_devices(recipe: Recipe, backend: str) -> bool:
+    """ConfigError unless the recipe's mesh matches the devices (JAX) or the torchrun world size (torch); returns
+    whether this is the main process (the one that will hold the checkpoint dir's lock)."""
+    if backend == "jax":
+        import jax
+
+        from contentv_jax.sharding import maybe_initialize_distributed
+        from contentv_jax.train import check_devices as check
+
+        maybe_initialize_distributed()
+        check(recipe)
+        return jax.process_index() == 0
+    from contentv_torch_npu.distributed import check_mesh
+
+    try:
+        check_mesh(recipe.mesh, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return os.environ.get("RANK", "0") == "0"
 
 
 def train_stage(recipe: Recipe, backend: str, progress: bool) -> MetricsLog:
@@ -133,7 +177,7 @@ def export_transformer(recipe: Recipe, backend: str) -> Path:
     from contentv_jax.train import default_mesh, get_trainer
 
     trainer = get_trainer(recipe, default_mesh(recipe))
-    ckpt = Checkpointer(recipe.checkpoint)
+    ckpt = Checkpointer(recipe.checkpoint, writer=False)
     state, _ = ckpt.restore(trainer.abstract_state())
     ckpt.close()
     out = Path(recipe.checkpoint.dir).parent / "transformer"
@@ -152,24 +196,17 @@ def sample_demo(recipe: Recipe, backend: str, prompt: str, progress: bool) -> No
     sample.main(args + ([] if progress else ["--no-progress"]))
 
 
-def train_reward(
-    path: str, overrides: dict[str, Any], backend: str, progress: bool, parser: argparse.ArgumentParser
-) -> int:
+def train_reward(path: str, overrides: dict[str, Any], backend: str, progress: bool) -> int:
     """Reward fine-tuning (ReFL or GRPO): recipes with a `method` key (configs/recipes/reward_*.yaml)."""
-    try:
-        recipe = load_reward_recipe(path, overrides)
-    except ConfigError as e:
-        parser.error(str(e))
+    recipe = load_reward_recipe(path, overrides)
+    check_unlocked(recipe.checkpoint.dir)
     if recipe.data is not None:
         prepare_data(recipe, progress)
     if backend == "jax":
         from contentv_jax.reward_run import run
     else:
         from contentv_torch_npu.reward_run import run
-    try:
-        record = run(recipe, progress=progress)
-    except ConfigError as e:
-        parser.error(str(e))
+    record = run(recipe, progress=progress)
     print(f"reward fine-tuning ({recipe.method}, {backend}): last step {record}")
     return 0
 
@@ -185,16 +222,17 @@ def main(argv: list[str] | None = None) -> int:
         help="after training with tiny encoders, sample a clip with this prompt ('' to skip)",
     )
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optimizer.lr=3e-4 steps=50")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     progress = not args.no_progress
     overrides = dict(parse_override(o) for o in args.overrides)
     if is_reward_recipe(args.config):
-        return train_reward(args.config, overrides, args.backend, progress, parser)
-    try:
-        recipe = load_recipe(args.config, overrides)
-    except ConfigError as e:
-        parser.error(str(e))
-    for name, stage in recipe.stage_recipes():
+        return train_reward(args.config, overrides, args.backend, progress)
+    recipe = load_recipe(args.config, overrides)
+    stages = recipe.stage_recipes()
+    if check_devices(recipe, args.backend):  # fail fast; the trainer's main process takes the lock itself
+        for _, stage in stages:
+            check_unlocked(stage.checkpoint.dir)
+    for name, stage in stages:
         print(f"stage {name}: {stage.steps} steps, checkpoints in {stage.checkpoint.dir}")
         prepare_data(stage, progress)
         log = train_stage(stage, args.backend, progress)
@@ -207,4 +245,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)
