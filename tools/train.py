@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -150,14 +151,19 @@ def check_devices(recipe: Recipe, backend: str) -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def prepare_data_once(recipe: Recipe, backend: str, primary: bool, progress: bool) -> None:
-    """prepare_data in process 0 only; JAX processes wait for it here, torch ranks at the trainer's first barrier."""
+def prepare_data_once(recipe: Recipe, backend: str, primary: bool, progress: bool, poll_s: float = 2.0) -> None:
+    """prepare_data in process 0 only. JAX processes wait for it at a barrier; torch ranks (no process group yet)
+    until the cache is current, for as long as it takes: torchrun stops every rank if rank 0 fails."""
     if primary:
         prepare_data(recipe, progress)
     if backend == "jax":
         from contentv_jax import multihost
 
         multihost.barrier("data")
+        return
+    settings = cache_settings(recipe.data.manifest, list(recipe.data.buckets), recipe.data.fps, recipe.data.encoders)
+    while not cache_is_current(recipe.data.cache_dir, settings):
+        time.sleep(poll_s)
 
 
 def train_stage(recipe: Recipe, backend: str, progress: bool, primary: bool = True) -> MetricsLog | None:
@@ -201,12 +207,15 @@ def sample_demo(recipe: Recipe, backend: str, prompt: str, progress: bool, prima
 
     bucket = recipe.data.buckets[0]
     folder = export_transformer(recipe, backend)
-    if not primary:
-        return
     args = ["--tiny", "--encoder-seed", str(recipe.seed), "--transformer", str(folder), "--backend", backend]
     args += ["--prompt", prompt, "--frames", str(bucket.frames), "--size", f"{bucket.height}x{bucket.width}"]
     args += ["--steps", "20", "--guidance", "3.0", "--fps", str(recipe.data.fps), "--out", str(Path(recipe.log_dir))]
-    sample.main(args + ([] if progress else ["--no-progress"]))
+    if primary:
+        sample.main(args + ([] if progress else ["--no-progress"]))
+    if backend == "jax":  # the others wait: jax.distributed's shutdown barrier would give up after 5 minutes
+        from contentv_jax import multihost
+
+        multihost.barrier("demo")
 
 
 def train_reward(path: str, overrides: dict[str, Any], backend: str, progress: bool) -> int:
