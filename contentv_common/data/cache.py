@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
@@ -173,7 +174,11 @@ class LatentCache:
         return len(self.index.samples)
 
     def sample(self, i: int) -> dict[str, np.ndarray]:
-        return load_file(str(self.dir / self.index.samples[i]["file"]))
+        path = self.dir / self.index.samples[i]["file"]
+        try:
+            return load_file(str(path))
+        except (OSError, SafetensorError) as e:
+            raise OSError(f"{path}: cannot read this cached sample ({e}); delete {INDEX} to rebuild") from None
 
     def batch(self, indices: list[int]) -> dict[str, np.ndarray]:
         """Stacked latents [B, C, f, h, w], text [B, L, D], pooled [B, P] of the given samples."""
