@@ -198,17 +198,17 @@ def test_checkpoints_cross_process_counts(reference, rel_err):
     assert_same_run(losses, ref_losses, final_state(root, "two_to_one", (1, 4, 2, 1)), ref_state, rel_err)
 
 
-def test_a_failing_process_ends_the_run(reference, tmp_path):
+def test_a_failing_process_ends_the_run(reference):
     """Started by hand (the JAX_* variables, no launcher): process 1 cannot read one of its rows of batch 0; it
     exits with that error and process 0, waiting for it in a collective, exits non-zero soon after (no hang)."""
     root, _, _ = reference
-    cache = tmp_path / "cache"
+    cache = root / "crash_cache"
     shutil.copytree(root / "cache1", cache)
     recipe = load_recipe(TINY, dict(parse_override(a) for a in train_args(root, "crash", cache, (2, 2, 2, 1))))
     ids = BucketBatchSampler(LatentCache(cache, list(recipe.data.buckets)).bucket_ids, [4], recipe.seed).batch(0)
     bad = cache / read_index(cache).samples[ids[3]]["file"]  # rows 2-3 of batch 0 are process 1's
     bad.write_bytes(b"not a safetensors file")
-    args = train_args(tmp_path, "crash", cache, (2, 2, 2, 1), steps=50)
+    args = train_args(root, "crash", cache, (2, 2, 2, 1), steps=50)
     port = free_port()
     procs = []
     for i in range(2):
