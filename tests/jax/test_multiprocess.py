@@ -24,6 +24,7 @@ from contentv_common.data.buckets import BucketBatchSampler
 from contentv_common.data.cache import LatentCache, read_index
 from contentv_common.data.synthetic import make_synthetic_set
 from contentv_common.recipe import load_recipe, parse_override
+from contentv_jax import multihost
 from contentv_jax.checkpointing import Checkpointer
 from contentv_jax.data import StepBatches
 from contentv_jax.loading import load_transformer
@@ -128,6 +129,18 @@ def keep_step(src: Path, dst: Path, step: int) -> None:
     for d in dst.iterdir():
         if d.name.isdigit() and int(d.name) != step:
             shutil.rmtree(d)
+
+
+def test_cluster_detection_is_jaxs_own(monkeypatch):
+    """SLURM variables are detected as JAX detects them; a one-task job (or a plain machine) is not joined."""
+    for name in [k for k in os.environ if k.startswith(("SLURM_", "JAX_COORDINATOR", "OMPI_", "KUBERNETES_"))]:
+        monkeypatch.delenv(name)
+    assert multihost.detected_cluster() is None
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}
+    for name, value in {**slurm, "SLURM_LOCALID": "0"}.items():
+        monkeypatch.setenv(name, value)
+    assert multihost.detected_cluster().__name__ == "SlurmCluster"
+    assert multihost.initialize() is False and not jax.distributed.is_initialized()
 
 
 @pytest.fixture(scope="module")
