@@ -103,7 +103,7 @@ def logged_losses(root: Path, name: str) -> dict[int, float]:
 def final_state(root: Path, name: str, mesh: tuple[int, ...]) -> dict:
     """The last checkpoint of a run, restored in this process (whatever process count saved it)."""
     recipe = load_recipe(TINY, dict(parse_override(a) for a in train_args(root, name, root / "cache1", mesh)))
-    ckpt = Checkpointer(recipe.checkpoint)
+    ckpt = Checkpointer(recipe.checkpoint, writer=False)
     state, _ = ckpt.restore(get_trainer(recipe, default_mesh(recipe)).abstract_state())
     ckpt.close()
     return jax.device_get(state)
