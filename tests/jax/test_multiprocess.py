@@ -200,7 +200,8 @@ def test_checkpoints_cross_process_counts(reference, rel_err):
     if not (root / "two" / "ckpt").is_dir():
         launch_two(train_args(root, "two", root / "cache2", (2, 2, 2, 1)))
     keep_step(root / "one" / "ckpt", root / "one_to_two" / "ckpt", 2)
-    launch_two(train_args(root, "one_to_two", root / "cache1", (1, 4, 2, 1)))
+    launch_two([*train_args(root, "one_to_two", root / "cache1", (1, 4, 2, 1)), "checkpoint.keep=1"])
+    assert sorted(d.name for d in (root / "one_to_two" / "ckpt").iterdir() if d.name.isdigit()) == ["4"]  # 2 deleted
     state = final_state(root, "one_to_two", (1, 4, 2, 1))
     assert_same_run(logged_losses(root, "one_to_two"), ref_losses, state, ref_state, rel_err)
     assert sorted(logged_losses(root, "one_to_two")) == [2, 3]
