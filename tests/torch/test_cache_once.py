@@ -14,7 +14,10 @@ TINY = Path(__file__).resolve().parents[2] / "configs" / "recipes" / "tiny.yaml"
 
 def test_other_ranks_wait_for_rank_0s_cache(tmp_path):
     manifest = make_synthetic_set(tmp_path / "set", num_videos=2, num_images=0, frames=12, fps=8, progress=False)
-    recipe = load_recipe(TINY, {"data.manifest": str(manifest), "data.cache_dir": str(tmp_path / "cache")})
+    buckets = [{"width": w, "height": 64, "frames": 9, "batch_size": 1} for w in (64, 96)]
+    recipe = load_recipe(
+        TINY, {"data.manifest": str(manifest), "data.cache_dir": str(tmp_path / "cache"), "data.buckets": buckets}
+    )
     rank1 = threading.Thread(target=prepare_data_once, args=(recipe, "torch", False, False, 0.05))
     rank1.start()
     time.sleep(0.5)
