@@ -84,8 +84,8 @@ class Checkpointer:
             self.manager.wait_until_finished()
             if self.main:
                 integrity.write_manifest(self.dir / str(step))
-                for old in integrity.steps_to_delete(self.manager.all_steps(), self.keep, pin_before):
-                    self.manager.delete(old)
+            for old in integrity.steps_to_delete(self.manager.all_steps(), self.keep, pin_before):
+                self.manager.delete(old)  # by every process: orbax's delete ends at a barrier of all of them
         except Exception as e:  # any failure ends the run now, with the previous checkpoint as its resume point
             why = f"{type(e).__name__}: {one_line(e)}"
             raise CheckpointSaveError(f"{self.dir}: saving step {step} failed: {why}") from e

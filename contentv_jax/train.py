@@ -26,7 +26,7 @@ from contentv_common.divergence import DivergenceGuard
 from contentv_common.errors import RunStopped
 from contentv_common.recipe import OptimizerConfig, Recipe
 from contentv_common.schedules import interpolate, velocity_target
-from contentv_jax import sharding
+from contentv_jax import multihost, sharding
 from contentv_jax.checkpointing import Checkpointer, abstract_like
 from contentv_jax.data import make_loader
 from contentv_jax.ops import attention_for
@@ -179,14 +179,27 @@ class Trainer:
             new["ema"] = keep_if_bad(ema, state["ema"])
         return new, {"loss": loss, "grad_norm": grad_norm, "ok": ok}
 
-    def batch_shardings(self, batch: dict[str, np.ndarray]) -> dict[str, NamedSharding]:
-        global_shapes = {k: (v.shape[0] * jax.process_count(), *v.shape[1:]) for k, v in batch.items()}
-        return sharding.batch_shardings(global_shapes, self.mesh)
-
     def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Host batch (this process's rows) -> global arrays sharded over the mesh."""
-        shardings = self.batch_shardings(batch)
-        return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
+        """Host batch (this process's rows, from contentv_jax.data) -> global arrays sharded over the mesh.
+
+        Each device takes its block out of the rows this process read (a batch without `global_size` is global)."""
+        batch = dict(batch)
+        size = int(batch.pop("global_size", len(batch["latents"])))
+        first, _, count = multihost.batch_shards(self.mesh)
+        offset = first * size // count  # the global row of this process's first row
+        shapes = {k: (size, *v.shape[1:]) for k, v in batch.items()}
+        shardings = sharding.batch_shardings(shapes, self.mesh)
+
+        def make(name: str) -> jax.Array:
+            rows = batch[name]
+
+            def block(index: tuple[slice, ...]) -> np.ndarray:
+                b = index[0].indices(size)
+                return rows[(slice(b[0] - offset, b[1] - offset), *index[1:])]
+
+            return jax.make_array_from_callback(shapes[name], shardings[name], block)
+
+        return {name: make(name) for name in batch}
 
     def jitted_step(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> Callable:
         """The compiled step for this state layout and batch shape (one compile per bucket), state donated."""
@@ -261,7 +274,7 @@ def run(
     continues the same loss trajectory. `on_step` gets {step, loss, grad_norm, lr-free metrics, step_time}.
     The checkpoint dir's run lock is held from the start (before any model work) to the end.
     """
-    sharding.maybe_initialize_distributed()
+    multihost.initialize()
     ckpt = Checkpointer(recipe.checkpoint)
     try:
         return _train(recipe, get_trainer(recipe, mesh or default_mesh(recipe)), ckpt, progress, on_step, stop_after)
@@ -288,7 +301,7 @@ def _train(
             state = {**state, **prev.restore_weights(abstract_like(state))}
             prev.close()
     guard = DivergenceGuard(recipe.divergence, recipe.nan_skip_limit, guard_state)
-    loader = make_loader(recipe, data_state)
+    loader = make_loader(recipe, data_state, multihost.batch_shards(trainer.mesh))
     start = int(state["step"])
     end = recipe.steps if stop_after is None else min(stop_after, recipe.steps)
     losses, skipped = {}, []

@@ -7,6 +7,8 @@ key, exit status 2; a run that stops (divergence, a failed checkpoint save) is o
 With the default tiny recipe the run is self-contained: it generates the synthetic moving-shapes set, caches its
 latents and text embeddings with tiny random encoders, trains the tiny model on CPU and writes a loss-curve PNG.
 Logs go to `<log_dir>/metrics.jsonl` and TensorBoard; multi-stage recipes run their stages in order.
+Several processes (JAX: jax.distributed, see contentv_jax.multihost and tools/launch_local.py; torch: torchrun) run
+the same command; process / rank 0 alone builds the data cache, writes the logs and samples the demo clip.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -133,14 +136,12 @@ def check_devices(recipe: Recipe, backend: str) -> bool:
     """ConfigError unless the recipe's mesh matches the devices (JAX) or the torchrun world size (torch); returns
     whether this is the main process (the one that will hold the checkpoint dir's lock)."""
     if backend == "jax":
-        import jax
-
-        from contentv_jax.sharding import maybe_initialize_distributed
+        from contentv_jax import multihost
         from contentv_jax.train import check_devices as check
 
-        maybe_initialize_distributed()
+        multihost.initialize()  # before any other JAX call
         check(recipe)
-        return jax.process_index() == 0
+        return multihost.is_primary()
     from contentv_torch_npu.distributed import check_mesh
 
     try:
@@ -150,8 +151,23 @@ def check_devices(recipe: Recipe, backend: str) -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def train_stage(recipe: Recipe, backend: str, progress: bool) -> MetricsLog:
-    log = MetricsLog(recipe.log_dir)
+def prepare_data_once(recipe: Recipe, backend: str, primary: bool, progress: bool, poll_s: float = 2.0) -> None:
+    """prepare_data in process 0 only. JAX processes wait for it at a barrier; torch ranks (no process group yet)
+    until the cache is current, for as long as it takes: torchrun stops every rank if rank 0 fails."""
+    if primary:
+        prepare_data(recipe, progress)
+    if backend == "jax":
+        from contentv_jax import multihost
+
+        multihost.barrier("data")
+        return
+    settings = cache_settings(recipe.data.manifest, list(recipe.data.buckets), recipe.data.fps, recipe.data.encoders)
+    while not cache_is_current(recipe.data.cache_dir, settings):
+        time.sleep(poll_s)
+
+
+def train_stage(recipe: Recipe, backend: str, progress: bool, primary: bool = True) -> MetricsLog | None:
+    log = MetricsLog(recipe.log_dir) if primary else None
     try:
         if backend == "jax":
             from contentv_jax.train import run
@@ -159,7 +175,8 @@ def train_stage(recipe: Recipe, backend: str, progress: bool) -> MetricsLog:
             from contentv_torch_npu.train import run
         run(recipe, progress=progress, on_step=log)
     finally:
-        log.close()
+        if log is not None:
+            log.close()
     return log
 
 
@@ -173,7 +190,7 @@ def export_transformer(recipe: Recipe, backend: str) -> Path:
             raise FileNotFoundError(f"{recipe.checkpoint.dir}: no checkpoint to export")
         return step / "ema" if (step / "ema").is_dir() else step / "model"
     from contentv_jax.checkpointing import Checkpointer
-    from contentv_jax.loading import save_jax
+    from contentv_jax.multihost import export_model
     from contentv_jax.train import default_mesh, get_trainer
 
     trainer = get_trainer(recipe, default_mesh(recipe))
@@ -181,11 +198,11 @@ def export_transformer(recipe: Recipe, backend: str) -> Path:
     state, _ = ckpt.restore(trainer.abstract_state())
     ckpt.close()
     out = Path(recipe.checkpoint.dir).parent / "transformer"
-    return save_jax(out, trainer.model(state.get("ema", state["params"])), overwrite=True)
+    return export_model(out, trainer.model(state.get("ema", state["params"])))  # every process takes part
 
 
-def sample_demo(recipe: Recipe, backend: str, prompt: str, progress: bool) -> None:
-    """Sample a short clip from the model just trained (tiny encoders, as the cache was built with)."""
+def sample_demo(recipe: Recipe, backend: str, prompt: str, progress: bool, primary: bool = True) -> None:
+    """Sample a short clip from the model just trained (tiny encoders, as the cache was built with), in process 0."""
     from tools import sample
 
     bucket = recipe.data.buckets[0]
@@ -193,7 +210,12 @@ def sample_demo(recipe: Recipe, backend: str, prompt: str, progress: bool) -> No
     args = ["--tiny", "--encoder-seed", str(recipe.seed), "--transformer", str(folder), "--backend", backend]
     args += ["--prompt", prompt, "--frames", str(bucket.frames), "--size", f"{bucket.height}x{bucket.width}"]
     args += ["--steps", "20", "--guidance", "3.0", "--fps", str(recipe.data.fps), "--out", str(Path(recipe.log_dir))]
-    sample.main(args + ([] if progress else ["--no-progress"]))
+    if primary:
+        sample.main(args + ([] if progress else ["--no-progress"]))
+    if backend == "jax":  # the others wait: jax.distributed's shutdown barrier would give up after 5 minutes
+        from contentv_jax import multihost
+
+        multihost.barrier("demo")
 
 
 def train_reward(path: str, overrides: dict[str, Any], backend: str, progress: bool) -> int:
@@ -229,18 +251,20 @@ def main(argv: list[str] | None = None) -> int:
         return train_reward(args.config, overrides, args.backend, progress)
     recipe = load_recipe(args.config, overrides)
     stages = recipe.stage_recipes()
-    if check_devices(recipe, args.backend):  # fail fast; the trainer's main process takes the lock itself
+    primary = check_devices(recipe, args.backend)  # joins a multi-process run first
+    if primary:  # fail fast; the trainer's main process takes the lock itself
         for _, stage in stages:
             check_unlocked(stage.checkpoint.dir)
+    progress = progress and primary
     for name, stage in stages:
         print(f"stage {name}: {stage.steps} steps, checkpoints in {stage.checkpoint.dir}")
-        prepare_data(stage, progress)
-        log = train_stage(stage, args.backend, progress)
-        if log.losses:
+        prepare_data_once(stage, args.backend, primary, progress)
+        log = train_stage(stage, args.backend, progress, primary)
+        if log is not None and log.losses:
             plot = log.plot()
             print(f"stage {name}: loss {log.losses[0]:.4f} -> {log.losses[-1]:.4f}; curve {plot}")
     if args.sample_prompt and stage.data.encoders == "tiny":
-        sample_demo(stage, args.backend, args.sample_prompt, progress)
+        sample_demo(stage, args.backend, args.sample_prompt, progress, primary)
     return 0
 
 

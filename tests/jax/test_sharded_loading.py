@@ -120,3 +120,17 @@ def test_sd35_maker_writes_a_loadable_sharded_folder(tmp_path):
     kernel = np.asarray(model.block(1).ff.fc1.kernel[...], np.float32)
     assert kernel.dtype == np.float32 and 0.01 < kernel.std() < 0.03
     assert maker.main([str(tmp_path / "other"), "--blocks", "0"]) == 2
+
+
+def test_bench_load_reports_memory_over_model_bytes(folder, tmp_path):
+    """The benchmark runs end to end (in its own process: it sets the fake device count) and says what it measured."""
+    tool = Path(__file__).parents[2] / "tools" / "bench_load.py"
+    run = [sys.executable, str(tool), str(folder), "--devices", "2", "--save-to", str(tmp_path / "jax")]
+    result = subprocess.run([*run, "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    n = sum(int(np.prod(s)) for s in open_checkpoint(folder).shapes.values())
+    assert report["params"] == n and report["model_bytes"] == 2 * n and report["max_device_bytes"] < 2 * n
+    assert report["load_peak_rss_bytes"] > report["baseline_rss_bytes"] and report["save_peak_over_model"] > 0
+    missing = subprocess.run([sys.executable, str(tool), str(tmp_path / "nope")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "not found" in missing.stderr
