@@ -2,8 +2,8 @@
 
     python tests/fresh/blocked.py jax,flax,optax,orbax tests/fresh/check_loaders.py torch ROOT OUT.npz
 
-Writes the outputs as float32 to OUT.npz, keyed `<model>/<folder precision>/<parameter dtype>`: the test compares
-them. Run under blocked.py so that the other framework cannot be imported.
+Writes the outputs as float32 to OUT.npz, keyed `<model>/<folder precision>/<parameter dtype>` (the transformer also
+from an fp16 folder): the test compares them. Run under blocked.py so that the other framework cannot be imported.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 PROMPTS = ["a red cat", "blue dog"]
 # parameter dtypes per folder precision: the fp32 folder in fp32 is the reference of both bf16 loads
 VARIANTS = {"fp32": ("float32",), "bf16": ("float32", "bfloat16")}
+TRANSFORMER_INPUTS = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
 
 
 def inputs() -> dict[str, np.ndarray]:
@@ -45,12 +46,13 @@ def run_torch(root: Path, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 dtype = getattr(torch, name)
                 model = contentv_torch_npu.load_transformer(root / f"transformer_{src}", dtype=dtype).eval()
                 assert model.proj_out.weight.dtype == dtype
-                velocity = model(t["hidden_states"], t["timestep"], t["encoder_hidden_states"], t["pooled_projections"])
-                out[f"transformer/{src}/{name}"] = velocity.float().numpy()
+                out[f"transformer/{src}/{name}"] = model(*(t[k] for k in TRANSFORMER_INPUTS)).float().numpy()
                 vae = contentv_torch_npu.load_vae(root / f"vae_{src}", dtype=dtype)
                 out[f"vae/{src}/{name}"] = vae.decode(t["latents"]).float().numpy()
             reward = load_clip_reward(root / f"clip_{src}")
             out[f"clip/{src}/float32"] = reward.score_tokens(t["frames"], reward.tokenize(PROMPTS)).numpy()
+        model = contentv_torch_npu.load_transformer(root / "transformer_fp16").eval()
+        out["transformer/fp16/float32"] = model(*(t[k] for k in TRANSFORMER_INPUTS)).numpy()
     return out
 
 
@@ -68,12 +70,13 @@ def run_jax(root: Path, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name in VARIANTS[src]:
             model = contentv_jax.load_transformer(root / f"transformer_{src}", dtype=jnp.dtype(name))
             assert model.proj_out.kernel.dtype == jnp.dtype(name)
-            velocity = model(j["hidden_states"], j["timestep"], j["encoder_hidden_states"], j["pooled_projections"])
-            out[f"transformer/{src}/{name}"] = np.asarray(velocity, np.float32)
+            out[f"transformer/{src}/{name}"] = np.asarray(model(*(j[k] for k in TRANSFORMER_INPUTS)), np.float32)
             vae = contentv_jax.load_vae(root / f"vae_{src}", dtype=jnp.dtype(name))
             out[f"vae/{src}/{name}"] = np.asarray(vae.decode(j["latents"]), np.float32)
         reward = load_clip_reward(root / f"clip_{src}")
         out[f"clip/{src}/float32"] = np.asarray(reward.score_tokens(j["frames"], reward.tokenize(PROMPTS)))
+    model = contentv_jax.load_transformer(root / "transformer_fp16")
+    out["transformer/fp16/float32"] = np.asarray(model(*(j[k] for k in TRANSFORMER_INPUTS)))
     return out
 
 

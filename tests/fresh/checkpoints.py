@@ -24,7 +24,7 @@ from contentv_common.vae_config import VAEConfig, tiny_vae_config
 
 SHARD_BYTES = 32 * 2**10  # 2-7 shards per folder
 VAE_SHARD_BYTES = 512 * 2**10
-DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16}
+DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
 TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, layer_norm_eps=1e-5)
 CLIP = ClipConfig(
     text=ClipTowerConfig(hidden_act="quick_gelu", **TOWER),
@@ -132,7 +132,7 @@ def write_clip(folder: Path, weights: dict[str, np.ndarray], precision: str) -> 
 
 
 def write_all(root: Path, shapes: dict[str, dict[str, tuple[int, ...]]], seed: int = 0) -> Path:
-    """`root/{transformer,vae,clip}_{fp32,bf16}`: the same random weights in both precisions."""
+    """`root/{transformer,vae,clip}_{fp32,bf16}` and `root/transformer_fp16`: the same random weights in each."""
     weights = {kind: random_weights(s, seed + i) for i, (kind, s) in enumerate(sorted(shapes.items()))}
     for precision in DTYPES:
         write_diffusers(
@@ -141,6 +141,8 @@ def write_all(root: Path, shapes: dict[str, dict[str, tuple[int, ...]]], seed: i
             _cast(weights["transformer"], precision),
             max_shard_bytes=SHARD_BYTES,
         )
+        if precision == "fp16":
+            continue  # fp16 is checked on the transformer only
         write_vae_diffusers(
             root / f"vae_{precision}", vae_config(), _cast(weights["vae"], precision), max_shard_bytes=VAE_SHARD_BYTES
         )

@@ -33,7 +33,8 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
 
 
 def check_loader_outputs(outputs: dict[str, np.ndarray], rel_err) -> None:
-    """Every output finite and non-trivial; the bf16 folder's forward within bf16 rounding of the fp32 folder's."""
+    """Every output finite and non-trivial; the bf16 (fp16) folder's forward within bf16 (fp16) rounding of the fp32
+    folder's."""
     for key, value in outputs.items():
         assert np.isfinite(value).all() and value.std() > 1e-3, key
     for model in ("transformer", "vae", "clip"):
@@ -42,6 +43,7 @@ def check_loader_outputs(outputs: dict[str, np.ndarray], rel_err) -> None:
     for model in ("transformer", "vae"):
         ref = outputs[f"{model}/fp32/float32"]
         assert 0 < rel_err(outputs[f"{model}/bf16/bfloat16"], ref) < 4e-2, model  # bf16 weights and compute
+    assert 0 < rel_err(outputs["transformer/fp16/float32"], outputs["transformer/fp32/float32"]) < 2e-3
 
 
 def tensors(folder: Path) -> dict[str, np.ndarray]:

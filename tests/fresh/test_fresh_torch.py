@@ -61,3 +61,14 @@ def test_parity_cli(checkpoints):
     result = run_blocked(NOT_JAX, *runs)
     assert_ok(result)
     assert result.stdout.count("all layers within tol") == 2, result.stdout[-3000:]
+
+
+def test_smoke_full_size_cli(checkpoints):
+    """tools/smoke_full_size.py (the docs/scale.md smoke) on the tiny bf16 folder: loads, one finite forward, JAX
+    never imported; a folder without weights ends with exit status 2."""
+    result = run_blocked(NOT_JAX, ["tools/smoke_full_size.py", "--backend", "torch", checkpoints / "transformer_bf16"])
+    assert_ok(result)
+    assert "finite=True" in result.stdout and "other framework imported: none" in result.stdout, result.stdout
+    assert result.stdout.strip().splitlines()[-1].startswith("| torch | 0.00B"), result.stdout
+    bad = run_blocked(NOT_JAX, ["tools/smoke_full_size.py", "--backend", "torch", checkpoints])
+    assert bad.returncode == 2 and "smoke_full_size: error:" in bad.stderr, bad.stderr[-2000:]
