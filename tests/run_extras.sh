@@ -18,5 +18,5 @@ for extra in torch jax; do
     echo "run_extras: the .[$extra] environment has $other installed; the extra does not stand alone" >&2
     exit 1
   fi
-  "$py" -m pytest -q -p no:cacheprovider "tests/fresh/test_fresh_$extra.py"
+  "$py" -m pytest -p no:cacheprovider "tests/fresh/test_fresh_$extra.py"  # -q comes from pyproject
 done

@@ -116,9 +116,10 @@ def write_clip(folder: Path, weights: dict[str, np.ndarray], precision: str) -> 
         "architectures": ["CLIPModel"],
         "model_type": "clip",
         "projection_dim": CLIP.projection_dim,
-        "text_config": dict(tower(CLIP.text), vocab_size=58, max_position_embeddings=16, bos_token_id=0,
-                            eos_token_id=1, pad_token_id=1),
-        "vision_config": dict(tower(CLIP.vision), image_size=32, patch_size=8, num_channels=3),
+        "text_config": dict(tower(CLIP.text), vocab_size=CLIP.vocab_size, bos_token_id=0, pad_token_id=1,
+                            max_position_embeddings=CLIP.max_position_embeddings, eos_token_id=CLIP.eos_token_id),
+        "vision_config": dict(tower(CLIP.vision), image_size=CLIP.image_size, patch_size=CLIP.patch_size,
+                              num_channels=3),
     }  # fmt: skip
     with AtomicFolder(folder) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from contentv_common.safetensors_io import iter_tensors, weight_files
 from contentv_common.video_io import read_video
 from tests.fresh.runner import NOT_JAX, assert_ok, check_loader_outputs, one_line_error, run_blocked, tensors
 
@@ -72,3 +73,22 @@ def test_smoke_full_size_cli(checkpoints):
     assert result.stdout.strip().splitlines()[-1].startswith("| torch | 0.00B"), result.stdout
     bad = run_blocked(NOT_JAX, ["tools/smoke_full_size.py", "--backend", "torch", checkpoints])
     assert bad.returncode == 2 and "smoke_full_size: error:" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_folders_are_the_official_layouts(checkpoints):
+    """diffusers and transformers themselves read the bf16 folders with no missing, unexpected or mismatched key, and
+    the same bits: the fresh-process tests load the layout users download."""
+    import torch
+    from diffusers import AutoencoderKLWan, SD3Transformer2DModel
+    from transformers import CLIPModel
+
+    for cls, name in ((SD3Transformer2DModel, "transformer"), (AutoencoderKLWan, "vae"), (CLIPModel, "clip")):
+        folder = checkpoints / f"{name}_bf16"
+        model, info = cls.from_pretrained(folder, torch_dtype=torch.bfloat16, output_loading_info=True)
+        problems = {k: v for k, v in info.items() if k != "error_msgs" and v}
+        assert not problems and not info.get("error_msgs"), (name, problems)
+        ours = dict(iter_tensors(weight_files(folder)))
+        for key, tensor in model.state_dict().items():
+            if key in ours:
+                assert np.array_equal(tensor.view(torch.int16).numpy(), ours[key].view(np.int16)), (name, key)
+        assert len(ours) and set(ours) <= set(model.state_dict()), name
