@@ -43,12 +43,12 @@ def test_convert_cli(checkpoints, tmp_path):
 
 def test_clis_without_torch_name_the_extra(checkpoints, tmp_path):
     """Training's cache and sampling (text encoders) and parity against torch need torch: one line naming
-    `.[torch]`, exit status 2, before any model is loaded."""
+    `.[torch]`, exit status 2, before any cache is built or model loaded."""
     train_dir, sample_dir = tmp_path / "train", tmp_path / "sample"
     overrides = {"data.manifest": "synthetic/manifest.jsonl", "data.cache_dir": "cache", "checkpoint.dir": "ck"}
     overrides = [f"{key}={train_dir / value}" for key, value in overrides.items()] + [f"log_dir={train_dir}/logs"]
     train = run_blocked(NOT_TORCH, ["tools/train.py", "--no-progress", *overrides])
-    assert one_line_error(train, "torch").startswith("train: error:") and not (train_dir / "ck").exists()
+    assert one_line_error(train, "torch").startswith("train: error:") and not (train_dir / "cache").exists()
     bf16 = checkpoints / "transformer_bf16"
     sample = run_blocked(NOT_TORCH, [*SAMPLE, "--transformer", bf16, "--out", sample_dir])
     assert one_line_error(sample, "torch").startswith("sample: error:") and not sample_dir.exists()
