@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"forward ({tokens} image + {args.text_tokens} text tokens) {forward_s:.1f} s, finite={finite}, "
           f"peak RSS {rss_forward / GIB:.2f} GiB; other framework imported: {other or 'none'}")  # fmt: skip
     print(f"| {args.backend} | {count / 1e9:.2f}B, {param_bytes / GIB:.1f} GiB | {load_s:.0f} s | "
-          f"{rss_load / param_bytes:.2f}x | {forward_s:.0f} s, {'finite' if finite else 'NOT finite'} |")  # fmt: skip
+          f"{rss_load / param_bytes:.2f}x | {forward_s:.0f} s, {'finite' if finite else 'NOT finite'} | "
+          f"{rss_forward / GIB:.1f} GiB |")  # fmt: skip
     return 0 if finite and not other else 1
 
 
