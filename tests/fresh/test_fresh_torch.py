@@ -77,7 +77,7 @@ def test_smoke_full_size_cli(checkpoints):
 
 def test_folders_are_the_official_layouts(checkpoints):
     """diffusers and transformers themselves read the bf16 folders with no missing, unexpected or mismatched key, and
-    the same bits: the fresh-process tests load the layout users download."""
+    the same values: the fresh-process tests load the layout users download."""
     import torch
     from diffusers import AutoencoderKLWan, SD3Transformer2DModel
     from transformers import CLIPModel
@@ -90,5 +90,6 @@ def test_folders_are_the_official_layouts(checkpoints):
         ours = dict(iter_tensors(weight_files(folder)))
         for key, tensor in model.state_dict().items():
             if key in ours:
-                assert np.array_equal(tensor.view(torch.int16).numpy(), ours[key].view(np.int16)), (name, key)
+                # bf16 -> fp32 is exact; diffusers may keep a buffer (SD3's position table) in fp32
+                assert np.array_equal(tensor.float().numpy(), ours[key].astype(np.float32)), (name, key)
         assert len(ours) and set(ours) <= set(model.state_dict()), name
