@@ -202,7 +202,7 @@ def run(
     rest is data parallel. `mesh.tensor` > 1 is not supported by the torch twin. `on_step` (main rank only) gets the
     same record as the JAX trainer's: {step (0-based), loss, grad_norm, skipped, step_time, batch (global size)}.
     """
-    topo = init_distributed(device, recipe.mesh)
+    topo = init_distributed(device, recipe.mesh, recipe.model_config)
     cache = open_cache(recipe.data, encoders, build=topo.is_main, progress=progress)
     if topo.world > 1:
         dist.barrier()
