@@ -210,18 +210,19 @@ class SequenceLengths:
     text: int = 0
 
 
-def real_positions(size: int, image: int, text: int) -> torch.Tensor | None:
+def real_positions(size: int, image: int, text: int, device: torch.device | None = None) -> torch.Tensor | None:
     """Indices of the real tokens in the sequence the all-to-all assembles (rank r's chunk is its padded image slice,
-    then its padded text slice); None when nothing is padded."""
+    then its padded text slice), ascending; None when nothing is padded. Built from ranges (no data-dependent ops),
+    so it also traces under FakeTensorMode."""
     ni, nt = padded(image, size) // size, padded(text, size) // size
     if ni * size == image and nt * size == text:
         return None
-    rank = torch.arange(size)[:, None]
-    img = rank * (ni + nt) + torch.arange(ni)[None]
-    txt = rank * (ni + nt) + ni + torch.arange(nt)[None]
-    keep_img = rank * ni + torch.arange(ni)[None] < image
-    keep_txt = rank * nt + torch.arange(nt)[None] < text
-    return torch.cat([img[keep_img.expand_as(img)], txt[keep_txt.expand_as(txt)]]).sort().values
+    pieces = []
+    for rank in range(size):
+        start = rank * (ni + nt)
+        pieces.append(torch.arange(start, start + min(ni, max(image - rank * ni, 0)), device=device))
+        pieces.append(torch.arange(start + ni, start + ni + min(nt, max(text - rank * nt, 0)), device=device))
+    return torch.cat(pieces)
 
 
 @dataclass(frozen=True)
@@ -247,11 +248,10 @@ class UlyssesOps:
         if extra:
             q, k, v = (F.pad(t, (0, 0, 0, 0, 0, extra)) for t in (q, k, v))
         q, k, v = (_AllToAll.apply(t, 1, 2, self.group) for t in (q, k, v))
-        keep = real_positions(size, image, text)
+        keep = real_positions(size, image, text, q.device)
         if keep is None:
             out = self.inner.attention(q, k, v, dropout=dropout)
         else:
-            keep = keep.to(q.device)
             real = self.inner.attention(*(t.index_select(2, keep) for t in (q, k, v)), dropout=dropout)
             out = real.new_zeros(q.shape).index_copy(2, keep, real)
         return _AllToAll.apply(out, 2, 1, self.group)[:, :heads]
