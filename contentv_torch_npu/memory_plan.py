@@ -2,9 +2,9 @@
 
 One process plays rank 0 of the recipe's whole world: a fake process group (`FakeStore`, backend "fake") stands in
 for hccl/nccl, `FakeTensorMode` makes every tensor shape-only, and the real model (all blocks), the real FSDP2 /
-HSDP sharding, Ulysses hooks, autocast, activation checkpointing and AdamW run one train step after a warm-up step
-(optimizer states exist from then on). `FSDPMemTracker` counts the bytes of every live tensor by category and keeps
-the snapshot at the peak. Nothing is allocated, so a 64-rank 8B plan runs on a laptop.
+HSDP sharding, Ulysses hooks, autocast, activation checkpointing and AdamW run one train step, with AdamW's moments
+in place as after the first step (the steady state). `FSDPMemTracker` counts the bytes of every live tensor by
+category and keeps the snapshot at the peak. Nothing is allocated, so a 64-rank 8B plan runs on a laptop.
 
 What the count leaves out: the caching allocator's rounding and fragmentation, the communication library's buffers,
 and the fused NPU attention's saved softmax statistics (`[B, heads, S, 8]` twice in fp32 per block; the CPU trace
@@ -69,16 +69,23 @@ def _inputs(recipe: Recipe, bucket: BucketConfig, rows: int, text_tokens: int) -
     )
 
 
-def plan_train(recipe: Recipe, bucket: BucketConfig, hbm_bytes: int, text_tokens: int = TEXT_TOKENS) -> StepPlan:
-    """Trace one train step of `bucket` as rank 0 of the recipe's mesh (the fake world must be initialised)."""
+def _tokens(cfg, bucket: BucketConfig) -> int:
+    return image_tokens(cfg, *latent_shape(cfg.in_channels, bucket.frames, bucket.height, bucket.width)[2:])
+
+
+def plan_buckets(recipe: Recipe, hbm_bytes: int, text_tokens: int = TEXT_TOKENS) -> list[StepPlan]:
+    """Trace one train step per bucket as rank 0 of the recipe's mesh (the fake world must be initialised); the
+    sharded model, AdamW and EMA are built once."""
     mesh, cfg = recipe.mesh, recipe.model_config
     dp, sp = mesh.data * mesh.fsdp, mesh.sequence
-    if bucket.batch_size % dp:
-        raise ValueError(f"bucket {bucket.name}: batch_size {bucket.batch_size} does not split over {dp} batch ranks")
+    for bucket in recipe.data.buckets:
+        if bucket.batch_size % dp:
+            raise ValueError(f"bucket {bucket.name}: batch_size {bucket.batch_size} does not split over {dp} ranks")
     start = time.perf_counter()
     shape, names = shard_mesh_shape(mesh)
     device_mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
     groups = [dist.new_group(ranks) for ranks in sequence_groups(mesh)] if sp > 1 else []
+    plans = []
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = Transformer(
             cfg, compute_dtype=DTYPES[recipe.compute_dtype], ops="torch", gradient_checkpointing=recipe.remat != "none"
@@ -87,36 +94,43 @@ def plan_train(recipe: Recipe, bucket: BucketConfig, hbm_bytes: int, text_tokens
             enable_sequence_parallel(model, groups[0], "cpu")
         shard_model(model, device_mesh)
         optimizer = make_optimizer(model, recipe.optimizer)
+        for p in model.parameters():  # AdamW's state as after its first step, so one traced step is the steady one
+            optimizer.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p)}
+            optimizer.state[p]["exp_avg_sq"] = torch.zeros_like(p)
         ema = {n: p.detach().clone() for n, p in model.named_parameters()}
         ema_bytes = sum(t.to_local().nbytes for t in ema.values())
-        inputs = _inputs(recipe, bucket, bucket.batch_size // dp, text_tokens)
-        tracker = FSDPMemTracker(model, optimizer)
-        tracker.track_inputs(tuple(vars(inputs).values()))
-        with tracker:
-            for step in range(2):
+        build_s = time.perf_counter() - start
+        for bucket in recipe.data.buckets:
+            start = time.perf_counter()
+            inputs = _inputs(recipe, bucket, bucket.batch_size // dp, text_tokens)
+            tracker = FSDPMemTracker(model, optimizer)
+            tracker.track_external(optimizer)
+            tracker.track_inputs(tuple(vars(inputs).values()))
+            with tracker:
                 _step(model, optimizer, ema, inputs, sp)
-                if step == 0:
-                    tracker.reset_mod_stats()
-        snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()))
-    by_name = {getattr(k, "name", str(k)): v for k, v in snapshot.items()}
-    state = sum(by_name.get(k, 0) for k in _STATE) + ema_bytes
-    total = by_name["Total"] + ema_bytes
-    tokens = image_tokens(cfg, *latent_shape(cfg.in_channels, bucket.frames, bucket.height, bucket.width)[2:])
-    peak = peak_bytes(state, total - state, 0, 0)
-    return StepPlan(
-        kind="train",
-        bucket=bucket.name,
-        tokens=tokens + text_tokens,
-        batch=bucket.batch_size,
-        argument_bytes=state,
-        temp_bytes=total - state,
-        output_bytes=0,
-        alias_bytes=0,
-        peak_bytes=peak,
-        compile_s=time.perf_counter() - start,
-        flops=transformer_flops(cfg, tokens, text_tokens, bucket.batch_size).step("train"),
-        fits=peak <= hbm_bytes,
-    )
+            snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()))
+            by_name = {getattr(k, "name", str(k)): v for k, v in snapshot.items()}
+            state = sum(by_name.get(k, 0) for k in _STATE) + ema_bytes
+            temp = by_name["Total"] + ema_bytes - state
+            tokens = _tokens(cfg, bucket)
+            peak = peak_bytes(state, temp, 0, 0)
+            plans.append(
+                StepPlan(
+                    kind="train",
+                    bucket=bucket.name,
+                    tokens=tokens + text_tokens,
+                    batch=bucket.batch_size,
+                    argument_bytes=state,
+                    temp_bytes=temp,
+                    output_bytes=0,
+                    alias_bytes=0,
+                    peak_bytes=peak,
+                    compile_s=build_s + time.perf_counter() - start,
+                    flops=transformer_flops(cfg, tokens, text_tokens, bucket.batch_size).step("train"),
+                    fits=peak <= hbm_bytes,
+                )
+            )
+    return plans
 
 
 def plan_recipe(recipe: Recipe, hbm_bytes: int, blocks: int | None = None) -> list[StepPlan]:
@@ -130,6 +144,6 @@ def plan_recipe(recipe: Recipe, hbm_bytes: int, blocks: int | None = None) -> li
         raise RuntimeError("plan_recipe starts its own fake process group; call it outside a distributed run")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
-        return [plan_train(recipe, b, hbm_bytes) for b in recipe.data.buckets]
+        return plan_buckets(recipe, hbm_bytes)
     finally:
         dist.destroy_process_group()
