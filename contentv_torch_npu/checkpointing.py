@@ -88,10 +88,15 @@ def save_state(root: str | Path, state: TrainState, keep: int) -> Path:
         write_sharded(sorted(moments.items()), tmp, "optimizer", metadata={"format": "pt"})
         counters = {"step": state.step, "adam_step": state.adam_step, "data_position": state.data_position}
         (tmp / "state.json").write_text(json.dumps({**counters, "counters": state.counters}, indent=1))
+    prune(root, keep)
+    return target
+
+
+def prune(root: str | Path, keep: int) -> None:
+    """Delete all but the `keep` newest checkpoints under `root`."""
     done = sorted(p for p in Path(root).iterdir() if _STEP_DIR.fullmatch(p.name))
     for old in done[:-keep]:
         shutil.rmtree(old)
-    return target
 
 
 def load_state(folder: str | Path) -> TrainState:
@@ -154,8 +159,13 @@ def gather_state(
     """The full state of a (possibly FSDP2-sharded) model and its AdamW; every rank must call it, rank 0 gets it."""
     params = get_model_state_dict(model, options=_FULL)
     optim = get_optimizer_state_dict(model, optimizer, options=_FULL)
-    ema_full = None if ema is None else {n: _full(t).detach().cpu() for n, t in ema.items()}
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    ema_full = None if ema is None else {}
+    for name, t in (ema or {}).items():  # one gathered tensor at a time; only rank 0 keeps them
+        full = _full(t).detach()
+        if main:
+            ema_full[name] = full.cpu()
+    if not main:
         return None
     state = optim["state"]
     adam_steps = {int(s["step"]) for s in state.values()}

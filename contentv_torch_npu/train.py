@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+from contentv_common.checkpoint import open_checkpoint
 from contentv_common.data.cache import Encoders
 from contentv_common.recipe import OptimizerConfig, Recipe
 from contentv_common.schedules import flow_inputs, interpolate, resolve_shift, step_rng, velocity_target
@@ -31,6 +32,7 @@ from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu.data import make_loader, open_cache
 from contentv_torch_npu.distributed import Topology, enable_sequence_parallel, init_distributed, shard_model
 from contentv_torch_npu.loading import load_transformer
+from contentv_torch_npu.sharded_checkpoint import is_sharded, load_sharded, save_sharded, stream_weights
 from contentv_torch_npu.transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -166,25 +168,36 @@ def make_optimizer(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.
 
 
 def build_model(recipe: Recipe, topo: Topology, ops: str) -> Transformer:
-    """The recipe's model in fp32 masters, identical on every rank (seeded init or `init_from` weights)."""
+    """The recipe's model in fp32 masters, identical on every rank (seeded init or `init_from` weights), sharded
+    (FSDP2 / HSDP) in a multi-process run. There `init_from` builds the model on the meta device, shards it and
+    streams the weights one tensor at a time, each rank keeping its slices (no rank holds the whole model)."""
     cfg = recipe.model_config
     kwargs = dict(compute_dtype=DTYPES[recipe.compute_dtype], ops=ops, gradient_checkpointing=recipe.remat != "none")
     if recipe.init_from:
-        model = load_transformer(recipe.init_from, torch.float32, cfg.pos_embed, device=topo.device, **kwargs)
-        if model.cfg != cfg:
-            raise ValueError(f"init_from {recipe.init_from}: model config {model.cfg} differs from the recipe's {cfg}")
-        return model
+        source = open_checkpoint(recipe.init_from)
+        source_cfg = source.config.replace(pos_embed=cfg.pos_embed)
+        if source_cfg != cfg:
+            raise ValueError(f"init_from {recipe.init_from}: model config {source_cfg} differs from the recipe's {cfg}")
+        if topo.world == 1:
+            return load_transformer(recipe.init_from, torch.float32, cfg.pos_embed, device=topo.device, **kwargs)
+        with torch.device("meta"):
+            model = Transformer(cfg, **kwargs)
+        shard_model(model, topo.shard_mesh)
+        model.to_empty(device=topo.device)
+        return stream_weights(model, source)
     torch.manual_seed(recipe.seed)
-    return Transformer(cfg, **kwargs).to(topo.device)
+    model = Transformer(cfg, **kwargs).to(topo.device)
+    return shard_model(model, topo.shard_mesh) if topo.world > 1 else model
 
 
-def _previous_stage(recipe: Recipe) -> ckpt.TrainState | None:
+def _previous_stage(recipe: Recipe) -> ckpt.TrainState | Path | None:
+    """The previous stage's last checkpoint: its folder when sharded (read slice by slice), else its state."""
     if recipe.resume_from is None:
         return None
     folder = ckpt.latest_checkpoint(recipe.resume_from)
     if folder is None:
         raise FileNotFoundError(f"resume_from {recipe.resume_from}: no checkpoint there")
-    return ckpt.load_state(folder)
+    return folder if is_sharded(folder) else ckpt.load_state(folder)
 
 
 def run(
@@ -211,16 +224,21 @@ def run(
     model = build_model(recipe, topo, ops)
     if topo.sp > 1:
         enable_sequence_parallel(model, topo.sp_group, topo.device.type)
-    if topo.world > 1:
-        shard_model(model, topo.shard_mesh)
     optimizer = make_optimizer(model, recipe.optimizer)
     decay = recipe.optimizer.ema_decay
     ema = {n: p.detach().clone() for n, p in model.named_parameters()} if decay else None
 
     step, position, counters = 0, 0, {"nan_skips": 0}
     resume = ckpt.latest_checkpoint(recipe.checkpoint.dir)
-    state = ckpt.load_state(resume) if resume else _previous_stage(recipe)
-    if state is not None:
+    if resume is not None and is_sharded(resume):  # same stage: each rank reads its slices of everything
+        meta = load_sharded(resume, model, optimizer, ema)
+        step, position = int(meta["step"]), int(meta["data_position"])
+        counters = {**counters, **{k: int(v) for k, v in meta.get("counters", {}).items()}}
+    state = ckpt.load_state(resume) if resume and not is_sharded(resume) else None
+    state = _previous_stage(recipe) if resume is None else state
+    if isinstance(state, Path):  # the previous stage's sharded checkpoint: weights and EMA only
+        load_sharded(state, model, None, ema)
+    elif state is not None:
         ckpt.restore_weights(model, state.params)
         if ema is not None:
             ema = ckpt.restore_ema(model, state.ema if state.ema is not None else state.params)
@@ -229,13 +247,15 @@ def run(
             step, position, counters = state.step, state.data_position, {**counters, **state.counters}
 
     def save() -> None:
-        full = ckpt.gather_state(
-            model, optimizer, ema, step=step, data_position=position, counters=counters
-        )  # every rank takes part in the gather
-        if full is not None:
-            ckpt.save_state(recipe.checkpoint.dir, full, recipe.checkpoint.keep)
-        if topo.world > 1:
+        if topo.world > 1:  # every rank writes its own slices
+            meta = {"step": step, "data_position": position, "counters": counters}
+            save_sharded(ckpt.step_dir(recipe.checkpoint.dir, step), model, optimizer, ema, meta)
+            if topo.is_main:
+                ckpt.prune(recipe.checkpoint.dir, recipe.checkpoint.keep)
             dist.barrier()
+            return
+        full = ckpt.gather_state(model, optimizer, ema, step=step, data_position=position, counters=counters)
+        ckpt.save_state(recipe.checkpoint.dir, full, recipe.checkpoint.keep)
 
     log_file = Path(recipe.log_dir) / "metrics.jsonl"
     if topo.is_main:
