@@ -273,10 +273,13 @@ def read_slice(file: Path, key: str, where: Index) -> np.ndarray:
 DCP_SHARDING = "DCP_SHARDING_INFO"  # torch.distributed.checkpoint's safetensors header key: each chunk's offsets
 
 
-def rank_shards_source(path: Path, config: Any, files: list[Path], table: ParamTable) -> TensorSource:
-    """The per-rank files of a multi-process torch checkpoint: every tensor is assembled from its chunks (offsets in
-    each file's header), one full tensor at a time; a chunk missing (a rank's file lost) is a CheckpointError."""
-    chunks: dict[str, list[tuple[Path, tuple[int, ...], tuple[int, ...]]]] = {}
+Chunks = dict[str, list[tuple[Path, tuple[int, ...], tuple[int, ...]]]]  # key -> (file, offsets, shape) per chunk
+
+
+def rank_shard_chunks(files: list[Path]) -> tuple[Chunks, dict[str, tuple[int, ...]], dict[str, str]]:
+    """Where every tensor's chunks are in the per-rank files of a multi-process torch checkpoint (offsets from each
+    file's header), with the full shapes and dtypes; a chunk missing (a rank's file lost) is a CheckpointError."""
+    chunks: Chunks = {}
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, str] = {}
     for file in files:
@@ -295,18 +298,32 @@ def rank_shards_source(path: Path, config: Any, files: list[Path], table: ParamT
             raise CheckpointError(f"{file}: cannot read checkpoint shard: {e}") from None
     for key, parts in chunks.items():
         if sum(int(np.prod(shape)) for _, _, shape in parts) != int(np.prod(shapes[key])):
-            raise CheckpointError(f"{path}: the shard files do not cover {key!r} (a rank's file is missing?)")
-    names = canonical_keys(list(chunks), table, path, from_diffusers=False)
+            raise CheckpointError(
+                f"{files[0].parent}: the shard files do not cover {key!r} (a rank's file is missing?)"
+            )
+    return chunks, shapes, dtypes
+
+
+def iter_rank_shards(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, full array) of per-rank shard files, assembled one tensor at a time."""
+    chunks, shapes, _ = rank_shard_chunks(files)
+    for key in sorted(chunks):
+        full = None
+        for file, start, shape in chunks[key]:
+            part = read_slice(file, key, tuple(slice(None) for _ in shape))
+            full = np.empty(shapes[key], part.dtype) if full is None else full
+            full[tuple(slice(o, o + n) for o, n in zip(start, shape, strict=True))] = part
+        yield key, full
+
+
+def rank_shards_source(path: Path, config: Any, files: list[Path], table: ParamTable) -> TensorSource:
+    """The per-rank files of a multi-process torch checkpoint's part as a TensorSource (full tensors, one at a time)."""
+    _, shapes, dtypes = rank_shard_chunks(files)
+    names = canonical_keys(list(shapes), table, path, from_diffusers=False)
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
-        for key in sorted(chunks):
-            full = None
-            for file, start, shape in chunks[key]:
-                with safe_open(str(file), framework="numpy") as f:
-                    part = f.get_tensor(key)
-                full = np.empty(shapes[key], part.dtype) if full is None else full
-                full[tuple(slice(o, o + n) for o, n in zip(start, shape, strict=True))] = part
-            yield names[key], full
+        for key, array in iter_rank_shards(files):
+            yield names[key], array
 
     return TensorSource(
         path=path,

@@ -30,10 +30,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from contentv_common.checkpoint import read_our_config, write_our_config
+from contentv_common.checkpoint import iter_rank_shards, read_our_config, write_our_config
 from contentv_common.config import ModelConfig
 from contentv_common.safetensors_io import AtomicFolder, CheckpointError, iter_tensors, weight_files, write_sharded
 from contentv_torch_npu.loading import numpy_to_torch, torch_to_numpy
+from contentv_torch_npu.sharded_checkpoint import is_sharded
 
 _STEP_DIR = re.compile(r"step_(\d{8})")
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -102,6 +103,8 @@ def prune(root: str | Path, keep: int) -> None:
 def load_state(folder: str | Path) -> TrainState:
     """Read a checkpoint folder; a missing or damaged file is a CheckpointError naming it."""
     folder = Path(folder)
+    if is_sharded(folder):
+        return read_sharded_state(folder)
     meta_file = folder / "state.json"
     try:
         meta = json.loads(meta_file.read_text())
@@ -128,6 +131,31 @@ def load_state(folder: str | Path) -> TrainState:
         adam_step=adam_step,
         data_position=position,
         ema=_read_weights(folder / "ema") if (folder / "ema").is_dir() else None,
+        counters={k: int(v) for k, v in meta.get("counters", {}).items()},
+    )
+
+
+def read_sharded_state(folder: Path) -> TrainState:
+    """The whole state of a sharded checkpoint in one process, as a TrainState (full numpy arrays,
+    assembled one tensor at a time): what the single-process tools (conversion, comparisons) read."""
+    meta = json.loads((folder / "state.json").read_text())
+
+    def part(name: str) -> dict[str, np.ndarray]:
+        return dict(iter_rank_shards(sorted((folder / name).glob("shard-*.safetensors"))))
+
+    moments: dict[str, dict[str, np.ndarray]] = {kind: {} for kind in MOMENTS}
+    for key, array in part("optimizer").items():
+        kind, _, name = key.partition(".")
+        moments[kind][name] = array
+    return TrainState(
+        config=read_our_config(folder / "model"),
+        params=part("model"),
+        exp_avg=moments["exp_avg"],
+        exp_avg_sq=moments["exp_avg_sq"],
+        step=int(meta["step"]),
+        adam_step=int(meta["adam_step"]),
+        data_position=int(meta["data_position"]),
+        ema=part("ema") if (folder / "ema").is_dir() else None,
         counters={k: int(v) for k, v in meta.get("counters", {}).items()},
     )
 

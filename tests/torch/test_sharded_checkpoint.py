@@ -15,6 +15,7 @@ from contentv_common.checkpoint import open_checkpoint
 from contentv_common.config import named_model_config
 from contentv_common.convert import convert
 from contentv_common.recipe import MeshConfig, OptimizerConfig
+from contentv_torch_npu.checkpointing import load_state
 from contentv_torch_npu.distributed import init_distributed, shard_model
 from contentv_torch_npu.loading import save_torch
 from contentv_torch_npu.sharded_checkpoint import is_sharded, load_sharded, save_sharded, stream_weights
@@ -107,6 +108,11 @@ def test_sharded_save_reshard_resume_stream_and_convert(tmp_path, spawn_ranks):
     reference = _model()
     for n, p in reference.named_parameters():
         np.testing.assert_array_equal(loaded[f"init/{n}"], p.detach().numpy(), err_msg=n)
+    state = load_state(step)  # the whole state in one process (conversion of training states, comparisons)
+    assert (state.step, state.adam_step, state.data_position) == (1, 1, 1)
+    for n, a in state.params.items():
+        np.testing.assert_array_equal(a, saved[f"param/{n}"], err_msg=n)
+        np.testing.assert_array_equal(state.exp_avg_sq[n], saved[f"exp_avg_sq/{n}"], err_msg=n)
     # the parts are transformer folders: read, converted to diffusers and to one safetensors file, bit for bit
     source = open_checkpoint(step / "ema")
     ema = dict(source.tensors())
