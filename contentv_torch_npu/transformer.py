@@ -237,7 +237,9 @@ class Transformer(nn.Module):
         param_dtype = self.proj_out.weight.dtype
         if self.compute_dtype is None or self.compute_dtype == param_dtype:
             return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.compute_dtype)
+        # no cast cache: it would keep a bf16 copy of every block's gathered weights until the forward ends,
+        # defeating FSDP2's per-block resharding (the casts are recomputed instead; same numbers)
+        return torch.autocast(device.type, dtype=self.compute_dtype, cache_enabled=False)
 
     def embed(
         self,
