@@ -20,6 +20,7 @@ from contentv_torch_npu.distributed import (
     real_positions,
     shard_model,
 )
+from contentv_torch_npu.train import global_grad_norm
 from contentv_torch_npu.transformer import Transformer
 
 CFG = ModelConfig(
@@ -57,7 +58,9 @@ def _reference() -> dict[str, np.ndarray]:
     model, batch = _model(), _batch()
     loss = _loss(model, batch)
     loss.backward()
-    return {"loss": loss.detach().numpy(), **{f"grad/{n}": p.grad.numpy().copy() for n, p in model.named_parameters()}}
+    grads = {f"grad/{n}": p.grad.numpy().copy() for n, p in model.named_parameters()}
+    norm = np.sqrt(sum(np.square(g.astype(np.float64)).sum() for g in grads.values()))
+    return {"loss": loss.detach().numpy(), "grad_norm": norm, **grads}
 
 
 def _worker(rank: int, world: int, port: int, folder: str) -> None:
@@ -73,7 +76,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         loss = _loss(model, tuple(t[topo.dp_rank * rows : (topo.dp_rank + 1) * rows] for t in _batch()))
         (loss * topo.sp).backward()  # the trainer's convention: FSDP averages, the sequence group sums
         dist.all_reduce(loss := loss.detach(), op=dist.ReduceOp.AVG)
-        out = {"loss": loss.numpy()}
+        out = {"loss": loss.numpy(), "grad_norm": global_grad_norm(model).numpy()}  # from the local shards
         out.update({f"grad/{n}": p.grad.full_tensor().numpy() for n, p in model.named_parameters()})
         if rank == 0:
             np.savez(os.path.join(folder, f"{name}.npz"), **out)
