@@ -265,7 +265,7 @@ def read_slice(file: Path, key: str, where: Index) -> np.ndarray:
     process's memory) is dropped at once, so reading a whole model never holds a shard's pages."""
     try:
         with safe_open(str(file), framework="numpy") as f:
-            return f.get_slice(key)[where]
+            return f.get_slice(key)[where] if where else f.get_tensor(key)  # a scalar has no slice
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: cannot read tensor {key!r}: {e}") from None
 

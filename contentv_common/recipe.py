@@ -155,6 +155,21 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class DivergenceConfig:
+    """Skip a step whose loss or gradient norm exceeds `spike_factor` x the median of the last `window` good steps
+    (None: only non-finite steps are skipped); skipped steps count towards `nan_skip_limit`."""
+
+    spike_factor: float | None = None
+    window: int = 20
+
+    def __post_init__(self) -> None:
+        _check(
+            self.spike_factor is None or self.spike_factor > 1, "spike_factor", f"must be > 1, got {self.spike_factor}"
+        )
+        _check(self.window > 0, "window", f"must be positive, got {self.window}")
+
+
+@dataclass(frozen=True)
 class StageConfig:
     """One stage of a multi-stage run: dotted-key overrides of the recipe; it starts from the previous stage."""
 
@@ -180,6 +195,7 @@ class Recipe:
     attention: AttentionChoice = "auto"
     seed: int = 0
     nan_skip_limit: int = 10
+    divergence: DivergenceConfig = DivergenceConfig()
     log_dir: str = "runs/train"
     log_interval: int = 1
     init_from: str | None = None
@@ -263,8 +279,8 @@ def read_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: base recipes form a cycle")
-    if not path.exists():
-        raise ConfigError(f"{path}: recipe file not found")
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found" if not path.exists() else f"{path}: not a file")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

@@ -2,7 +2,9 @@
 
 Batch k holds the samples `BucketBatchSampler.batch(k)` plus everything random about step k (noise, sigmas, loss
 weights, text dropout) drawn from `step_rng(seed, k)`: the stream is a pure function of (recipe, k), so the grain
-iterator state (the next k) is all that resume needs, and every mesh and backend sees the same numbers.
+iterator state (the next k) is all that resume needs, and every mesh and backend sees the same numbers. A process
+reads from the cache only the rows its devices hold (`shards`, from contentv_jax.multihost.batch_shards); the random
+inputs are drawn for the global batch and sliced, so they do not depend on the process count.
 """
 
 from __future__ import annotations
@@ -10,54 +12,68 @@ from __future__ import annotations
 from typing import Any
 
 import grain
-import jax
 import numpy as np
 
-from contentv_common.data.buckets import BucketBatchSampler, host_slice
+from contentv_common.data.buckets import BucketBatchSampler
 from contentv_common.data.cache import LatentCache
 from contentv_common.recipe import Recipe
-from contentv_common.schedules import drop_text, flow_inputs, resolve_shift, step_rng
+from contentv_common.schedules import flow_inputs, resolve_shift, step_rng
 
 ENDLESS = 2**40  # batches: the stream never runs out; the run length is the recipe's step count
 
 
 class StepBatches:
-    """Host batch k (numpy) of one process: cached latents/text plus the step's random inputs."""
+    """Host batch k (numpy) of one process: its rows of the cached latents/text plus the step's random inputs.
 
-    def __init__(self, recipe: Recipe, process_index: int = 0, process_count: int = 1):
+    `shards` = (first, stop, count): the global batch splits into `count` equal row blocks and this process feeds
+    blocks first..stop-1; `global_size` in each batch tells the trainer the global batch size.
+    """
+
+    def __init__(self, recipe: Recipe, shards: tuple[int, int, int] = (0, 1, 1)):
         buckets = list(recipe.data.buckets)
         self.recipe = recipe
         self.cache = LatentCache(recipe.data.cache_dir, buckets)
         self.sampler = BucketBatchSampler(self.cache.bucket_ids, [b.batch_size for b in buckets], recipe.seed)
-        self.process_index, self.process_count = process_index, process_count
+        self.shards = shards
         self.patch = recipe.model_config.patch_size
+
+    def rows(self, global_size: int) -> slice:
+        first, stop, count = self.shards
+        if global_size % count:
+            raise ValueError(f"global batch of {global_size} does not split into {count} blocks (data x fsdp)")
+        per = global_size // count
+        return slice(first * per, stop * per)
 
     def __call__(self, k: int) -> dict[str, np.ndarray]:
         r, global_ids = self.recipe, self.sampler.batch(int(k))
-        obj = r.objective
-        batch = self.cache.batch(global_ids)
-        _, _, f, h, w = batch["latents"].shape
+        obj, n = r.objective, len(global_ids)
+        rows = self.rows(n)
+        batch = self.cache.batch(global_ids[rows])
+        _, c, f, h, w = batch["latents"].shape
         shift = resolve_shift(obj.shift_mode, obj.shift, f * (h // self.patch) * (w // self.patch), obj.base_tokens)
         rng = step_rng(r.seed, int(k))
         extra = flow_inputs(
             rng,
-            batch["latents"].shape,
+            (n, c, f, h, w),
             logit_mean=obj.logit_mean,
             logit_std=obj.logit_std,
             shift=shift,
             weighting=obj.weighting,
         )
-        batch["text"], batch["pooled"], _ = drop_text(
-            rng, batch["text"], batch["pooled"], self.cache.empty_text, self.cache.empty_pooled, r.data.text_dropout
-        )
-        batch.update(extra)
-        rows = host_slice(range(len(global_ids)), self.process_index, self.process_count)
-        return {name: value[rows[0] : rows[-1] + 1] for name, value in batch.items()}
+        # schedules.drop_text's draw for the global batch (as contentv_torch_npu.train.step_inputs draws it)
+        keep = ~(rng.random(n) < r.data.text_dropout)[rows]
+        batch["text"] = np.where(keep[:, None, None], batch["text"], self.cache.empty_text[None])
+        batch["pooled"] = np.where(keep[:, None], batch["pooled"], self.cache.empty_pooled[None])
+        batch.update({name: value[rows] for name, value in extra.items()})
+        batch["global_size"] = np.asarray(n)
+        return batch
 
 
-def make_loader(recipe: Recipe, state: dict[str, Any] | None = None) -> grain.DatasetIterator:
+def make_loader(
+    recipe: Recipe, state: dict[str, Any] | None = None, shards: tuple[int, int, int] = (0, 1, 1)
+) -> grain.DatasetIterator:
     """A grain iterator over batches 0, 1, ... (threads prefetch ahead); `state` (from `get_state`) resumes it."""
-    batches = StepBatches(recipe, jax.process_index(), jax.process_count())
+    batches = StepBatches(recipe, shards)
     options = grain.ReadOptions(num_threads=recipe.data.num_threads, prefetch_buffer_size=recipe.data.prefetch)
     it = iter(grain.MapDataset.range(ENDLESS).map(batches).to_iter_dataset(options))
     if state is not None:

@@ -121,7 +121,8 @@ def _leaf_array(read, leaf_slots: list[Slot], shape: tuple[int, ...], dtype, whe
         else:
             layers = leaf_slots[where[0]]
             part = np.stack([_read_jax_layout(read, s.param, where[1:]) for s in layers])
-        return np.ascontiguousarray(part, dtype=dtype)
+        part = np.asarray(part, dtype=dtype)  # not ascontiguousarray: it turns a scalar into shape (1,)
+        return part if part.flags.c_contiguous else part.copy()
 
     return jax.make_array_from_callback(shape, where_sharding, shard)
 
@@ -145,7 +146,7 @@ def fill_from_source(
     """
     skip = check_keys(source, canonical_shapes(abstract, table), table)
     read = source.read or _in_memory(source, skip)
-    default = SingleDeviceSharding(jax.devices()[0])
+    default = SingleDeviceSharding(jax.local_devices()[0])
     graphdef, state = nnx.split(abstract)
     items = []
     for path, var, leaf_slots in _leaf_slots(abstract, table):
@@ -231,13 +232,20 @@ def save_jax(folder: str | Path, model: Transformer, overwrite: bool = False) ->
     return write_jax_params(folder, model.cfg, params, overwrite)
 
 
+# bytes (GB) orbax moves at once while saving or restoring: the host never stages a whole second copy of the model
+HOST_GB_IN_FLIGHT = 1.0
+
+
 def write_jax_params(folder: str | Path, cfg: ModelConfig, params: dict[str, Any], overwrite: bool) -> Path:
     import orbax.checkpoint as ocp
 
+    handler = ocp.PyTreeCheckpointHandler(
+        save_concurrent_gb=HOST_GB_IN_FLIGHT, save_device_host_concurrent_gb=HOST_GB_IN_FLIGHT
+    )
     with AtomicFolder(folder, overwrite) as tmp:
         write_our_config(tmp, cfg)
-        with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save((tmp / "params").resolve(), params)
+        with ocp.Checkpointer(handler) as ckpt:
+            ckpt.save((tmp / "params").resolve(), args=ocp.args.PyTreeSave(params))
     return Path(folder)
 
 
@@ -269,18 +277,31 @@ def _orbax_metadata(path: Path) -> dict[str, Any]:
     import orbax.checkpoint as ocp
 
     try:
-        with ocp.StandardCheckpointer() as ckpt:
+        with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as ckpt:
             return dict(ckpt.metadata((path / "params").resolve()).item_metadata)
     except Exception as e:  # orbax raises several types for a damaged folder
         raise CheckpointError(f"{path / 'params'}: cannot read orbax checkpoint: {e}") from None
 
 
+def _this_process_only():
+    """Orbax options for a read by this process alone: no barrier with the other processes of a multi-process run
+    (process 0 samples the demo clip by itself)."""
+    import orbax.checkpoint as ocp
+
+    return ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+
+
 def _restore(path: Path, target: dict[str, jax.ShapeDtypeStruct]) -> dict[str, Any]:
     import orbax.checkpoint as ocp
 
+    # arrays spread over several processes are restored by all of them together; arrays of this process, alone
+    alone = all(t.sharding.is_fully_addressable for t in target.values())
+    options = {"multiprocessing_options": _this_process_only()} if alone else {}
+    handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=HOST_GB_IN_FLIGHT, **options)
+    args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
     try:
-        with ocp.StandardCheckpointer() as ckpt:
-            return ckpt.restore((path / "params").resolve(), target)
+        with ocp.Checkpointer(handler, **options) as ckpt:
+            return ckpt.restore((path / "params").resolve(), args=args)
     except Exception as e:
         raise CheckpointError(f"{path / 'params'}: cannot restore orbax checkpoint: {e}") from None
 
@@ -302,7 +323,7 @@ def open_jax_source(path: str | Path) -> TensorSource:
             where[s.param.canonical] = (leaf, s)
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
-        cpu = SingleDeviceSharding(jax.devices("cpu")[0])
+        cpu = SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
         target = {k: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=cpu) for k, m in meta.items()}
         params = _restore(path, target)
         for name, (leaf, s) in where.items():
@@ -321,7 +342,7 @@ def _restore_jax(
     """Orbax restores every leaf straight onto its shards, cast to the model's dtypes; a skipped SD3 position table
     is read (replicated, small) and dropped."""
     skip = check_keys(source, canonical_shapes(abstract), TRANSFORMER_TABLE)
-    default = SingleDeviceSharding(jax.devices()[0])
+    default = SingleDeviceSharding(jax.local_devices()[0])
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     target = {

@@ -5,11 +5,12 @@ transformer, the VAE decode of the first frame and a CLIP reward run in JAX. Wri
 (reward mean/std per step, held-out reward every `rollout.eval_interval` steps) and `<log_dir>/reward.png`.
 
 Every `checkpoint.interval` steps (and at the end) an orbax checkpoint goes to `checkpoint.dir` through the training
-`Checkpointer` (atomic, `checkpoint.keep` kept): params, optimizer state, the EMA anchor when `refl.anchor: ema`, and
-the counters of `ResumePoint` as JSON. A run whose checkpoint dir holds a checkpoint continues from the latest one
-and gives the same per-step records as an uninterrupted run; the frozen anchor is rebuilt from the initial weights
-(`init_from` or the seed). At the end the tuned model is exported as a transformer folder (our JAX format, read by
-`load_transformer`) next to the checkpoint dir: `<checkpoint.dir>/../transformer`.
+`Checkpointer` (atomic, verified by checksums on resume, the dir locked by this run, `checkpoint.keep` kept): params,
+optimizer state, the EMA anchor when `refl.anchor: ema`, and the counters of `ResumePoint` as JSON. A run whose
+checkpoint dir holds a checkpoint continues from the latest one and gives the same per-step records as an uninterrupted
+run; the frozen anchor is rebuilt from the initial weights (`init_from` or the seed). At the end the tuned model is
+exported as a transformer folder (our JAX format, read by `load_transformer`) next to the checkpoint dir:
+`<checkpoint.dir>/../transformer`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -102,7 +102,7 @@ def _resume(recipe: RewardRecipe, checkpointer: Checkpointer, modules: dict[str,
     step = checkpointer.latest_step()
     if step is None:
         return 0, RewardLog(recipe.log_dir)
-    counters = checkpointer.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+    counters = checkpointer.restore_data(step)
     point = ResumePoint.read(counters, recipe, checkpointer.dir / str(step))  # before the tensors: clear errors
     target = abstract_like(_state(modules))
     if point.ema_anchor and "anchor" not in target:  # an EMA anchor this recipe does not use: read, then dropped

@@ -9,7 +9,6 @@ Attention is laid out by contentv_jax.ops.Attention (Ulysses over `sequence`, he
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,18 +48,6 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"time_embed\.(timestep|pooled)\.linear_2\.kernel", ("embed", None)),
     (r"patch_embed\.proj\.kernel", (None, None, None, "embed")),
 )
-
-
-def maybe_initialize_distributed() -> bool:
-    """Join a multi-host run when the launcher set the coordinator env vars (JAX_COORDINATOR_ADDRESS etc.)."""
-    if "JAX_COORDINATOR_ADDRESS" not in os.environ or jax.distributed.is_initialized():
-        return False
-    jax.distributed.initialize(
-        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-        process_id=int(os.environ["JAX_PROCESS_ID"]),
-    )
-    return True
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -21,9 +21,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from contentv_common.config import ConfigError
+from contentv_common.divergence import DivergenceGuard
+from contentv_common.errors import RunStopped
 from contentv_common.recipe import OptimizerConfig, Recipe
 from contentv_common.schedules import interpolate, velocity_target
-from contentv_jax import sharding
+from contentv_jax import multihost, sharding
 from contentv_jax.checkpointing import Checkpointer, abstract_like
 from contentv_jax.data import make_loader
 from contentv_jax.ops import attention_for
@@ -32,8 +35,8 @@ from contentv_jax.transformer import Transformer, layer_axes
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-class TrainingStopped(RuntimeError):
-    """Too many non-finite steps: the run stops; the last good checkpoint stays on disk."""
+class TrainingStopped(RunStopped):
+    """Too many skipped steps: the run stops; the last checkpoint from before the first bad step is its resume point."""
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int | None) -> optax.GradientTransformation:
@@ -151,10 +154,13 @@ class Trainer:
         return jnp.mean(per_sample * batch["weights"])
 
     def step(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-        """One update; a non-finite loss or gradient leaves params, optimizer and EMA untouched (counted in skipped)."""
+        """One update; a non-finite loss or gradient, or one above `batch["limits"]` (max loss, max gradient norm:
+        the divergence guard's, when given), leaves params, optimizer and EMA untouched (counted in skipped)."""
         loss, grads = jax.value_and_grad(self.loss)(state["params"], batch)
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if "limits" in batch:
+            ok = ok & (loss <= batch["limits"][0]) & (grad_norm <= batch["limits"][1])
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
 
@@ -173,14 +179,27 @@ class Trainer:
             new["ema"] = keep_if_bad(ema, state["ema"])
         return new, {"loss": loss, "grad_norm": grad_norm, "ok": ok}
 
-    def batch_shardings(self, batch: dict[str, np.ndarray]) -> dict[str, NamedSharding]:
-        global_shapes = {k: (v.shape[0] * jax.process_count(), *v.shape[1:]) for k, v in batch.items()}
-        return sharding.batch_shardings(global_shapes, self.mesh)
-
     def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Host batch (this process's rows) -> global arrays sharded over the mesh."""
-        shardings = self.batch_shardings(batch)
-        return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
+        """Host batch (this process's rows, from contentv_jax.data) -> global arrays sharded over the mesh.
+
+        Each device takes its block out of the rows this process read (a batch without `global_size` is global)."""
+        batch = dict(batch)
+        size = int(batch.pop("global_size", len(batch["latents"])))
+        first, _, count = multihost.batch_shards(self.mesh)
+        offset = first * size // count  # the global row of this process's first row
+        shapes = {k: (size, *v.shape[1:]) for k, v in batch.items()}
+        shardings = sharding.batch_shardings(shapes, self.mesh)
+
+        def make(name: str) -> jax.Array:
+            rows = batch[name]
+
+            def block(index: tuple[slice, ...]) -> np.ndarray:
+                b = index[0].indices(size)
+                return rows[(slice(b[0] - offset, b[1] - offset), *index[1:])]
+
+            return jax.make_array_from_callback(shapes[name], shardings[name], block)
+
+        return {name: make(name) for name in batch}
 
     def jitted_step(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> Callable:
         """The compiled step for this state layout and batch shape (one compile per bucket), state donated."""
@@ -215,8 +234,17 @@ def get_trainer(recipe: Recipe, mesh: Mesh) -> Trainer:
     return _TRAINERS[key]
 
 
+def check_devices(recipe: Recipe) -> None:
+    """ConfigError unless the recipe's mesh fits the devices (checked before any model or data work)."""
+    n, have = int(np.prod(recipe.mesh.shape)), jax.device_count()
+    if n > have or (jax.process_count() > 1 and n != have):
+        mesh = "x".join(map(str, recipe.mesh.shape))
+        raise ConfigError(f"mesh: {mesh} (data x fsdp x sequence x tensor) needs {n} devices, there are {have}")
+
+
 def default_mesh(recipe: Recipe) -> Mesh:
     """The recipe's mesh; a single-host run with more devices than the mesh needs uses the first ones."""
+    check_devices(recipe)
     n = int(np.prod(recipe.mesh.shape))
     devices = jax.devices()
     if jax.process_count() == 1 and n < len(devices):
@@ -244,35 +272,55 @@ def run(
 
     `stop_after` ends the call early at that step (after checkpointing it), as an interruption would; a later call
     continues the same loss trajectory. `on_step` gets {step, loss, grad_norm, lr-free metrics, step_time}.
+    The checkpoint dir's run lock is held from the start (before any model work) to the end.
     """
-    sharding.maybe_initialize_distributed()
-    trainer = get_trainer(recipe, mesh or default_mesh(recipe))
+    multihost.initialize()
     ckpt = Checkpointer(recipe.checkpoint)
-    data_state = None
+    try:
+        return _train(recipe, get_trainer(recipe, mesh or default_mesh(recipe)), ckpt, progress, on_step, stop_after)
+    finally:
+        ckpt.close()
+
+
+def _train(
+    recipe: Recipe,
+    trainer: Trainer,
+    ckpt: Checkpointer,
+    progress: bool,
+    on_step: Callable[[dict[str, Any]], None] | None,
+    stop_after: int | None,
+) -> RunResult:
+    data_state, guard_state = None, None
     if ckpt.latest_step() is not None:
         state, data_state = ckpt.restore(trainer.abstract_state())
+        guard_state = data_state.pop("divergence", None) or {"skipped": int(state["skipped"])}
     else:
         state = trainer.init_state(_initial_params(recipe, trainer.mesh))
         if recipe.resume_from is not None:
-            prev = Checkpointer(replace(recipe.checkpoint, dir=recipe.resume_from))
+            prev = Checkpointer(replace(recipe.checkpoint, dir=recipe.resume_from), writer=False)
             state = {**state, **prev.restore_weights(abstract_like(state))}
             prev.close()
-    loader = make_loader(recipe, data_state)
+    guard = DivergenceGuard(recipe.divergence, recipe.nan_skip_limit, guard_state)
+    loader = make_loader(recipe, data_state, multihost.batch_shards(trainer.mesh))
     start = int(state["step"])
     end = recipe.steps if stop_after is None else min(stop_after, recipe.steps)
     losses, skipped = {}, []
+    replicated = NamedSharding(trainer.mesh, PartitionSpec())
     with tqdm(total=end - start, desc="train", disable=not progress) as bar:
         for step in range(start, end):
             t0 = time.perf_counter()
             batch = trainer.device_batch(next(loader))
+            batch["limits"] = jax.device_put(np.asarray(guard.limits(), np.float32), replicated)
             state, metrics = trainer.jitted_step(state, batch)(state, batch)
             metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
             dt = time.perf_counter() - t0
+            guard.record(step, metrics["loss"], metrics["grad_norm"], bool(metrics["ok"]))
             if metrics["ok"]:
                 losses[step] = metrics["loss"]
             else:
                 skipped.append(step)
-                bar.write(f"step {step}: non-finite loss {metrics['loss']} / grad norm {metrics['grad_norm']}, skipped")
+                bar.write(f"step {step}: loss {metrics['loss']} / grad norm {metrics['grad_norm']} non-finite or "
+                          "spiking, skipped")  # fmt: skip
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", step_s=f"{dt:.2f}")
             bar.update()
             if on_step is not None:
@@ -286,15 +334,19 @@ def run(
                         "batch": int(batch["latents"].shape[0]),
                     }
                 )
-            if len(skipped) > recipe.nan_skip_limit:
-                ckpt.close()
-                raise TrainingStopped(
-                    f"{len(skipped)} non-finite steps (limit nan_skip_limit={recipe.nan_skip_limit}); last good "
-                    f"checkpoint: step {ckpt.latest_step()} in {ckpt.dir}"
+            if guard.stopped:
+                moved = ckpt.set_aside_from(guard.first_bad_step)
+                aside = f" (set aside: {', '.join(p.name for p in moved)})" if moved else ""
+                last = ckpt.latest_step()
+                where = (
+                    f"resume point: step {last} in {ckpt.dir}"
+                    if last is not None
+                    else f"no checkpoint from before it in {ckpt.dir}"
                 )
+                raise TrainingStopped(guard.stop_message(where + aside))
             if (step + 1) % recipe.checkpoint.interval == 0 or step + 1 == end:
-                ckpt.save(step + 1, state, loader.get_state())
-    ckpt.close()
+                data = {**loader.get_state(), "divergence": guard.state()}
+                ckpt.save(step + 1, state, data, pin_before=guard.first_bad_step)
     return RunResult(losses=losses, skipped_steps=skipped, final_step=end, state=state)
 
 

@@ -5,7 +5,10 @@ One checkpoint is a folder `step_NNNNNNNN/` written atomically (a temporary sibl
   `load_transformer` and the JAX loader read it directly;
 - `ema/`: the same format for the EMA weights, when the recipe keeps an EMA;
 - `optimizer.safetensors`: AdamW moments `exp_avg.<name>` / `exp_avg_sq.<name>` in canonical names and torch layout;
-- `state.json`: training step, AdamW step count, data position (next global batch) and skipped-step count.
+- `state.json`: training step, AdamW step count, data position (next global batch), counters and the divergence
+  guard's state (skip count, first bad step, recent losses);
+- `checksums.json`: size and sha256 of every other file, written last (contentv_common.integrity): a checkpoint that
+  lacks it or no longer matches it is skipped for the newest intact one.
 Everything random in a step is a function of (seed, step), so these files resume a run exactly. The numpy-level
 `TrainState` is framework-free, so a JAX run's state converts to it and back through the shared parameter table.
 """
@@ -17,6 +20,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from contentv_common import integrity
 from contentv_common.checkpoint import iter_rank_shards, read_our_config, write_our_config
 from contentv_common.config import ModelConfig
 from contentv_common.safetensors_io import AtomicFolder, CheckpointError, iter_tensors, weight_files, write_sharded
@@ -53,19 +58,35 @@ class TrainState:
     data_position: int
     ema: dict[str, np.ndarray] | None = None
     counters: dict[str, int] = field(default_factory=dict)
+    divergence: dict[str, Any] = field(default_factory=dict)
 
 
 def step_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step_{step:08d}"
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under `root` (temporary folders of an interrupted write are ignored)."""
+def latest_checkpoint(root: str | Path, writer: bool = False) -> Path | None:
+    """The newest intact checkpoint under `root`, verified against its manifest; damaged or incomplete newer ones are
+    skipped with a warning (and renamed aside when `writer`, the process holding the run lock). None when there is
+    none at all; CheckpointError when there are checkpoints but none is intact."""
     root = Path(root)
     if not root.is_dir():
         return None
-    done = sorted(p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / "state.json").exists())
-    return done[-1] if done else None
+    steps = [(int(m[1]), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name))]
+    chosen = integrity.newest_intact(steps, writer=writer)
+    return None if chosen is None else chosen[1]
+
+
+def remove_partial_saves(root: str | Path) -> list[Path]:
+    """Delete the temporary folders of killed saves (`.step_NNNNNNNN.tmp-*`); only the run-lock holder may."""
+    return integrity.remove_partial(root, lambda name: name.startswith(".step_") and ".tmp-" in name)
+
+
+def set_aside_from(root: str | Path, step: int) -> list[Path]:
+    """Rename the checkpoints from `step` on out of the way (a diverged run must not resume from them)."""
+    root = Path(root)
+    later = sorted(p for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and int(m[1]) >= step)
+    return [integrity.set_aside(p, "diverged") for p in later]
 
 
 def _write_weights(folder: Path, config: ModelConfig, tensors: dict[str, np.ndarray]) -> None:
@@ -78,8 +99,9 @@ def _read_weights(folder: Path) -> dict[str, np.ndarray]:
     return dict(iter_tensors(weight_files(folder, "model")))
 
 
-def save_state(root: str | Path, state: TrainState, keep: int) -> Path:
-    """Write `root/step_NNNNNNNN` atomically, then delete all but the `keep` newest checkpoints."""
+def save_state(root: str | Path, state: TrainState, keep: int, pin_before: int | None = None) -> Path:
+    """Write `root/step_NNNNNNNN` atomically with its manifest last, then delete all but the `keep` newest
+    checkpoints (and the newest one before step `pin_before`, the resume point should the run diverge)."""
     target = step_dir(root, state.step)
     with AtomicFolder(target, overwrite=True) as tmp:
         _write_weights(tmp / "model", state.config, state.params)
@@ -88,21 +110,28 @@ def save_state(root: str | Path, state: TrainState, keep: int) -> Path:
         moments = {f"{kind}.{name}": a for kind in MOMENTS for name, a in getattr(state, kind).items()}
         write_sharded(sorted(moments.items()), tmp, "optimizer", metadata={"format": "pt"})
         counters = {"step": state.step, "adam_step": state.adam_step, "data_position": state.data_position}
-        (tmp / "state.json").write_text(json.dumps({**counters, "counters": state.counters}, indent=1))
-    prune(root, keep)
+        meta = {**counters, "counters": state.counters, "divergence": state.divergence}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        integrity.write_manifest(tmp)
+    done = {int(m[1]): p for p in Path(root).iterdir() if (m := _STEP_DIR.fullmatch(p.name))}
+    for old in integrity.steps_to_delete(list(done), keep, pin_before):
+        shutil.rmtree(done[old])
     return target
 
 
-def prune(root: str | Path, keep: int) -> None:
-    """Delete all but the `keep` newest checkpoints under `root`."""
-    done = sorted(p for p in Path(root).iterdir() if _STEP_DIR.fullmatch(p.name))
-    for old in done[:-keep]:
-        shutil.rmtree(old)
+def prune(root: str | Path, keep: int, pin_before: int | None = None) -> None:
+    """Delete all but the `keep` newest checkpoints under `root` (and the newest before `pin_before`)."""
+    done = {int(m[1]): p for p in Path(root).iterdir() if (m := _STEP_DIR.fullmatch(p.name))}
+    for old in integrity.steps_to_delete(list(done), keep, pin_before):
+        shutil.rmtree(done[old])
 
 
-def load_state(folder: str | Path) -> TrainState:
-    """Read a checkpoint folder; a missing or damaged file is a CheckpointError naming it."""
+def load_state(folder: str | Path, verify: bool = True) -> TrainState:
+    """Read a checkpoint folder (checked against its manifest unless `verify` is False: `latest_checkpoint` did);
+    a missing or damaged file is a CheckpointError naming it."""
     folder = Path(folder)
+    if verify:
+        integrity.verify(folder)
     if is_sharded(folder):
         return read_sharded_state(folder)
     meta_file = folder / "state.json"
@@ -132,6 +161,7 @@ def load_state(folder: str | Path) -> TrainState:
         data_position=position,
         ema=_read_weights(folder / "ema") if (folder / "ema").is_dir() else None,
         counters={k: int(v) for k, v in meta.get("counters", {}).items()},
+        divergence=dict(meta.get("divergence") or {}),
     )
 
 
@@ -157,6 +187,7 @@ def read_sharded_state(folder: Path) -> TrainState:
         data_position=int(meta["data_position"]),
         ema=part("ema") if (folder / "ema").is_dir() else None,
         counters={k: int(v) for k, v in meta.get("counters", {}).items()},
+        divergence=dict(meta.get("divergence") or {}),
     )
 
 

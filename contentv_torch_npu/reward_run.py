@@ -8,7 +8,8 @@ training checkpoint code (contentv_torch_npu/checkpointing.py: safetensors + JSO
 format, which `load_transformer` reads: the tuned model), AdamW moments and step, `ema/` = the EMA anchor when
 `refl.anchor: ema`, and the counters of `ResumePoint`. A run whose checkpoint dir holds a checkpoint continues from the
 latest one and gives the same per-step records as an uninterrupted run; the frozen anchor is rebuilt from the
-initial weights (`init_from` or the seed).
+initial weights (`init_from` or the seed). Checkpoints carry checksums and are verified on resume (a damaged newest
+one is skipped for the newest intact one); the run holds the checkpoint dir's lock.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from contentv_common.errors import CheckpointSaveError
 from contentv_common.reward import to_uint8
 from contentv_common.reward_recipe import RewardRecipe
 from contentv_common.reward_run import (
@@ -31,6 +33,7 @@ from contentv_common.reward_run import (
     open_sft_cache,
     uses_ema_anchor,
 )
+from contentv_common.run_lock import RunLock
 from contentv_common.safetensors_io import CheckpointError
 from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu import reward_train as tr
@@ -77,10 +80,11 @@ def _resume(
 ) -> tuple[int, RewardLog]:
     """(first step, log) of the run: 0 and a fresh log, or the latest checkpoint's step with model, AdamW and EMA
     anchor restored in place and the log cut back to that step."""
-    folder = ckpt.latest_checkpoint(recipe.checkpoint.dir)
+    ckpt.remove_partial_saves(recipe.checkpoint.dir)
+    folder = ckpt.latest_checkpoint(recipe.checkpoint.dir, writer=True)
     if folder is None:
         return 0, RewardLog(recipe.log_dir)
-    state = ckpt.load_state(folder)
+    state = ckpt.load_state(folder, verify=False)
     point = ResumePoint.read({**state.counters, "step": state.step}, recipe, folder)
     ckpt.restore_weights(model, state.params)
     ckpt.restore_optimizer(model, optimizer, state)
@@ -101,12 +105,23 @@ def _save(
     ema = None if anchor is None else dict(anchor.named_parameters())
     counters = {k: v for k, v in point.as_dict().items() if k != "step"}
     state = ckpt.gather_state(model, optimizer, ema, step=point.step, data_position=point.step, counters=counters)
-    ckpt.save_state(recipe.checkpoint.dir, state, recipe.checkpoint.keep)
+    try:
+        ckpt.save_state(recipe.checkpoint.dir, state, recipe.checkpoint.keep)
+    except Exception as e:  # any failure ends the run now, with the previous checkpoint as its resume point
+        raise CheckpointSaveError(f"{recipe.checkpoint.dir}: saving step {point.step} failed: {e}") from e
 
 
 def run(recipe: RewardRecipe, progress: bool = True, device: str = "auto") -> dict[str, Any]:
     """Train per the recipe, resuming from `checkpoint.dir` when it holds a checkpoint; returns the last step's
-    record."""
+    record. The checkpoint dir's run lock is held from the start to the end."""
+    lock = RunLock.acquire(recipe.checkpoint.dir)
+    try:
+        return _run(recipe, progress, device)
+    finally:
+        lock.release()
+
+
+def _run(recipe: RewardRecipe, progress: bool, device: str) -> dict[str, Any]:
     from contentv_torch_npu.encoders import load_encoders, tiny_encoders
 
     dev = resolve_device(device)

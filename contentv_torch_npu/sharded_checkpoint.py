@@ -5,7 +5,8 @@ writes one `shard-<rank+1>-model-00001-of-00001.safetensors` per part holding it
 in the file's JSON header (DCP's `DCP_SHARDING_INFO`); nothing is pickled. Reading plans each rank's slices on the
 current mesh (another world size or HSDP layout reshards) and reads only those byte ranges. A checkpoint
 `step_NNNNNNNN/` holds the parts `model/`, `ema/` (when kept) and `optimizer/` (`exp_avg.<name>`,
-`exp_avg_sq.<name>`), each with `contentv_config.json`, plus `state.json` (the counters, `"sharded": true`).
+`exp_avg_sq.<name>`), each with `contentv_config.json`, plus `state.json` (the counters, `"sharded": true`) and the
+checksum manifest written last (contentv_common.integrity).
 `model/` and `ema/` are transformer folders `contentv_common.checkpoint` reads (one full tensor at a time), so
 `tools/convert.py` and `load_transformer` take them as they take the unsharded format.
 """
@@ -31,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from contentv_common import integrity
 from contentv_common.checkpoint import TensorSource, check_keys, write_our_config
 from contentv_common.param_table import TRANSFORMER_TABLE
 from contentv_common.safetensors_io import CheckpointError
@@ -96,6 +98,7 @@ def save_sharded(
                 write_our_config(tmp / part, model.cfg)
         adam_step = int(steps.pop()) if steps else 0
         (tmp / "state.json").write_text(json.dumps({**meta, "adam_step": adam_step, "sharded": True}, indent=1))
+        integrity.write_manifest(tmp)  # last: sizes and checksums of every file, as the unsharded format
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)

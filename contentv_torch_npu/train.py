@@ -4,8 +4,10 @@ Read top to bottom: `run` sets up processes, model, optimizer and data, then loo
 Parallelism is configuration: the recipe's mesh (`data x fsdp x sequence` processes) gives the sequence-parallel
 size (Ulysses) and the parameter layout (FSDP2 over every rank, or HSDP replicated over `mesh.data`), bf16 runs
 as autocast over fp32 master weights (`compute_dtype`), and any `remat` other than "none" recomputes each block in
-the backward pass (activation checkpointing). A non-finite step is skipped and counted; more than `nan_skip_limit`
-of them stop the run (`TrainingStopped`), keeping the last good checkpoint.
+the backward pass (activation checkpointing). A non-finite (or, with `divergence.spike_factor`, spiking) step is
+skipped and counted (contentv_common.divergence, kept in checkpoints); more than `nan_skip_limit` of them stop the run
+(`TrainingStopped`), with the last checkpoint saved before the first bad step as the resume point. The main rank holds
+the checkpoint dir's run lock for the whole run.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ from tqdm import tqdm
 
 from contentv_common.checkpoint import open_checkpoint
 from contentv_common.data.cache import Encoders
+from contentv_common.divergence import DivergenceGuard
+from contentv_common.errors import CheckpointSaveError, RunStopped
 from contentv_common.recipe import OptimizerConfig, Recipe
+from contentv_common.run_lock import RunLock, RunLockedError
+from contentv_common.safetensors_io import CheckpointError
 from contentv_common.schedules import flow_inputs, interpolate, resolve_shift, step_rng, velocity_target
 from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu.data import make_loader, open_cache
@@ -38,8 +44,8 @@ from contentv_torch_npu.transformer import Transformer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-class TrainingStopped(RuntimeError):
-    """Too many non-finite steps: the run stops; the last good checkpoint stays on disk."""
+class TrainingStopped(RunStopped):
+    """Too many skipped steps: the run stops; the last checkpoint from before the first bad step is its resume point."""
 
 
 def learning_rate(opt: OptimizerConfig, updates: int, total_steps: int) -> float:
@@ -132,8 +138,10 @@ def train_step(
     ema: dict[str, torch.Tensor] | None = None,
     ema_decay: float | None = None,
     topo: Topology | None = None,
+    limits: tuple[float, float] = (math.inf, math.inf),
 ) -> tuple[float, float, bool]:
-    """Forward, backward, clip, AdamW, EMA. Returns (loss, grad norm, applied); a non-finite step is skipped.
+    """Forward, backward, clip, AdamW, EMA. Returns (loss, grad norm, applied); a step whose loss or gradient norm
+    is non-finite or above `limits` (max loss, max norm) is skipped.
 
     Each rank's loss is its rows' mean; FSDP (and HSDP: reduce-scatter over the shard ranks, all-reduce over the
     replicas) averages gradients over all ranks, and the ranks of a sequence-parallel
@@ -149,6 +157,7 @@ def train_step(
         stats[0] /= topo.world
     loss_value, norm_value = (float(v) for v in stats.cpu())
     applied = math.isfinite(loss_value) and math.isfinite(norm_value)
+    applied = applied and loss_value <= limits[0] and norm_value <= limits[1]
     if applied:
         if grad_clip is not None and norm_value > grad_clip:
             scale = grad_clip / norm_value
@@ -209,6 +218,39 @@ def _previous_stage(recipe: Recipe) -> ckpt.TrainState | Path | None:
     return folder if is_sharded(folder) else ckpt.load_state(folder)
 
 
+def _all_ok(ok: bool, topo: Topology) -> bool:
+    """True on every rank when `ok` is true on every rank (a collective: no rank is left waiting)."""
+    if topo.world == 1:
+        return ok
+    flag = torch.tensor([int(ok)], device=topo.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _lock(folder: str, topo: Topology) -> RunLock | None:
+    """The checkpoint dir's run lock, held by the main rank (the writer); killed saves' temporary folders go."""
+    lock, error = None, None
+    if topo.is_main:
+        try:
+            lock = RunLock.acquire(folder)
+            ckpt.remove_partial_saves(folder)
+        except RunLockedError as e:
+            error = e
+    if not _all_ok(error is None, topo):
+        raise error or RunLockedError(f"{folder}: checkpoint dir is in use (rank 0 could not lock it)")
+    return lock
+
+
+def _resume_point(folder: str, topo: Topology) -> Path | None:
+    """The newest intact checkpoint, chosen (and damaged ones set aside) by the main rank for every rank."""
+    chosen = ckpt.latest_checkpoint(folder, writer=True) if topo.is_main else None
+    if topo.world == 1:
+        return chosen
+    step = torch.tensor([-1 if chosen is None else int(chosen.name.split("_")[1])], device=topo.device)
+    dist.broadcast(step, src=0)
+    return None if int(step.item()) < 0 else ckpt.step_dir(folder, int(step.item()))
+
+
 def run(
     recipe: Recipe,
     *,
@@ -225,6 +267,22 @@ def run(
     same record as the JAX trainer's: {step (0-based), loss, grad_norm, skipped, step_time, batch (global size)}.
     """
     topo = init_distributed(device, recipe.mesh, recipe.model_config)
+    lock = _lock(recipe.checkpoint.dir, topo)
+    try:
+        return _run(recipe, topo, ops, encoders, progress, on_step)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(
+    recipe: Recipe,
+    topo: Topology,
+    ops: str,
+    encoders: Encoders | None,
+    progress: bool,
+    on_step: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
     cache = open_cache(recipe.data, encoders, build=topo.is_main, progress=progress)
     if topo.world > 1:
         dist.barrier()
@@ -238,33 +296,46 @@ def run(
     ema = {n: p.detach().clone() for n, p in model.named_parameters()} if decay else None
 
     step, position, counters = 0, 0, {"nan_skips": 0}
-    resume = ckpt.latest_checkpoint(recipe.checkpoint.dir)
+    resume = _resume_point(recipe.checkpoint.dir, topo)
+    guard_state = None
+    state: ckpt.TrainState | Path | None = None
     if resume is not None and is_sharded(resume):  # same stage: each rank reads its slices of everything
         meta = load_sharded(resume, model, optimizer, ema)
         step, position = int(meta["step"]), int(meta["data_position"])
         counters = {**counters, **{k: int(v) for k, v in meta.get("counters", {}).items()}}
-    state = ckpt.load_state(resume) if resume and not is_sharded(resume) else None
-    state = _previous_stage(recipe) if resume is None else state
+        guard_state = meta.get("divergence") or {"skipped": counters["nan_skips"]}
+    else:
+        state = ckpt.load_state(resume, verify=False) if resume else _previous_stage(recipe)
     if isinstance(state, Path):  # the previous stage's sharded checkpoint: weights and EMA only
         load_sharded(state, model, None, ema)
     elif state is not None:
         ckpt.restore_weights(model, state.params)
         if ema is not None:
+            if resume and state.ema is None:
+                raise CheckpointError(f"{resume}: the EMA (ema/) is missing; the recipe keeps one")
             ema = ckpt.restore_ema(model, state.ema if state.ema is not None else state.params)
         if resume:  # same stage: optimizer, counters and data position continue too
             ckpt.restore_optimizer(model, optimizer, state)
             step, position, counters = state.step, state.data_position, {**counters, **state.counters}
+            guard_state = state.divergence or {"skipped": counters["nan_skips"]}
+    guard = DivergenceGuard(recipe.divergence, recipe.nan_skip_limit, guard_state)
 
     def save() -> None:
-        if topo.world > 1:  # every rank writes its own slices
-            meta = {"step": step, "data_position": position, "counters": counters}
-            save_sharded(ckpt.step_dir(recipe.checkpoint.dir, step), model, optimizer, ema, meta)
-            if topo.is_main:
-                ckpt.prune(recipe.checkpoint.dir, recipe.checkpoint.keep)
-            dist.barrier()
-            return
-        full = ckpt.gather_state(model, optimizer, ema, step=step, data_position=position, counters=counters)
-        ckpt.save_state(recipe.checkpoint.dir, full, recipe.checkpoint.keep)
+        error = None
+        try:
+            if topo.world > 1:  # every rank writes its own slices
+                meta = {"step": step, "data_position": position, "counters": counters, "divergence": guard.state()}
+                save_sharded(ckpt.step_dir(recipe.checkpoint.dir, step), model, optimizer, ema, meta)
+                if topo.is_main:
+                    ckpt.prune(recipe.checkpoint.dir, recipe.checkpoint.keep, guard.first_bad_step)
+            else:
+                full = ckpt.gather_state(model, optimizer, ema, step=step, data_position=position, counters=counters)
+                full.divergence = guard.state()
+                ckpt.save_state(recipe.checkpoint.dir, full, recipe.checkpoint.keep, guard.first_bad_step)
+        except Exception as e:  # any failure ends the run now, every rank, with the previous resume point
+            error = CheckpointSaveError(f"{recipe.checkpoint.dir}: saving step {step} failed: {e}")
+        if not _all_ok(error is None, topo):
+            raise error or CheckpointSaveError(f"{recipe.checkpoint.dir}: saving step {step} failed on rank 0")
 
     log_file = Path(recipe.log_dir) / "metrics.jsonl"
     if topo.is_main:
@@ -279,16 +350,17 @@ def run(
             raise RuntimeError(f"data loader is at batch {batch['batch_index']}, the trainer expects {position}")
         inputs = step_inputs(recipe, batch, empty)
         inputs = StepInputs(*(t.to(topo.device) for t in vars(inputs).values()))
-        lr = learning_rate(recipe.optimizer, step - counters["nan_skips"], recipe.steps)
+        lr = learning_rate(recipe.optimizer, step - guard.skipped, recipe.steps)
         start = time.perf_counter()
         loss, norm, applied = train_step(
-            model, optimizer, inputs, lr=lr, grad_clip=recipe.optimizer.grad_clip, ema=ema, ema_decay=decay, topo=topo
-        )
+            model, optimizer, inputs, lr=lr, grad_clip=recipe.optimizer.grad_clip, ema=ema, ema_decay=decay, topo=topo,
+            limits=guard.limits(),
+        )  # fmt: skip
         step_time = time.perf_counter() - start
-        if not applied:
-            counters["nan_skips"] += 1
-            if topo.is_main:
-                bar.write(f"step {step}: non-finite loss {loss} / grad norm {norm}, skipped")
+        guard.record(step, loss, norm, applied)
+        counters["nan_skips"] = guard.skipped
+        if not applied and topo.is_main:
+            bar.write(f"step {step}: loss {loss} / grad norm {norm} non-finite or spiking, skipped")
         if on_step is not None and topo.is_main:
             on_step(
                 {"step": step, "loss": loss, "grad_norm": norm, "skipped": not applied, "step_time": step_time,
@@ -300,16 +372,23 @@ def run(
         if topo.is_main and step % recipe.log_interval == 0:
             with log_file.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
-        if counters["nan_skips"] > recipe.nan_skip_limit:
+        if guard.stopped:
             bar.close()
-            last = ckpt.latest_checkpoint(recipe.checkpoint.dir)
-            raise TrainingStopped(
-                f"{counters['nan_skips']} non-finite steps (limit nan_skip_limit={recipe.nan_skip_limit}); "
-                f"last good checkpoint: {last if last else 'none'}"
-            )
+            raise TrainingStopped(guard.stop_message(_keep_resume_point(recipe, guard, topo)))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if step % recipe.checkpoint.interval == 0 or step == recipe.steps:
             save()
     bar.close()
     return metrics
+
+
+def _keep_resume_point(recipe: Recipe, guard: DivergenceGuard, topo: Topology) -> str:
+    """Set aside the checkpoints from the first bad step on; say which one a restart resumes from."""
+    root = recipe.checkpoint.dir
+    moved = ckpt.set_aside_from(root, guard.first_bad_step) if topo.is_main else []
+    if topo.world > 1:
+        dist.barrier()
+    aside = f" (set aside: {', '.join(p.name for p in moved)})" if moved else ""
+    last = ckpt.latest_checkpoint(root)
+    return f"resume point: {last}{aside}" if last else f"no checkpoint from before it in {root}{aside}"

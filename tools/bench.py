@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from contentv_common.cli import run_cli
 from contentv_common.config import ModelConfig, named_model_config
 from contentv_common.flops import image_tokens, transformer_flops
 
@@ -576,6 +577,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < (1 if name in ("repeats", "blocks", "text_tokens") else 0):
             p.error(f"--{name.replace('_', '-')} {value} is out of range")
+    if args.tokens is not None and min(args.tokens) < 1:
+        p.error(f"--tokens must be positive, got {args.tokens}")
+    if not args.worker:
+        named_model_config("tiny" if args.tiny else args.model)  # ConfigError naming the model, before any case
+        if args.out is not None and (args.out.is_dir() or any(d.is_file() for d in args.out.parents)):
+            p.error(f"--out {args.out}: not a writable file path")
     return args
 
 
@@ -624,4 +631,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

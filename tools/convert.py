@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from contentv_common.checkpoint import detect_format
+from contentv_common.cli import run_cli
 from contentv_common.config import ConfigError
 from contentv_common.convert import DTYPES, convert
 from contentv_common.safetensors_io import CheckpointError
@@ -25,10 +26,13 @@ def import_backends(src: str, to: str) -> None:
 
 def parse_size(text: str) -> int:
     units = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
-    for unit, factor in units.items():
-        if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+    try:
+        for unit, factor in units.items():
+            if text.upper().endswith(unit):
+                return int(float(text[: -len(unit)]) * factor)
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 5GB or 500MB, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,4 +56,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

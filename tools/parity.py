@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from contentv_common.checkpoint import open_checkpoint
+from contentv_common.cli import run_cli
 from contentv_common.config import ConfigError, named_model_config
 from contentv_common.safetensors_io import CheckpointError
 
@@ -153,7 +154,13 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown backend {b!r} (choose from {', '.join(BACKENDS)})")
     if len(backends) < 2:
         ap.error("need at least two backends to compare")
-    height, width = (int(v) for v in args.size.lower().split("x"))
+    size = args.size.lower().split("x")
+    if len(size) != 2 or not all(v.isdigit() and int(v) > 0 for v in size):
+        ap.error(f"--size must be HxW latent pixels (e.g. 16x16), got {args.size!r}")
+    height, width = (int(v) for v in size)
+    for name in ("frames", "batch", "text_tokens"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
         traces, cfg, inputs = run_traces(args, backends, height, width)
     except (CheckpointError, ConfigError, ValueError) as e:
@@ -170,4 +177,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

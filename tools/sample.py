@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import tempfile
 from collections.abc import Callable
 from functools import partial
@@ -26,7 +25,9 @@ from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 
-from contentv_common.config import named_model_config
+from contentv_common.checkpoint import detect_format, open_checkpoint
+from contentv_common.cli import run_cli
+from contentv_common.config import ConfigError, named_model_config
 from contentv_common.recipe import AttentionChoice
 from contentv_common.sampling import draw_noise, latent_shape
 from contentv_common.video_io import write_video
@@ -43,9 +44,12 @@ def scheduler_shift(pipeline: Path | None) -> float:
     path = None if pipeline is None else pipeline / "scheduler" / "scheduler_config.json"
     if path is None or not path.exists():
         return SHIFT
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable scheduler config ({e})") from None
     if config.get("use_dynamic_shifting"):
-        raise ValueError(f"{path}: use_dynamic_shifting is not supported (static shift only); pass --shift")
+        raise ConfigError(f"{path}: use_dynamic_shifting is not supported (static shift only); pass --shift")
     return float(config.get("shift", 1.0))
 
 
@@ -156,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
+        if not args.prompts_file.is_file():
+            raise FileNotFoundError(f"--prompts-file {args.prompts_file}: no such file")
         prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
     return prompts
 
@@ -180,6 +186,16 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, prompts: l
             resolve_attention(args.attention, jax.default_backend())
         except ValueError as e:
             ap.error(f"--attention: {e}")
+    try:
+        latent_shape(16, args.frames, *args.size)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.pipeline is not None and not args.pipeline.is_dir():
+        ap.error(f"--pipeline {args.pipeline}: no such folder")
+    if args.transformer is not None:  # before any model loads: a bad checkpoint is one line naming its file
+        if detect_format(args.transformer) == "jax":
+            import contentv_jax  # noqa: F401  (registers the JAX format's reader)
+        open_checkpoint(args.transformer)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -248,5 +264,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     return written
 
 
+def cli(argv: list[str] | None = None) -> int:
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(cli)

@@ -1,26 +1,38 @@
 """Train ContentV with flow matching: `python tools/train.py [--config RECIPE] [--backend jax|torch] [key=value ...]`.
 
+Flags and overrides may come in any order. Everything is checked before any model or data work (recipe file, YAML,
+overrides, mesh vs devices, the checkpoint dir's run lock, then the data): a problem is one line naming the file or
+key, exit status 2; a run that stops (divergence, a failed checkpoint save) is one line and exit status 1.
+
 With the default tiny recipe the run is self-contained: it generates the synthetic moving-shapes set, caches its
 latents and text embeddings with tiny random encoders, trains the tiny model on CPU and writes a loss-curve PNG.
 Logs go to `<log_dir>/metrics.jsonl` and TensorBoard; multi-stage recipes run their stages in order.
+Several processes (JAX: jax.distributed, see contentv_jax.multihost and tools/launch_local.py; torch: torchrun) run
+the same command; process / rank 0 alone builds the data cache, writes the logs and samples the demo clip.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from contentv_common.cli import run_cli  # noqa: E402
 from contentv_common.config import ConfigError  # noqa: E402
+from contentv_common.data.buckets import BucketBatchSampler  # noqa: E402
 from contentv_common.data.cache import build_cache, cache_is_current, cache_settings, read_index  # noqa: E402
 from contentv_common.data.synthetic import make_synthetic_set  # noqa: E402
+from contentv_common.errors import DataError  # noqa: E402
 from contentv_common.recipe import Recipe, load_recipe, parse_override  # noqa: E402
 from contentv_common.reward_recipe import is_reward_recipe, load_reward_recipe  # noqa: E402
+from contentv_common.run_lock import check_unlocked  # noqa: E402
 
 TINY = ROOT / "configs" / "recipes" / "tiny.yaml"
 
@@ -90,6 +102,8 @@ def prepare_data(recipe: Recipe, progress: bool = True) -> None:
     manifest = Path(data.manifest)
     if not manifest.exists() and "synthetic" in manifest.parts:
         make_synthetic_set(manifest.parent, seed=recipe.seed, progress=progress)
+    if not manifest.is_file():
+        raise DataError(f"data.manifest: {manifest}: no such file")
     settings = cache_settings(manifest, list(data.buckets), data.fps, data.encoders)
     if not cache_is_current(data.cache_dir, settings):
         build_cache(
@@ -104,10 +118,56 @@ def prepare_data(recipe: Recipe, progress: bool = True) -> None:
     index = read_index(data.cache_dir)
     skipped = index.skip_counts
     print(f"cache {data.cache_dir}: {len(index.samples)} samples" + (f", skipped {skipped}" if skipped else ""))
+    check_batches(index, recipe)
 
 
-def train_stage(recipe: Recipe, backend: str, progress: bool) -> MetricsLog:
-    log = MetricsLog(recipe.log_dir)
+def check_batches(index, recipe: Recipe) -> None:
+    """DataError unless the cache makes at least one full batch; names the manifest and the first skipped file."""
+    names = [b.name for b in recipe.data.buckets]
+    ids = [names.index(s["bucket"]) for s in index.samples if s["bucket"] in names]
+    try:
+        BucketBatchSampler(ids, [b.batch_size for b in recipe.data.buckets], recipe.seed)
+    except ValueError as e:
+        first = f"; first skipped: {index.skipped[0]['message']}" if index.skipped else ""
+        raise DataError(f"{recipe.data.manifest}: {len(index.samples)} usable samples, {e}{first}") from None
+
+
+def check_devices(recipe: Recipe, backend: str) -> bool:
+    """ConfigError unless the recipe's mesh matches the devices (JAX) or the torchrun world size (torch); returns
+    whether this is the main process (the one that will hold the checkpoint dir's lock)."""
+    if backend == "jax":
+        from contentv_jax import multihost
+        from contentv_jax.train import check_devices as check
+
+        multihost.initialize()  # before any other JAX call
+        check(recipe)
+        return multihost.is_primary()
+    from contentv_torch_npu.distributed import check_mesh
+
+    try:
+        check_mesh(recipe.mesh, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return os.environ.get("RANK", "0") == "0"
+
+
+def prepare_data_once(recipe: Recipe, backend: str, primary: bool, progress: bool, poll_s: float = 2.0) -> None:
+    """prepare_data in process 0 only. JAX processes wait for it at a barrier; torch ranks (no process group yet)
+    until the cache is current, for as long as it takes: torchrun stops every rank if rank 0 fails."""
+    if primary:
+        prepare_data(recipe, progress)
+    if backend == "jax":
+        from contentv_jax import multihost
+
+        multihost.barrier("data")
+        return
+    settings = cache_settings(recipe.data.manifest, list(recipe.data.buckets), recipe.data.fps, recipe.data.encoders)
+    while not cache_is_current(recipe.data.cache_dir, settings):
+        time.sleep(poll_s)
+
+
+def train_stage(recipe: Recipe, backend: str, progress: bool, primary: bool = True) -> MetricsLog | None:
+    log = MetricsLog(recipe.log_dir) if primary else None
     try:
         if backend == "jax":
             from contentv_jax.train import run
@@ -115,7 +175,8 @@ def train_stage(recipe: Recipe, backend: str, progress: bool) -> MetricsLog:
             from contentv_torch_npu.train import run
         run(recipe, progress=progress, on_step=log)
     finally:
-        log.close()
+        if log is not None:
+            log.close()
     return log
 
 
@@ -129,19 +190,19 @@ def export_transformer(recipe: Recipe, backend: str) -> Path:
             raise FileNotFoundError(f"{recipe.checkpoint.dir}: no checkpoint to export")
         return step / "ema" if (step / "ema").is_dir() else step / "model"
     from contentv_jax.checkpointing import Checkpointer
-    from contentv_jax.loading import save_jax
+    from contentv_jax.multihost import export_model
     from contentv_jax.train import default_mesh, get_trainer
 
     trainer = get_trainer(recipe, default_mesh(recipe))
-    ckpt = Checkpointer(recipe.checkpoint)
+    ckpt = Checkpointer(recipe.checkpoint, writer=False)
     state, _ = ckpt.restore(trainer.abstract_state())
     ckpt.close()
     out = Path(recipe.checkpoint.dir).parent / "transformer"
-    return save_jax(out, trainer.model(state.get("ema", state["params"])), overwrite=True)
+    return export_model(out, trainer.model(state.get("ema", state["params"])))  # every process takes part
 
 
-def sample_demo(recipe: Recipe, backend: str, prompt: str, progress: bool) -> None:
-    """Sample a short clip from the model just trained (tiny encoders, as the cache was built with)."""
+def sample_demo(recipe: Recipe, backend: str, prompt: str, progress: bool, primary: bool = True) -> None:
+    """Sample a short clip from the model just trained (tiny encoders, as the cache was built with), in process 0."""
     from tools import sample
 
     bucket = recipe.data.buckets[0]
@@ -149,27 +210,25 @@ def sample_demo(recipe: Recipe, backend: str, prompt: str, progress: bool) -> No
     args = ["--tiny", "--encoder-seed", str(recipe.seed), "--transformer", str(folder), "--backend", backend]
     args += ["--prompt", prompt, "--frames", str(bucket.frames), "--size", f"{bucket.height}x{bucket.width}"]
     args += ["--steps", "20", "--guidance", "3.0", "--fps", str(recipe.data.fps), "--out", str(Path(recipe.log_dir))]
-    sample.main(args + ([] if progress else ["--no-progress"]))
+    if primary:
+        sample.main(args + ([] if progress else ["--no-progress"]))
+    if backend == "jax":  # the others wait: jax.distributed's shutdown barrier would give up after 5 minutes
+        from contentv_jax import multihost
+
+        multihost.barrier("demo")
 
 
-def train_reward(
-    path: str, overrides: dict[str, Any], backend: str, progress: bool, parser: argparse.ArgumentParser
-) -> int:
+def train_reward(path: str, overrides: dict[str, Any], backend: str, progress: bool) -> int:
     """Reward fine-tuning (ReFL or GRPO): recipes with a `method` key (configs/recipes/reward_*.yaml)."""
-    try:
-        recipe = load_reward_recipe(path, overrides)
-    except ConfigError as e:
-        parser.error(str(e))
+    recipe = load_reward_recipe(path, overrides)
+    check_unlocked(recipe.checkpoint.dir)
     if recipe.data is not None:
         prepare_data(recipe, progress)
     if backend == "jax":
         from contentv_jax.reward_run import run
     else:
         from contentv_torch_npu.reward_run import run
-    try:
-        record = run(recipe, progress=progress)
-    except ConfigError as e:
-        parser.error(str(e))
+    record = run(recipe, progress=progress)
     print(f"reward fine-tuning ({recipe.method}, {backend}): last step {record}")
     return 0
 
@@ -185,26 +244,29 @@ def main(argv: list[str] | None = None) -> int:
         help="after training with tiny encoders, sample a clip with this prompt ('' to skip)",
     )
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optimizer.lr=3e-4 steps=50")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     progress = not args.no_progress
     overrides = dict(parse_override(o) for o in args.overrides)
     if is_reward_recipe(args.config):
-        return train_reward(args.config, overrides, args.backend, progress, parser)
-    try:
-        recipe = load_recipe(args.config, overrides)
-    except ConfigError as e:
-        parser.error(str(e))
-    for name, stage in recipe.stage_recipes():
+        return train_reward(args.config, overrides, args.backend, progress)
+    recipe = load_recipe(args.config, overrides)
+    stages = recipe.stage_recipes()
+    primary = check_devices(recipe, args.backend)  # joins a multi-process run first
+    if primary:  # fail fast; the trainer's main process takes the lock itself
+        for _, stage in stages:
+            check_unlocked(stage.checkpoint.dir)
+    progress = progress and primary
+    for name, stage in stages:
         print(f"stage {name}: {stage.steps} steps, checkpoints in {stage.checkpoint.dir}")
-        prepare_data(stage, progress)
-        log = train_stage(stage, args.backend, progress)
-        if log.losses:
+        prepare_data_once(stage, args.backend, primary, progress)
+        log = train_stage(stage, args.backend, progress, primary)
+        if log is not None and log.losses:
             plot = log.plot()
             print(f"stage {name}: loss {log.losses[0]:.4f} -> {log.losses[-1]:.4f}; curve {plot}")
     if args.sample_prompt and stage.data.encoders == "tiny":
-        sample_demo(stage, args.backend, args.sample_prompt, progress)
+        sample_demo(stage, args.backend, args.sample_prompt, progress, primary)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

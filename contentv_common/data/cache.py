@@ -2,7 +2,9 @@
 
 Layout of `cache_dir`: `samples/NNNNNN.safetensors` (latents [C, f, h, w], text [L, D], pooled [P], float32),
 `empty_prompt.safetensors` (the encoded "" used for text dropout) and `index.json` (samples with their bucket, the
-skipped files with reasons). `index.json` is written last and atomically: without it the cache is not complete.
+skipped files with reasons). A build writes into a fresh `.build-*` folder inside `cache_dir`, then moves the new
+files in and writes `index.json` last, atomically: without it the cache is not complete, and a crash leaves no mix of
+old and new samples. One process builds (tools/train.py: process or rank 0; the others wait at a barrier).
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
@@ -84,11 +88,11 @@ def build_cache(
     """Decode, bucket and encode every manifest entry into `cache_dir`; bad entries are skipped and counted."""
     cache_dir = Path(cache_dir)
     entries = read_manifest(manifest)
-    samples_dir = cache_dir / "samples"
-    if samples_dir.exists():
-        shutil.rmtree(samples_dir)
-    (cache_dir / INDEX).unlink(missing_ok=True)
-    samples_dir.mkdir(parents=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*cache_dir.glob(".build-*"), *cache_dir.glob(".old-*")]:  # left by a build that crashed
+        shutil.rmtree(stale, ignore_errors=True)
+    build = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))
+    (build / "samples").mkdir()
     index = CacheIndex(samples=[], settings=cache_settings(manifest, buckets, fps, encoders_name))
     for entry in tqdm(entries, desc="cache latents", disable=not progress):
         try:
@@ -108,18 +112,30 @@ def build_cache(
         latents = encoders.encode_video(clip[None])[0]
         text, pooled = encoders.encode_text([entry.caption])
         name = f"samples/{len(index.samples):06d}.safetensors"
-        _save_atomic(cache_dir / name, {"latents": latents, "text": text[0], "pooled": pooled[0]})
+        _save_atomic(build / name, {"latents": latents, "text": text[0], "pooled": pooled[0]})
         index.samples.append(
             {"file": name, "bucket": bucket_name(bucket), "caption": entry.caption, "source": str(entry.path)}
         )
     empty_text, empty_pooled = encoders.encode_text([""])
-    _save_atomic(cache_dir / EMPTY_PROMPT, {"text": empty_text[0], "pooled": empty_pooled[0]})
-    tmp = cache_dir / (INDEX + ".tmp")
-    tmp.write_text(
+    _save_atomic(build / EMPTY_PROMPT, {"text": empty_text[0], "pooled": empty_pooled[0]})
+    (build / INDEX).write_text(
         json.dumps({"samples": index.samples, "skipped": index.skipped, "settings": index.settings}, indent=1)
     )
-    os.replace(tmp, cache_dir / INDEX)
+    _move_in(build, cache_dir)
     return index
+
+
+def _move_in(build: Path, cache_dir: Path) -> None:
+    """Replace the cache in `cache_dir` by the finished build: unindex, swap `samples/`, index (the commit)."""
+    (cache_dir / INDEX).unlink(missing_ok=True)
+    old = cache_dir / (".old-" + build.name.removeprefix(".build-"))
+    if (cache_dir / "samples").exists():
+        os.replace(cache_dir / "samples", old)
+    os.replace(build / "samples", cache_dir / "samples")
+    os.replace(build / EMPTY_PROMPT, cache_dir / EMPTY_PROMPT)
+    os.replace(build / INDEX, cache_dir / INDEX)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(build, ignore_errors=True)
 
 
 def read_index(cache_dir: str | Path) -> CacheIndex:
@@ -158,7 +174,11 @@ class LatentCache:
         return len(self.index.samples)
 
     def sample(self, i: int) -> dict[str, np.ndarray]:
-        return load_file(str(self.dir / self.index.samples[i]["file"]))
+        path = self.dir / self.index.samples[i]["file"]
+        try:
+            return load_file(str(path))
+        except (OSError, SafetensorError) as e:
+            raise OSError(f"{path}: cannot read this cached sample ({e}); delete {INDEX} to rebuild") from None
 
     def batch(self, indices: list[int]) -> dict[str, np.ndarray]:
         """Stacked latents [B, C, f, h, w], text [B, L, D], pooled [B, P] of the given samples."""

@@ -9,10 +9,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from contentv_common.errors import DataError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-class ManifestError(ValueError):
+class ManifestError(DataError):
     """A manifest line is not valid; the message names the file, the line and the key."""
 
 

@@ -109,3 +109,35 @@ def test_cache_skips_bad_files_and_reads_back(tmp_path):
     expect = StandInEncoders().encode_video(decode_clip(tmp_path / "set" / rows[0]["path"], 8, 9, 64, 64)[None])[0]
     np.testing.assert_allclose(first["latents"], expect, rtol=1e-6)
     np.testing.assert_allclose(cache.empty_text, StandInEncoders().encode_text([""])[0][0])
+
+
+class FailingEncoders(StandInEncoders):
+    """Stand-in encoders that fail on the second clip, as a crash in the middle of a cache build would."""
+
+    def __init__(self):
+        super().__init__()
+        self.clips = 0
+
+    def encode_video(self, frames: np.ndarray) -> np.ndarray:
+        self.clips += 1
+        if self.clips == 2:
+            raise RuntimeError("encoder crashed")
+        return super().encode_video(frames)
+
+
+def test_a_cache_rebuild_is_atomic(tmp_path):
+    """A rebuild that fails leaves the previous cache complete and current; the next one replaces it whole."""
+    manifest = make_synthetic_set(tmp_path / "set", num_videos=3, num_images=0, frames=12, fps=8, progress=False)
+    cache_dir = tmp_path / "cache"
+    build_cache(manifest, cache_dir, StandInEncoders(), BUCKETS, fps=8, progress=False)
+    before = {p.name: p.read_bytes() for p in (cache_dir / "samples").iterdir()}
+    with pytest.raises(RuntimeError, match="encoder crashed"):
+        build_cache(manifest, cache_dir, FailingEncoders(), BUCKETS[:1], fps=8, progress=False)
+    assert cache_is_current(cache_dir, cache_settings(manifest, BUCKETS, 8, ""))
+    assert {p.name: p.read_bytes() for p in (cache_dir / "samples").iterdir()} == before
+    index = build_cache(manifest, cache_dir, StandInEncoders(), BUCKETS[:1], fps=8, progress=False)
+    assert cache_is_current(cache_dir, cache_settings(manifest, BUCKETS[:1], 8, ""))
+    assert sorted(p.name for p in (cache_dir / "samples").iterdir()) == sorted(
+        s["file"].removeprefix("samples/") for s in index.samples
+    )
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["empty_prompt.safetensors", "index.json", "samples"]

@@ -115,7 +115,7 @@ def test_jax_run_resumes_exactly(synthetic, tmp_path, monkeypatch):
     assert executed == [0, 1] and [r["step"] for r in rows] == [0, 1]
     assert all(np.isfinite(r["reward_mean"]) and np.isfinite(r["eval_reward_mean"]) for r in rows)
     assert (tmp_path / "logs" / "reward.png").exists()
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1", "2"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.is_dir()) == ["1", "2"]
     weights = nnx.to_pure_dict(nnx.state(load_transformer(tmp_path / "transformer"), nnx.Param))
 
     shutil.rmtree(tmp_path / "ckpt" / "2")

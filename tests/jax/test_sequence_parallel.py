@@ -131,7 +131,7 @@ def test_check_sequence_split_names_the_tokens_and_the_axis():
 def test_unsplit_params_lists_what_stays_replicated():
     mesh = make_mesh(MeshConfig(fsdp=8), jax.devices()[:8])
     params = {
-        "blocks": {"0": {"attn": {"to_q": {"kernel": jax.ShapeDtypeStruct((12, 16), jnp.float32)}}}},
+        "blocks": {"attn": {"to_q": {"kernel": jax.ShapeDtypeStruct((2, 12, 16), jnp.float32)}}},  # 2 stacked
         "proj_out": {"kernel": jax.ShapeDtypeStruct((16, 4), jnp.float32)},
     }
-    assert unsplit_params(params, mesh) == ["blocks.0.attn.to_q.kernel: dim 0 (size 12) not split over fsdp=8"]
+    assert unsplit_params(params, mesh) == ["blocks.attn.to_q.kernel: dim 1 (size 12) not split over fsdp=8"]

@@ -1,6 +1,8 @@
 """JAX flow-matching training: mesh equivalence, exact resume, loss falls, NaN skip, stage hand-over."""
 
 import shutil
+import subprocess
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,7 +13,9 @@ from safetensors.numpy import load_file, save_file
 
 from contentv_common.data.cache import build_cache, read_index
 from contentv_common.data.synthetic import make_synthetic_set
+from contentv_common.errors import CheckpointSaveError
 from contentv_common.recipe import MeshConfig, load_recipe
+from contentv_common.safetensors_io import CheckpointError
 from contentv_jax.checkpointing import Checkpointer
 from contentv_jax.sharding import make_mesh
 from contentv_jax.train import TrainingStopped, default_mesh, get_trainer, run
@@ -126,7 +130,7 @@ def test_loss_falls_on_the_synthetic_set(cached_set):
 
 
 def test_nan_steps_are_skipped_then_the_run_stops(cached_set):
-    recipe = tiny_recipe(cached_set, "nan", steps=10, nan_skip_limit=2, **{"checkpoint.interval": 2})
+    recipe = tiny_recipe(cached_set, "nan", steps=10, nan_skip_limit=2, **{"checkpoint.interval": 1})
     run(recipe, progress=False, stop_after=2)
     bad = cached_set / "nan_cache"
     shutil.copytree(cached_set / "cache", bad)
@@ -134,13 +138,21 @@ def test_nan_steps_are_skipped_then_the_run_stops(cached_set):
         tensors = load_file(str(bad / sample["file"]))
         tensors["latents"][:] = np.nan
         save_file(tensors, str(bad / sample["file"]))
-    bad_recipe = tiny_recipe(cached_set, "nan", steps=10, nan_skip_limit=2, **{"data.cache_dir": str(bad)})
+    bad = {"data.cache_dir": str(bad), "checkpoint.interval": 1}
+    bad_recipe = tiny_recipe(cached_set, "nan", steps=10, nan_skip_limit=3, **bad)
     seen = []
-    with pytest.raises(TrainingStopped, match="nan_skip_limit=2"):
-        run(bad_recipe, progress=False, on_step=seen.append)
-    assert [s["skipped"] for s in seen] == [True, True, True]
-    ckpt = Checkpointer(recipe.checkpoint)
-    assert ckpt.latest_step() == 2
+    run(bad_recipe, progress=False, on_step=seen.append, stop_after=4)  # steps 2 and 3 skipped, then checkpointed
+    ckpt = Checkpointer(recipe.checkpoint, writer=False)
+    assert ckpt.restore_data()["divergence"]["skipped"] == 2
+    ckpt.close()
+    with pytest.raises(
+        TrainingStopped, match=r"4 skipped steps .*nan_skip_limit=3.*first at step 2; resume point: step 1"
+    ):
+        run(bad_recipe, progress=False, on_step=seen.append)  # a restart counts on from 2
+    assert [s["skipped"] for s in seen] == [True, True, True, True]
+    ckpt = Checkpointer(recipe.checkpoint, writer=False)
+    assert ckpt.latest_step() == 1  # kept past `keep` as the resume point; 2 and 3 went with `keep`
+    assert sorted(p.name for p in ckpt.dir.glob(".diverged.*")) == [".diverged.4", ".diverged.5"]
     ckpt.close()
 
 
@@ -165,3 +177,116 @@ def test_init_from_an_sd3_image_checkpoint_starts_the_video_model(cached_set, tm
     wider = tiny_recipe(cached_set, "init2", init_from=str(tmp_path / "sd3"), model=deeper)
     with pytest.raises(ValueError, match="init_from .*differs from the recipe"):
         _initial_params(wider)
+
+
+def _damage(path, how):
+    if how == "truncate":
+        path.write_bytes(path.read_bytes()[:-9])
+    elif how == "flip":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2 : len(data) // 2 + 16] = bytes(b ^ 0x5A for b in data[len(data) // 2 : len(data) // 2 + 16])
+        path.write_bytes(bytes(data))
+    else:
+        path.unlink()
+
+
+def _same_params(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_damaged_or_unfinished_checkpoints_fall_back_and_resume_exactly(cached_set, capsys, monkeypatch):
+    """Every file kind of an orbax step (tensor data, array and item metadata, the JSON item) truncated, flipped or
+    deleted: the step is skipped with a warning naming the file. A save killed before its commit marker and a
+    damaged newest step both resume from the step before and end identical to an uninterrupted run."""
+    straight = run(tiny_recipe(cached_set, "straight6", steps=6, **{"checkpoint.interval": 2}), progress=False)
+    first = tiny_recipe(cached_set, "damage", steps=4, **{"checkpoint.interval": 2})
+    run(first, progress=False)
+    step4 = cached_set / "damage" / "ckpt" / "4"
+    data_file = max(step4.glob("state/ocdbt.process_0/d/*"), key=lambda p: p.stat().st_size)
+    for part in [
+        data_file,
+        step4 / "state" / "_METADATA",
+        step4 / "state" / "manifest.ocdbt",
+        step4 / "data" / "metadata",
+    ]:
+        for how in ("truncate", "flip", "delete"):
+            copy = cached_set / "copies" / f"{part.name}-{how}"
+            shutil.copytree(step4.parent, copy)
+            _damage(copy / "4" / part.relative_to(step4), how)
+            ckpt = Checkpointer(replace(first.checkpoint, dir=str(copy)))
+            assert ckpt.latest_step() == 2, (part, how)
+            ckpt.close()
+            assert f"skipping checkpoint step 4: {copy / '4' / part.relative_to(step4)}" in capsys.readouterr().err
+            assert (copy / ".damaged.4").is_dir()
+    _damage(data_file, "flip")
+    (step4.parent / "6.orbax-checkpoint-tmp-123").mkdir()  # a killed save's temporary folder
+    resumed = run(tiny_recipe(cached_set, "damage", steps=6, **{"checkpoint.interval": 2}), progress=False)
+    assert sorted(resumed.losses) == [2, 3, 4, 5] and not (step4.parent / "6.orbax-checkpoint-tmp-123").exists()
+    _same_params(resumed.state, straight.state)
+
+    from contentv_common import integrity
+
+    write = integrity.write_manifest
+
+    class Killed(BaseException):
+        pass
+
+    def killed_at_4(folder):
+        if folder.name == "4":
+            raise Killed  # the process dies between orbax's rename and the commit marker
+        return write(folder)
+
+    monkeypatch.setattr(integrity, "write_manifest", killed_at_4)
+    killed = tiny_recipe(cached_set, "killed", steps=6, **{"checkpoint.interval": 2})
+    with pytest.raises(Killed):
+        run(killed, progress=False)
+    monkeypatch.setattr(integrity, "write_manifest", write)
+    resumed = run(killed, progress=False)
+    assert "4/checksums.json: missing" in capsys.readouterr().err and sorted(resumed.losses) == [2, 3, 4, 5]
+    _same_params(resumed.state, straight.state)
+
+
+def test_missing_ema_is_an_error_and_a_failed_save_is_one_error(cached_set):
+    recipe = tiny_recipe(cached_set, "no_ema", steps=4)
+    trainer = get_trainer(recipe, default_mesh(recipe))
+    state = trainer.init_state()
+    ckpt = Checkpointer(recipe.checkpoint)
+    ckpt.save(1, {k: v for k, v in state.items() if k != "ema"}, {"next_index": 1})
+    ckpt.close()
+    with pytest.raises(CheckpointError, match=r"no_ema/ckpt/1: does not restore into this run's state"):
+        run(recipe, progress=False)
+    folder = cached_set / "readonly"
+    folder.mkdir()
+    ckpt = Checkpointer(replace(recipe.checkpoint, dir=str(folder)))
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        ckpt.close()
+        pytest.skip("chattr +i is not permitted here (needs CAP_LINUX_IMMUTABLE)")
+    try:
+        threads = set(threading.enumerate())
+        with pytest.raises(CheckpointSaveError, match=r"readonly: saving step 1 failed: .*"):
+            ckpt.save(1, state, {"next_index": 1})
+        lingering = [t for t in set(threading.enumerate()) - threads if not t.daemon]
+        assert not lingering, lingering  # nothing that would keep the process from exiting
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+        ckpt.close()
+
+
+def test_spiking_steps_are_skipped(cached_set):
+    """With divergence.spike_factor, a step whose loss or gradient norm is above factor x the median of the last
+    `window` applied steps is skipped, exactly as the host-side rule says."""
+    spikes = {"divergence.spike_factor": 1.05, "divergence.window": 3, "nan_skip_limit": 100}
+    recipe = tiny_recipe(cached_set, "spike", steps=12, **spikes)
+    seen = []
+    result = run(recipe, progress=False, on_step=seen.append)
+    losses, norms, expected = [], [], []
+    for r in seen:
+        full = len(losses) >= 3
+        bad = full and (r["loss"] > 1.05 * sorted(losses[-3:])[1] or r["grad_norm"] > 1.05 * sorted(norms[-3:])[1])
+        expected.append(bad)
+        if not bad:
+            losses.append(r["loss"])
+            norms.append(r["grad_norm"])
+    assert [r["skipped"] for r in seen] == expected and any(expected), expected
+    assert result.skipped_steps == [r["step"] for r in seen if r["skipped"]]

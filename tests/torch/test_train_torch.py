@@ -45,7 +45,7 @@ def test_train_resume_is_exact(tiny_dataset, tmp_path):
     metrics = run(recipe, device="cpu", progress=False, on_step=records.append)
     assert [r["step"] for r in records] == [0, 1, 2, 3] and all(r["batch"] == 2 for r in records)
     assert metrics["step"] == 4 and np.isfinite(metrics["loss"])
-    assert [p.name for p in sorted((straight / "ckpt").iterdir())] == ["step_00000002", "step_00000004"]
+    assert [p.name for p in sorted((straight / "ckpt").glob("step_*"))] == ["step_00000002", "step_00000004"]
     interrupted = tmp_path / "interrupted"
     run(_recipe(tiny_dataset, interrupted, steps=2, **{"checkpoint.interval": 2}), device="cpu", progress=False)
     run(_recipe(tiny_dataset, interrupted, steps=4, **{"checkpoint.interval": 2}), device="cpu", progress=False)
@@ -118,9 +118,11 @@ def test_non_finite_step_changes_nothing():
 
 def test_nan_steps_are_skipped_then_the_run_stops(tiny_dataset, tmp_path):
     """Twin of tests/jax/test_train.py: after 2 good steps the cache turns NaN; each step is skipped, counted and
-    reported, and the third skip (nan_skip_limit 2) stops the run with the step-2 checkpoint kept intact."""
-    run(_recipe(tiny_dataset, tmp_path, steps=2, nan_skip_limit=2), device="cpu", progress=False)
-    good = ckpt.load_state(tmp_path / "ckpt" / "step_00000002")
+    reported, and the third skip (nan_skip_limit 2) stops the run; the step-2 checkpoint (whose parameters made the
+    first bad step) is set aside and step 1, the last one before it, stays intact as the resume point."""
+    every = {"checkpoint.interval": 1}
+    run(_recipe(tiny_dataset, tmp_path, steps=2, nan_skip_limit=2, **every), device="cpu", progress=False)
+    good = ckpt.load_state(tmp_path / "ckpt" / "step_00000001")
     bad = tmp_path / "nan_cache"
     shutil.copytree(tiny_dataset["cache_dir"], bad)
     for sample in read_index(bad).samples:
@@ -130,13 +132,14 @@ def test_nan_steps_are_skipped_then_the_run_stops(tiny_dataset, tmp_path):
     data = {**tiny_dataset, "cache_dir": str(bad), "text_dropout": 0.25, "num_threads": 0}
     recipe = _recipe(tiny_dataset, tmp_path, steps=10, nan_skip_limit=2, data=data, **{"checkpoint.interval": 100})
     seen = []
-    with pytest.raises(TrainingStopped, match=r"3 non-finite steps \(limit nan_skip_limit=2\).*step_00000002"):
+    with pytest.raises(TrainingStopped, match=r"3 skipped steps .*nan_skip_limit=2.*first at step 2; .*step_00000001"):
         run(recipe, device="cpu", progress=False, on_step=seen.append)
     assert [(r["step"], r["skipped"]) for r in seen] == [(2, True), (3, True), (4, True)]
     logged = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["skipped"], r["nan_skips"]) for r in logged] == [(False, 0), (False, 0), (True, 1), (True, 2), (True, 3)]
-    assert ckpt.latest_checkpoint(tmp_path / "ckpt").name == "step_00000002"
-    kept = ckpt.load_state(tmp_path / "ckpt" / "step_00000002")
+    assert ckpt.latest_checkpoint(tmp_path / "ckpt").name == "step_00000001"
+    assert (tmp_path / "ckpt" / ".diverged.step_00000002").is_dir()
+    kept = ckpt.load_state(tmp_path / "ckpt" / "step_00000001")
     assert all(np.array_equal(kept.params[k], good.params[k]) for k in good.params)
     assert all(np.isfinite(a).all() for a in kept.params.values())
 
