@@ -145,7 +145,7 @@ def check_devices(recipe: Recipe, backend: str) -> bool:
     from contentv_torch_npu.distributed import check_mesh
 
     try:
-        check_mesh(recipe.mesh, int(os.environ.get("WORLD_SIZE", "1")))
+        check_mesh(recipe.mesh, int(os.environ.get("WORLD_SIZE", "1")), recipe.model_config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return os.environ.get("RANK", "0") == "0"
