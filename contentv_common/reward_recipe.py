@@ -16,6 +16,7 @@ from contentv_common.recipe import (
     AttentionChoice,
     CheckpointConfig,
     DataConfig,
+    DivergenceConfig,
     ObjectiveConfig,
     OptimizerConfig,
     load_recipe,
@@ -136,9 +137,12 @@ class RewardRecipe:
     attention: AttentionChoice = "auto"
     seed: int = 0
     log_dir: str = "runs/reward"
+    nan_skip_limit: int = 10
+    divergence: DivergenceConfig = DivergenceConfig()
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, "steps", f"must be positive, got {self.steps}")
+        _check(self.nan_skip_limit >= 0, "nan_skip_limit", f"must be >= 0, got {self.nan_skip_limit}")
         if isinstance(self.model, str):
             try:
                 named_model_config(self.model)
@@ -151,6 +155,11 @@ class RewardRecipe:
                 "refl.grad_steps",
                 f"{self.refl.grad_steps} exceeds rollout.steps {self.rollout.steps}",
             )
+        _check(
+            self.optimizer.ema_decay is None or self.method != "refl" or self.refl.anchor != "ema",
+            "optimizer.ema_decay",
+            "the EMA anchor (refl.anchor: ema) already is the EMA of the weights: set refl.anchor_ema_decay instead",
+        )
         sft = self.refl.sft_weight if self.method == "refl" else self.grpo.sft_weight
         _check(sft == 0 or self.data is not None, "data", "the SFT term (sft_weight > 0) needs a data section")
 

@@ -20,6 +20,8 @@ import numpy as np
 
 from contentv_common.config import ConfigError
 from contentv_common.data.cache import Encoders, LatentCache, build_cache, cache_is_current, cache_settings
+from contentv_common.divergence import DivergenceGuard
+from contentv_common.errors import RunStopped
 from contentv_common.reward import BlackBoxReward, as_black_box, load_black_box, simple_reward
 from contentv_common.reward_recipe import RewardModelConfig, RewardRecipe
 from contentv_common.safetensors_io import CheckpointError
@@ -129,6 +131,23 @@ def differentiable_builtin(cfg: RewardModelConfig):
     return simple_reward(cfg.kind, **({"target": cfg.target} if cfg.kind == "target_colour" else {}))
 
 
+def optimizer_updates(recipe: RewardRecipe) -> int:
+    """Optimizer updates of the whole run (the length of the learning-rate schedule): GRPO makes
+    `updates_per_rollout` per step."""
+    return recipe.steps * (recipe.grpo.updates_per_rollout if recipe.method == "grpo" else 1)
+
+
+def divergence_guard(recipe: RewardRecipe, point: ResumePoint | None) -> DivergenceGuard:
+    """The run's divergence guard, counting on from a checkpoint's skipped updates (as training's)."""
+    return DivergenceGuard(recipe.divergence, recipe.nan_skip_limit, {"skipped": point.skipped if point else 0})
+
+
+def check_divergence(guard: DivergenceGuard, checkpoint_dir: str | Path) -> None:
+    """RunStopped once more updates were skipped than `nan_skip_limit` allows."""
+    if guard.stopped:
+        raise RunStopped(guard.stop_message(f"resume point: the latest checkpoint in {checkpoint_dir}"))
+
+
 def uses_ema_anchor(recipe: RewardRecipe) -> bool:
     """The anchor that changes during training (so a checkpoint must carry it): ReFL with `refl.anchor: ema`."""
     return recipe.method == "refl" and recipe.refl.anchor == "ema"
@@ -137,12 +156,15 @@ def uses_ema_anchor(recipe: RewardRecipe) -> bool:
 @dataclass(frozen=True)
 class ResumePoint:
     """A checkpoint's counters: the next step (also the data/RNG position), the reward log's line count when it was
-    written (later lines belong to steps the resumed run redoes), the seed and whether it holds an EMA anchor."""
+    written (later lines belong to steps the resumed run redoes), the seed, whether it holds an EMA anchor or an EMA
+    of the weights, and the divergent updates skipped so far (older checkpoints lack the last two: 0)."""
 
     step: int
     log_lines: int
     seed: int
     ema_anchor: int
+    ema_weights: int = 0
+    skipped: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -151,7 +173,10 @@ class ResumePoint:
     def read(cls, values: Mapping[str, Any], recipe: RewardRecipe, where: str | Path) -> ResumePoint:
         """Parse a checkpoint's counters and check that `recipe` can continue from them (errors name the key)."""
         try:
-            point = cls(**{k: int(values[k]) for k in ("step", "log_lines", "seed", "ema_anchor")})
+            point = cls(
+                **{k: int(values[k]) for k in ("step", "log_lines", "seed", "ema_anchor")},
+                **{k: int(values.get(k, 0)) for k in ("ema_weights", "skipped")},
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{where}: not a reward-run checkpoint ({type(e).__name__}: {e})") from None
         if point.seed != recipe.seed:
@@ -163,6 +188,11 @@ class ResumePoint:
             raise ConfigError(
                 f"refl.anchor: ema, but the checkpoint in {where} holds no EMA anchor; use the anchor it was "
                 "written with or a new checkpoint.dir"
+            )
+        if recipe.optimizer.ema_decay is not None and not point.ema_weights:
+            raise ConfigError(
+                f"optimizer.ema_decay: set, but the checkpoint in {where} holds no EMA of the weights; drop it or use "
+                "a new checkpoint.dir"
             )
         return point
 

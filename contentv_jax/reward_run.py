@@ -6,11 +6,13 @@ transformer, the VAE decode of the first frame and a CLIP reward run in JAX. Wri
 
 Every `checkpoint.interval` steps (and at the end) an orbax checkpoint goes to `checkpoint.dir` through the training
 `Checkpointer` (atomic, verified by checksums on resume, the dir locked by this run, `checkpoint.keep` kept): params,
-optimizer state, the EMA anchor when `refl.anchor: ema`, and the counters of `ResumePoint` as JSON. A run whose
-checkpoint dir holds a checkpoint continues from the latest one and gives the same per-step records as an uninterrupted
-run; the frozen anchor is rebuilt from the initial weights (`init_from` or the seed). At the end the tuned model is
-exported as a transformer folder (our JAX format, read by `load_transformer`) next to the checkpoint dir:
-`<checkpoint.dir>/../transformer`.
+optimizer state, the EMA anchor when `refl.anchor: ema`, the EMA of the weights when `optimizer.ema_decay` is set,
+and the counters of `ResumePoint` as JSON. The optimizer is training's (contentv_jax.optim: schedule over the run's
+updates, decay mask, clipping); a divergent update is skipped and counted, more than `nan_skip_limit` stop the run.
+A run whose checkpoint dir holds a checkpoint continues from the latest one and gives the same per-step records as an
+uninterrupted run; the frozen anchor is rebuilt from the initial weights (`init_from` or the seed). At the end the
+tuned model is exported as a transformer folder (our JAX format, read by `load_transformer`) next to the checkpoint
+dir: `<checkpoint.dir>/../transformer` (and its EMA as `transformer_ema`).
 """
 
 from __future__ import annotations
@@ -30,14 +32,18 @@ from contentv_common.reward_run import (
     RewardData,
     RewardLog,
     black_box_reward,
+    check_divergence,
     differentiable_builtin,
+    divergence_guard,
     open_sft_cache,
+    optimizer_updates,
     uses_ema_anchor,
 )
 from contentv_jax import reward_train as jr
 from contentv_jax.checkpointing import Checkpointer, abstract_like
 from contentv_jax.loading import load_transformer, save_jax
 from contentv_jax.ops import attention_for
+from contentv_jax.optim import model_optimizer
 from contentv_jax.sampling import sample
 from contentv_jax.transformer import Transformer
 
@@ -85,8 +91,11 @@ def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe) 
     return float(np.mean(score(to_uint8(frames), prompts)))
 
 
-def _modules(model: nnx.Module, optimizer: nnx.Optimizer, anchor: nnx.Module | None) -> dict[str, nnx.Module]:
-    return {"params": model, "optimizer": optimizer, **({"anchor": anchor} if anchor is not None else {})}
+def _modules(
+    model: nnx.Module, optimizer: nnx.Optimizer, anchor: nnx.Module | None, ema: nnx.Module | None
+) -> dict[str, nnx.Module]:
+    extra = {k: m for k, m in (("anchor", anchor), ("ema", ema)) if m is not None}
+    return {"params": model, "optimizer": optimizer, **extra}
 
 
 def _state(modules: dict[str, nnx.Module]) -> dict[str, Any]:
@@ -96,12 +105,14 @@ def _state(modules: dict[str, nnx.Module]) -> dict[str, Any]:
     }
 
 
-def _resume(recipe: RewardRecipe, checkpointer: Checkpointer, modules: dict[str, nnx.Module]) -> tuple[int, RewardLog]:
-    """(first step, log) of the run: 0 and a fresh log, or the latest checkpoint's step with the modules restored
-    in place and the log cut back to that step."""
+def _resume(
+    recipe: RewardRecipe, checkpointer: Checkpointer, modules: dict[str, nnx.Module]
+) -> tuple[ResumePoint | None, RewardLog]:
+    """(resume point, log) of the run: None and a fresh log, or the latest checkpoint's counters with the modules
+    restored in place and the log cut back to that step."""
     step = checkpointer.latest_step()
     if step is None:
-        return 0, RewardLog(recipe.log_dir)
+        return None, RewardLog(recipe.log_dir)
     counters = checkpointer.restore_data(step)
     point = ResumePoint.read(counters, recipe, checkpointer.dir / str(step))  # before the tensors: clear errors
     target = abstract_like(_state(modules))
@@ -112,7 +123,7 @@ def _resume(recipe: RewardRecipe, checkpointer: Checkpointer, modules: dict[str,
         current = nnx.state(module) if key == "optimizer" else nnx.state(module, nnx.Param)
         nnx.replace_by_pure_dict(current, state[key])
         nnx.update(module, current)
-    return point.step, RewardLog(recipe.log_dir, keep_lines=point.log_lines)
+    return point, RewardLog(recipe.log_dir, keep_lines=point.log_lines)
 
 
 def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:
@@ -125,38 +136,45 @@ def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:
     refl, grpo = recipe.method == "refl", recipe.grpo
     anchored = recipe.refl.anchor != "none" if refl else grpo.kl_weight > 0
     ref_model = nnx.clone(model) if anchored else None
-    optimizer = jr.make_optimizer(model, recipe.optimizer)
+    optimizer = model_optimizer(model, recipe.optimizer, optimizer_updates(recipe))
+    ema = nnx.clone(model) if recipe.optimizer.ema_decay is not None else None
     clip = _clip_reward(recipe) if recipe.reward.kind == "clip" else None
     scorer = black_box_reward(recipe.reward, clip)
     reward = (clip if clip is not None else jr.carried(differentiable_builtin(recipe.reward))) if refl else None
     ema_anchor = ref_model if uses_ema_anchor(recipe) else None
-    modules = _modules(model, optimizer, ema_anchor)
+    modules = _modules(model, optimizer, ema_anchor, ema)
     checkpointer = Checkpointer(recipe.checkpoint)
-    start, log = _resume(recipe, checkpointer, modules)
+    point, log = _resume(recipe, checkpointer, modules)
+    start, guard = point.step if point else 0, divergence_guard(recipe, point)
     try:
         steps = tqdm(range(start, recipe.steps), desc=f"reward {recipe.method} (jax)", initial=start,
                      total=recipe.steps, disable=not progress)  # fmt: skip
         for step in steps:
             batch, prompts, step_noise = data.rollout(step)
             batch.update(data.sft(step))
+            tuning = jr.Tuning(guard, step, ema, recipe.optimizer.ema_decay)
             if refl:
                 batch["tokens"] = jr.unwrap(reward).tokenize(prompts)
                 metrics = jr.refl_train_step(optimizer, model, ref_model, decoder, reward, jr.to_device_batch(batch),
-                                             recipe.rollout, recipe.refl)  # fmt: skip
+                                             recipe.rollout, recipe.refl, tuning)  # fmt: skip
             else:
                 metrics = jr.grpo_iteration(optimizer, model, ref_model, decoder, scorer, batch, step_noise, prompts,
-                                            recipe.rollout, grpo)  # fmt: skip
+                                            recipe.rollout, grpo, tuning)  # fmt: skip
             record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
             last = step == recipe.steps - 1
             if step % recipe.rollout.eval_interval == 0 or last:
                 record["eval_reward_mean"] = _eval_reward(model, decoder, scorer, data, recipe)
             log.write(record)
             if (step + 1) % recipe.checkpoint.interval == 0 or last:
-                point = ResumePoint(step + 1, log.lines, recipe.seed, int(ema_anchor is not None))
+                point = ResumePoint(step + 1, log.lines, recipe.seed, int(ema_anchor is not None),
+                                    int(ema is not None), guard.skipped)  # fmt: skip
                 checkpointer.save(step + 1, _state(modules), point.as_dict())
+            check_divergence(guard, checkpointer.dir)
     finally:
         checkpointer.close()
     save_jax(Path(recipe.checkpoint.dir).parent / "transformer", model, overwrite=True)
+    if ema is not None:
+        save_jax(Path(recipe.checkpoint.dir).parent / "transformer_ema", ema, overwrite=True)
     log.plot(f"{recipe.method} (jax): {recipe.reward.kind}")
     records = log.records()
     return records[-1] if records else {}

@@ -16,6 +16,7 @@ same weights and inputs give the same gradients. The training loop `run(recipe)`
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -24,12 +25,13 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from contentv_common.recipe import OptimizerConfig
+from contentv_common.divergence import DivergenceGuard
 from contentv_common.reward import BlackBoxReward, Reward, group_advantages, to_uint8
 from contentv_common.reward_recipe import GrpoConfig, ReflConfig, RolloutConfig
 from contentv_common.reward_sde import gaussian_kl, gaussian_log_prob, sde_mean, sde_schedule
 from contentv_common.sampling import euler_step, flow_match_schedule, guide, uses_guidance
 from contentv_common.schedules import interpolate, velocity_target
+from contentv_jax.optim import ema, keep_if_bad, step_ok
 from contentv_jax.vae import WanVAE
 
 Decoder = Callable[[jax.Array], jax.Array]
@@ -54,6 +56,18 @@ def velocity(model: nnx.Module, x: jax.Array, timestep: float, batch: Batch, gui
         uncond, cond = jnp.split(v, 2)
         v = guide(uncond, cond, guidance)
     return v
+
+
+@dataclass
+class Tuning:
+    """What an update needs besides the gradients: the run's divergence guard (skips and counts divergent updates;
+    None: only non-finite ones are skipped, uncounted), the step it records them under, and the EMA of the weights
+    (`optimizer.ema_decay`) when the run keeps one."""
+
+    guard: DivergenceGuard | None = None
+    step: int = 0
+    ema: nnx.Module | None = None
+    ema_decay: float | None = None
 
 
 class VaeFirstFrameDecoder(nnx.Module):
@@ -164,20 +178,50 @@ def refl_grads(model, ref_model, decoder, reward, batch, rollout, refl):
     return refl_loss(model, ref_model, decoder, reward, batch, rollout, refl)
 
 
-def make_optimizer(model: nnx.Module, cfg: OptimizerConfig) -> nnx.Optimizer:
-    """AdamW (+ global-norm clipping) on every parameter: reward tuning is a full fine-tune (no LoRA)."""
-    import optax
+@nnx.jit(static_argnames=("ema_decay",))
+def apply_gradients(
+    optimizer: nnx.Optimizer,
+    model: nnx.Module,
+    grads: nnx.State,
+    loss: jax.Array,
+    limits: jax.Array,
+    ema_model: nnx.Module | None = None,
+    ema_decay: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Optimizer update in place, kept apart from the loss so one compiled loss serves inspection and training.
 
-    tx = optax.adamw(cfg.lr, b1=cfg.betas[0], b2=cfg.betas[1], eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if cfg.grad_clip is not None:
-        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
-    return nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-
-@nnx.jit
-def apply_gradients(optimizer: nnx.Optimizer, model: nnx.Module, grads: nnx.State) -> None:
-    """Optimizer update in place (kept apart from the loss so one compiled loss serves inspection and training)."""
+    As in training (contentv_jax.optim): a non-finite loss or gradient norm, or one above `limits` (max loss, max
+    norm), leaves model, optimizer and EMA untouched. Returns (applied, gradient norm).
+    """
+    ok, grad_norm = step_ok(loss, grads, limits)
+    params, opt_state = nnx.state(model, nnx.Param), nnx.state(optimizer)
+    old_params, old_opt = nnx.to_pure_dict(params), nnx.to_pure_dict(opt_state)
     optimizer.update(model, grads)
+    _keep_if_bad(model, nnx.Param, ok, old_params)
+    _keep_if_bad(optimizer, ..., ok, old_opt)
+    if ema_model is not None:
+        average = nnx.state(ema_model, nnx.Param)
+        old = nnx.to_pure_dict(average)
+        nnx.replace_by_pure_dict(average, ema(old, nnx.to_pure_dict(nnx.state(model, nnx.Param)), ema_decay))
+        nnx.update(ema_model, average)
+        _keep_if_bad(ema_model, nnx.Param, ok, old)
+    return ok, grad_norm
+
+
+def _keep_if_bad(module: nnx.Module, kind: Any, ok: jax.Array, old: dict) -> None:
+    state = nnx.state(module, kind)
+    nnx.replace_by_pure_dict(state, keep_if_bad(ok, nnx.to_pure_dict(state), old))
+    nnx.update(module, state)
+
+
+def guarded_update(optimizer, model, loss, grads, tuning: Tuning) -> tuple[bool, float]:
+    """Apply (or skip) one update on the host side of the divergence guard: (applied, gradient norm)."""
+    limits = jnp.asarray(tuning.guard.limits() if tuning.guard else (np.inf, np.inf), jnp.float32)
+    ok, grad_norm = apply_gradients(optimizer, model, grads, loss, limits, tuning.ema, tuning.ema_decay)
+    ok, grad_norm = bool(ok), float(grad_norm)
+    if tuning.guard is not None:
+        tuning.guard.record(tuning.step, float(loss), grad_norm, ok)
+    return ok, grad_norm
 
 
 @nnx.jit(static_argnames=("decay",))
@@ -187,13 +231,16 @@ def ema_update(ref_model: nnx.Module, model: nnx.Module, decay: float) -> None:
     nnx.update(ref_model, jax.tree.map(lambda r, p: decay * r + (1.0 - decay) * p, ref_params, params))
 
 
-def refl_train_step(optimizer, model, ref_model, decoder, reward, batch, rollout, refl) -> dict[str, jax.Array]:
-    """One ReFL update in place (model, optimizer, EMA anchor); returns the metrics."""
-    _, grads, metrics = refl_grads(model, ref_model, decoder, reward, batch, rollout, refl)
-    apply_gradients(optimizer, model, grads)
-    if ref_model is not None and refl.anchor == "ema":
+def refl_train_step(
+    optimizer, model, ref_model, decoder, reward, batch, rollout, refl, tuning: Tuning | None = None
+) -> dict[str, Any]:
+    """One ReFL update in place (model, optimizer, EMA anchor), skipped when divergent; returns the metrics."""
+    tuning = tuning or Tuning()
+    loss, grads, metrics = refl_grads(model, ref_model, decoder, reward, batch, rollout, refl)
+    applied, grad_norm = guarded_update(optimizer, model, loss, grads, tuning)
+    if applied and ref_model is not None and refl.anchor == "ema":
         ema_update(ref_model, model, refl.anchor_ema_decay)
-    return metrics
+    return {**metrics, "grad_norm": grad_norm, "skipped": int(not applied)}
 
 
 def _sde_arrays(rollout: RolloutConfig, noise_level: float) -> dict[str, jax.Array]:
@@ -234,6 +281,8 @@ def grpo_loss(
 ) -> tuple[jax.Array, nnx.State, dict[str, jax.Array]]:
     """Clipped GRPO objective over the trained sampler steps (+ KL, + SFT): (loss, grads, metrics).
 
+    The steps run under lax.scan, each rematerialised, so activation memory does not grow with the trained steps.
+
     batch adds to the rollout inputs: "states" [S + 1, B, ...], "old_log_probs" [S, B], "advantages" [B].
     """
     n = min(grpo.train_steps or rollout.steps, rollout.steps)
@@ -244,6 +293,7 @@ def grpo_loss(
     xs = (coeffs, batch["states"][:n], batch["states"][1 : n + 1], batch["old_log_probs"][:n])
 
     def loss_fn(p: nnx.State):
+        @jax.checkpoint  # the backward recomputes each step's forward: memory of one step, whatever `n`
         def step(carry, inputs):
             policy, kl = carry
             c, x, x_next, old_logp = inputs
@@ -273,11 +323,11 @@ def grpo_grads(model, ref_model, batch, rollout, grpo):
     return grpo_loss(model, ref_model, batch, rollout, grpo)
 
 
-def grpo_train_step(optimizer, model, ref_model, batch, rollout, grpo) -> dict[str, jax.Array]:
-    """One GRPO update in place; returns the metrics."""
-    _, grads, metrics = grpo_grads(model, ref_model, batch, rollout, grpo)
-    apply_gradients(optimizer, model, grads)
-    return metrics
+def grpo_train_step(optimizer, model, ref_model, batch, rollout, grpo, tuning: Tuning | None = None) -> dict[str, Any]:
+    """One GRPO update in place, skipped when divergent; returns the metrics."""
+    loss, grads, metrics = grpo_grads(model, ref_model, batch, rollout, grpo)
+    applied, grad_norm = guarded_update(optimizer, model, loss, grads, tuning or Tuning())
+    return {**metrics, "grad_norm": grad_norm, "skipped": int(not applied)}
 
 
 def grpo_iteration(
@@ -291,10 +341,12 @@ def grpo_iteration(
     prompts: Sequence[str],
     rollout: RolloutConfig,
     grpo: GrpoConfig,
+    tuning: Tuning | None = None,
 ) -> dict[str, float]:
     """Rollout (SDE, no gradient) -> decode frame 0 -> black-box rewards on uint8 -> advantages -> updates.
 
     `batch` holds consecutive groups of `grpo.group_size` rows sharing a prompt; `prompts` has one entry per row.
+    The metrics are the last update's, with "skipped" counting the skipped updates of the iteration.
     """
     device_batch = to_device_batch(batch)
     states, log_probs = sde_rollout(model, device_batch, jnp.asarray(step_noise), rollout, grpo.noise_level)
@@ -302,9 +354,12 @@ def grpo_iteration(
     rewards = np.asarray(black_box(to_uint8(frames), list(prompts)), dtype=np.float32)
     device_batch.update(states=states, old_log_probs=log_probs,
                         advantages=jnp.asarray(group_advantages(rewards, grpo.group_size)))  # fmt: skip
+    skipped = 0
     for _ in range(grpo.updates_per_rollout):
-        metrics = grpo_train_step(optimizer, model, ref_model, device_batch, rollout, grpo)
+        metrics = grpo_train_step(optimizer, model, ref_model, device_batch, rollout, grpo, tuning)
+        skipped += metrics["skipped"]
     out = {k: float(v) for k, v in metrics.items()}
+    out["skipped"] = skipped
     out.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()))
     return out
 

@@ -1,6 +1,6 @@
 """Flow-matching training of the ContentV transformer in JAX, sharded over a (data, fsdp, sequence, tensor) mesh.
 
-Read top to bottom: the optimizer, the train state, the jitted step (loss, grads, NaN/inf skip, AdamW, EMA), then
+Read top to bottom: the train state, the jitted step (loss, grads, NaN/inf skip, AdamW, EMA: contentv_jax.optim), then
 `run`, the loop with checkpoints and resume. Randomness (noise, sigmas, text dropout) arrives with each batch from
 contentv_jax.data, so the step itself is deterministic and equal on every mesh.
 """
@@ -24,42 +24,20 @@ from tqdm import tqdm
 from contentv_common.config import ConfigError
 from contentv_common.divergence import DivergenceGuard
 from contentv_common.errors import RunStopped
-from contentv_common.recipe import OptimizerConfig, Recipe
+from contentv_common.recipe import Recipe
 from contentv_common.schedules import interpolate, velocity_target
 from contentv_jax import multihost, sharding
 from contentv_jax.checkpointing import Checkpointer, abstract_like
 from contentv_jax.data import make_loader
 from contentv_jax.ops import attention_for
-from contentv_jax.transformer import Transformer, layer_axes
+from contentv_jax.optim import ema, keep_if_bad, make_optimizer, step_ok
+from contentv_jax.transformer import Transformer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class TrainingStopped(RunStopped):
     """Too many skipped steps: the run stops; the last checkpoint from before the first bad step is its resume point."""
-
-
-def make_optimizer(cfg: OptimizerConfig, total_steps: int | None) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW with linear warm-up and constant or cosine decay; no decay on 1-d params
-    (biases, norm scales; per layer for the stacked blocks)."""
-    if cfg.decay == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(
-            0.0, cfg.lr, cfg.warmup_steps, max(total_steps or 0, cfg.warmup_steps + 1)
-        )
-    else:
-        lr = optax.join_schedules(
-            [optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), optax.constant_schedule(cfg.lr)],
-            [cfg.warmup_steps],
-        )
-    adamw = optax.adamw(
-        lr,
-        b1=cfg.betas[0],
-        b2=cfg.betas[1],
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        mask=lambda params: jax.tree_util.tree_map_with_path(lambda path, p: p.ndim - layer_axes(path) > 1, params),
-    )
-    return adamw if cfg.grad_clip is None else optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
 
 
 class Trainer:
@@ -157,26 +135,18 @@ class Trainer:
         """One update; a non-finite loss or gradient, or one above `batch["limits"]` (max loss, max gradient norm:
         the divergence guard's, when given), leaves params, optimizer and EMA untouched (counted in skipped)."""
         loss, grads = jax.value_and_grad(self.loss)(state["params"], batch)
-        grad_norm = optax.global_norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        if "limits" in batch:
-            ok = ok & (loss <= batch["limits"][0]) & (grad_norm <= batch["limits"][1])
+        ok, grad_norm = step_ok(loss, grads, batch.get("limits"))
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-
-        def keep_if_bad(new: Any, old: Any) -> Any:
-            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
         new = {
             "step": state["step"] + 1,
             "skipped": state["skipped"] + (~ok).astype(jnp.int32),
-            "params": keep_if_bad(params, state["params"]),
-            "opt_state": keep_if_bad(opt_state, state["opt_state"]),
+            "params": keep_if_bad(ok, params, state["params"]),
+            "opt_state": keep_if_bad(ok, opt_state, state["opt_state"]),
         }
         if "ema" in state:
-            d = self.recipe.optimizer.ema_decay
-            ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], new["params"])
-            new["ema"] = keep_if_bad(ema, state["ema"])
+            average = ema(state["ema"], new["params"], self.recipe.optimizer.ema_decay)
+            new["ema"] = keep_if_bad(ok, average, state["ema"])
         return new, {"loss": loss, "grad_norm": grad_norm, "ok": ok}
 
     def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:

@@ -34,7 +34,8 @@ from contentv_torch_npu.distributed import (
     shard_mesh_shape,
     shard_model,
 )
-from contentv_torch_npu.train import DTYPES, StepInputs, flow_matching_loss, global_grad_norm, make_optimizer
+from contentv_torch_npu.optim import global_grad_norm, make_optimizer
+from contentv_torch_npu.train import DTYPES, StepInputs, flow_matching_loss
 from contentv_torch_npu.transformer import Transformer
 
 TEXT_TOKENS = 333

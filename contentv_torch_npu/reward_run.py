@@ -6,7 +6,9 @@ runs on CPU, CUDA or Ascend NPU (`device="auto"`).
 Every `checkpoint.interval` steps (and at the end) the run writes `checkpoint.dir/step_NNNNNNNN/` atomically with the
 training checkpoint code (contentv_torch_npu/checkpointing.py: safetensors + JSON): `model/` (our torch weights
 format, which `load_transformer` reads: the tuned model), AdamW moments and step, `ema/` = the EMA anchor when
-`refl.anchor: ema`, and the counters of `ResumePoint`. A run whose checkpoint dir holds a checkpoint continues from the
+`refl.anchor: ema` or the EMA of the weights when `optimizer.ema_decay` is set, and the counters of `ResumePoint`.
+The optimizer is training's (contentv_torch_npu.optim); a divergent update is skipped and counted, more than
+`nan_skip_limit` stop the run. A run whose checkpoint dir holds a checkpoint continues from the
 latest one and gives the same per-step records as an uninterrupted run; the frozen anchor is rebuilt from the
 initial weights (`init_from` or the seed). Checkpoints carry checksums and are verified on resume (a damaged newest
 one is skipped for the newest intact one); the run holds the checkpoint dir's lock.
@@ -29,8 +31,11 @@ from contentv_common.reward_run import (
     RewardData,
     RewardLog,
     black_box_reward,
+    check_divergence,
     differentiable_builtin,
+    divergence_guard,
     open_sft_cache,
+    optimizer_updates,
     uses_ema_anchor,
 )
 from contentv_common.run_lock import RunLock
@@ -39,6 +44,7 @@ from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu import reward_train as tr
 from contentv_torch_npu.device import resolve_device
 from contentv_torch_npu.loading import load_transformer
+from contentv_torch_npu.optim import make_optimizer
 from contentv_torch_npu.sampling import sample
 from contentv_torch_npu.transformer import Transformer
 
@@ -76,14 +82,18 @@ def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe) 
 
 
 def _resume(
-    recipe: RewardRecipe, model: torch.nn.Module, optimizer: torch.optim.Optimizer, anchor: torch.nn.Module | None
-) -> tuple[int, RewardLog]:
-    """(first step, log) of the run: 0 and a fresh log, or the latest checkpoint's step with model, AdamW and EMA
-    anchor restored in place and the log cut back to that step."""
+    recipe: RewardRecipe,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    anchor: torch.nn.Module | None,
+    ema: dict[str, torch.Tensor] | None,
+) -> tuple[ResumePoint | None, RewardLog]:
+    """(resume point, log) of the run: None and a fresh log, or the latest checkpoint's counters with model, AdamW
+    and EMA anchor or EMA of the weights restored in place and the log cut back to that step."""
     ckpt.remove_partial_saves(recipe.checkpoint.dir)
     folder = ckpt.latest_checkpoint(recipe.checkpoint.dir, writer=True)
     if folder is None:
-        return 0, RewardLog(recipe.log_dir)
+        return None, RewardLog(recipe.log_dir)
     state = ckpt.load_state(folder, verify=False)
     point = ResumePoint.read({**state.counters, "step": state.step}, recipe, folder)
     ckpt.restore_weights(model, state.params)
@@ -92,7 +102,11 @@ def _resume(
         if state.ema is None:
             raise CheckpointError(f"{folder}: the EMA anchor (ema/) is missing")
         ckpt.restore_weights(anchor, state.ema)
-    return point.step, RewardLog(recipe.log_dir, keep_lines=point.log_lines)
+    if ema is not None:
+        if state.ema is None:
+            raise CheckpointError(f"{folder}: the EMA of the weights (ema/) is missing")
+        ema.update(ckpt.restore_ema(model, state.ema))
+    return point, RewardLog(recipe.log_dir, keep_lines=point.log_lines)
 
 
 def _save(
@@ -100,9 +114,11 @@ def _save(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     anchor: torch.nn.Module | None,
+    ema: dict[str, torch.Tensor] | None,
     point: ResumePoint,
 ) -> None:
-    ema = None if anchor is None else dict(anchor.named_parameters())
+    """The checkpoint's ema/ slot holds the EMA anchor or the EMA of the weights (a recipe has at most one)."""
+    ema = ema if anchor is None else dict(anchor.named_parameters())
     counters = {k: v for k, v in point.as_dict().items() if k != "step"}
     state = ckpt.gather_state(model, optimizer, ema, step=point.step, data_position=point.step, counters=counters)
     try:
@@ -136,7 +152,8 @@ def _run(recipe: RewardRecipe, progress: bool, device: str) -> dict[str, Any]:
     refl, grpo = recipe.method == "refl", recipe.grpo
     anchored = recipe.refl.anchor != "none" if refl else grpo.kl_weight > 0
     ref_model = copy.deepcopy(model).requires_grad_(False) if anchored else None
-    optimizer = tr.make_optimizer(model, recipe.optimizer)
+    optimizer = make_optimizer(model, recipe.optimizer)
+    ema = {n: p.detach().clone() for n, p in model.named_parameters()} if recipe.optimizer.ema_decay else None
     clip = None
     if recipe.reward.kind == "clip":
         from contentv_torch_npu.reward_clip import load_clip_reward
@@ -145,18 +162,20 @@ def _run(recipe: RewardRecipe, progress: bool, device: str) -> dict[str, Any]:
     scorer = black_box_reward(recipe.reward, _TorchBlackBox(clip, dev) if clip is not None else None)
     reward = (clip if clip is not None else differentiable_builtin(recipe.reward)) if refl else None
     ema_anchor = ref_model if uses_ema_anchor(recipe) else None
-    start, log = _resume(recipe, model, optimizer, ema_anchor)
+    point, log = _resume(recipe, model, optimizer, ema_anchor, ema)
+    start, guard = point.step if point else 0, divergence_guard(recipe, point)
     steps = tqdm(range(start, recipe.steps), desc=f"reward {recipe.method} (torch)", initial=start,
                  total=recipe.steps, disable=not progress)  # fmt: skip
     for step in steps:
         batch, prompts, step_noise = data.rollout(step)
         batch.update(data.sft(step))
+        tuning = tr.Tuning(recipe.optimizer, optimizer_updates(recipe), guard, step, ema)
         if refl:
             batch["tokens"] = reward.tokenize(prompts)
-            metrics = tr.refl_train_step(optimizer, recipe.optimizer, model, ref_model, decoder, reward,
+            metrics = tr.refl_train_step(optimizer, tuning, model, ref_model, decoder, reward,
                                          tr.to_device_batch(batch, dev), recipe.rollout, recipe.refl)  # fmt: skip
         else:
-            metrics = tr.grpo_iteration(optimizer, recipe.optimizer, model, ref_model, decoder, scorer, batch,
+            metrics = tr.grpo_iteration(optimizer, tuning, model, ref_model, decoder, scorer, batch,
                                         step_noise, prompts, recipe.rollout, grpo)  # fmt: skip
         record = {"step": step, **metrics}
         last = step == recipe.steps - 1
@@ -164,8 +183,10 @@ def _run(recipe: RewardRecipe, progress: bool, device: str) -> dict[str, Any]:
             record["eval_reward_mean"] = _eval_reward(model, decoder, scorer, data, recipe)
         log.write(record)
         if (step + 1) % recipe.checkpoint.interval == 0 or last:
-            _save(recipe, model, optimizer, ema_anchor,
-                  ResumePoint(step + 1, log.lines, recipe.seed, int(ema_anchor is not None)))  # fmt: skip
+            _save(recipe, model, optimizer, ema_anchor, ema,
+                  ResumePoint(step + 1, log.lines, recipe.seed, int(ema_anchor is not None), int(ema is not None),
+                              guard.skipped))  # fmt: skip
+        check_divergence(guard, recipe.checkpoint.dir)
     log.plot(f"{recipe.method} (torch): {recipe.reward.kind}")
     records = log.records()
     return records[-1] if records else {}

@@ -1,25 +1,32 @@
 """Reward fine-tuning of the torch transformer: ReFL / DRaFT-K reward backprop and GRPO, twin of
 contentv_jax/reward_train.py (same schedule, noise, SFT draws and loss terms; see that module for the method).
 
-Runs on CPU, CUDA or Ascend NPU (device-agnostic torch only). The K differentiable sampler steps are each wrapped in
-torch.utils.checkpoint, so activation memory is one step's whatever K.
+Runs on CPU, CUDA or Ascend NPU (device-agnostic torch only). Activation memory is one sampler step's whatever the
+number of trained steps: ReFL's K differentiable steps are each wrapped in torch.utils.checkpoint, GRPO runs backward
+per trained step (`grpo_backward`). Updates go through contentv_torch_npu.optim as in training (schedule, decay mask,
+clipping, divergent steps skipped, EMA).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from contentv_common.divergence import DivergenceGuard
+from contentv_common.optim import learning_rate
 from contentv_common.recipe import OptimizerConfig
 from contentv_common.reward import BlackBoxReward, Reward, group_advantages, to_uint8
 from contentv_common.reward_recipe import GrpoConfig, ReflConfig, RolloutConfig
 from contentv_common.reward_sde import gaussian_kl, gaussian_log_prob, sde_mean, sde_schedule
 from contentv_common.sampling import euler_step, flow_match_schedule, guide, uses_guidance
 from contentv_common.schedules import interpolate, velocity_target
+from contentv_torch_npu.optim import apply_update, global_grad_norm, step_ok, updates_done
 from contentv_torch_npu.vae import WanVAE
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
@@ -113,17 +120,34 @@ def refl_loss(
     return loss, metrics
 
 
-def make_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """AdamW on every parameter: reward tuning is a full fine-tune (no LoRA)."""
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+@dataclass
+class Tuning:
+    """What an update needs besides the gradients: the optimizer config and the run's length in updates (the
+    learning-rate schedule), the divergence guard (skips and counts divergent updates; None: only non-finite ones are
+    skipped, uncounted) with the step it records them under, and the EMA of the weights when the run keeps one."""
+
+    opt: OptimizerConfig
+    total_steps: int | None = None
+    guard: DivergenceGuard | None = None
+    step: int = 0
+    ema: dict[str, torch.Tensor] | None = None
 
 
-def _apply(optimizer: torch.optim.Optimizer, model: torch.nn.Module, loss: torch.Tensor, cfg: OptimizerConfig) -> None:
+def guarded_update(
+    optimizer: torch.optim.Optimizer, model: torch.nn.Module, loss: float, tuning: Tuning
+) -> dict[str, float]:
+    """Apply (or skip) the update of the gradients in `.grad` as training does (contentv_torch_npu.optim); clears
+    them. Returns the gradient norm and whether it was skipped."""
+    norm = float(global_grad_norm(model))
+    applied = step_ok(loss, norm, tuning.guard.limits() if tuning.guard else (math.inf, math.inf))
+    if applied:
+        lr = learning_rate(tuning.opt, updates_done(optimizer), tuning.total_steps)
+        apply_update(model, optimizer, norm, lr=lr, grad_clip=tuning.opt.grad_clip, ema=tuning.ema,
+                     ema_decay=tuning.opt.ema_decay)  # fmt: skip
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    optimizer.step()
+    if tuning.guard is not None:
+        tuning.guard.record(tuning.step, loss, norm, applied)
+    return {"grad_norm": norm, "skipped": float(not applied)}
 
 
 @torch.no_grad()
@@ -135,7 +159,7 @@ def ema_update(ref_model: torch.nn.Module, model: torch.nn.Module, decay: float)
 
 def refl_train_step(
     optimizer: torch.optim.Optimizer,
-    opt_cfg: OptimizerConfig,
+    tuning: Tuning,
     model: torch.nn.Module,
     ref_model: torch.nn.Module | None,
     decoder: Decoder,
@@ -144,12 +168,15 @@ def refl_train_step(
     rollout: RolloutConfig,
     refl: ReflConfig,
 ) -> dict[str, float]:
-    """One ReFL update in place (model, optimizer, EMA anchor); returns the metrics."""
+    """One ReFL update in place (model, optimizer, EMA anchor), skipped when divergent; returns the metrics."""
+    optimizer.zero_grad(set_to_none=True)
     loss, metrics = refl_loss(model, ref_model, decoder, reward, batch, rollout, refl)
-    _apply(optimizer, model, loss, opt_cfg)
-    if ref_model is not None and refl.anchor == "ema":
+    loss.backward()
+    out = {k: float(v) for k, v in metrics.items()}
+    out.update(guarded_update(optimizer, model, out["loss"], tuning))
+    if not out["skipped"] and ref_model is not None and refl.anchor == "ema":
         ema_update(ref_model, model, refl.anchor_ema_decay)
-    return {k: float(v) for k, v in metrics.items()}
+    return out
 
 
 @torch.no_grad()
@@ -170,15 +197,18 @@ def sde_rollout(
     return torch.stack(states), torch.stack(log_probs)
 
 
-def grpo_loss(
+def grpo_backward(
     model: torch.nn.Module,
     ref_model: torch.nn.Module | None,
     batch: Batch,
     rollout: RolloutConfig,
     grpo: GrpoConfig,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped GRPO objective over the trained sampler steps (+ KL, + SFT): (loss with graph, metrics).
+) -> dict[str, torch.Tensor]:
+    """Clipped GRPO objective over the trained sampler steps (+ KL, + SFT): accumulates its gradients into the
+    model's `.grad` and returns the metrics.
 
+    Each trained step's terms run backward as soon as they are computed (the objective is a sum over steps, each
+    from stored rollout states), so at most one step's activations are alive, whatever the number of trained steps.
     batch adds to the rollout inputs: "states" [S + 1, B, ...], "old_log_probs" [S, B], "advantages" [B].
     """
     schedule = flow_match_schedule(rollout.steps, rollout.shift)
@@ -195,40 +225,48 @@ def grpo_loss(
         mean = sde_mean(x, velocity(model, x, schedule.timesteps[i], batch, rollout.guidance), sigma, dt, drift)
         ratio = torch.exp(gaussian_log_prob(x_next, mean, std, log_std) - batch["old_log_probs"][i])
         clipped = ratio.clamp(1.0 - grpo.clip_range, 1.0 + grpo.clip_range)
-        policy = policy + (-torch.minimum(ratio * adv, clipped * adv)).mean()
+        step_policy = (-torch.minimum(ratio * adv, clipped * adv)).mean() / n
+        step_loss = step_policy
         ratios.append(ratio.detach())
         if ref_model is not None and grpo.kl_weight > 0:
             with torch.no_grad():
                 ref_mean = sde_mean(x, velocity(ref_model, x, schedule.timesteps[i], batch, rollout.guidance),
                                     sigma, dt, drift)  # fmt: skip
-            kl = kl + gaussian_kl(mean, ref_mean, std).mean()
-    policy, kl = policy / n, kl / n
-    sft = sft_loss(model, batch) if grpo.sft_weight > 0 else torch.zeros((), device=device)
-    loss = policy + grpo.kl_weight * kl + grpo.sft_weight * sft
+            step_kl = gaussian_kl(mean, ref_mean, std).mean() / n
+            step_loss = step_loss + grpo.kl_weight * step_kl
+            kl = kl + step_kl.detach()
+        step_loss.backward()
+        policy = policy + step_policy.detach()
+    sft = torch.zeros((), device=device)
+    if grpo.sft_weight > 0:
+        sft = sft_loss(model, batch)
+        (grpo.sft_weight * sft).backward()
+        sft = sft.detach()
     r = torch.stack(ratios)
-    metrics = {"loss": loss.detach(), "policy_loss": policy.detach(), "kl": kl.detach(), "sft_loss": sft.detach(),
-               "clip_fraction": ((r - 1.0).abs() > grpo.clip_range).float().mean()}  # fmt: skip
-    return loss, metrics
+    return {"loss": policy + grpo.kl_weight * kl + grpo.sft_weight * sft, "policy_loss": policy, "kl": kl,
+            "sft_loss": sft, "clip_fraction": ((r - 1.0).abs() > grpo.clip_range).float().mean()}  # fmt: skip
 
 
 def grpo_train_step(
     optimizer: torch.optim.Optimizer,
-    opt_cfg: OptimizerConfig,
+    tuning: Tuning,
     model: torch.nn.Module,
     ref_model: torch.nn.Module | None,
     batch: Batch,
     rollout: RolloutConfig,
     grpo: GrpoConfig,
 ) -> dict[str, float]:
-    """One GRPO update in place; returns the metrics."""
-    loss, metrics = grpo_loss(model, ref_model, batch, rollout, grpo)
-    _apply(optimizer, model, loss, opt_cfg)
-    return {k: float(v) for k, v in metrics.items()}
+    """One GRPO update in place, skipped when divergent; returns the metrics."""
+    optimizer.zero_grad(set_to_none=True)
+    metrics = grpo_backward(model, ref_model, batch, rollout, grpo)
+    out = {k: float(v) for k, v in metrics.items()}
+    out.update(guarded_update(optimizer, model, out["loss"], tuning))
+    return out
 
 
 def grpo_iteration(
     optimizer: torch.optim.Optimizer,
-    opt_cfg: OptimizerConfig,
+    tuning: Tuning,
     model: torch.nn.Module,
     ref_model: torch.nn.Module | None,
     decoder: Decoder,
@@ -242,6 +280,7 @@ def grpo_iteration(
     """Rollout (SDE, no gradient) -> decode frame 0 -> black-box rewards on uint8 -> advantages -> updates.
 
     `batch` holds consecutive groups of `grpo.group_size` rows sharing a prompt; `prompts` has one entry per row.
+    The metrics are the last update's, with "skipped" counting the skipped updates of the iteration.
     """
     device = next(model.parameters()).device
     device_batch = to_device_batch(batch, device)
@@ -251,9 +290,11 @@ def grpo_iteration(
     rewards = np.asarray(black_box(to_uint8(frames), list(prompts)), dtype=np.float32)
     advantages = torch.as_tensor(group_advantages(rewards, grpo.group_size), device=device)
     device_batch.update(states=states, old_log_probs=log_probs, advantages=advantages)
+    skipped = 0.0
     for _ in range(grpo.updates_per_rollout):
-        metrics = grpo_train_step(optimizer, opt_cfg, model, ref_model, device_batch, rollout, grpo)
-    metrics.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()))
+        metrics = grpo_train_step(optimizer, tuning, model, ref_model, device_batch, rollout, grpo)
+        skipped += metrics["skipped"]
+    metrics.update(skipped=skipped, reward_mean=float(rewards.mean()), reward_std=float(rewards.std()))
     return metrics
 
 

@@ -23,14 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from contentv_common.checkpoint import open_checkpoint
 from contentv_common.data.cache import Encoders
 from contentv_common.divergence import DivergenceGuard
 from contentv_common.errors import CheckpointSaveError, RunStopped
-from contentv_common.recipe import OptimizerConfig, Recipe
+from contentv_common.optim import learning_rate
+from contentv_common.recipe import Recipe
 from contentv_common.run_lock import RunLock, RunLockedError
 from contentv_common.safetensors_io import CheckpointError
 from contentv_common.schedules import flow_inputs, interpolate, resolve_shift, step_rng, velocity_target
@@ -38,6 +38,7 @@ from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu.data import make_loader, open_cache
 from contentv_torch_npu.distributed import Topology, enable_sequence_parallel, init_distributed, shard_model
 from contentv_torch_npu.loading import load_transformer
+from contentv_torch_npu.optim import apply_update, global_grad_norm, make_optimizer, step_ok
 from contentv_torch_npu.sharded_checkpoint import is_sharded, load_sharded, save_sharded, stream_weights
 from contentv_torch_npu.transformer import Transformer
 
@@ -46,17 +47,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 class TrainingStopped(RunStopped):
     """Too many skipped steps: the run stops; the last checkpoint from before the first bad step is its resume point."""
-
-
-def learning_rate(opt: OptimizerConfig, updates: int, total_steps: int) -> float:
-    """The rate of AdamW update number `updates` (0-based; skipped steps do not count), as the JAX trainer's optax
-    schedule: linear warm-up from 0 over `warmup_steps`, then constant or cosine decay to 0 at `total_steps`."""
-    if updates < opt.warmup_steps:
-        return opt.lr * updates / opt.warmup_steps
-    if opt.decay == "constant":
-        return opt.lr
-    span = max(total_steps, opt.warmup_steps + 1) - opt.warmup_steps
-    return opt.lr * 0.5 * (1.0 + math.cos(math.pi * min(updates - opt.warmup_steps, span) / span))
 
 
 @dataclass(frozen=True)
@@ -112,22 +102,6 @@ def flow_matching_loss(model: torch.nn.Module, inputs: StepInputs) -> torch.Tens
     return (per_sample * inputs.weights).mean()
 
 
-def global_grad_norm(model: torch.nn.Module) -> torch.Tensor:
-    """L2 norm of all gradients over every FSDP shard, from the local shards: each rank's sum of squares, summed over
-    the shard ranks (HSDP replicas hold the same shards). `get_total_norm` on the DTensors would gather every full
-    gradient onto every rank (a whole fp32 model of temporary memory at real size)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    sharded = [g for g in grads if isinstance(g, DTensor)]
-    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    norm = torch.nn.utils.get_total_norm(local, 2.0)
-    if not sharded:
-        return norm
-    mesh = sharded[0].device_mesh
-    square = norm.float().square()
-    dist.all_reduce(square, group=mesh.get_group(mesh.ndim - 1))
-    return square.sqrt()
-
-
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -156,33 +130,11 @@ def train_step(
         dist.all_reduce(stats[:1], op=dist.ReduceOp.SUM)
         stats[0] /= topo.world
     loss_value, norm_value = (float(v) for v in stats.cpu())
-    applied = math.isfinite(loss_value) and math.isfinite(norm_value)
-    applied = applied and loss_value <= limits[0] and norm_value <= limits[1]
+    applied = step_ok(loss_value, norm_value, limits)
     if applied:
-        if grad_clip is not None and norm_value > grad_clip:
-            scale = grad_clip / norm_value
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        if ema is not None:
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    ema[name].mul_(ema_decay).add_(p.detach(), alpha=1.0 - ema_decay)
+        apply_update(model, optimizer, norm_value, lr=lr, grad_clip=grad_clip, ema=ema, ema_decay=ema_decay)
     optimizer.zero_grad(set_to_none=True)
     return loss_value, norm_value, applied
-
-
-def make_optimizer(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and kernels only (not on biases and norm scales), as the JAX trainer."""
-    params = list(model.parameters())
-    groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": opt.weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps)
 
 
 def build_model(recipe: Recipe, topo: Topology, ops: str) -> Transformer:

@@ -27,8 +27,8 @@ from contentv_common.config import ModelConfig  # noqa: E402
 from contentv_common.recipe import MeshConfig, OptimizerConfig  # noqa: E402
 from contentv_torch_npu.distributed import init_distributed, shard_model  # noqa: E402
 from contentv_torch_npu.loading import save_torch  # noqa: E402
+from contentv_torch_npu.optim import make_optimizer  # noqa: E402
 from contentv_torch_npu.sharded_checkpoint import load_sharded, save_sharded, stream_weights  # noqa: E402
-from contentv_torch_npu.train import make_optimizer  # noqa: E402
 from contentv_torch_npu.transformer import Transformer  # noqa: E402
 
 

@@ -69,6 +69,8 @@ def test_cli_rejects_bad_arguments(capsys):
         ([*ARGS[:7], "--frames", "4"], "frames must be 1 + 4 k"),
         ([*ARGS[:7], "--size", "30x48"], "height must be a positive multiple of 16"),
         ([*ARGS[:7], "--size", "30by48"], "HEIGHTxWIDTH"),
+        ([*ARGS[:7], "--attention", "cudnn"], "'cudnn' needs a GPU"),  # this CPU process
+        ([*ARGS[:7], "--attention", "splash", "--backend", "torch"], "use it with --backend jax"),
     ):
         with pytest.raises(SystemExit):
             sample_tool.main(argv)

@@ -13,6 +13,7 @@ from flax import nnx
 
 from contentv_common.recipe import OptimizerConfig
 from contentv_common.reward import TargetColour, as_black_box
+from contentv_jax.optim import model_optimizer
 from tests.parity.reward_fixtures import (
     EVAL_BATCH,
     EVAL_SEED,
@@ -67,7 +68,7 @@ def test_refl_raises_reward_with_bounded_fm_loss(twins):
 
     decoder, reward = twins[1], jr.carried(REWARD)
     model, ref = _model(twins)
-    optimizer = jr.make_optimizer(model, OptimizerConfig(lr=1e-2, grad_clip=1.0))
+    optimizer = model_optimizer(model, OptimizerConfig(lr=1e-2, grad_clip=1.0), None)
     r0, fm0 = evaluate(model, decoder)
     for step in range(8):
         batch = jr.to_device_batch(
@@ -88,7 +89,7 @@ def test_grpo_raises_reward_with_bounded_fm_loss(twins):
     results = {}
     for name, scorer in scorers.items():
         model, ref = _model(twins)
-        optimizer = jr.make_optimizer(model, OptimizerConfig(lr=1e-2, grad_clip=1.0))
+        optimizer = model_optimizer(model, OptimizerConfig(lr=1e-2, grad_clip=1.0), None)
         before = evaluate(model, decoder)
         for it in range(8):
             batch = {**rollout_batch(it, GRPO_BATCH, guided=True, group_size=GRPO.group_size),

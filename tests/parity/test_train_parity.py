@@ -14,6 +14,7 @@ from contentv_common.checkpoint import TensorSource
 from contentv_common.recipe import MeshConfig, load_recipe
 from contentv_jax import loading as jax_loading
 from contentv_jax import sharding
+from contentv_jax.optim import lr_schedule
 from contentv_jax.train import Trainer
 from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu.train import StepInputs, flow_matching_loss, learning_rate, make_optimizer, train_step
@@ -162,12 +163,14 @@ def test_loss_and_gradients_match(setup, loss_and_grad, rel_err):
 
 
 def test_learning_rate_matches_optax_schedule():
-    """The JAX trainer's schedule (contentv_jax.train.make_optimizer) is built from these optax schedules."""
+    """The shared schedule (contentv_common.optim), as the JAX optimizer reads it, equals optax's own warm-up +
+    cosine / constant schedules."""
     for decay in ("cosine", "constant"):
         opt = load_recipe(
             "configs/recipes/tiny.yaml", {"optimizer.warmup_steps": 3, "optimizer.decay": decay}
         ).optimizer
-        schedule = [learning_rate(opt, c, 10) for c in range(12)]
+        schedule = [float(lr_schedule(opt, 10)(c)) for c in range(12)]
+        assert schedule == [np.float32(learning_rate(opt, c, 10)) for c in range(12)]
         expected = (
             optax.warmup_cosine_decay_schedule(0.0, opt.lr, 3, 10)
             if decay == "cosine"

@@ -14,6 +14,7 @@ import torch
 
 from contentv_common.recipe import OptimizerConfig
 from contentv_common.reward import TargetColour, as_black_box
+from contentv_torch_npu.optim import make_optimizer
 from tests.parity.reward_fixtures import (
     EVAL_BATCH,
     EVAL_SEED,
@@ -60,13 +61,13 @@ def test_refl_raises_reward_with_bounded_fm_loss():
     results = {}
     for name, refl in (("refl", REFL), ("control", dataclasses.replace(REFL, reward_weight=0.0))):
         model, ref = _model()
-        optimizer = tr.make_optimizer(model, opt_cfg)
+        optimizer = make_optimizer(model, opt_cfg)
         before = evaluate(model)
         for step in range(8):
             batch = tr.to_device_batch(
                 {**rollout_batch(step, REFL_BATCH, guided=True), **sft_batch(100 + step, REFL_BATCH)}
             )
-            tr.refl_train_step(optimizer, opt_cfg, model, ref, DECODER, REWARD, batch, ROLLOUT, refl)
+            tr.refl_train_step(optimizer, tr.Tuning(opt_cfg), model, ref, DECODER, REWARD, batch, ROLLOUT, refl)
         results[name] = evaluate(model)
     (r0, fm0), (r1, fm1), (rc, _) = before, results["refl"], results["control"]
     assert r1 > r0 + 0.01, (r0, r1)
@@ -82,13 +83,13 @@ def test_grpo_raises_reward_with_bounded_fm_loss():
     results = {}
     for name, scorer in scorers.items():
         model, ref = _model()
-        optimizer = tr.make_optimizer(model, opt_cfg)
+        optimizer = make_optimizer(model, opt_cfg)
         before = evaluate(model)
         for it in range(8):
             batch = {**rollout_batch(it, GRPO_BATCH, guided=True, group_size=GRPO.group_size),
                      **sft_batch(100 + it, GRPO_BATCH)}  # fmt: skip
             noise = step_noise(500 + it, GRPO_BATCH, ROLLOUT.steps)
-            metrics = tr.grpo_iteration(optimizer, opt_cfg, model, ref, DECODER, scorer, batch, noise,
+            metrics = tr.grpo_iteration(optimizer, tr.Tuning(opt_cfg), model, ref, DECODER, scorer, batch, noise,
                                         [""] * GRPO_BATCH, ROLLOUT, GRPO)  # fmt: skip
             assert np.isfinite(metrics["loss"])
         results[name] = evaluate(model)

@@ -20,7 +20,7 @@ from contentv_torch_npu.distributed import (
     real_positions,
     shard_model,
 )
-from contentv_torch_npu.train import global_grad_norm
+from contentv_torch_npu.optim import global_grad_norm
 from contentv_torch_npu.transformer import Transformer
 
 CFG = ModelConfig(

@@ -18,8 +18,8 @@ from contentv_common.recipe import MeshConfig, OptimizerConfig
 from contentv_torch_npu.checkpointing import load_state
 from contentv_torch_npu.distributed import init_distributed, shard_model
 from contentv_torch_npu.loading import save_torch
+from contentv_torch_npu.optim import make_optimizer
 from contentv_torch_npu.sharded_checkpoint import is_sharded, load_sharded, save_sharded, stream_weights
-from contentv_torch_npu.train import make_optimizer
 from contentv_torch_npu.transformer import Transformer
 
 

@@ -1,0 +1,76 @@
+"""The one AdamW builder of the JAX core, for flow-matching training (contentv_jax/train.py) and reward tuning
+(contentv_jax/reward_train.py); the torch twin is contentv_torch_npu/optim.py.
+
+Global-norm clipping, then AdamW whose rate follows contentv_common.optim.learning_rate (read from a table of that
+function, so both backends use the same numbers) and whose decay skips biases and norm scales; a step whose loss or
+gradient norm is non-finite or above the divergence guard's limits changes nothing; EMA of the weights after each
+applied step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from contentv_common.optim import decays, learning_rate, schedule_length
+from contentv_common.recipe import OptimizerConfig
+from contentv_jax.transformer import layer_axes
+
+
+def lr_schedule(cfg: OptimizerConfig, total_steps: int | None) -> optax.Schedule:
+    """The shared schedule as an optax schedule: update count -> rate, constant after `schedule_length`."""
+    table = np.asarray([learning_rate(cfg, i, total_steps) for i in range(schedule_length(cfg, total_steps) + 1)])
+    rates = table.astype(np.float32)
+    return lambda count: jnp.asarray(rates)[jnp.minimum(count, len(rates) - 1)]
+
+
+def decay_mask(params: Any) -> Any:
+    """True where weight decay applies; the stacked blocks' leading layer axis does not count as a dimension."""
+    return jax.tree_util.tree_map_with_path(lambda path, p: decays(p.ndim - layer_axes(path)), params)
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int | None) -> optax.GradientTransformation:
+    """Global-norm clipping (when `grad_clip` is set), then AdamW with the shared schedule and decay mask."""
+    adamw = optax.adamw(
+        lr_schedule(cfg, total_steps),
+        b1=cfg.betas[0],
+        b2=cfg.betas[1],
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=decay_mask,
+    )
+    return adamw if cfg.grad_clip is None else optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+
+
+def model_optimizer(model: nnx.Module, cfg: OptimizerConfig, total_steps: int | None) -> nnx.Optimizer:
+    """`make_optimizer` over a model's nnx.Params (reward tuning keeps the model as an nnx.Module)."""
+    return nnx.Optimizer(model, make_optimizer(cfg, total_steps), wrt=nnx.Param)
+
+
+def current_lr(optimizer: nnx.Optimizer, cfg: OptimizerConfig, total_steps: int | None) -> float:
+    """The rate the next applied update of `optimizer` uses (its count of applied updates through the schedule)."""
+    return float(lr_schedule(cfg, total_steps)(optimizer.step[...]))
+
+
+def step_ok(loss: jax.Array, grads: Any, limits: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """(apply?, global gradient norm): finite loss and norm, both within `limits` (max loss, max norm) if given."""
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if limits is not None:
+        ok = ok & (loss <= limits[0]) & (grad_norm <= limits[1])
+    return ok, grad_norm
+
+
+def keep_if_bad(ok: jax.Array, new: Any, old: Any) -> Any:
+    """`new` where the step is applied, else `old`, leaf by leaf."""
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def ema(average: Any, params: Any, decay: float) -> Any:
+    """average <- decay average + (1 - decay) params."""
+    return jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, average, params)
