@@ -17,6 +17,7 @@ from typing import NoReturn
 
 from contentv_common.config import ConfigError
 from contentv_common.errors import DataError, RunStopped
+from contentv_common.extras import missing_extra
 from contentv_common.run_lock import RunLockedError
 from contentv_common.safetensors_io import CheckpointError
 
@@ -54,6 +55,12 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         sys.exit(e.code)
     except BAD_INPUT as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        _leave(EXIT_BAD_INPUT)
+    except ModuleNotFoundError as e:  # a backend extra not installed: name it (any other missing module is a bug)
+        if missing_extra(e) is None:
+            traceback.print_exc()
+            _leave(1)
+        print(f"{prog}: error: {missing_extra(e)}", file=sys.stderr)
         _leave(EXIT_BAD_INPUT)
     except (RunStopped, OSError) as e:
         print(f"{prog}: stopped: {one_line(e)}", file=sys.stderr)

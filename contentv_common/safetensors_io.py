@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes  # noqa: F401  (numpy knows "bfloat16" only once ml_dtypes is imported; never rely on jax doing it)
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
@@ -111,7 +112,8 @@ def write_sharded(
         nonlocal shard, shard_bytes
         if shard:
             part = folder / f".{prefix}-part{len(parts):05d}.safetensors"
-            save_file({k: np.ascontiguousarray(v) for k, v in shard.items()}, str(part), metadata=metadata)
+            # np.require keeps 0-d tensors 0-d (CLIP's logit_scale); np.ascontiguousarray would make them 1-d
+            save_file({k: np.require(v, requirements="C") for k, v in shard.items()}, str(part), metadata=metadata)
             parts.append((part, list(shard)))
         shard, shard_bytes = {}, 0
 

@@ -11,6 +11,7 @@ Exit status 1 if any layer exceeds the tolerance.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from contentv_common.config import ConfigError, named_model_config
 from contentv_common.safetensors_io import CheckpointError
 
 BACKENDS = ("jax", "torch", "diffusers")
+NEEDS = {"jax": ("jax", "flax"), "torch": ("torch",), "diffusers": ("torch", "diffusers")}
 
 
 def trace_jax(path: Path, pos_embed: str | None, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("frames", "batch", "text_tokens"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for module in sorted({m for b in backends for m in NEEDS[b]}):
+        importlib.import_module(module)  # a missing framework ends here (one line, see run_cli), before any tracing
     try:
         traces, cfg, inputs = run_traces(args, backends, height, width)
     except (CheckpointError, ConfigError, ValueError) as e:

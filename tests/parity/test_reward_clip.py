@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import string
 
 import jax
 import jax.numpy as jnp
@@ -16,22 +15,9 @@ from PIL import Image
 from contentv_common.reward_clip_preprocess import resize_matrix
 from contentv_common.reward_clip_table import read_clip_config
 from contentv_common.safetensors_io import CheckpointError
+from tests.tiny_clip import tiny_clip_tokenizer
 
 PROMPTS = ["a red cat", "blue dog", "cat"]
-
-
-def tiny_clip_tokenizer():
-    """A CLIPTokenizer over a 58-entry vocabulary (letters, word-final letters, a few merges, 2 specials)."""
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in string.ascii_lowercase:
-            vocab[c + suffix] = len(vocab)
-    merges = [("r", "e"), ("re", "d</w>"), ("c", "a"), ("ca", "t</w>")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
 def save_tiny_clip(folder, seed: int = 0) -> None:

@@ -1,0 +1,31 @@
+"""Which pip extra provides a missing backend package, so a CLI ends with one line naming it (exit status 2).
+
+The JAX core itself runs without torch, but text encoding (CLIP-L/CLIP-G/T5 from transformers, which has no Flax) and
+building the latent/text cache run in torch: `tools/train.py` and `tools/sample.py` need the `[torch]` extra even with
+`--backend jax`.
+"""
+
+from __future__ import annotations
+
+EXTRA_OF = {
+    "torch": "torch",
+    "torchvision": "torch",
+    "diffusers": "torch",
+    "transformers": "torch",
+    "sentencepiece": "torch",
+    "jax": "jax",
+    "jaxlib": "jax",
+    "flax": "jax",
+    "optax": "jax",
+    "orbax": "jax",
+    "grain": "jax",
+}
+
+
+def missing_extra(error: ImportError) -> str | None:
+    """A one-line message naming the extra that provides the package `error` failed to import, else None."""
+    root = (error.name or "").partition(".")[0]
+    extra = EXTRA_OF.get(root)
+    if extra is None:
+        return None
+    return f'this needs {root}, which is not installed: pip install -e ".[{extra}]"'

@@ -1,0 +1,59 @@
+"""Running scripts in fresh processes with one framework blocked, and the checks shared by both backends' tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from contentv_common.checkpoint import open_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+BLOCKED = Path(__file__).with_name("blocked.py")
+NOT_JAX = "jax,jaxlib,flax,optax,orbax,grain"
+NOT_TORCH = "torch,torch_npu,torchvision"
+
+
+def run_blocked(blocked: str, *runs: list, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run scripts (each `[script, *args]`, paths relative to the repository root) one after the other in one fresh
+    process where the comma-separated top-level packages `blocked` cannot be imported."""
+    argv = [sys.executable, str(BLOCKED), blocked]
+    for i, run in enumerate(runs):
+        argv += (["---"] if i else []) + [str(a) for a in run]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+    env.pop("XLA_FLAGS", None)  # one CPU device, as in a user's fresh process
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def check_loader_outputs(outputs: dict[str, np.ndarray], rel_err) -> None:
+    """Every output finite and non-trivial; the bf16 (fp16) folder's forward within bf16 (fp16) rounding of the fp32
+    folder's."""
+    for key, value in outputs.items():
+        assert np.isfinite(value).all() and value.std() > 1e-3, key
+    for model in ("transformer", "vae", "clip"):
+        ref = outputs[f"{model}/fp32/float32"]
+        assert 0 < rel_err(outputs[f"{model}/bf16/float32"], ref) < 2e-2, model  # bf16 weights, fp32 compute
+    for model in ("transformer", "vae"):
+        ref = outputs[f"{model}/fp32/float32"]
+        assert 0 < rel_err(outputs[f"{model}/bf16/bfloat16"], ref) < 4e-2, model  # bf16 weights and compute
+    assert 0 < rel_err(outputs["transformer/fp16/float32"], outputs["transformer/fp32/float32"]) < 2e-3
+
+
+def tensors(folder: Path) -> dict[str, np.ndarray]:
+    """Canonical name -> array of a diffusers or torch-format transformer folder (read without any framework)."""
+    return dict(open_checkpoint(folder).tensors())
+
+
+def one_line_error(result: subprocess.CompletedProcess, extra: str) -> str:
+    """The CLI's error line, after checking it is the one-line missing-extra error with exit status 2."""
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert f'pip install -e ".[{extra}]"' in line, result.stderr[-3000:]
+    return line
