@@ -12,7 +12,6 @@ the checkpoint dir's run lock for the whole run.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -26,14 +25,22 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from contentv_common.checkpoint import open_checkpoint
-from contentv_common.data.cache import Encoders
+from contentv_common.data.cache import Encoders, LatentCache
 from contentv_common.divergence import DivergenceGuard
 from contentv_common.errors import CheckpointSaveError, RunStopped
+from contentv_common.evaluation import eval_batch
+from contentv_common.metrics import MetricsWriter
 from contentv_common.optim import learning_rate
 from contentv_common.recipe import Recipe
 from contentv_common.run_lock import RunLock, RunLockedError
 from contentv_common.safetensors_io import CheckpointError
-from contentv_common.schedules import flow_inputs, interpolate, resolve_shift, step_rng, velocity_target
+from contentv_common.schedules import (
+    flow_inputs,
+    interpolate,
+    resolve_shift,
+    step_rng,
+    velocity_target,
+)
 from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu.data import make_loader, open_cache
 from contentv_torch_npu.distributed import Topology, enable_sequence_parallel, init_distributed, shard_model
@@ -93,13 +100,30 @@ def step_inputs(recipe: Recipe, batch: dict[str, Any], empty: tuple[np.ndarray, 
     )
 
 
-def flow_matching_loss(model: torch.nn.Module, inputs: StepInputs) -> torch.Tensor:
-    """Weighted velocity MSE: per-sample mean over [C, F, H, W] times the loss weight, averaged over the batch."""
+def per_sample_loss(model: torch.nn.Module, inputs: StepInputs) -> torch.Tensor:
+    """Velocity MSE of each sample [B] (mean over [C, F, H, W]), unweighted."""
     x_t = interpolate(inputs.latents, inputs.noise, inputs.sigmas)
     target = velocity_target(inputs.latents, inputs.noise)
     pred = model(x_t, inputs.sigmas * 1000.0, inputs.text, inputs.pooled)
-    per_sample = (pred.float() - target.float()).square().mean(dim=(1, 2, 3, 4))
-    return (per_sample * inputs.weights).mean()
+    return (pred.float() - target.float()).square().mean(dim=(1, 2, 3, 4))
+
+
+def flow_matching_loss(model: torch.nn.Module, inputs: StepInputs) -> torch.Tensor:
+    """Weighted velocity MSE: per-sample mean over [C, F, H, W] times the loss weight, averaged over the batch."""
+    return (per_sample_loss(model, inputs) * inputs.weights).mean()
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, cache: LatentCache, held_out: list[int], recipe: Recipe, device: torch.device
+) -> dict[float, float]:
+    """Validation loss per fixed timestep, averaged over the held-out samples (contentv_common.evaluation)."""
+    timesteps = recipe.eval.timesteps
+    total = np.zeros(len(timesteps))
+    for i in held_out:
+        batch = {k: torch.from_numpy(v).to(device) for k, v in eval_batch(cache, i, timesteps, recipe.seed).items()}
+        total += per_sample_loss(model, StepInputs(**batch)).cpu().numpy()
+    return {t: float(v / len(held_out)) for t, v in zip(timesteps, total, strict=True)}
 
 
 def train_step(
@@ -289,9 +313,8 @@ def _run(
         if not _all_ok(error is None, topo):
             raise error or CheckpointSaveError(f"{recipe.checkpoint.dir}: saving step {step} failed on rank 0")
 
-    log_file = Path(recipe.log_dir) / "metrics.jsonl"
-    if topo.is_main:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+    held_out = cache.hold_out(recipe.eval.samples if recipe.eval.interval else 0, recipe.seed)
+    writer = MetricsWriter(recipe.log_dir, recipe.log_interval) if topo.is_main else None
     loader = iter(make_loader(cache, recipe.data, recipe.seed, position, topo.dp_rank, topo.dp))
     empty = (cache.empty_text, cache.empty_pooled)
     metrics: dict[str, Any] = {}
@@ -313,25 +336,30 @@ def _run(
         counters["nan_skips"] = guard.skipped
         if not applied and topo.is_main:
             bar.write(f"step {step}: loss {loss} / grad norm {norm} non-finite or spiking, skipped")
-        if on_step is not None and topo.is_main:
-            on_step(
-                {"step": step, "loss": loss, "grad_norm": norm, "skipped": not applied, "step_time": step_time,
-                 "batch": batch["global_size"]}
-            )  # fmt: skip
+        record = {"step": step, "loss": loss, "grad_norm": norm, "lr": lr, "skipped": not applied}
+        record.update(nan_skips=counters["nan_skips"], step_time=step_time, batch=batch["global_size"])
+        if topo.is_main:
+            writer.step(record)
+            if on_step is not None:
+                on_step(record)
         step, position = step + 1, position + 1
-        metrics = {"step": step, "loss": loss, "grad_norm": norm, "lr": lr, "skipped": not applied}
-        metrics.update(nan_skips=counters["nan_skips"], step_s=step_time)
-        if topo.is_main and step % recipe.log_interval == 0:
-            with log_file.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
+        metrics = {**record, "step": step}
+        if held_out and step % recipe.eval.interval == 0:
+            losses = evaluate(model, cache, held_out, recipe, topo.device)
+            if topo.is_main:
+                writer.evaluation(step, losses)
         if guard.stopped:
             bar.close()
+            if writer is not None:
+                writer.close()
             raise TrainingStopped(guard.stop_message(_keep_resume_point(recipe, guard, topo)))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if step % recipe.checkpoint.interval == 0 or step == recipe.steps:
             save()
     bar.close()
+    if writer is not None:
+        writer.close()
     return metrics
 
 

@@ -4,10 +4,11 @@
     python tools/sample.py --pipeline sd3.5-large --prompt "a red fox" --frames 1 --size 1024x1024 --backend torch
     python tools/sample.py --tiny --transformer runs/tiny/final --prompt "a red cat" --frames 9 --size 64x64
 
-Encoders (CLIP-L/CLIP-G/T5 + Wan VAE, torch) come from `--pipeline` (a local diffusers folder) or `--tiny` (random tiny
-ones, no downloads). The JAX backend decodes with the JAX Wan VAE (same weights), so it uses torch for text only.
+Encoders (CLIP-L/CLIP-G/T5 + Wan VAE, torch) come from `--pipeline` (a local diffusers folder), `--tiny` (random tiny
+ones, no downloads) or `--demo` (the CPU demo's: a tiny Wan VAE trained on the synthetic set + word embeddings).
+The JAX backend decodes with the JAX Wan VAE (same weights), so it uses torch for text only.
 The transformer is `--transformer` (any folder `load_transformer` reads: diffusers, our torch or our JAX format), else
-`PIPELINE/transformer`, else (with `--tiny`) a random tiny model seeded by `--model-seed`.
+`PIPELINE/transformer`, else (with `--tiny` or `--demo`) a random tiny model seeded by `--model-seed`.
 SD3/SD3.5 checkpoints run in image mode (`--frames 1`). Noise is drawn in numpy from `--seed` + prompt index, so both
 backends and any batch size give the same video for the same weights; `--noise torch` draws it as the official
 ContentV demo does (a torch CPU generator seeded with `--seed`, all prompts at once, in `--dtype`).
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = ap.add_argument_group("models")
     src.add_argument("--pipeline", type=Path, help="local diffusers pipeline folder (ContentV-8B or SD3.5)")
     src.add_argument("--tiny", action="store_true", help="random tiny encoders (and model, without --transformer)")
+    src.add_argument("--demo", action="store_true", help="the CPU demo's encoders: trained tiny VAE + word embeddings")
     src.add_argument("--transformer", type=Path, help="transformer checkpoint folder (diffusers, torch or jax format)")
     src.add_argument("--model-seed", type=int, default=0, help="seed of the random tiny transformer")
     src.add_argument("--encoder-seed", type=int, default=0, help="seed of the random tiny encoders")
@@ -183,10 +185,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, prompts: list[str]) -> None:
     if not prompts:
         ap.error("give at least one --prompt or a --prompts-file")
-    if args.pipeline is None and not args.tiny:
-        ap.error("give --pipeline FOLDER (a local diffusers pipeline) or --tiny")
-    if args.pipeline is not None and args.tiny:
-        ap.error("--pipeline and --tiny are exclusive")
+    if (args.pipeline is not None) + args.tiny + args.demo != 1:
+        ap.error("give exactly one of --pipeline FOLDER (a local diffusers pipeline), --tiny or --demo")
     if args.steps < 1 or args.batch_size < 1:
         ap.error("--steps and --batch-size must be >= 1")
     if args.attention != "auto" and args.backend != "jax":
@@ -218,11 +218,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
     prompts = read_prompts(args)
     check_args(ap, args, prompts)
     from contentv_torch_npu.device import resolve_device
-    from contentv_torch_npu.encoders import load_encoders, tiny_encoders
+    from contentv_torch_npu.encoders import demo_encoders, load_encoders, tiny_encoders
 
     device = resolve_device(args.device)
     if args.tiny:
         encoders = tiny_encoders(args.encoder_seed, device=device, cache_dir=args.cache_dir)
+    elif args.demo:
+        encoders = demo_encoders(device, cache_dir=args.cache_dir)
     else:
         import torch
 

@@ -173,6 +173,19 @@ class LatentCache:
     def __len__(self) -> int:
         return len(self.index.samples)
 
+    def hold_out(self, count: int, seed: int) -> list[int]:
+        """Take `count` samples (a seeded choice, one per bucket in turn) out of training: their bucket id becomes -1,
+        so the batch samplers skip them; returns their indices, for validation (recipe `eval`)."""
+        if count <= 0:
+            return []
+        if count >= len(self):
+            raise ValueError(f"{self.dir}: eval.samples={count} would hold out all {len(self)} cached samples")
+        order = np.random.default_rng([seed, 1 << 20]).permutation(len(self)).tolist()
+        held = sorted(order[:count])
+        for i in held:
+            self.bucket_ids[i] = -1
+        return held
+
     def sample(self, i: int) -> dict[str, np.ndarray]:
         path = self.dir / self.index.samples[i]["file"]
         try:
