@@ -11,6 +11,7 @@ import numpy as np
 
 from contentv_common.data.cache import LatentCache
 from contentv_common.data.synthetic import COLOURS, DIRECTIONS
+from contentv_common.sampling import draw_noise
 
 
 def eval_batch(cache: LatentCache, index: int, timesteps: tuple[float, ...], seed: int) -> dict[str, np.ndarray]:
@@ -25,6 +26,22 @@ def eval_batch(cache: LatentCache, index: int, timesteps: tuple[float, ...], see
         "weights": np.ones(n, np.float32),
         "text": np.repeat(sample["text"][None], n, 0),
         "pooled": np.repeat(sample["pooled"][None], n, 0),
+    }
+
+
+EVAL_CLIP = {"steps": 10, "guidance": 3.0, "shift": 3.0}  # a quick look, not the demo's final samples
+
+
+def eval_clip_inputs(cache: LatentCache, index: int, seed: int) -> dict[str, np.ndarray]:
+    """What a validation clip of held-out sample `index` starts from: seeded noise of its latent shape, its cached
+    caption embedding and the empty prompt's (the unconditional branch of guidance)."""
+    sample = cache.sample(index)
+    return {
+        "noise": draw_noise(seed, (1, *sample["latents"].shape)),
+        "text": sample["text"][None],
+        "pooled": sample["pooled"][None],
+        "neg_text": cache.empty_text[None],
+        "neg_pooled": cache.empty_pooled[None],
     }
 
 

@@ -25,7 +25,7 @@ from contentv_common.config import ConfigError
 from contentv_common.data.cache import LatentCache
 from contentv_common.divergence import DivergenceGuard
 from contentv_common.errors import RunStopped
-from contentv_common.evaluation import eval_batch
+from contentv_common.evaluation import EVAL_CLIP, eval_batch, eval_clip_inputs, frame_strip
 from contentv_common.metrics import MetricsWriter
 from contentv_common.optim import learning_rate
 from contentv_common.recipe import Recipe
@@ -326,7 +326,8 @@ def _train(
             if held_out and (step + 1) % recipe.eval.interval == 0:
                 evaluation = trainer.evaluate(state["params"], eval_cache, held_out)
                 if writer is not None:
-                    writer.evaluation(step + 1, evaluation)
+                    clip = _eval_clip(trainer, state["params"], eval_cache, held_out[0])
+                    writer.evaluation(step + 1, evaluation, clip)
             if guard.stopped:
                 moved = ckpt.set_aside_from(guard.first_bad_step)
                 aside = f" (set aside: {', '.join(p.name for p in moved)})" if moved else ""
@@ -345,6 +346,20 @@ def _train(
     if writer is not None:
         writer.close()
     return RunResult(losses=losses, skipped_steps=skipped, final_step=end, state=state)
+
+
+def _eval_clip(trainer: Trainer, params: dict[str, Any], cache: LatentCache, index: int) -> np.ndarray | None:
+    """A clip sampled for held-out sample `index`'s caption as a frame strip, when the cache was built with the demo
+    encoders (whose VAE is on disk); None otherwise."""
+    if trainer.recipe.data.encoders != "demo":
+        return None
+    from contentv_common.demo import DEMO_VAE
+    from contentv_jax.sampling import decode_latents, sample
+    from contentv_jax.vae import load_vae
+
+    inputs = eval_clip_inputs(cache, index, trainer.recipe.seed)
+    latents = sample(trainer.model(params), **inputs, progress=False, **EVAL_CLIP)
+    return frame_strip(decode_latents(load_vae(DEMO_VAE), latents)[0])
 
 
 def _initial_params(recipe: Recipe, mesh: Mesh | None = None) -> dict[str, Any] | None:

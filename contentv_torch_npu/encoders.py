@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contentv_common.config import CONFIG_DIR
-from contentv_common.demo_text import WordEmbeddingText
+from contentv_common.demo import DEMO_VAE, WordEmbeddingText
 from contentv_common.embedding_cache import EmbeddingCache
 from contentv_common.vae_config import tiny_vae_config
 from contentv_torch_npu.text_encoders import (
@@ -113,9 +112,6 @@ class Encoders:
         return Path(folder)
 
 
-DEMO_VAE = CONFIG_DIR / "demo_vae"
-
-
 def _cache(cache_dir: str | Path | None, text: TextEncoders | WordEmbeddingText) -> EmbeddingCache | None:
     return None if cache_dir is None else EmbeddingCache(cache_dir, text.identity)
 
@@ -136,7 +132,7 @@ def tiny_encoders(
 
 def demo_encoders(device: str | torch.device = "cpu", cache_dir: str | Path | None = None) -> Encoders:
     """The CPU demo's encoders: the tiny Wan VAE trained on the synthetic set (configs/demo_vae, made by
-    tools/make_demo_vae.py) and the word-embedding text encoder (contentv_common/demo_text.py); tiny-model sizes."""
+    tools/make_demo_vae.py) and the word-embedding text encoder (contentv_common/demo.py); tiny-model sizes."""
     text = WordEmbeddingText()
     return Encoders(text, load_vae(DEMO_VAE, device=device), _cache(cache_dir, text))
 

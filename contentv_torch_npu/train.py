@@ -28,7 +28,7 @@ from contentv_common.checkpoint import open_checkpoint
 from contentv_common.data.cache import Encoders, LatentCache
 from contentv_common.divergence import DivergenceGuard
 from contentv_common.errors import CheckpointSaveError, RunStopped
-from contentv_common.evaluation import eval_batch
+from contentv_common.evaluation import EVAL_CLIP, eval_batch, eval_clip_inputs, frame_strip
 from contentv_common.metrics import MetricsWriter
 from contentv_common.optim import learning_rate
 from contentv_common.recipe import Recipe
@@ -182,6 +182,22 @@ def build_model(recipe: Recipe, topo: Topology, ops: str) -> Transformer:
     torch.manual_seed(recipe.seed)
     model = Transformer(cfg, **kwargs).to(topo.device)
     return shard_model(model, topo.shard_mesh) if topo.world > 1 else model
+
+
+def _eval_clip(model: torch.nn.Module, cache: LatentCache, index: int, recipe: Recipe) -> np.ndarray | None:
+    """A clip sampled for held-out sample `index`'s caption as a frame strip, with the demo encoders (the VAE on
+    disk), on a single process; None otherwise."""
+    if recipe.data.encoders != "demo":
+        return None
+    from contentv_torch_npu.encoders import demo_encoders
+    from contentv_torch_npu.sampling import sample
+
+    latents = sample(model, **eval_clip_inputs(cache, index, recipe.seed), progress=False, **EVAL_CLIP)
+    return frame_strip(demo_encoders(_device(model)).decode_latents(latents)[0])
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _previous_stage(recipe: Recipe) -> ckpt.TrainState | Path | None:
@@ -346,8 +362,9 @@ def _run(
         metrics = {**record, "step": step}
         if held_out and step % recipe.eval.interval == 0:
             losses = evaluate(model, cache, held_out, recipe, topo.device)
+            clip = _eval_clip(model, cache, held_out[0], recipe) if topo.world == 1 else None
             if topo.is_main:
-                writer.evaluation(step, losses)
+                writer.evaluation(step, losses, clip)
         if guard.stopped:
             bar.close()
             if writer is not None:

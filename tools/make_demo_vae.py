@@ -72,7 +72,8 @@ def loss_fn(vae: WanVAE, video: torch.Tensor, weight: torch.Tensor) -> tuple[tor
     the latent space is smooth around the data: what the transformer generates decodes into clean shapes.
     """
     mean = vae.encode(video)
-    recon = vae.decode(mean + LATENT_NOISE * torch.randn_like(mean))
+    # unclamped decoder output: `decode` clamps to [-1, 1], which would stop the gradient of any pixel pushed past it
+    recon = vae._decode_frames(mean + LATENT_NOISE * torch.randn_like(mean))
     err = (recon - video).square()
     return (err * weight).mean() + LATENT_PENALTY * mean.square().mean(), err.mean()
 

@@ -1,4 +1,5 @@
-"""The demo's text encoder: a fixed random vector per word, laid out as SD3.5's 333 text tokens (numpy only).
+"""The CPU demo's encoders, framework-free parts: where its trained tiny VAE lives, and its text encoder, a fixed
+random vector per word laid out as SD3.5's 333 text tokens (numpy only).
 
 The tiny random CLIP/T5 encoders give each caption a distinct embedding, but a random function of its characters,
 so a few minutes of training on CPU cannot tell "red" from "blue" in it. The CPU demo uses this instead: every word
@@ -14,6 +15,9 @@ import hashlib
 
 import numpy as np
 
+from contentv_common.config import CONFIG_DIR
+
+DEMO_VAE = CONFIG_DIR / "demo_vae"  # a diffusers AutoencoderKLWan folder, made by tools/make_demo_vae.py
 CLIP_TOKENS, T5_TOKENS = 77, 256
 
 
