@@ -21,6 +21,15 @@ DEMO_VAE = CONFIG_DIR / "demo_vae"  # a diffusers AutoencoderKLWan folder, made 
 CLIP_TOKENS, T5_TOKENS = 77, 256
 
 
+def demo_identity() -> str:
+    """A fingerprint of the demo encoders (the VAE's weights and config, the text encoder's layout), so a latent
+    cache built with an older demo VAE is rebuilt, not reused."""
+    digest = hashlib.sha256(WordEmbeddingText().identity.encode())
+    for path in sorted(DEMO_VAE.glob("*.safetensors")) + [DEMO_VAE / "config.json"]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _word_vector(kind: str, word: str, width: int) -> np.ndarray:
     return np.random.default_rng(list(f"{kind}:{word}".encode())).standard_normal(width).astype(np.float32)
 

@@ -4,8 +4,13 @@ The README demo needs a VAE whose latents mean something: a random VAE decodes a
 coloured noise. This script trains the smallest Wan2.1-architecture VAE (base_dim 8, one res block, 16 latent
 channels) as an autoencoder on freshly rendered clips, sets its latent statistics so normalised latents have unit
 variance per channel, and writes it in float16 as a diffusers `AutoencoderKLWan` folder (about 1.3 MB) with
-`training.json` (steps, held-out reconstruction error). The result ships in `configs/demo_vae/`; rerunning this
-script (about 10 minutes on 2 CPU cores) reproduces it.
+`training.json` (held-out reconstruction error on whole 9-frame clips). The result ships in `configs/demo_vae/`.
+
+It was made in two runs on a loaded 2-core CPU (about 35 minutes in all): 1200 steps on 5-frame 32x32 windows (all
+centred on the shape, in that run), then `--init` from that, on 9-frame windows:
+
+    python tools/make_demo_vae.py --frames 5 --steps 1200 --lr 3e-3 --foreground-weight 10 --out /tmp/vae_a
+    python tools/make_demo_vae.py --init /tmp/vae_a --steps 400 --lr 1e-3 --max-minutes 11
 """
 
 from __future__ import annotations
@@ -24,14 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from contentv_common.data.synthetic import COLOURS, DIRECTIONS, SHAPES, render  # noqa: E402
+from contentv_common.demo import DEMO_VAE  # noqa: E402
 from contentv_common.vae_config import VAEConfig  # noqa: E402
-from contentv_torch_npu.vae import WanVAE, save_vae  # noqa: E402
+from contentv_torch_npu.vae import WanVAE, load_vae, save_vae  # noqa: E402
 
-DEMO_VAE = ROOT / "configs" / "demo_vae"
 SIZES = ((64, 64), (96, 64))  # (width, height) of the tiny recipe's video buckets
 CLIP_FRAMES = 12  # as the synthetic set renders them, so shapes move at the data's speed
-FRAMES = 5  # one causal time chunk after the first frame: what a longer clip repeats, at half the cost of 9
-FOREGROUND_WEIGHT = 10.0  # the shape covers ~6% of the pixels: weight it so colour and position are learnt first
 LATENT_NOISE = 0.1
 LATENT_PENALTY = 1e-3
 
@@ -41,28 +44,31 @@ def demo_vae_config() -> VAEConfig:
 
 
 def clips(
-    rng: np.random.Generator, n: int, size: tuple[int, int], crop: int | None = None
+    rng: np.random.Generator, n: int, size: tuple[int, int], frames: int, crop: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """n random clips [n, 3, F, H, W] in [-1, 1] and their per-pixel loss weights [n, 1, F, H, W].
+    """n random clips [n, 3, frames, H, W] in [-1, 1] and their foreground masks [n, 1, frames, H, W] (the shape).
 
-    With `crop`, each clip is a crop x crop window (on the 8-pixel latent grid) around its moving shape: the VAE is
-    convolutional, so training on the part of the frame that holds the shape costs a fraction of whole frames.
+    With `crop`, each clip is a crop x crop window (on the 8-pixel latent grid), every other one around its moving
+    shape and the rest anywhere: the VAE is convolutional, so windows teach it shapes and plain background alike at a
+    fraction of the cost of whole frames.
     """
     videos = []
     for _ in range(n):
         shape, colour, direction = SHAPES[rng.integers(2)], *(list(d)[rng.integers(4)] for d in (COLOURS, DIRECTIONS))
         clip = render(shape, colour, direction, *size, CLIP_FRAMES, int(rng.integers(2**31)))
-        start = int(rng.integers(CLIP_FRAMES - FRAMES + 1))
-        clip = clip[start : start + FRAMES]
+        start = int(rng.integers(CLIP_FRAMES - frames + 1))
+        clip = clip[start : start + frames]
         if crop is not None:
-            ys, xs = np.nonzero(clip[FRAMES // 2].max(axis=-1) > 100)
+            ys, xs = np.nonzero(clip[frames // 2].max(axis=-1) > 100)
+            if len(videos) % 2 or not len(xs):
+                ys, xs = rng.uniform(0, size[1], 1), rng.uniform(0, size[0], 1)
             y0, x0 = (int(np.clip((c.mean() - crop / 2 + rng.integers(-8, 9)) // 8 * 8, 0, lim - crop))
                       for c, lim in ((ys, size[1]), (xs, size[0])))  # fmt: skip
             clip = clip[:, y0 : y0 + crop, x0 : x0 + crop]
         videos.append(clip)
     video = torch.from_numpy(np.stack(videos)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
     foreground = (video.amax(dim=1, keepdim=True) > -0.5).float()  # background channels stay below 50 / 255
-    return video, 1.0 + (FOREGROUND_WEIGHT - 1.0) * foreground
+    return video, foreground
 
 
 def loss_fn(vae: WanVAE, video: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,18 +91,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--foreground-weight",
+        type=float,
+        default=4.0,
+        help="loss weight of shape pixels (~6%% of a frame) vs background",
+    )
+    ap.add_argument("--frames", type=int, default=9, help="frames per training clip (1 + 4k)")
+    ap.add_argument("--init", type=Path, help="start from this VAE folder (e.g. a shorter run's) instead of random")
     ap.add_argument("--crop", type=int, default=32, help="train on crop x crop windows around the shape (0: whole)")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop early after this long (slow machines)")
     args = ap.parse_args(argv)
     args.crop = args.crop or None
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    vae = WanVAE(demo_vae_config())
+    vae = WanVAE(demo_vae_config()) if args.init is None else load_vae(args.init)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
     start = time.perf_counter()
     for step in range(args.steps):
-        video, weight = clips(rng, args.batch, SIZES[step % len(SIZES)], crop=args.crop)
+        video, foreground = clips(rng, args.batch, SIZES[step % len(SIZES)], args.frames, crop=args.crop)
+        weight = 1.0 + (args.foreground_weight - 1.0) * foreground
         loss, mse = loss_fn(vae, video, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -113,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     vae.eval()
     held_out = np.random.default_rng(args.seed + 1)
     with torch.no_grad():
-        video, _ = clips(held_out, 16, SIZES[0])
+        video, _ = clips(held_out, 16, SIZES[0], 9)
         latents = vae.encode(video)
         mse = float((vae.decode(latents) - video).square().mean())
         mean = latents.mean(dim=(0, 2, 3, 4))

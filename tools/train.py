@@ -220,7 +220,8 @@ def sample_demo(recipe: Recipe, backend: str, prompts: list[str], progress: bool
             if prompt in clips:
                 rows.append(decode_clip(clips[prompt], recipe.data.fps, bucket.frames, bucket.width, bucket.height))
         strip = out / "strip.png"
-        av.VideoFrame.from_ndarray(frame_strip(*rows), format="rgb24").to_image().save(strip)
+        image = frame_strip(*rows).repeat(2, axis=0).repeat(2, axis=1)  # 2x: 64-pixel frames are small on screen
+        av.VideoFrame.from_ndarray(image, format="rgb24").to_image().save(strip)
         loss = Path(recipe.log_dir) / "loss.png"
         if loss.exists():
             shutil.copy(loss, out / "loss.png")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from contentv_common.data.buckets import BucketLike, assign_bucket, available_frames
 from contentv_common.data.decode import ClipError, decode_clip, probe
 from contentv_common.data.manifest import read_manifest
+from contentv_common.demo import demo_identity
 
 INDEX = "index.json"
 EMPTY_PROMPT = "empty_prompt.safetensors"
@@ -72,7 +73,7 @@ def cache_settings(manifest: str | Path, buckets: list[BucketLike], fps: float, 
         "manifest": str(Path(manifest).resolve()),
         "buckets": [bucket_name(b) for b in buckets],
         "fps": fps,
-        "encoders": encoders_name,
+        "encoders": f"demo:{demo_identity()}" if encoders_name == "demo" else encoders_name,
     }
 
 
