@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "--foreground-weight",
         type=float,
         default=4.0,
-        help="loss weight of shape pixels (~6%% of a frame) vs background",
+        help="loss weight of shape pixels vs background",
     )
     ap.add_argument("--frames", type=int, default=9, help="frames per training clip (1 + 4k)")
     ap.add_argument("--init", type=Path, help="start from this VAE folder (e.g. a shorter run's) instead of random")
