@@ -5,7 +5,8 @@ overrides, mesh vs devices, the checkpoint dir's run lock, then the data): a pro
 key, exit status 2; a run that stops (divergence, a failed checkpoint save) is one line and exit status 1.
 
 With the default tiny recipe the run is self-contained: it generates the synthetic moving-shapes set, caches its
-latents and text embeddings with tiny random encoders, trains the tiny model on CPU and writes a loss-curve PNG.
+latents and text embeddings with the demo encoders (configs/demo_vae + word embeddings), trains the demo model on CPU,
+writes a loss-curve PNG and samples the four demo prompts into `<run>/samples/` beside a strip image.
 Logs go to `<log_dir>/metrics.jsonl` and TensorBoard; multi-stage recipes run their stages in order.
 Several processes (JAX: jax.distributed, see contentv_jax.multihost and tools/launch_local.py; torch: torchrun) run
 the same command; process / rank 0 alone builds the data cache, writes the logs and samples the demo clip.
@@ -209,7 +210,7 @@ def sample_demo(recipe: Recipe, backend: str, prompts: list[str], progress: bool
     folder = export_transformer(recipe, backend)
     encoders = ["--demo"] if recipe.data.encoders == "demo" else ["--tiny", "--encoder-seed", str(recipe.seed)]
     args = [*encoders, "--transformer", str(folder), "--backend", backend, "--frames", str(bucket.frames)]
-    args += ["--size", f"{bucket.height}x{bucket.width}", "--steps", "20", "--guidance", "3.0"]
+    args += ["--size", f"{bucket.height}x{bucket.width}", "--steps", "20", "--guidance", "4.5"]
     args += ["--fps", str(recipe.data.fps), "--out", str(out), *(a for p in prompts for a in ("--prompt", p))]
     if primary:
         written = sample.main(args + ([] if progress else ["--no-progress"]))
