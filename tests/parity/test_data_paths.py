@@ -41,7 +41,7 @@ def test_jax_and_torch_draw_the_same_step(recipe, ranks):
     cache = LatentCache(recipe.data.cache_dir, list(recipe.data.buckets))
     masks = []
     for rank in range(ranks):
-        jax_batches = StepBatches(recipe, process_index=rank, process_count=ranks)
+        jax_batches = StepBatches(recipe, shards=(rank, rank + 1, ranks))
         loader = iter(make_loader(cache, recipe.data, recipe.seed, 5, rank, ranks))  # resume at step 5
         for k in range(5, 11):
             ours = jax_batches(k)
