@@ -191,7 +191,7 @@ def test_two_processes_train_like_one(reference, rel_err):
     exported = load_transformer(root / "two" / "transformer")
     params = nnx.to_pure_dict(nnx.state(exported, nnx.Param))
     assert rel_err(flat(params), flat(ref_state["ema"])) < 1e-6
-    assert sorted(p.name for p in (root / "two").iterdir()) == ["ckpt", "logs", "transformer"]
+    assert sorted(p.name for p in (root / "two").iterdir()) == ["ckpt", "logs", "samples", "transformer"]
 
 
 def test_checkpoints_cross_process_counts(reference, rel_err):
