@@ -6,7 +6,8 @@ Every loader and converter goes through it and through `check_keys`, so key and 
 Formats:
 - `diffusers`: `config.json` + `diffusion_pytorch_model*.safetensors` (sharded with an index or not), diffusers names.
   This is the layout of the official SD3.5-Large and ContentV-8B transformer folders.
-- `torch`: `contentv_config.json` + `model*.safetensors` with canonical names (the torch twin's state_dict).
+- `torch`: `contentv_config.json` + `model*.safetensors` with canonical names (the torch twin's state_dict), or the
+  per-rank files `shard-*.safetensors` of a multi-process checkpoint (contentv_torch_npu.sharded_checkpoint).
 - `jax`: `contentv_config.json` + an orbax folder `params/`. A backend's own format is read and written by that
   backend: `contentv_jax` registers it with `register_format` on import, so this layer never imports a framework.
 """
@@ -215,6 +216,9 @@ def open_safetensors_source(path: str | Path, table: ParamTable = TRANSFORMER_TA
         files = weight_files(path, "diffusion_pytorch_model")
     elif fmt == "torch":
         config = read_our_config(path)
+        shards = sorted(path.glob("shard-*.safetensors"))
+        if shards:
+            return rank_shards_source(path, config, shards, table)
         files = weight_files(path, "model")
     else:
         raise CheckpointError(f"{path}: a jax (orbax) checkpoint; open it with open_checkpoint")
@@ -264,6 +268,70 @@ def read_slice(file: Path, key: str, where: Index) -> np.ndarray:
             return f.get_slice(key)[where] if where else f.get_tensor(key)  # a scalar has no slice
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: cannot read tensor {key!r}: {e}") from None
+
+
+DCP_SHARDING = "DCP_SHARDING_INFO"  # torch.distributed.checkpoint's safetensors header key: each chunk's offsets
+
+
+Chunks = dict[str, list[tuple[Path, tuple[int, ...], tuple[int, ...]]]]  # key -> (file, offsets, shape) per chunk
+
+
+def rank_shard_chunks(files: list[Path]) -> tuple[Chunks, dict[str, tuple[int, ...]], dict[str, str]]:
+    """Where every tensor's chunks are in the per-rank files of a multi-process torch checkpoint (offsets from each
+    file's header), with the full shapes and dtypes; a chunk missing (a rank's file lost) is a CheckpointError."""
+    chunks: Chunks = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="numpy") as f:
+                offsets = json.loads((f.metadata() or {}).get(DCP_SHARDING, "{}"))
+                for key in f.keys():
+                    part = f.get_slice(key)
+                    shape = tuple(part.get_shape())
+                    start = tuple(offsets.get(key, {}).get("saved_offsets", [0] * len(shape)))
+                    chunks.setdefault(key, []).append((file, start, shape))
+                    end = tuple(o + n for o, n in zip(start, shape, strict=True))
+                    shapes[key] = tuple(map(max, shapes.get(key, end), end))
+                    dtypes[key] = part.get_dtype()
+        except (SafetensorError, OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{file}: cannot read checkpoint shard: {e}") from None
+    for key, parts in chunks.items():
+        if sum(int(np.prod(shape)) for _, _, shape in parts) != int(np.prod(shapes[key])):
+            raise CheckpointError(
+                f"{files[0].parent}: the shard files do not cover {key!r} (a rank's file is missing?)"
+            )
+    return chunks, shapes, dtypes
+
+
+def iter_rank_shards(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, full array) of per-rank shard files, assembled one tensor at a time."""
+    chunks, shapes, _ = rank_shard_chunks(files)
+    for key in sorted(chunks):
+        full = None
+        for file, start, shape in chunks[key]:
+            part = read_slice(file, key, tuple(slice(None) for _ in shape))
+            full = np.empty(shapes[key], part.dtype) if full is None else full
+            full[tuple(slice(o, o + n) for o, n in zip(start, shape, strict=True))] = part
+        yield key, full
+
+
+def rank_shards_source(path: Path, config: Any, files: list[Path], table: ParamTable) -> TensorSource:
+    """The per-rank files of a multi-process torch checkpoint's part as a TensorSource (full tensors, one at a time)."""
+    _, shapes, dtypes = rank_shard_chunks(files)
+    names = canonical_keys(list(shapes), table, path, from_diffusers=False)
+
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        for key, array in iter_rank_shards(files):
+            yield names[key], array
+
+    return TensorSource(
+        path=path,
+        config=config,
+        shapes={names[k]: v for k, v in shapes.items()},
+        dtypes={names[k]: v for k, v in dtypes.items()},
+        tensors=tensors,
+    )
 
 
 def open_checkpoint(path: str | Path) -> TensorSource:

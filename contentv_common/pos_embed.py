@@ -1,13 +1,13 @@
 """Fixed sin-cos position tables, written once against the numpy API (float32 result).
 
-`xp` is numpy (float64 maths; the torch twin adds these tables) or jax.numpy (float32 maths computed on device inside
-jit, so an 8B run does not embed a 400 MB constant in the executable). The formulas follow diffusers'
-`get_1d/2d/3d_sincos_pos_embed`; tests compare both variants against diffusers itself.
+`xp` is numpy (float64 maths, the reference the tests hold the backends to) or jax.numpy (float32 maths computed on
+device inside jit, so an 8B run does not embed a 400 MB constant in the executable; the torch twin computes the same
+float32 factors on its device). The formulas follow diffusers' `get_1d/2d/3d_sincos_pos_embed`; tests compare both
+variants against diffusers itself.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
 from types import ModuleType
 
 import numpy as np
@@ -54,16 +54,6 @@ def sincos_3d_table(
         axis=-1,
     )
     return table.reshape(frames * height * width, dim).astype(xp.float32)
-
-
-@lru_cache(maxsize=16)
-def sincos_3d(
-    dim: int, frames: int, height: int, width: int, spatial_scale: float = 0.5, temporal_scale: float = 1.0
-) -> np.ndarray:
-    """The numpy table, cached per shape (read-only)."""
-    table = sincos_3d_table(dim, frames, height, width, spatial_scale, temporal_scale)
-    table.setflags(write=False)
-    return table
 
 
 def sd3_table(dim: int, max_size: int, sample_size: int, patch_size: int) -> np.ndarray:

@@ -67,7 +67,7 @@ class DataConfig:
     manifest: str
     cache_dir: str
     buckets: tuple[BucketConfig, ...]
-    encoders: str = "tiny"  # "tiny" (random tiny VAE + text encoders) or a local diffusers pipeline folder
+    encoders: str = "tiny"  # "tiny" (random tiny VAE + text encoders), "demo" or a local diffusers pipeline folder
     fps: float = 24.0
     text_dropout: float = 0.1
     num_threads: int = 2
@@ -171,6 +171,21 @@ class DivergenceConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """In-loop validation every `interval` steps (0: off): the flow-matching loss at the fixed `timesteps` (0-1000) on
+    `samples` cached samples held out of training, and with tiny/demo encoders a sampled clip, to TensorBoard."""
+
+    interval: int = 0
+    timesteps: tuple[float, ...] = (100.0, 500.0, 900.0)
+    samples: int = 4
+
+    def __post_init__(self) -> None:
+        _check(self.interval >= 0, "interval", f"must be >= 0 (0: off), got {self.interval}")
+        _check(all(0 <= t <= 1000 for t in self.timesteps), "timesteps", f"must be in [0, 1000], got {self.timesteps}")
+        _check(self.samples >= 1, "samples", f"must be >= 1, got {self.samples}")
+
+
+@dataclass(frozen=True)
 class StageConfig:
     """One stage of a multi-stage run: dotted-key overrides of the recipe; it starts from the previous stage."""
 
@@ -202,6 +217,7 @@ class Recipe:
     init_from: str | None = None
     resume_from: str | None = None
     stages: tuple[StageConfig, ...] = ()
+    eval: EvalConfig = EvalConfig()
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, "steps", f"must be positive, got {self.steps}")

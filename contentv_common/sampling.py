@@ -8,11 +8,14 @@ Arithmetic is float32 as in diffusers, so a trajectory matches it step for step.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
+from contentv_common.config import ConfigError
 from contentv_common.schedules import shift_sigmas
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -39,15 +42,79 @@ class FlowMatchSchedule:
         return np.diff(self.sigmas)
 
 
-def flow_match_schedule(steps: int, shift: float) -> FlowMatchSchedule:
-    """The ContentV/SD3 inference schedule: linspace(1, 1/steps, steps) -> static shift -> append sigma 0."""
+def flow_match_schedule(steps: int, shift: float, shift_terminal: float | None = None) -> FlowMatchSchedule:
+    """The ContentV/SD3 inference schedule: linspace(1, 1/steps, steps) -> static shift -> (optionally) stretched so
+    the last sigma is `shift_terminal`, as diffusers' `stretch_shift_to_terminal` -> append sigma 0."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if shift <= 0:
         raise ValueError(f"shift must be positive, got {shift}")
-    sigmas = shift_sigmas(np.linspace(1.0, 1.0 / steps, steps), shift).astype(np.float32)
+    sigmas = shift_sigmas(np.linspace(1.0, 1.0 / steps, steps), shift)
+    if shift_terminal:
+        if not 0.0 < shift_terminal < 1.0:
+            raise ValueError(f"shift_terminal must be in (0, 1), got {shift_terminal}")
+        one_minus = 1.0 - sigmas
+        sigmas = 1.0 - one_minus / (one_minus[-1] / (1.0 - shift_terminal))
+    sigmas = sigmas.astype(np.float32)
     timesteps = sigmas * np.float32(NUM_TRAIN_TIMESTEPS)
     return FlowMatchSchedule(sigmas=np.append(sigmas, np.float32(0.0)), timesteps=timesteps)
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """What the sampler takes from a pipeline's `scheduler/scheduler_config.json`."""
+
+    shift: float = 1.0
+    shift_terminal: float | None = None
+
+
+SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
+# Fields of diffusers' FlowMatchEulerDiscreteScheduler that change nothing here while they keep these values; any
+# other value is rejected (that schedule is not implemented), naming the field.
+_MUST_BE = {
+    "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
+    "use_dynamic_shifting": False,
+    "invert_sigmas": False,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "stochastic_sampling": False,
+}
+# Read by diffusers only with use_dynamic_shifting (rejected above), so any value is inert.
+_DYNAMIC_ONLY = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "time_shift_type")
+
+
+def scheduler_settings(config: dict[str, Any], where: str = "scheduler_config.json") -> SchedulerSettings:
+    """Settings from a diffusers FlowMatchEulerDiscreteScheduler config: `shift` and `shift_terminal` are honoured,
+    fields whose value would select another schedule and unknown fields raise ConfigError naming the field."""
+    cls = config.get("_class_name", SCHEDULER_CLASS)
+    if cls != SCHEDULER_CLASS:
+        raise ConfigError(f"{where}: _class_name: only {SCHEDULER_CLASS} is supported, got {cls!r}")
+    for key, value in config.items():
+        if key.startswith("_") or key in ("shift", "shift_terminal") or key in _DYNAMIC_ONLY:
+            continue
+        if key not in _MUST_BE:
+            raise ConfigError(f"{where}: {key}: unknown {SCHEDULER_CLASS} field")
+        if value != _MUST_BE[key] and not (value is None and _MUST_BE[key] is False):
+            hint = "; pass --shift for a static shift" if key == "use_dynamic_shifting" else ""
+            raise ConfigError(f"{where}: {key}={value!r} is not supported (only {_MUST_BE[key]!r}){hint}")
+    shift, terminal = config.get("shift", 1.0), config.get("shift_terminal")
+    if not isinstance(shift, (int, float)) or shift <= 0:
+        raise ConfigError(f"{where}: shift: must be a positive number, got {shift!r}")
+    if terminal is not None and (not isinstance(terminal, (int, float)) or not 0.0 <= terminal < 1.0):
+        raise ConfigError(f"{where}: shift_terminal: must be a number in [0, 1), got {terminal!r}")
+    return SchedulerSettings(shift=float(shift), shift_terminal=float(terminal) if terminal else None)
+
+
+def read_scheduler_settings(path: str | Path) -> SchedulerSettings:
+    """`scheduler_settings` of a scheduler_config.json file; unreadable JSON is a ConfigError naming the file."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable scheduler config ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: must hold a JSON object")
+    return scheduler_settings(config, str(path))
 
 
 def euler_step(sample: Array, velocity: Array, dt: Array | float) -> Array:

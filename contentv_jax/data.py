@@ -33,6 +33,7 @@ class StepBatches:
         buckets = list(recipe.data.buckets)
         self.recipe = recipe
         self.cache = LatentCache(recipe.data.cache_dir, buckets)
+        self.held_out = self.cache.hold_out(recipe.eval.samples if recipe.eval.interval else 0, recipe.seed)
         self.sampler = BucketBatchSampler(self.cache.bucket_ids, [b.batch_size for b in buckets], recipe.seed)
         self.shards = shards
         self.patch = recipe.model_config.patch_size

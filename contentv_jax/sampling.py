@@ -43,13 +43,15 @@ def sample(
     guidance: float = 6.0,
     shift: float = 3.0,
     progress: bool = True,
+    shift_terminal: float | None = None,
 ) -> np.ndarray:
     """Denoise `noise` [B, C, F, H, W] into latents (float32 numpy) conditioned on text [B, L, D] and pooled [B, P].
 
     With guidance > 1 the negative prompt's embeddings (the unconditional branch) are required and run in the same
-    forward as the prompt's, uncond first as in diffusers.
+    forward as the prompt's, uncond first as in diffusers. `shift` and `shift_terminal` shape the schedule
+    (contentv_common.sampling.flow_match_schedule).
     """
-    schedule = flow_match_schedule(steps, shift)
+    schedule = flow_match_schedule(steps, shift, shift_terminal)
     text, pooled, guided = guidance_batch(text, pooled, neg_text, neg_pooled, guidance)
     graphdef, state = nnx.split(model)
     x = jnp.asarray(noise, jnp.float32)

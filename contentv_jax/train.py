@@ -22,8 +22,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from contentv_common.config import ConfigError
+from contentv_common.data.cache import LatentCache
 from contentv_common.divergence import DivergenceGuard
 from contentv_common.errors import RunStopped
+from contentv_common.evaluation import EVAL_CLIP, eval_batch, eval_clip_inputs, frame_strip
+from contentv_common.metrics import MetricsWriter
+from contentv_common.optim import learning_rate
 from contentv_common.recipe import Recipe
 from contentv_common.schedules import interpolate, velocity_target
 from contentv_jax import multihost, sharding
@@ -65,6 +69,7 @@ class Trainer:
         self.tx = make_optimizer(recipe.optimizer, _schedule_steps(recipe))
         self._steps: dict[tuple, Callable] = {}
         self._init: tuple[Callable, Callable] | None = None
+        self._eval: Callable | None = None
 
     # ---- state -------------------------------------------------------------------------------------------------
 
@@ -123,13 +128,25 @@ class Trainer:
 
     # ---- the step ----------------------------------------------------------------------------------------------
 
-    def loss(self, params: dict[str, Any], batch: dict[str, jax.Array]) -> jax.Array:
-        """Weighted velocity MSE at x_t = (1 - s) x0 + s noise, timestep 1000 s."""
+    def per_sample_loss(self, params: dict[str, Any], batch: dict[str, jax.Array]) -> jax.Array:
+        """Velocity MSE [B] at x_t = (1 - s) x0 + s noise, timestep 1000 s, unweighted."""
         model = self.model(params)
         x0, noise, sigmas = batch["latents"], batch["noise"], batch["sigmas"]
         pred = model(interpolate(x0, noise, sigmas), sigmas * 1000.0, batch["text"], batch["pooled"])
-        per_sample = jnp.mean(jnp.square(pred.astype(jnp.float32) - velocity_target(x0, noise)), axis=(1, 2, 3, 4))
-        return jnp.mean(per_sample * batch["weights"])
+        return jnp.mean(jnp.square(pred.astype(jnp.float32) - velocity_target(x0, noise)), axis=(1, 2, 3, 4))
+
+    def loss(self, params: dict[str, Any], batch: dict[str, jax.Array]) -> jax.Array:
+        """Weighted velocity MSE: the per-sample losses times their weights, averaged over the batch."""
+        return jnp.mean(self.per_sample_loss(params, batch) * batch["weights"])
+
+    def evaluate(self, params: dict[str, Any], cache: LatentCache, held_out: list[int]) -> dict[float, float]:
+        """Validation loss per fixed timestep, averaged over the held-out samples (contentv_common.evaluation)."""
+        if self._eval is None:
+            self._eval = jax.jit(self.per_sample_loss)
+        timesteps = self.recipe.eval.timesteps
+        rows = [self._eval(params, eval_batch(cache, i, timesteps, self.recipe.seed)) for i in held_out]
+        mean = np.mean(jax.device_get(rows), axis=0)
+        return {t: float(v) for t, v in zip(timesteps, mean, strict=True)}
 
     def step(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
         """One update; a non-finite loss or gradient, or one above `batch["limits"]` (max loss, max gradient norm:
@@ -272,13 +289,18 @@ def _train(
             prev.close()
     guard = DivergenceGuard(recipe.divergence, recipe.nan_skip_limit, guard_state)
     loader = make_loader(recipe, data_state, multihost.batch_shards(trainer.mesh))
+    eval_cache = LatentCache(recipe.data.cache_dir, list(recipe.data.buckets)) if recipe.eval.interval else None
+    held_out = eval_cache.hold_out(recipe.eval.samples, recipe.seed) if eval_cache else []
+    writer = MetricsWriter(recipe.log_dir, recipe.log_interval) if jax.process_index() == 0 else None
     start = int(state["step"])
+    nan_skips = int(state["skipped"])
     end = recipe.steps if stop_after is None else min(stop_after, recipe.steps)
     losses, skipped = {}, []
     replicated = NamedSharding(trainer.mesh, PartitionSpec())
     with tqdm(total=end - start, desc="train", disable=not progress) as bar:
         for step in range(start, end):
             t0 = time.perf_counter()
+            lr = learning_rate(recipe.optimizer, step - nan_skips, recipe.steps)
             batch = trainer.device_batch(next(loader))
             batch["limits"] = jax.device_put(np.asarray(guard.limits(), np.float32), replicated)
             state, metrics = trainer.jitted_step(state, batch)(state, batch)
@@ -289,21 +311,23 @@ def _train(
                 losses[step] = metrics["loss"]
             else:
                 skipped.append(step)
+                nan_skips += 1
                 bar.write(f"step {step}: loss {metrics['loss']} / grad norm {metrics['grad_norm']} non-finite or "
                           "spiking, skipped")  # fmt: skip
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", step_s=f"{dt:.2f}")
             bar.update()
+            record = {"step": step, "loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "lr": lr}
+            record.update(skipped=not metrics["ok"], nan_skips=nan_skips, step_time=dt)
+            record["batch"] = int(batch["latents"].shape[0])
+            if writer is not None:
+                writer.step(record)
             if on_step is not None:
-                on_step(
-                    {
-                        "step": step,
-                        "loss": metrics["loss"],
-                        "grad_norm": metrics["grad_norm"],
-                        "skipped": not metrics["ok"],
-                        "step_time": dt,
-                        "batch": int(batch["latents"].shape[0]),
-                    }
-                )
+                on_step(record)
+            if held_out and (step + 1) % recipe.eval.interval == 0:
+                evaluation = trainer.evaluate(state["params"], eval_cache, held_out)
+                if writer is not None:
+                    clip = _eval_clip(trainer, state["params"], eval_cache, held_out[0])
+                    writer.evaluation(step + 1, evaluation, clip)
             if guard.stopped:
                 moved = ckpt.set_aside_from(guard.first_bad_step)
                 aside = f" (set aside: {', '.join(p.name for p in moved)})" if moved else ""
@@ -313,11 +337,29 @@ def _train(
                     if last is not None
                     else f"no checkpoint from before it in {ckpt.dir}"
                 )
+                if writer is not None:
+                    writer.close()
                 raise TrainingStopped(guard.stop_message(where + aside))
             if (step + 1) % recipe.checkpoint.interval == 0 or step + 1 == end:
                 data = {**loader.get_state(), "divergence": guard.state()}
                 ckpt.save(step + 1, state, data, pin_before=guard.first_bad_step)
+    if writer is not None:
+        writer.close()
     return RunResult(losses=losses, skipped_steps=skipped, final_step=end, state=state)
+
+
+def _eval_clip(trainer: Trainer, params: dict[str, Any], cache: LatentCache, index: int) -> np.ndarray | None:
+    """A clip sampled for held-out sample `index`'s caption as a frame strip, when the cache was built with the demo
+    encoders (whose VAE is on disk); None otherwise."""
+    if trainer.recipe.data.encoders != "demo":
+        return None
+    from contentv_common.demo import DEMO_VAE
+    from contentv_jax.sampling import decode_latents, sample
+    from contentv_jax.vae import load_vae
+
+    inputs = eval_clip_inputs(cache, index, trainer.recipe.seed)
+    latents = sample(trainer.model(params), **inputs, progress=False, **EVAL_CLIP)
+    return frame_strip(decode_latents(load_vae(DEMO_VAE), latents)[0])
 
 
 def _initial_params(recipe: Recipe, mesh: Mesh | None = None) -> dict[str, Any] | None:

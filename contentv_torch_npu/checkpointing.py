@@ -35,10 +35,11 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from contentv_common import integrity
-from contentv_common.checkpoint import read_our_config, write_our_config
+from contentv_common.checkpoint import iter_rank_shards, read_our_config, write_our_config
 from contentv_common.config import ModelConfig
 from contentv_common.safetensors_io import AtomicFolder, CheckpointError, iter_tensors, weight_files, write_sharded
 from contentv_torch_npu.loading import numpy_to_torch, torch_to_numpy
+from contentv_torch_npu.sharded_checkpoint import is_sharded
 
 _STEP_DIR = re.compile(r"step_(\d{8})")
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -118,12 +119,21 @@ def save_state(root: str | Path, state: TrainState, keep: int, pin_before: int |
     return target
 
 
+def prune(root: str | Path, keep: int, pin_before: int | None = None) -> None:
+    """Delete all but the `keep` newest checkpoints under `root` (and the newest before `pin_before`)."""
+    done = {int(m[1]): p for p in Path(root).iterdir() if (m := _STEP_DIR.fullmatch(p.name))}
+    for old in integrity.steps_to_delete(list(done), keep, pin_before):
+        shutil.rmtree(done[old])
+
+
 def load_state(folder: str | Path, verify: bool = True) -> TrainState:
     """Read a checkpoint folder (checked against its manifest unless `verify` is False: `latest_checkpoint` did);
     a missing or damaged file is a CheckpointError naming it."""
     folder = Path(folder)
     if verify:
         integrity.verify(folder)
+    if is_sharded(folder):
+        return read_sharded_state(folder)
     meta_file = folder / "state.json"
     try:
         meta = json.loads(meta_file.read_text())
@@ -150,6 +160,32 @@ def load_state(folder: str | Path, verify: bool = True) -> TrainState:
         adam_step=adam_step,
         data_position=position,
         ema=_read_weights(folder / "ema") if (folder / "ema").is_dir() else None,
+        counters={k: int(v) for k, v in meta.get("counters", {}).items()},
+        divergence=dict(meta.get("divergence") or {}),
+    )
+
+
+def read_sharded_state(folder: Path) -> TrainState:
+    """The whole state of a sharded checkpoint in one process, as a TrainState (full numpy arrays,
+    assembled one tensor at a time): what the single-process tools (conversion, comparisons) read."""
+    meta = json.loads((folder / "state.json").read_text())
+
+    def part(name: str) -> dict[str, np.ndarray]:
+        return dict(iter_rank_shards(sorted((folder / name).glob("shard-*.safetensors"))))
+
+    moments: dict[str, dict[str, np.ndarray]] = {kind: {} for kind in MOMENTS}
+    for key, array in part("optimizer").items():
+        kind, _, name = key.partition(".")
+        moments[kind][name] = array
+    return TrainState(
+        config=read_our_config(folder / "model"),
+        params=part("model"),
+        exp_avg=moments["exp_avg"],
+        exp_avg_sq=moments["exp_avg_sq"],
+        step=int(meta["step"]),
+        adam_step=int(meta["adam_step"]),
+        data_position=int(meta["data_position"]),
+        ema=part("ema") if (folder / "ema").is_dir() else None,
         counters={k: int(v) for k, v in meta.get("counters", {}).items()},
         divergence=dict(meta.get("divergence") or {}),
     )
@@ -182,8 +218,13 @@ def gather_state(
     """The full state of a (possibly FSDP2-sharded) model and its AdamW; every rank must call it, rank 0 gets it."""
     params = get_model_state_dict(model, options=_FULL)
     optim = get_optimizer_state_dict(model, optimizer, options=_FULL)
-    ema_full = None if ema is None else {n: _full(t).detach().cpu() for n, t in ema.items()}
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    ema_full = None if ema is None else {}
+    for name, t in (ema or {}).items():  # one gathered tensor at a time; only rank 0 keeps them
+        full = _full(t).detach()
+        if main:
+            ema_full[name] = full.cpu()
+    if not main:
         return None
     state = optim["state"]
     adam_steps = {int(s["step"]) for s in state.values()}

@@ -76,16 +76,16 @@ def make_loader(cache: LatentCache, data: DataConfig, seed: int, start: int, dp_
 def open_cache(data: DataConfig, encoders: Encoders | None, *, build: bool, progress: bool = True) -> LatentCache:
     """The recipe's latent cache, (re)built first when `build` and its settings are stale.
 
-    `encoders` defaults to `data.encoders`: "tiny" (random tiny encoders) or a local diffusers pipeline folder.
+    `encoders` defaults to `data.encoders`: "tiny" (random tiny encoders), "demo" or a local diffusers pipeline folder.
     Only one process should pass `build=True` (the others wait at a barrier, then open it).
     """
     buckets = list(data.buckets)
     settings = cache_settings(data.manifest, buckets, data.fps, data.encoders)
     if build and not cache_is_current(data.cache_dir, settings):
         if encoders is None:
-            from contentv_torch_npu.encoders import load_encoders, tiny_encoders
+            from contentv_torch_npu.encoders import named_encoders
 
-            encoders = tiny_encoders() if data.encoders == "tiny" else load_encoders(data.encoders)
+            encoders = named_encoders(data.encoders)
         build_cache(data.manifest, data.cache_dir, encoders, buckets, data.fps, data.encoders, progress=progress)
     return LatentCache(data.cache_dir, buckets)
 

@@ -6,11 +6,13 @@ same batch and splits its tokens; the `data x fsdp` groups each load their own s
 Parameters are replicated over `mesh.data` and sharded over the rest (fsdp and sequence ranks hold the same weights):
 with `data > 1` that is FSDP2's hybrid sharding (HSDP) on a 2-D DeviceMesh (replicate=data, shard=fsdp x sequence),
 pure replication when the shard side has one rank; with `data == 1` plain FSDP over every rank.
-Ulysses works without changing the model's math: forward hooks keep each rank's slice of the image and text tokens
-after the embeddings and gather the image tokens before the unpatchify, and an `Ops` wrapper turns the joint
-attention into all-to-all (tokens -> heads), full attention over every token for `heads / sp` heads, all-to-all
-back. Token order inside attention does not matter (no mask, positions are added at the embedding), so the
-interleaved [image_i; text_i] layout is exact.
+Ulysses works without changing the model's math: forward hooks pad the image and text tokens to a multiple of the
+group size and keep each rank's slice after the embeddings, and gather the image tokens (padding cut off) after the
+output projection; an `Ops` wrapper turns the joint attention into all-to-all (tokens -> heads), full attention for
+`ceil(heads / sp)` heads over the real tokens only (padding tokens dropped, so they are never attended to), all-to-all
+back. Heads are padded with zero heads up to a multiple of the group size inside attention and sliced off after, so
+ContentV's 38 heads and 333 text tokens run at any sequence degree up to 38. Token order inside attention does not
+matter (no mask, positions are added at the embedding), so the interleaved [image_i; text_i] layout is exact.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.utils.hooks import RemovableHandle
 
+from contentv_common.config import ModelConfig
 from contentv_common.recipe import MeshConfig
 from contentv_torch_npu import device as device_mod
 from contentv_torch_npu.ops import Ops, ops_for
@@ -60,8 +64,14 @@ class Topology:
         return self.rank == 0
 
 
-def check_mesh(mesh: MeshConfig, world: int) -> None:
-    """The mesh must cover the world exactly; the torch twin has no tensor parallelism."""
+def check_mesh(mesh: MeshConfig, world: int, model: ModelConfig | None = None) -> None:
+    """The mesh must cover the world exactly; the torch twin has no tensor parallelism; every rank of a sequence
+    group must hold at least one real attention head (heads are padded up to a multiple of `mesh.sequence`)."""
+    if model is not None and mesh.sequence > model.num_attention_heads:
+        raise ValueError(
+            f"mesh.sequence {mesh.sequence} exceeds num_attention_heads {model.num_attention_heads}: Ulysses gives "
+            f"each sequence rank ceil(heads / sequence) heads, so at most {model.num_attention_heads} ranks"
+        )
     if mesh.tensor != 1:
         raise ValueError(f"mesh.tensor: the torch twin has no tensor parallelism (got {mesh.tensor})")
     size = mesh.data * mesh.fsdp * mesh.sequence
@@ -86,13 +96,16 @@ def shard_mesh_shape(mesh: MeshConfig) -> tuple[tuple[int, ...], tuple[str, ...]
     return (shard,), ("shard",)
 
 
-def init_distributed(device_name: str = "auto", mesh: MeshConfig | None = None) -> Topology:
+def init_distributed(
+    device_name: str = "auto", mesh: MeshConfig | None = None, model: ModelConfig | None = None
+) -> Topology:
     """Join the torchrun world (RANK / WORLD_SIZE / LOCAL_RANK), backend by device: hccl, nccl or gloo, and build
-    the recipe mesh's process groups. A single process without torchrun variables runs without a process group."""
+    the recipe mesh's process groups. A single process without torchrun variables runs without a process group.
+    `model` checks the mesh against the model before any process group starts."""
     mesh = mesh or MeshConfig()
     device = device_mod.resolve_device(device_name)
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    check_mesh(mesh, world)
+    check_mesh(mesh, world, model)
     if world == 1 and not dist.is_initialized():
         return Topology(device=device)
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -183,24 +196,65 @@ class _Gather(torch.autograd.Function):
         return grad.chunk(size, dim=ctx.dim)[rank].contiguous(), None, None
 
 
+def padded(n: int, size: int) -> int:
+    """`n` rounded up to a multiple of `size`."""
+    return -(-n // size) * size
+
+
+@dataclass
+class SequenceLengths:
+    """The real (unpadded) image and text token counts of the current forward, written by the split hooks and read
+    by the attention (also when activation checkpointing recomputes a block in the backward pass)."""
+
+    image: int = 0
+    text: int = 0
+
+
+def real_positions(size: int, image: int, text: int, device: torch.device | None = None) -> torch.Tensor | None:
+    """Indices of the real tokens in the sequence the all-to-all assembles (rank r's chunk is its padded image slice,
+    then its padded text slice), ascending; None when nothing is padded. Built from ranges (no data-dependent ops),
+    so it also traces under FakeTensorMode."""
+    ni, nt = padded(image, size) // size, padded(text, size) // size
+    if ni * size == image and nt * size == text:
+        return None
+    pieces = []
+    for rank in range(size):
+        start = rank * (ni + nt)
+        pieces.append(torch.arange(start, start + min(ni, max(image - rank * ni, 0)), device=device))
+        pieces.append(torch.arange(start + ni, start + ni + min(nt, max(text - rank * nt, 0)), device=device))
+    return torch.cat(pieces)
+
+
 @dataclass(frozen=True)
 class UlyssesOps:
     """Sequence-parallel attention around any `Ops`: tokens are split over the group, heads are split inside."""
 
     inner: Ops
     group: dist.ProcessGroup
+    lengths: SequenceLengths = field(default_factory=SequenceLengths)
     name: str = "ulysses"
 
     def attention(self, q, k, v, mask=None, dropout=0.0):
-        """q, k, v: [B, heads, N_local, d] -> all-to-all -> [B, heads / sp, N, d] -> attention -> back."""
+        """q, k, v: [B, heads, N_local, d] -> zero heads up to a multiple of sp -> all-to-all -> [B, heads_p / sp,
+        N_padded, d] -> padding tokens dropped -> attention -> padding restored -> all-to-all back -> real heads."""
         if mask is not None:
             raise ValueError("Ulysses sequence parallel attention takes no mask (the joint attention has none)")
-        size = dist.get_world_size(self.group)
-        if q.shape[1] % size:
-            raise ValueError(f"{q.shape[1]} attention heads are not divisible by sequence_parallel {size}")
+        size, (_, heads, n_local, _) = dist.get_world_size(self.group), q.shape
+        image, text = self.lengths.image, self.lengths.text
+        expected = (padded(image, size) + padded(text, size)) // size
+        if n_local != expected:
+            raise ValueError(f"Ulysses attention got {n_local} local tokens, the split hooks give {expected}")
+        extra = padded(heads, size) - heads
+        if extra:
+            q, k, v = (F.pad(t, (0, 0, 0, 0, 0, extra)) for t in (q, k, v))
         q, k, v = (_AllToAll.apply(t, 1, 2, self.group) for t in (q, k, v))
-        out = self.inner.attention(q, k, v, dropout=dropout)
-        return _AllToAll.apply(out, 2, 1, self.group)
+        keep = real_positions(size, image, text, q.device)
+        if keep is None:
+            out = self.inner.attention(q, k, v, dropout=dropout)
+        else:
+            real = self.inner.attention(*(t.index_select(2, keep) for t in (q, k, v)), dropout=dropout)
+            out = real.new_zeros(q.shape).index_copy(2, keep, real)
+        return _AllToAll.apply(out, 2, 1, self.group)[:, :heads]
 
     def rms_norm(self, x, weight, eps):
         return self.inner.rms_norm(x, weight, eps)
@@ -209,20 +263,20 @@ class UlyssesOps:
         return self.inner.gelu_tanh(x)
 
 
-def _split_tokens(group: dist.ProcessGroup, what: str):
+def _split_tokens(group: dist.ProcessGroup, lengths: SequenceLengths, what: str):
     size = dist.get_world_size(group)
 
     def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-        if output.shape[1] % size:
-            raise ValueError(f"{output.shape[1]} {what} tokens are not divisible by sequence_parallel {size}")
-        return _Slice.apply(output, 1, group)
+        setattr(lengths, what, output.shape[1])
+        extra = padded(output.shape[1], size) - output.shape[1]
+        return _Slice.apply(F.pad(output, (0, 0, 0, extra)) if extra else output, 1, group)
 
     return hook
 
 
-def _gather_tokens(group: dist.ProcessGroup):
+def _gather_tokens(group: dist.ProcessGroup, lengths: SequenceLengths):
     def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-        return _Gather.apply(output, 1, group)
+        return _Gather.apply(output, 1, group)[:, : lengths.image]
 
     return hook
 
@@ -233,14 +287,16 @@ def enable_sequence_parallel(model: Transformer, group: dist.ProcessGroup, devic
     Every rank of the group must get the same inputs; each rank's parameter gradients are then its tokens' share,
     so the group's gradients must be summed (the trainer scales the loss by the group size before FSDP averages).
     """
-    if model.cfg.num_attention_heads % dist.get_world_size(group):
+    size = dist.get_world_size(group)
+    if size > model.cfg.num_attention_heads:
         raise ValueError(
-            f"num_attention_heads {model.cfg.num_attention_heads} is not divisible by sequence_parallel "
-            f"{dist.get_world_size(group)}"
+            f"sequence_parallel {size} exceeds num_attention_heads {model.cfg.num_attention_heads} (at most one "
+            f"rank per head)"
         )
-    model.ops = UlyssesOps(ops_for(model.ops, device_type), group)
+    lengths = SequenceLengths()
+    model.ops = UlyssesOps(ops_for(model.ops, device_type), group, lengths)
     return [
-        model.patch_embed.register_forward_hook(_split_tokens(group, "image")),
-        model.context_embedder.register_forward_hook(_split_tokens(group, "text")),
-        model.proj_out.register_forward_hook(_gather_tokens(group)),
+        model.patch_embed.register_forward_hook(_split_tokens(group, lengths, "image")),
+        model.context_embedder.register_forward_hook(_split_tokens(group, lengths, "text")),
+        model.proj_out.register_forward_hook(_gather_tokens(group, lengths)),
     ]

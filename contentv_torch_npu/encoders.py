@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from contentv_common.demo import DEMO_T5_TOKENS, DEMO_VAE, WordEmbeddingText
 from contentv_common.embedding_cache import EmbeddingCache
 from contentv_common.vae_config import tiny_vae_config
 from contentv_torch_npu.text_encoders import (
@@ -56,7 +57,9 @@ class SD3ImageVAE(torch.nn.Module):
 class Encoders:
     """Text encoders + VAE; numpy in, numpy out. See contentv_torch_npu/encoders.py's module docstring."""
 
-    def __init__(self, text: TextEncoders, vae: WanVAE | SD3ImageVAE, cache: EmbeddingCache | None = None):
+    def __init__(
+        self, text: TextEncoders | WordEmbeddingText, vae: WanVAE | SD3ImageVAE, cache: EmbeddingCache | None = None
+    ):
         self.text = text
         self.vae = vae.eval()
         self.cache = cache
@@ -109,7 +112,7 @@ class Encoders:
         return Path(folder)
 
 
-def _cache(cache_dir: str | Path | None, text: TextEncoders) -> EmbeddingCache | None:
+def _cache(cache_dir: str | Path | None, text: TextEncoders | WordEmbeddingText) -> EmbeddingCache | None:
     return None if cache_dir is None else EmbeddingCache(cache_dir, text.identity)
 
 
@@ -125,6 +128,24 @@ def tiny_encoders(
         torch.manual_seed(seed)
         vae = WanVAE(tiny_vae_config()).to(device)
     return Encoders(text, vae, _cache(cache_dir, text))
+
+
+def demo_encoders(device: str | torch.device = "cpu", cache_dir: str | Path | None = None) -> Encoders:
+    """The CPU demo's encoders: the tiny Wan VAE trained on the synthetic set (configs/demo_vae, made by
+    tools/make_demo_vae.py) and the word-embedding text encoder (contentv_common/demo.py); tiny-model sizes."""
+    text = WordEmbeddingText(t5_tokens=DEMO_T5_TOKENS)
+    return Encoders(text, load_vae(DEMO_VAE, device=device), _cache(cache_dir, text))
+
+
+def named_encoders(
+    name: str, seed: int = 0, device: str | torch.device = "cpu", cache_dir: str | Path | None = None
+) -> Encoders:
+    """A recipe's `data.encoders`: "tiny" (random, seeded), "demo" (demo_encoders) or a local pipeline folder."""
+    if name == "tiny":
+        return tiny_encoders(seed, device=device, cache_dir=cache_dir)
+    if name == "demo":
+        return demo_encoders(device, cache_dir)
+    return load_encoders(name, device=device, cache_dir=cache_dir)
 
 
 def _load_vae(folder: Path, device: str | torch.device) -> WanVAE | SD3ImageVAE:

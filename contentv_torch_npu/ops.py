@@ -47,6 +47,13 @@ class TorchOps:
         return F.gelu(x, approximate="tanh")
 
 
+# npu_fusion_attention's precision knobs, pinned because their defaults changed between CANN releases (the 7.0
+# docs default inner_precise to 1, later ones to 0). inner_precise 0 is the documented high-precision mode (1 trades
+# precision for speed); sync False keeps the dropout-mask generation asynchronous (no effect on the result).
+INNER_PRECISE = 0
+SYNC = False
+
+
 @dataclass(frozen=True)
 class NpuOps:
     """Ascend kernels through torch_npu: npu_fusion_attention (BNSD), npu_rms_norm, npu_gelu."""
@@ -54,9 +61,15 @@ class NpuOps:
     name: str = "npu"
 
     def attention(self, q, k, v, mask=None, dropout=0.0):
-        """Same contract as TorchOps.attention; converts to npu_fusion_attention's conventions."""
-        head_dim = q.shape[-1]
-        atten_mask = None if mask is None else npu_mask(mask, q.shape[-2], k.shape[-2])
+        """Same contract as TorchOps.attention; converts to npu_fusion_attention's conventions.
+
+        With sparse_mode 0 the kernel keeps key j for query i only when `i - pre_tockens <= j <= i + next_tockens`
+        (a band); both are set to the longer of the query and key lengths, so every query sees every key at any
+        length (the 65536 of the official ContentV code would band stage 5's 111,933 tokens).
+        """
+        head_dim, q_len, k_len = q.shape[-1], q.shape[-2], k.shape[-2]
+        atten_mask = None if mask is None else npu_mask(mask, q_len, k_len)
+        window = max(q_len, k_len)
         out = device_mod.torch_npu().npu_fusion_attention(
             q,
             k,
@@ -66,9 +79,12 @@ class NpuOps:
             pse=None,
             atten_mask=atten_mask,
             scale=1.0 / math.sqrt(head_dim),
-            pre_tockens=65536,
-            next_tockens=65536,
             keep_prob=1.0 - dropout,
+            pre_tockens=window,
+            next_tockens=window,
+            inner_precise=INNER_PRECISE,
+            sparse_mode=0,
+            sync=SYNC,
         )
         return out[0]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from contentv_common.optim import decays
@@ -29,10 +30,19 @@ def make_optimizer(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.
 
 
 def global_grad_norm(model: torch.nn.Module) -> torch.Tensor:
-    """L2 norm of all gradients (over every FSDP shard)."""
+    """L2 norm of all gradients over every FSDP shard, from the local shards: each rank's sum of squares, summed over
+    the shard ranks (HSDP replicas hold the same shards). `get_total_norm` on the DTensors would gather every full
+    gradient onto every rank (a whole fp32 model of temporary memory at real size)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, 2.0)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    norm = torch.nn.utils.get_total_norm(local, 2.0)
+    if not sharded:
+        return norm
+    mesh = sharded[0].device_mesh
+    square = norm.float().square()
+    dist.all_reduce(square, group=mesh.get_group(mesh.ndim - 1))
+    return square.sqrt()
 
 
 def updates_done(optimizer: torch.optim.Optimizer) -> int:

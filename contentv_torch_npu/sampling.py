@@ -13,6 +13,17 @@ from tqdm.auto import tqdm
 from contentv_common.sampling import euler_step, flow_match_schedule, guidance_batch, guide
 
 
+def official_noise(seed: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """The initial latents ContentV's demo draws for `seed`, as float32 numpy.
+
+    demo.py passes `torch.Generator().manual_seed(seed)` (a CPU generator); the pipeline's `prepare_latents` calls
+    diffusers' `randn_tensor` once with shape [B, C, f, h, w] for all B prompts and the prompt embeddings' dtype
+    (bfloat16 there), which draws on the CPU with `torch.randn` and only then moves to the device.
+    """
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=dtype).float().numpy()
+
+
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -29,13 +40,15 @@ def sample(
     guidance: float = 6.0,
     shift: float = 3.0,
     progress: bool = True,
+    shift_terminal: float | None = None,
 ) -> np.ndarray:
     """Denoise `noise` [B, C, F, H, W] into latents (float32 numpy) conditioned on text [B, L, D] and pooled [B, P].
 
     With guidance > 1 the negative prompt's embeddings (the unconditional branch) are required and run in the same
-    forward as the prompt's, uncond first as in diffusers.
+    forward as the prompt's, uncond first as in diffusers. `shift` and `shift_terminal` shape the schedule
+    (contentv_common.sampling.flow_match_schedule).
     """
-    schedule = flow_match_schedule(steps, shift)
+    schedule = flow_match_schedule(steps, shift, shift_terminal)
     text, pooled, guided = guidance_batch(text, pooled, neg_text, neg_pooled, guidance)
     device = _device(model)
     x = torch.as_tensor(np.asarray(noise, np.float32), device=device)

@@ -12,7 +12,6 @@ the checkpoint dir's run lock for the whole run.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -25,19 +24,29 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from contentv_common.data.cache import Encoders
+from contentv_common.checkpoint import open_checkpoint
+from contentv_common.data.cache import Encoders, LatentCache
 from contentv_common.divergence import DivergenceGuard
 from contentv_common.errors import CheckpointSaveError, RunStopped
+from contentv_common.evaluation import EVAL_CLIP, eval_batch, eval_clip_inputs, frame_strip
+from contentv_common.metrics import MetricsWriter
 from contentv_common.optim import learning_rate
 from contentv_common.recipe import Recipe
 from contentv_common.run_lock import RunLock, RunLockedError
 from contentv_common.safetensors_io import CheckpointError
-from contentv_common.schedules import flow_inputs, interpolate, resolve_shift, step_rng, velocity_target
+from contentv_common.schedules import (
+    flow_inputs,
+    interpolate,
+    resolve_shift,
+    step_rng,
+    velocity_target,
+)
 from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu.data import make_loader, open_cache
 from contentv_torch_npu.distributed import Topology, enable_sequence_parallel, init_distributed, shard_model
 from contentv_torch_npu.loading import load_transformer
 from contentv_torch_npu.optim import apply_update, global_grad_norm, make_optimizer, step_ok
+from contentv_torch_npu.sharded_checkpoint import is_sharded, load_sharded, save_sharded, stream_weights
 from contentv_torch_npu.transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -91,13 +100,30 @@ def step_inputs(recipe: Recipe, batch: dict[str, Any], empty: tuple[np.ndarray, 
     )
 
 
-def flow_matching_loss(model: torch.nn.Module, inputs: StepInputs) -> torch.Tensor:
-    """Weighted velocity MSE: per-sample mean over [C, F, H, W] times the loss weight, averaged over the batch."""
+def per_sample_loss(model: torch.nn.Module, inputs: StepInputs) -> torch.Tensor:
+    """Velocity MSE of each sample [B] (mean over [C, F, H, W]), unweighted."""
     x_t = interpolate(inputs.latents, inputs.noise, inputs.sigmas)
     target = velocity_target(inputs.latents, inputs.noise)
     pred = model(x_t, inputs.sigmas * 1000.0, inputs.text, inputs.pooled)
-    per_sample = (pred.float() - target.float()).square().mean(dim=(1, 2, 3, 4))
-    return (per_sample * inputs.weights).mean()
+    return (pred.float() - target.float()).square().mean(dim=(1, 2, 3, 4))
+
+
+def flow_matching_loss(model: torch.nn.Module, inputs: StepInputs) -> torch.Tensor:
+    """Weighted velocity MSE: per-sample mean over [C, F, H, W] times the loss weight, averaged over the batch."""
+    return (per_sample_loss(model, inputs) * inputs.weights).mean()
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, cache: LatentCache, held_out: list[int], recipe: Recipe, device: torch.device
+) -> dict[float, float]:
+    """Validation loss per fixed timestep, averaged over the held-out samples (contentv_common.evaluation)."""
+    timesteps = recipe.eval.timesteps
+    total = np.zeros(len(timesteps))
+    for i in held_out:
+        batch = {k: torch.from_numpy(v).to(device) for k, v in eval_batch(cache, i, timesteps, recipe.seed).items()}
+        total += per_sample_loss(model, StepInputs(**batch)).cpu().numpy()
+    return {t: float(v / len(held_out)) for t, v in zip(timesteps, total, strict=True)}
 
 
 def train_step(
@@ -136,25 +162,52 @@ def train_step(
 
 
 def build_model(recipe: Recipe, topo: Topology, ops: str) -> Transformer:
-    """The recipe's model in fp32 masters, identical on every rank (seeded init or `init_from` weights)."""
+    """The recipe's model in fp32 masters, identical on every rank (seeded init or `init_from` weights), sharded
+    (FSDP2 / HSDP) in a multi-process run. There `init_from` builds the model on the meta device, shards it and
+    streams the weights one tensor at a time, each rank keeping its slices (no rank holds the whole model)."""
     cfg = recipe.model_config
     kwargs = dict(compute_dtype=DTYPES[recipe.compute_dtype], ops=ops, gradient_checkpointing=recipe.remat != "none")
     if recipe.init_from:
-        model = load_transformer(recipe.init_from, torch.float32, cfg.pos_embed, device=topo.device, **kwargs)
-        if model.cfg != cfg:
-            raise ValueError(f"init_from {recipe.init_from}: model config {model.cfg} differs from the recipe's {cfg}")
-        return model
+        source = open_checkpoint(recipe.init_from)
+        source_cfg = source.config.replace(pos_embed=cfg.pos_embed)
+        if source_cfg != cfg:
+            raise ValueError(f"init_from {recipe.init_from}: model config {source_cfg} differs from the recipe's {cfg}")
+        if topo.world == 1:
+            return load_transformer(recipe.init_from, torch.float32, cfg.pos_embed, device=topo.device, **kwargs)
+        with torch.device("meta"):
+            model = Transformer(cfg, **kwargs)
+        shard_model(model, topo.shard_mesh)
+        model.to_empty(device=topo.device)
+        return stream_weights(model, source)
     torch.manual_seed(recipe.seed)
-    return Transformer(cfg, **kwargs).to(topo.device)
+    model = Transformer(cfg, **kwargs).to(topo.device)
+    return shard_model(model, topo.shard_mesh) if topo.world > 1 else model
 
 
-def _previous_stage(recipe: Recipe) -> ckpt.TrainState | None:
+def _eval_clip(model: torch.nn.Module, cache: LatentCache, index: int, recipe: Recipe) -> np.ndarray | None:
+    """A clip sampled for held-out sample `index`'s caption as a frame strip, with the demo encoders (the VAE on
+    disk), on a single process; None otherwise."""
+    if recipe.data.encoders != "demo":
+        return None
+    from contentv_torch_npu.encoders import demo_encoders
+    from contentv_torch_npu.sampling import sample
+
+    latents = sample(model, **eval_clip_inputs(cache, index, recipe.seed), progress=False, **EVAL_CLIP)
+    return frame_strip(demo_encoders(_device(model)).decode_latents(latents)[0])
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _previous_stage(recipe: Recipe) -> ckpt.TrainState | Path | None:
+    """The previous stage's last checkpoint: its folder when sharded (read slice by slice), else its state."""
     if recipe.resume_from is None:
         return None
     folder = ckpt.latest_checkpoint(recipe.resume_from)
     if folder is None:
         raise FileNotFoundError(f"resume_from {recipe.resume_from}: no checkpoint there")
-    return ckpt.load_state(folder)
+    return folder if is_sharded(folder) else ckpt.load_state(folder)
 
 
 def _all_ok(ok: bool, topo: Topology) -> bool:
@@ -205,7 +258,7 @@ def run(
     rest is data parallel. `mesh.tensor` > 1 is not supported by the torch twin. `on_step` (main rank only) gets the
     same record as the JAX trainer's: {step (0-based), loss, grad_norm, skipped, step_time, batch (global size)}.
     """
-    topo = init_distributed(device, recipe.mesh)
+    topo = init_distributed(device, recipe.mesh, recipe.model_config)
     lock = _lock(recipe.checkpoint.dir, topo)
     try:
         return _run(recipe, topo, ops, encoders, progress, on_step)
@@ -230,17 +283,24 @@ def _run(
     model = build_model(recipe, topo, ops)
     if topo.sp > 1:
         enable_sequence_parallel(model, topo.sp_group, topo.device.type)
-    if topo.world > 1:
-        shard_model(model, topo.shard_mesh)
     optimizer = make_optimizer(model, recipe.optimizer)
     decay = recipe.optimizer.ema_decay
     ema = {n: p.detach().clone() for n, p in model.named_parameters()} if decay else None
 
     step, position, counters = 0, 0, {"nan_skips": 0}
     resume = _resume_point(recipe.checkpoint.dir, topo)
-    state = ckpt.load_state(resume, verify=False) if resume else _previous_stage(recipe)
     guard_state = None
-    if state is not None:
+    state: ckpt.TrainState | Path | None = None
+    if resume is not None and is_sharded(resume):  # same stage: each rank reads its slices of everything
+        meta = load_sharded(resume, model, optimizer, ema)
+        step, position = int(meta["step"]), int(meta["data_position"])
+        counters = {**counters, **{k: int(v) for k, v in meta.get("counters", {}).items()}}
+        guard_state = meta.get("divergence") or {"skipped": counters["nan_skips"]}
+    else:
+        state = ckpt.load_state(resume, verify=False) if resume else _previous_stage(recipe)
+    if isinstance(state, Path):  # the previous stage's sharded checkpoint: weights and EMA only
+        load_sharded(state, model, None, ema)
+    elif state is not None:
         ckpt.restore_weights(model, state.params)
         if ema is not None:
             if resume and state.ema is None:
@@ -253,22 +313,24 @@ def _run(
     guard = DivergenceGuard(recipe.divergence, recipe.nan_skip_limit, guard_state)
 
     def save() -> None:
-        full = ckpt.gather_state(
-            model, optimizer, ema, step=step, data_position=position, counters=counters
-        )  # every rank takes part in the gather
         error = None
-        if full is not None:
-            full.divergence = guard.state()
-            try:
+        try:
+            if topo.world > 1:  # every rank writes its own slices
+                meta = {"step": step, "data_position": position, "counters": counters, "divergence": guard.state()}
+                save_sharded(ckpt.step_dir(recipe.checkpoint.dir, step), model, optimizer, ema, meta)
+                if topo.is_main:
+                    ckpt.prune(recipe.checkpoint.dir, recipe.checkpoint.keep, guard.first_bad_step)
+            else:
+                full = ckpt.gather_state(model, optimizer, ema, step=step, data_position=position, counters=counters)
+                full.divergence = guard.state()
                 ckpt.save_state(recipe.checkpoint.dir, full, recipe.checkpoint.keep, guard.first_bad_step)
-            except Exception as e:  # any failure ends the run now, every rank, with the previous resume point
-                error = CheckpointSaveError(f"{recipe.checkpoint.dir}: saving step {step} failed: {e}")
+        except Exception as e:  # any failure ends the run now, every rank, with the previous resume point
+            error = CheckpointSaveError(f"{recipe.checkpoint.dir}: saving step {step} failed: {e}")
         if not _all_ok(error is None, topo):
             raise error or CheckpointSaveError(f"{recipe.checkpoint.dir}: saving step {step} failed on rank 0")
 
-    log_file = Path(recipe.log_dir) / "metrics.jsonl"
-    if topo.is_main:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+    held_out = cache.hold_out(recipe.eval.samples if recipe.eval.interval else 0, recipe.seed)
+    writer = MetricsWriter(recipe.log_dir, recipe.log_interval) if topo.is_main else None
     loader = iter(make_loader(cache, recipe.data, recipe.seed, position, topo.dp_rank, topo.dp))
     empty = (cache.empty_text, cache.empty_pooled)
     metrics: dict[str, Any] = {}
@@ -290,25 +352,31 @@ def _run(
         counters["nan_skips"] = guard.skipped
         if not applied and topo.is_main:
             bar.write(f"step {step}: loss {loss} / grad norm {norm} non-finite or spiking, skipped")
-        if on_step is not None and topo.is_main:
-            on_step(
-                {"step": step, "loss": loss, "grad_norm": norm, "skipped": not applied, "step_time": step_time,
-                 "batch": batch["global_size"]}
-            )  # fmt: skip
+        record = {"step": step, "loss": loss, "grad_norm": norm, "lr": lr, "skipped": not applied}
+        record.update(nan_skips=counters["nan_skips"], step_time=step_time, batch=batch["global_size"])
+        if topo.is_main:
+            writer.step(record)
+            if on_step is not None:
+                on_step(record)
         step, position = step + 1, position + 1
-        metrics = {"step": step, "loss": loss, "grad_norm": norm, "lr": lr, "skipped": not applied}
-        metrics.update(nan_skips=counters["nan_skips"], step_s=step_time)
-        if topo.is_main and step % recipe.log_interval == 0:
-            with log_file.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
+        metrics = {**record, "step": step}
+        if held_out and step % recipe.eval.interval == 0:
+            losses = evaluate(model, cache, held_out, recipe, topo.device)
+            clip = _eval_clip(model, cache, held_out[0], recipe) if topo.world == 1 else None
+            if topo.is_main:
+                writer.evaluation(step, losses, clip)
         if guard.stopped:
             bar.close()
+            if writer is not None:
+                writer.close()
             raise TrainingStopped(guard.stop_message(_keep_resume_point(recipe, guard, topo)))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if step % recipe.checkpoint.interval == 0 or step == recipe.steps:
             save()
     bar.close()
+    if writer is not None:
+        writer.close()
     return metrics
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from contentv_common.config import ModelConfig
-from contentv_common.pos_embed import crop_sd3_table, sd3_table, sincos_3d
+from contentv_common.pos_embed import crop_sd3_table, sd3_table
 from contentv_torch_npu.ops import Ops, ops_for
 
 
@@ -76,37 +76,61 @@ class TimeEmbed(nn.Module):
         return self.timestep(t) + self.pooled(pooled_projections)
 
 
+def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """[M, dim] float32 on `positions`' device: sin of positions x frequencies, then cos (diffusers' formula)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float32, device=positions.device) / (dim / 2.0))
+    out = positions.reshape(-1, 1).float() * omega[None]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def sincos_3d_parts(
+    dim: int, frames: int, height: int, width: int, spatial_scale: float, temporal_scale: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ContentV's 3D table in its two factors, float32 on `device`: temporal [frames, dim/4] and spatial
+    [height*width, 3dim/4] (column code, then row code). The full [frames*h*w, dim] table is their broadcast concat,
+    so it is never built: at 720p it would be 1.1 GB, the factors are a few MB."""
+    rows = torch.arange(height, dtype=torch.float32, device=device) / spatial_scale
+    cols = torch.arange(width, dtype=torch.float32, device=device) / spatial_scale
+    half = 3 * dim // 8
+    spatial = torch.cat(
+        [_sincos_1d(half, cols[None, :].expand(height, width)), _sincos_1d(half, rows[:, None].expand(height, width))],
+        dim=1,
+    )
+    temporal = _sincos_1d(dim // 4, torch.arange(frames, dtype=torch.float32, device=device) / temporal_scale)
+    return temporal, spatial
+
+
 class PatchEmbed(nn.Module):
-    """Per-frame 2D patch projection plus a fixed position table (3D sin-cos, or SD3's cropped 2D table)."""
+    """Per-frame 2D patch projection plus a fixed position table (3D sin-cos, or SD3's cropped 2D table).
+
+    The 3D table is computed for the current shape on the input's device in float32 and added in float32 (as the
+    JAX side does inside jit); nothing is cached on the host or the device.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         p = cfg.patch_size
         self.proj = nn.Conv2d(cfg.in_channels, cfg.hidden_size, kernel_size=p, stride=p)
-        self._tables: dict[tuple, torch.Tensor] = {}  # the latest 3D table on its device
         if cfg.pos_embed == "sd3_2d":
             table = sd3_table(cfg.hidden_size, cfg.pos_embed_max_size, cfg.sample_size, cfg.patch_size)
             self.register_buffer("pos_table", torch.from_numpy(table), persistent=True)
 
-    def positions(self, frames: int, h: int, w: int, device: torch.device) -> torch.Tensor:
-        cfg = self.cfg
-        if cfg.pos_embed == "sd3_2d":
-            return crop_sd3_table(self.pos_table.float(), cfg.pos_embed_max_size, h, w)
-        key = (frames, h, w, device)
-        if key not in self._tables:  # one host-to-device copy per shape, not per forward
-            table = sincos_3d(
-                cfg.hidden_size, frames, h, w, cfg.spatial_interpolation_scale, cfg.temporal_interpolation_scale
-            )
-            self._tables = {key: torch.tensor(table, device=device)}
-        return self._tables[key]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
         b, _, f, _, _ = x.shape
         x = self.proj(rearrange(x, "b c f h w -> (b f) c h w"))
-        _, _, h, w = x.shape
+        _, d, h, w = x.shape
         x = rearrange(x, "(b f) d h w -> b (f h w) d", b=b)
-        return (x.float() + self.positions(f, h, w, x.device)[None]).to(x.dtype)
+        if cfg.pos_embed == "sd3_2d":
+            table = crop_sd3_table(self.pos_table.float(), cfg.pos_embed_max_size, h, w)
+            return (x.float() + table[None]).to(x.dtype)
+        temporal, spatial = sincos_3d_parts(
+            d, f, h, w, cfg.spatial_interpolation_scale, cfg.temporal_interpolation_scale, x.device
+        )
+        x32 = x.float().view(b, f, h * w, d)
+        out = torch.cat([x32[..., : d // 4] + temporal[None, :, None], x32[..., d // 4 :] + spatial[None, None]], -1)
+        return out.view(b, f * h * w, d).to(x.dtype)
 
 
 class JointAttention(nn.Module):
@@ -213,7 +237,9 @@ class Transformer(nn.Module):
         param_dtype = self.proj_out.weight.dtype
         if self.compute_dtype is None or self.compute_dtype == param_dtype:
             return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.compute_dtype)
+        # no cast cache: it would keep a bf16 copy of every block's gathered weights until the forward ends,
+        # defeating FSDP2's per-block resharding (the casts are recomputed instead; same numbers)
+        return torch.autocast(device.type, dtype=self.compute_dtype, cache_enabled=False)
 
     def embed(
         self,

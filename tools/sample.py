@@ -4,18 +4,19 @@
     python tools/sample.py --pipeline sd3.5-large --prompt "a red fox" --frames 1 --size 1024x1024 --backend torch
     python tools/sample.py --tiny --transformer runs/tiny/final --prompt "a red cat" --frames 9 --size 64x64
 
-Encoders (CLIP-L/CLIP-G/T5 + Wan VAE, torch) come from `--pipeline` (a local diffusers folder) or `--tiny` (random tiny
-ones, no downloads). The JAX backend decodes with the JAX Wan VAE (same weights), so it uses torch for text only.
+Encoders (CLIP-L/CLIP-G/T5 + Wan VAE, torch) come from `--pipeline` (a local diffusers folder), `--tiny` (random tiny
+ones, no downloads) or `--demo` (the CPU demo's: a tiny Wan VAE trained on the synthetic set + word embeddings).
+The JAX backend decodes with the JAX Wan VAE (same weights), so it uses torch for text only.
 The transformer is `--transformer` (any folder `load_transformer` reads: diffusers, our torch or our JAX format), else
-`PIPELINE/transformer`, else (with `--tiny`) a random tiny model seeded by `--model-seed`.
+`PIPELINE/transformer`, else (with `--tiny` or `--demo`) a random tiny model seeded by `--model-seed`.
 SD3/SD3.5 checkpoints run in image mode (`--frames 1`). Noise is drawn in numpy from `--seed` + prompt index, so both
-backends and any batch size give the same video for the same weights.
+backends and any batch size give the same video for the same weights; `--noise torch` draws it as the official
+ContentV demo does (a torch CPU generator seeded with `--seed`, all prompts at once, in `--dtype`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import tempfile
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from contentv_common.checkpoint import detect_format, open_checkpoint
 from contentv_common.cli import run_cli
 from contentv_common.config import ConfigError, named_model_config
 from contentv_common.recipe import AttentionChoice
-from contentv_common.sampling import draw_noise, latent_shape
+from contentv_common.sampling import SchedulerSettings, draw_noise, latent_shape, read_scheduler_settings
 from contentv_common.video_io import write_video
 
 if TYPE_CHECKING:
@@ -39,18 +40,26 @@ DTYPES = ("float32", "bfloat16")
 SHIFT = 3.0  # SD3.5-Large's scheduler shift
 
 
-def scheduler_shift(pipeline: Path | None) -> float:
-    """The static shift in a pipeline's scheduler/scheduler_config.json (SD3.5: 3.0), else SHIFT."""
+def pipeline_scheduler(pipeline: Path | None) -> SchedulerSettings:
+    """The pipeline's scheduler/scheduler_config.json settings (SD3.5: shift 3.0), else shift SHIFT; fields that would
+    select a schedule not implemented here raise ConfigError naming the field."""
     path = None if pipeline is None else pipeline / "scheduler" / "scheduler_config.json"
     if path is None or not path.exists():
-        return SHIFT
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not a readable scheduler config ({e})") from None
-    if config.get("use_dynamic_shifting"):
-        raise ConfigError(f"{path}: use_dynamic_shifting is not supported (static shift only); pass --shift")
-    return float(config.get("shift", 1.0))
+        return SchedulerSettings(shift=SHIFT)
+    return read_scheduler_settings(path)
+
+
+def initial_noise(kind: str, seed: int, shape: tuple[int, ...], count: int, dtype: str) -> np.ndarray:
+    """Noise [count, C, f, h, w] of all prompts: "numpy" draws prompt i from seed + i (any batch size, either backend,
+    the same video); "torch" draws all at once from a torch CPU generator seeded with `seed` in `dtype`, exactly as
+    the official ContentV demo (diffusers' pipeline with a prompt list) does."""
+    if kind == "numpy":
+        return np.concatenate([draw_noise(seed + i, shape) for i in range(count)])
+    import torch
+
+    from contentv_torch_npu.sampling import official_noise
+
+    return official_noise(seed, (count, *shape[1:]), getattr(torch, dtype))
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -126,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = ap.add_argument_group("models")
     src.add_argument("--pipeline", type=Path, help="local diffusers pipeline folder (ContentV-8B or SD3.5)")
     src.add_argument("--tiny", action="store_true", help="random tiny encoders (and model, without --transformer)")
+    src.add_argument("--demo", action="store_true", help="the CPU demo's encoders: trained tiny VAE + word embeddings")
     src.add_argument("--transformer", type=Path, help="transformer checkpoint folder (diffusers, torch or jax format)")
     src.add_argument("--model-seed", type=int, default=0, help="seed of the random tiny transformer")
     src.add_argument("--encoder-seed", type=int, default=0, help="seed of the random tiny encoders")
@@ -140,7 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--frames", type=int, default=125, help="1 + 4k frames (1 for image models)")
     ap.add_argument("--size", type=parse_size, default=(432, 768), help="HEIGHTxWIDTH in pixels, multiples of 16")
-    ap.add_argument("--seed", type=int, default=0, help="noise seed; prompt i uses seed + i")
+    ap.add_argument("--seed", type=int, default=0, help="noise seed; prompt i uses seed + i (numpy noise)")
+    ap.add_argument(
+        "--noise",
+        choices=("numpy", "torch"),
+        default="numpy",
+        help="numpy: the same video in both backends; torch: the official ContentV demo's latents for --seed",
+    )
     ap.add_argument("--batch-size", type=int, default=1, help="prompts denoised together")
     ap.add_argument(
         "--attention",
@@ -169,10 +185,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, prompts: list[str]) -> None:
     if not prompts:
         ap.error("give at least one --prompt or a --prompts-file")
-    if args.pipeline is None and not args.tiny:
-        ap.error("give --pipeline FOLDER (a local diffusers pipeline) or --tiny")
-    if args.pipeline is not None and args.tiny:
-        ap.error("--pipeline and --tiny are exclusive")
+    if (args.pipeline is not None) + args.tiny + args.demo != 1:
+        ap.error("give exactly one of --pipeline FOLDER (a local diffusers pipeline), --tiny or --demo")
     if args.steps < 1 or args.batch_size < 1:
         ap.error("--steps and --batch-size must be >= 1")
     if args.attention != "auto" and args.backend != "jax":
@@ -204,11 +218,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
     prompts = read_prompts(args)
     check_args(ap, args, prompts)
     from contentv_torch_npu.device import resolve_device
-    from contentv_torch_npu.encoders import load_encoders, tiny_encoders
+    from contentv_torch_npu.encoders import demo_encoders, load_encoders, tiny_encoders
 
     device = resolve_device(args.device)
     if args.tiny:
         encoders = tiny_encoders(args.encoder_seed, device=device, cache_dir=args.cache_dir)
+    elif args.demo:
+        encoders = demo_encoders(device, cache_dir=args.cache_dir)
     else:
         import torch
 
@@ -231,7 +247,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if cfg.pos_embed == "sd3_2d" and args.frames != 1:
         ap.error(f"{path} is an image model (SD3 position table): use --frames 1")
     height, width = args.size
-    shift = args.shift if args.shift is not None else scheduler_shift(args.pipeline)
+    try:
+        schedule = pipeline_scheduler(args.pipeline)
+    except ConfigError as e:
+        ap.error(str(e))
+    shift = args.shift if args.shift is not None else schedule.shift
     try:
         shape = latent_shape(cfg.in_channels, args.frames, height, width)
     except ValueError as e:
@@ -241,20 +261,21 @@ def main(argv: list[str] | None = None) -> list[Path]:
     guided = args.guidance > 1.0
     neg_text, neg_pooled = encoders.encode_text([args.negative_prompt]) if guided else (None, None)
     sample = sampler(args.backend)
+    noise = initial_noise(args.noise, args.seed, shape, len(prompts), args.dtype)
     written = []
     for start in range(0, len(prompts), args.batch_size):
         idx = list(range(start, min(start + args.batch_size, len(prompts))))
-        noise = np.concatenate([draw_noise(args.seed + i, shape) for i in idx])
         negs = (np.repeat(neg_text, len(idx), 0), np.repeat(neg_pooled, len(idx), 0)) if guided else (None, None)
         latents = sample(
             model,
-            noise,
+            noise[idx],
             text[idx],
             pooled[idx],
             *negs,
             steps=args.steps,
             guidance=args.guidance,
             shift=shift,
+            shift_terminal=schedule.shift_terminal,
             progress=not args.no_progress,
         )
         for i, video in zip(idx, decode(latents), strict=True):

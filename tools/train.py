@@ -5,7 +5,8 @@ overrides, mesh vs devices, the checkpoint dir's run lock, then the data): a pro
 key, exit status 2; a run that stops (divergence, a failed checkpoint save) is one line and exit status 1.
 
 With the default tiny recipe the run is self-contained: it generates the synthetic moving-shapes set, caches its
-latents and text embeddings with tiny random encoders, trains the tiny model on CPU and writes a loss-curve PNG.
+latents and text embeddings with the demo encoders (configs/demo_vae + word embeddings), trains the demo model on CPU,
+writes a loss-curve PNG and samples the four demo prompts into `<run>/samples/` beside a strip image.
 Logs go to `<log_dir>/metrics.jsonl` and TensorBoard; multi-stage recipes run their stages in order.
 Several processes (JAX: jax.distributed, see contentv_jax.multihost and tools/launch_local.py; torch: torchrun) run
 the same command; process / rank 0 alone builds the data cache, writes the logs and samples the demo clip.
@@ -14,8 +15,8 @@ the same command; process / rank 0 alone builds the data cache, writes the logs 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,26 +36,24 @@ from contentv_common.reward_recipe import is_reward_recipe, load_reward_recipe  
 from contentv_common.run_lock import check_unlocked  # noqa: E402
 
 TINY = ROOT / "configs" / "recipes" / "tiny.yaml"
+DEMO_PROMPTS = (
+    "a red circle moving right",
+    "a blue square moving down",
+    "a green circle moving left",
+    "a yellow square moving up",
+)
 
 
 class MetricsLog:
-    """One JSON line per step plus TensorBoard scalars; keeps the losses for the plot."""
+    """Keeps the losses for the plot; the trainers themselves write metrics.jsonl and TensorBoard (one stream,
+    contentv_common/metrics.py)."""
 
     def __init__(self, log_dir: str | Path):
-        from tensorboardX import SummaryWriter
-
         self.dir = Path(log_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = (self.dir / "metrics.jsonl").open("a")
-        self.tb = SummaryWriter(str(self.dir / "tensorboard"))
         self.steps: list[int] = []
         self.losses: list[float] = []
 
     def __call__(self, metrics: dict[str, Any]) -> None:
-        self.jsonl.write(json.dumps(metrics) + "\n")
-        self.jsonl.flush()
-        for name in ("loss", "grad_norm", "step_time"):
-            self.tb.add_scalar(f"train/{name}", metrics[name], metrics["step"])
         if not metrics["skipped"]:
             self.steps.append(metrics["step"])
             self.losses.append(metrics["loss"])
@@ -78,21 +77,18 @@ class MetricsLog:
         ax.set_yscale("log")
         ax.legend()
         fig.tight_layout()
+        self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / "loss.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
 
-    def close(self) -> None:
-        self.jsonl.close()
-        self.tb.close()
-
 
 def load_encoders(name: str, seed: int):
-    """The VAE + text encoders used to build the cache: "tiny" (random, for the demo) or a pipeline folder."""
-    from contentv_torch_npu import encoders
+    """The VAE + text encoders used to build the cache: "tiny" (random), "demo" (trained tiny VAE) or a pipeline."""
+    from contentv_torch_npu.encoders import named_encoders
 
-    return encoders.tiny_encoders(seed) if name == "tiny" else encoders.load_encoders(name)
+    return named_encoders(name, seed)
 
 
 def prepare_data(recipe: Recipe, progress: bool = True) -> None:
@@ -145,7 +141,7 @@ def check_devices(recipe: Recipe, backend: str) -> bool:
     from contentv_torch_npu.distributed import check_mesh
 
     try:
-        check_mesh(recipe.mesh, int(os.environ.get("WORLD_SIZE", "1")))
+        check_mesh(recipe.mesh, int(os.environ.get("WORLD_SIZE", "1")), recipe.model_config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return os.environ.get("RANK", "0") == "0"
@@ -168,15 +164,11 @@ def prepare_data_once(recipe: Recipe, backend: str, primary: bool, progress: boo
 
 def train_stage(recipe: Recipe, backend: str, progress: bool, primary: bool = True) -> MetricsLog | None:
     log = MetricsLog(recipe.log_dir) if primary else None
-    try:
-        if backend == "jax":
-            from contentv_jax.train import run
-        else:
-            from contentv_torch_npu.train import run
-        run(recipe, progress=progress, on_step=log)
-    finally:
-        if log is not None:
-            log.close()
+    if backend == "jax":
+        from contentv_jax.train import run
+    else:
+        from contentv_torch_npu.train import run
+    run(recipe, progress=progress, on_step=log)
     return log
 
 
@@ -201,17 +193,40 @@ def export_transformer(recipe: Recipe, backend: str) -> Path:
     return export_model(out, trainer.model(state.get("ema", state["params"])))  # every process takes part
 
 
-def sample_demo(recipe: Recipe, backend: str, prompt: str, progress: bool, primary: bool = True) -> None:
-    """Sample a short clip from the model just trained (tiny encoders, as the cache was built with), in process 0."""
+def sample_demo(recipe: Recipe, backend: str, prompts: list[str], progress: bool, primary: bool = True) -> None:
+    """Sample a clip per prompt from the model just trained into `<run>/samples/` (beside the checkpoints), with
+    the loss curve and strip.png: per prompt, the generated frames above a training clip of the same caption. Process 0
+    samples; the others wait."""
+    import av
+
+    from contentv_common.data.decode import decode_clip
+    from contentv_common.data.manifest import read_manifest
+    from contentv_common.evaluation import frame_strip
+    from contentv_common.video_io import read_video
     from tools import sample
 
     bucket = recipe.data.buckets[0]
+    out = Path(recipe.checkpoint.dir).parent / "samples"
     folder = export_transformer(recipe, backend)
-    args = ["--tiny", "--encoder-seed", str(recipe.seed), "--transformer", str(folder), "--backend", backend]
-    args += ["--prompt", prompt, "--frames", str(bucket.frames), "--size", f"{bucket.height}x{bucket.width}"]
-    args += ["--steps", "20", "--guidance", "3.0", "--fps", str(recipe.data.fps), "--out", str(Path(recipe.log_dir))]
+    encoders = ["--demo"] if recipe.data.encoders == "demo" else ["--tiny", "--encoder-seed", str(recipe.seed)]
+    args = [*encoders, "--transformer", str(folder), "--backend", backend, "--frames", str(bucket.frames)]
+    args += ["--size", f"{bucket.height}x{bucket.width}", "--steps", "20", "--guidance", "3.0"]
+    args += ["--fps", str(recipe.data.fps), "--out", str(out), *(a for p in prompts for a in ("--prompt", p))]
     if primary:
-        sample.main(args + ([] if progress else ["--no-progress"]))
+        written = sample.main(args + ([] if progress else ["--no-progress"]))
+        clips = {e.caption: e.path for e in read_manifest(recipe.data.manifest) if not e.is_image}
+        rows = []
+        for prompt, path in zip(prompts, written, strict=True):
+            rows.append(read_video(path)[0])
+            if prompt in clips:
+                rows.append(decode_clip(clips[prompt], recipe.data.fps, bucket.frames, bucket.width, bucket.height))
+        strip = out / "strip.png"
+        image = frame_strip(*rows).repeat(2, axis=0).repeat(2, axis=1)  # 2x: 64-pixel frames are small on screen
+        av.VideoFrame.from_ndarray(image, format="rgb24").to_image().save(strip)
+        loss = Path(recipe.log_dir) / "loss.png"
+        if loss.exists():
+            shutil.copy(loss, out / "loss.png")
+        print(f"samples in {out}: {len(written)} clips, strip.png (generated above a training clip), loss.png")
     if backend == "jax":  # the others wait: jax.distributed's shutdown barrier would give up after 5 minutes
         from contentv_jax import multihost
 
@@ -240,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
         "--sample-prompt",
-        default="a red circle moving right",
-        help="after training with tiny encoders, sample a clip with this prompt ('' to skip)",
+        action="append",
+        help="after training with tiny or demo encoders, sample a clip with this prompt (repeatable; default: the "
+        "four demo prompts; '' to skip)",
     )
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optimizer.lr=3e-4 steps=50")
     args = parser.parse_intermixed_args(argv)
@@ -263,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         if log is not None and log.losses:
             plot = log.plot()
             print(f"stage {name}: loss {log.losses[0]:.4f} -> {log.losses[-1]:.4f}; curve {plot}")
-    if args.sample_prompt and stage.data.encoders == "tiny":
-        sample_demo(stage, args.backend, args.sample_prompt, progress, primary)
+    prompts = [p for p in (args.sample_prompt or DEMO_PROMPTS) if p]
+    if prompts and stage.data.encoders in ("tiny", "demo"):
+        sample_demo(stage, args.backend, prompts, progress, primary)
     return 0
 
 

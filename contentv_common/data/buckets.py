@@ -52,7 +52,8 @@ def epoch_batches(bucket_ids: Sequence[int], batch_sizes: Sequence[int], seed: i
     rng = np.random.default_rng([seed, epoch])
     by_bucket: dict[int, list[int]] = {}
     for i, b in enumerate(bucket_ids):
-        by_bucket.setdefault(int(b), []).append(i)
+        if b >= 0:  # -1: held out of training (LatentCache.hold_out)
+            by_bucket.setdefault(int(b), []).append(i)
     batches = []
     for b in sorted(by_bucket):
         members = np.asarray(by_bucket[b])[rng.permutation(len(by_bucket[b]))]

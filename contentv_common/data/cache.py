@@ -26,6 +26,7 @@ from tqdm import tqdm
 from contentv_common.data.buckets import BucketLike, assign_bucket, available_frames
 from contentv_common.data.decode import ClipError, decode_clip, probe
 from contentv_common.data.manifest import read_manifest
+from contentv_common.demo import demo_identity
 
 INDEX = "index.json"
 EMPTY_PROMPT = "empty_prompt.safetensors"
@@ -72,7 +73,7 @@ def cache_settings(manifest: str | Path, buckets: list[BucketLike], fps: float, 
         "manifest": str(Path(manifest).resolve()),
         "buckets": [bucket_name(b) for b in buckets],
         "fps": fps,
-        "encoders": encoders_name,
+        "encoders": f"demo:{demo_identity()}" if encoders_name == "demo" else encoders_name,
     }
 
 
@@ -172,6 +173,19 @@ class LatentCache:
 
     def __len__(self) -> int:
         return len(self.index.samples)
+
+    def hold_out(self, count: int, seed: int) -> list[int]:
+        """Take `count` samples (a seeded choice, one per bucket in turn) out of training: their bucket id becomes -1,
+        so the batch samplers skip them; returns their indices, for validation (recipe `eval`)."""
+        if count <= 0:
+            return []
+        if count >= len(self):
+            raise ValueError(f"{self.dir}: eval.samples={count} would hold out all {len(self)} cached samples")
+        order = np.random.default_rng([seed, 1 << 20]).permutation(len(self)).tolist()
+        held = sorted(order[:count])
+        for i in held:
+            self.bucket_ids[i] = -1
+        return held
 
     def sample(self, i: int) -> dict[str, np.ndarray]:
         path = self.dir / self.index.samples[i]["file"]

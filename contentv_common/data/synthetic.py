@@ -55,7 +55,7 @@ def write_mp4(path: Path, video: np.ndarray, fps: int) -> None:
 
 def make_synthetic_set(
     out_dir: str | Path,
-    num_videos: int = 48,
+    num_videos: int = 64,
     sizes: tuple[tuple[int, int], ...] = ((64, 64), (96, 64)),
     frames: int = 12,
     fps: int = 8,
@@ -63,17 +63,19 @@ def make_synthetic_set(
     seed: int = 0,
     progress: bool = True,
 ) -> Path:
-    """Write `num_videos` mp4 clips (and `num_images` png stills) plus `manifest.jsonl`; returns the manifest path."""
+    """Write `num_videos` mp4 clips (and `num_images` png stills) plus `manifest.jsonl`; returns the manifest path.
+
+    Clip i shows the i-th of the 32 (shape, colour, direction) combinations in a seeded order, cycling, so the
+    default 64 clips hold every caption twice (once per size), each from its own random start and background."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    combos = [(s, c, d) for s in SHAPES for c in COLOURS for d in DIRECTIONS]
+    order = rng.permutation(len(combos))
     rows = []
     for i in tqdm(range(num_videos + num_images), desc="synthetic set", disable=not progress):
-        shape, colour, direction = (
-            SHAPES[rng.integers(len(SHAPES))],
-            *(list(d)[rng.integers(len(d))] for d in (COLOURS, DIRECTIONS)),
-        )
-        width, height = sizes[i % len(sizes)]
+        shape, colour, direction = combos[order[i % len(combos)]]  # every caption once before any repeats
+        width, height = sizes[(i + i // len(combos)) % len(sizes)]  # a repeated caption gets the other size
         is_image = i >= num_videos
         video = render(shape, colour, direction, width, height, 1 if is_image else frames, seed * 100003 + i)
         if is_image:

@@ -104,7 +104,7 @@ def test_cache_skips_bad_files_and_reads_back(tmp_path):
     assert sorted(set(cache.bucket_ids)) == [0, 1, 3]
     batch = cache.batch([i for i, b in enumerate(cache.bucket_ids) if b == 0])
     assert batch["latents"].shape == (2, 16, 3, 8, 8)
-    assert batch["text"].shape == (2, 8, 48) and batch["pooled"].shape == (2, 24)  # the stand-in gives 8 tokens
+    assert batch["text"].shape == (2, 333, 48) and batch["pooled"].shape == (2, 24)  # 77 CLIP + 256 T5 tokens
     first = cache.sample(0)
     expect = StandInEncoders().encode_video(decode_clip(tmp_path / "set" / rows[0]["path"], 8, 9, 64, 64)[None])[0]
     np.testing.assert_allclose(first["latents"], expect, rtol=1e-6)

@@ -51,7 +51,7 @@ def _batch(rng, b=8):
         "noise": rng.standard_normal((b, 16, 3, 8, 8), dtype=np.float32),
         "sigmas": rng.uniform(0.05, 0.95, b).astype(np.float32),
         "weights": np.ones(b, np.float32),
-        "text": rng.standard_normal((b, 6, 48), dtype=np.float32),
+        "text": rng.standard_normal((b, 333, 48), dtype=np.float32),
         "pooled": rng.standard_normal((b, 24), dtype=np.float32),
     }
 

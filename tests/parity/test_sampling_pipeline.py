@@ -128,11 +128,13 @@ def test_cli_samples_from_a_pipeline_folder(tmp_path):
     write_diffusers(pipe / "transformer", cfg, canonical_tensors(contentv_torch_npu.Transformer(cfg)))
     (pipe / "scheduler").mkdir()
     (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps({"shift": 5.0}))
-    assert sample_tool.scheduler_shift(pipe) == 5.0 and sample_tool.scheduler_shift(None) == sample_tool.SHIFT
+    assert sample_tool.pipeline_scheduler(pipe).shift == 5.0
+    assert sample_tool.pipeline_scheduler(None).shift == sample_tool.SHIFT
     argv = ["--pipeline", str(pipe), "--prompt", PROMPT, "--frames", "1", "--size", "32x48", "--steps", "2"]
     paths = sample_tool.main([*argv, "--backend", "torch", "--no-progress", "--out", str(tmp_path / "out")])
     frames, _ = read_video(paths[0])
     assert frames.shape == (1, 32, 48, 3)
-    (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps({"use_dynamic_shifting": True}))
-    with pytest.raises(ValueError, match="use_dynamic_shifting"):
-        sample_tool.scheduler_shift(pipe)
+    (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps({"use_karras_sigmas": True}))
+    with pytest.raises(SystemExit) as e:
+        sample_tool.main([*argv, "--backend", "torch", "--no-progress", "--out", str(tmp_path / "out")])
+    assert e.value.code == 2

@@ -47,7 +47,7 @@ def setup():
                 "noise": rng.standard_normal((2, 16, 3, 8, 8), dtype=np.float32),
                 "sigmas": rng.uniform(0.05, 0.95, 2).astype(np.float32),
                 "weights": rng.uniform(0.5, 1.5, 2).astype(np.float32),
-                "text": rng.standard_normal((2, 8, 48), dtype=np.float32),
+                "text": rng.standard_normal((2, 333, 48), dtype=np.float32),
                 "pooled": rng.standard_normal((2, 24), dtype=np.float32),
             }
         )

@@ -8,8 +8,9 @@ import torch
 import contentv_jax
 import contentv_torch_npu
 from contentv_common.config import named_model_config
-from contentv_common.pos_embed import sd3_table, sincos_3d, sincos_3d_table
+from contentv_common.pos_embed import sd3_table, sincos_3d_table
 from contentv_torch_npu.reference import build_diffusers, reference_forward
+from contentv_torch_npu.transformer import sincos_3d_parts
 
 TOL = 1e-5
 
@@ -76,11 +77,14 @@ def test_contentv_mode_matches_diffusers_reference(sd3_folder, rel_err):
 def test_position_tables_match_diffusers(rel_err):
     from diffusers.models.embeddings import PatchEmbed, get_3d_sincos_pos_embed
 
-    ours = sincos_3d(64, 3, 4, 6, 0.5, 1.0)
+    ours = sincos_3d_table(64, 3, 4, 6, 0.5, 1.0)
     theirs = get_3d_sincos_pos_embed(64, (6, 4), 3, spatial_interpolation_scale=0.5, temporal_interpolation_scale=1.0)
     assert rel_err(ours, theirs.reshape(-1, 64).numpy()) < 1e-6
     on_device = sincos_3d_table(64, 3, 4, 6, 0.5, 1.0, xp=jax.numpy)  # float32 maths inside jit (JAX backend)
     assert on_device.dtype == np.float32 and rel_err(on_device, theirs.reshape(-1, 64).numpy()) < 1e-6
+    temporal, spatial = sincos_3d_parts(64, 3, 4, 6, 0.5, 1.0, torch.device("cpu"))  # torch twin: factors, float32
+    torch_table = torch.cat([temporal[:, None].expand(3, 24, 16), spatial[None].expand(3, 24, 48)], -1)
+    assert temporal.dtype == torch.float32 and rel_err(torch_table.reshape(-1, 64), theirs.reshape(-1, 64)) < 1e-6
     embed = PatchEmbed(height=32, width=32, patch_size=2, in_channels=4, embed_dim=64, pos_embed_max_size=24)
     assert rel_err(sd3_table(64, 24, 32, 2), embed.pos_embed.numpy()) < 1e-6
 

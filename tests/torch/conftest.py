@@ -15,8 +15,10 @@ from tests.stand_in_encoders import StandInEncoders
 
 
 class FakeTorchNpu(types.ModuleType):
-    """Reference semantics of npu_fusion_attention (BNSD, True = masked, scale default 1.0), npu_rms_norm and
-    npu_gelu; it refuses arguments the real kernels would reject (masks that broadcast over queries, gamma dtype)."""
+    """Reference semantics of npu_fusion_attention (BNSD, True = masked, scale default 1.0, sparse_mode 0's band
+    `i - pre_tockens <= j <= i + next_tockens`, inner_precise 1 = reduced-precision softmax), npu_rms_norm and
+    npu_gelu; it refuses arguments the real kernels would reject (masks that broadcast over queries, gamma dtype).
+    Meta tensors go through too, so the arguments of a call at real length are checked without computing it."""
 
     def __init__(self, available: bool = False):
         super().__init__("torch_npu")
@@ -25,20 +27,28 @@ class FakeTorchNpu(types.ModuleType):
 
     def npu_fusion_attention(
         self, query, key, value, head_num, input_layout, pse=None, padding_mask=None, atten_mask=None,
-        scale=1.0, keep_prob=1.0, pre_tockens=2147483647, next_tockens=2147483647, **kwargs,
+        scale=1.0, keep_prob=1.0, pre_tockens=2147483647, next_tockens=2147483647, inner_precise=0, prefix=None,
+        actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False,
     ):  # fmt: skip
         self.calls.append(
             ("npu_fusion_attention", dict(shape=tuple(query.shape), head_num=head_num, input_layout=input_layout,
                                           atten_mask=atten_mask, scale=scale, keep_prob=keep_prob, dtype=query.dtype,
-                                          pre_tockens=pre_tockens, next_tockens=next_tockens, pse=pse))
+                                          pre_tockens=pre_tockens, next_tockens=next_tockens, pse=pse,
+                                          inner_precise=inner_precise, sparse_mode=sparse_mode, sync=sync))
         )  # fmt: skip
         assert input_layout == "BNSD" and query.dim() == 4 and query.shape[1] == head_num
+        assert sparse_mode == 0 and inner_precise in (0, 1) and prefix is None and actual_seq_qlen is None
         scores = (query.float() @ key.float().transpose(-1, -2)) * scale
         if atten_mask is not None:
             assert atten_mask.dtype == torch.bool and atten_mask.dim() == 4
             assert atten_mask.shape[-2:] == (query.shape[2], key.shape[2]), "masks must not broadcast over S"
             scores = scores.masked_fill(atten_mask, -math.inf)
+        i = torch.arange(query.shape[2], device=query.device)[:, None]
+        j = torch.arange(key.shape[2], device=query.device)[None, :]
+        scores = scores.masked_fill((j < i - pre_tockens) | (j > i + next_tockens), -math.inf)
         probs = torch.softmax(scores, dim=-1)
+        if inner_precise == 1:  # the high-performance mode: probabilities in half precision
+            probs = probs.half().float()
         if keep_prob < 1.0:
             probs = F.dropout(probs, p=1.0 - keep_prob)
         out = (probs @ value.float()).to(query.dtype)

@@ -116,3 +116,31 @@ def test_transformer_bf16_npu_ops(fake_npu, rel_err):
     assert out_npu.dtype == torch.bfloat16 and rel_err(out_npu.float(), out_ref.float()) < 2e-2
     assert all(a["gamma_dtype"] == torch.bfloat16 for n, a in fake_npu.calls if n == "npu_rms_norm")
     assert all(a["dtype"] == torch.bfloat16 for n, a in fake_npu.calls if n == "npu_fusion_attention")
+
+
+def test_attention_window_and_precision_cover_stage5_length(fake_npu):
+    """At 111,933 tokens (stage 5, 720p x 121 frames) the window covers every query and key; meta tensors carry the
+    call, so nothing of that size is computed."""
+    n = 111_933
+    q, k, v = (torch.empty(1, 2, n, 16, device="meta") for _ in range(3))
+    out = NpuOps().attention(q, k, v)
+    assert out.shape == (1, 2, n, 16)
+    args = fake_npu.calls[0][1]
+    assert args["pre_tockens"] >= n - 1 and args["next_tockens"] >= n - 1  # 65536 would band the sequence
+    assert args["inner_precise"] == 0 and args["sync"] is False and args["sparse_mode"] == 0
+
+
+def test_fake_kernel_bands_a_short_window(fake_npu, rel_err):
+    """The fake computes what the kernel does with a window: a band shorter than the sequence changes the result
+    (so the wide window of NpuOps is what makes it equal to full attention), and inner_precise 1 loses precision."""
+    q, k, v = _qkv(n=16)
+    full = F.scaled_dot_product_attention(q, k, v)
+    assert rel_err(NpuOps().attention(q, k, v), full) < 1e-6
+    call = dict(head_num=3, input_layout="BNSD", scale=1 / math.sqrt(8))
+    banded = fake_npu.npu_fusion_attention(q, k, v, pre_tockens=4, next_tockens=4, **call)[0]
+    assert rel_err(banded, full) > 1e-2
+    i, j = torch.arange(16)[:, None], torch.arange(16)[None]
+    band = (j - i).abs() <= 4
+    assert rel_err(banded, F.scaled_dot_product_attention(q, k, v, attn_mask=band)) < 1e-6
+    fast = fake_npu.npu_fusion_attention(q, k, v, inner_precise=1, **call)[0]
+    assert 1e-6 < rel_err(fast, full) < 1e-2

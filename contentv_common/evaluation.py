@@ -1,0 +1,89 @@
+"""Validation, framework-free: held-out samples at fixed timesteps, clips as image strips, and what a demo clip shows.
+
+Both trainers feed `eval_batch` to their own per-sample flow-matching loss, so the numbers are comparable between
+backends and between runs: the noise of held-out sample i is a pure function of (seed, i), the timesteps are fixed,
+the text is never dropped and every row weighs 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from contentv_common.data.cache import LatentCache
+from contentv_common.data.synthetic import COLOURS, DIRECTIONS
+from contentv_common.sampling import draw_noise
+
+
+def eval_batch(cache: LatentCache, index: int, timesteps: tuple[float, ...], seed: int) -> dict[str, np.ndarray]:
+    """Cached sample `index` once per timestep: latents, noise, sigmas (= t / 1000), weights, text, pooled."""
+    sample = cache.sample(index)
+    n = len(timesteps)
+    noise = np.random.default_rng([seed, 1 << 21, index]).standard_normal(sample["latents"].shape, dtype=np.float32)
+    return {
+        "latents": np.repeat(sample["latents"][None], n, 0),
+        "noise": np.repeat(noise[None], n, 0),
+        "sigmas": np.asarray(timesteps, np.float32) / np.float32(1000.0),
+        "weights": np.ones(n, np.float32),
+        "text": np.repeat(sample["text"][None], n, 0),
+        "pooled": np.repeat(sample["pooled"][None], n, 0),
+    }
+
+
+EVAL_CLIP = {"steps": 10, "guidance": 3.0, "shift": 3.0}  # a quick look, not the demo's final samples
+
+
+def eval_clip_inputs(cache: LatentCache, index: int, seed: int) -> dict[str, np.ndarray]:
+    """What a validation clip of held-out sample `index` starts from: seeded noise of its latent shape, its cached
+    caption embedding and the empty prompt's (the unconditional branch of guidance)."""
+    sample = cache.sample(index)
+    return {
+        "noise": draw_noise(seed, (1, *sample["latents"].shape)),
+        "text": sample["text"][None],
+        "pooled": sample["pooled"][None],
+        "neg_text": cache.empty_text[None],
+        "neg_pooled": cache.empty_pooled[None],
+    }
+
+
+def frame_strip(*videos: np.ndarray, gap: int = 2) -> np.ndarray:
+    """uint8 videos [F, H, W, 3] (same F, H, W) -> one image: each video's frames side by side, videos stacked with a
+    `gap`-pixel white line between rows."""
+    rows = [np.concatenate(list(v), axis=1) for v in videos]
+    line = np.full((gap, rows[0].shape[1], 3), 255, np.uint8)
+    out = [rows[0]]
+    for row in rows[1:]:
+        out += [line, row]
+    return np.concatenate(out, axis=0)
+
+
+BRIGHT = 100  # the synthetic set's backgrounds stay below 50 in every channel, its shapes reach 200+ in one
+
+
+def shape_motion(video: np.ndarray, colour: str, direction: str) -> dict[str, float]:
+    """What a clip of "a <colour> <shape> moving <direction>" shows, measured on uint8 frames [F, H, W, 3].
+
+    `colour_share`: of the bright pixels (any channel above BRIGHT), the fraction nearest in RGB to the named colour
+    among the synthetic set's colours. `along` / `across`: how far (pixels) the centroid of the named colour's pixels
+    moves from the first to the last frame along the named direction and perpendicular to it.
+    """
+    video = np.asarray(video, np.float32)
+    palette = np.asarray(list(COLOURS.values()), np.float32)
+    bright = video.max(axis=-1) > BRIGHT
+    nearest = np.argmin(((video[..., None, :] - palette) ** 2).sum(-1), axis=-1)
+    named = bright & (nearest == list(COLOURS).index(colour))
+    share = float(named.sum() / max(bright.sum(), 1))
+    centroids = []
+    for mask in (named[0], named[-1]):
+        ys, xs = np.nonzero(mask)
+        centroids.append(np.array([xs.mean(), ys.mean()]) if len(xs) else np.full(2, np.nan))
+    move = centroids[1] - centroids[0]
+    dx, dy = DIRECTIONS[direction]
+    return {"colour_share": share, "along": float(move @ [dx, dy]), "across": float(abs(move @ [-dy, dx]))}
+
+
+def shows_caption(
+    video: np.ndarray, colour: str, direction: str, min_share: float = 0.5, min_move: float = 4.0
+) -> bool:
+    """The clip shows the named colour (most bright pixels) moving the named way (`min_move` px, more than across)."""
+    m = shape_motion(video, colour, direction)
+    return m["colour_share"] >= min_share and m["along"] >= min_move and m["along"] > m["across"]

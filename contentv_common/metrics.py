@@ -1,0 +1,58 @@
+"""The one metrics stream of a training run: `<log_dir>/metrics.jsonl` plus TensorBoard, the same in both backends.
+
+Each trainer's `run` writes its records here (main process only), so a run has exactly one line per logged step with
+the same fields whatever the backend: step (0-based), loss, grad_norm, lr, skipped, nan_skips, step_time, batch.
+Validation (recipe `eval`) adds `eval/...` scalars and a frame-strip image to TensorBoard and an `{"eval": ...}`
+line to the JSONL.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FIELDS = ("step", "loss", "grad_norm", "lr", "skipped", "nan_skips", "step_time", "batch")
+
+
+class MetricsWriter:
+    """Appends records to metrics.jsonl (every `interval`-th step) and mirrors the scalars to TensorBoard."""
+
+    def __init__(self, log_dir: str | Path, interval: int = 1):
+        from tensorboardX import SummaryWriter
+
+        self.dir = Path(log_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.interval = interval
+        self.jsonl = (self.dir / "metrics.jsonl").open("a")
+        self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+
+    def step(self, record: dict[str, Any]) -> None:
+        missing = [f for f in FIELDS if f not in record]
+        if missing:
+            raise KeyError(f"metrics record lacks {missing}")
+        if (record["step"] + 1) % self.interval:
+            return
+        self.jsonl.write(json.dumps({f: record[f] for f in FIELDS}) + "\n")
+        self.jsonl.flush()
+        for name in ("loss", "grad_norm", "lr", "step_time"):
+            self.tb.add_scalar(f"train/{name}", record[name], record["step"])
+
+    def evaluation(self, step: int, losses: dict[float, float], strip: np.ndarray | None = None) -> None:
+        """Validation losses by timestep (and their mean) and optionally a sampled clip as one image [H, W, 3]."""
+        mean = float(np.mean(list(losses.values())))
+        by_t = {f"t{t:g}": v for t, v in losses.items()}
+        self.jsonl.write(json.dumps({"eval": {"step": step, "loss": mean, **by_t}}) + "\n")
+        self.jsonl.flush()
+        self.tb.add_scalar("eval/loss", mean, step)
+        for t, v in losses.items():
+            self.tb.add_scalar(f"eval/loss_t{t:g}", v, step)
+        if strip is not None:
+            self.tb.add_image("eval/sample", strip, step, dataformats="HWC")
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.tb.close()

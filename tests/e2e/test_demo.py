@@ -1,0 +1,72 @@
+"""The README's main job learns something a person can see: after `tools/train.py` on the tiny recipe, the clip for
+each demo prompt shows the named colour moving the named way (measured on the decoded frames), beside strip.png and
+loss.png. The measure itself is always tested; running the demo (every step of it, in a temporary folder, minutes of
+CPU) is opt-in with CONTENTV_DEMO_TEST=1.
+
+Status: the demo learns colour for some prompts but not yet the direction of motion (issue 14), so the caption check
+is a strict xfail: it turns into a failure the day the demo passes, to be made a plain assertion then.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from contentv_common.data.synthetic import render
+from contentv_common.evaluation import shape_motion, shows_caption
+from contentv_common.video_io import read_video
+from tools import train
+
+PROMPTS = train.DEMO_PROMPTS
+
+
+def test_the_measure_tells_right_from_wrong():
+    clip = render("circle", "red", "right", 64, 64, 12, seed=1)[:9]
+    assert shows_caption(clip, "red", "right")
+    assert not shows_caption(clip, "blue", "right") and not shows_caption(clip, "red", "left")
+    assert not shows_caption(clip, "red", "up"), "sideways motion is not upward motion"
+    noise = np.random.default_rng(0).integers(0, 256, clip.shape, dtype=np.uint8)
+    assert not shows_caption(noise, "red", "right"), "coloured noise shows nothing"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    if not os.environ.get("CONTENTV_DEMO_TEST"):
+        pytest.skip("runs the whole CPU demo (minutes); set CONTENTV_DEMO_TEST=1")
+    root = tmp_path_factory.mktemp("demo")
+    overrides = [
+        f"data.manifest={root / 'synthetic' / 'manifest.jsonl'}",
+        f"data.cache_dir={root / 'cache'}",
+        f"checkpoint.dir={root / 'checkpoints'}",
+        f"log_dir={root / 'logs'}",
+    ]
+    assert train.main(["--config", str(train.TINY), "--no-progress", *overrides]) == 0
+    return root
+
+
+def test_demo_writes_samples_and_its_loss_falls(demo):
+    samples = demo / "samples"
+    assert sorted(p.name for p in samples.glob("*.mp4")) == [
+        f"{i:03d}-{p.replace(' ', '-')}.mp4" for i, p in enumerate(PROMPTS)
+    ]
+    assert (samples / "strip.png").stat().st_size > 0 and (samples / "loss.png").stat().st_size > 0
+    losses = [json.loads(line)["loss"] for line in (demo / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert np.mean(losses[-20:]) < 0.7 * np.mean(losses[:20]), "the loss falls"
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14: the CPU demo does not yet learn the direction of motion")
+def test_demo_samples_show_their_captions(demo):
+    samples = demo / "samples"
+    measured = {}
+    for i, prompt in enumerate(PROMPTS):
+        _, colour, _, _, direction = prompt.split()
+        frames, _ = read_video(samples / f"{i:03d}-{prompt.replace(' ', '-')}.mp4")
+        measured[prompt] = shape_motion(frames, colour, direction)
+        assert frames.mean() < 110, "a dark background"
+    assert all(shows_caption(read_video(p)[0], *_named(p.stem)) for p in sorted(samples.glob("*.mp4"))), measured
+
+
+def _named(stem: str) -> tuple[str, str]:
+    words = stem.split("-")
+    return words[2], words[-1]

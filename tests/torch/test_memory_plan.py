@@ -1,0 +1,52 @@
+"""The torch planner traces the real FSDP2 train step under FakeTensorMode on a fake world: its persistent bytes
+are the rank's share of parameters, AdamW moments and EMA, and its peak follows what the step keeps alive."""
+
+import dataclasses
+
+import pytest
+
+from contentv_common.config import ModelConfig
+from contentv_common.recipe import MeshConfig, load_recipe
+from contentv_torch_npu.memory_plan import plan_recipe
+
+# 38 heads and 333 text tokens (padded inside Ulysses), narrow otherwise
+CFG = ModelConfig(
+    num_layers=3, num_attention_heads=38, attention_head_dim=16, hidden_size=608, joint_attention_dim=64,
+    pooled_projection_dim=32, mlp_ratio=1,
+)  # fmt: skip
+
+
+def _recipe(mesh: MeshConfig, remat: str = "none", buckets: int = 2):
+    recipe = load_recipe("configs/recipes/tiny.yaml", {"remat": remat})
+    data = dataclasses.replace(recipe.data, buckets=recipe.data.buckets[:buckets])  # 64x64x9, 96x64x9, batch 4
+    return dataclasses.replace(recipe, model=CFG, mesh=mesh, data=data)
+
+
+def _params() -> int:
+    import torch
+
+    from contentv_torch_npu.transformer import Transformer
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in Transformer(CFG).parameters())
+
+
+def test_state_is_the_rank_share_and_remat_lowers_the_peak():
+    mesh = MeshConfig(data=2, fsdp=2, sequence=2)  # HSDP, 8 fake ranks, parameters sharded 4 ways, 1 sample per rank
+    plans = plan_recipe(_recipe(mesh), 2**30)
+    assert [p.bucket for p in plans] == ["64x64x9", "96x64x9"]
+    state = 4 * 4 * _params() / 4  # fp32 params + 2 AdamW moments + EMA, over fsdp x sequence = 4 shards
+    for p in plans:
+        assert state <= p.argument_bytes < 1.05 * state + 2**20  # + FSDP's dim-0 padding and the inputs
+        assert p.temp_bytes > 0 and p.peak_bytes == p.argument_bytes + p.temp_bytes and p.fits
+    small, big = plans
+    assert (small.tokens, big.tokens) == (48 + 333, 72 + 333) and big.peak_bytes > small.peak_bytes
+    (remat,) = plan_recipe(_recipe(mesh, remat="full", buckets=1), small.peak_bytes - 1)
+    assert remat.argument_bytes == small.argument_bytes and remat.peak_bytes < small.peak_bytes and remat.fits
+    (tight,) = plan_recipe(_recipe(mesh, buckets=1), small.peak_bytes - 1)
+    assert tight.peak_bytes == small.peak_bytes and not tight.fits
+
+
+def test_mesh_the_model_cannot_honour_is_refused():
+    with pytest.raises(ValueError, match="mesh.sequence 40 exceeds num_attention_heads 38"):
+        plan_recipe(_recipe(MeshConfig(sequence=40)), 2**30)
