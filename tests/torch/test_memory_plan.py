@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from contentv_common.config import ModelConfig
-from contentv_common.recipe import MeshConfig, load_recipe
+from contentv_common.recipe import BucketConfig, MeshConfig, load_recipe
 from contentv_torch_npu.memory_plan import plan_recipe
 
 # 38 heads and 333 text tokens (padded inside Ulysses), narrow otherwise
@@ -16,9 +16,12 @@ CFG = ModelConfig(
 )  # fmt: skip
 
 
-def _recipe(mesh: MeshConfig, remat: str = "none", buckets: int = 2):
+BUCKETS = (BucketConfig(64, 64, 9, 4), BucketConfig(96, 64, 9, 4))  # 48 and 72 image tokens
+
+
+def _recipe(mesh: MeshConfig, remat: str = "none", buckets: tuple[BucketConfig, ...] = BUCKETS):
     recipe = load_recipe("configs/recipes/tiny.yaml", {"remat": remat})
-    data = dataclasses.replace(recipe.data, buckets=recipe.data.buckets[:buckets])  # 64x64x9, 96x64x9, batch 4
+    data = dataclasses.replace(recipe.data, buckets=buckets)
     return dataclasses.replace(recipe, model=CFG, mesh=mesh, data=data)
 
 
@@ -41,12 +44,12 @@ def test_state_is_the_rank_share_and_remat_lowers_the_peak():
         assert p.temp_bytes > 0 and p.peak_bytes == p.argument_bytes + p.temp_bytes and p.fits
     small, big = plans
     assert (small.tokens, big.tokens) == (48 + 333, 72 + 333) and big.peak_bytes > small.peak_bytes
-    (remat,) = plan_recipe(_recipe(mesh, remat="full", buckets=1), small.peak_bytes - 1)
+    (remat,) = plan_recipe(_recipe(mesh, remat="full", buckets=BUCKETS[:1]), small.peak_bytes - 1)
     assert remat.argument_bytes == small.argument_bytes and remat.peak_bytes < small.peak_bytes and remat.fits
-    (tight,) = plan_recipe(_recipe(mesh, buckets=1), small.peak_bytes - 1)
+    (tight,) = plan_recipe(_recipe(mesh, buckets=BUCKETS[:1]), small.peak_bytes - 1)
     assert tight.peak_bytes == small.peak_bytes and not tight.fits
 
 
 def test_mesh_the_model_cannot_honour_is_refused():
     with pytest.raises(ValueError, match="mesh.sequence 40 exceeds num_attention_heads 38"):
-        plan_recipe(_recipe(MeshConfig(sequence=40)), 2**30)
+        plan_recipe(_recipe(MeshConfig(sequence=40), buckets=(BucketConfig(160, 64, 9, 4),)), 2**30)  # 120 tokens
