@@ -266,7 +266,10 @@ def test_missing_ema_is_an_error_and_a_failed_save_is_one_error(cached_set):
         threads = set(threading.enumerate())
         with pytest.raises(CheckpointSaveError, match=r"readonly: saving step 1 failed: .*"):
             ckpt.save(1, state, {"next_index": 1})
-        lingering = [t for t in set(threading.enumerate()) - threads if not t.daemon]
+        started = [t for t in set(threading.enumerate()) - threads if not t.daemon]
+        for t in started:  # orbax's worker may still be winding down under load: seconds, never a hang
+            t.join(timeout=10)
+        lingering = [t for t in started if t.is_alive()]
         assert not lingering, lingering  # nothing that would keep the process from exiting
     finally:
         subprocess.run(["chattr", "-i", str(folder)], check=True)
