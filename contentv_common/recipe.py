@@ -144,6 +144,43 @@ class MeshConfig:
         return (self.data, self.fsdp, self.sequence, self.tensor)
 
 
+# Canonical module-name patterns (fnmatch) LoRA adapts by default: the attention and MLP projections of every block
+LORA_DEFAULT_TARGETS: tuple[str, ...] = (
+    "blocks.*.attn.to_q",
+    "blocks.*.attn.to_k",
+    "blocks.*.attn.to_v",
+    "blocks.*.attn.to_out",
+    "blocks.*.attn.add_q",
+    "blocks.*.attn.add_k",
+    "blocks.*.attn.add_v",
+    "blocks.*.attn.add_out",
+    "blocks.*.ff.fc1",
+    "blocks.*.ff.fc2",
+    "blocks.*.ff_context.fc1",
+    "blocks.*.ff_context.fc2",
+)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters: W x + (alpha / rank) B A x on the linear modules whose canonical name matches a `targets`
+    pattern; the base weights stay frozen (stored in `base_dtype`), only A and B train (in float32)."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    targets: tuple[str, ...] = LORA_DEFAULT_TARGETS
+    base_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, "rank", f"must be >= 1, got {self.rank}")
+        _check(self.alpha > 0, "alpha", f"must be positive, got {self.alpha}")
+        _check(len(self.targets) > 0, "targets", "needs at least one canonical module-name pattern")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 @dataclass(frozen=True)
 class CheckpointConfig:
     dir: str
@@ -218,6 +255,7 @@ class Recipe:
     resume_from: str | None = None
     stages: tuple[StageConfig, ...] = ()
     eval: EvalConfig = EvalConfig()
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, "steps", f"must be positive, got {self.steps}")

@@ -17,6 +17,8 @@ from contentv_common.recipe import (
     CheckpointConfig,
     DataConfig,
     DivergenceConfig,
+    LoraConfig,
+    MeshConfig,
     ObjectiveConfig,
     OptimizerConfig,
     load_recipe,
@@ -139,6 +141,8 @@ class RewardRecipe:
     log_dir: str = "runs/reward"
     nan_skip_limit: int = 10
     divergence: DivergenceConfig = DivergenceConfig()
+    mesh: MeshConfig = MeshConfig()
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, "steps", f"must be positive, got {self.steps}")
