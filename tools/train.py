@@ -210,7 +210,7 @@ def sample_demo(recipe: Recipe, backend: str, prompts: list[str], progress: bool
     folder = export_transformer(recipe, backend)
     encoders = ["--demo"] if recipe.data.encoders == "demo" else ["--tiny", "--encoder-seed", str(recipe.seed)]
     args = [*encoders, "--transformer", str(folder), "--backend", backend, "--frames", str(bucket.frames)]
-    args += ["--size", f"{bucket.height}x{bucket.width}", "--steps", "20", "--guidance", "3.0"]
+    args += ["--size", f"{bucket.height}x{bucket.width}", "--steps", "20", "--guidance", "6.0"]
     args += ["--fps", str(recipe.data.fps), "--out", str(out), *(a for p in prompts for a in ("--prompt", p))]
     if primary:
         written = sample.main(args + ([] if progress else ["--no-progress"]))

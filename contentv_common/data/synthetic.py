@@ -20,14 +20,17 @@ DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 
 def render(shape: str, colour: str, direction: str, width: int, height: int, frames: int, seed: int) -> np.ndarray:
-    """uint8 [frames, height, width, 3]: one shape crossing a dark background along `direction`."""
+    """uint8 [frames, height, width, 3]: one shape crossing a dark background along `direction`, through the middle
+    (its path is centred on the frame, give or take a seeded jitter of a tenth of the frame)."""
     rng = np.random.default_rng(seed)
     size = min(width, height) // 4
     yy, xx = np.mgrid[0:height, 0:width]
     background = rng.integers(10, 50, size=3)
     dx, dy = DIRECTIONS[direction]
-    cx0, cy0 = rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height
     speed = min(width, height) * 0.5 / max(frames - 1, 1)
+    travel = speed * (frames - 1)
+    cx0 = (rng.uniform(0.4, 0.6) * width) - dx * travel / 2
+    cy0 = (rng.uniform(0.4, 0.6) * height) - dy * travel / 2
     video = np.empty((frames, height, width, 3), np.uint8)
     for t in range(frames):
         cx, cy = cx0 + dx * speed * t, cy0 + dy * speed * t
