@@ -3,12 +3,15 @@
     python tools/sample.py --pipeline ContentV-8B --prompt "a cat on the sea" --size 432x768 --dtype bfloat16
     python tools/sample.py --pipeline sd3.5-large --prompt "a red fox" --frames 1 --size 1024x1024 --backend torch
     python tools/sample.py --tiny --transformer runs/tiny/final --prompt "a red cat" --frames 9 --size 64x64
+    python tools/sample.py --pipeline ContentV-8B --lora runs/lora/adapter.safetensors:0.8 --prompt "a cat"
 
 Encoders (CLIP-L/CLIP-G/T5 + Wan VAE, torch) come from `--pipeline` (a local diffusers folder), `--tiny` (random tiny
 ones, no downloads) or `--demo` (the CPU demo's: a tiny Wan VAE trained on the synthetic set + word embeddings).
 The JAX backend decodes with the JAX Wan VAE (same weights), so it uses torch for text only.
 The transformer is `--transformer` (any folder `load_transformer` reads: diffusers, our torch or our JAX format), else
-`PIPELINE/transformer`, else (with `--tiny` or `--demo`) a random tiny model seeded by `--model-seed`.
+`PIPELINE/transformer`, else (with `--tiny` or `--demo`) a random tiny model seeded by `--model-seed`. `--lora
+ADAPTER[:SCALE]` (repeatable; our adapter file or diffusers' SD3 LoRA file) is merged into its weights as it loads,
+exactly as `tools/convert.py --lora` merges it into a checkpoint.
 SD3/SD3.5 checkpoints run in image mode (`--frames 1`). Noise is drawn in numpy from `--seed` + prompt index, so both
 backends and any batch size give the same video for the same weights; `--noise torch` draws it as the official
 ContentV demo does (a torch CPU generator seeded with `--seed`, all prompts at once, in `--dtype`).
@@ -29,6 +32,8 @@ import numpy as np
 from contentv_common.checkpoint import detect_format, open_checkpoint
 from contentv_common.cli import run_cli
 from contentv_common.config import ConfigError, named_model_config
+from contentv_common.lora import Lora, adapted, merged_weight, open_lora, parse_lora_spec
+from contentv_common.param_table import TRANSFORMER_TABLE, inverse_perm
 from contentv_common.recipe import AttentionChoice
 from contentv_common.sampling import SchedulerSettings, draw_noise, latent_shape, read_scheduler_settings
 from contentv_common.video_io import write_video
@@ -91,6 +96,49 @@ def load_model(backend: str, path: Path, dtype: str, device: str, attention: str
     return model.eval()
 
 
+def open_loras(specs: list[tuple[Path, float]], path: Path) -> list[Lora]:
+    """The adapters of `--lora`, read and checked against the checkpoint's keys and shapes (headers only)."""
+    if not specs:
+        return []
+    if detect_format(path) == "jax":
+        import contentv_jax  # noqa: F401  (registers the JAX format's reader)
+    shapes = open_checkpoint(path).shapes
+    return [open_lora(adapter, scale, shapes) for adapter, scale in specs]
+
+
+def merge_loras(backend: str, model, loras: list[Lora]) -> None:
+    """Add the adapters to the loaded weights in place, in float32 on the host and cast back once per weight: with
+    --dtype the checkpoint's dtype, the very weights `tools/convert.py --lora` writes."""
+    if not loras:
+        return
+    if backend == "torch":
+        import torch
+
+        with torch.no_grad():
+            for name, weight in model.state_dict().items():
+                if adapted(name, loras):
+                    weight.copy_(torch.from_numpy(merged_weight(name, weight.float().cpu().numpy(), loras)))
+        return
+    import jax
+    from flax import nnx
+
+    from contentv_jax.loading import slots
+
+    items = []
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        leaf_slots = slots(".".join(map(str, path)), tuple(var.shape), TRANSFORMER_TABLE, model.cfg.num_layers)
+        if not any(adapted(s.param.canonical, loras) for s in leaf_slots):
+            continue
+        value = np.array(jax.device_get(var[...]), np.float32)
+        for s in leaf_slots:
+            if adapted(s.param.canonical, loras):
+                where = () if s.layer is None else (s.layer,)
+                torch_layout = np.transpose(value[where], inverse_perm(s.param.jax_perm))
+                value[where] = np.transpose(merged_weight(s.param.canonical, torch_layout, loras), s.param.jax_perm)
+        items.append((path, var.replace(jax.device_put(value.astype(var.dtype), var[...].sharding))))
+    nnx.update(model, nnx.from_flat_state(items))
+
+
 def random_tiny_checkpoint(folder: Path, seed: int) -> Path:
     """A seeded random tiny transformer in our torch format, so both backends load the very same weights."""
     import torch
@@ -138,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--demo", action="store_true", help="the CPU demo's encoders: trained tiny VAE + word embeddings")
     src.add_argument("--transformer", type=Path, help="transformer checkpoint folder (diffusers, torch or jax format)")
     src.add_argument("--model-seed", type=int, default=0, help="seed of the random tiny transformer")
+    src.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        type=parse_lora_spec,
+        metavar="ADAPTER[:SCALE]",
+        help="merge this LoRA adapter (ours or diffusers', scale default 1.0) into the transformer; repeatable",
+    )
     src.add_argument("--encoder-seed", type=int, default=0, help="seed of the random tiny encoders")
     ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     ap.add_argument("--prompts-file", type=Path, help="text file with one prompt per line")
@@ -221,22 +277,24 @@ def main(argv: list[str] | None = None) -> list[Path]:
     from contentv_torch_npu.encoders import demo_encoders, load_encoders, tiny_encoders
 
     device = resolve_device(args.device)
-    if args.tiny:
-        encoders = tiny_encoders(args.encoder_seed, device=device, cache_dir=args.cache_dir)
-    elif args.demo:
-        encoders = demo_encoders(device, cache_dir=args.cache_dir)
-    else:
-        import torch
-
-        dtype = getattr(torch, args.dtype)
-        encoders = load_encoders(args.pipeline, dtype=dtype, device=device, cache_dir=args.cache_dir)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.transformer
         if path is None and args.pipeline is not None:
             path = args.pipeline / "transformer"
         elif path is None:
             path = random_tiny_checkpoint(Path(tmp), args.model_seed)
+        loras = open_loras(args.lora, path)  # before anything loads: a bad adapter is one line naming its file
+        if args.tiny:
+            encoders = tiny_encoders(args.encoder_seed, device=device, cache_dir=args.cache_dir)
+        elif args.demo:
+            encoders = demo_encoders(device, cache_dir=args.cache_dir)
+        else:
+            import torch
+
+            dtype = getattr(torch, args.dtype)
+            encoders = load_encoders(args.pipeline, dtype=dtype, device=device, cache_dir=args.cache_dir)
         model = load_model(args.backend, path, args.dtype, args.device, args.attention)
+        merge_loras(args.backend, model, loras)
         decode = latent_decoder(args.backend, encoders, args.pipeline, Path(tmp))
     cfg = model.cfg
     if (cfg.joint_attention_dim, cfg.pooled_projection_dim) != (encoders.text_dim, encoders.pooled_dim):
