@@ -203,6 +203,8 @@ def from_diffusers(
     adapters = {}
     for key, value in tensors.items():
         name = key.removeprefix(f"{DIFFUSERS_PREFIX}.")
+        if name.startswith("text_encoder"):
+            raise CheckpointError(f"{where}: {key!r}: text-encoder LoRA is not supported, only the transformer's")
         if not name.endswith((_A, _B)):
             raise CheckpointError(f"{where}: {key!r} is not a transformer LoRA matrix (*{_A} / *{_B}, peft names)")
         module, suffix = name[: -len(_A)], name[-len(_A) :]

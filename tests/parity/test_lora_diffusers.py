@@ -123,8 +123,8 @@ def test_diffusers_pipeline_loads_export_like_our_merged_model(sd3, tmp_path, re
 
 
 def test_folded_export_loads_without_metadata(sd3, tmp_path, rel_err):
-    """--fold-alpha: a loader that ignores the metadata (alpha = rank) still gets our merged model's output, through
-    SD3Transformer2DModel.load_lora_adapter from a plain state dict."""
+    """SD3Transformer2DModel.load_lora_adapter: from the file (alpha from its metadata) it gives our merged model's
+    output; from a bare state dict (alpha = rank) only the --fold-alpha export does."""
     folder, adapter = sd3
     plain, folded = tmp_path / "plain.safetensors", tmp_path / "folded.safetensors"
     assert convert_tool.main([str(adapter), str(plain), "--to", "diffusers-lora"]) == 0
@@ -135,12 +135,16 @@ def test_folded_export_loads_without_metadata(sd3, tmp_path, rel_err):
         model = _diffusers_model(folder)
         model.load_lora_adapter(load_torch(path), prefix="transformer")  # a dict: no metadata reaches diffusers
         outputs[name] = _diffusers_forward(model, inputs)
+    model = _diffusers_model(folder)
+    model.load_lora_adapter(tmp_path, weight_name=plain.name, prefix="transformer")  # the file, with its metadata
+    outputs["file"] = _diffusers_forward(model, inputs)
     merged = contentv_torch_npu.load_transformer(
         convert(folder, tmp_path / "merged", "torch", loras=[(adapter, 1.0)], progress=False)
     )
     with torch.no_grad():
         y_merged = merged(*(torch.from_numpy(a) for a in inputs)).numpy()
     assert rel_err(outputs["folded"], y_merged) < TOL
+    assert rel_err(outputs["file"], y_merged) < TOL
     assert rel_err(outputs["plain"], y_merged) > 1e-3, "without metadata or folding the scale is lost"
 
 
@@ -190,12 +194,8 @@ def test_bad_adapters_are_one_line_errors(sd3, tmp_path, capsys):
     folder, adapter = sd3
     shapes = open_checkpoint(folder).shapes
     adapters = random_adapters(shapes)
-    extra = {
-        **adapters,
-        **dict(
-            zip(lora_keys("blocks.7.attn.to_q"), (adapters[k] for k in lora_keys("blocks.0.attn.to_q")), strict=True)
-        ),
-    }
+    a, b = (adapters[k] for k in lora_keys("blocks.0.attn.to_q"))
+    extra = {**adapters, **dict(zip(lora_keys("blocks.7.attn.to_q"), (a, b), strict=True))}
     save_adapters(tmp_path / "extra.safetensors", extra, LORA)
     wide = random_adapters({k: (v[0], v[1] * 2) if len(v) == 2 else v for k, v in shapes.items()})
     save_adapters(tmp_path / "wide.safetensors", wide, LORA)
@@ -203,6 +203,8 @@ def test_bad_adapters_are_one_line_errors(sd3, tmp_path, capsys):
     (tmp_path / "junk.safetensors").write_text("not safetensors")
     bad_name = {"transformer.transformer_blocks.0.attn.to_qq.lora_A.weight": np.zeros((4, 32), np.float32)}
     save_file(bad_name, str(tmp_path / "bad_name.safetensors"))
+    text = {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((4, 8), np.float32)}
+    save_file(text, str(tmp_path / "text.safetensors"))
     meta = {"format": "pt", DIFFUSERS_METADATA: json.dumps({"transformer.r": 8, "transformer.lora_alpha": 8})}
     exported = tmp_path / "exported.safetensors"
     convert_tool.main([str(adapter), str(exported), "--to", "diffusers-lora"])
@@ -229,6 +231,7 @@ def test_bad_adapters_are_one_line_errors(sd3, tmp_path, capsys):
             "blocks.0.attn.to_q.weight is (32, 32), B @ A of blocks.0.attn.to_q is (32, 64)",
         ),
         ([str(adapter), out, "--to", "torch"], "a LoRA adapter, not a checkpoint folder"),
+        ([str(tmp_path / "text.safetensors"), out, "--to", "diffusers-lora"], "text-encoder LoRA is not supported"),
     ]
     for argv, message in cases:
         assert convert_tool.main(argv) == 2, argv
