@@ -106,6 +106,7 @@ def test_sample_convert_parity_bench_reject_bad_input_with_one_line(tmp_path):
         ("sample", [*sample, "--transformer", str(truncated)], weights.name),
         ("sample", [*sample, "--prompts-file", str(tmp_path / "p.txt")], "p.txt: no such file"),
         ("sample", ["--pipeline", str(tmp_path / "nope"), "--prompt", "x"], "nope: no such folder"),
+        ("sample", [*sample, "--lora", str(tmp_path / "a_file")], "a_file: not a safetensors file"),
         ("convert", [str(tmp_path / "nope"), str(tmp_path / "out"), "--to", "jax"], "checkpoint folder not found"),
         ("convert", [str(good), str(tmp_path / "out"), "--to", "jax", "--shard-size", "lots"], "--shard-size"),
         ("parity", ["--checkpoint", str(tmp_path / "nope")], "nope: checkpoint folder not found"),
