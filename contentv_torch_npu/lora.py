@@ -9,6 +9,8 @@ sharded like the base, one unit per block.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -93,4 +95,21 @@ def get_adapters(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         if ".lora_A." in name or ".lora_B." in name:
             full = t.full_tensor() if isinstance(t, DTensor) else t
             out[name] = full.detach().float().cpu().numpy()
+    return out
+
+
+def export_merged(model_folder: Path, adapter_file: Path, out: Path) -> Path:
+    """A LoRA checkpoint's `model/` (base + adapters) with the adapter file's adapters merged into the base
+    (contentv_common.lora.merge), written as a plain transformer folder (our torch format) that load_transformer
+    reads; one full tensor set on the host (the tiny demo's export; tools/convert.py merges at scale)."""
+    from contentv_common.checkpoint import read_our_config, write_our_config
+    from contentv_common.lora import load_adapters, merge
+    from contentv_common.safetensors_io import AtomicFolder, iter_tensors, weight_files, write_sharded
+
+    tensors = dict(iter_tensors(weight_files(model_folder, "model")))
+    base = {k: v for k, v in tensors.items() if ".lora_A." not in k and ".lora_B." not in k}
+    adapters, rank, alpha = load_adapters(adapter_file)
+    with AtomicFolder(out, overwrite=True) as tmp:
+        write_our_config(tmp, read_our_config(model_folder))
+        write_sharded(sorted(merge(base, adapters, alpha / rank).items()), tmp, "model", metadata={"format": "pt"})
     return out
