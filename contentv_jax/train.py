@@ -401,7 +401,7 @@ def _train(
                 data = {**loader.get_state(), "divergence": guard.state()}
                 ckpt.save(step + 1, state, data, pin_before=guard.first_bad_step)
                 if trainer.lora_plan is not None:
-                    _write_adapters(trainer, state)
+                    _write_adapters(recipe, trainer, state)
     if writer is not None:
         writer.close()
     return RunResult(losses=losses, skipped_steps=skipped, final_step=end, state=state)
@@ -412,15 +412,15 @@ def adapter_file(recipe: Recipe) -> Path:
     return Path(recipe.checkpoint.dir) / "lora.safetensors"
 
 
-def _write_adapters(trainer: Trainer, state: dict[str, Any]) -> None:
+def _write_adapters(recipe: Recipe, trainer: Trainer, state: dict[str, Any]) -> None:
     """The adapter file of the checkpoint just saved (EMA when kept), replaced atomically by process 0."""
     from contentv_common.lora import save_adapters
 
     adapters = trainer.adapters(state)  # every process takes part in gathering
     if jax.process_index() == 0:
-        path = adapter_file(trainer.recipe)
+        path = adapter_file(recipe)
         tmp = path.with_name(path.name + ".tmp")
-        save_adapters(tmp, adapters, trainer.recipe.lora)
+        save_adapters(tmp, adapters, recipe.lora)
         tmp.replace(path)
 
 
