@@ -178,7 +178,9 @@ def build_model(recipe: Recipe, topo: Topology, ops: str) -> Transformer:
         if source_cfg != cfg:
             raise ValueError(f"init_from {recipe.init_from}: model config {source_cfg} differs from the recipe's {cfg}")
         if topo.world == 1:
-            model = load_transformer(recipe.init_from, torch.float32, cfg.pos_embed, device=topo.device, **kwargs)
+            compute = {"compute_dtype": kwargs["compute_dtype"], "ops": ops}
+            model = load_transformer(recipe.init_from, torch.float32, cfg.pos_embed, device=topo.device, **compute)
+            model.gradient_checkpointing = kwargs["gradient_checkpointing"]
             adapt(model)
             return model
         with torch.device("meta"):
