@@ -211,3 +211,41 @@ def merged(plan: LoraPlan, params: dict[str, Any]) -> dict[str, Any]:
         kernel = flat[(*key, "kernel")]
         flat[(*key, "kernel")] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
     return unflatten_dict(flat)
+
+
+def trained_filter(model: nnx.Module) -> type[nnx.Param]:
+    """What an optimizer and the gradients cover: the adapters of an adapted model, else every nnx.Param."""
+    return LoraParam if nnx.state(model, LoraParam) else nnx.Param
+
+
+def adapt_model(model: nnx.Module, lora: LoraConfig, seed: int) -> LoraPlan:
+    """Adapt a live Transformer in place (the reward runs' nnx.Module form): the base cast to `lora.base_dtype`,
+    adapters added with their seeded starting values (the torch twin's). Returns the plan."""
+    plan = plan_for(model, lora)
+    base = nnx.state(model, nnx.Param)
+    dtype = jnp.dtype(lora.base_dtype)
+    nnx.update(model, jax.tree.map(lambda x: x.astype(dtype), base))
+    add_adapters(model, plan)
+    adapters = nnx.state(model, LoraParam)
+    nnx.replace_by_pure_dict(adapters, jax.tree.map(jnp.asarray, initial_tree(plan, seed)))
+    nnx.update(model, adapters)
+    return plan
+
+
+def merged_model(model: nnx.Module, plan: LoraPlan) -> nnx.Module:
+    """A copy of an adapted model with plain linear layers holding the merged weights (kernel + scale A B), for
+    export; `model` is unchanged."""
+    copy = nnx.clone(model)
+    params = merged(plan, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    for path in plan.paths():
+        parent, _, name = path.rpartition(".")
+        holder = _module(copy, parent) if parent else copy
+        adapted = getattr(holder, name)
+        *_, d_in, d_out = adapted.kernel.shape
+        plain = nnx.Linear(d_in, d_out, dtype=adapted.dtype, param_dtype=adapted.kernel.dtype, rngs=nnx.Rngs(0))
+        plain.kernel, plain.bias = nnx.Param(adapted.kernel[...]), nnx.Param(adapted.bias[...])
+        setattr(holder, name, plain)
+    state = nnx.state(copy, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(copy, state)
+    return copy
