@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from contentv_common.config import ConfigError
 from contentv_common.lora import target_modules
 from contentv_common.lora_init import initial_adapters
 from contentv_common.recipe import LoraConfig
@@ -52,6 +53,8 @@ def add_adapters(model: nn.Module, lora: LoraConfig, seed: int) -> list[str]:
     """Adapt `model` in place: every parameter frozen and stored in `lora.base_dtype`, the targeted linears replaced
     by LoraLinear with new adapters (contentv_common.lora_init: the values the JAX core starts from). Returns the
     adapted modules."""
+    if lora.base_dtype == "bfloat16" and getattr(model, "compute_dtype", None) != torch.bfloat16:
+        raise ConfigError("lora.base_dtype: bfloat16 needs compute_dtype: bfloat16 in the torch twin")
     modules = adapted_modules(model, lora)
     with torch.no_grad():
         for p in model.parameters():
