@@ -65,3 +65,21 @@ def test_lora_step_is_the_same_on_a_sharded_mesh(cached_set, rel_err):  # noqa: 
     assert "fsdp" in str(fc1["kernel"].sharding.spec) and "fsdp" in str(fc1["lora_a"].sharding.spec)
     assert fc1["lora_a"].addressable_shards[0].data.shape[1] == fc1["lora_a"].shape[1] // 4  # A [L, in / 4, rank]
     assert "fsdp" not in str(fc1["lora_b"].sharding.spec)  # B's output dim follows the kernel's (tensor axis)
+
+
+def test_bf16_base_with_fp32_adapters(cached_set):  # noqa: F811
+    """A bf16 base (bf16 compute) with fp32 adapters, optimizer state and EMA; bf16 base with fp32 compute is a
+    recipe error (the torch twin cannot run it)."""
+    import pytest
+
+    from contentv_common.config import ConfigError
+
+    recipe = tiny_recipe(cached_set, "lora_bf16", compute_dtype="bfloat16", **{**LORA, "lora.base_dtype": "bfloat16"})
+    state = get_trainer(recipe, make_mesh(MeshConfig(), jax.devices()[:1])).abstract_state()
+    flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
+    assert {x.dtype for p, x in flat if str(p[-1].key).startswith("lora_")} == {np.dtype("float32")}
+    assert {x.dtype for p, x in flat if not str(p[-1].key).startswith("lora_")} == {np.dtype(jax.numpy.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(state["opt_state"]) if x.ndim} == {np.dtype("float32")}
+    assert {x.dtype for x in jax.tree.leaves(state["ema"])} == {np.dtype("float32")}
+    with pytest.raises(ConfigError, match="lora.base_dtype: bfloat16 needs compute_dtype: bfloat16"):
+        tiny_recipe(cached_set, "lora_bf16", **{**LORA, "lora.base_dtype": "bfloat16"})

@@ -67,3 +67,31 @@ def test_lora_fsdp2_follows_one_process(tiny_dataset, tmp_path, rel_err, spawn_r
     x, _, _ = load_adapters(single / "ckpt" / "lora.safetensors")
     y, _, _ = load_adapters(multi / "ckpt" / "lora.safetensors")
     assert sorted(x) == sorted(y) and all(rel_err(y[k], x[k]) < 1e-4 for k in x)
+
+
+def test_bf16_base_with_fp32_adapters():
+    """The frozen base may be stored in bf16 (with bf16 compute) while the adapters and their gradients stay fp32."""
+    import pytest
+
+    from contentv_common.config import ConfigError
+    from contentv_common.recipe import LoraConfig
+    from contentv_torch_npu.lora import add_adapters
+
+    torch.manual_seed(0)
+    model = Transformer(named_model_config("tiny"), compute_dtype=torch.bfloat16, ops="torch")
+    add_adapters(model, LoraConfig(rank=4, base_dtype="bfloat16"), seed=0)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert {d for n, d in dtypes.items() if ".lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if ".lora_" not in n} == {torch.bfloat16}
+    rng = np.random.default_rng(0)
+    out = model(
+        torch.from_numpy(rng.standard_normal((1, 16, 1, 8, 8), dtype=np.float32)),
+        torch.tensor([500.0]),
+        torch.from_numpy(rng.standard_normal((1, 333, 48), dtype=np.float32)),
+        torch.from_numpy(rng.standard_normal((1, 24), dtype=np.float32)),
+    )
+    out.float().square().mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(".lora_" in n and g.dtype == torch.float32 for n, g in grads.items())
+    with pytest.raises(ConfigError, match="lora.base_dtype: bfloat16 needs compute_dtype: bfloat16"):
+        add_adapters(Transformer(named_model_config("tiny")), LoraConfig(base_dtype="bfloat16"), seed=0)
