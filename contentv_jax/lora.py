@@ -22,7 +22,7 @@ from flax.nnx.nn.dtypes import promote_dtype
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from contentv_common.lora import lora_keys, target_modules
-from contentv_common.lora_init import initial_adapters
+from contentv_common.lora_train import initial_adapters
 from contentv_common.param_table import TRANSFORMER_TABLE
 from contentv_common.recipe import LoraConfig
 
@@ -194,7 +194,7 @@ def canonical_adapters(plan: LoraPlan, adapters: dict[str, Any]) -> dict[str, np
 
 
 def initial_tree(plan: LoraPlan, seed: int) -> dict[str, Any]:
-    """New adapters (contentv_common.lora_init: the torch twin starts from the same values) as tree leaves."""
+    """New adapters (contentv_common.lora_train: the torch twin starts from the same values) as tree leaves."""
     return adapter_tree(plan, initial_adapters(plan.shapes, plan.lora.rank, seed))
 
 

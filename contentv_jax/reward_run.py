@@ -128,14 +128,11 @@ def _resume(
 
 
 def _write_adapters(recipe: RewardRecipe, plan: lora.LoraPlan, model: nnx.Module) -> None:
-    """A LoRA run's adapters (the EMA's when kept) as `<checkpoint.dir>/lora.safetensors`, replaced atomically."""
-    from contentv_common.lora import save_adapters
+    """A LoRA run's adapters (the EMA's when kept) as `<checkpoint.dir>/lora.safetensors`."""
+    from contentv_common.lora_train import write_adapter_file
 
     adapters = lora.split_adapters(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]
-    path = Path(recipe.checkpoint.dir) / "lora.safetensors"
-    tmp = path.with_name(path.name + ".tmp")
-    save_adapters(tmp, lora.canonical_adapters(plan, lora.to_host(adapters)), recipe.lora)
-    tmp.replace(path)
+    write_adapter_file(recipe.checkpoint.dir, lora.canonical_adapters(plan, lora.to_host(adapters)), recipe.lora)
 
 
 def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:

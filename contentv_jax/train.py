@@ -26,6 +26,7 @@ from contentv_common.data.cache import LatentCache
 from contentv_common.divergence import DivergenceGuard
 from contentv_common.errors import RunStopped
 from contentv_common.evaluation import EVAL_CLIP, eval_batch, eval_clip_inputs, frame_strip
+from contentv_common.lora_train import write_adapter_file
 from contentv_common.metrics import MetricsWriter
 from contentv_common.optim import learning_rate
 from contentv_common.recipe import Recipe
@@ -153,7 +154,7 @@ class Trainer:
             base = lora.split_adapters(fresh())[1]
         if not adapters:
             adapters = lora.initial_tree(self.lora_plan, self.recipe.seed)
-        abstract_adapters, abstract_base = lora.split_adapters(nnx.to_pure_dict(self._abstract_params))
+        _, abstract_base = lora.split_adapters(nnx.to_pure_dict(self._abstract_params))
         base = jax.tree.map(lambda x, a: x.astype(a.dtype), base, abstract_base)
         return jax.device_put(lora.join(adapters, base), self.param_shardings)
 
@@ -169,8 +170,8 @@ class Trainer:
         return self._join(state.get("ema", trained), frozen)
 
     def plain_model(self, params: dict[str, Any]) -> Transformer:
-        """A Transformer without adapters: with LoRA the adapters merged into the base (contentv_jax.lora.merged),
-        in float32; else `model(params)`."""
+        """A Transformer without adapters: with LoRA the adapters merged into the base (contentv_jax.lora.merged);
+        else `model(params)`."""
         if self.lora_plan is None:
             return self.model(params)
         graphdef, abstract, _ = nnx.split(nnx.eval_shape(self._build_plain), nnx.Param, ...)
@@ -407,21 +408,11 @@ def _train(
     return RunResult(losses=losses, skipped_steps=skipped, final_step=end, state=state)
 
 
-def adapter_file(recipe: Recipe) -> Path:
-    """Where a LoRA run keeps the adapters of its latest checkpoint (both backends)."""
-    return Path(recipe.checkpoint.dir) / "lora.safetensors"
-
-
 def _write_adapters(recipe: Recipe, trainer: Trainer, state: dict[str, Any]) -> None:
-    """The adapter file of the checkpoint just saved (EMA when kept), replaced atomically by process 0."""
-    from contentv_common.lora import save_adapters
-
+    """The adapter file of the checkpoint just saved (EMA when kept), written by process 0."""
     adapters = trainer.adapters(state)  # every process takes part in gathering
     if jax.process_index() == 0:
-        path = adapter_file(recipe)
-        tmp = path.with_name(path.name + ".tmp")
-        save_adapters(tmp, adapters, recipe.lora)
-        tmp.replace(path)
+        write_adapter_file(recipe.checkpoint.dir, adapters, recipe.lora)
 
 
 def _eval_clip(trainer: Trainer, params: dict[str, Any], cache: LatentCache, index: int) -> np.ndarray | None:

@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from contentv_common.config import ConfigError
 from contentv_common.lora import target_modules
-from contentv_common.lora_init import initial_adapters
+from contentv_common.lora_train import initial_adapters
 from contentv_common.recipe import LoraConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -51,7 +51,7 @@ def adapted_modules(model: nn.Module, lora: LoraConfig) -> list[str]:
 
 def add_adapters(model: nn.Module, lora: LoraConfig, seed: int) -> list[str]:
     """Adapt `model` in place: every parameter frozen and stored in `lora.base_dtype`, the targeted linears replaced
-    by LoraLinear with new adapters (contentv_common.lora_init: the values the JAX core starts from). Returns the
+    by LoraLinear with new adapters (contentv_common.lora_train: the values the JAX core starts from). Returns the
     adapted modules."""
     if lora.base_dtype == "bfloat16" and getattr(model, "compute_dtype", None) != torch.bfloat16:
         raise ConfigError("lora.base_dtype: bfloat16 needs compute_dtype: bfloat16 in the torch twin")

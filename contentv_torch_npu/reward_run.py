@@ -17,7 +17,6 @@ one is skipped for the newest intact one); the run holds the checkpoint dir's lo
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from contentv_common.errors import CheckpointSaveError
-from contentv_common.lora import save_adapters
+from contentv_common.lora_train import write_adapter_file
 from contentv_common.reward import to_uint8
 from contentv_common.reward_recipe import RewardRecipe
 from contentv_common.reward_run import (
@@ -129,9 +128,7 @@ def _save(
     try:
         ckpt.save_state(recipe.checkpoint.dir, state, recipe.checkpoint.keep)
         if adapters is not None:
-            path = Path(recipe.checkpoint.dir) / "lora.safetensors"
-            save_adapters(path.with_name(path.name + ".tmp"), adapters, recipe.lora)
-            path.with_name(path.name + ".tmp").replace(path)
+            write_adapter_file(recipe.checkpoint.dir, adapters, recipe.lora)
     except Exception as e:  # any failure ends the run now, with the previous checkpoint as its resume point
         raise CheckpointSaveError(f"{recipe.checkpoint.dir}: saving step {point.step} failed: {e}") from e
 

@@ -29,8 +29,7 @@ from contentv_common.data.cache import Encoders, LatentCache
 from contentv_common.divergence import DivergenceGuard
 from contentv_common.errors import CheckpointSaveError, RunStopped
 from contentv_common.evaluation import EVAL_CLIP, eval_batch, eval_clip_inputs, frame_strip
-from contentv_common.lora import save_adapters
-from contentv_common.lora_init import initial_adapters
+from contentv_common.lora_train import initial_adapters, write_adapter_file
 from contentv_common.metrics import MetricsWriter
 from contentv_common.optim import learning_rate
 from contentv_common.recipe import Recipe
@@ -397,19 +396,11 @@ def _run(
     return metrics
 
 
-def adapter_file(recipe: Recipe) -> Path:
-    """Where a LoRA run keeps the adapters of its latest checkpoint (as contentv_jax.train.adapter_file)."""
-    return Path(recipe.checkpoint.dir) / "lora.safetensors"
-
-
 def _write_adapters(recipe: Recipe, tensors: dict[str, torch.Tensor], topo: Topology) -> None:
-    """The adapter file of the checkpoint just saved (EMA when kept), replaced atomically by the main rank."""
+    """The adapter file of the checkpoint just saved (EMA when kept), written by the main rank."""
     adapters = lora.get_adapters(tensors)  # every rank takes part in gathering
     if topo.is_main:
-        path = adapter_file(recipe)
-        tmp = path.with_name(path.name + ".tmp")
-        save_adapters(tmp, adapters, recipe.lora)
-        tmp.replace(path)
+        write_adapter_file(recipe.checkpoint.dir, adapters, recipe.lora)
 
 
 def _keep_resume_point(recipe: Recipe, guard: DivergenceGuard, topo: Topology) -> str:

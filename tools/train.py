@@ -183,11 +183,11 @@ def export_transformer(recipe: Recipe, backend: str) -> Path:
         if step is None:
             raise FileNotFoundError(f"{recipe.checkpoint.dir}: no checkpoint to export")
         if recipe.lora is not None:
+            from contentv_common.lora_train import adapter_file
             from contentv_torch_npu.lora import export_merged
-            from contentv_torch_npu.train import adapter_file
 
             return export_merged(
-                step / "model", adapter_file(recipe), Path(recipe.checkpoint.dir).parent / "transformer"
+                step / "model", adapter_file(recipe.checkpoint.dir), Path(recipe.checkpoint.dir).parent / "transformer"
             )
         return step / "ema" if (step / "ema").is_dir() else step / "model"
     from contentv_jax.checkpointing import Checkpointer

@@ -7,9 +7,10 @@ import torch
 
 from contentv_common.config import named_model_config
 from contentv_common.lora import load_adapters
+from contentv_common.lora_train import adapter_file
 from contentv_common.recipe import MeshConfig
 from contentv_jax.sharding import make_mesh
-from contentv_jax.train import _initial_params, adapter_file, get_trainer, run
+from contentv_jax.train import _initial_params, get_trainer, run
 from contentv_torch_npu.loading import save_torch
 from contentv_torch_npu.transformer import Transformer
 from tests.jax.test_train import _batch, cached_set, tiny_recipe  # noqa: F401 (the cached set fixture)
@@ -29,7 +30,7 @@ def test_lora_run_trains_adapters_only_and_resumes_exactly(cached_set, tmp_path)
     straight = run(straight_recipe, progress=False)
     split_recipe = tiny_recipe(cached_set, "lora_split", **opts)
     first = run(split_recipe, progress=False, stop_after=2)
-    adapters_at_2, _, _ = load_adapters(adapter_file(split_recipe))
+    adapters_at_2, _, _ = load_adapters(adapter_file(split_recipe.checkpoint.dir))
     second = run(split_recipe, progress=False)
     assert [straight.losses[k] for k in range(4)] == [{**first.losses, **second.losses}[k] for k in range(4)]
     np.testing.assert_array_equal(_flat(straight.state["params"]), _flat(second.state["params"]))
@@ -41,7 +42,8 @@ def test_lora_run_trains_adapters_only_and_resumes_exactly(cached_set, tmp_path)
     start_trained, start_frozen = trainer.trained(start["params"])
     np.testing.assert_array_equal(_flat(frozen), _flat(start_frozen))  # the init_from base, untouched
     assert not np.array_equal(_flat(trained), _flat(start_trained))
-    adapters, rank, alpha = load_adapters(adapter_file(straight_recipe))  # the EMA of the adapters (tiny keeps one)
+    # the EMA of the adapters (the tiny recipe keeps one)
+    adapters, rank, alpha = load_adapters(adapter_file(straight_recipe.checkpoint.dir))
     assert (rank, alpha) == (4, 8.0) and len(adapters) == 42
     expected = trainer.adapters(straight.state)
     assert sorted(adapters) == sorted(expected) and all(np.array_equal(adapters[k], expected[k]) for k in adapters)

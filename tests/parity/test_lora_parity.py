@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from contentv_common.lora import merge
-from contentv_common.lora_init import initial_adapters
+from contentv_common.lora_train import initial_adapters
 from contentv_common.recipe import LoraConfig, MeshConfig, load_recipe
 from contentv_jax import lora as jax_lora
 from contentv_jax import sharding

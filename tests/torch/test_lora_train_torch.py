@@ -9,9 +9,10 @@ import torch
 
 from contentv_common.config import named_model_config
 from contentv_common.lora import load_adapters
+from contentv_common.lora_train import adapter_file
 from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu.loading import save_torch
-from contentv_torch_npu.train import adapter_file, run
+from contentv_torch_npu.train import run
 from contentv_torch_npu.transformer import Transformer
 from tests.torch.test_train_torch import _losses, _recipe, _worker
 
@@ -34,7 +35,7 @@ def test_lora_run_trains_adapters_only_and_resumes_exactly(tiny_dataset, tmp_pat
     run(_recipe(tiny_dataset, straight, steps=4, **opts), device="cpu", progress=False)
     interrupted = tmp_path / "interrupted"
     run(_recipe(tiny_dataset, interrupted, steps=2, **opts), device="cpu", progress=False)
-    at_2, _, _ = load_adapters(adapter_file(_recipe(tiny_dataset, interrupted, **opts)))
+    at_2, _, _ = load_adapters(adapter_file(interrupted / "ckpt"))
     run(_recipe(tiny_dataset, interrupted, steps=4, **opts), device="cpu", progress=False)
     assert _losses(interrupted) == _losses(straight)
     a = ckpt.load_state(straight / "ckpt" / "step_00000004")
@@ -46,7 +47,7 @@ def test_lora_run_trains_adapters_only_and_resumes_exactly(tiny_dataset, tmp_pat
         assert sorted(x) == sorted(y) and all(np.array_equal(x[k], y[k]) for k in x), field
     assert sorted(a.exp_avg) == sorted(a.ema) == lora_names  # optimizer state and EMA: the adapters only
     assert all(np.array_equal(a.params[k], base[k]) for k in base)  # the base is the init_from one, untouched
-    adapters, rank, alpha = load_adapters(adapter_file(_recipe(tiny_dataset, straight, **opts)))
+    adapters, rank, alpha = load_adapters(adapter_file(straight / "ckpt"))
     assert (rank, alpha) == (4, 8.0) and sorted(adapters) == lora_names
     assert all(np.array_equal(adapters[k], a.ema[k]) for k in lora_names)  # the EMA, as the export takes it
     assert any(not np.array_equal(adapters[k], at_2[k]) for k in lora_names)  # rewritten at each checkpoint
