@@ -8,7 +8,7 @@ import numpy as np
 from contentv_common.lora import load_adapters, merge
 from tests.e2e.test_reward_run import _recipe, _rows, synthetic  # noqa: F401 (the synthetic set fixture)
 
-LORA = {"lora.rank": 4, "lora.alpha": 8.0, "steps": 1, "rollout.steps": 2, "refl.grad_steps": 1}
+LORA = {"lora.rank": 4, "lora.alpha": 8.0, "steps": 1, "rollout.steps": 1, "refl.grad_steps": 1, "refl.sft_weight": 0.0}
 
 
 def _check(tmp_path, base: dict[str, np.ndarray], exported: dict[str, np.ndarray], rel_err) -> None:
