@@ -254,6 +254,16 @@ def lora_demo_base(recipe: Recipe) -> Recipe:
     return replace(recipe, init_from=None)
 
 
+def read_jax_init(recipe: Recipe, backend: str) -> None:
+    """The torch twin starts from a JAX-format `init_from` (e.g. the tiny demo's export) through contentv_jax's
+    reader, registered by importing it (as tools/sample.py does)."""
+    from contentv_common.checkpoint import detect_format
+
+    if backend == "torch" and recipe.init_from and Path(recipe.init_from).is_dir():
+        if detect_format(recipe.init_from) == "jax":
+            import contentv_jax  # noqa: F401
+
+
 def train_reward(path: str, overrides: dict[str, Any], backend: str, progress: bool) -> int:
     """Reward fine-tuning (ReFL or GRPO): recipes with a `method` key (configs/recipes/reward_*.yaml)."""
     recipe = load_reward_recipe(path, overrides)
@@ -296,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, stage in stages:
         print(f"stage {name}: {stage.steps} steps, checkpoints in {stage.checkpoint.dir}")
         prepare_data_once(stage, args.backend, primary, progress)
+        read_jax_init(stage, args.backend)
         log = train_stage(stage, args.backend, progress, primary)
         if log is not None and log.losses:
             plot = log.plot()
