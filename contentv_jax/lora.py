@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.sharding import Mesh
 
 from contentv_common.lora import lora_keys, target_modules
 from contentv_common.lora_train import initial_adapters
@@ -218,16 +219,21 @@ def trained_filter(model: nnx.Module) -> type[nnx.Param]:
     return LoraParam if nnx.state(model, LoraParam) else nnx.Param
 
 
-def adapt_model(model: nnx.Module, lora: LoraConfig, seed: int) -> LoraPlan:
+def adapt_model(model: nnx.Module, lora: LoraConfig, seed: int, mesh: Mesh | None = None) -> LoraPlan:
     """Adapt a live Transformer in place (the reward runs' nnx.Module form): the base cast to `lora.base_dtype`,
-    adapters added with their seeded starting values (the torch twin's). Returns the plan."""
+    adapters added with their seeded starting values (the torch twin's), placed on `mesh` by the sharding rules of
+    their base when given. Returns the plan."""
+    from contentv_jax.sharding import param_shardings
+
     plan = plan_for(model, lora)
     base = nnx.state(model, nnx.Param)
     dtype = jnp.dtype(lora.base_dtype)
     nnx.update(model, jax.tree.map(lambda x: x.astype(dtype), base))
     add_adapters(model, plan)
+    tree = initial_tree(plan, seed)
+    tree = jax.device_put(tree, param_shardings(tree, mesh)) if mesh is not None else jax.tree.map(jnp.asarray, tree)
     adapters = nnx.state(model, LoraParam)
-    nnx.replace_by_pure_dict(adapters, jax.tree.map(jnp.asarray, initial_tree(plan, seed)))
+    nnx.replace_by_pure_dict(adapters, tree)
     nnx.update(model, adapters)
     return plan
 

@@ -85,3 +85,28 @@ def test_bf16_base_with_fp32_adapters(cached_set):  # noqa: F811
     assert {x.dtype for x in jax.tree.leaves(state["ema"])} == {np.dtype("float32")}
     with pytest.raises(ConfigError, match="lora.base_dtype: bfloat16 needs compute_dtype: bfloat16"):
         tiny_recipe(cached_set, "lora_bf16", **{**LORA, "lora.base_dtype": "bfloat16"})
+
+
+def test_adapting_a_sharded_model_shards_its_adapters():
+    """The reward runs' form (a live nnx.Module on a mesh): adapters placed like their base, starting values the
+    training state's."""
+    from flax import nnx
+
+    from contentv_common.recipe import LoraConfig
+    from contentv_jax import lora
+    from contentv_jax.sharding import param_shardings
+    from contentv_jax.transformer import Transformer
+
+    mesh = make_mesh(MeshConfig(1, 4, 1, 1), jax.devices()[:4])
+    model = Transformer(named_model_config("tiny"), rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    pure = nnx.to_pure_dict(params)
+    nnx.replace_by_pure_dict(params, jax.device_put(pure, param_shardings(pure, mesh)))
+    nnx.update(model, params)
+    plan = lora.adapt_model(model, LoraConfig(rank=4), seed=3, mesh=mesh)
+    fc1 = model.blocks.ff.fc1
+    assert "fsdp" in str(fc1.kernel[...].sharding.spec) and "fsdp" in str(fc1.lora_a[...].sharding.spec)
+    assert fc1.lora_a[...].addressable_shards[0].data.shape == (1, 8, 4)  # [L - 1, in / fsdp, rank]
+    got = lora.canonical_adapters(plan, lora.to_host(nnx.to_pure_dict(nnx.state(model, lora.LoraParam))))
+    expected = lora.canonical_adapters(plan, lora.initial_tree(plan, 3))
+    assert sorted(got) == sorted(expected) and all(np.array_equal(got[k], expected[k]) for k in got)
