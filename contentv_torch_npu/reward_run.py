@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from contentv_common.errors import CheckpointSaveError
+from contentv_common.lora_train import write_adapter_file
 from contentv_common.reward import to_uint8
 from contentv_common.reward_recipe import RewardRecipe
 from contentv_common.reward_run import (
@@ -41,6 +42,7 @@ from contentv_common.reward_run import (
 from contentv_common.run_lock import RunLock
 from contentv_common.safetensors_io import CheckpointError
 from contentv_torch_npu import checkpointing as ckpt
+from contentv_torch_npu import lora
 from contentv_torch_npu import reward_train as tr
 from contentv_torch_npu.device import resolve_device
 from contentv_torch_npu.loading import load_transformer
@@ -117,12 +119,16 @@ def _save(
     ema: dict[str, torch.Tensor] | None,
     point: ResumePoint,
 ) -> None:
-    """The checkpoint's ema/ slot holds the EMA anchor or the EMA of the weights (a recipe has at most one)."""
+    """The checkpoint's ema/ slot holds the EMA anchor or the EMA of the weights (a recipe has at most one); a LoRA
+    run writes its adapters (the EMA of the weights' when kept) to `<checkpoint.dir>/lora.safetensors` as well."""
+    adapters = lora.get_adapters(ema if ema is not None else dict(model.named_parameters())) if recipe.lora else None
     ema = ema if anchor is None else dict(anchor.named_parameters())
     counters = {k: v for k, v in point.as_dict().items() if k != "step"}
     state = ckpt.gather_state(model, optimizer, ema, step=point.step, data_position=point.step, counters=counters)
     try:
         ckpt.save_state(recipe.checkpoint.dir, state, recipe.checkpoint.keep)
+        if adapters is not None:
+            write_adapter_file(recipe.checkpoint.dir, adapters, recipe.lora)
     except Exception as e:  # any failure ends the run now, with the previous checkpoint as its resume point
         raise CheckpointSaveError(f"{recipe.checkpoint.dir}: saving step {point.step} failed: {e}") from e
 
@@ -148,12 +154,15 @@ def _run(recipe: RewardRecipe, progress: bool, device: str) -> dict[str, Any]:
     )
     data = RewardData(recipe, encoders, open_sft_cache(recipe, encoders, progress))
     model = _model(recipe, dev)
+    if recipe.lora is not None:  # the base frozen, the adapters alone train (contentv_torch_npu.lora)
+        lora.add_adapters(model, recipe.lora, recipe.seed)
     decoder = tr.VaeFirstFrameDecoder(encoders.vae)
     refl, grpo = recipe.method == "refl", recipe.grpo
     anchored = recipe.refl.anchor != "none" if refl else grpo.kl_weight > 0
     ref_model = copy.deepcopy(model).requires_grad_(False) if anchored else None
     optimizer = make_optimizer(model, recipe.optimizer)
-    ema = {n: p.detach().clone() for n, p in model.named_parameters()} if recipe.optimizer.ema_decay else None
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # with LoRA: the adapters
+    ema = {n: p.detach().clone() for n, p in trained} if recipe.optimizer.ema_decay else None
     clip = None
     if recipe.reward.kind == "clip":
         from contentv_torch_npu.reward_clip import load_clip_reward
