@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contentv_common.demo import DEMO_T5_TOKENS, DEMO_VAE, WordEmbeddingText
+from contentv_common.demo import DEMO_VAE, WordEmbeddingText, demo_text
 from contentv_common.embedding_cache import EmbeddingCache
 from contentv_common.vae_config import tiny_vae_config
 from contentv_torch_npu.text_encoders import (
@@ -133,7 +133,7 @@ def tiny_encoders(
 def demo_encoders(device: str | torch.device = "cpu", cache_dir: str | Path | None = None) -> Encoders:
     """The CPU demo's encoders: the tiny Wan VAE trained on the synthetic set (configs/demo_vae, made by
     tools/make_demo_vae.py) and the word-embedding text encoder (contentv_common/demo.py); tiny-model sizes."""
-    text = WordEmbeddingText(t5_tokens=DEMO_T5_TOKENS)
+    text = demo_text()
     return Encoders(text, load_vae(DEMO_VAE, device=device), _cache(cache_dir, text))
 
 
