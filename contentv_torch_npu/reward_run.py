@@ -65,36 +65,34 @@ from contentv_torch_npu.transformer import Transformer
 
 
 def check_world(recipe: RewardRecipe, world: int) -> None:
-    """ConfigError (one line naming the key) unless `world` processes run the recipe's mesh (training's rules) and
-    every data-parallel group (`mesh.data x mesh.fsdp`) gets the same number of rollouts and SFT rows."""
+    """ConfigError (one line naming the key) unless `world` processes run the recipe's mesh (training's rules; how
+    the batch splits over the mesh is checked when the recipe loads)."""
     try:
         check_mesh(recipe.mesh, world, recipe.model_config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    groups = recipe.mesh.data * recipe.mesh.fsdp
-    if recipe.rollout.batch_size % groups:
-        raise ConfigError(
-            f"rollout.batch_size: {recipe.rollout.batch_size} prompts do not split over mesh.data x mesh.fsdp = "
-            f"{groups} data-parallel groups (each samples an equal share of every batch); use a multiple of {groups}"
-        )
 
 
 def build_model(recipe: RewardRecipe, topo: Topology) -> Transformer:
     """The model to tune in fp32 masters, identical on every rank (`init_from` or seeded), sharded (FSDP2 / HSDP)
-    over a multi-process world, where `init_from` is streamed into the shards (no rank holds the whole model)."""
-    dtype = torch.bfloat16 if recipe.compute_dtype == "bfloat16" else None
+    over a multi-process world, where `init_from` is streamed into the shards (no rank holds the whole model).
+    `remat` other than "none" recomputes each block in the backward pass, inside ReFL's per-sampler-step
+    recomputation too."""
+    dtype, remat = torch.bfloat16 if recipe.compute_dtype == "bfloat16" else None, recipe.remat != "none"
     if recipe.init_from is not None:
         if topo.world == 1:
-            return load_transformer(recipe.init_from, compute_dtype=dtype, device=topo.device)
+            model = load_transformer(recipe.init_from, compute_dtype=dtype, device=topo.device)
+            model.gradient_checkpointing = remat
+            return model
         source = open_checkpoint(recipe.init_from)
         with torch.device("meta"):
-            model = Transformer(source.config, compute_dtype=dtype)
+            model = Transformer(source.config, compute_dtype=dtype, gradient_checkpointing=remat)
         shard_model(model, topo.shard_mesh)
         model.to_empty(device=topo.device)
         return stream_weights(model, source)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
-        model = Transformer(recipe.model_config, compute_dtype=dtype).to(topo.device)
+        model = Transformer(recipe.model_config, compute_dtype=dtype, gradient_checkpointing=remat).to(topo.device)
     return shard_model(model, topo.shard_mesh) if topo.world > 1 else model
 
 
