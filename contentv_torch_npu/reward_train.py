@@ -7,7 +7,7 @@ per trained step (`grpo_backward`). Updates go through contentv_torch_npu.optim 
 clipping, divergent steps skipped, EMA).
 
 On the training mesh (contentv_torch_npu.distributed: FSDP2 / HSDP, Ulysses) every step function takes the run's
-`Topology`: each data-parallel group holds its contiguous share of the batch's rows (`local_rows`), the losses are
+`Topology`: each data-parallel group holds its contiguous share of the batch's rows (`row_slice`), the losses are
 means over rows, so FSDP's gradient average over the groups is the whole batch's gradient (losses are scaled by the
 sequence-parallel size, whose ranks each hold their tokens' share, as in training); metrics are averaged over the
 groups, and GRPO's group advantages and the reward statistics come from every group's rewards. A sharded step is

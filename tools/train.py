@@ -237,7 +237,7 @@ def train_reward(path: str, overrides: dict[str, Any], backend: str, progress: b
     """Reward fine-tuning (ReFL or GRPO): recipes with a `method` key (configs/recipes/reward_*.yaml)."""
     recipe = load_reward_recipe(path, overrides)
     primary = True
-    if backend == "torch":  # torchrun's world against the recipe's mesh and batch, before any data work
+    if backend == "torch":  # torchrun's world against the recipe's mesh, before any data work
         from contentv_torch_npu.reward_run import check_world
 
         check_world(recipe, int(os.environ.get("WORLD_SIZE", "1")))

@@ -12,12 +12,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = "configs/recipes/reward_refl_tiny.yaml"
+# one held-out seed for two data-parallel groups: the second samples it too and drops it
 OVERRIDES = {"data": None, "refl.sft_weight": 0.0, "refl.anchor": "ema", "refl.grad_steps": 1, "rollout.steps": 2,
-             "rollout.eval_interval": 1, "checkpoint.interval": 1}  # fmt: skip
+             "rollout.eval_interval": 1, "rollout.eval_seeds": [10000], "checkpoint.interval": 1}  # fmt: skip
 
 
 def _torchrun(tmp_path: Path, steps: int) -> subprocess.CompletedProcess:
-    args = [f"{k}={'null' if v is None else v}" for k, v in OVERRIDES.items()]
+    args = [f"{k}={json.dumps(v)}" for k, v in OVERRIDES.items()]  # YAML reads JSON
     args += ["mesh.fsdp=2", f"steps={steps}", f"checkpoint.dir={tmp_path / 'ckpt'}", f"log_dir={tmp_path / 'logs'}"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "tools/train.py", "--config", RECIPE, "--backend", "torch", "--no-progress", *args]  # fmt: skip
