@@ -269,6 +269,8 @@ class Recipe:
         names = [s.name for s in self.stages]
         _check(len(set(names)) == len(names), "stages", f"stage names must be unique, got {names}")
         check_buckets_on_mesh(self.data.buckets, self.mesh, self.model_config.patch_size)
+        if self.lora is not None and self.lora.base_dtype == "bfloat16":
+            _check(self.compute_dtype == "bfloat16", "lora.base_dtype", "bfloat16 needs compute_dtype: bfloat16")
 
     @property
     def model_config(self) -> ModelConfig:

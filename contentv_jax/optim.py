@@ -19,6 +19,7 @@ from flax import nnx
 
 from contentv_common.optim import decays, learning_rate, schedule_length
 from contentv_common.recipe import OptimizerConfig
+from contentv_jax.lora import trained_filter
 from contentv_jax.transformer import layer_axes
 
 
@@ -48,8 +49,9 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int | None) -> optax.Gradi
 
 
 def model_optimizer(model: nnx.Module, cfg: OptimizerConfig, total_steps: int | None) -> nnx.Optimizer:
-    """`make_optimizer` over a model's nnx.Params (reward tuning keeps the model as an nnx.Module)."""
-    return nnx.Optimizer(model, make_optimizer(cfg, total_steps), wrt=nnx.Param)
+    """`make_optimizer` over a model's nnx.Params (reward tuning keeps the model as an nnx.Module); with LoRA over
+    the adapters alone."""
+    return nnx.Optimizer(model, make_optimizer(cfg, total_steps), wrt=trained_filter(model))
 
 
 def current_lr(optimizer: nnx.Optimizer, cfg: OptimizerConfig, total_steps: int | None) -> float:

@@ -39,6 +39,7 @@ from contentv_common.reward_run import (
     optimizer_updates,
     uses_ema_anchor,
 )
+from contentv_jax import lora
 from contentv_jax import reward_train as jr
 from contentv_jax.checkpointing import Checkpointer, abstract_like
 from contentv_jax.loading import load_transformer, save_jax
@@ -126,12 +127,21 @@ def _resume(
     return point, RewardLog(recipe.log_dir, keep_lines=point.log_lines)
 
 
+def _write_adapters(recipe: RewardRecipe, plan: lora.LoraPlan, model: nnx.Module) -> None:
+    """A LoRA run's adapters (the EMA's when kept) as `<checkpoint.dir>/lora.safetensors`."""
+    from contentv_common.lora_train import write_adapter_file
+
+    adapters = lora.split_adapters(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]
+    write_adapter_file(recipe.checkpoint.dir, lora.canonical_adapters(plan, lora.to_host(adapters)), recipe.lora)
+
+
 def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:
     """Train per the recipe, resuming from `checkpoint.dir` when it holds a checkpoint; returns the last step's
     record."""
     encoders = _encoders(recipe)
     data = RewardData(recipe, encoders, open_sft_cache(recipe, encoders, progress))
     model = _model(recipe)
+    plan = lora.adapt_model(model, recipe.lora, recipe.seed) if recipe.lora else None
     decoder = _decoder(recipe, encoders)
     refl, grpo = recipe.method == "refl", recipe.grpo
     anchored = recipe.refl.anchor != "none" if refl else grpo.kl_weight > 0
@@ -169,12 +179,15 @@ def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:
                 point = ResumePoint(step + 1, log.lines, recipe.seed, int(ema_anchor is not None),
                                     int(ema is not None), guard.skipped)  # fmt: skip
                 checkpointer.save(step + 1, _state(modules), point.as_dict())
+                if plan is not None:
+                    _write_adapters(recipe, plan, ema if ema is not None else model)
             check_divergence(guard, checkpointer.dir)
     finally:
         checkpointer.close()
-    save_jax(Path(recipe.checkpoint.dir).parent / "transformer", model, overwrite=True)
+    plain = (lambda m: lora.merged_model(m, plan)) if plan is not None else (lambda m: m)  # LoRA: merged
+    save_jax(Path(recipe.checkpoint.dir).parent / "transformer", plain(model), overwrite=True)
     if ema is not None:
-        save_jax(Path(recipe.checkpoint.dir).parent / "transformer_ema", ema, overwrite=True)
+        save_jax(Path(recipe.checkpoint.dir).parent / "transformer_ema", plain(ema), overwrite=True)
     log.plot(f"{recipe.method} (jax): {recipe.reward.kind}")
     records = log.records()
     return records[-1] if records else {}

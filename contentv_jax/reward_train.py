@@ -31,6 +31,7 @@ from contentv_common.reward_recipe import GrpoConfig, ReflConfig, RolloutConfig
 from contentv_common.reward_sde import gaussian_kl, gaussian_log_prob, sde_mean, sde_schedule
 from contentv_common.sampling import euler_step, flow_match_schedule, guide, uses_guidance
 from contentv_common.schedules import interpolate, velocity_target
+from contentv_jax.lora import trained_filter
 from contentv_jax.optim import ema, keep_if_bad, step_ok
 from contentv_jax.vae import WanVAE
 
@@ -115,7 +116,8 @@ def unwrap(obj: Any) -> Any:
 
 
 def _split(model: nnx.Module):
-    return nnx.split(model, nnx.Param, ...)
+    """(graphdef, trained parameters, the rest): with LoRA the adapters alone train (contentv_jax.lora)."""
+    return nnx.split(model, trained_filter(model), ...)
 
 
 def refl_loss(

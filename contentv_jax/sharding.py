@@ -66,8 +66,15 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
 STACKED_PARAMS = re.compile(r"blocks\..*")
 
 
+# LoRA adapters (contentv_jax.lora): A [in, rank] splits like its kernel's input dim, B [rank, out] like its output dim
+LORA_LEAF = re.compile(r"(.*)\.lora_(a|b)")
+
+
 def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
     """Logical axis names of a parameter (None = replicated); unknown paths (norm scales, biases) are replicated."""
+    if m := LORA_LEAF.fullmatch(path):
+        *lead, d_in, d_out = logical_axes(f"{m[1]}.kernel", ndim)
+        return (*lead, d_in, None) if m[2] == "a" else (*lead, None, d_out)
     stacked = STACKED_PARAMS.fullmatch(path) is not None
     for pattern, axes in PARAM_AXES:
         if re.fullmatch(pattern, path):

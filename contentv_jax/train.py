@@ -26,11 +26,12 @@ from contentv_common.data.cache import LatentCache
 from contentv_common.divergence import DivergenceGuard
 from contentv_common.errors import RunStopped
 from contentv_common.evaluation import EVAL_CLIP, eval_batch, eval_clip_inputs, frame_strip
+from contentv_common.lora_train import write_adapter_file
 from contentv_common.metrics import MetricsWriter
 from contentv_common.optim import learning_rate
 from contentv_common.recipe import Recipe
 from contentv_common.schedules import interpolate, velocity_target
-from contentv_jax import multihost, sharding
+from contentv_jax import lora, multihost, sharding
 from contentv_jax.checkpointing import Checkpointer, abstract_like
 from contentv_jax.data import make_loader
 from contentv_jax.ops import attention_for
@@ -50,18 +51,27 @@ class Trainer:
     def __init__(self, recipe: Recipe, mesh: Mesh):
         self.recipe, self.mesh = recipe, mesh
         dtype = DTYPES[recipe.compute_dtype]
+        # LoRA: the base in `lora.base_dtype`, frozen; only the adapters (float32) train (contentv_jax.lora)
+        base_dtype = DTYPES[recipe.lora.base_dtype] if recipe.lora else jnp.float32
 
-        def build() -> Transformer:
+        def build_plain() -> Transformer:
             return Transformer(
                 recipe.model_config,
                 rngs=nnx.Rngs(recipe.seed),
                 dtype=dtype,
+                param_dtype=base_dtype,
                 remat=recipe.remat,
                 attention=attention_for(recipe.attention, mesh),
                 constrain=sharding.ActivationSharding(mesh),
             )
 
-        self._build = build
+        self.lora_plan = lora.plan_for(nnx.eval_shape(build_plain), recipe.lora) if recipe.lora else None
+
+        def build() -> Transformer:
+            model = build_plain()
+            return lora.add_adapters(model, self.lora_plan) if self.lora_plan else model
+
+        self._build, self._build_plain = build, build_plain
         self.graphdef, self._abstract_params, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
         # fixed buffers (SD3's 2D position table) are computed, not stored in the train state; XLA drops the params
         self.buffers = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
@@ -75,25 +85,35 @@ class Trainer:
 
     def state_shardings(self, state: dict[str, Any]) -> dict[str, Any]:
         replicated = NamedSharding(self.mesh, PartitionSpec())
+        trained = self.trained(self.param_shardings)[0]
         out = {
             "step": replicated,
             "skipped": replicated,
             "params": self.param_shardings,
-            "opt_state": sharding.like_params_shardings(state["opt_state"], self.param_shardings, self.mesh),
+            "opt_state": sharding.like_params_shardings(state["opt_state"], trained, self.mesh),
         }
         if "ema" in state:
-            out["ema"] = self.param_shardings
+            out["ema"] = trained
         return out
 
+    def trained(self, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(trained, frozen) parts of a parameter tree: with LoRA the adapters and the base, else all and nothing.
+        The optimizer state and the EMA cover the trained part only."""
+        return lora.split_adapters(params) if self.lora_plan else (params, {})
+
+    def _join(self, trained: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]:
+        return lora.join(trained, frozen) if self.lora_plan else trained
+
     def _state_from_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        trained = self.trained(params)[0]
         state = {
             "step": jnp.zeros((), jnp.int32),
             "skipped": jnp.zeros((), jnp.int32),
             "params": params,
-            "opt_state": self.tx.init(params),
+            "opt_state": self.tx.init(trained),
         }
         if self.recipe.optimizer.ema_decay is not None:
-            state["ema"] = jax.tree.map(jnp.copy, params)
+            state["ema"] = jax.tree.map(jnp.copy, trained)
         return state
 
     def abstract_state(self) -> dict[str, Any]:
@@ -104,7 +124,9 @@ class Trainer:
         )
 
     def init_state(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        """A fresh, sharded train state: random init (on device, never whole on one host) or the given params."""
+        """A fresh, sharded train state: random init (on device, never whole on one host) or the given params.
+        With LoRA, `params` may be the base alone (cast to `base_dtype`) and the adapters start new (seeded: the
+        torch twin starts from the same values) unless `params` holds them."""
         if self._init is None:
             shardings = jax.tree.map(lambda x: x.sharding, self.abstract_state())
 
@@ -116,15 +138,50 @@ class Trainer:
                 jax.jit(fresh, out_shardings=shardings),
                 jax.jit(self._state_from_params, out_shardings=shardings),
             )
+        if self.lora_plan is not None:
+            return self._init[1](self._with_adapters(params))
         if params is None:
             return self._init[0]()
         return self._init[1](jax.device_put(params, self.param_shardings))
+
+    def _with_adapters(self, params: dict[str, Any] | None) -> dict[str, Any]:
+        """LoRA parameters on their shards: the base (random when None, cast to the base dtype) and the adapters
+        (new unless given)."""
+        adapters, base = lora.split_adapters(params or {})
+        if params is None:
+            fresh = jax.jit(lambda: nnx.to_pure_dict(nnx.split(self._build(), nnx.Param, ...)[1]),
+                            out_shardings=self.param_shardings)  # fmt: skip
+            base = lora.split_adapters(fresh())[1]
+        if not adapters:
+            adapters = lora.initial_tree(self.lora_plan, self.recipe.seed)
+        _, abstract_base = lora.split_adapters(nnx.to_pure_dict(self._abstract_params))
+        base = jax.tree.map(lambda x, a: x.astype(a.dtype), base, abstract_base)
+        return jax.device_put(lora.join(adapters, base), self.param_shardings)
 
     def model(self, params: dict[str, Any]) -> Transformer:
         """The NNX model for a pure-dict parameter tree (for sampling or evaluation)."""
         state = jax.tree.map(lambda x: x, self._abstract_params)
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state, self.buffers)
+
+    def final_params(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The parameters a run delivers: the EMA of the trained part when kept, with the frozen part."""
+        trained, frozen = self.trained(state["params"])
+        return self._join(state.get("ema", trained), frozen)
+
+    def plain_model(self, params: dict[str, Any]) -> Transformer:
+        """A Transformer without adapters: with LoRA the adapters merged into the base (contentv_jax.lora.merged);
+        else `model(params)`."""
+        if self.lora_plan is None:
+            return self.model(params)
+        graphdef, abstract, _ = nnx.split(nnx.eval_shape(self._build_plain), nnx.Param, ...)
+        nnx.replace_by_pure_dict(abstract, lora.merged(self.lora_plan, params))
+        buffers = jax.jit(lambda: nnx.split(self._build_plain(), nnx.Param, ...)[2])()
+        return nnx.merge(graphdef, abstract, buffers)
+
+    def adapters(self, state: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The LoRA adapters a run delivers (EMA when kept) as canonical arrays for contentv_common.lora's file."""
+        return lora.canonical_adapters(self.lora_plan, lora.to_host(self.trained(self.final_params(state))[0]))
 
     # ---- the step ----------------------------------------------------------------------------------------------
 
@@ -151,18 +208,19 @@ class Trainer:
     def step(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
         """One update; a non-finite loss or gradient, or one above `batch["limits"]` (max loss, max gradient norm:
         the divergence guard's, when given), leaves params, optimizer and EMA untouched (counted in skipped)."""
-        loss, grads = jax.value_and_grad(self.loss)(state["params"], batch)
+        trained, frozen = self.trained(state["params"])
+        loss, grads = jax.value_and_grad(lambda t: self.loss(self._join(t, frozen), batch))(trained)
         ok, grad_norm = step_ok(loss, grads, batch.get("limits"))
-        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], trained)
+        trained = keep_if_bad(ok, optax.apply_updates(trained, updates), trained)
         new = {
             "step": state["step"] + 1,
             "skipped": state["skipped"] + (~ok).astype(jnp.int32),
-            "params": keep_if_bad(ok, params, state["params"]),
+            "params": self._join(trained, frozen),
             "opt_state": keep_if_bad(ok, opt_state, state["opt_state"]),
         }
         if "ema" in state:
-            average = ema(state["ema"], new["params"], self.recipe.optimizer.ema_decay)
+            average = ema(state["ema"], trained, self.recipe.optimizer.ema_decay)
             new["ema"] = keep_if_bad(ok, average, state["ema"])
         return new, {"loss": loss, "grad_norm": grad_norm, "ok": ok}
 
@@ -215,7 +273,7 @@ def get_trainer(recipe: Recipe, mesh: Mesh) -> Trainer:
     """A Trainer for this recipe and mesh, reused when only data, paths or run length differ (no recompiles
     between stages or resumed runs of the same shapes in one process)."""
     r = recipe
-    key = (r.model_config, r.compute_dtype, r.remat, r.attention, r.optimizer, _schedule_steps(r), r.seed, mesh)
+    key = (r.model_config, r.compute_dtype, r.remat, r.attention, r.optimizer, _schedule_steps(r), r.seed, r.lora, mesh)
     if key not in _TRAINERS:
         _TRAINERS[key] = Trainer(recipe, mesh)
     return _TRAINERS[key]
@@ -343,9 +401,18 @@ def _train(
             if (step + 1) % recipe.checkpoint.interval == 0 or step + 1 == end:
                 data = {**loader.get_state(), "divergence": guard.state()}
                 ckpt.save(step + 1, state, data, pin_before=guard.first_bad_step)
+                if trainer.lora_plan is not None:
+                    _write_adapters(recipe, trainer, state)
     if writer is not None:
         writer.close()
     return RunResult(losses=losses, skipped_steps=skipped, final_step=end, state=state)
+
+
+def _write_adapters(recipe: Recipe, trainer: Trainer, state: dict[str, Any]) -> None:
+    """The adapter file of the checkpoint just saved (EMA when kept), written by process 0."""
+    adapters = trainer.adapters(state)  # every process takes part in gathering
+    if jax.process_index() == 0:
+        write_adapter_file(recipe.checkpoint.dir, adapters, recipe.lora)
 
 
 def _eval_clip(trainer: Trainer, params: dict[str, Any], cache: LatentCache, index: int) -> np.ndarray | None:

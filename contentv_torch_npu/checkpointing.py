@@ -147,8 +147,9 @@ def load_state(folder: str | Path, verify: bool = True) -> TrainState:
             raise CheckpointError(f"{folder / 'optimizer.safetensors'}: unexpected key {key!r}")
         moments[kind][name] = array
     params = _read_weights(folder / "model")
+    trained = _trained(params)
     for kind, values in moments.items():
-        if values and set(values) != set(params):
+        if values and set(values) != trained:
             missing = sorted(set(params) - set(values)) or sorted(set(values) - set(params))
             raise CheckpointError(f"{folder}: {kind} does not match the parameters (first mismatch {missing[0]!r})")
     return TrainState(
@@ -163,6 +164,12 @@ def load_state(folder: str | Path, verify: bool = True) -> TrainState:
         counters={k: int(v) for k, v in meta.get("counters", {}).items()},
         divergence=dict(meta.get("divergence") or {}),
     )
+
+
+def _trained(params: dict[str, Any]) -> set[str]:
+    """The names the optimizer and EMA cover: the LoRA adapters when there are any (a LoRA run), else all."""
+    adapters = {n for n in params if ".lora_A." in n or ".lora_B." in n}
+    return adapters or set(params)
 
 
 def read_sharded_state(folder: Path) -> TrainState:
@@ -254,7 +261,7 @@ def restore_weights(model: nn.Module, params: dict[str, np.ndarray]) -> None:
 
 
 def restore_ema(model: nn.Module, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    named = dict(model.named_parameters())
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(arrays) != set(named):
         raise CheckpointError(f"EMA weights do not match the parameters: {sorted(set(arrays) ^ set(named))[:3]}")
     return {n: _like(arrays[n], p.detach()) for n, p in named.items()}
@@ -262,7 +269,7 @@ def restore_ema(model: nn.Module, arrays: dict[str, np.ndarray]) -> dict[str, to
 
 def restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
     """Put AdamW moments and step count back (the hyper-parameters come from the recipe, not the checkpoint)."""
-    named = list(model.named_parameters())
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names = [n for n, _ in named]
     name_of = {id(p): n for n, p in named}
     if set(state.exp_avg) != set(names):

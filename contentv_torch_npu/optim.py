@@ -78,6 +78,7 @@ def apply_update(
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
-    if ema is not None:
+    if ema is not None:  # of the trained parameters (with LoRA: the adapters)
         for name, p in model.named_parameters():
-            ema[name].mul_(ema_decay).add_(p.detach(), alpha=1.0 - ema_decay)
+            if name in ema:
+                ema[name].mul_(ema_decay).add_(p.detach(), alpha=1.0 - ema_decay)

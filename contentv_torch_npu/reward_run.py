@@ -38,6 +38,7 @@ from contentv_common.checkpoint import open_checkpoint
 from contentv_common.config import ConfigError
 from contentv_common.data.cache import Encoders, LatentCache
 from contentv_common.errors import CheckpointSaveError
+from contentv_common.lora_train import initial_adapters, write_adapter_file
 from contentv_common.reward import to_uint8
 from contentv_common.reward_recipe import RewardRecipe
 from contentv_common.reward_run import (
@@ -54,6 +55,7 @@ from contentv_common.reward_run import (
 )
 from contentv_common.safetensors_io import CheckpointError
 from contentv_torch_npu import checkpointing as ckpt
+from contentv_torch_npu import lora
 from contentv_torch_npu import reward_train as tr
 from contentv_torch_npu.distributed import Topology, check_mesh, enable_sequence_parallel, init_distributed, shard_model
 from contentv_torch_npu.loading import load_transformer
@@ -77,22 +79,31 @@ def build_model(recipe: RewardRecipe, topo: Topology) -> Transformer:
     """The model to tune in fp32 masters, identical on every rank (`init_from` or seeded), sharded (FSDP2 / HSDP)
     over a multi-process world, where `init_from` is streamed into the shards (no rank holds the whole model).
     `remat` other than "none" recomputes each block in the backward pass, inside ReFL's per-sampler-step
-    recomputation too."""
+    recomputation too. With `lora`, the base is frozen (in `lora.base_dtype`) and adapted before sharding
+    (contentv_torch_npu.lora)."""
     dtype, remat = torch.bfloat16 if recipe.compute_dtype == "bfloat16" else None, recipe.remat != "none"
+    adapt = (lambda m: lora.add_adapters(m, recipe.lora, recipe.seed)) if recipe.lora else (lambda m: [])
     if recipe.init_from is not None:
         if topo.world == 1:
             model = load_transformer(recipe.init_from, compute_dtype=dtype, device=topo.device)
             model.gradient_checkpointing = remat
+            adapt(model)
             return model
         source = open_checkpoint(recipe.init_from)
         with torch.device("meta"):
             model = Transformer(source.config, compute_dtype=dtype, gradient_checkpointing=remat)
+        modules = adapt(model)
         shard_model(model, topo.shard_mesh)
         model.to_empty(device=topo.device)
-        return stream_weights(model, source)
+        stream_weights(model, source)
+        if modules:
+            shapes = {m: tuple(model.get_submodule(m).weight.shape) for m in modules}
+            lora.set_adapters(model, initial_adapters(shapes, recipe.lora.rank, recipe.seed))
+        return model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         model = Transformer(recipe.model_config, compute_dtype=dtype, gradient_checkpointing=remat).to(topo.device)
+    adapt(model)
     return shard_model(model, topo.shard_mesh) if topo.world > 1 else model
 
 
@@ -190,7 +201,9 @@ def _save(
     topo: Topology,
 ) -> None:
     """The checkpoint's ema/ slot holds the EMA anchor or the EMA of the weights (a recipe has at most one). On a
-    mesh every rank writes its slices; a failure on any rank ends the run on every rank."""
+    mesh every rank writes its slices; a failure on any rank ends the run on every rank. A LoRA run writes its
+    adapters (the EMA of the weights' when kept) to `<checkpoint.dir>/lora.safetensors` as well (main rank)."""
+    adapters = lora.get_adapters(ema if ema is not None else dict(model.named_parameters())) if recipe.lora else None
     slot = ema if anchor is None else dict(anchor.named_parameters())
     counters = {k: v for k, v in point.as_dict().items() if k != "step"}
     root, error = recipe.checkpoint.dir, None
@@ -204,6 +217,8 @@ def _save(
             state = ckpt.gather_state(model, optimizer, slot, step=point.step, data_position=point.step,
                                       counters=counters)  # fmt: skip
             ckpt.save_state(root, state, recipe.checkpoint.keep)
+        if adapters is not None and topo.is_main:
+            write_adapter_file(root, adapters, recipe.lora)
     except Exception as e:  # any failure ends the run now, with the previous checkpoint as its resume point
         error = CheckpointSaveError(f"{root}: saving step {point.step} failed: {e}")
     if not _all_ok(error is None, topo):
@@ -243,7 +258,8 @@ def _run(recipe: RewardRecipe, progress: bool, topo: Topology) -> dict[str, Any]
             enable_sequence_parallel(m, topo.sp_group, dev.type)
     decoder = tr.VaeFirstFrameDecoder(encoders.vae)
     optimizer = make_optimizer(model, recipe.optimizer)
-    ema = {n: p.detach().clone() for n, p in model.named_parameters()} if recipe.optimizer.ema_decay else None
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # with LoRA: the adapters
+    ema = {n: p.detach().clone() for n, p in trained} if recipe.optimizer.ema_decay else None
     clip = None
     if recipe.reward.kind == "clip":
         from contentv_torch_npu.reward_clip import load_clip_reward

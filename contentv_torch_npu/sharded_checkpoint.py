@@ -121,11 +121,12 @@ def load_sharded(
     if ema is not None:
         _load_part(folder / "ema" if (folder / "ema").is_dir() else folder / "model", ema)
     if optimizer is not None:
-        moments = {f"{kind}.{n}": torch.zeros_like(p) for n, p in params.items() for kind in MOMENTS}
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}  # with LoRA: the adapters
+        moments = {f"{kind}.{n}": torch.zeros_like(p) for n, p in params.items() if n in trained for kind in MOMENTS}
         _load_part(folder / "optimizer", moments)
         groups = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
         step = torch.tensor(float(meta["adam_step"]))
-        state = {n: {"step": step.clone(), **{k: moments[f"{k}.{n}"] for k in MOMENTS}} for n in params}
+        state = {n: {"step": step.clone(), **{k: moments[f"{k}.{n}"] for k in MOMENTS}} for n in params if n in trained}
         set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups["param_groups"]})
     return meta
 
@@ -142,7 +143,8 @@ def stream_weights(model: nn.Module, source: TensorSource) -> nn.Module:
     """Fill a sharded (FSDP2 / HSDP) model, already on its device, from `source`, each rank copying only its slice:
     read slice by slice where the format allows it (safetensors), else one full tensor at a time (`init_from`); no
     rank ever holds the whole model."""
-    skip = check_keys(source, canonical_shapes(model), TRANSFORMER_TABLE)
+    shapes = {n: s for n, s in canonical_shapes(model).items() if ".lora_" not in n}  # new LoRA adapters: not read
+    skip = check_keys(source, shapes, TRANSFORMER_TABLE)
     targets = model.state_dict()
 
     def put(name: str, part) -> None:

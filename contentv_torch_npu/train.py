@@ -29,6 +29,7 @@ from contentv_common.data.cache import Encoders, LatentCache
 from contentv_common.divergence import DivergenceGuard
 from contentv_common.errors import CheckpointSaveError, RunStopped
 from contentv_common.evaluation import EVAL_CLIP, eval_batch, eval_clip_inputs, frame_strip
+from contentv_common.lora_train import initial_adapters, write_adapter_file
 from contentv_common.metrics import MetricsWriter
 from contentv_common.optim import learning_rate
 from contentv_common.recipe import Recipe
@@ -42,6 +43,7 @@ from contentv_common.schedules import (
     velocity_target,
 )
 from contentv_torch_npu import checkpointing as ckpt
+from contentv_torch_npu import lora
 from contentv_torch_npu.data import make_loader, open_cache
 from contentv_torch_npu.distributed import Topology, enable_sequence_parallel, init_distributed, shard_model
 from contentv_torch_npu.loading import load_transformer
@@ -164,23 +166,35 @@ def train_step(
 def build_model(recipe: Recipe, topo: Topology, ops: str) -> Transformer:
     """The recipe's model in fp32 masters, identical on every rank (seeded init or `init_from` weights), sharded
     (FSDP2 / HSDP) in a multi-process run. There `init_from` builds the model on the meta device, shards it and
-    streams the weights one tensor at a time, each rank keeping its slices (no rank holds the whole model)."""
+    streams the weights one tensor at a time, each rank keeping its slices (no rank holds the whole model).
+    With `lora`, the base is frozen (in `lora.base_dtype`) and adapted before sharding (contentv_torch_npu.lora)."""
     cfg = recipe.model_config
     kwargs = dict(compute_dtype=DTYPES[recipe.compute_dtype], ops=ops, gradient_checkpointing=recipe.remat != "none")
+    adapt = (lambda m: lora.add_adapters(m, recipe.lora, recipe.seed)) if recipe.lora else (lambda m: None)
     if recipe.init_from:
         source = open_checkpoint(recipe.init_from)
         source_cfg = source.config.replace(pos_embed=cfg.pos_embed)
         if source_cfg != cfg:
             raise ValueError(f"init_from {recipe.init_from}: model config {source_cfg} differs from the recipe's {cfg}")
         if topo.world == 1:
-            return load_transformer(recipe.init_from, torch.float32, cfg.pos_embed, device=topo.device, **kwargs)
+            compute = {"compute_dtype": kwargs["compute_dtype"], "ops": ops}
+            model = load_transformer(recipe.init_from, torch.float32, cfg.pos_embed, device=topo.device, **compute)
+            model.gradient_checkpointing = kwargs["gradient_checkpointing"]
+            adapt(model)
+            return model
         with torch.device("meta"):
             model = Transformer(cfg, **kwargs)
+        modules = adapt(model)
         shard_model(model, topo.shard_mesh)
         model.to_empty(device=topo.device)
-        return stream_weights(model, source)
+        stream_weights(model, source)
+        if modules:
+            shapes = {m: tuple(model.get_submodule(m).weight.shape) for m in modules}
+            lora.set_adapters(model, initial_adapters(shapes, recipe.lora.rank, recipe.seed))
+        return model
     torch.manual_seed(recipe.seed)
     model = Transformer(cfg, **kwargs).to(topo.device)
+    adapt(model)
     return shard_model(model, topo.shard_mesh) if topo.world > 1 else model
 
 
@@ -285,7 +299,7 @@ def _run(
         enable_sequence_parallel(model, topo.sp_group, topo.device.type)
     optimizer = make_optimizer(model, recipe.optimizer)
     decay = recipe.optimizer.ema_decay
-    ema = {n: p.detach().clone() for n, p in model.named_parameters()} if decay else None
+    ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if decay else None
 
     step, position, counters = 0, 0, {"nan_skips": 0}
     resume = _resume_point(recipe.checkpoint.dir, topo)
@@ -328,6 +342,8 @@ def _run(
             error = CheckpointSaveError(f"{recipe.checkpoint.dir}: saving step {step} failed: {e}")
         if not _all_ok(error is None, topo):
             raise error or CheckpointSaveError(f"{recipe.checkpoint.dir}: saving step {step} failed on rank 0")
+        if recipe.lora:
+            _write_adapters(recipe, ema if ema is not None else dict(model.named_parameters()), topo)
 
     held_out = cache.hold_out(recipe.eval.samples if recipe.eval.interval else 0, recipe.seed)
     writer = MetricsWriter(recipe.log_dir, recipe.log_interval) if topo.is_main else None
@@ -378,6 +394,13 @@ def _run(
     if writer is not None:
         writer.close()
     return metrics
+
+
+def _write_adapters(recipe: Recipe, tensors: dict[str, torch.Tensor], topo: Topology) -> None:
+    """The adapter file of the checkpoint just saved (EMA when kept), written by the main rank."""
+    adapters = lora.get_adapters(tensors)  # every rank takes part in gathering
+    if topo.is_main:
+        write_adapter_file(recipe.checkpoint.dir, adapters, recipe.lora)
 
 
 def _keep_resume_point(recipe: Recipe, guard: DivergenceGuard, topo: Topology) -> str:

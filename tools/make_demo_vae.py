@@ -43,27 +43,36 @@ def demo_vae_config() -> VAEConfig:
     return VAEConfig(base_dim=8, num_res_blocks=1)
 
 
+def render_pool(rng: np.random.Generator, n: int, size: tuple[int, int]) -> np.ndarray:
+    """n random clips of the synthetic set's kind, uint8 [n, CLIP_FRAMES, H, W, 3], rendered once up front."""
+    out = []
+    for _ in range(n):
+        shape, colour, direction = SHAPES[rng.integers(2)], *(list(d)[rng.integers(4)] for d in (COLOURS, DIRECTIONS))
+        out.append(render(shape, colour, direction, *size, CLIP_FRAMES, int(rng.integers(2**31))))
+    return np.stack(out)
+
+
 def clips(
-    rng: np.random.Generator, n: int, size: tuple[int, int], frames: int, crop: int | None = None
+    rng: np.random.Generator, pool: np.ndarray, n: int, frames: int, crop: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """n random clips [n, 3, frames, H, W] in [-1, 1] and their foreground masks [n, 1, frames, H, W] (the shape).
+    """n clips drawn from `pool`, each a random `frames`-long window, [n, 3, frames, H, W] in [-1, 1], and their
+    foreground masks [n, 1, frames, H, W] (the shape).
 
     With `crop`, each clip is a crop x crop window (on the 8-pixel latent grid), every other one around its moving
     shape and the rest anywhere: the VAE is convolutional, so windows teach it shapes and plain background alike at a
     fraction of the cost of whole frames.
     """
+    height, width = pool.shape[2:4]
     videos = []
-    for _ in range(n):
-        shape, colour, direction = SHAPES[rng.integers(2)], *(list(d)[rng.integers(4)] for d in (COLOURS, DIRECTIONS))
-        clip = render(shape, colour, direction, *size, CLIP_FRAMES, int(rng.integers(2**31)))
+    for i in rng.integers(len(pool), size=n):
         start = int(rng.integers(CLIP_FRAMES - frames + 1))
-        clip = clip[start : start + frames]
+        clip = pool[i, start : start + frames]
         if crop is not None:
             ys, xs = np.nonzero(clip[frames // 2].max(axis=-1) > 100)
             if len(videos) % 2 or not len(xs):
-                ys, xs = rng.uniform(0, size[1], 1), rng.uniform(0, size[0], 1)
+                ys, xs = rng.uniform(0, height, 1), rng.uniform(0, width, 1)
             y0, x0 = (int(np.clip((c.mean() - crop / 2 + rng.integers(-8, 9)) // 8 * 8, 0, lim - crop))
-                      for c, lim in ((ys, size[1]), (xs, size[0])))  # fmt: skip
+                      for c, lim in ((ys, height), (xs, width)))  # fmt: skip
             clip = clip[:, y0 : y0 + crop, x0 : x0 + crop]
         videos.append(clip)
     video = torch.from_numpy(np.stack(videos)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
@@ -101,23 +110,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", type=Path, help="start from this VAE folder (e.g. a shorter run's) instead of random")
     ap.add_argument("--crop", type=int, default=32, help="train on crop x crop windows around the shape (0: whole)")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop early after this long (slow machines)")
+    ap.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
+    ap.add_argument("--pool", type=int, default=1024, help="clips rendered up front per frame size")
     args = ap.parse_args(argv)
     args.crop = args.crop or None
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    vae = WanVAE(demo_vae_config()) if args.init is None else load_vae(args.init)
+    vae = (WanVAE(demo_vae_config()) if args.init is None else load_vae(args.init)).to(args.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
+    pools = [render_pool(rng, args.pool, size) for size in SIZES]
     start = time.perf_counter()
     for step in range(args.steps):
-        video, foreground = clips(rng, args.batch, SIZES[step % len(SIZES)], args.frames, crop=args.crop)
+        elapsed = time.perf_counter() - start
+        progress = max(step / args.steps, elapsed / (60 * args.max_minutes) if args.max_minutes else 0.0)
+        for group in opt.param_groups:  # cosine decay over the steps, or over the time limit if that comes first
+            group["lr"] = args.lr * 0.5 * (1.0 + np.cos(np.pi * min(progress, 1.0)))
+        video, foreground = clips(rng, pools[step % len(pools)], args.batch, args.frames, crop=args.crop)
+        video, foreground = video.to(args.device), foreground.to(args.device)
         weight = 1.0 + (args.foreground_weight - 1.0) * foreground
         loss, mse = loss_fn(vae, video, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        sched.step()
         elapsed = time.perf_counter() - start
         if step % 25 == 0 or step == args.steps - 1:
             print(f"step {step}: loss {loss.item():.5f} mse {mse.item():.5f} ({elapsed:.0f} s)", flush=True)
@@ -125,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopping after step {step}: --max-minutes {args.max_minutes}")
             args.steps = step + 1
             break
-    vae.eval()
+    vae = vae.cpu().eval()
     held_out = np.random.default_rng(args.seed + 1)
     with torch.no_grad():
-        video, _ = clips(held_out, 16, SIZES[0], 9)
+        video, _ = clips(held_out, render_pool(held_out, 16, SIZES[0]), 16, 9)
         latents = vae.encode(video)
         mse = float((vae.decode(latents) - video).square().mean())
         mean = latents.mean(dim=(0, 2, 3, 4))

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -173,13 +174,21 @@ def train_stage(recipe: Recipe, backend: str, progress: bool, primary: bool = Tr
 
 
 def export_transformer(recipe: Recipe, backend: str) -> Path:
-    """The last checkpoint's weights (EMA when kept) as a transformer folder that load_transformer reads."""
+    """The last checkpoint's weights (EMA when kept) as a transformer folder that load_transformer reads; a LoRA
+    run's adapters merged into its base (in `<checkpoint.dir>/../transformer`)."""
     if backend == "torch":
         from contentv_torch_npu.checkpointing import latest_checkpoint
 
         step = latest_checkpoint(recipe.checkpoint.dir)
         if step is None:
             raise FileNotFoundError(f"{recipe.checkpoint.dir}: no checkpoint to export")
+        if recipe.lora is not None:
+            from contentv_common.lora_train import adapter_file
+            from contentv_torch_npu.lora import export_merged
+
+            return export_merged(
+                step / "model", adapter_file(recipe.checkpoint.dir), Path(recipe.checkpoint.dir).parent / "transformer"
+            )
         return step / "ema" if (step / "ema").is_dir() else step / "model"
     from contentv_jax.checkpointing import Checkpointer
     from contentv_jax.multihost import export_model
@@ -190,7 +199,7 @@ def export_transformer(recipe: Recipe, backend: str) -> Path:
     state, _ = ckpt.restore(trainer.abstract_state())
     ckpt.close()
     out = Path(recipe.checkpoint.dir).parent / "transformer"
-    return export_model(out, trainer.model(state.get("ema", state["params"])))  # every process takes part
+    return export_model(out, trainer.plain_model(trainer.final_params(state)))  # every process takes part
 
 
 def sample_demo(recipe: Recipe, backend: str, prompts: list[str], progress: bool, primary: bool = True) -> None:
@@ -231,6 +240,28 @@ def sample_demo(recipe: Recipe, backend: str, prompts: list[str], progress: bool
         from contentv_jax import multihost
 
         multihost.barrier("demo")
+
+
+def lora_demo_base(recipe: Recipe) -> Recipe:
+    """The LoRA demo (configs/recipes/lora_tiny.yaml) fine-tunes the tiny demo's exported model; on a fresh clone,
+    where there is none yet, it adapts the seeded random model instead (said on one line). Only for the demo's
+    tiny/demo encoders: elsewhere a missing `init_from` stays an error."""
+    if recipe.lora is None or recipe.init_from is None or recipe.data.encoders not in ("tiny", "demo"):
+        return recipe
+    if Path(recipe.init_from).exists():
+        return recipe
+    print(f"init_from {recipe.init_from}: not there (run `python tools/train.py` first); LoRA on the random model")
+    return replace(recipe, init_from=None)
+
+
+def read_jax_init(recipe: Recipe, backend: str) -> None:
+    """The torch twin starts from a JAX-format `init_from` (e.g. the tiny demo's export) through contentv_jax's
+    reader, registered by importing it (as tools/sample.py does)."""
+    from contentv_common.checkpoint import detect_format
+
+    if backend == "torch" and recipe.init_from and Path(recipe.init_from).is_dir():
+        if detect_format(recipe.init_from) == "jax":
+            import contentv_jax  # noqa: F401
 
 
 def train_reward(path: str, overrides: dict[str, Any], backend: str, progress: bool) -> int:
@@ -275,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = dict(parse_override(o) for o in args.overrides)
     if is_reward_recipe(args.config):
         return train_reward(args.config, overrides, args.backend, progress)
-    recipe = load_recipe(args.config, overrides)
+    recipe = lora_demo_base(load_recipe(args.config, overrides))
     stages = recipe.stage_recipes()
     primary = check_devices(recipe, args.backend)  # joins a multi-process run first
     if primary:  # fail fast; the trainer's main process takes the lock itself
@@ -285,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, stage in stages:
         print(f"stage {name}: {stage.steps} steps, checkpoints in {stage.checkpoint.dir}")
         prepare_data_once(stage, args.backend, primary, progress)
+        read_jax_init(stage, args.backend)
         log = train_stage(stage, args.backend, progress, primary)
         if log is not None and log.losses:
             plot = log.plot()

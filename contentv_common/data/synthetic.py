@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import av
 import numpy as np
 from tqdm import tqdm
 
@@ -25,7 +24,7 @@ def render(shape: str, colour: str, direction: str, width: int, height: int, fra
     rng = np.random.default_rng(seed)
     size = min(width, height) // 4
     yy, xx = np.mgrid[0:height, 0:width]
-    background = rng.integers(10, 50, size=3)
+    background = rng.integers(14, 26, size=3)
     dx, dy = DIRECTIONS[direction]
     speed = min(width, height) * 0.5 / max(frames - 1, 1)
     travel = speed * (frames - 1)
@@ -45,6 +44,8 @@ def render(shape: str, colour: str, direction: str, width: int, height: int, fra
 
 def write_mp4(path: Path, video: np.ndarray, fps: int) -> None:
     """Encode uint8 [F, H, W, 3] as H.264 (yuv420p, so even sizes) to `path`."""
+    import av  # here, not at the top: `render` alone (tools/make_demo_vae.py) needs no video codec
+
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = video.shape[2], video.shape[1], "yuv420p"
@@ -70,6 +71,8 @@ def make_synthetic_set(
 
     Clip i shows the i-th of the 32 (shape, colour, direction) combinations in a seeded order, cycling, so the
     default 64 clips hold every caption twice (once per size), each from its own random start and background."""
+    import av
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
