@@ -137,6 +137,7 @@ class RewardRecipe:
     init_from: str | None = None
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     attention: AttentionChoice = "auto"
+    remat: Literal["none", "full", "dots", "dots_all"] = "none"
     seed: int = 0
     log_dir: str = "runs/reward"
     nan_skip_limit: int = 10

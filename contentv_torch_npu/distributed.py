@@ -13,6 +13,8 @@ output projection; an `Ops` wrapper turns the joint attention into all-to-all (t
 back. Heads are padded with zero heads up to a multiple of the group size inside attention and sliced off after, so
 ContentV's 38 heads and 333 text tokens run at any sequence degree up to 38. Token order inside attention does not
 matter (no mask, positions are added at the embedding), so the interleaved [image_i; text_i] layout is exact.
+A model input that is itself differentiated (reward backprop through chained sampler steps) gets its gradient
+summed over the group, since each rank's is only its tokens' share.
 """
 
 from __future__ import annotations
@@ -196,6 +198,22 @@ class _Gather(torch.autograd.Function):
         return grad.chunk(size, dim=ctx.dim)[rank].contiguous(), None, None
 
 
+class _SumGradients(torch.autograd.Function):
+    """Identity on an input every rank of the group holds; the gradient is summed over the group (each rank's is
+    its tokens' share), so every rank gets the whole, identical gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def padded(n: int, size: int) -> int:
     """`n` rounded up to a multiple of `size`."""
     return -(-n // size) * size
@@ -281,6 +299,15 @@ def _gather_tokens(group: dist.ProcessGroup, lengths: SequenceLengths):
     return hook
 
 
+def _sum_input_gradients(group: dist.ProcessGroup):
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        return tuple(
+            _SumGradients.apply(a, group) if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args
+        )
+
+    return hook
+
+
 def enable_sequence_parallel(model: Transformer, group: dist.ProcessGroup, device_type: str) -> list[RemovableHandle]:
     """Ulysses over `group` with hooks and an ops wrapper; the model's parameters and math are untouched.
 
@@ -296,6 +323,7 @@ def enable_sequence_parallel(model: Transformer, group: dist.ProcessGroup, devic
     lengths = SequenceLengths()
     model.ops = UlyssesOps(ops_for(model.ops, device_type), group, lengths)
     return [
+        model.register_forward_pre_hook(_sum_input_gradients(group)),
         model.patch_embed.register_forward_hook(_split_tokens(group, lengths, "image")),
         model.context_embedder.register_forward_hook(_split_tokens(group, lengths, "text")),
         model.proj_out.register_forward_hook(_gather_tokens(group, lengths)),

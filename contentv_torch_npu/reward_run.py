@@ -3,28 +3,42 @@
 The twin of contentv_jax/reward_run.py (same numpy batches from contentv_common.reward_run, same log and plot);
 runs on CPU, CUDA or Ascend NPU (`device="auto"`).
 
+Parallelism is training's (contentv_torch_npu/train.py, distributed.py): launch `mesh.data x mesh.fsdp x
+mesh.sequence` processes with torchrun; the model is sharded with FSDP2 (HSDP when `mesh.data > 1`) and runs Ulysses
+over `mesh.sequence`; the frozen anchor / reference policy is sharded the same way (no optimizer state), the reward
+model (CLIP) and the VAE decoder are replicated. Every rank draws the step's whole batch from (seed, step) and keeps
+its data-parallel group's contiguous rows (rollouts, exploration noise, SFT rows), so a step on the mesh is the
+single-process step (contentv_torch_npu/reward_train.py); the held-out seeds are split over the groups too. A mesh
+the world or the batch cannot honour is a one-line ConfigError before any model is built.
+
 Every `checkpoint.interval` steps (and at the end) the run writes `checkpoint.dir/step_NNNNNNNN/` atomically with the
-training checkpoint code (contentv_torch_npu/checkpointing.py: safetensors + JSON): `model/` (our torch weights
-format, which `load_transformer` reads: the tuned model), AdamW moments and step, `ema/` = the EMA anchor when
-`refl.anchor: ema` or the EMA of the weights when `optimizer.ema_decay` is set, and the counters of `ResumePoint`.
-The optimizer is training's (contentv_torch_npu.optim); a divergent update is skipped and counted, more than
-`nan_skip_limit` stop the run. A run whose checkpoint dir holds a checkpoint continues from the
-latest one and gives the same per-step records as an uninterrupted run; the frozen anchor is rebuilt from the
-initial weights (`init_from` or the seed). Checkpoints carry checksums and are verified on resume (a damaged newest
-one is skipped for the newest intact one); the run holds the checkpoint dir's lock.
+training checkpoint code: in one process `checkpointing.py`'s format (safetensors + JSON): `model/` (our torch
+weights format, which `load_transformer` reads: the tuned model), AdamW moments and step, `ema/` = the EMA anchor
+when `refl.anchor: ema` or the EMA of the weights when `optimizer.ema_decay` is set, and the counters of
+`ResumePoint`; on a mesh the same parts as `sharded_checkpoint.py`'s per-rank slices. The optimizer is training's
+(contentv_torch_npu.optim); a divergent update is skipped and counted, more than `nan_skip_limit` stop the run. A run
+whose checkpoint dir holds a checkpoint continues from the latest one (either format, on any mesh) and gives the
+same per-step records as an uninterrupted run; the frozen anchor is rebuilt from the initial weights (`init_from` or
+the seed). Checkpoints carry checksums and are verified on resume (a damaged newest one is skipped for the newest
+intact one); the main rank holds the checkpoint dir's lock.
 """
 
 from __future__ import annotations
 
-import copy
+import json
+import os
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from contentv_common.checkpoint import open_checkpoint
+from contentv_common.config import ConfigError
+from contentv_common.data.cache import Encoders, LatentCache
 from contentv_common.errors import CheckpointSaveError
-from contentv_common.lora_train import write_adapter_file
+from contentv_common.lora_train import initial_adapters, write_adapter_file
 from contentv_common.reward import to_uint8
 from contentv_common.reward_recipe import RewardRecipe
 from contentv_common.reward_run import (
@@ -39,25 +53,68 @@ from contentv_common.reward_run import (
     optimizer_updates,
     uses_ema_anchor,
 )
-from contentv_common.run_lock import RunLock
 from contentv_common.safetensors_io import CheckpointError
 from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu import lora
 from contentv_torch_npu import reward_train as tr
-from contentv_torch_npu.device import resolve_device
+from contentv_torch_npu.distributed import Topology, check_mesh, enable_sequence_parallel, init_distributed, shard_model
 from contentv_torch_npu.loading import load_transformer
 from contentv_torch_npu.optim import make_optimizer
 from contentv_torch_npu.sampling import sample
+from contentv_torch_npu.sharded_checkpoint import is_sharded, load_sharded, save_sharded, stream_weights
+from contentv_torch_npu.train import _all_ok, _lock, _resume_point
 from contentv_torch_npu.transformer import Transformer
 
 
-def _model(recipe: RewardRecipe, device: torch.device) -> torch.nn.Module:
-    dtype = torch.bfloat16 if recipe.compute_dtype == "bfloat16" else None
+def check_world(recipe: RewardRecipe, world: int) -> None:
+    """ConfigError (one line naming the key) unless `world` processes run the recipe's mesh (training's rules; how
+    the batch splits over the mesh is checked when the recipe loads)."""
+    try:
+        check_mesh(recipe.mesh, world, recipe.model_config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def build_model(recipe: RewardRecipe, topo: Topology) -> Transformer:
+    """The model to tune in fp32 masters, identical on every rank (`init_from` or seeded), sharded (FSDP2 / HSDP)
+    over a multi-process world, where `init_from` is streamed into the shards (no rank holds the whole model).
+    `remat` other than "none" recomputes each block in the backward pass, inside ReFL's per-sampler-step
+    recomputation too. With `lora`, the base is frozen (in `lora.base_dtype`) and adapted before sharding
+    (contentv_torch_npu.lora)."""
+    dtype, remat = torch.bfloat16 if recipe.compute_dtype == "bfloat16" else None, recipe.remat != "none"
+    adapt = (lambda m: lora.add_adapters(m, recipe.lora, recipe.seed)) if recipe.lora else (lambda m: [])
     if recipe.init_from is not None:
-        return load_transformer(recipe.init_from, compute_dtype=dtype, device=device)
+        if topo.world == 1:
+            model = load_transformer(recipe.init_from, compute_dtype=dtype, device=topo.device)
+            model.gradient_checkpointing = remat
+            adapt(model)
+            return model
+        source = open_checkpoint(recipe.init_from)
+        with torch.device("meta"):
+            model = Transformer(source.config, compute_dtype=dtype, gradient_checkpointing=remat)
+        modules = adapt(model)
+        shard_model(model, topo.shard_mesh)
+        model.to_empty(device=topo.device)
+        stream_weights(model, source)
+        if modules:
+            shapes = {m: tuple(model.get_submodule(m).weight.shape) for m in modules}
+            lora.set_adapters(model, initial_adapters(shapes, recipe.lora.rank, recipe.seed))
+        return model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
-        return Transformer(recipe.model_config, compute_dtype=dtype).to(device)
+        model = Transformer(recipe.model_config, compute_dtype=dtype, gradient_checkpointing=remat).to(topo.device)
+    adapt(model)
+    return shard_model(model, topo.shard_mesh) if topo.world > 1 else model
+
+
+def local_batch(
+    batch: dict[str, np.ndarray], prompts: list[str], step_noise: np.ndarray | None, topo: Topology
+) -> tuple[dict[str, np.ndarray], list[str], np.ndarray | None]:
+    """This data-parallel group's rows of a step's batch (rollout and SFT rows), prompts and noise [S, rows, ...]."""
+    batch = {k: v[tr.row_slice(len(v), topo)] for k, v in batch.items()}
+    if step_noise is not None:
+        step_noise = step_noise[:, tr.row_slice(step_noise.shape[1], topo)]
+    return batch, prompts[tr.row_slice(len(prompts), topo)], step_noise
 
 
 class _TorchBlackBox:
@@ -72,15 +129,32 @@ class _TorchBlackBox:
         return self.reward(x, list(prompts)).float().cpu().numpy()
 
 
-def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe) -> float:
-    """Mean reward of ODE samples (the plain sampler) from the held-out seeds."""
+def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe, topo: Topology) -> float:
+    """Mean reward of ODE samples (the plain sampler) from the held-out seeds, split over the data-parallel groups
+    (a group without a seed samples the first one and drops it: every rank takes part in the sharded forwards)."""
     batch, prompts = data.evaluation()
+    mine = np.array_split(np.arange(len(prompts)), topo.dp)[topo.dp_rank]
+    rows = mine if len(mine) else np.arange(1)
+    batch = {k: v[rows] for k, v in batch.items()}
     r = recipe.rollout
     latents = sample(model, batch["noise"], batch["text"], batch["pooled"], batch["neg_text"], batch["neg_pooled"],
                      steps=r.steps, guidance=r.guidance, shift=r.shift, progress=False)  # fmt: skip
-    device = next(model.parameters()).device
-    frames = tr.decode_first_frame(decoder, torch.from_numpy(latents).to(device)).float().cpu().numpy()
-    return float(np.mean(score(to_uint8(frames), prompts)))
+    frames = tr.decode_first_frame(decoder, torch.from_numpy(latents).to(topo.device)).float().cpu().numpy()
+    rewards = score(to_uint8(frames), [prompts[i] for i in rows])[: len(mine)]
+    total = torch.tensor([float(np.sum(rewards, dtype=np.float64)), len(mine)], device=topo.device)
+    if topo.world > 1:  # sequence ranks add the same sums: the ratio is unchanged
+        dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+def _sft_cache(recipe: RewardRecipe, encoders: Encoders, progress: bool, topo: Topology) -> LatentCache | None:
+    """The SFT cache, built (when stale) by the main rank while the others wait, then opened by every rank."""
+    cache = open_sft_cache(recipe, encoders, progress) if topo.is_main else None
+    if topo.world > 1:
+        dist.barrier()
+        if not topo.is_main:
+            cache = open_sft_cache(recipe, encoders, progress=False)
+    return cache
 
 
 def _resume(
@@ -89,26 +163,32 @@ def _resume(
     optimizer: torch.optim.Optimizer,
     anchor: torch.nn.Module | None,
     ema: dict[str, torch.Tensor] | None,
-) -> tuple[ResumePoint | None, RewardLog]:
+    topo: Topology,
+) -> tuple[ResumePoint | None, RewardLog | None]:
     """(resume point, log) of the run: None and a fresh log, or the latest checkpoint's counters with model, AdamW
-    and EMA anchor or EMA of the weights restored in place and the log cut back to that step."""
-    ckpt.remove_partial_saves(recipe.checkpoint.dir)
-    folder = ckpt.latest_checkpoint(recipe.checkpoint.dir, writer=True)
+    and EMA anchor or EMA of the weights restored in place and the log cut back to that step. The log is the main
+    rank's (None elsewhere)."""
+    folder = _resume_point(recipe.checkpoint.dir, topo)
     if folder is None:
-        return None, RewardLog(recipe.log_dir)
-    state = ckpt.load_state(folder, verify=False)
-    point = ResumePoint.read({**state.counters, "step": state.step}, recipe, folder)
-    ckpt.restore_weights(model, state.params)
-    ckpt.restore_optimizer(model, optimizer, state)
-    if anchor is not None:
-        if state.ema is None:
-            raise CheckpointError(f"{folder}: the EMA anchor (ema/) is missing")
-        ckpt.restore_weights(anchor, state.ema)
-    if ema is not None:
-        if state.ema is None:
-            raise CheckpointError(f"{folder}: the EMA of the weights (ema/) is missing")
-        ema.update(ckpt.restore_ema(model, state.ema))
-    return point, RewardLog(recipe.log_dir, keep_lines=point.log_lines)
+        return None, RewardLog(recipe.log_dir) if topo.is_main else None
+    if topo.world > 1 and is_sharded(folder):  # each rank reads its own slices
+        meta = json.loads((folder / "state.json").read_text())
+        point = ResumePoint.read({**meta.get("counters", {}), "step": meta.get("step")}, recipe, folder)
+        load_sharded(folder, model, optimizer, dict(anchor.named_parameters()) if anchor is not None else ema)
+    else:  # full arrays on every rank, sharded or not on the way in and out
+        state = ckpt.load_state(folder, verify=False)
+        point = ResumePoint.read({**state.counters, "step": state.step}, recipe, folder)
+        ckpt.restore_weights(model, state.params)
+        ckpt.restore_optimizer(model, optimizer, state)
+        if anchor is not None:
+            if state.ema is None:
+                raise CheckpointError(f"{folder}: the EMA anchor (ema/) is missing")
+            ckpt.restore_weights(anchor, state.ema)
+        if ema is not None:
+            if state.ema is None:
+                raise CheckpointError(f"{folder}: the EMA of the weights (ema/) is missing")
+            ema.update(ckpt.restore_ema(model, state.ema))
+    return point, RewardLog(recipe.log_dir, keep_lines=point.log_lines) if topo.is_main else None
 
 
 def _save(
@@ -118,48 +198,65 @@ def _save(
     anchor: torch.nn.Module | None,
     ema: dict[str, torch.Tensor] | None,
     point: ResumePoint,
+    topo: Topology,
 ) -> None:
-    """The checkpoint's ema/ slot holds the EMA anchor or the EMA of the weights (a recipe has at most one); a LoRA
-    run writes its adapters (the EMA of the weights' when kept) to `<checkpoint.dir>/lora.safetensors` as well."""
+    """The checkpoint's ema/ slot holds the EMA anchor or the EMA of the weights (a recipe has at most one). On a
+    mesh every rank writes its slices; a failure on any rank ends the run on every rank. A LoRA run writes its
+    adapters (the EMA of the weights' when kept) to `<checkpoint.dir>/lora.safetensors` as well (main rank)."""
     adapters = lora.get_adapters(ema if ema is not None else dict(model.named_parameters())) if recipe.lora else None
-    ema = ema if anchor is None else dict(anchor.named_parameters())
+    slot = ema if anchor is None else dict(anchor.named_parameters())
     counters = {k: v for k, v in point.as_dict().items() if k != "step"}
-    state = ckpt.gather_state(model, optimizer, ema, step=point.step, data_position=point.step, counters=counters)
+    root, error = recipe.checkpoint.dir, None
     try:
-        ckpt.save_state(recipe.checkpoint.dir, state, recipe.checkpoint.keep)
-        if adapters is not None:
-            write_adapter_file(recipe.checkpoint.dir, adapters, recipe.lora)
+        if topo.world > 1:
+            meta = {"step": point.step, "data_position": point.step, "counters": counters}
+            save_sharded(ckpt.step_dir(root, point.step), model, optimizer, slot, meta)
+            if topo.is_main:
+                ckpt.prune(root, recipe.checkpoint.keep)
+        else:
+            state = ckpt.gather_state(model, optimizer, slot, step=point.step, data_position=point.step,
+                                      counters=counters)  # fmt: skip
+            ckpt.save_state(root, state, recipe.checkpoint.keep)
+        if adapters is not None and topo.is_main:
+            write_adapter_file(root, adapters, recipe.lora)
     except Exception as e:  # any failure ends the run now, with the previous checkpoint as its resume point
-        raise CheckpointSaveError(f"{recipe.checkpoint.dir}: saving step {point.step} failed: {e}") from e
+        error = CheckpointSaveError(f"{root}: saving step {point.step} failed: {e}")
+    if not _all_ok(error is None, topo):
+        raise error or CheckpointSaveError(f"{root}: saving step {point.step} failed on another rank")
 
 
 def run(recipe: RewardRecipe, progress: bool = True, device: str = "auto") -> dict[str, Any]:
-    """Train per the recipe, resuming from `checkpoint.dir` when it holds a checkpoint; returns the last step's
-    record. The checkpoint dir's run lock is held from the start to the end."""
-    lock = RunLock.acquire(recipe.checkpoint.dir)
+    """Train per the recipe on its mesh (as many processes as it has ranks), resuming from `checkpoint.dir` when it
+    holds a checkpoint; returns the last step's record. The main rank holds the checkpoint dir's run lock from the
+    start to the end."""
+    check_world(recipe, dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1")))
+    topo = init_distributed(device, recipe.mesh, recipe.model_config)
+    lock = _lock(recipe.checkpoint.dir, topo)
     try:
-        return _run(recipe, progress, device)
+        return _run(recipe, progress and topo.is_main, topo)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
-def _run(recipe: RewardRecipe, progress: bool, device: str) -> dict[str, Any]:
+def _run(recipe: RewardRecipe, progress: bool, topo: Topology) -> dict[str, Any]:
     from contentv_torch_npu.encoders import load_encoders, tiny_encoders
 
-    dev = resolve_device(device)
+    dev = topo.device
     encoders = (
         tiny_encoders(recipe.seed, device=dev)
         if recipe.encoders == "tiny"
         else load_encoders(recipe.encoders, device=dev)
     )
-    data = RewardData(recipe, encoders, open_sft_cache(recipe, encoders, progress))
-    model = _model(recipe, dev)
-    if recipe.lora is not None:  # the base frozen, the adapters alone train (contentv_torch_npu.lora)
-        lora.add_adapters(model, recipe.lora, recipe.seed)
-    decoder = tr.VaeFirstFrameDecoder(encoders.vae)
+    data = RewardData(recipe, encoders, _sft_cache(recipe, encoders, progress, topo))
     refl, grpo = recipe.method == "refl", recipe.grpo
     anchored = recipe.refl.anchor != "none" if refl else grpo.kl_weight > 0
-    ref_model = copy.deepcopy(model).requires_grad_(False) if anchored else None
+    model = build_model(recipe, topo)
+    ref_model = build_model(recipe, topo).requires_grad_(False) if anchored else None
+    if topo.sp > 1:
+        for m in (model, ref_model) if ref_model is not None else (model,):
+            enable_sequence_parallel(m, topo.sp_group, dev.type)
+    decoder = tr.VaeFirstFrameDecoder(encoders.vae)
     optimizer = make_optimizer(model, recipe.optimizer)
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # with LoRA: the adapters
     ema = {n: p.detach().clone() for n, p in trained} if recipe.optimizer.ema_decay else None
@@ -171,31 +268,36 @@ def _run(recipe: RewardRecipe, progress: bool, device: str) -> dict[str, Any]:
     scorer = black_box_reward(recipe.reward, _TorchBlackBox(clip, dev) if clip is not None else None)
     reward = (clip if clip is not None else differentiable_builtin(recipe.reward)) if refl else None
     ema_anchor = ref_model if uses_ema_anchor(recipe) else None
-    point, log = _resume(recipe, model, optimizer, ema_anchor, ema)
+    point, log = _resume(recipe, model, optimizer, ema_anchor, ema, topo)
     start, guard = point.step if point else 0, divergence_guard(recipe, point)
     steps = tqdm(range(start, recipe.steps), desc=f"reward {recipe.method} (torch)", initial=start,
                  total=recipe.steps, disable=not progress)  # fmt: skip
+    record: dict[str, Any] = {}
     for step in steps:
         batch, prompts, step_noise = data.rollout(step)
         batch.update(data.sft(step))
+        batch, prompts, step_noise = local_batch(batch, prompts, step_noise, topo)
         tuning = tr.Tuning(recipe.optimizer, optimizer_updates(recipe), guard, step, ema)
         if refl:
             batch["tokens"] = reward.tokenize(prompts)
             metrics = tr.refl_train_step(optimizer, tuning, model, ref_model, decoder, reward,
-                                         tr.to_device_batch(batch, dev), recipe.rollout, recipe.refl)  # fmt: skip
+                                         tr.to_device_batch(batch, dev), recipe.rollout, recipe.refl, topo)  # fmt: skip
         else:
             metrics = tr.grpo_iteration(optimizer, tuning, model, ref_model, decoder, scorer, batch,
-                                        step_noise, prompts, recipe.rollout, grpo)  # fmt: skip
+                                        step_noise, prompts, recipe.rollout, grpo, topo)  # fmt: skip
         record = {"step": step, **metrics}
         last = step == recipe.steps - 1
         if step % recipe.rollout.eval_interval == 0 or last:
-            record["eval_reward_mean"] = _eval_reward(model, decoder, scorer, data, recipe)
-        log.write(record)
+            record["eval_reward_mean"] = _eval_reward(model, decoder, scorer, data, recipe, topo)
+        if log is not None:
+            log.write(record)
         if (step + 1) % recipe.checkpoint.interval == 0 or last:
             _save(recipe, model, optimizer, ema_anchor, ema,
-                  ResumePoint(step + 1, log.lines, recipe.seed, int(ema_anchor is not None), int(ema is not None),
-                              guard.skipped))  # fmt: skip
+                  ResumePoint(step + 1, log.lines if log is not None else 0, recipe.seed, int(ema_anchor is not None),
+                              int(ema is not None), guard.skipped), topo)  # fmt: skip
         check_divergence(guard, recipe.checkpoint.dir)
+    if log is None:
+        return record
     log.plot(f"{recipe.method} (torch): {recipe.reward.kind}")
     records = log.records()
     return records[-1] if records else {}

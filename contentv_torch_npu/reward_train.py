@@ -5,6 +5,13 @@ Runs on CPU, CUDA or Ascend NPU (device-agnostic torch only). Activation memory 
 number of trained steps: ReFL's K differentiable steps are each wrapped in torch.utils.checkpoint, GRPO runs backward
 per trained step (`grpo_backward`). Updates go through contentv_torch_npu.optim as in training (schedule, decay mask,
 clipping, divergent steps skipped, EMA).
+
+On the training mesh (contentv_torch_npu.distributed: FSDP2 / HSDP, Ulysses) every step function takes the run's
+`Topology`: each data-parallel group holds its contiguous share of the batch's rows (`row_slice`), the losses are
+means over rows, so FSDP's gradient average over the groups is the whole batch's gradient (losses are scaled by the
+sequence-parallel size, whose ranks each hold their tokens' share, as in training); metrics are averaged over the
+groups, and GRPO's group advantages and the reward statistics come from every group's rewards. A sharded step is
+thus the single-process step.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from contentv_common.divergence import DivergenceGuard
@@ -26,6 +34,7 @@ from contentv_common.reward_recipe import GrpoConfig, ReflConfig, RolloutConfig
 from contentv_common.reward_sde import gaussian_kl, gaussian_log_prob, sde_mean, sde_schedule
 from contentv_common.sampling import euler_step, flow_match_schedule, guide, uses_guidance
 from contentv_common.schedules import interpolate, velocity_target
+from contentv_torch_npu.distributed import Topology
 from contentv_torch_npu.optim import apply_update, global_grad_norm, step_ok, updates_done
 from contentv_torch_npu.vae import WanVAE
 
@@ -33,6 +42,33 @@ Decoder = Callable[[torch.Tensor], torch.Tensor]
 """First-frame latents [B, C, 1, h, w] (normalised) -> RGB [B, H, W, 3] in [0, 1]."""
 
 Batch = dict[str, torch.Tensor]
+
+
+def row_slice(rows: int, topo: Topology) -> slice:
+    """This data-parallel group's contiguous share of `rows` batch rows, as training's loader splits a batch."""
+    if rows % topo.dp:
+        raise ValueError(f"{rows} batch rows do not split over {topo.dp} data-parallel groups")
+    size = rows // topo.dp
+    return slice(topo.dp_rank * size, (topo.dp_rank + 1) * size)
+
+
+def gather_rows(x: torch.Tensor, topo: Topology) -> torch.Tensor:
+    """The whole batch's rows from every group's share `x` (in row order); sequence ranks hold equal shares."""
+    if topo.world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(topo.world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts[:: topo.sp])
+
+
+def mean_over_groups(metrics: dict[str, torch.Tensor], topo: Topology) -> dict[str, torch.Tensor]:
+    """Each scalar averaged over the data-parallel groups (equal rows each: the whole batch's mean), one all-reduce."""
+    if topo.world == 1:
+        return metrics
+    names = list(metrics)
+    values = torch.stack([metrics[n].detach().float().reshape(()) for n in names])
+    dist.all_reduce(values)
+    return dict(zip(names, (values / topo.world).unbind(), strict=True))
 
 
 def velocity(model: torch.nn.Module, x: torch.Tensor, timestep: float, batch: Batch, guidance: float) -> torch.Tensor:
@@ -90,7 +126,8 @@ def refl_loss(
     rollout: RolloutConfig,
     refl: ReflConfig,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(loss with its graph, metrics); call `loss.backward()` for the gradients of the model's parameters."""
+    """(loss with its graph, metrics: scalars and the per-row "rewards"); call `loss.backward()` for the gradients
+    of the model's parameters."""
     schedule = flow_match_schedule(rollout.steps, rollout.shift)
     first_grad = schedule.steps - refl.grad_steps
     x = batch["noise"]
@@ -116,7 +153,7 @@ def refl_loss(
     loss = -refl.reward_weight * rewards.mean() + refl.sft_weight * sft + refl.anchor_weight * anchor
     metrics = {"loss": loss.detach(), "reward_mean": rewards.mean().detach(),
                "reward_std": rewards.std(unbiased=False).detach(), "sft_loss": sft.detach(),
-               "anchor": anchor.detach()}  # fmt: skip
+               "anchor": anchor.detach(), "rewards": rewards.detach()}  # fmt: skip
     return loss, metrics
 
 
@@ -167,11 +204,17 @@ def refl_train_step(
     batch: Batch,
     rollout: RolloutConfig,
     refl: ReflConfig,
+    topo: Topology | None = None,
 ) -> dict[str, float]:
-    """One ReFL update in place (model, optimizer, EMA anchor), skipped when divergent; returns the metrics."""
+    """One ReFL update in place (model, optimizer, EMA anchor), skipped when divergent; returns the metrics.
+    `batch` holds this data-parallel group's rows."""
+    topo = topo or Topology()
     optimizer.zero_grad(set_to_none=True)
     loss, metrics = refl_loss(model, ref_model, decoder, reward, batch, rollout, refl)
-    loss.backward()
+    (loss * topo.sp).backward()
+    rewards = gather_rows(metrics.pop("rewards"), topo)
+    metrics = mean_over_groups(metrics, topo)
+    metrics.update(reward_mean=rewards.mean(), reward_std=rewards.std(unbiased=False))
     out = {k: float(v) for k, v in metrics.items()}
     out.update(guarded_update(optimizer, model, out["loss"], tuning))
     if not out["skipped"] and ref_model is not None and refl.anchor == "ema":
@@ -203,9 +246,10 @@ def grpo_backward(
     batch: Batch,
     rollout: RolloutConfig,
     grpo: GrpoConfig,
+    loss_scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """Clipped GRPO objective over the trained sampler steps (+ KL, + SFT): accumulates its gradients into the
-    model's `.grad` and returns the metrics.
+    """Clipped GRPO objective over the trained sampler steps (+ KL, + SFT): accumulates its gradients (of the
+    objective times `loss_scale`) into the model's `.grad` and returns the metrics.
 
     Each trained step's terms run backward as soon as they are computed (the objective is a sum over steps, each
     from stored rollout states), so at most one step's activations are alive, whatever the number of trained steps.
@@ -235,12 +279,12 @@ def grpo_backward(
             step_kl = gaussian_kl(mean, ref_mean, std).mean() / n
             step_loss = step_loss + grpo.kl_weight * step_kl
             kl = kl + step_kl.detach()
-        step_loss.backward()
+        (step_loss * loss_scale).backward()
         policy = policy + step_policy.detach()
     sft = torch.zeros((), device=device)
     if grpo.sft_weight > 0:
         sft = sft_loss(model, batch)
-        (grpo.sft_weight * sft).backward()
+        (grpo.sft_weight * loss_scale * sft).backward()
         sft = sft.detach()
     r = torch.stack(ratios)
     return {"loss": policy + grpo.kl_weight * kl + grpo.sft_weight * sft, "policy_loss": policy, "kl": kl,
@@ -255,10 +299,12 @@ def grpo_train_step(
     batch: Batch,
     rollout: RolloutConfig,
     grpo: GrpoConfig,
+    topo: Topology | None = None,
 ) -> dict[str, float]:
-    """One GRPO update in place, skipped when divergent; returns the metrics."""
+    """One GRPO update in place, skipped when divergent; returns the metrics. `batch` holds this group's rows."""
+    topo = topo or Topology()
     optimizer.zero_grad(set_to_none=True)
-    metrics = grpo_backward(model, ref_model, batch, rollout, grpo)
+    metrics = mean_over_groups(grpo_backward(model, ref_model, batch, rollout, grpo, loss_scale=topo.sp), topo)
     out = {k: float(v) for k, v in metrics.items()}
     out.update(guarded_update(optimizer, model, out["loss"], tuning))
     return out
@@ -276,23 +322,28 @@ def grpo_iteration(
     prompts: Sequence[str],
     rollout: RolloutConfig,
     grpo: GrpoConfig,
+    topo: Topology | None = None,
 ) -> dict[str, float]:
     """Rollout (SDE, no gradient) -> decode frame 0 -> black-box rewards on uint8 -> advantages -> updates.
 
-    `batch` holds consecutive groups of `grpo.group_size` rows sharing a prompt; `prompts` has one entry per row.
+    The whole batch holds consecutive groups of `grpo.group_size` rows sharing a prompt; `batch`, `step_noise`
+    ([S, rows, ...]) and `prompts` hold this data-parallel group's rows (all of them in a single process), which
+    it samples and scores; the advantages are normalised over the groups of the whole batch's rewards.
     The metrics are the last update's, with "skipped" counting the skipped updates of the iteration.
     """
+    topo = topo or Topology()
     device = next(model.parameters()).device
     device_batch = to_device_batch(batch, device)
     states, log_probs = sde_rollout(model, device_batch, torch.as_tensor(step_noise, device=device), rollout,
                                     grpo.noise_level)  # fmt: skip
     frames = decode_first_frame(decoder, states[-1]).float().cpu().numpy()
-    rewards = np.asarray(black_box(to_uint8(frames), list(prompts)), dtype=np.float32)
-    advantages = torch.as_tensor(group_advantages(rewards, grpo.group_size), device=device)
-    device_batch.update(states=states, old_log_probs=log_probs, advantages=advantages)
+    mine = torch.as_tensor(np.asarray(black_box(to_uint8(frames), list(prompts)), dtype=np.float32), device=device)
+    rewards = gather_rows(mine, topo).cpu().numpy()
+    advantages = group_advantages(rewards, grpo.group_size)[row_slice(len(rewards), topo)]
+    device_batch.update(states=states, old_log_probs=log_probs, advantages=torch.as_tensor(advantages, device=device))
     skipped = 0.0
     for _ in range(grpo.updates_per_rollout):
-        metrics = grpo_train_step(optimizer, tuning, model, ref_model, device_batch, rollout, grpo)
+        metrics = grpo_train_step(optimizer, tuning, model, ref_model, device_batch, rollout, grpo, topo)
         skipped += metrics["skipped"]
     metrics.update(skipped=skipped, reward_mean=float(rewards.mean()), reward_std=float(rewards.std()))
     return metrics

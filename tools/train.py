@@ -267,15 +267,25 @@ def read_jax_init(recipe: Recipe, backend: str) -> None:
 def train_reward(path: str, overrides: dict[str, Any], backend: str, progress: bool) -> int:
     """Reward fine-tuning (ReFL or GRPO): recipes with a `method` key (configs/recipes/reward_*.yaml)."""
     recipe = load_reward_recipe(path, overrides)
-    check_unlocked(recipe.checkpoint.dir)
-    if recipe.data is not None:
+    primary = True
+    if backend == "torch":  # torchrun's world against the recipe's mesh, before any data work
+        from contentv_torch_npu.reward_run import check_world
+
+        check_world(recipe, int(os.environ.get("WORLD_SIZE", "1")))
+        primary = os.environ.get("RANK", "0") == "0"
+    if primary:
+        check_unlocked(recipe.checkpoint.dir)
+    if recipe.data is not None and backend == "torch":
+        prepare_data_once(recipe, backend, primary, progress)
+    elif recipe.data is not None:
         prepare_data(recipe, progress)
     if backend == "jax":
         from contentv_jax.reward_run import run
     else:
         from contentv_torch_npu.reward_run import run
-    record = run(recipe, progress=progress)
-    print(f"reward fine-tuning ({recipe.method}, {backend}): last step {record}")
+    record = run(recipe, progress=progress and primary)
+    if primary:
+        print(f"reward fine-tuning ({recipe.method}, {backend}): last step {record}")
     return 0
 
 
