@@ -5,8 +5,9 @@ The tiny random CLIP/T5 encoders give each caption a distinct embedding, but a r
 so a few minutes of training on CPU cannot tell "red" from "blue" in it. The CPU demo uses this instead: every word
 has a fixed standard-normal vector seeded by its bytes, so "a red circle moving right" and "a red square moving up"
 share their "red" (and their "a") exactly. Tokens sit where SD3.5 puts them (CLIP positions with the CLIP width,
-zero-padded, then T5 positions: 77 + 256 by default, 8 + 8 for the demo's 5-word captions); the pooled vector is the normalised sum of per-word pooled vectors, a bag of
-words the transformer's adaLN conditioning reads linearly. It understands nothing beyond its vocabulary of words seen.
+zero-padded, then T5 positions: 77 + 256 by default, 8 + 8 for the demo's 5-word captions); the pooled vector is the
+normalised sum of per-word pooled vectors, a bag of words the transformer's adaLN conditioning reads linearly. It
+understands nothing beyond its vocabulary of words seen.
 """
 
 from __future__ import annotations

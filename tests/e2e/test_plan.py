@@ -17,7 +17,7 @@ from contentv_common.plan_report import GIB, StepPlan
 from tools import plan
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "recipes" / "tiny.yaml"
+TINY = ROOT / "tests" / "recipes" / "tiny.yaml"
 # the tiny model on a 2 x 2 x 2 mesh: one video bucket, one image bucket; 7 text tokens (the tiny encoders')
 NARROW = [
     "mesh.data=2",

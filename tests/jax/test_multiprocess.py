@@ -33,7 +33,7 @@ from tools.launch_local import free_port
 from tools.train import DEMO_PROMPTS, prepare_data
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "recipes" / "tiny.yaml"
+TINY = ROOT / "tests" / "recipes" / "tiny.yaml"
 ONE_BLOCK = {
     "num_layers": 1,
     "num_attention_heads": 2,

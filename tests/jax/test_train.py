@@ -21,7 +21,7 @@ from contentv_jax.sharding import make_mesh
 from contentv_jax.train import TrainingStopped, default_mesh, get_trainer, run
 from tests.stand_in_encoders import StandInEncoders
 
-TINY = Path(__file__).resolve().parents[2] / "configs" / "recipes" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[2] / "tests" / "recipes" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")

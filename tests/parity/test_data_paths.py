@@ -14,7 +14,7 @@ from contentv_torch_npu.data import make_loader
 from contentv_torch_npu.train import step_inputs
 from tests.stand_in_encoders import StandInEncoders
 
-TINY = Path(__file__).resolve().parents[2] / "configs" / "recipes" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[2] / "tests" / "recipes" / "tiny.yaml"
 BUCKETS = [
     {"width": 64, "height": 64, "frames": 9, "batch_size": 4},
     {"width": 96, "height": 64, "frames": 9, "batch_size": 4},

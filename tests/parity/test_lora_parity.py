@@ -31,7 +31,7 @@ ADAPTER_TOL = 2e-4
 
 def _recipe(num_layers: int, targets: tuple[str, ...] | None = None):
     recipe = load_recipe(
-        "configs/recipes/tiny.yaml",
+        "tests/recipes/tiny.yaml",
         {"compute_dtype": "float32", "steps": STEPS, "optimizer.warmup_steps": 0, "optimizer.ema_decay": 0.9},
     )
     cfg = replace(

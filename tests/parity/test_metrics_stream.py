@@ -14,7 +14,7 @@ from contentv_common.recipe import load_recipe
 from contentv_jax.data import StepBatches
 from tests.stand_in_encoders import StandInEncoders
 
-TINY = Path(__file__).resolve().parents[2] / "configs" / "recipes" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[2] / "tests" / "recipes" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ PARAM_TOL = 1e-5  # weights and EMA after several AdamW steps (measured 2e-7; Ad
 @pytest.fixture(scope="module")
 def setup():
     recipe = load_recipe(
-        "configs/recipes/tiny.yaml",
+        "tests/recipes/tiny.yaml",
         {"compute_dtype": "float32", "steps": STEPS, "optimizer.warmup_steps": 2, "optimizer.decay": "cosine"},
     )
     trainer = Trainer(recipe, sharding.make_mesh(MeshConfig(), jax.devices()[:1]))
@@ -167,7 +167,7 @@ def test_learning_rate_matches_optax_schedule():
     cosine / constant schedules."""
     for decay in ("cosine", "constant"):
         opt = load_recipe(
-            "configs/recipes/tiny.yaml", {"optimizer.warmup_steps": 3, "optimizer.decay": decay}
+            "tests/recipes/tiny.yaml", {"optimizer.warmup_steps": 3, "optimizer.decay": decay}
         ).optimizer
         schedule = [float(lr_schedule(opt, 10)(c)) for c in range(12)]
         assert schedule == [np.float32(learning_rate(opt, c, 10)) for c in range(12)]

@@ -9,7 +9,7 @@ from contentv_common.data.synthetic import make_synthetic_set
 from contentv_common.recipe import load_recipe
 from tools.train import prepare_data_once
 
-TINY = Path(__file__).resolve().parents[2] / "configs" / "recipes" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[2] / "tests" / "recipes" / "tiny.yaml"
 
 
 def test_other_ranks_wait_for_rank_0s_cache(tmp_path):

@@ -23,7 +23,7 @@ from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu.train import TrainingStopped, run
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPE = ROOT / "configs" / "recipes" / "tiny.yaml"
+RECIPE = ROOT / "tests" / "recipes" / "tiny.yaml"
 
 
 def _overrides(dataset, folder, **extra):

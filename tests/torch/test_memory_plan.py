@@ -20,7 +20,7 @@ BUCKETS = (BucketConfig(64, 64, 9, 4), BucketConfig(96, 64, 9, 4))  # 48 and 72 
 
 
 def _recipe(mesh: MeshConfig, remat: str = "none", buckets: tuple[BucketConfig, ...] = BUCKETS):
-    recipe = load_recipe("configs/recipes/tiny.yaml", {"remat": remat})
+    recipe = load_recipe("tests/recipes/tiny.yaml", {"remat": remat})
     data = dataclasses.replace(recipe.data, buckets=buckets)
     return dataclasses.replace(recipe, model=CFG, mesh=mesh, data=data)
 

@@ -19,7 +19,7 @@ from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu.train import StepInputs, TrainingStopped, learning_rate, make_optimizer, run, train_step
 from contentv_torch_npu.transformer import Transformer
 
-RECIPE = "configs/recipes/tiny.yaml"
+RECIPE = "tests/recipes/tiny.yaml"
 
 
 def _recipe(dataset, folder, **overrides):
