@@ -79,7 +79,7 @@ def quiet(output: str) -> str:
 def launch_two(args: list[str], sample: bool = False) -> None:
     """tools/train.py as 2 processes x 4 devices through tools/launch_local.py; fails the test with the output."""
     cmd = [sys.executable, "tools/launch_local.py", "--processes", "2", "--devices-per-process", "4"]
-    cmd += ["--timeout", str(TIMEOUT_S), "--", "tools/train.py", "--no-progress"]
+    cmd += ["--timeout", str(TIMEOUT_S), "--", "tools/train.py", "--config", str(TINY), "--no-progress"]
     cmd += [] if sample else ["--sample-prompt", ""]
     done = subprocess.run(cmd + args, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=TIMEOUT_S + 60)
     assert done.returncode == 0, quiet(done.stdout + done.stderr)
@@ -229,7 +229,7 @@ def test_a_failing_process_ends_the_run(reference):
     for i in range(2):
         e = env() | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_NUM_PROCESSES": "2"}
         e |= {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_PROCESS_ID": str(i)}
-        cmd = [sys.executable, "tools/train.py", "--no-progress", "--sample-prompt", "", *args]
+        cmd = [sys.executable, "tools/train.py", "--config", str(TINY), "--no-progress", "--sample-prompt", "", *args]
         procs.append(
             subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         )
