@@ -78,10 +78,12 @@ def build_model(recipe: RewardRecipe, mesh: Mesh) -> Transformer:
 
 
 def on_mesh(model: Transformer, recipe: RewardRecipe, mesh: Mesh) -> Transformer:
-    """A copy of `model` (same weights) laid out on `mesh` with the recipe's attention, remat and constraints."""
+    """A copy of `model` (same weights, own buffers) laid out on `mesh` with the recipe's attention, remat and
+    constraints."""
     param_dtype = jax.tree.leaves(nnx.state(model, nnx.Param))[0].dtype
     pure = nnx.to_pure_dict(nnx.state(model))
-    return _fill(abstract_model(recipe, mesh, param_dtype), mesh, lambda shardings: jax.device_put(pure, shardings))
+    copy = lambda shardings: jax.device_put(pure, shardings, may_alias=False)  # noqa: E731
+    return _fill(abstract_model(recipe, mesh, param_dtype), mesh, copy)
 
 
 def replicate(module: Any, mesh: Mesh) -> Any:

@@ -265,15 +265,19 @@ def _grpo_update(optimizer, model, ref_model, batch, limits, ema_model, rollout,
 
 
 # One reward update as one compiled program, as training's step: the gradients never leave the device program. The
-# `_in_place` variants donate the model, optimizer and EMA buffers (their old arrays are freed by the update, so the
-# state is counted once, as in training); they need modules that share no arrays (copy_module, not nnx.clone).
+# `_in_place` variants donate every module argument: the model, optimizer and EMAs are replaced by the update, and
+# nnx.jit returns the state of the unchanged ones too (anchor, decoder, reward), which then alias their inputs
+# instead of being copied. So the state is counted once, as in training; the modules must share no arrays
+# (copy_module, not nnx.clone).
 _REFL_STATIC = ("rollout", "refl", "ema_decay")
 _GRPO_STATIC = ("rollout", "grpo", "ema_decay")
-_DONATED = ("optimizer", "model", "ema_model")
+_MODULES = ("optimizer", "model", "ref_model", "ema_model")
 refl_update = nnx.jit(_refl_update, static_argnames=_REFL_STATIC)
-refl_update_in_place = nnx.jit(_refl_update, static_argnames=_REFL_STATIC, donate_argnames=_DONATED)
+refl_update_in_place = nnx.jit(
+    _refl_update, static_argnames=_REFL_STATIC, donate_argnames=(*_MODULES, "decoder", "reward")
+)
 grpo_update = nnx.jit(_grpo_update, static_argnames=_GRPO_STATIC)
-grpo_update_in_place = nnx.jit(_grpo_update, static_argnames=_GRPO_STATIC, donate_argnames=_DONATED)
+grpo_update_in_place = nnx.jit(_grpo_update, static_argnames=_GRPO_STATIC, donate_argnames=_MODULES)
 
 
 def copy_module(module: nnx.Module) -> nnx.Module:
