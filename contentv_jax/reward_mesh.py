@@ -82,7 +82,11 @@ def on_mesh(model: Transformer, recipe: RewardRecipe, mesh: Mesh) -> Transformer
     constraints."""
     param_dtype = jax.tree.leaves(nnx.state(model, nnx.Param))[0].dtype
     pure = nnx.to_pure_dict(nnx.state(model))
-    copy = lambda shardings: jax.device_put(pure, shardings, may_alias=False)  # noqa: E731
+
+    def copy(shardings: Any) -> dict[str, Any]:  # fresh buffers: a replicated shard may alias its source
+        placed = jax.device_put(pure, shardings)
+        return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(placed)
+
     return _fill(abstract_model(recipe, mesh, param_dtype), mesh, copy)
 
 

@@ -105,12 +105,12 @@ def _state(modules: dict[str, nnx.Module]) -> dict[str, Any]:
 
 def _resume(
     recipe: RewardRecipe, checkpointer: Checkpointer, modules: dict[str, nnx.Module]
-) -> tuple[ResumePoint | None, RewardLog]:
-    """(resume point, log) of the run: None and a fresh log, or the latest checkpoint's counters with the modules
-    restored in place and the log cut back to that step."""
+) -> tuple[ResumePoint | None, RewardLog, dict[str, Any] | None]:
+    """(resume point, log, divergence guard history) of the run: None, a fresh log and None, or the latest
+    checkpoint's counters with the modules restored in place, the log cut back to that step and the guard's state."""
     step = checkpointer.latest_step()
     if step is None:
-        return None, RewardLog(recipe.log_dir)
+        return None, RewardLog(recipe.log_dir), None
     counters = checkpointer.restore_data(step)
     point = ResumePoint.read(counters, recipe, checkpointer.dir / str(step))  # before the tensors: clear errors
     target = abstract_like(_state(modules))
@@ -121,7 +121,7 @@ def _resume(
         current = nnx.state(module) if key == "optimizer" else nnx.state(module, nnx.Param)
         nnx.replace_by_pure_dict(current, state[key])
         nnx.update(module, current)
-    return point, RewardLog(recipe.log_dir, keep_lines=point.log_lines)
+    return point, RewardLog(recipe.log_dir, keep_lines=point.log_lines), counters.get("divergence")
 
 
 def _write_adapters(recipe: RewardRecipe, plan: lora.LoraPlan, model: nnx.Module) -> None:
@@ -152,8 +152,8 @@ def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:
     ema_anchor = ref_model if uses_ema_anchor(recipe) else None
     modules = _modules(model, optimizer, ema_anchor, ema)
     checkpointer = Checkpointer(recipe.checkpoint)
-    point, log = _resume(recipe, checkpointer, modules)
-    start, guard = point.step if point else 0, divergence_guard(recipe, point)
+    point, log, history = _resume(recipe, checkpointer, modules)
+    start, guard = point.step if point else 0, divergence_guard(recipe, point, history)
     try:
         steps = tqdm(range(start, recipe.steps), desc=f"reward {recipe.method} (jax)", initial=start,
                      total=recipe.steps, disable=not progress)  # fmt: skip
@@ -177,7 +177,7 @@ def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:
             if (step + 1) % recipe.checkpoint.interval == 0 or last:
                 point = ResumePoint(step + 1, log.lines, recipe.seed, int(ema_anchor is not None),
                                     int(ema is not None), guard.skipped)  # fmt: skip
-                checkpointer.save(step + 1, _state(modules), point.as_dict())
+                checkpointer.save(step + 1, _state(modules), {**point.as_dict(), "divergence": guard.state()})
                 if plan is not None:
                     _write_adapters(recipe, plan, ema if ema is not None else model)
             check_divergence(guard, checkpointer.dir)

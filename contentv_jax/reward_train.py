@@ -31,6 +31,7 @@ from contentv_common.reward_recipe import GrpoConfig, ReflConfig, RolloutConfig
 from contentv_common.reward_sde import gaussian_kl, gaussian_log_prob, sde_mean, sde_schedule
 from contentv_common.sampling import euler_step, flow_match_schedule, guide, uses_guidance
 from contentv_common.schedules import interpolate, velocity_target
+from contentv_jax import sharding
 from contentv_jax.lora import trained_filter
 from contentv_jax.optim import ema, keep_if_bad, step_ok
 from contentv_jax.vae import WanVAE
@@ -248,19 +249,46 @@ def ema_update(ref_model: nnx.Module, model: nnx.Module, decay: float) -> None:
     nnx.update(ref_model, jax.tree.map(lambda r, p: decay * r + (1.0 - decay) * p, ref_params, params))
 
 
+def _pin(model: nnx.Module, optimizer: nnx.Optimizer, grads: nnx.State, *copies: nnx.Module | None) -> None:
+    """On a mesh (the model's `constrain` hook knows it), hold the gradients, the updated weights and their copies
+    (EMA, anchor) to training's parameter shardings and each optimizer moment to its parameter's, as training's
+    jitted step does with its out_shardings; left to propagation, XLA may lay the updated state out otherwise."""
+    mesh = getattr(getattr(model, "constrain", None), "mesh", None)
+    if mesh is None:
+        return
+    where = sharding.param_shardings(nnx.to_pure_dict(nnx.state(model, nnx.Param)), mesh)
+
+    def pin(state: nnx.State, shardings: Any) -> None:
+        nnx.replace_by_pure_dict(state, jax.lax.with_sharding_constraint(nnx.to_pure_dict(state), shardings))
+
+    pin(grads, sharding.param_shardings(nnx.to_pure_dict(grads), mesh))  # LoRA: the adapters alone
+    for module in (model, *copies):
+        if module is not None:
+            state = nnx.state(module, nnx.Param)
+            pin(state, where)
+            nnx.update(module, state)
+    state = nnx.state(optimizer)
+    pin(state, sharding.like_params_shardings(nnx.to_pure_dict(state), where, mesh))
+    nnx.update(optimizer, state)
+
+
 def _refl_update(optimizer, model, ref_model, decoder, reward, batch, limits, ema_model, rollout, refl, ema_decay):
     """Loss, gradients, guarded update, EMA of the weights and EMA anchor in one program (see `refl_update`)."""
     loss, grads, metrics = refl_loss(model, ref_model, decoder, reward, batch, rollout, refl)
+    _pin(model, optimizer, grads)
     ok, grad_norm = _apply_gradients(optimizer, model, grads, loss, limits, ema_model, ema_decay)
     if ref_model is not None and refl.anchor == "ema":
         _ema_if_ok(ref_model, model, refl.anchor_ema_decay, ok)
+    _pin(model, optimizer, grads, ema_model, ref_model)
     return ok, grad_norm, metrics
 
 
 def _grpo_update(optimizer, model, ref_model, batch, limits, ema_model, rollout, grpo, ema_decay):
     """Loss, gradients, guarded update and EMA of the weights in one program (see `grpo_update`)."""
     loss, grads, metrics = grpo_loss(model, ref_model, batch, rollout, grpo)
+    _pin(model, optimizer, grads)
     ok, grad_norm = _apply_gradients(optimizer, model, grads, loss, limits, ema_model, ema_decay)
+    _pin(model, optimizer, grads, ema_model, ref_model)
     return ok, grad_norm, metrics
 
 

@@ -177,13 +177,13 @@ def test_sharded_step_equals_one_device(weights, run, rel_err):
     [
         ({"rollout.batch_size": 3}, "rollout.batch_size: 3 rollout rows do not split over mesh data x fsdp = 1 x 8"),
         (
-            {"rollout.frames": 41},
-            "rollout: 832x480x41 has 21840 image tokens per sample, which do not split over mesh sequence = 8",
-        ),  # fmt: skip
+            {"rollout.width": 848},
+            "rollout: 848x480x49 has 20670 image tokens per sample, which do not split over mesh sequence = 8",
+        ),
         (
-            {"rollout.batch_size": 16, "data.buckets": [{"width": 832, "height": 480, "frames": 41, "batch_size": 8}]},
-            r"data.buckets\[0\] \(832x480x41\): 21840 image tokens",
-        ),  # fmt: skip
+            {"data.buckets": [{"width": 848, "height": 480, "frames": 49, "batch_size": 8}]},
+            r"data.buckets\[0\] \(848x480x49\): 20670 image tokens",
+        ),
     ],
 )
 def test_a_mesh_the_run_cannot_honour_fails_at_load(overrides, message):
