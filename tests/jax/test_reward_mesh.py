@@ -2,7 +2,7 @@
 ReFL update and one sharded GRPO iteration (SDE rollout, black-box reward, update) equal the single-device ones in
 float32, the weights and AdamW moments keep training's shardings, and a recipe the mesh cannot run fails at load.
 
-The optimizer has a large epsilon, so AdamW's first update is about -lr g / eps: the updated weights carry the
+The optimizer has a large epsilon, so AdamW's first update is about -lr g / eps: the weight updates carry the
 gradients themselves (with a small epsilon the first update is about -lr sign(g) and would hide gradient errors)."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _recipe(method: str, mesh: tuple[int, ...]) -> RewardRecipe:
             },  # fmt: skip
             "refl": {"grad_steps": 2, "sft_weight": 0.5, "anchor": "frozen", "anchor_weight": 0.3},
             "grpo": {"group_size": 4, "kl_weight": 0.05, "sft_weight": 0.0, "noise_level": 0.7},
-            "optimizer": {"lr": 1.0, "eps": 10.0, "grad_clip": None},
+            "optimizer": {"lr": 100.0, "eps": 10.0, "grad_clip": None},  # update ~ -10 g: well above fp32 rounding
             "data": SFT_DATA if method == "refl" else None,  # GRPO runs without the SFT term here
             "checkpoint": {"dir": "unused"},
             "steps": 1,
@@ -182,9 +182,9 @@ def test_sharded_step_equals_one_device(weights, one_device, method, shape, rel_
     assert ref_metrics["skipped"] == 0 and np.linalg.norm(ref_delta) > 0
     metrics, delta, (model, optimizer, mesh) = RUNS[method](weights, shape)
     assert rel_err(delta, ref_delta) < 1e-5, (shape, rel_err(delta, ref_delta))
-    for key, value in ref_metrics.items():
+    for key, value in ref_metrics.items():  # GRPO's policy loss at ratio 1 cancels to ~0: an absolute floor there
         got = float(metrics[key])
-        assert abs(got - value) <= 1e-5 * max(abs(value), 1e-6), (shape, key, got, value)
+        assert abs(got - value) <= 1e-5 * max(abs(value), 1e-2), (shape, key, got, value)
     _check_layout(model, optimizer, mesh)
 
 
