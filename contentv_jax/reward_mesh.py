@@ -104,13 +104,23 @@ def param_shardings(model: nnx.Module) -> Any:
     return jax.tree.map(lambda a: a.sharding, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
+def place_params(model: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """Every nnx.Param of `model` on its training-rule shards, in place (e.g. LoRA adapters added after loading)."""
+    state = nnx.state(model, nnx.Param)
+    pure = nnx.to_pure_dict(state)
+    nnx.replace_by_pure_dict(state, jax.device_put(pure, sharding.param_shardings(pure, mesh)))
+    nnx.update(model, state)
+    return model
+
+
 def sharded_optimizer(model: nnx.Module, cfg: OptimizerConfig, updates: int, mesh: Mesh) -> nnx.Optimizer:
     """Training's optimizer over the placed model's Params, every moment sharded like its parameter (counters
     replicated)."""
     optimizer = model_optimizer(model, cfg, updates)  # the moments are zeros_like(param): created on its shards
     state = nnx.state(optimizer)
     pure = nnx.to_pure_dict(state)
-    where = sharding.like_params_shardings(pure, param_shardings(model), mesh)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    where = sharding.like_params_shardings(pure, sharding.param_shardings(params, mesh), mesh)
     nnx.replace_by_pure_dict(state, jax.device_put(pure, where))
     nnx.update(optimizer, state)
     return optimizer

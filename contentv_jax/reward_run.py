@@ -48,7 +48,15 @@ from contentv_jax import lora
 from contentv_jax import reward_train as jr
 from contentv_jax.checkpointing import Checkpointer, abstract_like
 from contentv_jax.loading import save_jax
-from contentv_jax.reward_mesh import build_model, device_batch, pad_rows, replicate, reward_mesh, sharded_optimizer
+from contentv_jax.reward_mesh import (
+    build_model,
+    device_batch,
+    pad_rows,
+    place_params,
+    replicate,
+    reward_mesh,
+    sharded_optimizer,
+)
 from contentv_jax.sampling import sample
 
 
@@ -140,6 +148,8 @@ def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:
     data = RewardData(recipe, encoders, open_sft_cache(recipe, encoders, progress))
     model = build_model(recipe, mesh)
     plan = lora.adapt_model(model, recipe.lora, recipe.seed) if recipe.lora else None
+    if plan is not None:
+        place_params(model, mesh)  # the new adapters onto their shards
     decoder = replicate(_decoder(recipe, encoders), mesh)
     refl, grpo = recipe.method == "refl", recipe.grpo
     anchored = recipe.refl.anchor != "none" if refl else grpo.kl_weight > 0
