@@ -14,6 +14,7 @@ from typing import Any, Literal
 from contentv_common.config import ConfigError, ModelConfig, named_model_config
 from contentv_common.recipe import (
     AttentionChoice,
+    BucketConfig,
     CheckpointConfig,
     DataConfig,
     DivergenceConfig,
@@ -21,6 +22,7 @@ from contentv_common.recipe import (
     MeshConfig,
     ObjectiveConfig,
     OptimizerConfig,
+    image_tokens,
     load_recipe,
     read_with_base,
 )
@@ -167,10 +169,49 @@ class RewardRecipe:
         )
         sft = self.refl.sft_weight if self.method == "refl" else self.grpo.sft_weight
         _check(sft == 0 or self.data is not None, "data", "the SFT term (sft_weight > 0) needs a data section")
+        check_reward_on_mesh(self)
 
     @property
     def model_config(self) -> ModelConfig:
         return named_model_config(self.model) if isinstance(self.model, str) else self.model
+
+
+def rollout_rows(recipe: RewardRecipe) -> int:
+    """Rows of one rollout batch: prompts x samples per prompt (GRPO's groups)."""
+    return recipe.rollout.batch_size * (recipe.grpo.group_size if recipe.method == "grpo" else 1)
+
+
+def check_reward_on_mesh(recipe: RewardRecipe) -> None:
+    """The run must fit its own mesh, checked when the recipe loads (as training's `check_buckets_on_mesh`): the
+    rollout rows (and the SFT batch, `rollout.batch_size` real samples) split over data x fsdp, and the image tokens
+    of the rollout and of every SFT bucket split over `sequence` (Ulysses; the text tokens and heads set no rule)."""
+    mesh, patch = recipe.mesh, recipe.model_config.patch_size
+    split = mesh.data * mesh.fsdp
+    over = f"mesh data x fsdp = {mesh.data} x {mesh.fsdp} = {split}"
+    r = recipe.rollout
+    rows = rollout_rows(recipe)
+    if recipe.method == "grpo":
+        what = f"{rows} rollout rows (rollout.batch_size {r.batch_size} x grpo.group_size {recipe.grpo.group_size})"
+        _check(rows % split == 0, "grpo.group_size", f"{what} do not split over {over}")
+    else:
+        _check(rows % split == 0, "rollout.batch_size", f"{rows} rollout rows do not split over {over}")
+    tokens = image_tokens(BucketConfig(r.width, r.height, r.frames, rows), patch)
+    _check(
+        tokens % mesh.sequence == 0,
+        "rollout",
+        f"{r.width}x{r.height}x{r.frames} has {tokens} image tokens per sample, which do not split over mesh sequence "
+        f"= {mesh.sequence}",
+    )
+    for i, b in enumerate(recipe.data.buckets if recipe.data is not None else ()):
+        where = f"data.buckets[{i}] ({b.name})"
+        _check(
+            r.batch_size % split == 0,
+            where,
+            f"the SFT batch (rollout.batch_size {r.batch_size} real samples) does not split over {over}",
+        )
+        tokens = image_tokens(b, patch)
+        _check(tokens % mesh.sequence == 0, where, f"{tokens} image tokens per sample do not split over mesh sequence "
+               f"= {mesh.sequence}")  # fmt: skip
 
 
 def is_reward_recipe(path: str | Path) -> bool:

@@ -137,9 +137,13 @@ def optimizer_updates(recipe: RewardRecipe) -> int:
     return recipe.steps * (recipe.grpo.updates_per_rollout if recipe.method == "grpo" else 1)
 
 
-def divergence_guard(recipe: RewardRecipe, point: ResumePoint | None) -> DivergenceGuard:
-    """The run's divergence guard, counting on from a checkpoint's skipped updates (as training's)."""
-    return DivergenceGuard(recipe.divergence, recipe.nan_skip_limit, {"skipped": point.skipped if point else 0})
+def divergence_guard(
+    recipe: RewardRecipe, point: ResumePoint | None, history: Mapping[str, Any] | None = None
+) -> DivergenceGuard:
+    """The run's divergence guard, counting on from a checkpoint's skipped updates; with `history` (the guard's
+    `state()` a checkpoint saved, as training's do) also its spike window and first bad step."""
+    state = dict(history) if history else {"skipped": point.skipped if point else 0}
+    return DivergenceGuard(recipe.divergence, recipe.nan_skip_limit, state)
 
 
 def check_divergence(guard: DivergenceGuard, checkpoint_dir: str | Path) -> None:

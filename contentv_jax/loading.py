@@ -40,7 +40,7 @@ from contentv_common.param_table import TRANSFORMER_TABLE, Param, ParamTable, in
 from contentv_common.safetensors_io import AtomicFolder, CheckpointError
 from contentv_jax import sharding
 from contentv_jax.ops import XLA_ATTENTION, Attention
-from contentv_jax.transformer import Transformer
+from contentv_jax.transformer import Constrain, Transformer, no_constraint
 
 _STACKED = re.compile(r"blocks\.(.+)")
 _LAST = re.compile(r"last_block\.(.+)")
@@ -199,6 +199,7 @@ def load_transformer(
     attention: Attention = XLA_ATTENTION,
     remat: str = "none",
     mesh: Mesh | None = None,
+    constrain: Constrain = no_constraint,
 ) -> Transformer:
     """Load a transformer checkpoint folder (diffusers, torch or jax format).
 
@@ -216,6 +217,7 @@ def load_transformer(
         param_dtype=param_dtype,
         attention=attention,
         remat=remat,
+        constrain=constrain,
     )
     shardings = transformer_shardings(abstract, mesh) if mesh is not None else None
     if detect_format(path) == "jax":

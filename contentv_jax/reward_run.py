@@ -4,6 +4,10 @@ Text encoders and the SFT data cache go through the torch `Encoders` (numpy in a
 transformer, the VAE decode of the first frame and a CLIP reward run in JAX. Writes `<log_dir>/reward_log.jsonl`
 (reward mean/std per step, held-out reward every `rollout.eval_interval` steps) and `<log_dir>/reward.png`.
 
+The run uses the recipe's `mesh` as training does (contentv_jax.reward_mesh): the weights, AdamW moments, EMA and
+frozen anchor sharded by training's rules, rollout rows over data x fsdp, image tokens over `sequence`; the VAE
+decoder and the reward model are replicated.
+
 Every `checkpoint.interval` steps (and at the end) an orbax checkpoint goes to `checkpoint.dir` through the training
 `Checkpointer` (atomic, verified by checksums on resume, the dir locked by this run, `checkpoint.keep` kept): params,
 optimizer state, the EMA anchor when `refl.anchor: ema`, the EMA of the weights when `optimizer.ema_decay` is set,
@@ -17,12 +21,13 @@ dir: `<checkpoint.dir>/../transformer` (and its EMA as `transformer_ema`).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from contentv_common.reward import to_uint8
@@ -42,11 +47,17 @@ from contentv_common.reward_run import (
 from contentv_jax import lora
 from contentv_jax import reward_train as jr
 from contentv_jax.checkpointing import Checkpointer, abstract_like
-from contentv_jax.loading import load_transformer, save_jax
-from contentv_jax.ops import attention_for
-from contentv_jax.optim import model_optimizer
+from contentv_jax.loading import save_jax
+from contentv_jax.reward_mesh import (
+    build_model,
+    device_batch,
+    pad_rows,
+    place_params,
+    replicate,
+    reward_mesh,
+    sharded_optimizer,
+)
 from contentv_jax.sampling import sample
-from contentv_jax.transformer import Transformer
 
 
 def _encoders(recipe: RewardRecipe):
@@ -68,27 +79,21 @@ def _decoder(recipe: RewardRecipe, encoders) -> jr.VaeFirstFrameDecoder:
     return jr.VaeFirstFrameDecoder(load_vae(folder))
 
 
-def _model(recipe: RewardRecipe) -> nnx.Module:
-    dtype = jnp.bfloat16 if recipe.compute_dtype == "bfloat16" else jnp.float32
-    attention = attention_for(recipe.attention)
-    if recipe.init_from is not None:
-        return load_transformer(recipe.init_from, compute_dtype=dtype, attention=attention)
-    return Transformer(recipe.model_config, rngs=nnx.Rngs(recipe.seed), dtype=dtype, attention=attention)
-
-
 def _clip_reward(recipe: RewardRecipe):
     from contentv_jax.reward_clip import load_clip_reward
 
     return load_clip_reward(recipe.reward.path)
 
 
-def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe) -> float:
-    """Mean reward of ODE samples (the plain sampler) from the held-out seeds."""
-    batch, prompts = data.evaluation()
+def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe, mesh: Mesh) -> float:
+    """Mean reward of ODE samples (the plain sampler) from the held-out seeds (rows padded to split over the mesh)."""
+    held_out, prompts = data.evaluation()
+    padded, n = pad_rows(held_out, mesh)
+    batch = device_batch(padded, mesh)
     r = recipe.rollout
     latents = sample(model, batch["noise"], batch["text"], batch["pooled"], batch["neg_text"], batch["neg_pooled"],
                      steps=r.steps, guidance=r.guidance, shift=r.shift, progress=False)  # fmt: skip
-    frames = np.asarray(jr.decode_first_frame(decoder, latents))
+    frames = np.asarray(jr.decode_first_frame(decoder, latents))[:n]
     return float(np.mean(score(to_uint8(frames), prompts)))
 
 
@@ -108,12 +113,12 @@ def _state(modules: dict[str, nnx.Module]) -> dict[str, Any]:
 
 def _resume(
     recipe: RewardRecipe, checkpointer: Checkpointer, modules: dict[str, nnx.Module]
-) -> tuple[ResumePoint | None, RewardLog]:
-    """(resume point, log) of the run: None and a fresh log, or the latest checkpoint's counters with the modules
-    restored in place and the log cut back to that step."""
+) -> tuple[ResumePoint | None, RewardLog, dict[str, Any] | None]:
+    """(resume point, log, divergence guard history) of the run: None, a fresh log and None, or the latest
+    checkpoint's counters with the modules restored in place, the log cut back to that step and the guard's state."""
     step = checkpointer.latest_step()
     if step is None:
-        return None, RewardLog(recipe.log_dir)
+        return None, RewardLog(recipe.log_dir), None
     counters = checkpointer.restore_data(step)
     point = ResumePoint.read(counters, recipe, checkpointer.dir / str(step))  # before the tensors: clear errors
     target = abstract_like(_state(modules))
@@ -124,7 +129,7 @@ def _resume(
         current = nnx.state(module) if key == "optimizer" else nnx.state(module, nnx.Param)
         nnx.replace_by_pure_dict(current, state[key])
         nnx.update(module, current)
-    return point, RewardLog(recipe.log_dir, keep_lines=point.log_lines)
+    return point, RewardLog(recipe.log_dir, keep_lines=point.log_lines), counters.get("divergence")
 
 
 def _write_adapters(recipe: RewardRecipe, plan: lora.LoraPlan, model: nnx.Module) -> None:
@@ -138,24 +143,27 @@ def _write_adapters(recipe: RewardRecipe, plan: lora.LoraPlan, model: nnx.Module
 def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:
     """Train per the recipe, resuming from `checkpoint.dir` when it holds a checkpoint; returns the last step's
     record."""
+    mesh = reward_mesh(recipe)
     encoders = _encoders(recipe)
     data = RewardData(recipe, encoders, open_sft_cache(recipe, encoders, progress))
-    model = _model(recipe)
+    model = build_model(recipe, mesh)
     plan = lora.adapt_model(model, recipe.lora, recipe.seed) if recipe.lora else None
-    decoder = _decoder(recipe, encoders)
+    if plan is not None:
+        place_params(model, mesh)  # the new adapters onto their shards
+    decoder = replicate(_decoder(recipe, encoders), mesh)
     refl, grpo = recipe.method == "refl", recipe.grpo
     anchored = recipe.refl.anchor != "none" if refl else grpo.kl_weight > 0
-    ref_model = nnx.clone(model) if anchored else None
-    optimizer = model_optimizer(model, recipe.optimizer, optimizer_updates(recipe))
-    ema = nnx.clone(model) if recipe.optimizer.ema_decay is not None else None
-    clip = _clip_reward(recipe) if recipe.reward.kind == "clip" else None
+    ref_model = jr.copy_module(model) if anchored else None  # sharded like the model
+    optimizer = sharded_optimizer(model, recipe.optimizer, optimizer_updates(recipe), mesh)
+    ema = jr.copy_module(model) if recipe.optimizer.ema_decay is not None else None
+    clip = replicate(_clip_reward(recipe), mesh) if recipe.reward.kind == "clip" else None
     scorer = black_box_reward(recipe.reward, clip)
     reward = (clip if clip is not None else jr.carried(differentiable_builtin(recipe.reward))) if refl else None
     ema_anchor = ref_model if uses_ema_anchor(recipe) else None
     modules = _modules(model, optimizer, ema_anchor, ema)
     checkpointer = Checkpointer(recipe.checkpoint)
-    point, log = _resume(recipe, checkpointer, modules)
-    start, guard = point.step if point else 0, divergence_guard(recipe, point)
+    point, log, history = _resume(recipe, checkpointer, modules)
+    start, guard = point.step if point else 0, divergence_guard(recipe, point, history)
     try:
         steps = tqdm(range(start, recipe.steps), desc=f"reward {recipe.method} (jax)", initial=start,
                      total=recipe.steps, disable=not progress)  # fmt: skip
@@ -165,20 +173,21 @@ def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:
             tuning = jr.Tuning(guard, step, ema, recipe.optimizer.ema_decay)
             if refl:
                 batch["tokens"] = jr.unwrap(reward).tokenize(prompts)
-                metrics = jr.refl_train_step(optimizer, model, ref_model, decoder, reward, jr.to_device_batch(batch),
-                                             recipe.rollout, recipe.refl, tuning)  # fmt: skip
+                metrics = jr.refl_train_step(optimizer, model, ref_model, decoder, reward, device_batch(batch, mesh),
+                                             recipe.rollout, recipe.refl, tuning, donate=True)  # fmt: skip
             else:
+                place = partial(device_batch, mesh=mesh)
                 metrics = jr.grpo_iteration(optimizer, model, ref_model, decoder, scorer, batch, step_noise, prompts,
-                                            recipe.rollout, grpo, tuning)  # fmt: skip
+                                            recipe.rollout, grpo, tuning, place, donate=True)  # fmt: skip
             record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
             last = step == recipe.steps - 1
             if step % recipe.rollout.eval_interval == 0 or last:
-                record["eval_reward_mean"] = _eval_reward(model, decoder, scorer, data, recipe)
+                record["eval_reward_mean"] = _eval_reward(model, decoder, scorer, data, recipe, mesh)
             log.write(record)
             if (step + 1) % recipe.checkpoint.interval == 0 or last:
                 point = ResumePoint(step + 1, log.lines, recipe.seed, int(ema_anchor is not None),
                                     int(ema is not None), guard.skipped)  # fmt: skip
-                checkpointer.save(step + 1, _state(modules), point.as_dict())
+                checkpointer.save(step + 1, _state(modules), {**point.as_dict(), "divergence": guard.state()})
                 if plan is not None:
                     _write_adapters(recipe, plan, ema if ema is not None else model)
             check_divergence(guard, checkpointer.dir)

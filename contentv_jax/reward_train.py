@@ -31,6 +31,7 @@ from contentv_common.reward_recipe import GrpoConfig, ReflConfig, RolloutConfig
 from contentv_common.reward_sde import gaussian_kl, gaussian_log_prob, sde_mean, sde_schedule
 from contentv_common.sampling import euler_step, flow_match_schedule, guide, uses_guidance
 from contentv_common.schedules import interpolate, velocity_target
+from contentv_jax import sharding
 from contentv_jax.lora import trained_filter
 from contentv_jax.optim import ema, keep_if_bad, step_ok
 from contentv_jax.vae import WanVAE
@@ -180,8 +181,7 @@ def refl_grads(model, ref_model, decoder, reward, batch, rollout, refl):
     return refl_loss(model, ref_model, decoder, reward, batch, rollout, refl)
 
 
-@nnx.jit(static_argnames=("ema_decay",))
-def apply_gradients(
+def _apply_gradients(
     optimizer: nnx.Optimizer,
     model: nnx.Module,
     grads: nnx.State,
@@ -190,7 +190,7 @@ def apply_gradients(
     ema_model: nnx.Module | None = None,
     ema_decay: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Optimizer update in place, kept apart from the loss so one compiled loss serves inspection and training.
+    """Optimizer update in place (call inside nnx.jit).
 
     As in training (contentv_jax.optim): a non-finite loss or gradient norm, or one above `limits` (max loss, max
     norm), leaves model, optimizer and EMA untouched. Returns (applied, gradient norm).
@@ -202,12 +202,12 @@ def apply_gradients(
     _keep_if_bad(model, nnx.Param, ok, old_params)
     _keep_if_bad(optimizer, ..., ok, old_opt)
     if ema_model is not None:
-        average = nnx.state(ema_model, nnx.Param)
-        old = nnx.to_pure_dict(average)
-        nnx.replace_by_pure_dict(average, ema(old, nnx.to_pure_dict(nnx.state(model, nnx.Param)), ema_decay))
-        nnx.update(ema_model, average)
-        _keep_if_bad(ema_model, nnx.Param, ok, old)
+        _ema_if_ok(ema_model, model, ema_decay, ok)
     return ok, grad_norm
+
+
+apply_gradients = nnx.jit(_apply_gradients, static_argnames=("ema_decay",))
+"""Jitted `_apply_gradients`, kept apart from the loss so one compiled loss serves inspection and training."""
 
 
 def _keep_if_bad(module: nnx.Module, kind: Any, ok: jax.Array, old: dict) -> None:
@@ -216,14 +216,30 @@ def _keep_if_bad(module: nnx.Module, kind: Any, ok: jax.Array, old: dict) -> Non
     nnx.update(module, state)
 
 
-def guarded_update(optimizer, model, loss, grads, tuning: Tuning) -> tuple[bool, float]:
-    """Apply (or skip) one update on the host side of the divergence guard: (applied, gradient norm)."""
-    limits = jnp.asarray(tuning.guard.limits() if tuning.guard else (np.inf, np.inf), jnp.float32)
-    ok, grad_norm = apply_gradients(optimizer, model, grads, loss, limits, tuning.ema, tuning.ema_decay)
+def _ema_if_ok(average_model: nnx.Module, model: nnx.Module, decay: float, ok: jax.Array) -> None:
+    """average <- decay average + (1 - decay) model where the update was applied, in place."""
+    average = nnx.state(average_model, nnx.Param)
+    old = nnx.to_pure_dict(average)
+    nnx.replace_by_pure_dict(average, ema(old, nnx.to_pure_dict(nnx.state(model, nnx.Param)), decay))
+    nnx.update(average_model, average)
+    _keep_if_bad(average_model, nnx.Param, ok, old)
+
+
+def _limits(tuning: Tuning) -> jax.Array:
+    return jnp.asarray(tuning.guard.limits() if tuning.guard else (np.inf, np.inf), jnp.float32)
+
+
+def _record(tuning: Tuning, loss: jax.Array, ok: jax.Array, grad_norm: jax.Array) -> tuple[bool, float]:
     ok, grad_norm = bool(ok), float(grad_norm)
     if tuning.guard is not None:
         tuning.guard.record(tuning.step, float(loss), grad_norm, ok)
     return ok, grad_norm
+
+
+def guarded_update(optimizer, model, loss, grads, tuning: Tuning) -> tuple[bool, float]:
+    """Apply (or skip) one update on the host side of the divergence guard: (applied, gradient norm)."""
+    ok, grad_norm = apply_gradients(optimizer, model, grads, loss, _limits(tuning), tuning.ema, tuning.ema_decay)
+    return _record(tuning, loss, ok, grad_norm)
 
 
 @nnx.jit(static_argnames=("decay",))
@@ -233,15 +249,82 @@ def ema_update(ref_model: nnx.Module, model: nnx.Module, decay: float) -> None:
     nnx.update(ref_model, jax.tree.map(lambda r, p: decay * r + (1.0 - decay) * p, ref_params, params))
 
 
+def _pin(model: nnx.Module, optimizer: nnx.Optimizer, grads: nnx.State, *copies: nnx.Module | None) -> None:
+    """On a mesh (the model's `constrain` hook knows it), hold the gradients, the updated weights and their copies
+    (EMA, anchor) to training's parameter shardings and each optimizer moment to its parameter's, as training's
+    jitted step does with its out_shardings; left to propagation, XLA may lay the updated state out otherwise."""
+    mesh = getattr(getattr(model, "constrain", None), "mesh", None)
+    if mesh is None:
+        return
+    where = sharding.param_shardings(nnx.to_pure_dict(nnx.state(model, nnx.Param)), mesh)
+
+    def pin(state: nnx.State, shardings: Any) -> None:
+        nnx.replace_by_pure_dict(state, jax.lax.with_sharding_constraint(nnx.to_pure_dict(state), shardings))
+
+    pin(grads, sharding.param_shardings(nnx.to_pure_dict(grads), mesh))  # LoRA: the adapters alone
+    for module in (model, *copies):
+        if module is not None:
+            state = nnx.state(module, nnx.Param)
+            pin(state, where)
+            nnx.update(module, state)
+    state = nnx.state(optimizer)
+    pin(state, sharding.like_params_shardings(nnx.to_pure_dict(state), where, mesh))
+    nnx.update(optimizer, state)
+
+
+def _refl_update(optimizer, model, ref_model, decoder, reward, batch, limits, ema_model, rollout, refl, ema_decay):
+    """Loss, gradients, guarded update, EMA of the weights and EMA anchor in one program (see `refl_update`)."""
+    loss, grads, metrics = refl_loss(model, ref_model, decoder, reward, batch, rollout, refl)
+    _pin(model, optimizer, grads)
+    ok, grad_norm = _apply_gradients(optimizer, model, grads, loss, limits, ema_model, ema_decay)
+    if ref_model is not None and refl.anchor == "ema":
+        _ema_if_ok(ref_model, model, refl.anchor_ema_decay, ok)
+    _pin(model, optimizer, grads, ema_model, ref_model)
+    return ok, grad_norm, metrics
+
+
+def _grpo_update(optimizer, model, ref_model, batch, limits, ema_model, rollout, grpo, ema_decay):
+    """Loss, gradients, guarded update and EMA of the weights in one program (see `grpo_update`)."""
+    loss, grads, metrics = grpo_loss(model, ref_model, batch, rollout, grpo)
+    _pin(model, optimizer, grads)
+    ok, grad_norm = _apply_gradients(optimizer, model, grads, loss, limits, ema_model, ema_decay)
+    _pin(model, optimizer, grads, ema_model, ref_model)
+    return ok, grad_norm, metrics
+
+
+# One reward update as one compiled program, as training's step: the gradients never leave the device program. The
+# `_in_place` variants donate every module argument: the model, optimizer and EMAs are replaced by the update, and
+# nnx.jit returns the state of the unchanged ones too (anchor, decoder, reward), which then alias their inputs
+# instead of being copied. So the state is counted once, as in training; the modules must share no arrays
+# (copy_module, not nnx.clone).
+_REFL_STATIC = ("rollout", "refl", "ema_decay")
+_GRPO_STATIC = ("rollout", "grpo", "ema_decay")
+_MODULES = ("optimizer", "model", "ref_model", "ema_model")
+refl_update = nnx.jit(_refl_update, static_argnames=_REFL_STATIC)
+refl_update_in_place = nnx.jit(
+    _refl_update, static_argnames=_REFL_STATIC, donate_argnames=(*_MODULES, "decoder", "reward")
+)
+grpo_update = nnx.jit(_grpo_update, static_argnames=_GRPO_STATIC)
+grpo_update_in_place = nnx.jit(_grpo_update, static_argnames=_GRPO_STATIC, donate_argnames=_MODULES)
+
+
+def copy_module(module: nnx.Module) -> nnx.Module:
+    """A copy with its own buffers (same shardings): nnx.clone shares arrays, which donation would free."""
+    copy = nnx.clone(module)
+    nnx.update(copy, jax.tree.map(jnp.copy, nnx.state(copy)))
+    return copy
+
+
 def refl_train_step(
-    optimizer, model, ref_model, decoder, reward, batch, rollout, refl, tuning: Tuning | None = None
+    optimizer, model, ref_model, decoder, reward, batch, rollout, refl, tuning: Tuning | None = None, donate=False
 ) -> dict[str, Any]:
-    """One ReFL update in place (model, optimizer, EMA anchor), skipped when divergent; returns the metrics."""
+    """One ReFL update in place (model, optimizer, EMA anchor), skipped when divergent; returns the metrics.
+    `donate` frees the old buffers (modules from copy_module)."""
     tuning = tuning or Tuning()
-    loss, grads, metrics = refl_grads(model, ref_model, decoder, reward, batch, rollout, refl)
-    applied, grad_norm = guarded_update(optimizer, model, loss, grads, tuning)
-    if applied and ref_model is not None and refl.anchor == "ema":
-        ema_update(ref_model, model, refl.anchor_ema_decay)
+    update = refl_update_in_place if donate else refl_update
+    ok, grad_norm, metrics = update(optimizer, model, ref_model, decoder, reward, batch, _limits(tuning), tuning.ema,
+                                    rollout, refl, tuning.ema_decay)  # fmt: skip
+    applied, grad_norm = _record(tuning, metrics["loss"], ok, grad_norm)
     return {**metrics, "grad_norm": grad_norm, "skipped": int(not applied)}
 
 
@@ -325,10 +408,15 @@ def grpo_grads(model, ref_model, batch, rollout, grpo):
     return grpo_loss(model, ref_model, batch, rollout, grpo)
 
 
-def grpo_train_step(optimizer, model, ref_model, batch, rollout, grpo, tuning: Tuning | None = None) -> dict[str, Any]:
-    """One GRPO update in place, skipped when divergent; returns the metrics."""
-    loss, grads, metrics = grpo_grads(model, ref_model, batch, rollout, grpo)
-    applied, grad_norm = guarded_update(optimizer, model, loss, grads, tuning or Tuning())
+def grpo_train_step(
+    optimizer, model, ref_model, batch, rollout, grpo, tuning: Tuning | None = None, donate=False
+) -> dict[str, Any]:
+    """One GRPO update in place, skipped when divergent; returns the metrics. `donate` as in `refl_train_step`."""
+    tuning = tuning or Tuning()
+    update = grpo_update_in_place if donate else grpo_update
+    ok, grad_norm, metrics = update(optimizer, model, ref_model, batch, _limits(tuning), tuning.ema, rollout, grpo,
+                                    tuning.ema_decay)  # fmt: skip
+    applied, grad_norm = _record(tuning, metrics["loss"], ok, grad_norm)
     return {**metrics, "grad_norm": grad_norm, "skipped": int(not applied)}
 
 
@@ -344,21 +432,26 @@ def grpo_iteration(
     rollout: RolloutConfig,
     grpo: GrpoConfig,
     tuning: Tuning | None = None,
+    place: Callable[[dict[str, np.ndarray]], Batch] | None = None,
+    donate: bool = False,
 ) -> dict[str, float]:
     """Rollout (SDE, no gradient) -> decode frame 0 -> black-box rewards on uint8 -> advantages -> updates.
 
     `batch` holds consecutive groups of `grpo.group_size` rows sharing a prompt; `prompts` has one entry per row.
+    `place` puts host arrays on the devices (contentv_jax.reward_mesh.device_batch on a mesh; default: one device).
     The metrics are the last update's, with "skipped" counting the skipped updates of the iteration.
     """
-    device_batch = to_device_batch(batch)
-    states, log_probs = sde_rollout(model, device_batch, jnp.asarray(step_noise), rollout, grpo.noise_level)
+    place = place or to_device_batch
+    device_batch = place({**batch, "step_noise": step_noise})
+    noise = device_batch.pop("step_noise")
+    states, log_probs = sde_rollout(model, device_batch, noise, rollout, grpo.noise_level)
     frames = np.asarray(decode_first_frame(decoder, states[-1]))
     rewards = np.asarray(black_box(to_uint8(frames), list(prompts)), dtype=np.float32)
     device_batch.update(states=states, old_log_probs=log_probs,
-                        advantages=jnp.asarray(group_advantages(rewards, grpo.group_size)))  # fmt: skip
+                        **place({"advantages": group_advantages(rewards, grpo.group_size)}))  # fmt: skip
     skipped = 0
     for _ in range(grpo.updates_per_rollout):
-        metrics = grpo_train_step(optimizer, model, ref_model, device_batch, rollout, grpo, tuning)
+        metrics = grpo_train_step(optimizer, model, ref_model, device_batch, rollout, grpo, tuning, donate)
         skipped += metrics["skipped"]
     out = {k: float(v) for k, v in metrics.items()}
     out["skipped"] = skipped

@@ -312,12 +312,14 @@ class Transformer(nnx.Module):
                 body = jax.checkpoint(body, policy=policy, prevent_cse=False)  # scan already keeps CSE apart
             (x, context), _ = jax.lax.scan(body, (x, context), stacked)
 
-        def last(block: JointBlock, x: jax.Array, context: jax.Array) -> jax.Array:
-            return block(x, context, temb_act)[0]
+        last_graph, last_state = nnx.split(self.last_block)
 
-        if self.remat != "none":
-            last = nnx.remat(last, policy=policy)
-        return last(self.last_block, x, context)
+        def last(state: nnx.State, x: jax.Array, context: jax.Array) -> jax.Array:
+            return nnx.merge(last_graph, state)(x, context, temb_act)[0]
+
+        if self.remat != "none":  # functional (not nnx.remat), so it also runs on a model merged inside a scan
+            last = jax.checkpoint(last, policy=policy)
+        return last(last_state, x, context)
 
     def head(self, x: jax.Array, temb_act: jax.Array, latent_shape: tuple[int, ...]) -> jax.Array:
         """Final adaLN + projection, unpatchified back to `[B, C, F, H, W]`."""

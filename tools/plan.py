@@ -5,7 +5,8 @@
     python tools/plan.py --backend torch --recipe R --hbm-gib 64 --json OUT
 
 JAX: compiles the real train step of every bucket and one sampling step (cond/uncond pair batched) at the largest
-bucket with abstract inputs sharded over the recipe's mesh, built from the target's devices: `tpu:<libtpu topology>`
+bucket (a reward recipe, configs/recipes/reward_*.yaml: its update step, kind "reward", contentv_jax.reward_plan)
+with abstract inputs sharded over the recipe's mesh, built from the target's devices: `tpu:<libtpu topology>`
 (chips = the product, e.g. v5p:4x4x4 = 64; needs `pip install .[tpu]`) or `cpu:N` fake CPU devices. Prints per-device
 argument, temporary, output and aliased bytes, peak, compile time, model FLOPs and fit; lists parameters left
 replicated. `--blocks N` plans a shallower model for quick checks. Torch: contentv_torch_npu.memory_plan.
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from contentv_common.config import ConfigError  # noqa: E402
 from contentv_common.plan_report import GIB, StepPlan, format_table, gib, report  # noqa: E402
 from contentv_common.recipe import Recipe, check_device_count, load_recipe, parse_override  # noqa: E402
-from contentv_common.reward_recipe import is_reward_recipe  # noqa: E402
+from contentv_common.reward_recipe import RewardRecipe, is_reward_recipe, load_reward_recipe  # noqa: E402
 
 KINDS = ("train", "sample")
 
@@ -57,21 +58,29 @@ def parse_target(text: str) -> tuple[str, str | None, int]:
     raise BadInput(f"--target {text!r}: expected tpu:<libtpu topology> (e.g. tpu:v5p:4x4x4) or cpu:<devices>")
 
 
-def load(args: argparse.Namespace) -> Recipe:
+def load(args: argparse.Namespace) -> Recipe | RewardRecipe:
     try:
-        if is_reward_recipe(args.recipe):
-            raise BadInput(f"{args.recipe}: reward recipes have no mesh yet (issue 12); plan training recipes")
         overrides = dict(parse_override(o) for o in args.overrides)
-        recipe = load_recipe(args.recipe, overrides)
+        if is_reward_recipe(args.recipe):
+            recipe = load_reward_recipe(args.recipe, overrides)
+        else:
+            recipe = load_recipe(args.recipe, overrides)
     except ConfigError as e:
         raise BadInput(str(e)) from None
-    if recipe.stages:
+    reward = isinstance(recipe, RewardRecipe)
+    if reward and args.backend != "jax":
+        raise BadInput(f"{args.recipe}: reward recipes are planned by the JAX backend (--backend jax)")
+    if reward and (args.buckets or args.kinds_given):
+        raise BadInput(f"{args.recipe}: a reward recipe plans its one update step; drop --buckets / --kinds")
+    if not reward and recipe.stages:
         raise BadInput(f"{args.recipe}: has stages; plan each stage's recipe file")
     if args.blocks is not None:
         if args.blocks < 1:
             raise BadInput(f"--blocks must be >= 1, got {args.blocks}")
         model = dataclasses.replace(recipe.model_config, num_layers=args.blocks)
         recipe = dataclasses.replace(recipe, model=model)
+    if reward:
+        return recipe
     names = {b.name for b in recipe.data.buckets}
     unknown = sorted(set(args.buckets or ()) - names)
     if unknown:
@@ -117,15 +126,12 @@ def plan_jax(args: argparse.Namespace, recipe: Recipe, hbm: int) -> tuple[list[S
 
     mesh = make_mesh(recipe.mesh, devices)
     print(format_table([], hbm).splitlines()[0], flush=True)
+    on_plan = lambda p: print(format_table([p], hbm).splitlines()[-1], flush=True)  # noqa: E731
     try:
+        if isinstance(recipe, RewardRecipe):
+            return plan_reward_recipe(args, recipe, mesh, hbm, on_plan, devices[0].device_kind)
         plans = plan_recipe(
-            recipe,
-            mesh,
-            hbm,
-            kinds=args.kinds,
-            buckets=args.buckets,
-            text_tokens=args.text_tokens,
-            on_plan=lambda p: print(format_table([p], hbm).splitlines()[-1], flush=True),
+            recipe, mesh, hbm, kinds=args.kinds, buckets=args.buckets, text_tokens=args.text_tokens, on_plan=on_plan
         )
     except ValueError as e:  # a shape the mesh cannot split (contentv_jax.sharding names the dimension and axis)
         raise BadInput(f"{args.recipe}: {e}") from None
@@ -141,6 +147,20 @@ def plan_jax(args: argparse.Namespace, recipe: Recipe, hbm: int) -> tuple[list[S
     return plans, {**meta, "replicated_params": replicated, "replicated_bytes": total, "unsplit_params": unsplit}
 
 
+def plan_reward_recipe(
+    args: argparse.Namespace, recipe: RewardRecipe, mesh: Any, hbm: int, on_plan: Any, device_kind: str
+) -> tuple[list[StepPlan], dict[str, Any]]:
+    """The reward update step (contentv_jax.reward_plan), and the state a run keeps between steps per device."""
+    from contentv_jax.reward_plan import plan_reward, state_bytes
+
+    plan = plan_reward(recipe, mesh, hbm, text_tokens=args.text_tokens)
+    on_plan(plan)
+    state = state_bytes(recipe, mesh)
+    print("state per device (GiB): " + ", ".join(f"{k} {gib(v)}" for k, v in state.items()))
+    meta = {"target": args.target, "devices": len(mesh.devices.flat), "device_kind": device_kind}
+    return [plan], {**meta, "method": recipe.method, "state_bytes": state}
+
+
 def plan_torch(args: argparse.Namespace, recipe: Recipe, hbm: int) -> tuple[list[StepPlan], dict[str, Any]]:
     try:
         from contentv_torch_npu.memory_plan import plan_recipe
@@ -151,19 +171,20 @@ def plan_torch(args: argparse.Namespace, recipe: Recipe, hbm: int) -> tuple[list
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True, help="training recipe YAML (configs/recipes/stage*.yaml)")
+    parser.add_argument("--recipe", required=True, help="training or reward recipe YAML (configs/recipes/*.yaml)")
     parser.add_argument("--target", help="tpu:<topology> (tpu:v5p:4x4x4, tpu:v6e:8x8) or cpu:<devices>; JAX only")
     parser.add_argument("--hbm-gib", type=float, required=True, help="memory per device to fit in, GiB")
     parser.add_argument("--json", help="write the plan here (JSON)")
     parser.add_argument("--backend", choices=("jax", "torch"), default="jax")
     parser.add_argument("--blocks", type=int, help="plan this many transformer blocks instead of the model's")
-    parser.add_argument("--kinds", default="train,sample", help="steps to plan, comma-separated: train,sample")
+    parser.add_argument("--kinds", help="steps to plan, comma-separated: train,sample (default both)")
     parser.add_argument("--buckets", help="only these bucket names, comma-separated (e.g. 832x480x121)")
     parser.add_argument("--text-tokens", type=int, default=333, help="text tokens per sample (SD3.5: 333)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides, e.g. mesh.fsdp=8")
     try:
         args = parser.parse_intermixed_args(argv)
-        args.kinds = tuple(k for k in args.kinds.split(",") if k)
+        args.kinds_given = args.kinds is not None
+        args.kinds = tuple(k for k in (args.kinds or ",".join(KINDS)).split(",") if k)
         if not args.kinds or set(args.kinds) - set(KINDS):
             raise BadInput(f"--kinds {','.join(args.kinds)}: choose from {','.join(KINDS)}")
         args.buckets = tuple(args.buckets.split(",")) if args.buckets else None

@@ -109,9 +109,43 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
 def test_missing_and_reward_recipes_are_exit_2(capsys, tmp_path):
     assert plan.main(["--recipe", str(tmp_path / "none.yaml"), "--target", "cpu:8", "--hbm-gib", "64"]) == 2
     assert "recipe file not found" in capsys.readouterr().err
-    reward = ROOT / "configs" / "recipes" / "reward_refl_tiny.yaml"
-    assert plan.main(["--recipe", str(reward), "--target", "cpu:1", "--hbm-gib", "64"]) == 2
-    assert "reward recipes have no mesh yet" in capsys.readouterr().err
+    reward = ROOT / "configs" / "recipes" / "reward_refl_480p.yaml"
+    assert plan.main(["--recipe", str(reward), "--target", "cpu:8", "--hbm-gib", "64"]) == 2
+    assert (
+        "reward_refl_480p.yaml: mesh: data x fsdp x sequence x tensor = 1 x 8 x 8 x 1 = 64 devices, but the target "
+        "has 8" in capsys.readouterr().err
+    )
+    assert plan.main(["--recipe", str(reward), "--target", "cpu:8", "--hbm-gib", "64", "--buckets", "a"]) == 2
+    assert "a reward recipe plans its one update step; drop --buckets / --kinds" in capsys.readouterr().err
+    assert plan.main(["--recipe", str(reward), "--backend", "torch", "--hbm-gib", "64"]) == 2
+    assert "reward recipes are planned by the JAX backend" in capsys.readouterr().err
+
+
+def test_cpu_plan_of_a_narrow_reward_recipe(tmp_path):
+    """The shipped 4-step GRPO recipe on the tiny model, 64x64x5 rollouts, mesh 1 x 8 x 1 x 1: one "reward" row (the
+    update step of 32 rollouts) and the state a run keeps per device."""
+    out = tmp_path / "plan.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, str(ROOT / "tools" / "plan.py"), "--recipe", str(ROOT / "configs" / "recipes" /
+           "reward_grpo_4step.yaml"), "--target", "cpu:8", "--hbm-gib", "64", "--json", str(out), "--blocks", "1",
+           "--text-tokens", "7", "model=tiny", "mesh.sequence=1", "rollout.width=64", "rollout.height=64",
+           "rollout.frames=5", "data.buckets=[{width: 64, height: 64, frames: 5, batch_size: 8}]"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["fits"] is True and doc["method"] == "grpo" and doc["blocks"] == 1
+    assert doc["mesh"] == {"data": 1, "fsdp": 8, "sequence": 1, "tensor": 1}
+    [step] = doc["steps"]
+    assert (step["kind"], step["bucket"], step["tokens"], step["batch"]) == ("reward", "64x64x5", 32 + 7, 32)
+    assert (
+        step["peak_bytes"] == step["argument_bytes"] + step["temp_bytes"] + step["output_bytes"] - step["alias_bytes"]
+    )
+    assert step["temp_bytes"] > 0 and step["alias_bytes"] > 0  # model and optimizer donated, as in training
+    state = doc["state_bytes"]
+    assert set(state) == {"params", "optimizer", "anchor"} and state["anchor"] == state["params"]
+    assert 1.9 * state["params"] < state["optimizer"] < 2.1 * state["params"]  # AdamW's two moments, sharded alike
+    assert "| reward | 64x64x5 |" in proc.stdout
 
 
 def test_torch_backend_without_its_planner_is_exit_2(capsys, monkeypatch):

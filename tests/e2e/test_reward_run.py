@@ -117,6 +117,12 @@ def test_jax_run_resumes_exactly(synthetic, tmp_path, monkeypatch):
     assert (tmp_path / "logs" / "reward.png").exists()
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.is_dir()) == ["1", "2"]
     weights = nnx.to_pure_dict(nnx.state(load_transformer(tmp_path / "transformer"), nnx.Param))
+    from contentv_jax.checkpointing import Checkpointer
+
+    saved = Checkpointer(recipe.checkpoint, writer=False)
+    history = saved.restore_data(1)["divergence"]  # the guard's spike window travels with the checkpoint
+    saved.close()
+    assert history["skipped"] == 0 and history["losses"] == [pytest.approx(rows[0]["loss"], rel=1e-6)]
 
     shutil.rmtree(tmp_path / "ckpt" / "2")
     executed.clear()

@@ -1,5 +1,6 @@
-"""GRPO's scan rematerialises each trained sampler step: the compiled step's temporary memory stays about flat from
-2 to 4 trained steps (without jax.checkpoint it grew 1.84x for the 2-layer tiny model)."""
+"""Reward steps rematerialise each trained sampler step: GRPO's compiled loss keeps its temporary memory about flat
+from 2 to 4 trained steps (without jax.checkpoint it grew 1.84x for the 2-layer tiny model), and the whole update
+step of ReFL / GRPO as the planner compiles it does not grow from 1 to 4 trained steps."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from contentv_common.config import named_model_config
-from contentv_common.reward_recipe import GrpoConfig, RolloutConfig
+from contentv_common.reward_recipe import GrpoConfig, RolloutConfig, load_reward_recipe
 
 C, F, H, W = 16, 2, 8, 8
 BATCH, STEPS = 2, 4
+TINY_1_LAYER = {**dataclasses.asdict(named_model_config("tiny")), "num_layers": 1}
 
 
 def _temp_bytes(train_steps: int) -> int:
@@ -40,3 +43,24 @@ def _temp_bytes(train_steps: int) -> int:
 def test_grpo_temp_memory_flat_in_trained_steps():
     two, four = _temp_bytes(2), _temp_bytes(4)
     assert two > 0 and four < 1.3 * two, (two, four)
+
+
+@pytest.mark.parametrize("method", ["refl", "grpo"])
+def test_reward_update_temp_memory_does_not_grow_from_1_to_4_trained_steps(method):
+    """The planner's program (the run's whole update step: rollout or trained steps, decode, reward, SFT, anchor,
+    AdamW; contentv_jax.reward_plan) compiled with 1 and with 4 trained steps: the temporaries do not grow."""
+    from contentv_common.vae_config import tiny_vae_config
+    from contentv_jax.reward_plan import plan_reward
+    from contentv_jax.sharding import make_mesh
+
+    def temp(k: int) -> int:
+        recipe = load_reward_recipe(
+            f"configs/recipes/reward_{method}_tiny.yaml",
+            {"refl.grad_steps": k, "rollout.steps": 4, "model": TINY_1_LAYER} if method == "refl" else
+            {"grpo.train_steps": k, "rollout.steps": 4, "model": TINY_1_LAYER},
+        )  # fmt: skip
+        mesh = make_mesh(recipe.mesh, jax.devices()[:1])
+        return plan_reward(recipe, mesh, 2**40, text_tokens=7, vae=tiny_vae_config()).temp_bytes
+
+    one, four = temp(1), temp(4)
+    assert one > 0 and four <= 1.05 * one, (one, four)
