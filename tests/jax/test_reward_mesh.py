@@ -173,10 +173,8 @@ def one_device(weights):
     return get
 
 
-# each method on two meshes, the three layouts covered: FSDP only, FSDP x sequence, data x FSDP x sequence
-@pytest.mark.parametrize(
-    "method, shape", [("refl", (1, 2, 4, 1)), ("refl", (2, 2, 2, 1)), ("grpo", (1, 8, 1, 1)), ("grpo", (2, 2, 2, 1))]
-)
+# each method on data x FSDP x sequence, the layout that splits every axis (one compile per mesh: CI time)
+@pytest.mark.parametrize("method, shape", [("refl", (2, 2, 2, 1)), ("grpo", (2, 2, 2, 1))])
 def test_sharded_step_equals_one_device(weights, one_device, method, shape, rel_err):
     ref_metrics, ref_delta = one_device(method)
     assert ref_metrics["skipped"] == 0 and np.linalg.norm(ref_delta) > 0
