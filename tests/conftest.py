@@ -44,3 +44,18 @@ def rel_err():
         return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
     return rel
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module: every loaded XLA:CPU executable holds memory mappings, and
+    the whole suite in one process would otherwise run into the kernel's limit (vm.max_map_count, 65530), which
+    crashes XLA mid-compile (an abort or a segfault)."""
+    yield
+    import sys
+
+    if "jax" in sys.modules:
+        import gc
+
+        sys.modules["jax"].clear_caches()
+        gc.collect()
