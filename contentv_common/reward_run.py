@@ -53,15 +53,25 @@ class RewardData:
             "neg_pooled": np.repeat(self.neg_pooled[None], n, axis=0),
         }
 
-    def rollout(self, step: int) -> tuple[dict[str, np.ndarray], list[str], np.ndarray | None]:
-        """(batch without tokens, the prompt of each row, GRPO's SDE exploration noise [S, rows, ...]) for a step."""
+    def rollout(
+        self, step: int, noise_rows: slice | None = None
+    ) -> tuple[dict[str, np.ndarray], list[str], np.ndarray | None]:
+        """(batch without tokens, the prompt of each row, GRPO's SDE exploration noise [S, rows, ...]) for a step.
+
+        Each row's exploration noise comes from its own generator of (seed, step, row), so a process that runs some
+        rows draws `noise_rows` alone (at 8B, 32 rollouts x 16 steps of noise are 2.7 GB)."""
         rng = step_rng(self.recipe.seed, step)
         ids = rng.integers(len(self.prompts), size=self.recipe.rollout.batch_size)
         batch = self._prompt_rows(ids)
         batch["noise"] = rng.standard_normal(self.latent_shape, dtype=np.float32)
         step_noise = None
         if self.recipe.method == "grpo":
-            step_noise = rng.standard_normal((self.recipe.rollout.steps, *self.latent_shape), dtype=np.float32)
+            rows = range(self.rows)[noise_rows or slice(None)]
+            shape = self.latent_shape[1:]
+            step_noise = np.empty((self.recipe.rollout.steps, len(rows), *shape), np.float32)
+            for i, row in enumerate(rows):
+                row_rng = np.random.default_rng([self.recipe.seed, step, row])
+                step_noise[:, i] = row_rng.standard_normal((self.recipe.rollout.steps, *shape), dtype=np.float32)
         return batch, [self.prompts[i] for i in np.repeat(ids, self.group)], step_noise
 
     def evaluation(self) -> tuple[dict[str, np.ndarray], list[str]]:

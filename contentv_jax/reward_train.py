@@ -366,7 +366,10 @@ def grpo_loss(
 ) -> tuple[jax.Array, nnx.State, dict[str, jax.Array]]:
     """Clipped GRPO objective over the trained sampler steps (+ KL, + SFT): (loss, grads, metrics).
 
-    The steps run under lax.scan, each rematerialised, so activation memory does not grow with the trained steps.
+    The objective is a sum over steps, each from stored rollout states, so a lax.scan over the trained steps takes
+    each step's gradient as soon as its forward is done and adds it to a carried sum (as the torch twin runs backward
+    per step): memory holds one step's activations and two gradient-sized buffers, whatever the number of steps;
+    the SFT term's gradient starts the sum.
 
     batch adds to the rollout inputs: "states" [S + 1, B, ...], "old_log_probs" [S, B], "advantages" [B].
     """
@@ -375,31 +378,39 @@ def grpo_loss(
     graphdef, params, rest = _split(model)
     ref = nnx.split(ref_model) if ref_model is not None and grpo.kl_weight > 0 else None
     adv = batch["advantages"]
-    xs = (coeffs, batch["states"][:n], batch["states"][1 : n + 1], batch["old_log_probs"][:n])
+    xs = (coeffs, batch["old_log_probs"][:n], jnp.arange(n))
 
-    def loss_fn(p: nnx.State):
-        @jax.checkpoint  # the backward recomputes each step's forward: memory of one step, whatever `n`
-        def step(carry, inputs):
-            policy, kl = carry
-            c, x, x_next, old_logp = inputs
-            mean = _sde_step_mean(nnx.merge(graphdef, p, rest), x, c, batch, rollout.guidance)
-            ratio = jnp.exp(gaussian_log_prob(x_next, mean, c["std"], c["log_std"]) - old_logp)
-            clipped = jnp.clip(ratio, 1.0 - grpo.clip_range, 1.0 + grpo.clip_range)
-            policy = policy + jnp.mean(-jnp.minimum(ratio * adv, clipped * adv)) / n
-            if ref is not None:
-                ref_mean = jax.lax.stop_gradient(_sde_step_mean(nnx.merge(*ref), x, c, batch, rollout.guidance))
-                kl = kl + jnp.mean(gaussian_kl(mean, ref_mean, c["std"])) / n
-            return (policy, kl), ratio
+    def step_loss(p: nnx.State, inputs) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        c, old_logp, i = inputs  # states indexed in place: no per-step copies of the rollout
+        x, x_next = batch["states"][i], batch["states"][i + 1]
+        mean = _sde_step_mean(nnx.merge(graphdef, p, rest), x, c, batch, rollout.guidance)
+        ratio = jnp.exp(gaussian_log_prob(x_next, mean, c["std"], c["log_std"]) - old_logp)
+        clipped = jnp.clip(ratio, 1.0 - grpo.clip_range, 1.0 + grpo.clip_range)
+        policy = jnp.mean(-jnp.minimum(ratio * adv, clipped * adv)) / n
+        kl = jnp.zeros((), jnp.float32)
+        if ref is not None:
+            ref_mean = jax.lax.stop_gradient(_sde_step_mean(nnx.merge(*ref), x, c, batch, rollout.guidance))
+            kl = jnp.mean(gaussian_kl(mean, ref_mean, c["std"])) / n
+        clip_fraction = jnp.mean(jnp.abs(ratio - 1.0) > grpo.clip_range) / n
+        return policy + grpo.kl_weight * kl, (policy, kl, clip_fraction)
 
-        zero = jnp.zeros((), jnp.float32)
-        (policy, kl), ratios = jax.lax.scan(step, (zero, zero), xs)
-        sft = sft_loss(nnx.merge(graphdef, p, rest), batch) if grpo.sft_weight > 0 else zero
-        loss = policy + grpo.kl_weight * kl + grpo.sft_weight * sft
-        metrics = {"loss": loss, "policy_loss": policy, "kl": kl, "sft_loss": sft,
-                   "clip_fraction": jnp.mean(jnp.abs(ratios - 1.0) > grpo.clip_range)}  # fmt: skip
-        return loss, metrics
+    def step(carry, inputs):
+        grads, sums = carry
+        (_, terms), g = jax.value_and_grad(step_loss, has_aux=True)(params, inputs)
+        return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, terms)), None
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    def weighted_sft(p: nnx.State) -> tuple[jax.Array, jax.Array]:
+        sft = sft_loss(nnx.merge(graphdef, p, rest), batch)
+        return grpo.sft_weight * sft, sft
+
+    zero = jnp.zeros((), jnp.float32)
+    if grpo.sft_weight > 0:  # its gradient starts the sum: no second gradient-sized buffer beside the steps' sum
+        (_, sft), grads = jax.value_and_grad(weighted_sft, has_aux=True)(params)
+    else:
+        sft, grads = zero, jax.tree.map(jnp.zeros_like, params)
+    (grads, (policy, kl, clip_fraction)), _ = jax.lax.scan(step, (grads, (zero, zero, zero)), xs)
+    loss = policy + grpo.kl_weight * kl + grpo.sft_weight * sft
+    metrics = {"loss": loss, "policy_loss": policy, "kl": kl, "sft_loss": sft, "clip_fraction": clip_fraction}
     return loss, grads, metrics
 
 

@@ -34,11 +34,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from contentv_common.checkpoint import open_checkpoint
 from contentv_common.config import ConfigError
 from contentv_common.data.cache import Encoders, LatentCache
 from contentv_common.errors import CheckpointSaveError
-from contentv_common.lora_train import initial_adapters, write_adapter_file
+from contentv_common.lora_train import write_adapter_file
 from contentv_common.reward import to_uint8
 from contentv_common.reward_recipe import RewardRecipe
 from contentv_common.reward_run import (
@@ -57,13 +56,11 @@ from contentv_common.safetensors_io import CheckpointError
 from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu import lora
 from contentv_torch_npu import reward_train as tr
-from contentv_torch_npu.distributed import Topology, check_mesh, enable_sequence_parallel, init_distributed, shard_model
-from contentv_torch_npu.loading import load_transformer
+from contentv_torch_npu.distributed import Topology, check_mesh, enable_sequence_parallel, init_distributed
 from contentv_torch_npu.optim import make_optimizer
 from contentv_torch_npu.sampling import sample
-from contentv_torch_npu.sharded_checkpoint import is_sharded, load_sharded, save_sharded, stream_weights
-from contentv_torch_npu.train import _all_ok, _lock, _resume_point
-from contentv_torch_npu.transformer import Transformer
+from contentv_torch_npu.sharded_checkpoint import is_sharded, load_sharded, save_sharded
+from contentv_torch_npu.train import _all_ok, _lock, _resume_point, build_model
 
 
 def check_world(recipe: RewardRecipe, world: int) -> None:
@@ -75,46 +72,12 @@ def check_world(recipe: RewardRecipe, world: int) -> None:
         raise ConfigError(str(e)) from None
 
 
-def build_model(recipe: RewardRecipe, topo: Topology) -> Transformer:
-    """The model to tune in fp32 masters, identical on every rank (`init_from` or seeded), sharded (FSDP2 / HSDP)
-    over a multi-process world, where `init_from` is streamed into the shards (no rank holds the whole model).
-    `remat` other than "none" recomputes each block in the backward pass, inside ReFL's per-sampler-step
-    recomputation too. With `lora`, the base is frozen (in `lora.base_dtype`) and adapted before sharding
-    (contentv_torch_npu.lora)."""
-    dtype, remat = torch.bfloat16 if recipe.compute_dtype == "bfloat16" else None, recipe.remat != "none"
-    adapt = (lambda m: lora.add_adapters(m, recipe.lora, recipe.seed)) if recipe.lora else (lambda m: [])
-    if recipe.init_from is not None:
-        if topo.world == 1:
-            model = load_transformer(recipe.init_from, compute_dtype=dtype, device=topo.device)
-            model.gradient_checkpointing = remat
-            adapt(model)
-            return model
-        source = open_checkpoint(recipe.init_from)
-        with torch.device("meta"):
-            model = Transformer(source.config, compute_dtype=dtype, gradient_checkpointing=remat)
-        modules = adapt(model)
-        shard_model(model, topo.shard_mesh)
-        model.to_empty(device=topo.device)
-        stream_weights(model, source)
-        if modules:
-            shapes = {m: tuple(model.get_submodule(m).weight.shape) for m in modules}
-            lora.set_adapters(model, initial_adapters(shapes, recipe.lora.rank, recipe.seed))
-        return model
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.seed)
-        model = Transformer(recipe.model_config, compute_dtype=dtype, gradient_checkpointing=remat).to(topo.device)
-    adapt(model)
-    return shard_model(model, topo.shard_mesh) if topo.world > 1 else model
-
-
 def local_batch(
-    batch: dict[str, np.ndarray], prompts: list[str], step_noise: np.ndarray | None, topo: Topology
-) -> tuple[dict[str, np.ndarray], list[str], np.ndarray | None]:
-    """This data-parallel group's rows of a step's batch (rollout and SFT rows), prompts and noise [S, rows, ...]."""
+    batch: dict[str, np.ndarray], prompts: list[str], topo: Topology
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """This data-parallel group's rows of a step's batch (rollout and SFT rows) and prompts."""
     batch = {k: v[tr.row_slice(len(v), topo)] for k, v in batch.items()}
-    if step_noise is not None:
-        step_noise = step_noise[:, tr.row_slice(step_noise.shape[1], topo)]
-    return batch, prompts[tr.row_slice(len(prompts), topo)], step_noise
+    return batch, prompts[tr.row_slice(len(prompts), topo)]
 
 
 class _TorchBlackBox:
@@ -274,9 +237,9 @@ def _run(recipe: RewardRecipe, progress: bool, topo: Topology) -> dict[str, Any]
                  total=recipe.steps, disable=not progress)  # fmt: skip
     record: dict[str, Any] = {}
     for step in steps:
-        batch, prompts, step_noise = data.rollout(step)
+        batch, prompts, step_noise = data.rollout(step, tr.row_slice(data.rows, topo))  # this group's noise alone
         batch.update(data.sft(step))
-        batch, prompts, step_noise = local_batch(batch, prompts, step_noise, topo)
+        batch, prompts = local_batch(batch, prompts, topo)
         tuning = tr.Tuning(recipe.optimizer, optimizer_updates(recipe), guard, step, ema)
         if refl:
             batch["tokens"] = reward.tokenize(prompts)

@@ -33,6 +33,7 @@ from contentv_common.lora_train import initial_adapters, write_adapter_file
 from contentv_common.metrics import MetricsWriter
 from contentv_common.optim import learning_rate
 from contentv_common.recipe import Recipe
+from contentv_common.reward_recipe import RewardRecipe
 from contentv_common.run_lock import RunLock, RunLockedError
 from contentv_common.safetensors_io import CheckpointError
 from contentv_common.schedules import (
@@ -47,11 +48,10 @@ from contentv_torch_npu import lora
 from contentv_torch_npu.data import make_loader, open_cache
 from contentv_torch_npu.distributed import Topology, enable_sequence_parallel, init_distributed, shard_model
 from contentv_torch_npu.loading import load_transformer
+from contentv_torch_npu.lora import DTYPES
 from contentv_torch_npu.optim import apply_update, global_grad_norm, make_optimizer, step_ok
 from contentv_torch_npu.sharded_checkpoint import is_sharded, load_sharded, save_sharded, stream_weights
 from contentv_torch_npu.transformer import Transformer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class TrainingStopped(RunStopped):
@@ -163,14 +163,15 @@ def train_step(
     return loss_value, norm_value, applied
 
 
-def build_model(recipe: Recipe, topo: Topology, ops: str) -> Transformer:
-    """The recipe's model in fp32 masters, identical on every rank (seeded init or `init_from` weights), sharded
-    (FSDP2 / HSDP) in a multi-process run. There `init_from` builds the model on the meta device, shards it and
+def build_model(recipe: Recipe | RewardRecipe, topo: Topology, ops: str = "auto") -> Transformer:
+    """The model to train or tune in fp32 masters, identical on every rank (seeded init or `init_from` weights),
+    sharded (FSDP2 / HSDP) in a multi-process run. There `init_from` builds the model on the meta device, shards it and
     streams the weights one tensor at a time, each rank keeping its slices (no rank holds the whole model).
-    With `lora`, the base is frozen (in `lora.base_dtype`) and adapted before sharding (contentv_torch_npu.lora)."""
+    `remat` other than "none" recomputes each block in the backward pass. With `lora`, the base is frozen (in
+    `lora.base_dtype`) and adapted before sharding (contentv_torch_npu.lora)."""
     cfg = recipe.model_config
     kwargs = dict(compute_dtype=DTYPES[recipe.compute_dtype], ops=ops, gradient_checkpointing=recipe.remat != "none")
-    adapt = (lambda m: lora.add_adapters(m, recipe.lora, recipe.seed)) if recipe.lora else (lambda m: None)
+    adapt = (lambda m: lora.add_adapters(m, recipe.lora, recipe.seed)) if recipe.lora else (lambda m: [])
     if recipe.init_from:
         source = open_checkpoint(recipe.init_from)
         source_cfg = source.config.replace(pos_embed=cfg.pos_embed)
@@ -192,8 +193,9 @@ def build_model(recipe: Recipe, topo: Topology, ops: str) -> Transformer:
             shapes = {m: tuple(model.get_submodule(m).weight.shape) for m in modules}
             lora.set_adapters(model, initial_adapters(shapes, recipe.lora.rank, recipe.seed))
         return model
-    torch.manual_seed(recipe.seed)
-    model = Transformer(cfg, **kwargs).to(topo.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        model = Transformer(cfg, **kwargs).to(topo.device)
     adapt(model)
     return shard_model(model, topo.shard_mesh) if topo.world > 1 else model
 

@@ -86,3 +86,19 @@ def test_sde_sampler_reaches_the_data_distribution():
             assert np.allclose(logp, expected, atol=1e-4)
     assert abs(x.std() - a) < 0.02, x.std()
     assert abs(x.mean()) < 0.01
+
+
+def test_grpo_exploration_noise_of_some_rows_is_those_rows_of_the_whole():
+    """A process drawing its rows' SDE noise alone gets exactly its share of the whole step's draw; the rest of the
+    rollout batch does not depend on which rows were asked for, and every (step, row) has its own noise."""
+    from contentv_common.reward_recipe import load_reward_recipe
+    from contentv_common.reward_run import RewardData
+    from tests.stand_in_encoders import StandInEncoders
+
+    data = RewardData(load_reward_recipe("configs/recipes/reward_grpo_tiny.yaml"), StandInEncoders(), None)
+    batch, prompts, whole = data.rollout(3)
+    assert whole.shape == (data.recipe.rollout.steps, data.rows, *data.latent_shape[1:])
+    part_batch, part_prompts, part = data.rollout(3, slice(2, 6))
+    np.testing.assert_array_equal(part, whole[:, 2:6])
+    assert part_prompts == prompts and all(np.array_equal(part_batch[k], v) for k, v in batch.items())
+    assert not np.allclose(whole[:, 0], whole[:, 1]) and not np.allclose(data.rollout(4)[2], whole)

@@ -46,9 +46,9 @@ def _count_rollouts(monkeypatch) -> list[int]:
 
     steps, rollout = [], RewardData.rollout
 
-    def counted(self, step):
+    def counted(self, step, *rows):
         steps.append(step)
-        return rollout(self, step)
+        return rollout(self, step, *rows)
 
     monkeypatch.setattr(RewardData, "rollout", counted)
     return steps

@@ -20,18 +20,8 @@ from contentv_jax import reward_train as jr
 from contentv_jax.reward_mesh import device_batch, on_mesh, param_shardings, replicate, sharded_optimizer
 from contentv_jax.sharding import make_mesh
 from contentv_jax.transformer import Transformer
+from tests.narrow_model import NARROW, POOLED, TEXT, WIDTH
 
-TEXT, WIDTH, POOLED = 333, 32, 16
-NARROW = {  # ContentV's 38 heads, head_dim 8, two blocks (the last one context_pre_only)
-    "num_layers": 2,
-    "num_attention_heads": 38,
-    "attention_head_dim": 8,
-    "hidden_size": 304,
-    "joint_attention_dim": WIDTH,
-    "pooled_projection_dim": POOLED,
-    "sample_size": 16,
-    "timestep_channels": 32,
-}
 C, F, H, W = 16, 2, 8, 8  # 2 x 4 x 4 = 32 image tokens: split over sequence 2, 4 and 8
 ROWS = 8
 REWARD = TargetColour((0.9, 0.2, 0.1))

@@ -14,18 +14,7 @@ from contentv_common.sequence_split import check_sequence_split, padded_heads
 from contentv_jax.ops import Attention
 from contentv_jax.sharding import make_mesh, unsplit_params
 from contentv_jax.train import get_trainer
-
-TEXT, WIDTH, POOLED = 333, 32, 16
-NARROW = {  # ContentV's 38 heads, head_dim 8, two blocks (the last one context_pre_only)
-    "num_layers": 2,
-    "num_attention_heads": 38,
-    "attention_head_dim": 8,
-    "hidden_size": 304,
-    "joint_attention_dim": WIDTH,
-    "pooled_projection_dim": POOLED,
-    "sample_size": 16,
-    "timestep_channels": 32,
-}
+from tests.narrow_model import NARROW, POOLED, TEXT, WIDTH
 
 
 def _recipe(tmp_path) -> Recipe:

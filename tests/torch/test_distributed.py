@@ -3,7 +3,6 @@ whole batch, Ulysses sequence parallel equals no sequence parallelism (outputs a
 recipe's mesh maps to process groups as documented."""
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from contentv_torch_npu.distributed import (
     shard_model,
 )
 from contentv_torch_npu.transformer import Transformer
+from tools.launch_local import free_port
 
 STEPS = 2
 
@@ -99,14 +99,8 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_fsdp_and_ulysses_match_single_process(tmp_path, rel_err, spawn_ranks):
-    spawn_ranks(_worker, (2, _free_port(), str(tmp_path)), 2)
+    spawn_ranks(_worker, (2, free_port(), str(tmp_path)), 2)
     ref = _reference()
     for rank in range(2):
         got = dict(np.load(tmp_path / f"rank{rank}.npz"))
@@ -166,7 +160,7 @@ def _hsdp_worker(rank: int, world: int, port: int, folder: str) -> None:
 def test_hsdp_four_processes_match_single_process(tmp_path, rel_err, spawn_ranks):
     """mesh data=2 x fsdp=2: parameters replicated over data and sharded over fsdp; the AdamW trajectory equals one
     process on the whole batch."""
-    spawn_ranks(_hsdp_worker, (4, _free_port(), str(tmp_path)), 4)
+    spawn_ranks(_hsdp_worker, (4, free_port(), str(tmp_path)), 4)
     losses = []
     ref = _hsdp_train(_model(), _hsdp_batch(), losses)
     rows = ref.proj_out.weight.shape[0]

@@ -2,8 +2,6 @@
 AdamW moments and EMA alone, the adapter file follows each checkpoint, a resumed run continues exactly, and 2 gloo
 processes under FSDP2 (adapters sharded with their base) follow one."""
 
-import socket
-
 import numpy as np
 import torch
 
@@ -15,14 +13,9 @@ from contentv_torch_npu.loading import save_torch
 from contentv_torch_npu.train import run
 from contentv_torch_npu.transformer import Transformer
 from tests.torch.test_train_torch import _losses, _recipe, _worker
+from tools.launch_local import free_port
 
 LORA = {"lora.rank": 4, "lora.alpha": 8.0}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_lora_run_trains_adapters_only_and_resumes_exactly(tiny_dataset, tmp_path, rel_err):
@@ -58,7 +51,7 @@ def test_lora_fsdp2_follows_one_process(tiny_dataset, tmp_path, rel_err, spawn_r
     single = tmp_path / "single"
     run(_recipe(tiny_dataset, single, steps=3, **LORA), device="cpu", progress=False)
     multi = tmp_path / "multi"
-    spawn_ranks(_worker, (2, _free_port(), tiny_dataset, multi, {"steps": 3, "mesh.fsdp": 2, **LORA}), 2, outputs=multi)
+    spawn_ranks(_worker, (2, free_port(), tiny_dataset, multi, {"steps": 3, "mesh.fsdp": 2, **LORA}), 2, outputs=multi)
     assert rel_err(_losses(multi), _losses(single)) < 1e-5
     a = ckpt.load_state(single / "ckpt" / "step_00000003")
     b = ckpt.load_state(multi / "ckpt" / "step_00000003")  # sharded: each rank wrote its slices

@@ -98,13 +98,14 @@ def _train(topo: Topology) -> dict[str, np.ndarray]:
         optimizer.register_step_pre_hook(_record_gradients(model, updates))
         tuning = tr.Tuning(OPT, 10)
         if method == "refl":
-            batch, _, _ = local_batch(_inputs(7, BATCH, BATCH), [""] * BATCH, None, topo)
+            batch, _ = local_batch(_inputs(7, BATCH, BATCH), [""] * BATCH, topo)
             metrics = tr.refl_train_step(optimizer, tuning, model, ref, tiny_vae_decoder_torch(), REWARD,
                                          tr.to_device_batch(batch), REFL_ROLLOUT, REFL, topo)  # fmt: skip
         else:
             rows = BATCH * GRPO.group_size
             noise = np.random.default_rng(9).standard_normal((GRPO_ROLLOUT.steps, rows, *LATENT), dtype=np.float32)
-            batch, prompts, noise = local_batch(_inputs(8, rows, BATCH), [""] * rows, noise, topo)
+            batch, prompts = local_batch(_inputs(8, rows, BATCH), [""] * rows, topo)
+            noise = noise[:, tr.row_slice(rows, topo)]
             metrics = tr.grpo_iteration(optimizer, tuning, model, ref, tiny_vae_decoder_torch(), as_black_box(REWARD),
                                         batch, noise, prompts, GRPO_ROLLOUT, GRPO, topo)  # fmt: skip
         out.update({f"{method}/metric/{k}": np.float64(v) for k, v in metrics.items()})

@@ -3,7 +3,6 @@ so heads and tokens are padded inside the sequence-parallel path. A narrow model
 tokens) on 4 gloo processes gives the loss and gradients of one process, with FSDP2 and with HSDP."""
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from contentv_torch_npu.distributed import (
 )
 from contentv_torch_npu.optim import global_grad_norm
 from contentv_torch_npu.transformer import Transformer
+from tools.launch_local import free_port
 
 CFG = ModelConfig(
     num_layers=2, num_attention_heads=38, attention_head_dim=8, hidden_size=304, joint_attention_dim=16,
@@ -84,14 +84,8 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_four_processes_38_heads_333_text_tokens_match_one_process(tmp_path, rel_err, spawn_ranks):
-    spawn_ranks(_worker, (4, _free_port(), str(tmp_path)), 4)
+    spawn_ranks(_worker, (4, free_port(), str(tmp_path)), 4)
     ref = _reference()
     for name in MESHES:
         got = dict(np.load(tmp_path / f"{name}.npz"))

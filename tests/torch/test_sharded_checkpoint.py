@@ -3,7 +3,6 @@ a run on another mesh (HSDP) reads them back resharded, `init_from` streams each
 converts to diffusers and single-file safetensors bit for bit."""
 
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from contentv_torch_npu.loading import save_torch
 from contentv_torch_npu.optim import make_optimizer
 from contentv_torch_npu.sharded_checkpoint import is_sharded, load_sharded, save_sharded, stream_weights
 from contentv_torch_npu.transformer import Transformer
+from tools.launch_local import free_port
 
 
 def _model() -> Transformer:
@@ -87,14 +87,8 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sharded_save_reshard_resume_stream_and_convert(tmp_path, spawn_ranks):
-    spawn_ranks(_worker, (4, _free_port(), str(tmp_path)), 4)
+    spawn_ranks(_worker, (4, free_port(), str(tmp_path)), 4)
     step = tmp_path / "step_00000001"
     assert is_sharded(step)
     for part in ("model", "ema", "optimizer"):  # one file per rank, each holding its slices only

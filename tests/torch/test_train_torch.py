@@ -5,7 +5,6 @@ sequence parallel, or the replicated data axis) follow the single-process losses
 import json
 import os
 import shutil
-import socket
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from contentv_common.recipe import load_recipe
 from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu.train import StepInputs, TrainingStopped, learning_rate, make_optimizer, run, train_step
 from contentv_torch_npu.transformer import Transformer
+from tools.launch_local import free_port
 
 RECIPE = "tests/recipes/tiny.yaml"
 
@@ -155,19 +155,13 @@ def _worker(rank, world, port, dataset, folder, overrides):
     torch.distributed.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize(
     "mesh", [{"mesh.fsdp": 2}, {"mesh.sequence": 2}, {"mesh.data": 2}], ids=["fsdp2", "ulysses", "replicate"]
 )
 def test_two_processes_follow_one(tiny_dataset, tmp_path, mesh, rel_err, single_run, spawn_ranks):
     single = single_run
     multi = tmp_path / "multi"
-    spawn_ranks(_worker, (2, _free_port(), tiny_dataset, multi, {"steps": 3, **mesh}), 2, outputs=multi)
+    spawn_ranks(_worker, (2, free_port(), tiny_dataset, multi, {"steps": 3, **mesh}), 2, outputs=multi)
     assert rel_err(_losses(multi), _losses(single)) < 1e-5
     a = ckpt.load_state(single / "ckpt" / "step_00000003")
     b = ckpt.load_state(multi / "ckpt" / "step_00000003")
