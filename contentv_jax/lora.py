@@ -170,17 +170,8 @@ def adapter_tree(plan: LoraPlan, canonical: dict[str, np.ndarray]) -> dict[str, 
     return unflatten_dict(flat)
 
 
-def to_host(tree: Any) -> Any:
-    """Whole numpy copies of (small, possibly sharded over several processes) arrays; every process calls it."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(tree, tiled=True)
-
-
 def canonical_adapters(plan: LoraPlan, adapters: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The adapter leaves of a parameter tree (host arrays: `to_host`) as canonical torch-layout arrays."""
+    """The adapter leaves of a parameter tree (host arrays: multihost.to_host) as canonical torch-layout arrays."""
     flat = flatten_dict(adapters)
     out = {}
     for m in plan.modules:

@@ -17,6 +17,7 @@ import sys
 import traceback
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import jax
 import numpy as np
@@ -60,6 +61,15 @@ def initialize() -> bool:
     jax.distributed.initialize(*env, heartbeat_timeout_seconds=HEARTBEAT_S)
     sys.excepthook = _exit_at_once
     return True
+
+
+def to_host(tree: Any) -> Any:
+    """Whole numpy copies of (small, possibly sharded over several processes) arrays; every process calls it."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def is_primary() -> bool:

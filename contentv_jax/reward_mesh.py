@@ -91,11 +91,16 @@ def on_mesh(model: Transformer, recipe: RewardRecipe, mesh: Mesh) -> Transformer
 
 
 def replicate(module: Any, mesh: Mesh) -> Any:
-    """Every array of an nnx.Module (the VAE decoder, a CLIP reward) whole on every device of `mesh`, in place; plain
-    callables pass through."""
+    """Every array of an nnx.Module (the VAE decoder, a CLIP reward) whole on every device of `mesh`, in place, from
+    each process's own copy (every process loads the same weights); plain callables pass through."""
     if isinstance(module, nnx.Module):
-        state = nnx.state(module)
-        nnx.update(module, jax.device_put(state, NamedSharding(mesh, PartitionSpec())))
+        everywhere = NamedSharding(mesh, PartitionSpec())
+
+        def put(x: jax.Array) -> jax.Array:
+            host = np.asarray(x)
+            return jax.make_array_from_callback(host.shape, everywhere, lambda index: host[index])
+
+        nnx.update(module, jax.tree.map(put, nnx.state(module)))
     return module
 
 

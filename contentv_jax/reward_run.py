@@ -6,7 +6,9 @@ transformer, the VAE decode of the first frame and a CLIP reward run in JAX. Wri
 
 The run uses the recipe's `mesh` as training does (contentv_jax.reward_mesh): the weights, AdamW moments, EMA and
 frozen anchor sharded by training's rules, rollout rows over data x fsdp, image tokens over `sequence`; the VAE
-decoder and the reward model are replicated.
+decoder and the reward model are replicated. Across processes (several hosts, joined by tools/train.py through
+contentv_jax.multihost) every process builds the same numpy batch and takes its blocks, decoded frames and sampled
+latents are gathered to all, process 0 writes the log, and checkpoints and the export are written by all together.
 
 Every `checkpoint.interval` steps (and at the end) an orbax checkpoint goes to `checkpoint.dir` through the training
 `Checkpointer` (atomic, verified by checksums on resume, the dir locked by this run, `checkpoint.keep` kept): params,
@@ -21,6 +23,7 @@ dir: `<checkpoint.dir>/../transformer` (and its EMA as `transformer_ema`).
 
 from __future__ import annotations
 
+import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,10 +47,9 @@ from contentv_common.reward_run import (
     optimizer_updates,
     uses_ema_anchor,
 )
-from contentv_jax import lora
+from contentv_jax import lora, multihost
 from contentv_jax import reward_train as jr
 from contentv_jax.checkpointing import Checkpointer, abstract_like
-from contentv_jax.loading import save_jax
 from contentv_jax.reward_mesh import (
     build_model,
     device_batch,
@@ -74,9 +76,9 @@ def _decoder(recipe: RewardRecipe, encoders) -> jr.VaeFirstFrameDecoder:
         return jr.VaeFirstFrameDecoder(load_vae(Path(recipe.encoders) / "vae"))
     from contentv_torch_npu.vae import save_vae
 
-    folder = Path(recipe.log_dir) / "tiny_vae"
-    save_vae(folder, encoders.vae, overwrite=True)
-    return jr.VaeFirstFrameDecoder(load_vae(folder))
+    with tempfile.TemporaryDirectory() as folder:  # this process's own: processes of a run share log_dir
+        save_vae(Path(folder) / "vae", encoders.vae)
+        return jr.VaeFirstFrameDecoder(load_vae(Path(folder) / "vae"))
 
 
 def _clip_reward(recipe: RewardRecipe):
@@ -93,7 +95,7 @@ def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe, 
     r = recipe.rollout
     latents = sample(model, batch["noise"], batch["text"], batch["pooled"], batch["neg_text"], batch["neg_pooled"],
                      steps=r.steps, guidance=r.guidance, shift=r.shift, progress=False)  # fmt: skip
-    frames = np.asarray(jr.decode_first_frame(decoder, latents))[:n]
+    frames = multihost.to_host(jr.decode_first_frame(decoder, latents))[:n]
     return float(np.mean(score(to_uint8(frames), prompts)))
 
 
@@ -111,14 +113,19 @@ def _state(modules: dict[str, nnx.Module]) -> dict[str, Any]:
     }
 
 
+def _log(recipe: RewardRecipe, keep_lines: int = 0) -> RewardLog | None:
+    """The run's log, written by process 0 alone."""
+    return RewardLog(recipe.log_dir, keep_lines) if multihost.is_primary() else None
+
+
 def _resume(
     recipe: RewardRecipe, checkpointer: Checkpointer, modules: dict[str, nnx.Module]
-) -> tuple[ResumePoint | None, RewardLog, dict[str, Any] | None]:
+) -> tuple[ResumePoint | None, RewardLog | None, dict[str, Any] | None]:
     """(resume point, log, divergence guard history) of the run: None, a fresh log and None, or the latest
     checkpoint's counters with the modules restored in place, the log cut back to that step and the guard's state."""
     step = checkpointer.latest_step()
     if step is None:
-        return None, RewardLog(recipe.log_dir), None
+        return None, _log(recipe), None
     counters = checkpointer.restore_data(step)
     point = ResumePoint.read(counters, recipe, checkpointer.dir / str(step))  # before the tensors: clear errors
     target = abstract_like(_state(modules))
@@ -129,7 +136,7 @@ def _resume(
         current = nnx.state(module) if key == "optimizer" else nnx.state(module, nnx.Param)
         nnx.replace_by_pure_dict(current, state[key])
         nnx.update(module, current)
-    return point, RewardLog(recipe.log_dir, keep_lines=point.log_lines), counters.get("divergence")
+    return point, _log(recipe, point.log_lines), counters.get("divergence")
 
 
 def _write_adapters(recipe: RewardRecipe, plan: lora.LoraPlan, model: nnx.Module) -> None:
@@ -137,7 +144,9 @@ def _write_adapters(recipe: RewardRecipe, plan: lora.LoraPlan, model: nnx.Module
     from contentv_common.lora_train import write_adapter_file
 
     adapters = lora.split_adapters(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]
-    write_adapter_file(recipe.checkpoint.dir, lora.canonical_adapters(plan, lora.to_host(adapters)), recipe.lora)
+    canonical = lora.canonical_adapters(plan, multihost.to_host(adapters))  # every process takes part
+    if multihost.is_primary():
+        write_adapter_file(recipe.checkpoint.dir, canonical, recipe.lora)
 
 
 def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:
@@ -164,6 +173,7 @@ def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:
     checkpointer = Checkpointer(recipe.checkpoint)
     point, log, history = _resume(recipe, checkpointer, modules)
     start, guard = point.step if point else 0, divergence_guard(recipe, point, history)
+    record: dict[str, Any] = {}
     try:
         steps = tqdm(range(start, recipe.steps), desc=f"reward {recipe.method} (jax)", initial=start,
                      total=recipe.steps, disable=not progress)  # fmt: skip
@@ -183,9 +193,10 @@ def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:
             last = step == recipe.steps - 1
             if step % recipe.rollout.eval_interval == 0 or last:
                 record["eval_reward_mean"] = _eval_reward(model, decoder, scorer, data, recipe, mesh)
-            log.write(record)
+            if log is not None:
+                log.write(record)
             if (step + 1) % recipe.checkpoint.interval == 0 or last:
-                point = ResumePoint(step + 1, log.lines, recipe.seed, int(ema_anchor is not None),
+                point = ResumePoint(step + 1, step + 1, recipe.seed, int(ema_anchor is not None),
                                     int(ema is not None), guard.skipped)  # fmt: skip
                 checkpointer.save(step + 1, _state(modules), {**point.as_dict(), "divergence": guard.state()})
                 if plan is not None:
@@ -194,9 +205,11 @@ def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:
     finally:
         checkpointer.close()
     plain = (lambda m: lora.merged_model(m, plan)) if plan is not None else (lambda m: m)  # LoRA: merged
-    save_jax(Path(recipe.checkpoint.dir).parent / "transformer", plain(model), overwrite=True)
+    multihost.export_model(Path(recipe.checkpoint.dir).parent / "transformer", plain(model))
     if ema is not None:
-        save_jax(Path(recipe.checkpoint.dir).parent / "transformer_ema", plain(ema), overwrite=True)
+        multihost.export_model(Path(recipe.checkpoint.dir).parent / "transformer_ema", plain(ema))
+    if log is None:
+        return record
     log.plot(f"{recipe.method} (jax): {recipe.reward.kind}")
     records = log.records()
     return records[-1] if records else {}

@@ -33,6 +33,7 @@ from contentv_common.sampling import euler_step, flow_match_schedule, guide, use
 from contentv_common.schedules import interpolate, velocity_target
 from contentv_jax import sharding
 from contentv_jax.lora import trained_filter
+from contentv_jax.multihost import to_host
 from contentv_jax.optim import ema, keep_if_bad, step_ok
 from contentv_jax.vae import WanVAE
 
@@ -379,10 +380,13 @@ def grpo_loss(
     ref = nnx.split(ref_model) if ref_model is not None and grpo.kl_weight > 0 else None
     adv = batch["advantages"]
     xs = (coeffs, batch["old_log_probs"][:n], jnp.arange(n))
+    # Steps indexed in place (no per-step copies), from rows flattened: the compiler can only lay out the step it
+    # takes for the model, never the whole rollout (on TPU it padded all S + 1 states ~10x to put frames minor).
+    states, shape = batch["states"].reshape(*batch["states"].shape[:2], -1), batch["states"].shape[1:]
 
     def step_loss(p: nnx.State, inputs) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        c, old_logp, i = inputs  # states indexed in place: no per-step copies of the rollout
-        x, x_next = batch["states"][i], batch["states"][i + 1]
+        c, old_logp, i = inputs
+        x, x_next = states[i].reshape(shape), states[i + 1].reshape(shape)
         mean = _sde_step_mean(nnx.merge(graphdef, p, rest), x, c, batch, rollout.guidance)
         ratio = jnp.exp(gaussian_log_prob(x_next, mean, c["std"], c["log_std"]) - old_logp)
         clipped = jnp.clip(ratio, 1.0 - grpo.clip_range, 1.0 + grpo.clip_range)
@@ -456,7 +460,7 @@ def grpo_iteration(
     device_batch = place({**batch, "step_noise": step_noise})
     noise = device_batch.pop("step_noise")
     states, log_probs = sde_rollout(model, device_batch, noise, rollout, grpo.noise_level)
-    frames = np.asarray(decode_first_frame(decoder, states[-1]))
+    frames = to_host(decode_first_frame(decoder, states[-1]))  # every row's frame, in every process
     rewards = np.asarray(black_box(to_uint8(frames), list(prompts)), dtype=np.float32)
     device_batch.update(states=states, old_log_probs=log_probs,
                         **place({"advantages": group_advantages(rewards, grpo.group_size)}))  # fmt: skip

@@ -17,6 +17,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from contentv_common.sampling import euler_step, flow_match_schedule, guidance_batch, guide
+from contentv_jax.multihost import to_host
 from contentv_jax.vae import WanVAE
 
 
@@ -68,7 +69,7 @@ def sample(
             np.float32(guidance),
             guided=guided,
         )
-    return np.asarray(jax.device_get(x))
+    return np.asarray(to_host(x))  # whole, in every process of a multi-process run
 
 
 @jax.jit

@@ -181,7 +181,7 @@ class Trainer:
 
     def adapters(self, state: dict[str, Any]) -> dict[str, np.ndarray]:
         """The LoRA adapters a run delivers (EMA when kept) as canonical arrays for contentv_common.lora's file."""
-        return lora.canonical_adapters(self.lora_plan, lora.to_host(self.trained(self.final_params(state))[0]))
+        return lora.canonical_adapters(self.lora_plan, multihost.to_host(self.trained(self.final_params(state))[0]))
 
     # ---- the step ----------------------------------------------------------------------------------------------
 

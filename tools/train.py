@@ -267,18 +267,22 @@ def read_jax_init(recipe: Recipe, backend: str) -> None:
 def train_reward(path: str, overrides: dict[str, Any], backend: str, progress: bool) -> int:
     """Reward fine-tuning (ReFL or GRPO): recipes with a `method` key (configs/recipes/reward_*.yaml)."""
     recipe = load_reward_recipe(path, overrides)
-    primary = True
     if backend == "torch":  # torchrun's world against the recipe's mesh, before any data work
         from contentv_torch_npu.reward_run import check_world
 
         check_world(recipe, int(os.environ.get("WORLD_SIZE", "1")))
         primary = os.environ.get("RANK", "0") == "0"
+    else:  # JAX processes of one run (several hosts) join first, then the mesh is checked against all devices
+        from contentv_jax import multihost
+        from contentv_jax.reward_mesh import reward_mesh
+
+        multihost.initialize()
+        reward_mesh(recipe)
+        primary = multihost.is_primary()
     if primary:
         check_unlocked(recipe.checkpoint.dir)
-    if recipe.data is not None and backend == "torch":
+    if recipe.data is not None:
         prepare_data_once(recipe, backend, primary, progress)
-    elif recipe.data is not None:
-        prepare_data(recipe, progress)
     if backend == "jax":
         from contentv_jax.reward_run import run
     else:

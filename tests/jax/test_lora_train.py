@@ -9,6 +9,7 @@ from contentv_common.config import named_model_config
 from contentv_common.lora import load_adapters
 from contentv_common.lora_train import adapter_file
 from contentv_common.recipe import MeshConfig
+from contentv_jax.multihost import to_host
 from contentv_jax.sharding import make_mesh
 from contentv_jax.train import _initial_params, get_trainer, run
 from contentv_torch_npu.loading import save_torch
@@ -107,6 +108,6 @@ def test_adapting_a_sharded_model_shards_its_adapters():
     fc1 = model.blocks.ff.fc1
     assert "fsdp" in str(fc1.kernel[...].sharding.spec) and "fsdp" in str(fc1.lora_a[...].sharding.spec)
     assert fc1.lora_a[...].addressable_shards[0].data.shape == (1, 8, 4)  # [L - 1, in / fsdp, rank]
-    got = lora.canonical_adapters(plan, lora.to_host(nnx.to_pure_dict(nnx.state(model, lora.LoraParam))))
+    got = lora.canonical_adapters(plan, to_host(nnx.to_pure_dict(nnx.state(model, lora.LoraParam))))
     expected = lora.canonical_adapters(plan, lora.initial_tree(plan, 3))
     assert sorted(got) == sorted(expected) and all(np.array_equal(got[k], expected[k]) for k in got)
