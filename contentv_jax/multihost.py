@@ -64,8 +64,9 @@ def initialize() -> bool:
 
 
 def to_host(tree: Any) -> Any:
-    """Whole numpy copies of (small, possibly sharded over several processes) arrays; every process calls it."""
-    if jax.process_count() == 1:
+    """Whole numpy copies of (small) arrays. Arrays sharded over several processes are gathered, so every process
+    calls it; arrays this process holds whole (a model on its own devices) are copied without any collective."""
+    if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
         return jax.device_get(tree)
     from jax.experimental import multihost_utils
 
