@@ -1,7 +1,7 @@
 """Reward memory does not grow with the trained sampler steps: GRPO's compiled loss (each step's gradient taken as
 soon as its forward is done and summed) keeps its temporaries about flat from 2 to 4 trained steps (with one
 backward over all steps, unrematerialised, it grew 1.84x for the 1-layer tiny model), and the whole update step of
-ReFL / GRPO as the planner compiles it, in bf16 with scanned blocks, does not grow from 1 to 2 to 8 trained steps."""
+ReFL / GRPO as the planner compiles it, in bf16 with scanned blocks, does not grow from 1 to 8 trained steps."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_grpo_temp_memory_flat_in_trained_steps():
 @pytest.mark.parametrize("method", ["refl", "grpo"])
 def test_reward_update_temp_memory_does_not_grow_with_trained_steps(method):
     """The planner's program (the run's whole update step: rollout or trained steps, decode, reward, SFT, anchor,
-    AdamW; contentv_jax.reward_plan) compiled with 1, 2 and 8 of 8 trained steps: the temporaries do not grow."""
+    AdamW; contentv_jax.reward_plan) compiled with 1 and 8 of 8 trained steps: the temporaries do not grow."""
     from contentv_common.vae_config import tiny_vae_config
     from contentv_jax.reward_plan import plan_reward
     from contentv_jax.sharding import make_mesh
@@ -62,5 +62,5 @@ def test_reward_update_temp_memory_does_not_grow_with_trained_steps(method):
         mesh = make_mesh(recipe.mesh, jax.devices()[:1])
         return plan_reward(recipe, mesh, 2**40, text_tokens=7, vae=tiny_vae_config()).temp_bytes
 
-    one, two, eight = temp(1), temp(2), temp(8)
-    assert one > 0 and max(two, eight) <= 1.05 * one, (one, two, eight)
+    one, eight = temp(1), temp(8)
+    assert one > 0 and eight <= 1.05 * one, (one, eight)
