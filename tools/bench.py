@@ -10,7 +10,8 @@ device-synchronised (JAX: block_until_ready; torch: contentv_torch_npu.device.sy
 Model FLOPs come from contentv_common/flops.py (training = 3x forward, recompute not counted); MFU divides TFLOP/s by
 a matmul peak measured in the same run: bf16 8192^3 on an accelerator, fp32 1024^3 on the CPU (labelled as such). The
 floor of a step is its linear FLOPs at that matmul peak plus its attention FLOPs at the rate of torch SDPA alone on
-the same tokens, also measured in the run; `/floor` is step time over floor.
+the same tokens, also measured in the run; `/floor` is step time over floor. The JAX model's own attention kernel (cuDNN
+on GPU, with its padding) is timed alone too (`jax_attention` in the JSON), so a JAX gap can be told from its kernel.
 
 Training: fp32 master weights, `--dtype` compute (JAX dtype / torch autocast), MSE on the velocity, AdamW. Sampling:
 weights in `--dtype`, one forward (batch 2 with --cfg-batch). The diffusers reference runs the same video tokens as a
@@ -152,12 +153,18 @@ def jax_attention_impl(case: Case) -> str:
     return resolve_attention(case.attention or "auto", jax.default_backend())
 
 
+def jax_model_attention(case: Case):
+    """The attention module the JAX model runs for a case (resolved kernel and padding)."""
+    from contentv_jax.ops import Attention
+
+    return Attention(jax_attention_impl(case), pad_multiple=case.pad_to or None)
+
+
 def jax_model(case: Case):
     """Our JAX transformer for a case: compute dtype, fp32 masters when training, attention kernel, padding, remat."""
     import jax.numpy as jnp
     from flax import nnx
 
-    from contentv_jax.ops import Attention
     from contentv_jax.transformer import Transformer
 
     compute = jnp.dtype(case.dtype)
@@ -166,7 +173,7 @@ def jax_model(case: Case):
         rngs=nnx.Rngs(0),
         dtype=compute,
         param_dtype=jnp.float32 if case.mode == "train" else compute,
-        attention=Attention(jax_attention_impl(case), pad_multiple=case.pad_to or None),
+        attention=jax_model_attention(case),
         remat=case.remat,
     )
 
@@ -367,7 +374,40 @@ def run_attention(case: Case) -> dict[str, Any]:
     return {"step_s": times, "tflops": flops / statistics.median(times) / 1e12}
 
 
-RUNNERS = {"jax": run_jax, "torch": run_torch, "diffusers": run_torch, "peak": run_peak, "attention": run_attention}
+def run_jax_attention(case: Case) -> dict[str, Any]:
+    """The JAX model's attention kernel alone (`contentv_jax.ops.Attention` as the model resolves it, with its
+    padding), [B, N, heads, d] in `--dtype`: the rate behind the JAX rows, beside torch SDPA's."""
+    import jax
+    import jax.numpy as jnp
+
+    cfg = case.config()
+    n = image_tokens(cfg, case.frames, case.height, case.width) + case.text_tokens
+    shape = (case.batch, n, cfg.num_attention_heads, cfg.attention_head_dim)
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, shape, jnp.dtype(case.dtype)) for key in keys)
+    local = jax_model_attention(case).local
+    if case.mode == "train":
+
+        def fwd_bwd(q, k, v):
+            out, vjp = jax.vjp(local, q, k, v)
+            return vjp(out)
+
+        compiled = jax.jit(fwd_bwd).lower(q, k, v).compile()
+    else:
+        compiled = jax.jit(local).lower(q, k, v).compile()
+    times = time_calls(lambda: compiled(q, k, v), jax.block_until_ready, case.warmup, case.repeats)
+    flops = 4.0 * case.batch * n * n * cfg.hidden_size * (3 if case.mode == "train" else 1)
+    return {"step_s": times, "tflops": flops / statistics.median(times) / 1e12, "kernel": jax_attention_impl(case)}
+
+
+RUNNERS = {
+    "jax": run_jax,
+    "torch": run_torch,
+    "diffusers": run_torch,
+    "peak": run_peak,
+    "attention": run_attention,
+    "jax_attention": run_jax_attention,
+}
 
 
 def run_case(case: Case, timeout: float, in_process: bool = False) -> dict[str, Any]:
@@ -595,15 +635,21 @@ def main(argv: list[str] | None = None) -> int:
     peak_case = replace(cases[0], backend="peak", warmup=5, repeats=20)
     peak = run_case(peak_case, args.case_timeout, args.in_process)
     peak_tflops = peak.get("tflops") if peak["status"] == "ok" else None
-    attention: dict[tuple, dict[str, Any]] = {}
+    attention: dict[tuple, dict[str, Any]] = {}  # (runner, shape) -> the attention kernel's rate alone
+
+    def attention_rate(runner: str, case: Case) -> float | None:
+        key = (runner, case.mode, case.batch, case.frames, case.height, case.width)
+        if key not in attention:
+            attention_case = replace(case, backend=runner, warmup=max(case.warmup, 1))
+            attention[key] = run_case(attention_case, args.case_timeout, args.in_process)
+            attention[key].update(mode=case.mode, latent_shape=list(case.latent_shape()))
+        return attention[key].get("tflops")
+
     rows = []
     for i, case in enumerate(cases, 1):
-        key = (case.mode, case.batch, case.frames, case.height, case.width)
-        if key not in attention:
-            attention_case = replace(case, backend="attention", warmup=max(case.warmup, 1))
-            attention[key] = run_case(attention_case, args.case_timeout, args.in_process)
-            attention[key]["mode"], attention[key]["latent_shape"] = case.mode, list(case.latent_shape())
-        rate = attention[key].get("tflops")
+        rate = attention_rate("attention", case)
+        if case.backend == "jax":
+            attention_rate("jax_attention", case)
         print(f"[{i}/{len(cases)}] {case.backend} {case.mode} {case.latent_shape()} ...", file=sys.stderr, flush=True)
         rows.append(summarise(case, run_case(case, args.case_timeout, args.in_process), peak_tflops, rate))
     others = sorted({r["device"] for r in rows if r["device"] and r["device"] != peak.get("device")})
@@ -615,7 +661,8 @@ def main(argv: list[str] | None = None) -> int:
         "peak": {"what": peak.get("what"), "tflops": peak_tflops, "error": peak.get("error")},
         "flop_formula": FLOP_FORMULA,
         "warnings": warnings,
-        "attention": list(attention.values()),
+        "attention": [r for (runner, *_), r in attention.items() if runner == "attention"],
+        "jax_attention": [r for (runner, *_), r in attention.items() if runner == "jax_attention"],
         "results": rows,
     }
     peak_text = f"{peak_tflops:.3g} TFLOP/s ({peak['what']})" if peak_tflops else f"failed: {peak.get('error')}"

@@ -26,7 +26,9 @@ def test_tiny_run_all_backends_writes_json(tmp_path, capsys):
     argv += ["--in-process", "--out", str(out)]
     assert bench.main(argv) == 0
     report = json.loads(out.read_text())
-    assert set(report) == {"date", "command", "device", "peak", "flop_formula", "warnings", "attention", "results"}
+    assert set(report) == {
+        "date", "command", "device", "peak", "flop_formula", "warnings", "attention", "jax_attention", "results"
+    }  # fmt: skip
     assert report["warnings"] == []  # every row ran on the device whose peak was measured
     assert report["device"].startswith("CPU") and "fp32" in report["peak"]["what"] and report["peak"]["tflops"] > 0
     rows = report["results"]
@@ -48,6 +50,8 @@ def test_tiny_run_all_backends_writes_json(tmp_path, capsys):
         assert r["vs_floor"] == pytest.approx(r["step_s_median"] / r["floor_s"])
     assert [a["mode"] for a in report["attention"]] == list(bench.MODES)
     assert all(a["status"] == "ok" and a["tflops"] > 0 for a in report["attention"])
+    assert [(a["mode"], a["kernel"]) for a in report["jax_attention"]] == [(m, "xla") for m in bench.MODES]
+    assert all(a["status"] == "ok" and a["tflops"] > 0 for a in report["jax_attention"])
     jax_rows = [r for r in rows if r["backend"] == "jax"]
     assert all(r["peak_memory_bytes"] > 0 and r["peak_memory_source"] == "xla-estimate" for r in jax_rows)
     assert all(r["options"]["attention"] == "xla" and r["options"]["pad_to"] == 16 for r in jax_rows)  # auto: CPU
