@@ -74,7 +74,8 @@ def test_loss_and_gradients_equal_one_device(tmp_path, rel_err):
 @pytest.mark.parametrize("shape", [(1, 1, 8, 1), (1, 2, 4, 1), (2, 1, 2, 2), (1, 1, 4, 2)])
 def test_each_device_does_its_share_of_the_attention(shape):
     """Per-device FLOPs of the compiled attention (forward + backward, the step's layout) are the whole divided by the
-    device count, times the head padding (38 -> 40 at sequence x tensor 8): no device attends over all heads."""
+    device count, times the head padding (38 -> 40 at sequence x tensor 8), within 5% (measured 1.045 times it on
+    each of these meshes, jax 0.10.2): no device attends over all heads."""
     b, n, heads, d = 2, 32, 38, 8
     mesh = make_mesh(MeshConfig(*shape), jax.devices()[: int(np.prod(shape))])
     image = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "sequence", "tensor", None))
@@ -93,7 +94,7 @@ def test_each_device_does_its_share_of_the_attention(shape):
     per_device = flops(Attention("xla", mesh), args)
     devices = int(np.prod(shape))
     expected = whole / devices * padded_heads(heads, shape[2], shape[3]) / heads
-    assert 0.9 * expected < per_device < 1.15 * expected, (shape, per_device, whole)
+    assert 0.95 * expected < per_device < 1.05 * expected, (shape, per_device / expected)
 
 
 def test_a_split_the_mesh_cannot_honour_is_an_error(tmp_path):

@@ -1,6 +1,6 @@
 """Sharded checkpoints on 4 gloo processes: each rank writes its own slices (DCP's safetensors layout, no pickle),
-a run on another mesh (HSDP) reads them back resharded, `init_from` streams each rank's slices, and the folder
-converts to diffusers and single-file safetensors bit for bit."""
+a run on another mesh (HSDP) reads them back resharded, `init_from` streams each rank's slices, and the `model/` and
+`ema/` folders convert to diffusers, single-file safetensors and our JAX format bit for bit."""
 
 import os
 from pathlib import Path
@@ -119,3 +119,10 @@ def test_sharded_save_reshard_resume_stream_and_convert(tmp_path, spawn_ranks):
     assert [f.name for f in (tmp_path / "single").glob("*.safetensors")] == ["model.safetensors"]
     for n, a in open_checkpoint(tmp_path / "single").tensors():
         np.testing.assert_array_equal(a, saved[f"param/{n}"], err_msg=n)
+    import contentv_jax  # noqa: F401  (registers our JAX format)
+
+    convert(step / "ema", tmp_path / "jax", "jax", progress=False)  # orbax, blocks stacked
+    jax_ema = dict(open_checkpoint(tmp_path / "jax").tensors())
+    assert sorted(jax_ema) == sorted(ema)
+    for n, a in jax_ema.items():
+        np.testing.assert_array_equal(a, saved[f"ema/{n}"], err_msg=n)
