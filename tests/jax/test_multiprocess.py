@@ -39,6 +39,8 @@ from tools.train import DEMO_PROMPTS, prepare_data
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "recipes" / "tiny.yaml"
 MODEL = NARROW | {"joint_attention_dim": 48, "pooled_projection_dim": 24}  # the tiny encoders' widths
+# the failure tests' model: one small block (the model plays no part in how a failure spreads; compiles are CI time)
+SMALL = {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16, "hidden_size": 32}
 BUCKETS = [{"width": 64, "height": 64, "frames": 9, "batch_size": 4}]  # 48 image tokens
 MESHES = {
     (2, 2, 2, 1): ["mesh.data=2", "mesh.fsdp=2", "mesh.sequence=2"],
@@ -48,9 +50,11 @@ TIMEOUT_S = 600
 NOISE = ("Gloo", "TPU", "libtpu", "InitGoogle", "Source Location", "common_lib")
 
 
-def train_args(root: Path, name: str, cache: Path, mesh: tuple[int, ...], steps: int = 4) -> list[str]:
-    """tools/train.py overrides: one small bucket, the tiny encoders (333 text tokens), the 38-head model,
-    checkpoints every 2 steps."""
+def train_args(
+    root: Path, name: str, cache: Path, mesh: tuple[int, ...], steps: int = 4, model: dict | None = None
+) -> list[str]:
+    """tools/train.py overrides: one small bucket, the tiny encoders (333 text tokens), the 38-head model (or
+    `model`), checkpoints every 2 steps."""
     return [
         f"data.manifest={root / 'set' / 'manifest.jsonl'}",
         f"data.cache_dir={cache}",
@@ -60,7 +64,7 @@ def train_args(root: Path, name: str, cache: Path, mesh: tuple[int, ...], steps:
         f"steps={steps}",
         "checkpoint.interval=2",
         f"data.buckets={json.dumps(BUCKETS)}",
-        f"model={json.dumps(MODEL)}",
+        f"model={json.dumps(MODEL | (model or {}))}",
         *MESHES[mesh],
     ]
 
@@ -221,7 +225,7 @@ def test_a_failing_process_ends_the_run(reference):
     ids = BucketBatchSampler(LatentCache(cache, list(recipe.data.buckets)).bucket_ids, [4], recipe.seed).batch(0)
     bad = cache / read_index(cache).samples[ids[3]]["file"]  # rows 2-3 of batch 0 are process 1's
     bad.write_bytes(b"not a safetensors file")
-    args = train_args(root, "crash", cache, (2, 2, 2, 1), steps=50)
+    args = train_args(root, "crash", cache, (2, 2, 2, 1), steps=50, model=SMALL)
     port = free_port()
     procs = []
     for i in range(2):
