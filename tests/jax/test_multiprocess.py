@@ -82,7 +82,7 @@ def launch_two(args: list[str], sample: bool = False) -> None:
     """tools/train.py as 2 processes x 4 devices through tools/launch_local.py; fails the test with the output."""
     cmd = [sys.executable, "tools/launch_local.py", "--processes", "2", "--devices-per-process", "4"]
     cmd += ["--timeout", str(TIMEOUT_S), "--", "tools/train.py", "--config", str(TINY), "--no-progress"]
-    cmd += [] if sample else ["--sample-prompt", ""]
+    cmd += ["--sample-prompt", DEMO_PROMPTS[0] if sample else ""]  # one clip is enough to see who samples
     done = subprocess.run(cmd + args, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=TIMEOUT_S + 60)
     assert done.returncode == 0, quiet(done.stdout + done.stderr)
 
@@ -188,8 +188,8 @@ def test_two_processes_train_like_one(reference, rel_err):
     assert not [p.name for p in (root / "cache2").iterdir() if p.name.startswith(".")]  # no build folder left
     logs = root / "two" / "logs"
     assert len(list((logs / "tensorboard").iterdir())) == 1
-    samples = root / "two" / "samples"  # the demo prompts' clips, written by process 0 alone
-    assert (logs / "loss.png").is_file() and len(list(samples.glob("*.mp4"))) == len(DEMO_PROMPTS)
+    samples = root / "two" / "samples"  # the demo prompt's clip, written by process 0 alone
+    assert (logs / "loss.png").is_file() and len(list(samples.glob("*.mp4"))) == 1
     exported = load_transformer(root / "two" / "transformer")
     params = nnx.to_pure_dict(nnx.state(exported, nnx.Param))
     assert rel_err(flat(params), flat(ref_state["ema"])) < 1e-6
