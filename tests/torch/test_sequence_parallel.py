@@ -105,7 +105,7 @@ def _checkpoint(model: Transformer, root: Path, save: bool) -> None:
     optimizer = make_optimizer(model, OptimizerConfig(lr=1e-2))
     if save:
         optimizer.step()
-        ema = {n: p.detach().clone() for n, p in model.named_parameters()}
+        ema = {n: 0.5 * p.detach() for n, p in model.named_parameters()}  # unlike the weights: no mix-up hides
         save_sharded(root / "ckpt", model, optimizer, ema, {"step": 1, "data_position": 1, "counters": {}})
     else:
         ema = {n: torch.zeros_like(p.detach()) for n, p in model.named_parameters()}
