@@ -6,12 +6,19 @@ import pytest
 
 from contentv_common.config import ConfigError
 from contentv_common.recipe import Recipe, apply_overrides, load_recipe, parse_override
+from contentv_common.reward_recipe import RewardRecipe, is_reward_recipe, load_reward_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "configs" / "recipes"
 
 
-@pytest.mark.parametrize("path", sorted(p for p in RECIPES.glob("*.yaml") if not p.name.startswith("reward_")))
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_load(path):
+    """Every shipped recipe, training and reward, loads and passes the checks made at load (mesh splits included)."""
+    if is_reward_recipe(path):
+        recipe = load_reward_recipe(path)
+        assert isinstance(recipe, RewardRecipe) and recipe.method in path.name
+        assert recipe.model_config.hidden_size > 0
+        return
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe)
     for _, stage in recipe.stage_recipes():

@@ -1,5 +1,5 @@
-"""tools/plan.py: the ahead-of-time planner compiles a narrow recipe's steps on fake devices (and for a TPU topology
-when libtpu is installed), writes consistent JSON, and exits 0 / 1 / 2 for fits / does not fit / bad input."""
+"""tools/plan.py: the ahead-of-time planner compiles a narrow recipe's steps on fake devices and for a TPU topology
+(libtpu, the .[tpu] extra), writes consistent JSON, and exits 0 / 1 / 2 for fits / does not fit / bad input."""
 
 import dataclasses
 import importlib.util
@@ -154,8 +154,9 @@ def test_torch_backend_without_its_planner_is_exit_2(capsys, monkeypatch):
     assert "--backend torch: the torch planner is not available" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install .[tpu])")
 def test_tpu_topology_compile_of_a_narrow_model(tmp_path):
+    """The planner on a TPU target (libtpu from the .[tpu] extra, which the README's test command installs)."""
+    assert importlib.util.find_spec("libtpu"), "libtpu is not installed: install the .[tpu] extra (README: Tests)"
     out = tmp_path / "plan.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "tools" / "plan.py"), "--recipe", str(TINY), "--target", "tpu:v5p:2x2x2"]

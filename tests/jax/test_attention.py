@@ -2,7 +2,6 @@
 lengths, also sequence-parallel inside shard_map), and the splash path compiling for a real TPU topology."""
 
 import importlib.util
-import time
 
 import jax
 import jax.numpy as jnp
@@ -52,11 +51,17 @@ def test_splash_equals_xla_at_odd_lengths(rel_err):
         assert rel_err(g, r) < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["xla", "splash"])
-def test_sequence_parallel_attention_equals_one_device(kind, rel_err):
-    """Ulysses over sequence 4 x tensor 2 (38 heads padded to 40 inside), the kernel inside shard_map."""
+@pytest.fixture(scope="module")
+def one_device():
+    """(inputs, XLA's outputs and gradients on one device) at 24 image tokens, the reference of every mesh."""
     args = _qkv(24)
-    (ref, ref_text), ref_grads = _value_and_grads(Attention("xla"), args)
+    return args, *_value_and_grads(Attention("xla"), args)
+
+
+@pytest.mark.parametrize("kind", ["xla", "splash"])
+def test_sequence_parallel_attention_equals_one_device(kind, one_device, rel_err):
+    """Ulysses over sequence 4 x tensor 2 (38 heads padded to 40 inside), the kernel inside shard_map."""
+    args, (ref, ref_text), ref_grads = one_device
     mesh = make_mesh(MeshConfig(1, 1, 4, 2), jax.devices()[:8])
     (out, out_text), grads = _value_and_grads(Attention(kind, mesh, block=128), args)
     assert rel_err(out, ref) < 1e-5 and rel_err(out_text, ref_text) < 1e-5
@@ -64,14 +69,14 @@ def test_sequence_parallel_attention_equals_one_device(kind, rel_err):
         assert rel_err(g, r) < 1e-5
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (the .[tpu] extra)")
 def test_splash_compiles_for_a_tpu_topology(monkeypatch):
     """Lower + compile a sequence-parallel splash step for v5p:2x2x2 on this CPU machine (abstract TPU devices):
-    the Mosaic kernel is in the program and no [N, N] score block is materialised."""
+    the Mosaic kernel is in the program and no [N, N] score block is materialised. Needs libtpu (the README's test
+    command installs the .[tpu] extra), so it runs in CI rather than skipping."""
     from jax.experimental import topologies
 
+    assert importlib.util.find_spec("libtpu"), "libtpu is not installed: install the .[tpu] extra (README: Tests)"
     monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no TPU is opened: other processes may hold libtpu's lock
-    start = time.perf_counter()
     devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x2").devices
     mesh = make_mesh(MeshConfig(1, 1, 4, 2), devices)
     n, d, batch = 4096, 64, 1
@@ -96,4 +101,3 @@ def test_splash_compiles_for_a_tpu_topology(monkeypatch):
     heads_per_device = 40 // 8
     scores = batch * heads_per_device * (n + TEXT) ** 2 * 4  # one fp32 [N, N] block per local head
     assert 0 < temp < scores / 4, (temp, scores)
-    assert time.perf_counter() - start < 120

@@ -1,6 +1,8 @@
 """Several JAX processes on one machine (jax.distributed, gloo CPU collectives): 2 processes x 4 simulated devices train
-the tiny recipe like 1 process x 8 devices on meshes (2,2,2,1) and (1,4,2,1); the data cache, checkpoints and exported
-weights cross process counts; logs are written once; a process that fails ends the run with its error.
+a 38-head model on 333 text tokens (tests/narrow_model.py, the tiny encoders) like 1 process x 8 devices on meshes
+(2,2,2,1) and (1,2,2,2) (sequence x tensor 4: heads padded to 40); the data cache, checkpoints and exported weights
+cross process counts; logs are written once; a process that fails ends the run with its error, one that hangs by the
+heartbeat.
 
 The 1-process runs happen in this test process (8 devices, tests/conftest.py); the 2-process runs are
 `tools/train.py` subprocesses, through tools/launch_local.py or by hand with the JAX_* variables.
@@ -9,6 +11,7 @@ The 1-process runs happen in this test process (8 devices, tests/conftest.py); t
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -29,40 +32,39 @@ from contentv_jax.checkpointing import Checkpointer
 from contentv_jax.data import StepBatches
 from contentv_jax.loading import load_transformer
 from contentv_jax.train import default_mesh, get_trainer, run
-from tools.launch_local import free_port
+from tests.narrow_model import NARROW
+from tools.launch_local import free_port, process_env
 from tools.train import DEMO_PROMPTS, prepare_data
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "recipes" / "tiny.yaml"
-ONE_BLOCK = {
-    "num_layers": 1,
-    "num_attention_heads": 2,
-    "attention_head_dim": 16,
-    "hidden_size": 32,
-    "joint_attention_dim": 48,
-    "pooled_projection_dim": 24,
-    "sample_size": 16,
-}
-BUCKETS = [{"width": 64, "height": 64, "frames": 9, "batch_size": 4}]
+MODEL = NARROW | {"joint_attention_dim": 48, "pooled_projection_dim": 24}  # the tiny encoders' widths
+# the failure tests' model: one small block (the model plays no part in how a failure spreads; compiles are CI time)
+SMALL = {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16, "hidden_size": 32}
+BUCKETS = [{"width": 64, "height": 64, "frames": 9, "batch_size": 4}]  # 48 image tokens
 MESHES = {
     (2, 2, 2, 1): ["mesh.data=2", "mesh.fsdp=2", "mesh.sequence=2"],
-    (1, 4, 2, 1): ["mesh.fsdp=4", "mesh.sequence=2"],
+    (1, 2, 2, 2): ["mesh.fsdp=2", "mesh.sequence=2", "mesh.tensor=2"],
 }
 TIMEOUT_S = 600
 NOISE = ("Gloo", "TPU", "libtpu", "InitGoogle", "Source Location", "common_lib")
 
 
-def train_args(root: Path, name: str, cache: Path, mesh: tuple[int, ...], steps: int = 4) -> list[str]:
-    """tools/train.py overrides: one small bucket, a one-block model, checkpoints every 2 steps."""
+def train_args(
+    root: Path, name: str, cache: Path, mesh: tuple[int, ...], steps: int = 4, model: dict | None = None
+) -> list[str]:
+    """tools/train.py overrides: one small bucket, the tiny encoders (333 text tokens), the 38-head model (or
+    `model`), checkpoints every 2 steps."""
     return [
         f"data.manifest={root / 'set' / 'manifest.jsonl'}",
         f"data.cache_dir={cache}",
+        "data.encoders=tiny",
         f"checkpoint.dir={root / name / 'ckpt'}",
         f"log_dir={root / name / 'logs'}",
         f"steps={steps}",
         "checkpoint.interval=2",
         f"data.buckets={json.dumps(BUCKETS)}",
-        f"model={json.dumps(ONE_BLOCK)}",
+        f"model={json.dumps(MODEL | (model or {}))}",
         *MESHES[mesh],
     ]
 
@@ -80,7 +82,7 @@ def launch_two(args: list[str], sample: bool = False) -> None:
     """tools/train.py as 2 processes x 4 devices through tools/launch_local.py; fails the test with the output."""
     cmd = [sys.executable, "tools/launch_local.py", "--processes", "2", "--devices-per-process", "4"]
     cmd += ["--timeout", str(TIMEOUT_S), "--", "tools/train.py", "--config", str(TINY), "--no-progress"]
-    cmd += [] if sample else ["--sample-prompt", ""]
+    cmd += ["--sample-prompt", DEMO_PROMPTS[0] if sample else ""]  # one clip is enough to see who samples
     done = subprocess.run(cmd + args, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=TIMEOUT_S + 60)
     assert done.returncode == 0, quiet(done.stdout + done.stderr)
 
@@ -186,8 +188,8 @@ def test_two_processes_train_like_one(reference, rel_err):
     assert not [p.name for p in (root / "cache2").iterdir() if p.name.startswith(".")]  # no build folder left
     logs = root / "two" / "logs"
     assert len(list((logs / "tensorboard").iterdir())) == 1
-    samples = root / "two" / "samples"  # the demo prompts' clips, written by process 0 alone
-    assert (logs / "loss.png").is_file() and len(list(samples.glob("*.mp4"))) == len(DEMO_PROMPTS)
+    samples = root / "two" / "samples"  # the demo prompt's clip, written by process 0 alone
+    assert (logs / "loss.png").is_file() and len(list(samples.glob("*.mp4"))) == 1
     exported = load_transformer(root / "two" / "transformer")
     params = nnx.to_pure_dict(nnx.state(exported, nnx.Param))
     assert rel_err(flat(params), flat(ref_state["ema"])) < 1e-6
@@ -195,22 +197,22 @@ def test_two_processes_train_like_one(reference, rel_err):
 
 
 def test_checkpoints_cross_process_counts(reference, rel_err):
-    """Step 2 saved by 1 process resumes in 2 on mesh (1,4,2,1); step 2 saved by 2 processes resumes in 1: both
+    """Step 2 saved by 1 process resumes in 2 on mesh (1,2,2,2); step 2 saved by 2 processes resumes in 1: both
     continue the reference trajectory (steps 2 and 3, final state)."""
     root, ref_losses, ref_state = reference
     if not (root / "two" / "ckpt").is_dir():
         launch_two(train_args(root, "two", root / "cache2", (2, 2, 2, 1)))
     keep_step(root / "one" / "ckpt", root / "one_to_two" / "ckpt", 2)
-    launch_two([*train_args(root, "one_to_two", root / "cache1", (1, 4, 2, 1)), "checkpoint.keep=1"])
+    launch_two([*train_args(root, "one_to_two", root / "cache1", (1, 2, 2, 2)), "checkpoint.keep=1"])
     assert sorted(d.name for d in (root / "one_to_two" / "ckpt").iterdir() if d.name.isdigit()) == ["4"]  # 2 deleted
-    state = final_state(root, "one_to_two", (1, 4, 2, 1))
+    state = final_state(root, "one_to_two", (1, 2, 2, 2))
     assert_same_run(logged_losses(root, "one_to_two"), ref_losses, state, ref_state, rel_err)
     assert sorted(logged_losses(root, "one_to_two")) == [2, 3]
 
     keep_step(root / "two" / "ckpt", root / "two_to_one" / "ckpt", 2)
-    losses = run_one(train_args(root, "two_to_one", root / "cache2", (1, 4, 2, 1)))
+    losses = run_one(train_args(root, "two_to_one", root / "cache2", (1, 2, 2, 2)))
     assert sorted(losses) == [2, 3]
-    assert_same_run(losses, ref_losses, final_state(root, "two_to_one", (1, 4, 2, 1)), ref_state, rel_err)
+    assert_same_run(losses, ref_losses, final_state(root, "two_to_one", (1, 2, 2, 2)), ref_state, rel_err)
 
 
 def test_a_failing_process_ends_the_run(reference):
@@ -223,7 +225,7 @@ def test_a_failing_process_ends_the_run(reference):
     ids = BucketBatchSampler(LatentCache(cache, list(recipe.data.buckets)).bucket_ids, [4], recipe.seed).batch(0)
     bad = cache / read_index(cache).samples[ids[3]]["file"]  # rows 2-3 of batch 0 are process 1's
     bad.write_bytes(b"not a safetensors file")
-    args = train_args(root, "crash", cache, (2, 2, 2, 1), steps=50)
+    args = train_args(root, "crash", cache, (2, 2, 2, 1), steps=50, model=SMALL)
     port = free_port()
     procs = []
     for i in range(2):
@@ -245,3 +247,38 @@ def test_a_failing_process_ends_the_run(reference):
     assert procs[0].returncode != 0, quiet(out0)
     assert waited < 60, waited
     assert bad.name not in out0  # process 0 never read process 1's rows
+
+
+JOIN_AND_WAIT = """
+import time
+from contentv_jax import multihost
+assert multihost.initialize()
+print("joined", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_process_that_stops_answering_ends_the_run_by_the_heartbeat():
+    """Process 1 is frozen (SIGSTOP: its connections stay open, as a host that hangs or vanishes from the network):
+    process 0 ends, non-zero, once the heartbeat (CONTENTV_HEARTBEAT_S, 30 s by default, 4 s here) misses it."""
+    if "CONTENTV_HEARTBEAT_S" not in os.environ:
+        assert multihost.HEARTBEAT_S == 30
+    port = free_port()
+    procs = []
+    for i in range(2):
+        e = process_env(i, 2, port, 1) | {"CONTENTV_HEARTBEAT_S": "4", "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, "-c", JOIN_AND_WAIT]
+        procs.append(subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        for p in procs:
+            assert "joined" in p.stdout.readline()
+        procs[1].send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        out0, _ = procs[0].communicate(timeout=TIMEOUT_S)
+        waited = time.monotonic() - stopped_at
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert procs[0].returncode != 0 and "stopped sending heartbeats" in out0, quiet(out0)
+    assert 4 <= waited < 25, waited  # the heartbeat, and the variable's 4 s rather than the default 30 s

@@ -1,7 +1,8 @@
 """Reward runs across JAX processes (jax.distributed, gloo CPU collectives): 2 processes x 4 simulated devices run
-`tools/train.py` on the tiny GRPO and ReFL recipes like 1 process x 8 devices on the mesh (1,2,4,1): the same per-step
-log (written once), the same weight updates. The 1-process runs happen in this test process (8 devices,
-tests/conftest.py)."""
+`tools/train.py` on the tiny GRPO recipe like 1 process x 8 devices on the mesh (1,2,4,1): the same per-step log
+(written once), the same weight updates. The 1-process run happens in this test process (8 devices,
+tests/conftest.py). ReFL across processes is not run here (CI time); its update is checked on the mesh by
+tests/jax/test_reward_mesh.py."""
 
 from __future__ import annotations
 

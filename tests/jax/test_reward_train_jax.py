@@ -1,11 +1,13 @@
 """Reward fine-tuning in JAX raises the reward on held-out seeds while the SFT term bounds the FM loss.
 
-The configs and shapes are those of tests/parity/test_reward_train_parity.py, so the compiled steps are shared. The
-no-reward control of ReFL runs in the torch twin (its gradients match these, see the parity test); GRPO's control
-(a constant black-box reward) reuses the compiled steps and runs here.
+The configs and shapes are those of tests/parity/test_reward_train_parity.py, so the compiled steps are shared. Each
+method has a control run without the reward (ReFL with reward_weight 0, GRPO with a constant black-box reward), from
+the same weights on the same batches: the reward rises because of the reward term, not the SFT or anchor terms.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -63,25 +65,34 @@ def evaluate(model, decoder) -> tuple[float, float]:
     return float(np.mean(REWARD(np.asarray(frames), [""] * EVAL_BATCH))), float(fm)
 
 
-def test_refl_raises_reward_with_bounded_fm_loss(twins):
+@pytest.fixture(scope="module")
+def before(twins) -> tuple[float, float]:
+    """(reward, FM loss) of the initial model, where both methods start."""
+    return evaluate(_model(twins)[0], twins[1])
+
+
+def test_refl_raises_reward_with_bounded_fm_loss(twins, before):
     from contentv_jax import reward_train as jr
 
     decoder, reward = twins[1], jr.carried(REWARD)
-    model, ref = _model(twins)
-    optimizer = model_optimizer(model, OptimizerConfig(lr=1e-2, grad_clip=1.0), None)
-    r0, fm0 = evaluate(model, decoder)
-    for step in range(8):
-        batch = jr.to_device_batch(
-            {**rollout_batch(step, REFL_BATCH, guided=True), **sft_batch(100 + step, REFL_BATCH)}
-        )
-        metrics = jr.refl_train_step(optimizer, model, ref, decoder, reward, batch, ROLLOUT, REFL)
-        assert np.isfinite(float(metrics["loss"]))
-    r1, fm1 = evaluate(model, decoder)
+    results = {}
+    for name, refl in {"refl": REFL, "control": replace(REFL, reward_weight=0.0)}.items():
+        model, ref = _model(twins)
+        optimizer = model_optimizer(model, OptimizerConfig(lr=1e-2, grad_clip=1.0), None)
+        for step in range(8):
+            batch = jr.to_device_batch(
+                {**rollout_batch(step, REFL_BATCH, guided=True), **sft_batch(100 + step, REFL_BATCH)}
+            )
+            metrics = jr.refl_train_step(optimizer, model, ref, decoder, reward, batch, ROLLOUT, refl)
+            assert np.isfinite(float(metrics["loss"]))
+        results[name] = evaluate(model, decoder)
+    (r0, fm0), (r1, fm1), (rc, _) = before, results["refl"], results["control"]
     assert r1 > r0 + 0.01, (r0, r1)
+    assert r1 > rc + 0.01, (rc, r1)
     assert fm1 < 1.25 * fm0, (fm0, fm1)
 
 
-def test_grpo_raises_reward_with_bounded_fm_loss(twins):
+def test_grpo_raises_reward_with_bounded_fm_loss(twins, before):
     from contentv_jax import reward_train as jr
 
     decoder = twins[1]
@@ -90,7 +101,6 @@ def test_grpo_raises_reward_with_bounded_fm_loss(twins):
     for name, scorer in scorers.items():
         model, ref = _model(twins)
         optimizer = model_optimizer(model, OptimizerConfig(lr=1e-2, grad_clip=1.0), None)
-        before = evaluate(model, decoder)
         for it in range(8):
             batch = {**rollout_batch(it, GRPO_BATCH, guided=True, group_size=GRPO.group_size),
                      **sft_batch(100 + it, GRPO_BATCH)}  # fmt: skip

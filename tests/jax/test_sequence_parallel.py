@@ -71,29 +71,37 @@ def test_loss_and_gradients_equal_one_device(tmp_path, rel_err):
         assert rel_err(got, ref) < 1e-5, (shape, rel_err(got, ref))
 
 
+def _attention_flops(att: Attention, args) -> float:
+    def loss(*a):
+        out, text_out = att(*a)
+        return jnp.sum(out) + jnp.sum(text_out)
+
+    return jax.jit(jax.grad(loss, argnums=tuple(range(6)))).lower(*args).compile().cost_analysis()["flops"]
+
+
+B, N, HEADS, D = 2, 32, 38, 8  # the attention's batch, image tokens, heads and head size
+
+
+@pytest.fixture(scope="module")
+def whole_attention_flops() -> float:
+    """FLOPs of the attention on one device, the same for every mesh (compiled once)."""
+    shapes = [(B, N, HEADS, D)] * 3 + [(B, TEXT, HEADS, D)] * 3
+    return _attention_flops(Attention("xla"), [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 8, 1), (1, 2, 4, 1), (2, 1, 2, 2), (1, 1, 4, 2)])
-def test_each_device_does_its_share_of_the_attention(shape):
+def test_each_device_does_its_share_of_the_attention(shape, whole_attention_flops):
     """Per-device FLOPs of the compiled attention (forward + backward, the step's layout) are the whole divided by the
-    device count, times the head padding (38 -> 40 at sequence x tensor 8): no device attends over all heads."""
-    b, n, heads, d = 2, 32, 38, 8
+    device count, times the head padding (38 -> 40 at sequence x tensor 8), within 5% (measured 1.045 times it on
+    each of these meshes, jax 0.10.2): no device attends over all heads."""
     mesh = make_mesh(MeshConfig(*shape), jax.devices()[: int(np.prod(shape))])
     image = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "sequence", "tensor", None))
     text = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None, None, None))
-    args = [jax.ShapeDtypeStruct((b, n, heads, d), jnp.float32, sharding=image)] * 3
-    args += [jax.ShapeDtypeStruct((b, TEXT, heads, d), jnp.float32, sharding=text)] * 3
-
-    def flops(att: Attention, args) -> float:
-        def loss(*a):
-            out, text_out = att(*a)
-            return jnp.sum(out) + jnp.sum(text_out)
-
-        return jax.jit(jax.grad(loss, argnums=tuple(range(6)))).lower(*args).compile().cost_analysis()["flops"]
-
-    whole = flops(Attention("xla"), [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args])
-    per_device = flops(Attention("xla", mesh), args)
-    devices = int(np.prod(shape))
-    expected = whole / devices * padded_heads(heads, shape[2], shape[3]) / heads
-    assert 0.9 * expected < per_device < 1.15 * expected, (shape, per_device, whole)
+    args = [jax.ShapeDtypeStruct((B, N, HEADS, D), jnp.float32, sharding=image)] * 3
+    args += [jax.ShapeDtypeStruct((B, TEXT, HEADS, D), jnp.float32, sharding=text)] * 3
+    per_device = _attention_flops(Attention("xla", mesh), args)
+    expected = whole_attention_flops / mesh.size * padded_heads(HEADS, shape[2], shape[3]) / HEADS
+    assert 0.95 * expected < per_device < 1.05 * expected, (shape, per_device / expected)
 
 
 def test_a_split_the_mesh_cannot_honour_is_an_error(tmp_path):

@@ -1,8 +1,6 @@
 """JAX flow-matching training: mesh equivalence, exact resume, loss falls, NaN skip, stage hand-over."""
 
 import shutil
-import subprocess
-import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,12 +11,13 @@ from safetensors.numpy import load_file, save_file
 
 from contentv_common.data.cache import build_cache, read_index
 from contentv_common.data.synthetic import make_synthetic_set
-from contentv_common.errors import CheckpointSaveError
 from contentv_common.recipe import MeshConfig, load_recipe
 from contentv_common.safetensors_io import CheckpointError
 from contentv_jax.checkpointing import Checkpointer
 from contentv_jax.sharding import make_mesh
 from contentv_jax.train import TrainingStopped, default_mesh, get_trainer, run
+from tests.full_disk import cli_args, train_on_a_full_disk
+from tests.narrow_model import NARROW
 from tests.stand_in_encoders import StandInEncoders
 
 TINY = Path(__file__).resolve().parents[2] / "tests" / "recipes" / "tiny.yaml"
@@ -29,20 +28,25 @@ def cached_set(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     manifest = make_synthetic_set(root / "set", num_videos=24, num_images=2, frames=12, fps=8, progress=False)
     recipe = tiny_recipe(root, "cache")
-    index = build_cache(manifest, root / "cache", StandInEncoders(), list(recipe.data.buckets), 8, progress=False)
+    index = build_cache(manifest, root / "cache", StandInEncoders(), list(recipe.data.buckets), 8, "fake", False)
     assert index.skip_counts == {"no_bucket": 2}  # the images: these tests use one video bucket (one compile)
     return root
 
 
-def tiny_recipe(root: Path, name: str, **overrides):
-    base = {
+def tiny_overrides(root: Path, name: str) -> dict:
+    """The test set and its cache (built with the stand-in encoders), and this run's own folders."""
+    return {
         "data.manifest": str(root / "set" / "manifest.jsonl"),
         "data.cache_dir": str(root / "cache"),
+        "data.encoders": "fake",
         "checkpoint.dir": str(root / name / "ckpt"),
         "log_dir": str(root / name / "logs"),
         "data.buckets": [{"width": 64, "height": 64, "frames": 9, "batch_size": 8}],
     }
-    return load_recipe(TINY, base | overrides)
+
+
+def tiny_recipe(root: Path, name: str, **overrides):
+    return load_recipe(TINY, tiny_overrides(root, name) | overrides)
 
 
 def _batch(rng, b=8):
@@ -57,49 +61,70 @@ def _batch(rng, b=8):
 
 
 def _one_step(recipe, mesh_shape, params=None):
-    """(initial params, state after one step on host, loss, live state) on a mesh of that shape."""
+    """(initial params, state after one step on host, loss, live state, compiled step's HLO text) on a mesh of that
+    shape: one compile, whose program is also inspected."""
     mesh = make_mesh(MeshConfig(*mesh_shape), jax.devices()[: int(np.prod(mesh_shape))])
     trainer = get_trainer(recipe, mesh)
     state = trainer.init_state(params)
     initial = jax.device_get(state["params"])
     batch = trainer.device_batch(_batch(np.random.default_rng(0)))
-    state, metrics = trainer.jitted_step(state, batch)(state, batch)
-    return initial, jax.device_get(state), float(metrics["loss"]), state
+    compiled = trainer.jitted_step(state, batch).lower(state, batch).compile()
+    state, metrics = compiled(state, batch)
+    return initial, jax.device_get(state), float(metrics["loss"]), state, compiled.as_text()
+
+
+def _flat(tree) -> np.ndarray:
+    return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
+
+
+def _update(state, initial) -> dict[str, np.ndarray]:
+    """What one step changed: the weight and EMA updates and AdamW's moments (mu ~ g, nu ~ g^2), each flattened."""
+    moments = {"mu": [], "nu": []}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state["opt_state"]):
+        names = [getattr(key, "name", None) for key in path]
+        for name in moments.keys() & set(names):
+            moments[name].append(leaf)
+    out = {"params": _flat(state["params"]) - _flat(initial), "ema": _flat(state["ema"]) - _flat(initial)}
+    return out | {name: _flat(leaves) for name, leaves in moments.items()}
 
 
 def test_step_is_the_same_on_every_mesh(cached_set, rel_err):
-    one_layer = {
-        "num_layers": 1,
-        "num_attention_heads": 2,
-        "attention_head_dim": 16,
-        "hidden_size": 32,
-        "joint_attention_dim": 48,
-        "pooled_projection_dim": 24,
-        "sample_size": 16,
-    }
-    recipe = tiny_recipe(cached_set, "mesh", model=one_layer)  # one block: a quarter of the compile time
-    assert recipe.compute_dtype == "float32"
-    params, ref_state, ref_loss, _ = _one_step(recipe, (1, 1, 1, 1))
+    """One AdamW step from the same weights on every mesh layout: the same loss, weight update, EMA update and AdamW
+    moments (the gradient and its square). No warm-up, so the first update moves the weights (a warm-up from rate 0
+    would compare the initial weights with themselves); a large epsilon and no weight decay make the update about
+    -lr g / eps, so it carries the gradient (with a small epsilon it is -lr sign(g), which hides gradient errors and
+    turns rounding in near-zero gradients into whole steps)."""
+    narrow = NARROW | {"num_layers": 1, "joint_attention_dim": 48, "pooled_projection_dim": 24}  # the cache's widths
+    adamw = {
+        "optimizer.warmup_steps": 0,
+        "optimizer.eps": 10.0,
+        "optimizer.lr": 10.0,
+        "optimizer.weight_decay": 0.0,
+        "optimizer.ema_decay": 0.5,
+    }  # EMA update 0.5 x the weights': well above their float32 rounding
+    recipe = tiny_recipe(cached_set, "mesh", model=narrow, **adamw)
+    assert recipe.compute_dtype == "float32" and recipe.optimizer.warmup_steps == 0
+    params, ref_state, ref_loss, _, _ = _one_step(recipe, (1, 1, 1, 1))
     assert np.isfinite(ref_loss)
-    for shape in [(8, 1, 1, 1), (2, 4, 1, 1), (2, 2, 2, 1), (1, 1, 2, 1)]:
-        _, state, loss, live = _one_step(recipe, shape, params)
+    ref = _update(ref_state, params)
+    # the update is far above float32 rounding of the weights (~1e-7 relative): a step that moved nothing fails here
+    assert np.linalg.norm(ref["params"]) > 1e-3 * np.linalg.norm(_flat(params)), np.linalg.norm(ref["params"])
+    assert np.linalg.norm(ref["ema"]) > 1e-3 * np.linalg.norm(_flat(params))
+    assert ref["mu"].size == ref["nu"].size == ref["params"].size and np.all(ref["nu"] >= 0) and ref["nu"].max() > 0
+    for shape in [(2, 4, 1, 1), (2, 2, 2, 1), (1, 1, 4, 2)]:  # every axis; 38 heads padded to 40 on the last
+        _, state, loss, live, hlo = _one_step(recipe, shape, params)
         assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss), shape
-        for name in ("params", "ema"):
-            a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(state[name])])
-            b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(ref_state[name])])
-            assert rel_err(a, b) < 1e-6, (shape, name, rel_err(a, b))
+        got = _update(state, params)
+        for name, value in ref.items():
+            assert rel_err(got[name], value) < 1e-5, (shape, name, rel_err(got[name], value))
         mu = jax.tree.leaves(live["opt_state"])
         kernel = live["params"]["last_block"]["ff"]["fc1"]["kernel"]  # the only block
         if shape[1] > 1:  # FSDP really shards the weights and the Adam moments
             assert "fsdp" in str(kernel.sharding.spec)
             assert any("fsdp" in str(getattr(m.sharding, "spec", "")) for m in mu)
             assert kernel.addressable_shards[0].data.shape[0] == kernel.shape[0] // shape[1]
-    # the sequence axis splits image tokens and re-splits attention by heads: Ulysses' all-to-all in the step
-    mesh = make_mesh(MeshConfig(1, 1, 2, 1), jax.devices()[:2])
-    trainer = get_trainer(recipe, mesh)
-    state = trainer.init_state(params)
-    batch = trainer.device_batch(_batch(np.random.default_rng(0)))
-    assert "all-to-all" in trainer.jitted_step(state, batch).lower(state, batch).compile().as_text()
+        if shape[2] > 1:  # the sequence axis splits image tokens and re-splits attention by heads: Ulysses
+            assert "all-to-all" in hlo
 
 
 def test_resume_continues_the_exact_loss_trajectory(cached_set):
@@ -247,7 +272,7 @@ def test_damaged_or_unfinished_checkpoints_fall_back_and_resume_exactly(cached_s
     _same_params(resumed.state, straight.state)
 
 
-def test_missing_ema_is_an_error_and_a_failed_save_is_one_error(cached_set):
+def test_missing_ema_is_an_error(cached_set):
     recipe = tiny_recipe(cached_set, "no_ema", steps=4)
     trainer = get_trainer(recipe, default_mesh(recipe))
     state = trainer.init_state()
@@ -256,24 +281,20 @@ def test_missing_ema_is_an_error_and_a_failed_save_is_one_error(cached_set):
     ckpt.close()
     with pytest.raises(CheckpointError, match=r"no_ema/ckpt/1: does not restore into this run's state"):
         run(recipe, progress=False)
-    folder = cached_set / "readonly"
-    folder.mkdir()
-    ckpt = Checkpointer(replace(recipe.checkpoint, dir=str(folder)))
-    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
-        ckpt.close()
-        pytest.skip("chattr +i is not permitted here (needs CAP_LINUX_IMMUTABLE)")
-    try:
-        threads = set(threading.enumerate())
-        with pytest.raises(CheckpointSaveError, match=r"readonly: saving step 1 failed: .*"):
-            ckpt.save(1, state, {"next_index": 1})
-        started = [t for t in set(threading.enumerate()) - threads if not t.daemon]
-        for t in started:  # orbax's worker may still be winding down under load: seconds, never a hang
-            t.join(timeout=10)
-        lingering = [t for t in started if t.is_alive()]
-        assert not lingering, lingering  # nothing that would keep the process from exiting
-    finally:
-        subprocess.run(["chattr", "-i", str(folder)], check=True)
-        ckpt.close()
+
+
+def test_a_failed_save_ends_the_run_with_status_1(cached_set):
+    """tools/train.py on a full disk (no file may grow past 16 kB: the logs fit, orbax's files of step 1 do not): exit
+    status 1, no hang, the last line naming the step and the error (orbax logs its writer threads' errors before it),
+    no step folder. Checkpointer.save waits for orbax's writers and raises; the CLI leaves with os._exit."""
+    args = ["--config", str(TINY), *cli_args(tiny_overrides(cached_set, "full_disk")), "--backend", "jax"]
+    proc = train_on_a_full_disk([*args, "steps=2", "checkpoint.interval=1"], max_file_bytes=16 * 1024)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("train: stopped: ") and "saving step 1 failed" in last and "File too large" in last, last
+    ckpt = Checkpointer(tiny_recipe(cached_set, "full_disk").checkpoint, writer=False)
+    assert ckpt.latest_step() is None
+    ckpt.close()
 
 
 def test_spiking_steps_are_skipped(cached_set):

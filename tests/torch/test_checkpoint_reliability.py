@@ -21,6 +21,7 @@ from contentv_common.run_lock import LOCK_FILE
 from contentv_common.safetensors_io import CheckpointError
 from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu.train import TrainingStopped, run
+from tests.full_disk import cli_args, train_on_a_full_disk
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "tests" / "recipes" / "tiny.yaml"
@@ -136,45 +137,21 @@ def test_sigkill_during_save_resumes_bit_identical(straight, tiny_dataset, tmp_p
     )
 
 
-def test_unwritable_checkpoint_dir_ends_the_run_with_one_line(tiny_dataset, tmp_path):
-    folder = tmp_path / "ckpt"
-    folder.mkdir()
-    (folder / LOCK_FILE).touch()
-    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
-        pytest.skip("chattr +i is not permitted here (needs CAP_LINUX_IMMUTABLE)")
-    try:
-        if os.access(folder, os.W_OK) and _can_create(folder):
-            pytest.skip("an immutable folder is still writable here")
-        start = time.perf_counter()
-        proc = _train_cli(_overrides(tiny_dataset, tmp_path, steps=3), "--backend", "torch")
-        elapsed = time.perf_counter() - start
-    finally:
-        subprocess.run(["chattr", "-i", str(folder)], check=True)
+def test_a_failed_save_ends_the_run_with_one_line_and_status_1(tiny_dataset, tmp_path):
+    """tools/train.py on a full disk (no file may grow past 64 kB: the logs fit, the step-2 weights do not): exit
+    status 1, one line naming the step and the error, no traceback, nothing half-written left as a checkpoint."""
+    start = time.perf_counter()
+    args = ["--config", str(RECIPE), *cli_args(_overrides(tiny_dataset, tmp_path, steps=3)), "--backend", "torch"]
+    proc = train_on_a_full_disk(args, max_file_bytes=64 * 1024)
+    elapsed = time.perf_counter() - start
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("train: stopped: ") and "saving step 2 failed" in last, proc.stderr
-    print(f"unwritable checkpoint dir: exit 1 after {elapsed:.1f} s")
-
-
-def _train_cli(overrides: dict, *flags: str) -> subprocess.CompletedProcess:
-    """tools/train.py with these overrides as dotted key=value arguments (flags after them)."""
-    args = []
-    for key, value in overrides.items():
-        items = value.items() if isinstance(value, dict) else [(None, value)]
-        args += [f"{key}{'.' + k if k else ''}={json.dumps(v)}" for k, v in items]
-    cmd = [sys.executable, str(ROOT / "tools" / "train.py"), "--no-progress", *args, *flags, "--sample-prompt", ""]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-
-
-def _can_create(folder: Path) -> bool:
-    try:
-        (folder / "probe").mkdir()
-    except OSError:
-        return False
-    (folder / "probe").rmdir()
-    return True
+    assert last.startswith("train: stopped: ") and "saving step 2 failed" in last and "File too large" in last, last
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == [LOCK_FILE]  # no step folder, no temporary left
+    logged = [json.loads(line)["step"] for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [0, 1]  # the steps before the failed save were trained and logged
+    print(f"full disk: exit 1 after {elapsed:.1f} s")
 
 
 def _nan_cache(dataset, folder):

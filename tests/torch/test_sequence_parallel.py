@@ -1,8 +1,11 @@
 """Ulysses at ContentV's real head and text-token counts: 38 heads and 333 text tokens divide by no sequence degree,
 so heads and tokens are padded inside the sequence-parallel path. A narrow model (head_dim 8, 2 blocks, 18 image
-tokens) on 4 gloo processes gives the loss and gradients of one process, with FSDP2 and with HSDP."""
+tokens) gives the loss and gradients of one process on 4 gloo processes (sequence 4; FSDP2 x sequence 2) and on 8
+(sequence 8: 40 heads, 24 image and 336 text tokens; the README's HSDP + SP command's mesh, data 2 x fsdp 2 x
+sequence 2), and the 8-process mesh resumes the sharded checkpoint the 4-process run wrote, bit for bit."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from contentv_common.config import ModelConfig
-from contentv_common.recipe import MeshConfig
+from contentv_common.recipe import MeshConfig, OptimizerConfig
 from contentv_torch_npu.distributed import (
     check_mesh,
     enable_sequence_parallel,
@@ -19,8 +22,10 @@ from contentv_torch_npu.distributed import (
     real_positions,
     shard_model,
 )
-from contentv_torch_npu.optim import global_grad_norm
+from contentv_torch_npu.optim import global_grad_norm, make_optimizer
+from contentv_torch_npu.sharded_checkpoint import load_sharded, save_sharded
 from contentv_torch_npu.transformer import Transformer
+from tests.torch.test_sharded_checkpoint import full_state
 from tools.launch_local import free_port
 
 CFG = ModelConfig(
@@ -28,11 +33,17 @@ CFG = ModelConfig(
     pooled_projection_dim=16, mlp_ratio=1,
 )  # fmt: skip
 TEXT = 333
-MESHES = {  # 4 processes each
-    "sp4": MeshConfig(sequence=4),  # degree 4 over every rank (FSDP over the 4 ranks too)
-    "fsdp2_sp2": MeshConfig(fsdp=2, sequence=2),  # FSDP2 over 4 ranks, 2 sequence groups with 1 sample each
-    "hsdp_sp2": MeshConfig(data=2, sequence=2),  # HSDP: replicated over data, sharded over the sequence pair
+MESHES = {
+    4: {
+        "sp4": MeshConfig(sequence=4),  # degree 4 over every rank (FSDP over the 4 ranks too)
+        "fsdp2_sp2": MeshConfig(fsdp=2, sequence=2),  # FSDP2 over 4 ranks, 2 sequence groups with 1 sample each
+    },
+    8: {
+        "hsdp_sp2": MeshConfig(data=2, fsdp=2, sequence=2),  # the README's 8-process HSDP + SP command
+        "sp8": MeshConfig(sequence=8),  # heads padded to 40, image tokens to 24, text tokens to 336
+    },
 }
+SAVED_BY, RESUMED_BY = "fsdp2_sp2", "hsdp_sp2"  # the checkpoint's mesh (4 processes) and the resuming one (8)
 
 
 def _model() -> Transformer:
@@ -45,8 +56,9 @@ def _model() -> Transformer:
 
 def _batch():
     g = torch.Generator().manual_seed(3)
-    latents = torch.randn(2, 16, 2, 6, 6, generator=g)  # 2 frames x 3 x 3 patches = 18 image tokens
-    return latents, torch.tensor([100.0, 700.0]), torch.randn(2, TEXT, 16, generator=g), torch.randn(2, 16, generator=g)
+    latents = torch.randn(4, 16, 2, 6, 6, generator=g)  # 2 frames x 3 x 3 patches = 18 image tokens
+    timesteps = torch.tensor([100.0, 700.0, 300.0, 900.0])  # 4 samples: one per data x fsdp group of 8 processes
+    return latents, timesteps, torch.randn(4, TEXT, 16, generator=g), torch.randn(4, 16, generator=g)
 
 
 def _loss(model, batch):
@@ -67,31 +79,56 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    for name, mesh in MESHES.items():
+    root = Path(folder)
+    for name, mesh in MESHES[world].items():
         topo = init_distributed("cpu", mesh, CFG)
         model = _model()
         enable_sequence_parallel(model, topo.sp_group, "cpu")
         shard_model(model, topo.shard_mesh)
-        rows = 2 // topo.dp
+        rows = 4 // topo.dp
         loss = _loss(model, tuple(t[topo.dp_rank * rows : (topo.dp_rank + 1) * rows] for t in _batch()))
         (loss * topo.sp).backward()  # the trainer's convention: FSDP averages, the sequence group sums
         dist.all_reduce(loss := loss.detach(), op=dist.ReduceOp.AVG)
         out = {"loss": loss.numpy(), "grad_norm": global_grad_norm(model).numpy()}  # from the local shards
         out.update({f"grad/{n}": p.grad.full_tensor().numpy() for n, p in model.named_parameters()})
         if rank == 0:
-            np.savez(os.path.join(folder, f"{name}.npz"), **out)
+            np.savez(root / f"{name}.npz", **out)
+        if name in (SAVED_BY, RESUMED_BY):
+            _checkpoint(model, root, save=name == SAVED_BY)
     dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 
-def test_four_processes_38_heads_333_text_tokens_match_one_process(tmp_path, rel_err, spawn_ranks):
+def _checkpoint(model: Transformer, root: Path, save: bool) -> None:
+    """Save a sharded checkpoint after one AdamW step (4 processes), or resume it into a fresh optimizer and EMA (8);
+    rank 0 writes the whole state it holds either way."""
+    optimizer = make_optimizer(model, OptimizerConfig(lr=1e-2))
+    if save:
+        optimizer.step()
+        ema = {n: 0.5 * p.detach() for n, p in model.named_parameters()}  # unlike the weights: no mix-up hides
+        save_sharded(root / "ckpt", model, optimizer, ema, {"step": 1, "data_position": 1, "counters": {}})
+    else:
+        ema = {n: torch.zeros_like(p.detach()) for n, p in model.named_parameters()}
+        assert load_sharded(root / "ckpt", model, optimizer, ema)["step"] == 1
+    state = full_state(model, optimizer, ema)
+    if dist.get_rank() == 0:
+        np.savez(root / ("saved.npz" if save else "resumed.npz"), **state)
+
+
+def test_38_heads_333_text_tokens_match_one_process_on_4_and_8_processes(tmp_path, rel_err, spawn_ranks):
     spawn_ranks(_worker, (4, free_port(), str(tmp_path)), 4)
+    spawn_ranks(_worker, (8, free_port(), str(tmp_path)), 8)
     ref = _reference()
-    for name in MESHES:
+    for name in [*MESHES[4], *MESHES[8]]:
         got = dict(np.load(tmp_path / f"{name}.npz"))
         assert sorted(got) == sorted(ref), name
         for key, value in ref.items():
             assert rel_err(got[key], value) < 1e-5, (name, key, rel_err(got[key], value))
+    saved, resumed = dict(np.load(tmp_path / "saved.npz")), dict(np.load(tmp_path / "resumed.npz"))
+    assert sorted(saved) == sorted(resumed) and any(k.startswith("exp_avg_sq/") for k in saved)
+    assert any(np.abs(saved[k]).max() > 0 for k in saved if k.startswith("exp_avg/"))  # the step did happen
+    for key, value in saved.items():
+        np.testing.assert_array_equal(resumed[key], value, err_msg=key)
 
 
 @pytest.mark.parametrize("size", [2, 4, 8])

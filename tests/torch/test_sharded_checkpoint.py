@@ -1,6 +1,6 @@
 """Sharded checkpoints on 4 gloo processes: each rank writes its own slices (DCP's safetensors layout, no pickle),
-a run on another mesh (HSDP) reads them back resharded, `init_from` streams each rank's slices, and the folder
-converts to diffusers and single-file safetensors bit for bit."""
+a run on another mesh (HSDP) reads them back resharded, `init_from` streams each rank's slices, and the `model/` and
+`ema/` folders convert to diffusers, single-file safetensors and our JAX format bit for bit."""
 
 import os
 from pathlib import Path
@@ -35,7 +35,8 @@ def _full(t: torch.Tensor) -> np.ndarray:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().numpy().copy()
 
 
-def _state(model, optimizer, ema) -> dict[str, np.ndarray]:
+def full_state(model, optimizer, ema) -> dict[str, np.ndarray]:
+    """Whole weights, EMA and AdamW state (every rank takes part; each gets all of it)."""
     out = {f"param/{n}": _full(p) for n, p in model.named_parameters()}
     out.update({f"ema/{n}": _full(t) for n, t in ema.items()})
     for n, s in get_optimizer_state_dict(model, optimizer)["state"].items():
@@ -61,7 +62,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     with torch.no_grad():
         for n, p in model.named_parameters():
             ema[n].mul_(0.5).add_(p.detach(), alpha=0.5)
-    saved = _state(model, optimizer, ema)
+    saved = full_state(model, optimizer, ema)
     save_sharded(root / "step_00000001", model, optimizer, ema, {"step": 1, "data_position": 1, "counters": {}})
     # another mesh (HSDP data 2 x fsdp 2) reads the same files, resharded
     topo = init_distributed("cpu", MeshConfig(data=2, fsdp=2))
@@ -69,7 +70,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     optimizer = make_optimizer(model, OptimizerConfig(lr=1e-2))
     ema = {n: torch.zeros_like(p.detach()) for n, p in model.named_parameters()}
     meta = load_sharded(root / "step_00000001", model, optimizer, ema)
-    loaded = _state(model, optimizer, ema)
+    loaded = full_state(model, optimizer, ema)
     # init_from: a torch-format folder streamed slice by slice into a sharded model
     if rank == 0:
         save_torch(root / "init", _model())
@@ -118,3 +119,10 @@ def test_sharded_save_reshard_resume_stream_and_convert(tmp_path, spawn_ranks):
     assert [f.name for f in (tmp_path / "single").glob("*.safetensors")] == ["model.safetensors"]
     for n, a in open_checkpoint(tmp_path / "single").tensors():
         np.testing.assert_array_equal(a, saved[f"param/{n}"], err_msg=n)
+    import contentv_jax  # noqa: F401  (registers our JAX format)
+
+    convert(step / "ema", tmp_path / "jax", "jax", progress=False)  # orbax, blocks stacked
+    jax_ema = dict(open_checkpoint(tmp_path / "jax").tensors())
+    assert sorted(jax_ema) == sorted(ema)
+    for n, a in jax_ema.items():
+        np.testing.assert_array_equal(a, saved[f"ema/{n}"], err_msg=n)
