@@ -264,10 +264,12 @@ def stream_source(
     )
 
 
-def memory_source(path: Path, config: Any, arrays: dict[str, np.ndarray], table: ParamTable) -> TensorSource:
-    """A TensorSource over arrays held in memory under their checkpoint (diffusers / transformers) names: how weights
-    drawn in numpy (contentv_common.tiny_models) load through the same checks as files."""
-    names = canonical_keys(list(arrays), table, path, from_diffusers=True)
+def memory_source(
+    path: Path, config: Any, arrays: dict[str, np.ndarray], table: ParamTable, from_diffusers: bool = True
+) -> TensorSource:
+    """A TensorSource over arrays held in memory under their checkpoint (diffusers / transformers) or canonical names:
+    how weights drawn in numpy (contentv_common.tiny_models) load through the same checks as files."""
+    names = canonical_keys(list(arrays), table, path, from_diffusers)
     by_name = {names[k]: v for k, v in arrays.items()}
     return TensorSource(
         path=path,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ TINY_WORDS = ("a", "the", "cat", "dog", "video", "of", "on", "in", "red", "blue"
 _TINY_TEXT_VERSION = "numpy-1"
 
 
-def random_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+def random_weights(shapes: dict[str, tuple[int, ...]], seed: int | Sequence[int]) -> dict[str, np.ndarray]:
     """fp32 weights that keep activations O(1): fan-in scaled matrices, norms near 1, small biases (none zero);
     drawn in sorted name order, so the same names and shapes give the same weights whoever asks."""
     rng = np.random.default_rng(seed)
@@ -41,6 +42,12 @@ def random_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, n
             value = 0.1 * rng.standard_normal(shape)
         out[name] = value.astype(np.float32)
     return out
+
+
+def tiny_vae_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+    """The tiny encoders' Wan VAE (canonical name -> fp32 array): `shapes` come from either backend's model (the same
+    canonical names and shapes), so both draw the same weights."""
+    return random_weights(shapes, [seed, 3])  # streams 0-2 are the text encoders'
 
 
 def tiny_clip_tokenizer(max_length: int = 77):
@@ -138,7 +145,7 @@ def tiny_text(
     configs = (clip_text_config(raw[0], "tiny CLIP-L"), clip_text_config(raw[1], "tiny CLIP-G"))
     configs = (*configs, t5_encoder_config(raw[2], "tiny T5"))
     shapes = (clip_text_shapes(configs[0]), clip_text_shapes(configs[1]), t5_shapes(configs[2]))
-    weights = tuple(random_weights(s, seed + i) for i, s in enumerate(shapes))
+    weights = tuple(random_weights(s, [seed, i]) for i, s in enumerate(shapes))
     key = f"tiny-text;{_TINY_TEXT_VERSION};seed={seed};t5_length={max_sequence_length};" + json.dumps(raw)
     identity = hashlib.sha256(key.encode()).hexdigest()[:24]
     tokenizers = PromptTokenizers(clip_tokenizers, t5_tokenizer, max_sequence_length)

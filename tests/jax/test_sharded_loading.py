@@ -20,7 +20,7 @@ import contentv_jax
 from contentv_common.checkpoint import open_checkpoint, write_diffusers
 from contentv_common.config import named_model_config
 from contentv_common.recipe import MeshConfig
-from contentv_jax.loading import canonical_tensors, fill_from_source, load_transformer, save_jax, model_shardings
+from contentv_jax.loading import canonical_tensors, fill_from_source, load_transformer, model_shardings, save_jax
 from contentv_jax.sharding import make_mesh
 from contentv_jax.transformer import Transformer
 from tools import make_sd35_checkpoint as maker
