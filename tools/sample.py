@@ -346,9 +346,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     except ValueError as e:
         ap.error(str(e))
 
-    text, pooled = encoders.encode_text(prompts)
     guided = args.guidance > 1.0
-    neg_text, neg_pooled = encoders.encode_text([args.negative_prompt]) if guided else (None, None)
+    text, pooled = encoders.encode_text(prompts + [args.negative_prompt] * guided)  # one batch through the encoders
+    neg_text, neg_pooled = (text[-1:], pooled[-1:]) if guided else (None, None)
+    text, pooled = text[: len(prompts)], pooled[: len(prompts)]
     sample = sampler(args.backend)
     noise = initial_noise(args.noise, args.seed, shape, len(prompts), args.dtype)
     written = []
