@@ -51,8 +51,8 @@ PARAM_AXES: Rules = (
 )
 
 
-# SD3.5's text encoders (contentv_jax.text_encoders; paths inside each encoder): T5-XXL's and the CLIPs' width over
-# `fsdp`, their attention heads and feed-forward over `tensor`, embedding tables split along their width.
+# SD3.5's text encoders (contentv_jax.text_encoders; paths inside one encoder or the three together): T5-XXL's and the
+# CLIPs' width over `fsdp`, their attention heads and feed-forward over `tensor`, embedding tables along their width.
 TEXT_PARAM_AXES: Rules = (
     (r".*attn\.(q|k|v|q_proj|k_proj|v_proj)\.kernel", ("embed", "heads")),
     (r".*attn\.(q_proj|k_proj|v_proj)\.bias", ("heads",)),
@@ -60,8 +60,8 @@ TEXT_PARAM_AXES: Rules = (
     (r".*\.(ff\.wi_0|ff\.wi_1|mlp\.fc1)\.kernel", ("embed", "mlp")),
     (r".*\.mlp\.fc1\.bias", ("mlp",)),
     (r".*\.(ff\.wo|mlp\.fc2)\.kernel", ("mlp", "embed")),
-    (r"(shared|text\.token_embedding|text\.position_embedding)\.embedding", (None, "embed")),
-    (r"text_projection\.kernel", ("embed", None)),
+    (r"(.*\.)?(shared|text\.token_embedding|text\.position_embedding)\.embedding", (None, "embed")),
+    (r"(.*\.)?text_projection\.kernel", ("embed", None)),
 )
 
 

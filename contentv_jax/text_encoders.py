@@ -35,6 +35,7 @@ from contentv_common.sd3_prompt import (
     T5_FOLDERS,
     T5_MAX_SEQUENCE_LENGTH,
     PromptTokenizers,
+    TextConfigs,
     load_tokenizers,
     open_text_sources,
     subfolders,
@@ -246,18 +247,41 @@ class TextEncoders:
 _TABLES: tuple[ParamTable, ParamTable, ParamTable] = (CLIP_TEXT_TABLE, CLIP_TEXT_TABLE, T5_TABLE)
 
 
+def abstract_encoder(cfg: ClipTextConfig | T5EncoderConfig, dtype: jnp.dtype, param_dtype: jnp.dtype) -> nnx.Module:
+    cls = T5Encoder if isinstance(cfg, T5EncoderConfig) else ClipTextEncoder
+    return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+
+
 def _fill(
     sources: tuple[TensorSource, ...], dtype: jnp.dtype, param_dtype: jnp.dtype, mesh: Mesh | None
 ) -> SD3TextEncoders:
     """The three encoders materialised from their sources, each parameter on its shards as it is read."""
     modules = []
     for source, table in zip(sources, _TABLES, strict=True):
-        cls = T5Encoder if table is T5_TABLE else ClipTextEncoder
-        abstract = nnx.eval_shape(lambda c=cls, s=source: c(s.config, rngs=nnx.Rngs(0), dtype=dtype,
-                                                           param_dtype=param_dtype))  # fmt: skip
+        abstract = abstract_encoder(source.config, dtype, param_dtype)
         where = model_shardings(abstract, mesh, sharding.TEXT_PARAM_AXES) if mesh is not None else None
         modules.append(fill_from_source(abstract, source, table, where))
     return SD3TextEncoders(*modules)
+
+
+def planned_encode(configs: TextConfigs, dtype: jnp.dtype, mesh: Mesh, batch: int, tokens: tuple[int, int]):
+    """The jitted encode lowered for `batch` prompts of (CLIP, T5) `tokens` with abstract parameters of `configs` in
+    `dtype`, sharded as `load_text_encoders(..., mesh=mesh)` places them (for contentv_jax.memory_plan)."""
+    model = SD3TextEncoders(*(abstract_encoder(c, dtype, dtype) for c in configs))
+    where = model_shardings(model, mesh, sharding.TEXT_PARAM_AXES)
+    graphdef, state = nnx.split(model)
+    flat = [
+        (path, var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=where[".".join(map(str, path))])))
+        for path, var in nnx.to_flat_state(state)
+    ]
+    state = nnx.from_flat_state(flat)
+    shapes = [(batch, n) for n in (tokens[0], tokens[0], tokens[1])]
+    specs = [sharding.activation_spec(("batch", None), shape, mesh) for shape in shapes]
+    ids = [
+        jax.ShapeDtypeStruct(shape, jnp.int32, sharding=NamedSharding(mesh, spec))
+        for shape, spec in zip(shapes, specs, strict=True)
+    ]
+    return _encode.lower(graphdef, state, *ids), (state, *ids)
 
 
 def load_text_encoders(
