@@ -2,6 +2,7 @@
 per latent shape, a pipeline folder samples without the torch encoders, and SD3's 2D image VAE decodes in torch."""
 
 import json
+import re
 from types import SimpleNamespace
 
 import jax
@@ -74,6 +75,44 @@ def test_cli_from_a_pipeline_folder_runs_without_the_torch_encoders(encoders, tm
         videos[backend], _ = read_video(path)
     assert videos["jax"].shape == videos["torch"].shape == (5, 32, 48, 3)
     assert np.abs(videos["jax"].astype(int) - videos["torch"].astype(int)).mean() < 1.0  # mp4 is lossy
+
+
+def test_bad_pipelines_stop_before_any_model_loads(encoders, tmp_path):
+    """A pipeline without tokenizer_3/, or whose T5 is not the transformer's text width, is one error naming the
+    folder and key (run_cli: exit status 2), in sampling and in training's data preparation."""
+    from contentv_common.config import ConfigError
+    from tools import train
+
+    pipe = encoders.save(tmp_path / "pipe")
+    sample_tool.random_tiny_checkpoint(pipe, seed=1)
+    config = pipe / "text_encoder_3" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "d_model": 64}))
+    argv = [*ARGS, "--pipeline", str(pipe), "--out", str(tmp_path / "out"), "--no-progress"]
+    message = f"{config}: d_model 64 is not the transformer's text width (joint_attention_dim 48)"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        sample_tool.main(argv)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train.check_encoder_widths(str(pipe), named_model_config("tiny"))
+    for file in (pipe / "tokenizer_3").iterdir():
+        file.unlink()
+    (pipe / "tokenizer_3").rmdir()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{pipe / 'tokenizer_3'}: missing")):
+        sample_tool.main(argv)
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_encoders_equal_the_torch_twins(encoders, rel_err):
+    """The JAX demo and tiny encoders give the torch twins' latents and text embeddings."""
+    video = np.random.default_rng(1).integers(0, 256, (1, 5, 32, 48, 3), dtype=np.uint8)
+    captions = ["a red circle moving right", ""]
+    pairs = (
+        (encoders, torch_encoders.tiny_encoders(seed=2)),
+        (jax_encoders.demo_encoders(), torch_encoders.demo_encoders()),
+    )
+    for ours, twin in pairs:
+        assert rel_err(ours.encode_video(video), twin.encode_video(video)) < 1e-5
+        for got, want in zip(ours.encode_text(captions), twin.encode_text(captions), strict=True):
+            assert rel_err(got, want) < 1e-5
 
 
 def _forbidden(*args, **kwargs):
