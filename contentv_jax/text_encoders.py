@@ -9,7 +9,9 @@ layout are contentv_common.sd3_prompt's, the same for both backends. Module attr
 of contentv_common.text_encoder_table, so a pipeline folder loads by name, streamed, each device reading its slices.
 
 `encode` runs one jitted program per padded batch size (powers of two up to `batch_size`); on a mesh the parameters
-are sharded by contentv_jax.sharding.TEXT_PARAM_AXES (T5-XXL over `fsdp` and `tensor`) and prompts over data x fsdp.
+are sharded by contentv_jax.sharding.TEXT_PARAM_AXES (T5-XXL over `fsdp` and `tensor`) and prompts over data x fsdp
+(in chunks of at least data x fsdp). Training's cache is encoded by process 0 alone, on its own devices; a mesh
+spanning several processes is not tested here.
 """
 
 from __future__ import annotations
@@ -221,11 +223,12 @@ class TextEncoders:
         """(prompt_embeds [B, clip_length + max_sequence_length, text_dim], pooled [B, pooled_dim]), float32."""
         ids = self.tokenizers.tokenize(prompts)
         divisor = 1 if self.mesh is None else int(np.prod([self.mesh.shape[a] for a in sharding.BATCH]))
+        step = -(-max(self.batch_size, divisor) // divisor) * divisor  # every device gets prompts
         embeds, pooled = [], []
-        for start in range(0, len(ids[0]), self.batch_size):
-            chunk = [a[start : start + self.batch_size] for a in ids]
+        for start in range(0, len(ids[0]), step):
+            chunk = [a[start : start + step] for a in ids]
             n = len(chunk[0])
-            rows = batch_rows(n, self.batch_size, divisor)
+            rows = batch_rows(n, step, divisor)
             padded = [self._place(np.pad(a, ((0, rows - n), (0, 0)))) for a in chunk]
             e, p = _encode(self._graphdef, self._state, *padded)
             embeds.append(np.asarray(to_host(e))[:n])
