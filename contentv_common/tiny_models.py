@@ -45,9 +45,19 @@ def random_weights(shapes: dict[str, tuple[int, ...]], seed: int | Sequence[int]
 
 
 def tiny_vae_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
-    """The tiny encoders' Wan VAE (canonical name -> fp32 array): `shapes` come from either backend's model (the same
+    """The tiny encoders' Wan VAE (canonical name -> fp32 array), drawn as torch initialises a fresh one: conv weights
+    and biases uniform in +-1/sqrt(fan-in), RMS-norm gammas one. `shapes` come from either backend's model (the same
     canonical names and shapes), so both draw the same weights."""
-    return random_weights(shapes, [seed, 3])  # streams 0-2 are the text encoders'
+    rng = np.random.default_rng([seed, 3])  # streams 0-2 are the text encoders'
+    out = {}
+    for name in sorted(shapes):
+        if name.endswith("gamma"):
+            out[name] = np.ones(shapes[name], np.float32)
+            continue
+        weight = shapes[name.removesuffix("bias") + "weight"] if name.endswith("bias") else shapes[name]
+        bound = 1.0 / np.sqrt(np.prod(weight[1:]))
+        out[name] = rng.uniform(-bound, bound, shapes[name]).astype(np.float32)
+    return out
 
 
 def tiny_clip_tokenizer(max_length: int = 77):
