@@ -232,14 +232,18 @@ def stream_source(
     table: ParamTable,
     from_diffusers: bool = True,
     ignored_suffixes: tuple[str, ...] = (),
+    renamed: dict[str, str] | None = None,
 ) -> TensorSource:
     """A TensorSource over safetensors files, keys renamed through `table`: headers are read now, data on iteration.
 
-    Keys ending in `ignored_suffixes` (recomputed buffers some writers save) are skipped; any other unknown key is a
-    CheckpointError naming the file and key.
+    Keys ending in `ignored_suffixes` (recomputed buffers some writers save) are skipped; `renamed` maps stored keys
+    to the names the table knows (another spelling of a tied weight); any other unknown key is a CheckpointError
+    naming the file and key.
     """
     index = {k: v for k, v in tensor_index(files).items() if not k.endswith(ignored_suffixes)}
-    names = canonical_keys(list(index), table, path, from_diffusers)
+    spelled = {key: (renamed or {}).get(key, key) for key in index}
+    canonical = canonical_keys(list(spelled.values()), table, path, from_diffusers)
+    names = {key: canonical[spelled[key]] for key in index}
     keys = {name: key for key, name in names.items()}
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
@@ -257,6 +261,23 @@ def stream_source(
         dtypes={names[k]: v.dtype for k, v in index.items()},
         tensors=tensors,
         read=read,
+    )
+
+
+def memory_source(
+    path: Path, config: Any, arrays: dict[str, np.ndarray], table: ParamTable, from_diffusers: bool = True
+) -> TensorSource:
+    """A TensorSource over arrays held in memory under their checkpoint (diffusers / transformers) or canonical names:
+    how weights drawn in numpy (contentv_common.tiny_models) load through the same checks as files."""
+    names = canonical_keys(list(arrays), table, path, from_diffusers)
+    by_name = {names[k]: v for k, v in arrays.items()}
+    return TensorSource(
+        path=path,
+        config=config,
+        shapes={k: tuple(v.shape) for k, v in by_name.items()},
+        dtypes={k: str(v.dtype) for k, v in by_name.items()},
+        tensors=lambda: iter(by_name.items()),
+        read=lambda name, where: by_name[name][where],
     )
 
 

@@ -1,8 +1,7 @@
 """Which pip extra provides a missing backend package, so a CLI ends with one line naming it (exit status 2).
 
-The JAX core itself runs without torch, but text encoding (CLIP-L/CLIP-G/T5 from transformers, which has no Flax) and
-building the latent/text cache run in torch: `tools/train.py` and `tools/sample.py` need the `[torch]` extra even with
-`--backend jax`.
+Each backend runs alone (the JAX core has its own Flax text encoders and Wan VAE); what needs the other framework
+(parity against torch, SD3's 2D image VAE, `--noise torch`) ends in one line naming its extra.
 """
 
 from __future__ import annotations

@@ -96,3 +96,16 @@ def headline_forward_flops(cfg: ModelConfig, tokens: int, batch: int = 1) -> flo
     d = cfg.hidden_size
     per_token = 2 * (4 + 2 * cfg.mlp_ratio) * d * d  # = 24 d^2 at MLP ratio 4
     return float(batch * cfg.num_layers * (per_token * tokens + 4 * tokens * tokens * d))
+
+
+def text_encoder_flops(configs: tuple, clip_tokens: int, t5_tokens: int, batch: int = 1) -> float:
+    """Forward FLOPs of SD3.5's three text encoders (contentv_common.text_encoder_table configs: CLIP-L, CLIP-G, T5)
+    on `batch` prompts: every layer's linears and attention, and each CLIP's projection of its pooled token."""
+    *clips, t5 = configs
+    macs = 0
+    for c in clips:
+        d, ff, n = c.text.hidden_size, c.text.intermediate_size, clip_tokens
+        macs += c.text.num_hidden_layers * (n * (4 * d * d + 2 * d * ff) + 2 * n * n * d) + d * c.projection_dim
+    d, inner, ff, n = t5.d_model, t5.inner_dim, t5.d_ff, t5_tokens
+    macs += t5.num_layers * (n * (4 * d * inner + 3 * d * ff) + 2 * n * n * inner)
+    return 2.0 * batch * macs

@@ -179,10 +179,12 @@ def abstract_transformer(cfg: ModelConfig, **kwargs) -> Transformer:
     return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), **kwargs))
 
 
-def transformer_shardings(abstract: Transformer, mesh: Mesh) -> dict[str, Sharding]:
-    """Model leaf path -> NamedSharding on `mesh`: parameters by the logical axis rules, buffers replicated."""
+def model_shardings(
+    abstract: nnx.Module, mesh: Mesh, rules: sharding.Rules = sharding.PARAM_AXES
+) -> dict[str, Sharding]:
+    """Model leaf path -> NamedSharding on `mesh`: parameters by the logical axis `rules`, buffers replicated."""
     params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-    flat = jax.tree_util.tree_flatten_with_path(sharding.param_shardings(params, mesh))[0]
+    flat = jax.tree_util.tree_flatten_with_path(sharding.param_shardings(params, mesh, rules))[0]
     out = {".".join(str(k.key) for k in path): s for path, s in flat}
     replicated = NamedSharding(mesh, PartitionSpec())
     for path, _ in nnx.to_flat_state(nnx.state(abstract)):
@@ -219,7 +221,7 @@ def load_transformer(
         remat=remat,
         constrain=constrain,
     )
-    shardings = transformer_shardings(abstract, mesh) if mesh is not None else None
+    shardings = model_shardings(abstract, mesh) if mesh is not None else None
     if detect_format(path) == "jax":
         return _restore_jax(Path(path), abstract, source, shardings)
     return fill_from_source(abstract, source, shardings=shardings)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -17,15 +18,20 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from contentv_common.flops import transformer_flops
+from contentv_common.flops import text_encoder_flops, transformer_flops
 from contentv_common.plan_report import StepPlan, peak_bytes
 from contentv_common.recipe import BucketConfig, Recipe, image_tokens
 from contentv_common.sampling import latent_shape
+from contentv_common.sd3_prompt import T5_MAX_SEQUENCE_LENGTH, TextConfigs, read_text_configs
+from contentv_common.text_encoder_table import SD35_TEXT_CONFIGS
+from contentv_common.tiny_models import tiny_text
 from contentv_jax import sharding
 from contentv_jax.sampling import _denoise_step
+from contentv_jax.text_encoders import planned_encode
 from contentv_jax.train import DTYPES, Trainer, get_trainer
 
-KINDS = ("train", "sample")
+KINDS = ("train", "sample", "text")
+DEFAULT_KINDS = ("train", "sample")  # "text" (the text encoders' own compile) when asked
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -128,6 +134,26 @@ def plan_sample(trainer: Trainer, b: BucketConfig, text_tokens: int, hbm: int) -
     return compile_plan("sample", b.name, tokens + text_tokens, pair, flops, lower, args, hbm)
 
 
+def text_configs(recipe: Recipe) -> TextConfigs | None:
+    """The recipe's text encoders: a pipeline folder's configs when the folder is here, else the official full-size
+    SD3.5 ones; the tiny encoders' for "tiny"; None for the demo's word embeddings (no model)."""
+    name = recipe.data.encoders
+    if name == "demo":
+        return None
+    if name == "tiny":
+        return tiny_text().configs
+    return read_text_configs(name) if Path(name).is_dir() else SD35_TEXT_CONFIGS
+
+
+def plan_text(recipe: Recipe, mesh: Mesh, hbm: int, configs: TextConfigs, batch: int) -> StepPlan:
+    """Encoding `batch` prompts (77 CLIP + 256 T5 tokens) with the recipe's text encoders, weights in the compute
+    dtype sharded by contentv_jax.sharding.TEXT_PARAM_AXES (T5 over fsdp and tensor), prompts over data x fsdp."""
+    clip, t5 = 77, T5_MAX_SEQUENCE_LENGTH
+    lowered, args = planned_encode(configs, DTYPES[recipe.compute_dtype], mesh, batch, (clip, t5))
+    flops = text_encoder_flops(configs, clip, t5, batch)
+    return compile_plan("text", "prompts", clip + t5, batch, flops, lambda: lowered, argument_bytes(*args), hbm)
+
+
 def largest_bucket(recipe: Recipe) -> BucketConfig:
     """The bucket with the most tokens per sample (ties: the larger batch)."""
     p = recipe.model_config.patch_size
@@ -139,12 +165,13 @@ def plan_recipe(
     mesh: Mesh,
     hbm_bytes: int,
     *,
-    kinds: Sequence[str] = KINDS,
+    kinds: Sequence[str] = DEFAULT_KINDS,
     buckets: Sequence[str] | None = None,
     text_tokens: int = 333,
     on_plan: Callable[[StepPlan], None] | None = None,
 ) -> list[StepPlan]:
-    """Train step per bucket, then the sampling step at the largest bucket (both limited by `buckets` names)."""
+    """Train step per bucket, then the sampling step at the largest bucket (both limited by `buckets` names), then
+    the text encoders on the largest bucket's batch of prompts."""
     trainer = get_trainer(recipe, mesh)
     wanted = [b for b in recipe.data.buckets if buckets is None or b.name in buckets]
     todo: list[tuple[Callable, BucketConfig]] = []
@@ -156,6 +183,11 @@ def plan_recipe(
     plans = []
     for fn, b in todo:
         plans.append(fn(trainer, b, text_tokens, hbm_bytes))
+        if on_plan is not None:
+            on_plan(plans[-1])
+    configs = text_configs(recipe)
+    if "text" in kinds and configs is not None:
+        plans.append(plan_text(recipe, mesh, hbm_bytes, configs, big.batch_size))
         if on_plan is not None:
             on_plan(plans[-1])
     return plans

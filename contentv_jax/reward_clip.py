@@ -10,6 +10,7 @@ tokenizer outside any compiled step; the tower takes the ids.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -28,7 +29,9 @@ from contentv_common.reward_clip_table import (
     open_clip_source,
     tokenize,
 )
+from contentv_common.text_encoder_table import ClipTextConfig
 from contentv_jax.loading import fill_from_source
+from contentv_jax.transformer import Dtypes
 
 
 def _activation(name: str, x: jax.Array) -> jax.Array:
@@ -38,12 +41,10 @@ def _activation(name: str, x: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ClipTowerConfig, causal: bool, rngs: nnx.Rngs, dtype: jnp.dtype):
+    def __init__(self, cfg: ClipTowerConfig, causal: bool, rngs: nnx.Rngs, dt: Dtypes):
         d = cfg.hidden_size
         self.heads, self.causal = cfg.num_attention_heads, causal
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
-            nnx.Linear(d, d, dtype=dtype, rngs=rngs) for _ in range(4)
-        )
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (dt.linear(d, d, rngs) for _ in range(4))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         q, k, v = (
@@ -54,26 +55,33 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ClipTowerConfig, rngs: nnx.Rngs, dtype: jnp.dtype):
+    def __init__(self, cfg: ClipTowerConfig, rngs: nnx.Rngs, dt: Dtypes):
         self.act = cfg.hidden_act
-        self.fc1 = nnx.Linear(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
-        self.fc2 = nnx.Linear(cfg.intermediate_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.fc1 = dt.linear(cfg.hidden_size, cfg.intermediate_size, rngs)
+        self.fc2 = dt.linear(cfg.intermediate_size, cfg.hidden_size, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(_activation(self.act, self.fc1(x)))
 
 
-def _layer_norm(cfg: ClipTowerConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, use_fast_variance=False, rngs=rngs)
+def _layer_norm(cfg: ClipTowerConfig, rngs: nnx.Rngs, dt: Dtypes) -> nnx.LayerNorm:
+    """Statistics in float32; the output in the promoted dtype of input and parameters."""
+    return nnx.LayerNorm(
+        cfg.hidden_size,
+        epsilon=cfg.layer_norm_eps,
+        use_fast_variance=False,
+        param_dtype=dt.param_dtype,
+        rngs=rngs,
+    )
 
 
 class Layer(nnx.Module):
     """Pre-norm transformer layer (CLIPEncoderLayer)."""
 
-    def __init__(self, cfg: ClipTowerConfig, causal: bool, rngs: nnx.Rngs, dtype: jnp.dtype):
-        self.norm1, self.norm2 = _layer_norm(cfg, rngs), _layer_norm(cfg, rngs)
-        self.attn = Attention(cfg, causal, rngs, dtype)
-        self.mlp = MLP(cfg, rngs, dtype)
+    def __init__(self, cfg: ClipTowerConfig, causal: bool, rngs: nnx.Rngs, dt: Dtypes):
+        self.norm1, self.norm2 = _layer_norm(cfg, rngs, dt), _layer_norm(cfg, rngs, dt)
+        self.attn = Attention(cfg, causal, rngs, dt)
+        self.mlp = MLP(cfg, rngs, dt)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attn(self.norm1(x))
@@ -81,41 +89,50 @@ class Layer(nnx.Module):
 
 
 class TextTower(nnx.Module):
-    """Causal text transformer; the pooled state is the first end-of-text token (right padding is harmless)."""
+    """Causal text transformer (CLIPTextTransformer); the pooled state is the first end-of-text token (right padding
+    is harmless). Also SD3.5's CLIP-L and CLIP-G (contentv_jax.text_encoders), which read its hidden states."""
 
-    def __init__(self, cfg: ClipConfig, rngs: nnx.Rngs, dtype: jnp.dtype):
+    def __init__(self, cfg: ClipConfig | ClipTextConfig, rngs: nnx.Rngs, dt: Dtypes):
         t = cfg.text
         self.eos_token_id = cfg.eos_token_id
-        self.token_embedding = nnx.Embed(cfg.vocab_size, t.hidden_size, dtype=dtype, rngs=rngs)
-        self.position_embedding = nnx.Embed(cfg.max_position_embeddings, t.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([Layer(t, True, rngs, dtype) for _ in range(t.num_hidden_layers)])
-        self.final_norm = _layer_norm(t, rngs)
+        embed = partial(nnx.Embed, dtype=dt.dtype, param_dtype=dt.param_dtype, rngs=rngs)
+        self.token_embedding = embed(cfg.vocab_size, t.hidden_size)
+        self.position_embedding = embed(cfg.max_position_embeddings, t.hidden_size)
+        self.layers = nnx.List([Layer(t, True, rngs, dt) for _ in range(t.num_hidden_layers)])
+        self.final_norm = _layer_norm(t, rngs, dt)
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
+        return self.encode(input_ids)[1]
+
+    def encode(self, input_ids: jax.Array) -> tuple[list[jax.Array], jax.Array]:
+        """(hidden states: the embeddings then every layer's output, before the final norm, as transformers'
+        `output_hidden_states`; the final-normed state at the end-of-text token [B, D])."""
         length = input_ids.shape[1]
         x = self.token_embedding(input_ids) + self.position_embedding.embedding[...][:length][None]
+        hidden = [x]
         for layer in self.layers:
             x = layer(x)
+            hidden.append(x)
         x = self.final_norm(x)
         if self.eos_token_id == 2:  # legacy configs: end-of-text is the largest id (transformers' rule)
             pos = jnp.argmax(input_ids, axis=-1)
         else:
             pos = jnp.argmax(input_ids == self.eos_token_id, axis=-1)
-        return jnp.take_along_axis(x, pos[:, None, None], axis=1)[:, 0]
+        return hidden, jnp.take_along_axis(x, pos[:, None, None], axis=1)[:, 0]
 
 
 class VisionTower(nnx.Module):
     """ViT: patch embedding as a matmul over (channel, row, col)-flattened patches, class token, pre/post norms."""
 
-    def __init__(self, cfg: ClipConfig, rngs: nnx.Rngs, dtype: jnp.dtype):
+    def __init__(self, cfg: ClipConfig, rngs: nnx.Rngs, dt: Dtypes):
         v, p = cfg.vision, cfg.patch_size
-        self.patch_size, self.dtype = p, dtype
+        self.patch_size, self.dtype = p, dt.dtype
         self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (v.hidden_size,)) * v.hidden_size**-0.5)
         self.patch_embedding = nnx.Param(jax.random.normal(rngs.params(), (v.hidden_size, 3, p, p)) * 0.02)
-        self.position_embedding = nnx.Embed(cfg.num_patches + 1, v.hidden_size, dtype=dtype, rngs=rngs)
-        self.pre_norm = _layer_norm(v, rngs)
-        self.layers = nnx.List([Layer(v, False, rngs, dtype) for _ in range(v.num_hidden_layers)])
-        self.post_norm = _layer_norm(v, rngs)
+        self.position_embedding = nnx.Embed(cfg.num_patches + 1, v.hidden_size, dtype=dt.dtype, rngs=rngs)
+        self.pre_norm = _layer_norm(v, rngs, dt)
+        self.layers = nnx.List([Layer(v, False, rngs, dt) for _ in range(v.num_hidden_layers)])
+        self.post_norm = _layer_norm(v, rngs, dt)
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         p = self.patch_size
@@ -139,8 +156,9 @@ class ClipScorer(nnx.Module):
 
     def __init__(self, cfg: ClipConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
         self.cfg = cfg
-        self.text = TextTower(cfg, rngs, dtype)
-        self.vision = VisionTower(cfg, rngs, dtype)
+        dt = Dtypes(dtype, jnp.float32)  # float32 weights, `dtype` compute
+        self.text = TextTower(cfg, rngs, dt)
+        self.vision = VisionTower(cfg, rngs, dt)
         self.text_projection = nnx.Linear(cfg.text.hidden_size, cfg.projection_dim, use_bias=False, rngs=rngs)
         self.visual_projection = nnx.Linear(cfg.vision.hidden_size, cfg.projection_dim, use_bias=False, rngs=rngs)
         self.logit_scale = nnx.Param(jnp.asarray(2.6592, jnp.float32))

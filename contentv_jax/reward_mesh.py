@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from contentv_common.recipe import OptimizerConfig
 from contentv_common.reward_recipe import RewardRecipe
 from contentv_jax import sharding
-from contentv_jax.loading import load_transformer, transformer_shardings
+from contentv_jax.loading import load_transformer, model_shardings
 from contentv_jax.ops import attention_for
 from contentv_jax.optim import model_optimizer
 from contentv_jax.train import DTYPES, default_mesh
@@ -56,7 +56,7 @@ def abstract_model(recipe: RewardRecipe, mesh: Mesh, param_dtype: Any = jnp.floa
 
 def _fill(abstract: Transformer, mesh: Mesh, make) -> Transformer:
     """Merge `abstract`'s graph with the state `make()` returns as a pure dict, each leaf placed on its shards."""
-    where = transformer_shardings(abstract, mesh)
+    where = model_shardings(abstract, mesh)
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
     out = jax.tree_util.tree_map_with_path(lambda p, _: where[_dotted(p)], pure)

@@ -28,7 +28,7 @@ from contentv_common.sampling import latent_shape, uses_guidance
 from contentv_common.vae_config import VAEConfig
 from contentv_jax import reward_train as jr
 from contentv_jax import sharding
-from contentv_jax.loading import transformer_shardings
+from contentv_jax.loading import model_shardings
 from contentv_jax.memory_plan import argument_bytes, compile_plan
 from contentv_jax.optim import model_optimizer
 from contentv_jax.reward_clip import ClipReward, ClipScorer
@@ -72,7 +72,7 @@ def _replicated(module: nnx.Module, mesh: Mesh) -> nnx.Module:
 
 def _abstract_model(recipe: RewardRecipe, mesh: Mesh) -> nnx.Module:
     model = abstract_model(recipe, mesh)
-    where = transformer_shardings(model, mesh)
+    where = model_shardings(model, mesh)
     return _place(model, lambda path: where[path])
 
 

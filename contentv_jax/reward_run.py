@@ -1,8 +1,9 @@
 """`run(recipe)`: a reward fine-tuning run (ReFL or GRPO) of the JAX transformer, logged per step.
 
-Text encoders and the SFT data cache go through the torch `Encoders` (numpy in and out, as in training); the
-transformer, the VAE decode of the first frame and a CLIP reward run in JAX. Writes `<log_dir>/reward_log.jsonl`
-(reward mean/std per step, held-out reward every `rollout.eval_interval` steps) and `<log_dir>/reward.png`.
+Everything runs in JAX, no torch: text encoders and the SFT data cache through contentv_jax.encoders (numpy in and
+out, as in training), the transformer, the VAE decode of the first frame and a CLIP reward. Writes
+`<log_dir>/reward_log.jsonl` (reward mean/std per step, held-out reward every `rollout.eval_interval` steps) and
+`<log_dir>/reward.png`.
 
 The run uses the recipe's `mesh` as training does (contentv_jax.reward_mesh): the weights, AdamW moments, EMA and
 frozen anchor sharded by training's rules, rollout rows over data x fsdp, image tokens over `sequence`; the VAE
@@ -23,7 +24,6 @@ dir: `<checkpoint.dir>/../transformer` (and its EMA as `transformer_ema`).
 
 from __future__ import annotations
 
-import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from contentv_common.reward_run import (
 from contentv_jax import lora, multihost
 from contentv_jax import reward_train as jr
 from contentv_jax.checkpointing import Checkpointer, abstract_like
+from contentv_jax.encoders import Encoders, load_encoders, tiny_encoders
 from contentv_jax.reward_mesh import (
     build_model,
     device_batch,
@@ -62,23 +63,9 @@ from contentv_jax.reward_mesh import (
 from contentv_jax.sampling import sample
 
 
-def _encoders(recipe: RewardRecipe):
-    from contentv_torch_npu.encoders import load_encoders, tiny_encoders
-
+def _encoders(recipe: RewardRecipe) -> Encoders:
+    """Text encoders and Wan VAE in JAX: the tiny ones (seeded) or a pipeline folder's."""
     return tiny_encoders(recipe.seed) if recipe.encoders == "tiny" else load_encoders(recipe.encoders)
-
-
-def _decoder(recipe: RewardRecipe, encoders) -> jr.VaeFirstFrameDecoder:
-    """The Wan VAE in JAX: the pipeline's vae/ folder, or the tiny encoders' VAE moved over through a folder."""
-    from contentv_jax.vae import load_vae
-
-    if recipe.encoders != "tiny":
-        return jr.VaeFirstFrameDecoder(load_vae(Path(recipe.encoders) / "vae"))
-    from contentv_torch_npu.vae import save_vae
-
-    with tempfile.TemporaryDirectory() as folder:  # this process's own: processes of a run share log_dir
-        save_vae(Path(folder) / "vae", encoders.vae)
-        return jr.VaeFirstFrameDecoder(load_vae(Path(folder) / "vae"))
 
 
 def _clip_reward(recipe: RewardRecipe):
@@ -159,7 +146,7 @@ def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:
     plan = lora.adapt_model(model, recipe.lora, recipe.seed) if recipe.lora else None
     if plan is not None:
         place_params(model, mesh)  # the new adapters onto their shards
-    decoder = replicate(_decoder(recipe, encoders), mesh)
+    decoder = replicate(jr.VaeFirstFrameDecoder(encoders.wan_vae()), mesh)
     refl, grpo = recipe.method == "refl", recipe.grpo
     anchored = recipe.refl.anchor != "none" if refl else grpo.kl_weight > 0
     ref_model = jr.copy_module(model) if anchored else None  # sharded like the model

@@ -33,7 +33,8 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
 }
 
 # (regex on the dotted parameter path, logical axes per dimension of the JAX array). First match wins.
-PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+Rules = tuple[tuple[str, tuple[str | None, ...]], ...]
+PARAM_AXES: Rules = (
     (r".*attn\.(to_q|to_k|to_v|add_q|add_k|add_v)\.kernel", ("embed", "heads")),
     (r".*attn\.(to_q|to_k|to_v|add_q|add_k|add_v)\.bias", ("heads",)),
     (r".*attn\.(to_out|add_out)\.kernel", ("heads", "embed")),
@@ -47,6 +48,20 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"time_embed\.(timestep|pooled)\.linear_1\.kernel", (None, "embed")),
     (r"time_embed\.(timestep|pooled)\.linear_2\.kernel", ("embed", None)),
     (r"patch_embed\.proj\.kernel", (None, None, None, "embed")),
+)
+
+
+# SD3.5's text encoders (contentv_jax.text_encoders; paths inside one encoder or the three together): T5-XXL's and the
+# CLIPs' width over `fsdp`, their attention heads and feed-forward over `tensor`, embedding tables along their width.
+TEXT_PARAM_AXES: Rules = (
+    (r".*attn\.(q|k|v|q_proj|k_proj|v_proj)\.kernel", ("embed", "heads")),
+    (r".*attn\.(q_proj|k_proj|v_proj)\.bias", ("heads",)),
+    (r".*attn\.(o|out_proj)\.kernel", ("heads", "embed")),
+    (r".*\.(ff\.wi_0|ff\.wi_1|mlp\.fc1)\.kernel", ("embed", "mlp")),
+    (r".*\.mlp\.fc1\.bias", ("mlp",)),
+    (r".*\.(ff\.wo|mlp\.fc2)\.kernel", ("mlp", "embed")),
+    (r"(.*\.)?(shared|text\.token_embedding|text\.position_embedding)\.embedding", (None, "embed")),
+    (r"(.*\.)?text_projection\.kernel", ("embed", None)),
 )
 
 
@@ -70,13 +85,13 @@ STACKED_PARAMS = re.compile(r"blocks\..*")
 LORA_LEAF = re.compile(r"(.*)\.lora_(a|b)")
 
 
-def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+def logical_axes(path: str, ndim: int, rules: Rules = PARAM_AXES) -> tuple[str | None, ...]:
     """Logical axis names of a parameter (None = replicated); unknown paths (norm scales, biases) are replicated."""
     if m := LORA_LEAF.fullmatch(path):
-        *lead, d_in, d_out = logical_axes(f"{m[1]}.kernel", ndim)
+        *lead, d_in, d_out = logical_axes(f"{m[1]}.kernel", ndim, rules)
         return (*lead, d_in, None) if m[2] == "a" else (*lead, None, d_out)
-    stacked = STACKED_PARAMS.fullmatch(path) is not None
-    for pattern, axes in PARAM_AXES:
+    stacked = rules is PARAM_AXES and STACKED_PARAMS.fullmatch(path) is not None
+    for pattern, axes in rules:
         if re.fullmatch(pattern, path):
             axes = ("layers", *axes) if stacked else axes
             if len(axes) != ndim:
@@ -139,22 +154,22 @@ def _dotted(path: tuple) -> str:
     return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def param_shardings(params, mesh: Mesh):
+def param_shardings(params, mesh: Mesh, rules: Rules = PARAM_AXES):
     """NamedSharding for every leaf of a (pure-dict) parameter tree, from the logical axis rules."""
 
     def one(path, leaf):
-        return NamedSharding(mesh, spec_for(logical_axes(_dotted(path), leaf.ndim), leaf.shape, mesh))
+        return NamedSharding(mesh, spec_for(logical_axes(_dotted(path), leaf.ndim, rules), leaf.shape, mesh))
 
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def unsplit_params(params, mesh: Mesh) -> list[str]:
+def unsplit_params(params, mesh: Mesh, rules: Rules = PARAM_AXES) -> list[str]:
     """Parameters a rule asks to split but the mesh axis does not divide (they stay replicated on that axis), as
     "path: dim D (size S) not split over AXIS=N" lines, for the planner's report."""
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = _dotted(path)
-        logical = logical_axes(name, len(leaf.shape))
+        logical = logical_axes(name, len(leaf.shape), rules)
         for dim, axis in _split(logical, leaf.shape, mesh)[1]:
             out.append(f"{name}: dim {dim} (size {leaf.shape[dim]}) not split over {axis}={mesh.shape[axis]}")
     return out

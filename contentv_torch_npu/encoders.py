@@ -15,13 +15,11 @@ import torch
 
 from contentv_common.demo import DEMO_VAE, WordEmbeddingText, demo_text
 from contentv_common.embedding_cache import EmbeddingCache
+from contentv_common.sd3_prompt import T5_MAX_SEQUENCE_LENGTH
+from contentv_common.tiny_models import tiny_vae_weights
 from contentv_common.vae_config import tiny_vae_config
-from contentv_torch_npu.text_encoders import (
-    T5_MAX_SEQUENCE_LENGTH,
-    TextEncoders,
-    load_text_encoders,
-    tiny_text_encoders,
-)
+from contentv_torch_npu.loading import canonical_shapes
+from contentv_torch_npu.text_encoders import TextEncoders, load_text_encoders, tiny_text_encoders
 from contentv_torch_npu.vae import WanVAE, load_vae, save_vae
 
 
@@ -54,6 +52,25 @@ class SD3ImageVAE(torch.nn.Module):
         return latents / self.scaling + self.shift
 
 
+def _latent_channels(vae: WanVAE | SD3ImageVAE) -> int:
+    return vae.latent_channels if isinstance(vae, SD3ImageVAE) else vae.cfg.z_dim
+
+
+@torch.inference_mode()
+def decode_latents(vae: WanVAE | SD3ImageVAE, latents: np.ndarray) -> np.ndarray:
+    """Normalised latents [B, C, f, h, w] -> uint8 frames [B, 1 + 4 (f - 1), 8 h, 8 w, 3], one clip at a time."""
+    latents = np.array(latents, np.float32)  # a writable copy for torch.from_numpy
+    channels, device = _latent_channels(vae), next(vae.parameters()).device
+    if latents.ndim != 5 or latents.shape[1] != channels:
+        raise ValueError(f"latents must be [B, {channels}, f, h, w], got {latents.shape}")
+    out = []
+    for clip in latents:
+        video = vae.decode(vae.denormalize(torch.from_numpy(clip[None]).to(device)))
+        video = ((video.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        out.append(video[0].permute(1, 2, 3, 0).cpu().numpy())
+    return np.stack(out)
+
+
 class Encoders:
     """Text encoders + VAE; numpy in, numpy out. See contentv_torch_npu/encoders.py's module docstring."""
 
@@ -63,7 +80,7 @@ class Encoders:
         self.text = text
         self.vae = vae.eval()
         self.cache = cache
-        self.latent_channels = vae.latent_channels if isinstance(vae, SD3ImageVAE) else vae.cfg.z_dim
+        self.latent_channels = _latent_channels(vae)
         self.text_dim = text.text_dim
         self.pooled_dim = text.pooled_dim
 
@@ -84,18 +101,9 @@ class Encoders:
             out.append(self.vae.normalize(self.vae.encode(video)).float().cpu().numpy())
         return np.concatenate(out)
 
-    @torch.inference_mode()
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:
         """Normalised latents [B, C, f, h, w] -> uint8 frames [B, 1 + 4 (f - 1), 8 h, 8 w, 3], one clip at a time."""
-        latents = np.array(latents, np.float32)  # a writable copy for torch.from_numpy
-        if latents.ndim != 5 or latents.shape[1] != self.latent_channels:
-            raise ValueError(f"latents must be [B, {self.latent_channels}, f, h, w], got {latents.shape}")
-        out = []
-        for clip in latents:
-            video = self.vae.decode(self.vae.denormalize(torch.from_numpy(clip[None]).to(self.device)))
-            video = ((video.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-            out.append(video[0].permute(1, 2, 3, 0).cpu().numpy())
-        return np.stack(out)
+        return decode_latents(self.vae, latents)
 
     def encode_text(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Captions -> (text [B, L, D], pooled [B, P]) float32, through the embedding cache when there is one."""
@@ -116,6 +124,14 @@ def _cache(cache_dir: str | Path | None, text: TextEncoders | WordEmbeddingText)
     return None if cache_dir is None else EmbeddingCache(cache_dir, text.identity)
 
 
+def tiny_vae(seed: int = 0) -> WanVAE:
+    """The tiny encoders' random Wan VAE (contentv_common.tiny_models; the JAX twin's has the same weights)."""
+    vae = WanVAE(tiny_vae_config())
+    weights = tiny_vae_weights(canonical_shapes(vae), seed)
+    vae.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
+    return vae
+
+
 def tiny_encoders(
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -124,10 +140,7 @@ def tiny_encoders(
 ) -> Encoders:
     """Random tiny Wan VAE + CLIP-L/CLIP-G/T5 matching configs/model/tiny.yaml (text 48, pooled 24, 16 channels)."""
     text = tiny_text_encoders(seed, max_sequence_length=max_sequence_length).to(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = WanVAE(tiny_vae_config()).to(device)
-    return Encoders(text, vae, _cache(cache_dir, text))
+    return Encoders(text, tiny_vae(seed).to(device), _cache(cache_dir, text))
 
 
 def demo_encoders(device: str | torch.device = "cpu", cache_dir: str | Path | None = None) -> Encoders:
@@ -148,7 +161,7 @@ def named_encoders(
     return load_encoders(name, device=device, cache_dir=cache_dir)
 
 
-def _load_vae(folder: Path, device: str | torch.device) -> WanVAE | SD3ImageVAE:
+def load_pipeline_vae(folder: Path, device: str | torch.device) -> WanVAE | SD3ImageVAE:
     """ContentV's `AutoencoderKLWan` through our VAE; SD3/SD3.5's 2D `AutoencoderKL` through diffusers."""
     config = folder / "config.json"
     if not config.exists():
@@ -170,4 +183,4 @@ def load_encoders(
     """Text encoders (in `dtype`) and VAE (float32, as ContentV runs it) of a local SD3.5/ContentV pipeline folder."""
     folder = Path(folder)
     text = load_text_encoders(folder, dtype=dtype, device=device, max_sequence_length=max_sequence_length)
-    return Encoders(text, _load_vae(folder / "vae", device), _cache(cache_dir, text))
+    return Encoders(text, load_pipeline_vae(folder / "vae", device), _cache(cache_dir, text))

@@ -5,8 +5,10 @@
     python tools/plan.py --backend torch --recipe R --hbm-gib 64 --json OUT
 
 JAX: compiles the real train step of every bucket and one sampling step (cond/uncond pair batched) at the largest
-bucket (a reward recipe, configs/recipes/reward_*.yaml: its update step, kind "reward", contentv_jax.reward_plan)
-with abstract inputs sharded over the recipe's mesh, built from the target's devices: `tpu:<libtpu topology>`
+bucket (a reward recipe, configs/recipes/reward_*.yaml: its update step, kind "reward", contentv_jax.reward_plan),
+and with `--kinds text` SD3.5's text encoders on that bucket's batch of 333-token prompts (the recipe's pipeline
+folder's encoders, or the official full-size CLIP-L/CLIP-G/T5-XXL when the folder is not here), with abstract inputs
+sharded over the recipe's mesh, built from the target's devices: `tpu:<libtpu topology>`
 (chips = the product, e.g. v5p:4x4x4 = 64; needs `pip install .[tpu]`) or `cpu:N` fake CPU devices. Prints per-device
 argument, temporary, output and aliased bytes, peak, compile time, model FLOPs and fit; lists parameters left
 replicated. `--blocks N` plans a shallower model for quick checks. Torch: contentv_torch_npu.memory_plan.
@@ -33,7 +35,8 @@ from contentv_common.plan_report import GIB, StepPlan, format_table, gib, report
 from contentv_common.recipe import Recipe, check_device_count, load_recipe, parse_override  # noqa: E402
 from contentv_common.reward_recipe import RewardRecipe, is_reward_recipe, load_reward_recipe  # noqa: E402
 
-KINDS = ("train", "sample")
+KINDS = ("train", "sample", "text")
+DEFAULT_KINDS = ("train", "sample")
 
 
 class BadInput(Exception):
@@ -177,14 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the plan here (JSON)")
     parser.add_argument("--backend", choices=("jax", "torch"), default="jax")
     parser.add_argument("--blocks", type=int, help="plan this many transformer blocks instead of the model's")
-    parser.add_argument("--kinds", help="steps to plan, comma-separated: train,sample (default both)")
+    parser.add_argument(
+        "--kinds", help="steps to plan, comma-separated: train,sample,text (default train,sample; text: the encoders)"
+    )
     parser.add_argument("--buckets", help="only these bucket names, comma-separated (e.g. 832x480x121)")
     parser.add_argument("--text-tokens", type=int, default=333, help="text tokens per sample (SD3.5: 333)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides, e.g. mesh.fsdp=8")
     try:
         args = parser.parse_intermixed_args(argv)
         args.kinds_given = args.kinds is not None
-        args.kinds = tuple(k for k in (args.kinds or ",".join(KINDS)).split(",") if k)
+        args.kinds = tuple(k for k in (args.kinds or ",".join(DEFAULT_KINDS)).split(",") if k)
         if not args.kinds or set(args.kinds) - set(KINDS):
             raise BadInput(f"--kinds {','.join(args.kinds)}: choose from {','.join(KINDS)}")
         args.buckets = tuple(args.buckets.split(",")) if args.buckets else None

@@ -5,9 +5,10 @@
     python tools/sample.py --tiny --transformer runs/tiny/final --prompt "a red cat" --frames 9 --size 64x64
     python tools/sample.py --pipeline ContentV-8B --lora runs/lora/adapter.safetensors:0.8 --prompt "a cat"
 
-Encoders (CLIP-L/CLIP-G/T5 + Wan VAE, torch) come from `--pipeline` (a local diffusers folder), `--tiny` (random tiny
-ones, no downloads) or `--demo` (the CPU demo's: a tiny Wan VAE trained on the synthetic set + word embeddings).
-The JAX backend decodes with the JAX Wan VAE (same weights), so it uses torch for text only.
+Encoders (CLIP-L/CLIP-G/T5 + Wan VAE) come from `--pipeline` (a local diffusers folder), `--tiny` (random tiny
+ones, no downloads) or `--demo` (the CPU demo's: a tiny Wan VAE trained on the synthetic set + word embeddings), and
+run in the chosen backend: `--backend jax` needs no torch (Flax text encoders, JAX Wan VAE), except that SD3's 2D
+image VAE (an SD3/SD3.5 image pipeline) exists in torch only and decodes there.
 The transformer is `--transformer` (any folder `load_transformer` reads: diffusers, our torch or our JAX format), else
 `PIPELINE/transformer`, else (with `--tiny` or `--demo`) a random tiny model seeded by `--model-seed`. `--lora
 ADAPTER[:SCALE]` (repeatable; our adapter file or diffusers' SD3 LoRA file) is merged into its weights as it loads,
@@ -29,17 +30,19 @@ from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 
-from contentv_common.checkpoint import detect_format, open_checkpoint
+from contentv_common.checkpoint import detect_format, open_checkpoint, write_torch
 from contentv_common.cli import run_cli
-from contentv_common.config import ConfigError, named_model_config
+from contentv_common.config import ConfigError, ModelConfig, named_model_config
 from contentv_common.lora import Lora, adapted, merged_weight, open_lora, parse_lora_spec
 from contentv_common.param_table import TRANSFORMER_TABLE, inverse_perm
 from contentv_common.recipe import AttentionChoice
 from contentv_common.sampling import SchedulerSettings, draw_noise, latent_shape, read_scheduler_settings
+from contentv_common.sd3_prompt import check_text_widths, read_text_configs
+from contentv_common.tiny_models import random_weights
 from contentv_common.video_io import write_video
 
 if TYPE_CHECKING:
-    from contentv_torch_npu.encoders import Encoders
+    from contentv_jax.encoders import Encoders
 
 DTYPES = ("float32", "bfloat16")
 SHIFT = 3.0  # SD3.5-Large's scheduler shift
@@ -139,16 +142,27 @@ def merge_loras(backend: str, model, loras: list[Lora]) -> None:
     nnx.update(model, nnx.from_flat_state(items))
 
 
-def random_tiny_checkpoint(folder: Path, seed: int) -> Path:
-    """A seeded random tiny transformer in our torch format, so both backends load the very same weights."""
+def transformer_shapes(cfg: ModelConfig, backend: str) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape of the transformer's weights, from `backend`'s abstract model (both give the same)."""
+    if backend == "jax":
+        from contentv_jax.loading import abstract_transformer, canonical_shapes
+
+        return canonical_shapes(abstract_transformer(cfg))
     import torch
 
-    from contentv_torch_npu import Transformer, save_torch
+    from contentv_torch_npu import Transformer
+    from contentv_torch_npu.loading import canonical_shapes
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Transformer(named_model_config("tiny"))
-    return save_torch(folder / "transformer", model)
+    with torch.device("meta"):
+        return canonical_shapes(Transformer(cfg))
+
+
+def random_tiny_checkpoint(folder: Path, seed: int, backend: str = "jax") -> Path:
+    """A seeded random tiny transformer drawn in numpy (contentv_common.tiny_models) in our torch format: the very
+    same weights whichever backend draws them and loads them."""
+    cfg = named_model_config("tiny")
+    weights = random_weights(transformer_shapes(cfg, backend), seed)
+    return write_torch(folder / "transformer", cfg, iter(weights.items()))
 
 
 def sampler(backend: str):
@@ -159,23 +173,48 @@ def sampler(backend: str):
     return sample
 
 
-def latent_decoder(
-    backend: str, encoders: Encoders, pipeline: Path | None, folder: Path
-) -> Callable[[np.ndarray], np.ndarray]:
-    """Normalised latents -> uint8 frames, decoded in `backend`.
+def build_encoders(args: argparse.Namespace) -> Encoders:
+    """The chosen backend's encoders (`--tiny`, `--demo` or `--pipeline`), the same numpy interface in both."""
+    if args.backend == "jax":
+        import jax.numpy as jnp
 
-    JAX loads the JAX Wan VAE from `PIPELINE/vae`, or from the tiny encoders' VAE saved into `folder`: the same
-    weights as the torch one. SD3's 2D image VAE exists in torch only, so image pipelines decode in torch.
-    """
-    from contentv_torch_npu.vae import WanVAE, save_vae
+        from contentv_jax import encoders
 
-    if backend == "torch" or not isinstance(encoders.vae, WanVAE):
+        if args.tiny:
+            return encoders.tiny_encoders(args.encoder_seed, cache_dir=args.cache_dir)
+        if args.demo:
+            return encoders.demo_encoders(cache_dir=args.cache_dir)
+        return encoders.load_encoders(args.pipeline, dtype=jnp.dtype(args.dtype), cache_dir=args.cache_dir)
+    import torch
+
+    from contentv_torch_npu import encoders as torch_encoders
+    from contentv_torch_npu.device import resolve_device
+
+    device = resolve_device(args.device)
+    if args.tiny:
+        return torch_encoders.tiny_encoders(args.encoder_seed, device=device, cache_dir=args.cache_dir)
+    if args.demo:
+        return torch_encoders.demo_encoders(device, cache_dir=args.cache_dir)
+    dtype = getattr(torch, args.dtype)
+    return torch_encoders.load_encoders(args.pipeline, dtype=dtype, device=device, cache_dir=args.cache_dir)
+
+
+def latent_decoder(encoders: Encoders, pipeline: Path | None, device: str) -> Callable[[np.ndarray], np.ndarray]:
+    """Normalised latents -> uint8 frames through the encoders' own VAE; SD3's 2D image VAE (an image pipeline, for
+    which the JAX encoders hold no VAE) exists in torch only, so there it decodes in torch."""
+    if encoders.vae is not None:
         return encoders.decode_latents
-    from contentv_jax.sampling import decode_latents
-    from contentv_jax.vae import load_vae
+    from contentv_torch_npu.device import resolve_device
+    from contentv_torch_npu.encoders import decode_latents, load_pipeline_vae
 
-    source = pipeline / "vae" if pipeline is not None else save_vae(folder / "vae", encoders.vae)
-    return partial(decode_latents, load_vae(source))
+    return partial(decode_latents, load_pipeline_vae(pipeline / "vae", resolve_device(device)))
+
+
+def transformer_config(path: Path) -> ModelConfig:
+    """The checkpoint's ModelConfig, from its config file alone."""
+    if detect_format(path) == "jax":
+        import contentv_jax  # noqa: F401  (registers the JAX format's reader)
+    return open_checkpoint(path).config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,29 +312,21 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = ap.parse_args(argv)
     prompts = read_prompts(args)
     check_args(ap, args, prompts)
-    from contentv_torch_npu.device import resolve_device
-    from contentv_torch_npu.encoders import demo_encoders, load_encoders, tiny_encoders
-
-    device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.transformer
         if path is None and args.pipeline is not None:
             path = args.pipeline / "transformer"
         elif path is None:
-            path = random_tiny_checkpoint(Path(tmp), args.model_seed)
+            path = random_tiny_checkpoint(Path(tmp), args.model_seed, args.backend)
         loras = open_loras(args.lora, path)  # before anything loads: a bad adapter is one line naming its file
-        if args.tiny:
-            encoders = tiny_encoders(args.encoder_seed, device=device, cache_dir=args.cache_dir)
-        elif args.demo:
-            encoders = demo_encoders(device, cache_dir=args.cache_dir)
-        else:
-            import torch
-
-            dtype = getattr(torch, args.dtype)
-            encoders = load_encoders(args.pipeline, dtype=dtype, device=device, cache_dir=args.cache_dir)
+        if args.pipeline is not None:  # widths from the config files, before any weight is read
+            cfg = transformer_config(path)
+            widths = (cfg.joint_attention_dim, cfg.pooled_projection_dim)
+            check_text_widths(read_text_configs(args.pipeline), args.pipeline, *widths)
+        encoders = build_encoders(args)
         model = load_model(args.backend, path, args.dtype, args.device, args.attention)
         merge_loras(args.backend, model, loras)
-        decode = latent_decoder(args.backend, encoders, args.pipeline, Path(tmp))
+        decode = latent_decoder(encoders, args.pipeline, args.device)
     cfg = model.cfg
     if (cfg.joint_attention_dim, cfg.pooled_projection_dim) != (encoders.text_dim, encoders.pooled_dim):
         ap.error(
@@ -315,9 +346,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     except ValueError as e:
         ap.error(str(e))
 
-    text, pooled = encoders.encode_text(prompts)
     guided = args.guidance > 1.0
-    neg_text, neg_pooled = encoders.encode_text([args.negative_prompt]) if guided else (None, None)
+    text, pooled = encoders.encode_text(prompts + [args.negative_prompt] * guided)  # one batch through the encoders
+    neg_text, neg_pooled = (text[-1:], pooled[-1:]) if guided else (None, None)
+    text, pooled = text[: len(prompts)], pooled[: len(prompts)]
     sample = sampler(args.backend)
     noise = initial_noise(args.noise, args.seed, shape, len(prompts), args.dtype)
     written = []

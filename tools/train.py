@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from contentv_common.cli import run_cli  # noqa: E402
-from contentv_common.config import ConfigError  # noqa: E402
+from contentv_common.config import ConfigError, ModelConfig  # noqa: E402
 from contentv_common.data.buckets import BucketBatchSampler  # noqa: E402
 from contentv_common.data.cache import build_cache, cache_is_current, cache_settings, read_index  # noqa: E402
 from contentv_common.data.synthetic import make_synthetic_set  # noqa: E402
@@ -35,6 +35,7 @@ from contentv_common.errors import DataError  # noqa: E402
 from contentv_common.recipe import Recipe, load_recipe, parse_override  # noqa: E402
 from contentv_common.reward_recipe import is_reward_recipe, load_reward_recipe  # noqa: E402
 from contentv_common.run_lock import check_unlocked  # noqa: E402
+from contentv_common.sd3_prompt import check_text_widths, read_text_configs  # noqa: E402
 
 TINY = ROOT / "configs" / "recipes" / "tiny.yaml"
 DEMO_PROMPTS = (
@@ -85,18 +86,29 @@ class MetricsLog:
         return path
 
 
-def load_encoders(name: str, seed: int):
-    """The VAE + text encoders used to build the cache: "tiny" (random), "demo" (trained tiny VAE) or a pipeline."""
-    from contentv_torch_npu.encoders import named_encoders
-
+def load_encoders(name: str, seed: int, backend: str):
+    """The VAE + text encoders that build the cache, in the run's backend: "tiny" (random), "demo" (trained tiny VAE)
+    or a pipeline folder."""
+    if backend == "jax":
+        from contentv_jax.encoders import named_encoders
+    else:
+        from contentv_torch_npu.encoders import named_encoders
     return named_encoders(name, seed)
 
 
-def prepare_data(recipe: Recipe, progress: bool = True) -> None:
+def check_encoder_widths(name: str, cfg: ModelConfig) -> None:
+    """A pipeline's text encoders must give the model's text and pooled widths: ConfigError naming the encoder's
+    config file and key, from config files alone (before any data or weight is read)."""
+    if name not in ("tiny", "demo"):
+        check_text_widths(read_text_configs(name), name, cfg.joint_attention_dim, cfg.pooled_projection_dim)
+
+
+def prepare_data(recipe: Recipe, progress: bool = True, backend: str = "jax") -> None:
     """Make sure the cache matches the recipe: generate the synthetic set if the manifest is missing and it is the
-    demo's, then (re)build the latent/text cache when its settings differ."""
+    demo's, then (re)build the latent/text cache when its settings differ, with the backend's encoders."""
     data = recipe.data
     manifest = Path(data.manifest)
+    check_encoder_widths(data.encoders, recipe.model_config)
     if not manifest.exists() and "synthetic" in manifest.parts:
         make_synthetic_set(manifest.parent, seed=recipe.seed, progress=progress)
     if not manifest.is_file():
@@ -106,7 +118,7 @@ def prepare_data(recipe: Recipe, progress: bool = True) -> None:
         build_cache(
             manifest,
             data.cache_dir,
-            load_encoders(data.encoders, recipe.seed),
+            load_encoders(data.encoders, recipe.seed, backend),
             list(data.buckets),
             data.fps,
             encoders_name=data.encoders,
@@ -152,7 +164,7 @@ def prepare_data_once(recipe: Recipe, backend: str, primary: bool, progress: boo
     """prepare_data in process 0 only. JAX processes wait for it at a barrier; torch ranks (no process group yet)
     until the cache is current, for as long as it takes: torchrun stops every rank if rank 0 fails."""
     if primary:
-        prepare_data(recipe, progress)
+        prepare_data(recipe, progress, backend)
     if backend == "jax":
         from contentv_jax import multihost
 
@@ -281,6 +293,7 @@ def train_reward(path: str, overrides: dict[str, Any], backend: str, progress: b
         primary = multihost.is_primary()
     if primary:
         check_unlocked(recipe.checkpoint.dir)
+    check_encoder_widths(recipe.encoders, recipe.model_config)
     if recipe.data is not None:
         prepare_data_once(recipe, backend, primary, progress)
     if backend == "jax":

@@ -85,8 +85,12 @@ def build_cache(
     fps: float,
     encoders_name: str = "",
     progress: bool = True,
+    text_batch: int = 8,
 ) -> CacheIndex:
-    """Decode, bucket and encode every manifest entry into `cache_dir`; bad entries are skipped and counted."""
+    """Decode, bucket and encode every manifest entry into `cache_dir`; bad entries are skipped and counted.
+
+    Captions go through the text encoders `text_batch` at a time (one batched call, as the accelerator likes it);
+    each sample's file is written once its caption is encoded."""
     cache_dir = Path(cache_dir)
     entries = read_manifest(manifest)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -95,6 +99,17 @@ def build_cache(
     build = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))
     (build / "samples").mkdir()
     index = CacheIndex(samples=[], settings=cache_settings(manifest, buckets, fps, encoders_name))
+    pending: list[tuple[np.ndarray, dict[str, str]]] = []  # encoded latents whose captions wait for the text batch
+
+    def write_pending() -> None:
+        if not pending:
+            return
+        text, pooled = encoders.encode_text([sample["caption"] for _, sample in pending])
+        for i, (latents, sample) in enumerate(pending):
+            _save_atomic(build / sample["file"], {"latents": latents, "text": text[i], "pooled": pooled[i]})
+            index.samples.append(sample)
+        pending.clear()
+
     for entry in tqdm(entries, desc="cache latents", disable=not progress):
         try:
             info = probe(entry)
@@ -110,13 +125,12 @@ def build_cache(
         except ClipError as e:
             index.skipped.append({"path": str(entry.path), "reason": e.reason, "message": str(e)})
             continue
-        latents = encoders.encode_video(clip[None])[0]
-        text, pooled = encoders.encode_text([entry.caption])
-        name = f"samples/{len(index.samples):06d}.safetensors"
-        _save_atomic(build / name, {"latents": latents, "text": text[0], "pooled": pooled[0]})
-        index.samples.append(
-            {"file": name, "bucket": bucket_name(bucket), "caption": entry.caption, "source": str(entry.path)}
-        )
+        name = f"samples/{len(index.samples) + len(pending):06d}.safetensors"
+        sample = {"file": name, "bucket": bucket_name(bucket), "caption": entry.caption, "source": str(entry.path)}
+        pending.append((encoders.encode_video(clip[None])[0], sample))
+        if len(pending) == text_batch:
+            write_pending()
+    write_pending()
     empty_text, empty_pooled = encoders.encode_text([""])
     _save_atomic(build / EMPTY_PROMPT, {"text": empty_text[0], "pooled": empty_pooled[0]})
     (build / INDEX).write_text(

@@ -95,9 +95,12 @@ def test_cache_skips_bad_files_and_reads_back(tmp_path):
     ]
     write_manifest(manifest, rows)
     cache_dir = tmp_path / "cache"
-    index = build_cache(manifest, cache_dir, StandInEncoders(), BUCKETS, fps=8, progress=False)
+    encoders = CountingEncoders()
+    index = build_cache(manifest, cache_dir, encoders, BUCKETS, fps=8, progress=False, text_batch=4)
     assert index.skip_counts == {"corrupt": 1, "too_short": 1, "missing": 1}
     assert len(index.samples) == 6
+    assert encoders.text_batches == [4, 2, 1], "captions encoded 4 at a time, then the empty prompt"
+    assert [s["caption"] for s in index.samples] == [r["caption"] for r in rows[:6]]
     assert cache_is_current(cache_dir, cache_settings(manifest, BUCKETS, 8, ""))
     assert not cache_is_current(cache_dir, cache_settings(manifest, BUCKETS, 4, ""))
     cache = LatentCache(cache_dir, BUCKETS)
@@ -109,6 +112,20 @@ def test_cache_skips_bad_files_and_reads_back(tmp_path):
     expect = StandInEncoders().encode_video(decode_clip(tmp_path / "set" / rows[0]["path"], 8, 9, 64, 64)[None])[0]
     np.testing.assert_allclose(first["latents"], expect, rtol=1e-6)
     np.testing.assert_allclose(cache.empty_text, StandInEncoders().encode_text([""])[0][0])
+    for i in (3, 5):  # each sample's text is its own caption's, batched or not
+        np.testing.assert_allclose(cache.sample(i)["text"], StandInEncoders().encode_text([rows[i]["caption"]])[0][0])
+
+
+class CountingEncoders(StandInEncoders):
+    """Stand-in encoders that record how many captions each text call gets."""
+
+    def __init__(self):
+        super().__init__()
+        self.text_batches: list[int] = []
+
+    def encode_text(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        self.text_batches.append(len(captions))
+        return super().encode_text(captions)
 
 
 class FailingEncoders(StandInEncoders):

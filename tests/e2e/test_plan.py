@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from contentv_common.config import named_model_config
-from contentv_common.flops import transformer_flops
+from contentv_common.flops import text_encoder_flops, transformer_flops
 from contentv_common.plan_report import GIB, StepPlan
+from contentv_common.tiny_models import tiny_text
 from tools import plan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,6 +81,25 @@ def test_a_step_over_the_memory_is_exit_1(tmp_path, monkeypatch):
     doc = json.loads(out.read_text())
     assert doc["fits"] is False and [s["fits"] for s in doc["steps"]] == [False]
     _check_consistent(doc, 1e-6)
+
+
+def test_text_encoders_plan(tmp_path, monkeypatch):
+    """`--kinds text`: the recipe's text encoders (here the tiny ones) encode the largest bucket's batch of 77 + 256
+    token prompts, T5 and CLIP split over fsdp and tensor, prompts over data x fsdp."""
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    out = tmp_path / "plan.json"
+    argv = ["--recipe", str(TINY), "--target", "cpu:8", "--hbm-gib", "1", "--json", str(out), "--kinds", "text"]
+    argv += ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "data.encoders=tiny", NARROW[3]]
+    assert plan.main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["mesh"] == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2} and doc["fits"] is True
+    [step] = doc["steps"]
+    assert (step["kind"], step["bucket"], step["tokens"], step["batch"]) == ("text", "prompts", 333, 4)
+    assert step["flops"] == text_encoder_flops(tiny_text().configs, 77, 256, 4)
+    assert step["argument_bytes"] > 0 and step["temp_bytes"] > 0
+    # per device: one of the 4 prompts' [333, 48] embeddings and [24] pooled (float32) comes out (XLA aligns buffers)
+    one = (333 * 48 + 24) * 4
+    assert one <= step["output_bytes"] < 1.1 * one
 
 
 @pytest.mark.parametrize(

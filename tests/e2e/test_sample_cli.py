@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 
+import contentv_jax.encoders as jax_encoders
 import contentv_jax.sampling as jax_sampling
+import contentv_torch_npu.encoders as torch_encoders
 import contentv_torch_npu.sampling as torch_sampling
 from contentv_common.sampling import draw_noise, latent_shape
 from contentv_common.video_io import read_video
-from contentv_torch_npu.encoders import Encoders, tiny_encoders
 from tools import sample as sample_tool
 
 ARGS = ["--tiny", "--prompt", "a cat walking", "--prompt", "a red dog", "--negative-prompt", "low quality"]
@@ -16,7 +17,8 @@ ARGS += ["--frames", "5", "--size", "32x48", "--steps", "3", "--guidance", "4", 
 
 @pytest.fixture(scope="module")
 def encoders():
-    return tiny_encoders(seed=0)
+    """Each backend's own tiny encoders (the same weights, drawn in numpy)."""
+    return {"jax": jax_encoders.tiny_encoders(seed=0), "torch": torch_encoders.tiny_encoders(seed=0)}
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +27,16 @@ def checkpoint(tmp_path_factory):
 
 
 def test_backends_give_the_same_frames(encoders, checkpoint, rel_err, tmp_path):
-    """Same weights, seed and prompt: JAX and torch latents agree in fp32, and each backend's own Wan VAE decodes them
-    to the same uint8 frames (at most one level apart)."""
-    text, pooled = encoders.encode_text(["a cat walking"])
-    neg_text, neg_pooled = encoders.encode_text(["low quality"])
+    """Same weights, seed and prompt: each backend's own text encoders, transformer and Wan VAE; JAX and torch
+    latents agree in fp32 and decode to the same uint8 frames (at most one level apart)."""
     noise = draw_noise(5, latent_shape(16, frames=5, height=32, width=48))
     frames, latents = {}, {}
     for backend, sample in (("jax", jax_sampling.sample), ("torch", torch_sampling.sample)):
+        text, pooled = encoders[backend].encode_text(["a cat walking"])
+        neg_text, neg_pooled = encoders[backend].encode_text(["low quality"])
         model = sample_tool.load_model(backend, checkpoint, "float32", "cpu")
         latents[backend] = sample(model, noise, text, pooled, neg_text, neg_pooled, 4, 4.0, 3.0, progress=False)
-        frames[backend] = sample_tool.latent_decoder(backend, encoders, None, tmp_path)(latents[backend])
+        frames[backend] = sample_tool.latent_decoder(encoders[backend], None, "cpu")(latents[backend])
     assert rel_err(latents["jax"], latents["torch"]) < 1e-5
     assert frames["jax"].shape == frames["torch"].shape == (1, 5, 32, 48, 3)
     assert frames["jax"].dtype == frames["torch"].dtype == np.uint8
@@ -43,23 +45,23 @@ def test_backends_give_the_same_frames(encoders, checkpoint, rel_err, tmp_path):
 
 
 def test_cli_writes_mp4_for_each_prompt_in_both_backends(tmp_path, checkpoint, monkeypatch):
-    """Both backends write the same videos; the JAX one never calls the torch VAE decoder."""
+    """Both backends write the same videos; the JAX one never touches the torch encoders."""
     videos = {}
     for backend, extra in (("torch", []), ("jax", ["--transformer", str(checkpoint), "--batch-size", "2"])):
         if backend == "jax":
-            monkeypatch.setattr(Encoders, "decode_latents", _torch_decode_forbidden)
+            monkeypatch.setattr(torch_encoders.Encoders, "__init__", _torch_encoders_forbidden)
         paths = sample_tool.main([*ARGS, "--backend", backend, "--out", str(tmp_path / backend), *extra])
         assert [p.name for p in paths] == ["000-a-cat-walking.mp4", "001-a-red-dog.mp4"]
         videos[backend] = [read_video(p) for p in paths]
     for (torch_frames, fps), (jax_frames, _) in zip(videos["torch"], videos["jax"], strict=True):
         assert torch_frames.shape == jax_frames.shape == (5, 32, 48, 3) and fps == 24
-        # the random tiny model (torch, --model-seed 0) and the saved checkpoint are the same weights
+        # the random tiny model (--model-seed 0, drawn in numpy) and the saved checkpoint are the same weights
         assert np.abs(torch_frames.astype(int) - jax_frames.astype(int)).mean() < 1.0
     assert np.abs(videos["jax"][0][0].astype(int) - videos["jax"][1][0].astype(int)).mean() > 1, "prompts differ"
 
 
-def _torch_decode_forbidden(self, latents):
-    raise AssertionError("the JAX backend decoded with the torch VAE")
+def _torch_encoders_forbidden(self, *args, **kwargs):
+    raise AssertionError("the JAX backend built the torch encoders")
 
 
 def test_cli_rejects_bad_arguments(capsys):

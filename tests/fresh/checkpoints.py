@@ -19,6 +19,7 @@ from contentv_common.checkpoint import write_diffusers
 from contentv_common.config import ModelConfig, named_model_config
 from contentv_common.reward_clip_table import CLIP_TABLE, ClipConfig, ClipTowerConfig
 from contentv_common.safetensors_io import AtomicFolder, write_sharded
+from contentv_common.tiny_models import random_weights
 from contentv_common.vae_checkpoint import write_vae_diffusers
 from contentv_common.vae_config import VAEConfig, tiny_vae_config
 
@@ -81,24 +82,6 @@ def _jax_shapes() -> dict[str, dict[str, tuple[int, ...]]]:
         "vae": shapes(vae, vae_table(vae_config())),
         "clip": shapes(clip, CLIP_TABLE),
     }
-
-
-def random_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
-    """fp32 weights that keep activations O(1): fan-in scaled matrices, norms near 1, small biases (none zero)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name in sorted(shapes):
-        shape = shapes[name]
-        if name == "logit_scale":
-            value = np.full(shape, np.log(20.0))
-        elif len(shape) >= 2:
-            value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
-        elif "norm" in name or name.endswith("gamma"):
-            value = 1.0 + 0.1 * rng.standard_normal(shape)
-        else:
-            value = 0.1 * rng.standard_normal(shape)
-        out[name] = value.astype(np.float32)
-    return out
 
 
 def _cast(weights: dict[str, np.ndarray], precision: str):

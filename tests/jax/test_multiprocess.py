@@ -177,14 +177,15 @@ def test_each_process_reads_only_its_rows(reference, monkeypatch):
 
 def test_two_processes_train_like_one(reference, rel_err):
     """Mesh (2,2,2,1) over 2 processes: same losses, same final state; its process 0 builds cache2 (equal to the
-    1-process cache), writes the logs once and exports the weights once, complete; the demo clip is sampled."""
+    1-process cache within float32 rounding), writes the logs once and exports the weights once, complete; the demo clip is sampled."""
     root, ref_losses, ref_state = reference
     launch_two(train_args(root, "two", root / "cache2", (2, 2, 2, 1)), sample=True)
     assert_same_run(logged_losses(root, "two"), ref_losses, final_state(root, "two", (2, 2, 2, 1)), ref_state, rel_err)
     assert read_index(root / "cache2").samples == read_index(root / "cache1").samples
     for f in ["empty_prompt.safetensors", *(s["file"] for s in read_index(root / "cache1").samples)]:
         a, b = load_file(str(root / "cache1" / f)), load_file(str(root / "cache2" / f))
-        assert all(np.array_equal(a[k], b[k]) for k in a), f
+        # the JAX VAE encodes on 8 devices here and on 4 there: XLA:CPU convs split their sums by threads
+        assert all(rel_err(a[k], b[k]) < 1e-6 for k in a), f
     assert not [p.name for p in (root / "cache2").iterdir() if p.name.startswith(".")]  # no build folder left
     logs = root / "two" / "logs"
     assert len(list((logs / "tensorboard").iterdir())) == 1

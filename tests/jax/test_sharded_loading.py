@@ -20,7 +20,7 @@ import contentv_jax
 from contentv_common.checkpoint import open_checkpoint, write_diffusers
 from contentv_common.config import named_model_config
 from contentv_common.recipe import MeshConfig
-from contentv_jax.loading import canonical_tensors, fill_from_source, load_transformer, save_jax, transformer_shardings
+from contentv_jax.loading import canonical_tensors, fill_from_source, load_transformer, model_shardings, save_jax
 from contentv_jax.sharding import make_mesh
 from contentv_jax.transformer import Transformer
 from tools import make_sd35_checkpoint as maker
@@ -56,7 +56,7 @@ def test_every_device_reads_only_its_slice(folder, mesh):
 
     abstract = contentv_jax.loading.abstract_transformer(CFG)
     sharded = fill_from_source(
-        abstract, dataclasses.replace(source, read=counting), shardings=transformer_shardings(abstract, mesh)
+        abstract, dataclasses.replace(source, read=counting), shardings=model_shardings(abstract, mesh)
     )
     whole = load_transformer(folder)
     for name, array in _flat(whole).items():
@@ -72,7 +72,7 @@ def test_jax_format_saves_and_restores_on_the_shards(folder, mesh, tmp_path):
     model = load_transformer(folder, mesh=mesh)
     save_jax(tmp_path / "jax", model)
     restored = load_transformer(tmp_path / "jax", mesh=mesh)
-    shardings = transformer_shardings(contentv_jax.loading.abstract_transformer(CFG), mesh)
+    shardings = model_shardings(contentv_jax.loading.abstract_transformer(CFG), mesh)
     for name, array in _flat(restored).items():
         assert array.sharding.is_equivalent_to(shardings[name], array.ndim), name
     expected = dict(canonical_tensors(load_transformer(folder)))
