@@ -38,12 +38,18 @@ def _losses(folder):
     return [json.loads(line)["loss"] for line in (folder / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_train_resume_is_exact(tiny_dataset, tmp_path):
+def test_train_resume_is_exact(tiny_dataset, tmp_path, monkeypatch):
+    from contentv_torch_npu import train
+
     straight = tmp_path / "straight"
-    records = []
+    records, events = [], []
+    step = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: events.append("start") or step(*a, **k))
     recipe = _recipe(tiny_dataset, straight, steps=4, **{"checkpoint.interval": 2})
-    metrics = run(recipe, device="cpu", progress=False, on_step=records.append)
+    metrics = run(recipe, device="cpu", progress=False, on_step=lambda r: records.append(r) or events.append(r["step"]))
     assert [r["step"] for r in records] == [0, 1, 2, 3] and all(r["batch"] == 2 for r in records)
+    # the host never sits between two steps: step k is read once step k + 1 is started, except before a checkpoint
+    assert events == ["start", "start", 0, 1, "start", "start", 2, 3]
     assert metrics["step"] == 4 and np.isfinite(metrics["loss"])
     assert [p.name for p in sorted((straight / "ckpt").glob("step_*"))] == ["step_00000002", "step_00000004"]
     interrupted = tmp_path / "interrupted"
