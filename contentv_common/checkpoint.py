@@ -150,8 +150,8 @@ Index = tuple[slice, ...]
 
 @dataclass
 class TensorSource:
-    """A checkpoint opened for streaming: config, canonical shapes/dtypes, and a per-tensor iterator (`tensors(skip)`
-leaves out the canonical names in `skip`, unread where the format allows it).
+    """A checkpoint opened for streaming: config, canonical shapes/dtypes, and a per-tensor iterator (the formats on
+    disk take `tensors(skip)`: the canonical names in `skip` are left out, unread where the format allows it).
 
     `config` is the model's config (ModelConfig for transformers; other models, e.g. the VAE, bring their own).
     `read(name, index)`, where the format allows it, reads one slice of one tensor (torch layout) and nothing else:

@@ -201,7 +201,7 @@ def fill_from_source(
 
     with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="place") as pool:
         pending: deque[Future] = deque()
-        for name, array in source.tensors(skip):
+        for name, array in source.tensors(skip) if skip else source.tensors():  # sources in memory take no skip
             pending.append(pool.submit(put, name, array))
             while len(pending) > 2 * COPY_THREADS or (pending and pending[0].done()):
                 pending.popleft().result()  # errors surface here; a few tensors wait at most
