@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tools.disk_speed import direct_read, drop_cache  # noqa: E402
+from tools.disk_speed import combined, direct_read  # noqa: E402
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     jnp.zeros(()).block_until_ready()  # the runtime's own memory belongs to the baseline
     files = checkpoint_files(Path(args.ckpt))
     file_bytes = sum(f.stat().st_size for f in files)
-    disk = direct_read(files)  # leaves the files out of the page cache: the load reads from the disk
+    before = direct_read(files)  # leaves the files out of the page cache: the load reads from the disk
     baseline = rss_bytes()
     t0 = time.perf_counter()
     try:
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     leaves = [v[...] for _, v in nnx.to_flat_state(nnx.state(model))]
     jax.block_until_ready(leaves)
     load_s = time.perf_counter() - t0
+    disk = combined([before, direct_read(files)])
     model_bytes = sum(x.nbytes for x in leaves)
     device_bytes = max(sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == d)
                        for d in mesh.devices.flat)  # fmt: skip
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_s": round(load_s, 1),
         "file_bytes": file_bytes,
         "disk_direct_gb_per_s": round(disk["gb_per_s"], 3),
+        "disk_direct_range_gb_per_s": [round(disk["min"], 3), round(disk["max"], 3)],
         "load_gb_per_s": round(rate(file_bytes, load_s), 3),
         "load_over_disk": round(rate(file_bytes, load_s) / disk["gb_per_s"], 3),
         "load_average": os.getloadavg()[0],
@@ -123,12 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         result["saved_bytes"] = saved_bytes
         result["save_gb_per_s"] = round(rate(saved_bytes, save_s), 3)
         del model, leaves
-        saved_disk = direct_read(saved)
-        drop_cache(saved)
+        saved_before = direct_read(saved)
         t0 = time.perf_counter()
         restored = contentv_jax.load_transformer(args.save_to, jnp.dtype(args.dtype), args.pos_embed, mesh=mesh)
         jax.block_until_ready([v[...] for _, v in nnx.to_flat_state(nnx.state(restored))])
         restore_s = time.perf_counter() - t0
+        saved_disk = combined([saved_before, direct_read(saved)])
         result["restore_s"] = round(restore_s, 1)
         result["restore_disk_direct_gb_per_s"] = round(saved_disk["gb_per_s"], 3)
         result["restore_gb_per_s"] = round(rate(saved_bytes, restore_s), 3)
@@ -141,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         f"peak RSS {result['load_peak_rss_bytes'] / gib:.2f} GiB = {result['load_peak_over_model']}x the model "
         f"(baseline {baseline / gib:.2f} GiB; {result['load_peak_minus_baseline_over_model']}x above it), "
         f"load {result['load_s']} s = {result['load_gb_per_s']} GB/s, {result['load_over_disk']}x the disk's direct "
-        f"read ({result['disk_direct_gb_per_s']} GB/s); load average {result['load_average']:.1f}"
+        f"read ({result['disk_direct_gb_per_s']} GB/s, {disk['min']:.2f}-{disk['max']:.2f} before / after); "
+        f"load average {result['load_average']:.1f}"
     )
     if args.save_to:
         r = result

@@ -4,8 +4,9 @@
 
 The state is the trainer's (contentv_jax.train: fp32 parameters, AdamW moments, EMA, counters) of SD3.5-Large's width
 at `--blocks` blocks, sharded over `fsdp = devices` fake CPU devices. It is saved as a training checkpoint
-(contentv_jax.checkpointing: orbax, then the integrity manifest), synced to the disk, its files read once with
-O_DIRECT (tools/disk_speed.py), then restored from a cold page cache onto the same shardings. Reported: each rate
+(contentv_jax.checkpointing: orbax, then the integrity manifest), synced to the disk, then restored from a cold page
+cache onto the same shardings (the manifest verified first), its files read with O_DIRECT just before and after
+(tools/disk_speed.py). Reported: each rate
 over the disk's direct read, and the peak resident memory during each phase (sampled) over the state's bytes.
 """
 
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tools.bench_load import checkpoint_files, rss_bytes  # noqa: E402
-from tools.disk_speed import direct_read, drop_cache  # noqa: E402
+from tools.disk_speed import combined, direct_read  # noqa: E402
 
 
 class PeakRss:
@@ -81,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     files = checkpoint_files(args.dir)
     file_bytes = sum(f.stat().st_size for f in files)
     del state
-    disk = direct_read(files)
-    drop_cache(files)
+    before = direct_read(files)  # leaves the files out of the page cache
     ckpt = Checkpointer(recipe.checkpoint, writer=False)
     with PeakRss() as restore_rss:
         start = time.perf_counter()
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         jax.block_until_ready(state)
         restore_s = time.perf_counter() - start
     ckpt.close()
+    disk = combined([before, direct_read(files)])
     gb = 1e9
     print(
         f"train state of {args.blocks} SD3.5-Large block(s) over {args.devices} devices: {state_bytes / 2**30:.2f} GiB "

@@ -4,7 +4,8 @@
 the machine keeps its cache), so a load that follows reads from the disk. `direct_read(files)` reads them with
 O_DIRECT (no page cache) in 64 MiB requests from 4 threads into reused buffers: the disk alone, with no memory to
 fault in and no copies, the most any loader could reach. Both are used by tools/bench_load.py and
-tools/smoke_full_size.py, which measure the disk in the same run as the load.
+tools/smoke_full_size.py, which read the files directly just before and just after the load (a shared disk's speed
+drifts) and compare the load with the two together (`combined`).
 """
 
 from __future__ import annotations
@@ -54,3 +55,16 @@ def direct_read(files: list[Path]) -> dict[str, float]:
     seconds = time.perf_counter() - start
     drop_cache(files)
     return {"bytes": total, "seconds": seconds, "gb_per_s": total / seconds / 1e9}
+
+
+def combined(reads: list[dict[str, float]]) -> dict[str, float]:
+    """Several direct reads as one: their bytes over their seconds, with the slowest and fastest rate."""
+    nbytes, seconds = sum(r["bytes"] for r in reads), sum(r["seconds"] for r in reads)
+    rates = [r["gb_per_s"] for r in reads]
+    return {
+        "bytes": nbytes,
+        "seconds": seconds,
+        "gb_per_s": nbytes / seconds / 1e9,
+        "min": min(rates),
+        "max": max(rates),
+    }

@@ -31,7 +31,7 @@ from contentv_common.cli import run_cli  # noqa: E402
 from contentv_common.config import ConfigError  # noqa: E402
 from contentv_common.safetensors_io import CheckpointError  # noqa: E402
 from tools.bench_load import checkpoint_files  # noqa: E402
-from tools.disk_speed import direct_read  # noqa: E402
+from tools.disk_speed import combined, direct_read  # noqa: E402
 
 OTHER = {"jax": ("torch",), "torch": ("jax", "flax")}
 PACKAGE = {"jax": "contentv_jax", "torch": "contentv_torch_npu"}
@@ -115,10 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     rss_imports = peak_rss()
     files = checkpoint_files(args.checkpoint)
     file_bytes = sum(f.stat().st_size for f in files)
-    disk = direct_read(files)  # leaves the files out of the page cache: the load reads from the disk
+    before = direct_read(files)  # leaves the files out of the page cache: the load reads from the disk
     start = time.perf_counter()
     forward = (load_torch if args.backend == "torch" else load_jax)(args.checkpoint, args.dtype, args.pos_embed)
     load_s, rss_load = time.perf_counter() - start, peak_rss()
+    disk = combined([before, direct_read(files)])
     start = time.perf_counter()
     out = forward(x)
     forward_s, rss_forward = time.perf_counter() - start, peak_rss()
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     over = (rss_load - rss_imports) / param_bytes
     load_rate = file_bytes / load_s / 1e9
     print(f"load {load_s:.1f} s = {load_rate:.2f} GB/s = {load_rate / disk['gb_per_s']:.2f}x the disk's direct read "
-          f"({disk['gb_per_s']:.2f} GB/s, {file_bytes / 1e9:.1f} GB in {disk['seconds']:.1f} s; load average "
+          f"({disk['gb_per_s']:.2f} GB/s, {disk['min']:.2f}-{disk['max']:.2f} before / after; load average "
           f"{os.getloadavg()[0]:.1f})")  # fmt: skip
     print(f"peak RSS {rss_load / GIB:.2f} GiB = {rss_load / param_bytes:.2f}x the parameters "
           f"({over:.2f}x over the {rss_imports / GIB:.2f} GiB after imports)")  # fmt: skip
