@@ -13,8 +13,8 @@ medians over all rounds and as 10th percentiles (on a machine shared with other 
 disturbed estimate; the rounds alternate so that drifting load hits both alike).
 
 `--shape stage` trains the narrow 38-head model (38 heads x 8, 2 blocks) on stage 1's first bucket (256x256, 33
-frames: 2,304 image + 333 text tokens, batch 2) with the random tiny encoders; `--shape demo` the demo recipe as it
-is. Data and cache go to `--work` (reused when current).
+frames: 2,304 image + 333 text tokens, batch 1, remat full as the stage recipes) with the random tiny encoders;
+`--shape demo` the demo recipe as it is. Data and cache go to `--work` (reused when current).
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def bench_recipe(shape: str, work: Path, steps: int, overrides: dict[str, Any]) 
             "data.manifest": str(work / "stage" / "synthetic" / "manifest.jsonl"),
             "data.cache_dir": str(work / "stage" / "cache"),
             "data.encoders": "tiny",
-            "data.buckets": [{"width": 256, "height": 256, "frames": 33, "batch_size": 2}],
+            "data.buckets": [{"width": 256, "height": 256, "frames": 33, "batch_size": 1}],
+            "remat": "full",  # as the stage recipes (configs/recipes/contentv_base.yaml)
         }
     else:
         base |= {
