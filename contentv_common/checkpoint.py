@@ -15,7 +15,7 @@ Formats:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,7 +150,8 @@ Index = tuple[slice, ...]
 
 @dataclass
 class TensorSource:
-    """A checkpoint opened for streaming: config, canonical shapes/dtypes, and a per-tensor iterator.
+    """A checkpoint opened for streaming: config, canonical shapes/dtypes, and a per-tensor iterator (the formats on
+    disk take `tensors(skip)`: the canonical names in `skip` are left out, unread where the format allows it).
 
     `config` is the model's config (ModelConfig for transformers; other models, e.g. the VAE, bring their own).
     `read(name, index)`, where the format allows it, reads one slice of one tensor (torch layout) and nothing else:
@@ -161,7 +162,7 @@ class TensorSource:
     config: Any
     shapes: dict[str, tuple[int, ...]]  # canonical name -> torch-layout shape
     dtypes: dict[str, str]
-    tensors: Callable[[], Iterator[tuple[str, np.ndarray]]]  # canonical name, torch-layout array
+    tensors: Callable[..., Iterator[tuple[str, np.ndarray]]]  # (skip=()) -> canonical name, torch-layout array
     read: Callable[[str, Index], np.ndarray] | None = None
 
 
@@ -246,10 +247,10 @@ def stream_source(
     names = {key: canonical[spelled[key]] for key in index}
     keys = {name: key for key, name in names.items()}
 
-    def tensors() -> Iterator[tuple[str, np.ndarray]]:
-        for key, array in iter_tensors(files):
-            if key in names:
-                yield names[key], array
+    def tensors(skip: Iterable[str] = ()) -> Iterator[tuple[str, np.ndarray]]:
+        wanted = set(names) - {keys[name] for name in skip}
+        for key, array in iter_tensors(files, wanted):
+            yield names[key], array
 
     def read(name: str, where: Index) -> np.ndarray:
         return read_slice(index[keys[name]].file, keys[name], where)
@@ -342,9 +343,10 @@ def rank_shards_source(path: Path, config: Any, files: list[Path], table: ParamT
     _, shapes, dtypes = rank_shard_chunks(files)
     names = canonical_keys(list(shapes), table, path, from_diffusers=False)
 
-    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+    def tensors(skip: Iterable[str] = ()) -> Iterator[tuple[str, np.ndarray]]:
         for key, array in iter_rank_shards(files):
-            yield names[key], array
+            if names[key] not in skip:
+                yield names[key], array
 
     return TensorSource(
         path=path,

@@ -15,11 +15,15 @@ import math
 from collections import deque
 from typing import Any
 
+import numpy as np
+
 from contentv_common.recipe import DivergenceConfig
 
 
 class DivergenceGuard:
-    """Skip decisions and counters of one run (host side; the step applies `limits()` itself)."""
+    """Skip decisions and counters of one run, on the host. The training steps decide on the device from `window()`
+    by the same rule (contentv_jax.optim / contentv_torch_npu.optim `guard_limits`) and report what they decided, one
+    step late, to `record`; the reward loops ask `limits()` before each update."""
 
     def __init__(self, cfg: DivergenceConfig, limit: int, state: dict[str, Any] | None = None):
         self.cfg, self.limit = cfg, limit
@@ -37,6 +41,14 @@ class DivergenceGuard:
             self.cfg.spike_factor * sorted(self.losses)[len(self.losses) // 2],
             self.cfg.spike_factor * sorted(self.grad_norms)[len(self.grad_norms) // 2],
         )
+
+    def window(self) -> dict[str, np.ndarray]:
+        """The device-side guard's state: the window's losses and gradient norms as float32 arrays of length
+        `cfg.window`, oldest first and filled from the end, and how many are filled."""
+        n, size = len(self.losses), self.cfg.window
+        losses, norms = np.zeros(size, np.float32), np.zeros(size, np.float32)
+        losses[size - n :], norms[size - n :] = list(self.losses), list(self.grad_norms)
+        return {"losses": losses, "grad_norms": norms, "count": np.asarray(n, np.int32)}
 
     def is_bad(self, loss: float, grad_norm: float) -> bool:
         max_loss, max_norm = self.limits()

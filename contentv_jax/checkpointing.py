@@ -24,6 +24,7 @@ from contentv_common.errors import CheckpointSaveError
 from contentv_common.recipe import CheckpointConfig
 from contentv_common.run_lock import RunLock
 from contentv_common.safetensors_io import CheckpointError
+from contentv_jax.loading import HOST_GB_IN_FLIGHT
 
 TMP_MARK = ".orbax-checkpoint-tmp"
 
@@ -43,6 +44,12 @@ def _agree(step: int | None) -> int | None:
     return None if chosen < 0 else chosen
 
 
+def _onto(target: Any, partial_restore: bool = False) -> ocp.args.PyTreeRestore:
+    """Restore arguments that put every array straight onto the target's shardings."""
+    args = ocp.checkpoint_utils.construct_restore_args(target)
+    return ocp.args.PyTreeRestore(target, restore_args=args, partial_restore=partial_restore)
+
+
 class Checkpointer:
     """One run's checkpoint folder: `save(step, state, data_state)`, `restore(target)` at the newest intact step.
 
@@ -55,10 +62,14 @@ class Checkpointer:
         if self.lock is not None:
             integrity.remove_partial(self.dir, lambda name: TMP_MARK in name)
         self._step = _agree(self._select(writer and self.main))
+        gb = HOST_GB_IN_FLIGHT  # the host stages this much at a time, not a second copy of the state
+        state = ocp.PyTreeCheckpointHandler(
+            save_concurrent_gb=gb, save_device_host_concurrent_gb=gb, restore_concurrent_gb=gb, use_compression=False
+        )  # uncompressed: zstd costs more CPU time than it saves disk time, and the moments barely compress
         self.manager = ocp.CheckpointManager(
             self.dir,
             options=ocp.CheckpointManagerOptions(create=writer, enable_async_checkpointing=False),
-            item_names=("state", "data"),
+            item_handlers={"state": state, "data": ocp.JsonCheckpointHandler()},
         )
 
     def _select(self, writer: bool) -> int | None:
@@ -78,7 +89,7 @@ class Checkpointer:
         try:
             self.manager.save(
                 step,
-                args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+                args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state)),
                 force=True,
             )
             self.manager.wait_until_finished()
@@ -114,9 +125,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.dir}: no checkpoint to restore")
-        out = self._restore(
-            step, ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
-        )
+        out = self._restore(step, ocp.args.Composite(state=_onto(target), data=ocp.args.JsonRestore()))
         return out["state"], out["data"]
 
     def restore_data(self, step: int | None = None) -> dict[str, Any]:
@@ -132,8 +141,7 @@ class Checkpointer:
             raise FileNotFoundError(f"{self.dir}: no checkpoint to start this stage from")
 
         def restore(keys: tuple[str, ...]) -> dict[str, Any]:
-            wanted = {k: target[k] for k in keys}
-            args = ocp.args.Composite(state=ocp.args.PyTreeRestore(wanted, partial_restore=True))
+            args = ocp.args.Composite(state=_onto({k: target[k] for k in keys}, partial_restore=True))
             return self._restore(step, args)["state"]
 
         try:

@@ -1,9 +1,10 @@
 """Weights in and out of the JAX models through the shared parameter tables (no model logic here).
 
 `load_transformer` reads a diffusers transformer folder (the official SD3.5-Large / ContentV-8B layout), our torch
-safetensors folder, or our JAX (orbax) folder. Every parameter is built with `jax.make_array_from_callback`: each
-device reads only its own slice from the safetensors files (or orbax restores straight onto the shards), so no
-whole copy of the model is ever held by one host or one device beyond the one the devices hold together.
+safetensors folder, or our JAX (orbax) folder. Every safetensors tensor is read once (contentv_common's direct
+reader) and copied into page-aligned buffers, one per distinct shard of this host's devices; a leaf goes to its
+devices once its last tensor has arrived (orbax restores straight onto the shards), so the host holds the model once
+plus the tensors being read.
 
 Layout: the transformer stores blocks 0..L-2 stacked (`blocks.*`, leading layer axis) and block L-1 as
 `last_block.*`; checkpoints keep the canonical per-block names `blocks.{i}.*` of contentv_common.param_table.
@@ -12,8 +13,12 @@ Layout: the transformer stores blocks 0..L-2 stacked (`blocks.*`, leading layer 
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Iterator
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +42,7 @@ from contentv_common.checkpoint import (
 )
 from contentv_common.config import ModelConfig
 from contentv_common.param_table import TRANSFORMER_TABLE, Param, ParamTable, inverse_perm, jax_shape
-from contentv_common.safetensors_io import AtomicFolder, CheckpointError
+from contentv_common.safetensors_io import AtomicFolder, CheckpointError, page_aligned
 from contentv_jax import sharding
 from contentv_jax.ops import XLA_ATTENTION, Attention
 from contentv_jax.transformer import Constrain, Transformer, no_constraint
@@ -103,34 +108,68 @@ def canonical_shapes(model: nnx.Module, table: ParamTable = TRANSFORMER_TABLE) -
     }
 
 
-def _read_jax_layout(read, param: Param, where: Index) -> np.ndarray:
-    """A slice given in JAX layout, read from the torch-layout tensor (the index permuted, then the data)."""
-    perm = param.jax_perm
-    if perm is None:
-        return read(param.canonical, where)
-    torch_where = tuple(where[k] for k in inverse_perm(perm))
-    return np.transpose(read(param.canonical, torch_where), perm)
+BLOCK = 128  # rows / columns of a transposing copy's tiles (cache-sized)
+COPY_THREADS = min(8, os.cpu_count() or 1)  # tensors placed at once (numpy copies run without the GIL)
 
 
-def _leaf_array(read, leaf_slots: list[Slot], shape: tuple[int, ...], dtype, where_sharding: Sharding) -> jax.Array:
-    """One model leaf, assembled device by device from the slices each device holds."""
+def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
+    """`dst[...] = src`, cast to `dst`'s dtype, fast: a same-dtype copy moves raw bits (numpy's bf16 loops are slow),
+    and a transposed 2-d source goes tile by tile (a whole-row walk misses the cache on every element)."""
+    if src.dtype == dst.dtype:
+        bits = np.dtype(f"u{src.dtype.itemsize}")
+        dst, src = dst.view(bits), src.view(bits)
+    if src.ndim == 2 and src.strides[0] < src.strides[1]:
+        for i in range(0, src.shape[0], BLOCK):
+            for j in range(0, src.shape[1], BLOCK):
+                np.copyto(dst[i : i + BLOCK, j : j + BLOCK], src[i : i + BLOCK, j : j + BLOCK])
+    else:
+        np.copyto(dst, src)
 
-    def shard(where: Index) -> np.ndarray:
-        if leaf_slots[0].layer is None:
-            part = _read_jax_layout(read, leaf_slots[0].param, where)
-        else:
-            layers = leaf_slots[where[0]]
-            part = np.stack([_read_jax_layout(read, s.param, where[1:]) for s in layers])
-        part = np.asarray(part, dtype=dtype)  # not ascontiguousarray: it turns a scalar into shape (1,)
-        return part if part.flags.c_contiguous else part.copy()
 
-    return jax.make_array_from_callback(shape, where_sharding, shard)
+def host_buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An empty page-aligned array: JAX's CPU devices take such arrays as their buffers without a copy."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer(page_aligned(max(size, 1)), dtype, int(np.prod(shape))).reshape(shape)
 
 
-def _in_memory(source: TensorSource, skip: set[str]):
-    """A slice reader over a source that can only stream (it holds the model once on the host)."""
-    arrays = {k: v for k, v in source.tensors() if k not in skip}
-    return lambda name, where: arrays[name][where]
+class _Staged:
+    """One model leaf assembled on the host as its canonical tensors stream in: a page-aligned buffer per distinct
+    shard of this process's devices, each filled in place (layout change and cast in one copy), then put on the
+    devices once every tensor of the leaf has arrived (JAX's CPU devices keep the buffers as they are). Several
+    threads may `put` tensors of one leaf at once."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, where: Sharding, count: int):
+        self.shape, self.dtype, self.sharding, self.waiting = shape, np.dtype(dtype), where, count
+        self.indices = where.addressable_devices_indices_map(shape)
+        self.buffers: dict[tuple, np.ndarray] = {}
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def _key(index: Index) -> tuple:
+        return tuple((s.start, s.stop) for s in index)
+
+    def put(self, slot: Slot, array: np.ndarray) -> bool:
+        """Copy one canonical tensor (torch layout) into every shard; True once the leaf is complete."""
+        perm = slot.param.jax_perm
+        jax_layout = array if perm is None else np.transpose(array, perm)
+        for index in {self._key(i): i for i in self.indices.values()}.values():
+            key = self._key(index)
+            with self.lock:
+                if key not in self.buffers:
+                    shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, self.shape, strict=True))
+                    self.buffers[key] = host_buffer(shape, self.dtype)
+                dst, part = self.buffers[key], index
+            if slot.layer is not None:  # the layer axis is never split: every shard holds every layer
+                dst, part = dst[slot.layer], index[1:]
+            copy_into(dst, jax_layout[part])
+        with self.lock:
+            self.waiting -= 1
+            return self.waiting == 0
+
+    def array(self) -> jax.Array:
+        shards = [jax.device_put(self.buffers[self._key(i)], d) for d, i in self.indices.items()]
+        self.buffers.clear()  # on an accelerator the host copies go once transferred
+        return jax.make_array_from_single_device_arrays(self.shape, self.sharding, shards)
 
 
 def fill_from_source(
@@ -141,18 +180,35 @@ def fill_from_source(
 ) -> nnx.Module:
     """Materialise an abstract model from a checkpoint, checking every key and shape first (`table` maps names).
 
-    `shardings` (model leaf path -> Sharding; default: the first device) says where each leaf goes; each device
-    reads its own slices when the source allows it.
+    `shardings` (model leaf path -> Sharding; default: the first device) says where each leaf goes. The tensors
+    stream in once (contentv_common.safetensors_io reads at disk speed); each is copied into the shards of this
+    process's devices and dropped, so the host holds the model once plus the tensors being read.
     """
     skip = check_keys(source, canonical_shapes(abstract, table), table)
-    read = source.read or _in_memory(source, skip)
     default = SingleDeviceSharding(jax.local_devices()[0])
     graphdef, state = nnx.split(abstract)
-    items = []
+    staged: dict[tuple, tuple[nnx.Variable, _Staged]] = {}
+    where: dict[str, tuple[tuple, Slot]] = {}
     for path, var, leaf_slots in _leaf_slots(abstract, table):
-        where = (shardings or {}).get(_path(path), default)
-        array = _leaf_array(read, leaf_slots, tuple(var.shape), var.dtype, where)
-        items.append((path, var.replace(array)))
+        leaf = _Staged(tuple(var.shape), var.dtype, (shardings or {}).get(_path(path), default), len(leaf_slots))
+        staged[path] = (var, leaf)
+        where.update({s.param.canonical: (path, s) for s in leaf_slots})
+    arrays = {}
+
+    def put(name: str, array: np.ndarray) -> None:
+        path, slot = where[name]
+        if staged[path][1].put(slot, array):
+            arrays[path] = staged[path][1].array()
+
+    with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="place") as pool:
+        pending: deque[Future] = deque()
+        for name, array in source.tensors(skip) if skip else source.tensors():  # sources in memory take no skip
+            pending.append(pool.submit(put, name, array))
+            while len(pending) > 2 * COPY_THREADS or (pending and pending[0].done()):
+                pending.popleft().result()  # errors surface here; a few tensors wait at most
+        for future in pending:
+            future.result()
+    items = [(path, var.replace(arrays[path])) for path, (var, _) in staged.items()]
     return nnx.merge(graphdef, nnx.from_flat_state(items))
 
 
@@ -244,7 +300,7 @@ def write_jax_params(folder: str | Path, cfg: ModelConfig, params: dict[str, Any
     import orbax.checkpoint as ocp
 
     handler = ocp.PyTreeCheckpointHandler(
-        save_concurrent_gb=HOST_GB_IN_FLIGHT, save_device_host_concurrent_gb=HOST_GB_IN_FLIGHT
+        save_concurrent_gb=HOST_GB_IN_FLIGHT, save_device_host_concurrent_gb=HOST_GB_IN_FLIGHT, use_compression=False
     )
     with AtomicFolder(folder, overwrite) as tmp:
         write_our_config(tmp, cfg)
@@ -326,11 +382,13 @@ def open_jax_source(path: str | Path) -> TensorSource:
             dtypes[s.param.canonical] = str(np.dtype(m.dtype))
             where[s.param.canonical] = (leaf, s)
 
-    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+    def tensors(skip: Iterable[str] = ()) -> Iterator[tuple[str, np.ndarray]]:
         cpu = SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
         target = {k: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=cpu) for k, m in meta.items()}
         params = _restore(path, target)
         for name, (leaf, s) in where.items():
+            if name in skip:
+                continue
             array = params[leaf] if s.layer is None else params[leaf][s.layer]
             array = np.asarray(array)
             if s.param.jax_perm is not None:

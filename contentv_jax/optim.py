@@ -68,6 +68,30 @@ def step_ok(loss: jax.Array, grads: Any, limits: jax.Array | None) -> tuple[jax.
     return ok, grad_norm
 
 
+def guard_limits(window: dict[str, jax.Array], spike_factor: float | None) -> jax.Array:
+    """(max loss, max gradient norm) of contentv_common.divergence's rule, on the device: `spike_factor` x the
+    median of the window's good steps once it is full, else infinite."""
+    if spike_factor is None:
+        return jnp.full((2,), jnp.inf, jnp.float32)
+    size = window["losses"].shape[0]
+    medians = jnp.stack([jnp.sort(window[k])[size // 2] for k in ("losses", "grad_norms")])
+    return jnp.where(window["count"] >= size, spike_factor * medians, jnp.inf)
+
+
+def guard_record(window: dict[str, jax.Array], ok: jax.Array, loss: jax.Array, grad_norm: jax.Array) -> dict:
+    """The window after a step: an applied step's loss and gradient norm pushed in (the oldest out)."""
+
+    def push(values: jax.Array, value: jax.Array) -> jax.Array:
+        return jnp.where(ok, jnp.concatenate([values[1:], value.astype(values.dtype)[None]]), values)
+
+    size = window["losses"].shape[0]
+    return {
+        "losses": push(window["losses"], loss),
+        "grad_norms": push(window["grad_norms"], grad_norm),
+        "count": jnp.minimum(window["count"] + ok.astype(jnp.int32), size),
+    }
+
+
 def keep_if_bad(ok: jax.Array, new: Any, old: Any) -> Any:
     """`new` where the step is applied, else `old`, leaf by leaf."""
     return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)

@@ -1,8 +1,13 @@
 """Flow-matching training of the ContentV transformer in JAX, sharded over a (data, fsdp, sequence, tensor) mesh.
 
-Read top to bottom: the train state, the jitted step (loss, grads, NaN/inf skip, AdamW, EMA: contentv_jax.optim), then
-`run`, the loop with checkpoints and resume. Randomness (noise, sigmas, text dropout) arrives with each batch from
-contentv_jax.data, so the step itself is deterministic and equal on every mesh.
+Read top to bottom: the train state, the jitted step (loss, grads, the divergence guard's skip, AdamW, EMA:
+contentv_jax.optim), then `run`, the loop with checkpoints and resume. Randomness (noise, sigmas, text dropout) arrives
+with each batch from contentv_jax.data, so the step itself is deterministic and equal on every mesh.
+
+The loop never waits on the host between two steps: the step decides on the device whether it is applied (the guard's
+window lives in the state), the next batches are prepared and placed in a background thread
+(contentv_common.prefetch), and step k's metrics are read after step k+1 is dispatched (logged one step late). Only
+checkpoints, evaluations and the last step wait for their step, since they need its state.
 """
 
 from __future__ import annotations
@@ -29,13 +34,14 @@ from contentv_common.evaluation import EVAL_CLIP, eval_batch, eval_clip_inputs, 
 from contentv_common.lora_train import write_adapter_file
 from contentv_common.metrics import MetricsWriter
 from contentv_common.optim import learning_rate
+from contentv_common.prefetch import Prefetcher
 from contentv_common.recipe import Recipe
 from contentv_common.schedules import interpolate, velocity_target
 from contentv_jax import lora, multihost, sharding
 from contentv_jax.checkpointing import Checkpointer, abstract_like
 from contentv_jax.data import make_loader
 from contentv_jax.ops import attention_for
-from contentv_jax.optim import ema, keep_if_bad, make_optimizer, step_ok
+from contentv_jax.optim import ema, guard_limits, guard_record, keep_if_bad, make_optimizer, step_ok
 from contentv_jax.transformer import Transformer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -89,6 +95,7 @@ class Trainer:
         out = {
             "step": replicated,
             "skipped": replicated,
+            "guard": jax.tree.map(lambda _: replicated, state["guard"]),
             "params": self.param_shardings,
             "opt_state": sharding.like_params_shardings(state["opt_state"], trained, self.mesh),
         }
@@ -109,12 +116,23 @@ class Trainer:
         state = {
             "step": jnp.zeros((), jnp.int32),
             "skipped": jnp.zeros((), jnp.int32),
+            "guard": jax.tree.map(jnp.asarray, DivergenceGuard(self.recipe.divergence, limit=0).window()),
             "params": params,
             "opt_state": self.tx.init(trained),
         }
         if self.recipe.optimizer.ema_decay is not None:
             state["ema"] = jax.tree.map(jnp.copy, trained)
         return state
+
+    def with_guard(self, state: dict[str, Any], guard: DivergenceGuard) -> dict[str, Any]:
+        """`state` with the device-side guard set to the host guard's window."""
+        return {**state, "guard": jax.device_put(guard.window(), NamedSharding(self.mesh, PartitionSpec()))}
+
+    @staticmethod
+    def checkpointed(state: dict[str, Any]) -> dict[str, Any]:
+        """What a checkpoint's orbax tree holds: all but the guard's window, which checkpoints keep with the counters
+        in their JSON (`divergence`, as the torch twin's)."""
+        return {k: v for k, v in state.items() if k != "guard"}
 
     def abstract_state(self) -> dict[str, Any]:
         """Shapes, dtypes and shardings of the train state (the restore target; nothing allocated)."""
@@ -206,16 +224,17 @@ class Trainer:
         return {t: float(v) for t, v in zip(timesteps, mean, strict=True)}
 
     def step(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-        """One update; a non-finite loss or gradient, or one above `batch["limits"]` (max loss, max gradient norm:
-        the divergence guard's, when given), leaves params, optimizer and EMA untouched (counted in skipped)."""
+        """One update; a non-finite loss or gradient norm, or one above the divergence guard's limits (from the window
+        in `state["guard"]`), leaves params, optimizer and EMA untouched (counted in skipped)."""
         trained, frozen = self.trained(state["params"])
         loss, grads = jax.value_and_grad(lambda t: self.loss(self._join(t, frozen), batch))(trained)
-        ok, grad_norm = step_ok(loss, grads, batch.get("limits"))
+        ok, grad_norm = step_ok(loss, grads, guard_limits(state["guard"], self.recipe.divergence.spike_factor))
         updates, opt_state = self.tx.update(grads, state["opt_state"], trained)
         trained = keep_if_bad(ok, optax.apply_updates(trained, updates), trained)
         new = {
             "step": state["step"] + 1,
             "skipped": state["skipped"] + (~ok).astype(jnp.int32),
+            "guard": guard_record(state["guard"], ok, loss, grad_norm),
             "params": self._join(trained, frozen),
             "opt_state": keep_if_bad(ok, opt_state, state["opt_state"]),
         }
@@ -273,7 +292,8 @@ def get_trainer(recipe: Recipe, mesh: Mesh) -> Trainer:
     """A Trainer for this recipe and mesh, reused when only data, paths or run length differ (no recompiles
     between stages or resumed runs of the same shapes in one process)."""
     r = recipe
-    key = (r.model_config, r.compute_dtype, r.remat, r.attention, r.optimizer, _schedule_steps(r), r.seed, r.lora, mesh)
+    key = (r.model_config, r.compute_dtype, r.remat, r.attention, r.optimizer, _schedule_steps(r), r.seed, r.lora,
+           r.divergence, mesh)  # fmt: skip
     if key not in _TRAINERS:
         _TRAINERS[key] = Trainer(recipe, mesh)
     return _TRAINERS[key]
@@ -327,6 +347,16 @@ def run(
         ckpt.close()
 
 
+@dataclass
+class _Dispatched:
+    """A step handed to the devices whose metrics the loop has not read yet."""
+
+    step: int
+    metrics: dict[str, jax.Array]
+    batch: int  # global batch size
+    data_state: dict[str, Any]  # the loader's position after this step's batch
+
+
 def _train(
     recipe: Recipe,
     trainer: Trainer,
@@ -337,7 +367,7 @@ def _train(
 ) -> RunResult:
     data_state, guard_state = None, None
     if ckpt.latest_step() is not None:
-        state, data_state = ckpt.restore(trainer.abstract_state())
+        state, data_state = ckpt.restore(trainer.checkpointed(trainer.abstract_state()))
         guard_state = data_state.pop("divergence", None) or {"skipped": int(state["skipped"])}
     else:
         state = trainer.init_state(_initial_params(recipe, trainer.mesh))
@@ -346,61 +376,72 @@ def _train(
             state = {**state, **prev.restore_weights(abstract_like(state))}
             prev.close()
     guard = DivergenceGuard(recipe.divergence, recipe.nan_skip_limit, guard_state)
+    state = trainer.with_guard(state, guard)
     loader = make_loader(recipe, data_state, multihost.batch_shards(trainer.mesh))
     eval_cache = LatentCache(recipe.data.cache_dir, list(recipe.data.buckets)) if recipe.eval.interval else None
     held_out = eval_cache.hold_out(recipe.eval.samples, recipe.seed) if eval_cache else []
     writer = MetricsWriter(recipe.log_dir, recipe.log_interval) if jax.process_index() == 0 else None
     start = int(state["step"])
-    nan_skips = int(state["skipped"])
     end = recipe.steps if stop_after is None else min(stop_after, recipe.steps)
     losses, skipped = {}, []
-    replicated = NamedSharding(trainer.mesh, PartitionSpec())
-    with tqdm(total=end - start, desc="train", disable=not progress) as bar:
-        for step in range(start, end):
-            t0 = time.perf_counter()
-            lr = learning_rate(recipe.optimizer, step - nan_skips, recipe.steps)
-            batch = trainer.device_batch(next(loader))
-            batch["limits"] = jax.device_put(np.asarray(guard.limits(), np.float32), replicated)
-            state, metrics = trainer.jitted_step(state, batch)(state, batch)
-            metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
-            dt = time.perf_counter() - t0
-            guard.record(step, metrics["loss"], metrics["grad_norm"], bool(metrics["ok"]))
-            if metrics["ok"]:
-                losses[step] = metrics["loss"]
-            else:
-                skipped.append(step)
-                nan_skips += 1
-                bar.write(f"step {step}: loss {metrics['loss']} / grad norm {metrics['grad_norm']} non-finite or "
-                          "spiking, skipped")  # fmt: skip
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", step_s=f"{dt:.2f}")
-            bar.update()
-            record = {"step": step, "loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "lr": lr}
-            record.update(skipped=not metrics["ok"], nan_skips=nan_skips, step_time=dt)
-            record["batch"] = int(batch["latents"].shape[0])
+    bar = tqdm(total=end - start, desc="train", disable=not progress)
+    last_read = time.perf_counter()
+
+    def finish(done: _Dispatched) -> None:
+        """Read a dispatched step's metrics (waiting for it), count and log it; stop the run past the skip limit."""
+        nonlocal last_read
+        metrics = {k: v.item() for k, v in jax.device_get(done.metrics).items()}
+        now = time.perf_counter()
+        dt, last_read = now - last_read, now  # the time between two steps' ends: the loop's time per step
+        step, loss, norm, ok = done.step, metrics["loss"], metrics["grad_norm"], bool(metrics["ok"])
+        lr = learning_rate(recipe.optimizer, step - guard.skipped, recipe.steps)
+        guard.record(step, loss, norm, ok)
+        if ok:
+            losses[step] = loss
+        else:
+            skipped.append(step)
+            bar.write(f"step {step}: loss {loss} / grad norm {norm} non-finite or spiking, skipped")
+        bar.set_postfix(loss=f"{loss:.4f}", step_s=f"{dt:.2f}")
+        bar.update()
+        record = {"step": step, "loss": loss, "grad_norm": norm, "lr": lr, "skipped": not ok}
+        record.update(nan_skips=guard.skipped, step_time=dt, batch=done.batch)
+        if writer is not None:
+            writer.step(record)
+        if on_step is not None:
+            on_step(record)
+        if guard.stopped:
+            moved = ckpt.set_aside_from(guard.first_bad_step)
+            aside = f" (set aside: {', '.join(p.name for p in moved)})" if moved else ""
+            last = ckpt.latest_step()
+            where = f"resume point: step {last} in {ckpt.dir}" if last is not None else (
+                f"no checkpoint from before it in {ckpt.dir}")  # fmt: skip
             if writer is not None:
-                writer.step(record)
-            if on_step is not None:
-                on_step(record)
-            if held_out and (step + 1) % recipe.eval.interval == 0:
+                writer.close()
+            raise TrainingStopped(guard.stop_message(where + aside))
+
+    source = ((batch, loader.get_state()) for batch in loader)  # the position after each batch, for checkpoints
+    with bar, Prefetcher(source, lambda item: (trainer.device_batch(item[0]), item[1])) as batches:
+        waiting: _Dispatched | None = None
+        for step in range(start, end):
+            batch, data_after = next(batches)
+            state, metrics = trainer.jitted_step(state, batch)(state, batch)
+            if waiting is not None:
+                finish(waiting)  # step - 1's metrics, read while this step runs
+            waiting = _Dispatched(step, metrics, int(batch["latents"].shape[0]), data_after)
+            evaluate = bool(held_out) and (step + 1) % recipe.eval.interval == 0
+            save = (step + 1) % recipe.checkpoint.interval == 0 or step + 1 == end
+            if not (evaluate or save):
+                continue
+            finish(waiting)  # these need this step's state: the next step waits
+            waiting = None
+            if evaluate:
                 evaluation = trainer.evaluate(state["params"], eval_cache, held_out)
                 if writer is not None:
                     clip = _eval_clip(trainer, state["params"], eval_cache, held_out[0])
                     writer.evaluation(step + 1, evaluation, clip)
-            if guard.stopped:
-                moved = ckpt.set_aside_from(guard.first_bad_step)
-                aside = f" (set aside: {', '.join(p.name for p in moved)})" if moved else ""
-                last = ckpt.latest_step()
-                where = (
-                    f"resume point: step {last} in {ckpt.dir}"
-                    if last is not None
-                    else f"no checkpoint from before it in {ckpt.dir}"
-                )
-                if writer is not None:
-                    writer.close()
-                raise TrainingStopped(guard.stop_message(where + aside))
-            if (step + 1) % recipe.checkpoint.interval == 0 or step + 1 == end:
-                data = {**loader.get_state(), "divergence": guard.state()}
-                ckpt.save(step + 1, state, data, pin_before=guard.first_bad_step)
+            if save:
+                data = {**data_after, "divergence": guard.state()}
+                ckpt.save(step + 1, trainer.checkpointed(state), data, pin_before=guard.first_bad_step)
                 if trainer.lora_plan is not None:
                     _write_adapters(recipe, trainer, state)
     if writer is not None:

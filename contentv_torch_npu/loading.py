@@ -51,9 +51,8 @@ def fill_from_source(
     """Load a checkpoint into a meta-device model, checking every key and shape first (`table` names them)."""
     skip = check_keys(source, canonical_shapes(model), table)
     state = {}
-    for name, array in source.tensors():
-        if name not in skip:
-            state[name] = numpy_to_torch(array).to(dtype)
+    for name, array in source.tensors(skip) if skip else source.tensors():  # sources in memory take no skip
+        state[name] = numpy_to_torch(array).to(dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model
 

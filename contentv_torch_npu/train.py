@@ -8,11 +8,16 @@ the backward pass (activation checkpointing). A non-finite (or, with `divergence
 skipped and counted (contentv_common.divergence, kept in checkpoints); more than `nan_skip_limit` of them stop the run
 (`TrainingStopped`), with the last checkpoint saved before the first bad step as the resume point. The main rank holds
 the checkpoint dir's run lock for the whole run.
+
+The loop never waits on the host between two steps (as the JAX core's): the step decides on the device whether it is
+applied (contentv_torch_npu.optim: fused AdamW's skip flag, the guard's window and the rate as device tensors), the
+next batches are prepared and copied to the device in a background thread (contentv_common.prefetch), and step k's
+metrics are read after step k+1 is started (logged one step late). Checkpoints, evaluations and the last step wait
+for their step.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +37,7 @@ from contentv_common.evaluation import EVAL_CLIP, eval_batch, eval_clip_inputs, 
 from contentv_common.lora_train import initial_adapters, write_adapter_file
 from contentv_common.metrics import MetricsWriter
 from contentv_common.optim import learning_rate
+from contentv_common.prefetch import Prefetcher
 from contentv_common.recipe import Recipe
 from contentv_common.reward_recipe import RewardRecipe
 from contentv_common.run_lock import RunLock, RunLockedError
@@ -49,7 +55,15 @@ from contentv_torch_npu.data import make_loader, open_cache
 from contentv_torch_npu.distributed import Topology, enable_sequence_parallel, init_distributed, shard_model
 from contentv_torch_npu.loading import load_transformer
 from contentv_torch_npu.lora import DTYPES
-from contentv_torch_npu.optim import apply_update, global_grad_norm, make_optimizer, step_ok
+from contentv_torch_npu.optim import (
+    DeviceSchedule,
+    apply_update,
+    device_step_ok,
+    global_grad_norm,
+    guard_limits,
+    guard_record,
+    make_optimizer,
+)
 from contentv_torch_npu.sharded_checkpoint import is_sharded, load_sharded, save_sharded, stream_weights
 from contentv_torch_npu.transformer import Transformer
 
@@ -133,15 +147,15 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     inputs: StepInputs,
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     grad_clip: float | None,
     ema: dict[str, torch.Tensor] | None = None,
     ema_decay: float | None = None,
     topo: Topology | None = None,
-    limits: tuple[float, float] = (math.inf, math.inf),
-) -> tuple[float, float, bool]:
-    """Forward, backward, clip, AdamW, EMA. Returns (loss, grad norm, applied); a step whose loss or gradient norm
-    is non-finite or above `limits` (max loss, max norm) is skipped.
+    limits: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward, backward, clip, AdamW, EMA. Returns (loss, grad norm, applied) as device tensors, nothing read
+    back; a step whose loss or gradient norm is non-finite or above `limits` (max loss, max norm) changes nothing.
 
     Each rank's loss is its rows' mean; FSDP (and HSDP: reduce-scatter over the shard ranks, all-reduce over the
     replicas) averages gradients over all ranks, and the ranks of a sequence-parallel
@@ -155,12 +169,11 @@ def train_step(
     if topo.world > 1:
         dist.all_reduce(stats[:1], op=dist.ReduceOp.SUM)
         stats[0] /= topo.world
-    loss_value, norm_value = (float(v) for v in stats.cpu())
-    applied = step_ok(loss_value, norm_value, limits)
-    if applied:
-        apply_update(model, optimizer, norm_value, lr=lr, grad_clip=grad_clip, ema=ema, ema_decay=ema_decay)
+    loss, norm = stats[0], stats[1]
+    ok = device_step_ok(loss, norm, limits)
+    apply_update(model, optimizer, norm, lr=lr, grad_clip=grad_clip, ema=ema, ema_decay=ema_decay, ok=ok)
     optimizer.zero_grad(set_to_none=True)
-    return loss_value, norm_value, applied
+    return loss, norm, ok
 
 
 def build_model(recipe: Recipe | RewardRecipe, topo: Topology, ops: str = "auto") -> Transformer:
@@ -351,48 +364,74 @@ def _run(
     writer = MetricsWriter(recipe.log_dir, recipe.log_interval) if topo.is_main else None
     loader = iter(make_loader(cache, recipe.data, recipe.seed, position, topo.dp_rank, topo.dp))
     empty = (cache.empty_text, cache.empty_pooled)
+    schedule = DeviceSchedule(recipe.optimizer, recipe.steps, step - guard.skipped, topo.device)
+    window = {k: torch.from_numpy(v).to(topo.device) for k, v in guard.window().items()}
     metrics: dict[str, Any] = {}
     bar = tqdm(total=recipe.steps, initial=step, desc="train (torch)", disable=not (progress and topo.is_main))
-    while step < recipe.steps:
-        batch = next(loader)
-        if batch["batch_index"] != position:
-            raise RuntimeError(f"data loader is at batch {batch['batch_index']}, the trainer expects {position}")
+    last_read = time.perf_counter()
+
+    def prepare(batch: dict[str, Any]) -> tuple[int, int, StepInputs]:
         inputs = step_inputs(recipe, batch, empty)
-        inputs = StepInputs(*(t.to(topo.device) for t in vars(inputs).values()))
-        lr = learning_rate(recipe.optimizer, step - guard.skipped, recipe.steps)
-        start = time.perf_counter()
-        loss, norm, applied = train_step(
-            model, optimizer, inputs, lr=lr, grad_clip=recipe.optimizer.grad_clip, ema=ema, ema_decay=decay, topo=topo,
-            limits=guard.limits(),
-        )  # fmt: skip
-        step_time = time.perf_counter() - start
-        guard.record(step, loss, norm, applied)
+        inputs = StepInputs(*(t.to(topo.device, non_blocking=True) for t in vars(inputs).values()))
+        return batch["batch_index"], batch["global_size"], inputs
+
+    def finish(done: tuple[int, tuple[torch.Tensor, ...], int]) -> dict[str, Any]:
+        """Read a started step's metrics (waiting for it), count and log it; stop the run past the skip limit."""
+        nonlocal last_read
+        at, values, size = done
+        loss, norm, ok = torch.stack([v.float() for v in values]).tolist()
+        now = time.perf_counter()
+        step_time, last_read = now - last_read, now  # the time between two steps' ends: the loop's time per step
+        lr = learning_rate(recipe.optimizer, at - guard.skipped, recipe.steps)
+        guard.record(at, loss, norm, bool(ok))
         counters["nan_skips"] = guard.skipped
-        if not applied and topo.is_main:
-            bar.write(f"step {step}: loss {loss} / grad norm {norm} non-finite or spiking, skipped")
-        record = {"step": step, "loss": loss, "grad_norm": norm, "lr": lr, "skipped": not applied}
-        record.update(nan_skips=counters["nan_skips"], step_time=step_time, batch=batch["global_size"])
+        if not ok and topo.is_main:
+            bar.write(f"step {at}: loss {loss} / grad norm {norm} non-finite or spiking, skipped")
+        record = {"step": at, "loss": loss, "grad_norm": norm, "lr": lr, "skipped": not ok}
+        record.update(nan_skips=counters["nan_skips"], step_time=step_time, batch=size)
         if topo.is_main:
             writer.step(record)
             if on_step is not None:
                 on_step(record)
-        step, position = step + 1, position + 1
-        metrics = {**record, "step": step}
-        if held_out and step % recipe.eval.interval == 0:
-            losses = evaluate(model, cache, held_out, recipe, topo.device)
-            clip = _eval_clip(model, cache, held_out[0], recipe) if topo.world == 1 else None
-            if topo.is_main:
-                writer.evaluation(step, losses, clip)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
         if guard.stopped:
             bar.close()
             if writer is not None:
                 writer.close()
             raise TrainingStopped(guard.stop_message(_keep_resume_point(recipe, guard, topo)))
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if step % recipe.checkpoint.interval == 0 or step == recipe.steps:
-            save()
-    bar.close()
+        return {**record, "step": at + 1}
+
+    with bar, Prefetcher(loader, prepare) as batches:
+        waiting = None
+        while step < recipe.steps:
+            index, size, inputs = next(batches)
+            if index != position:
+                raise RuntimeError(f"data loader is at batch {index}, the trainer expects {position}")
+            limits = guard_limits(window, recipe.divergence.spike_factor)
+            loss, norm, ok = train_step(
+                model, optimizer, inputs, lr=schedule.rate(), grad_clip=recipe.optimizer.grad_clip, ema=ema,
+                ema_decay=decay, topo=topo, limits=limits,
+            )  # fmt: skip
+            schedule.advance(ok)
+            window = guard_record(window, ok, loss, norm)
+            if waiting is not None:
+                metrics = finish(waiting)  # the previous step's, read while this one runs
+            waiting = (step, (loss, norm, ok), size)
+            step, position = step + 1, position + 1
+            evaluating = bool(held_out) and step % recipe.eval.interval == 0
+            checkpoint = step % recipe.checkpoint.interval == 0 or step == recipe.steps
+            if not (evaluating or checkpoint):
+                continue
+            metrics = finish(waiting)  # these need this step's state: the next step waits
+            waiting = None
+            if evaluating:
+                losses = evaluate(model, cache, held_out, recipe, topo.device)
+                clip = _eval_clip(model, cache, held_out[0], recipe) if topo.world == 1 else None
+                if topo.is_main:
+                    writer.evaluation(step, losses, clip)
+            if checkpoint:
+                save()
     if writer is not None:
         writer.close()
     return metrics

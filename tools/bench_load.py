@@ -1,11 +1,14 @@
-"""Benchmark: load a transformer checkpoint onto a mesh of fake CPU devices and report peak host memory.
+"""Benchmark: load a transformer checkpoint onto a mesh of fake CPU devices: speed against the disk, peak host memory.
 
     python tools/bench_load.py CKPT [--devices 8] [--dtype bfloat16] [--pos-embed sincos_3d] [--save-to DIR]
 
-The model is sharded over `fsdp = devices` (contentv_jax.sharding rules) as it is read; the report gives the peak
+First the disk's direct read bandwidth on the checkpoint's own files (tools/disk_speed.py: O_DIRECT, page cache
+dropped), then the load from a cold page cache: the model is sharded over `fsdp = devices` (contentv_jax.sharding
+rules) as it is read. The report gives the load's read rate over the disk's (1.0x is the disk's speed) and the peak
 resident memory of this process (ru_maxrss) over the model's bytes. Every device is this host's memory here, so the
 ideal is 1.0x plus the runtime's own baseline: a loader that held a whole extra copy would show 2x. `--save-to` also
-saves the loaded model in our JAX format (orbax, from the shards) and reports the peak after that.
+saves the loaded model in our JAX format (orbax, from the shards), then loads that folder back (cold, onto the same
+mesh), and reports both against the disk the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +20,21 @@ import resource
 import sys
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tools.disk_speed import combined, direct_read  # noqa: E402
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The files a load reads: the safetensors weights (diffusers / torch format) or everything of an orbax folder."""
+    found = sorted(folder.glob("*.safetensors"))
+    return found or sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def rate(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
 
 
 def rss_bytes() -> int:
@@ -57,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
 
     mesh = make_mesh(MeshConfig(fsdp=args.devices), jax.devices()[: args.devices])
     jnp.zeros(()).block_until_ready()  # the runtime's own memory belongs to the baseline
+    files = checkpoint_files(Path(args.ckpt))
+    file_bytes = sum(f.stat().st_size for f in files)
+    before = direct_read(files)  # leaves the files out of the page cache: the load reads from the disk
     baseline = rss_bytes()
     t0 = time.perf_counter()
     try:
@@ -67,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     leaves = [v[...] for _, v in nnx.to_flat_state(nnx.state(model))]
     jax.block_until_ready(leaves)
     load_s = time.perf_counter() - t0
+    disk = combined([before, direct_read(files)])
     model_bytes = sum(x.nbytes for x in leaves)
     device_bytes = max(sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == d)
                        for d in mesh.devices.flat)  # fmt: skip
@@ -81,24 +103,56 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_rss_bytes": baseline,
         "load_peak_rss_bytes": peak_rss_bytes(),
         "load_s": round(load_s, 1),
+        "file_bytes": file_bytes,
+        "disk_direct_gb_per_s": round(disk["gb_per_s"], 3),
+        "disk_direct_range_gb_per_s": [round(disk["min"], 3), round(disk["max"], 3)],
+        "load_gb_per_s": round(rate(file_bytes, load_s), 3),
+        "load_over_disk": round(rate(file_bytes, load_s) / disk["gb_per_s"], 3),
+        "load_average": os.getloadavg()[0],
     }
     result["load_peak_over_model"] = round(result["load_peak_rss_bytes"] / model_bytes, 3)
     result["load_peak_minus_baseline_over_model"] = round((result["load_peak_rss_bytes"] - baseline) / model_bytes, 3)
     if args.save_to:
         t0 = time.perf_counter()
         contentv_jax.save_jax(args.save_to, model, overwrite=True)
-        result["save_s"] = round(time.perf_counter() - t0, 1)
+        os.sync()  # the bytes on the disk, not in the page cache
+        save_s = time.perf_counter() - t0
+        saved = checkpoint_files(Path(args.save_to))
+        saved_bytes = sum(f.stat().st_size for f in saved)
+        result["save_s"] = round(save_s, 1)
         result["save_peak_rss_bytes"] = peak_rss_bytes()
         result["save_peak_over_model"] = round(result["save_peak_rss_bytes"] / model_bytes, 3)
+        result["saved_bytes"] = saved_bytes
+        result["save_gb_per_s"] = round(rate(saved_bytes, save_s), 3)
+        del model, leaves
+        saved_before = direct_read(saved)
+        t0 = time.perf_counter()
+        restored = contentv_jax.load_transformer(args.save_to, jnp.dtype(args.dtype), args.pos_embed, mesh=mesh)
+        jax.block_until_ready([v[...] for _, v in nnx.to_flat_state(nnx.state(restored))])
+        restore_s = time.perf_counter() - t0
+        saved_disk = combined([saved_before, direct_read(saved)])
+        result["restore_s"] = round(restore_s, 1)
+        result["restore_disk_direct_gb_per_s"] = round(saved_disk["gb_per_s"], 3)
+        result["restore_gb_per_s"] = round(rate(saved_bytes, restore_s), 3)
+        result["restore_over_disk"] = round(rate(saved_bytes, restore_s) / saved_disk["gb_per_s"], 3)
+        result["restore_peak_over_model"] = round(peak_rss_bytes() / model_bytes, 3)
     gib = 2**30
     print(
         f"{result['blocks']} blocks, {result['params'] / 1e9:.2f}B params, {args.dtype} over {args.devices} devices: "
         f"model {model_bytes / gib:.2f} GiB ({device_bytes / gib:.2f} GiB on the fullest device), "
         f"peak RSS {result['load_peak_rss_bytes'] / gib:.2f} GiB = {result['load_peak_over_model']}x the model "
         f"(baseline {baseline / gib:.2f} GiB; {result['load_peak_minus_baseline_over_model']}x above it), "
-        f"load {result['load_s']} s"
-        + (f"; after save {result['save_peak_over_model']}x, {result['save_s']} s" if args.save_to else "")
+        f"load {result['load_s']} s = {result['load_gb_per_s']} GB/s, {result['load_over_disk']}x the disk's direct "
+        f"read ({result['disk_direct_gb_per_s']} GB/s, {disk['min']:.2f}-{disk['max']:.2f} before / after); "
+        f"load average {result['load_average']:.1f}"
     )
+    if args.save_to:
+        r = result
+        print(
+            f"save (orbax) {r['save_s']} s = {r['save_gb_per_s']} GB/s, peak {r['save_peak_over_model']}x; restore "
+            f"{r['restore_s']} s = {r['restore_gb_per_s']} GB/s, {r['restore_over_disk']}x the disk's direct read "
+            f"({r['restore_disk_direct_gb_per_s']} GB/s), peak {r['restore_peak_over_model']}x"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

@@ -3,10 +3,11 @@
     python tools/smoke_full_size.py --backend torch SD3.5-Large/transformer
     python tools/smoke_full_size.py --backend jax SD3.5-Large/transformer --frames 2 --size 8x8 --text-tokens 7
 
-Prints the parameter count and bytes, the load time, the forward time at a few tokens, whether the output is finite,
-and the peak resident memory over the parameters' bytes (the loaders aim at about 1x: the model once plus one tensor),
-then one markdown row for docs/scale.md. Only the chosen framework is imported; exit status 1 if the output is not
-finite, 2 on a bad checkpoint.
+Prints the parameter count and bytes, the load time and its read rate over the disk's direct read bandwidth measured
+just before on the same files (tools/disk_speed.py; the load then reads from a cold page cache), the forward time at a
+few tokens, whether the output is finite, and the peak resident memory over the parameters' bytes (the loaders aim at
+about 1x: the model once plus the tensors being read), then one markdown row for docs/scale.md. Only the chosen
+framework is imported; exit status 1 if the output is not finite, 2 on a bad checkpoint.
 """
 
 from __future__ import annotations
@@ -22,10 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-from contentv_common.checkpoint import POS_TABLE, open_checkpoint
-from contentv_common.cli import run_cli
-from contentv_common.config import ConfigError
-from contentv_common.safetensors_io import CheckpointError
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from contentv_common.checkpoint import POS_TABLE, open_checkpoint  # noqa: E402
+from contentv_common.cli import run_cli  # noqa: E402
+from contentv_common.config import ConfigError  # noqa: E402
+from contentv_common.safetensors_io import CheckpointError  # noqa: E402
+from tools.bench_load import checkpoint_files  # noqa: E402
+from tools.disk_speed import combined, direct_read  # noqa: E402
 
 OTHER = {"jax": ("torch",), "torch": ("jax", "flax")}
 PACKAGE = {"jax": "contentv_jax", "torch": "contentv_torch_npu"}
@@ -107,9 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
     importlib.import_module(PACKAGE[args.backend])  # framework imports are not part of the load time
     rss_imports = peak_rss()
+    files = checkpoint_files(args.checkpoint)
+    file_bytes = sum(f.stat().st_size for f in files)
+    before = direct_read(files)  # leaves the files out of the page cache: the load reads from the disk
     start = time.perf_counter()
     forward = (load_torch if args.backend == "torch" else load_jax)(args.checkpoint, args.dtype, args.pos_embed)
     load_s, rss_load = time.perf_counter() - start, peak_rss()
+    disk = combined([before, direct_read(files)])
     start = time.perf_counter()
     out = forward(x)
     forward_s, rss_forward = time.perf_counter() - start, peak_rss()
@@ -118,11 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.frames * height * width // cfg.patch_size**2
     print(f"{args.backend}: {count / 1e9:.2f}B parameters = {param_bytes / GIB:.2f} GiB in {args.dtype}")
     over = (rss_load - rss_imports) / param_bytes
-    print(f"load {load_s:.1f} s, peak RSS {rss_load / GIB:.2f} GiB = {rss_load / param_bytes:.2f}x the parameters "
+    load_rate = file_bytes / load_s / 1e9
+    print(f"load {load_s:.1f} s = {load_rate:.2f} GB/s = {load_rate / disk['gb_per_s']:.2f}x the disk's direct read "
+          f"({disk['gb_per_s']:.2f} GB/s, {disk['min']:.2f}-{disk['max']:.2f} before / after; load average "
+          f"{os.getloadavg()[0]:.1f})")  # fmt: skip
+    print(f"peak RSS {rss_load / GIB:.2f} GiB = {rss_load / param_bytes:.2f}x the parameters "
           f"({over:.2f}x over the {rss_imports / GIB:.2f} GiB after imports)")  # fmt: skip
     print(f"forward ({tokens} image + {args.text_tokens} text tokens) {forward_s:.1f} s, finite={finite}, "
           f"peak RSS {rss_forward / GIB:.2f} GiB; other framework imported: {other or 'none'}")  # fmt: skip
-    print(f"| {args.backend} | {count / 1e9:.2f}B, {param_bytes / GIB:.1f} GiB | {load_s:.0f} s | "
+    print(f"| {args.backend} | {count / 1e9:.2f}B, {param_bytes / GIB:.1f} GiB | {load_s:.0f} s, "
+          f"{load_rate / disk['gb_per_s']:.2f}x disk ({disk['gb_per_s']:.2f} GB/s) | "
           f"{rss_load / param_bytes:.2f}x | {forward_s:.0f} s, {'finite' if finite else 'NOT finite'} | "
           f"{rss_forward / GIB:.1f} GiB |")  # fmt: skip
     return 0 if finite and not other else 1

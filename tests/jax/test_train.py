@@ -15,7 +15,7 @@ from contentv_common.recipe import MeshConfig, load_recipe
 from contentv_common.safetensors_io import CheckpointError
 from contentv_jax.checkpointing import Checkpointer
 from contentv_jax.sharding import make_mesh
-from contentv_jax.train import TrainingStopped, default_mesh, get_trainer, run
+from contentv_jax.train import Trainer, TrainingStopped, default_mesh, get_trainer, run
 from tests.full_disk import cli_args, train_on_a_full_disk
 from tests.narrow_model import NARROW
 from tests.stand_in_encoders import StandInEncoders
@@ -127,8 +127,20 @@ def test_step_is_the_same_on_every_mesh(cached_set, rel_err):
             assert "all-to-all" in hlo
 
 
-def test_resume_continues_the_exact_loss_trajectory(cached_set):
-    full = run(tiny_recipe(cached_set, "full", steps=6, **{"checkpoint.interval": 3}), progress=False)
+def test_resume_continues_the_exact_loss_trajectory(cached_set, monkeypatch):
+    events = []
+    compiled = Trainer.jitted_step
+
+    def jitted_step(self, state, batch):
+        step = compiled(self, state, batch)
+        return lambda *args: events.append("dispatch") or step(*args)
+
+    monkeypatch.setattr(Trainer, "jitted_step", jitted_step)
+    full_recipe = tiny_recipe(cached_set, "full", steps=6, **{"checkpoint.interval": 3})
+    full = run(full_recipe, progress=False, on_step=lambda r: events.append(r["step"]))
+    monkeypatch.undo()
+    # the host never sits between two steps: step k is read once step k + 1 is dispatched, except before a checkpoint
+    assert events == ["dispatch", "dispatch", 0, "dispatch", 1, 2, "dispatch", "dispatch", 3, "dispatch", 4, 5]
     split_recipe = tiny_recipe(cached_set, "split", steps=6, **{"checkpoint.interval": 3})
     first = run(split_recipe, progress=False, stop_after=3)
     assert sorted(first.losses) == [0, 1, 2]

@@ -38,12 +38,18 @@ def _losses(folder):
     return [json.loads(line)["loss"] for line in (folder / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_train_resume_is_exact(tiny_dataset, tmp_path):
+def test_train_resume_is_exact(tiny_dataset, tmp_path, monkeypatch):
+    from contentv_torch_npu import train
+
     straight = tmp_path / "straight"
-    records = []
+    records, events = [], []
+    step = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: events.append("start") or step(*a, **k))
     recipe = _recipe(tiny_dataset, straight, steps=4, **{"checkpoint.interval": 2})
-    metrics = run(recipe, device="cpu", progress=False, on_step=records.append)
+    metrics = run(recipe, device="cpu", progress=False, on_step=lambda r: records.append(r) or events.append(r["step"]))
     assert [r["step"] for r in records] == [0, 1, 2, 3] and all(r["batch"] == 2 for r in records)
+    # the host never sits between two steps: step k is read once step k + 1 is started, except before a checkpoint
+    assert events == ["start", "start", 0, 1, "start", "start", 2, 3]
     assert metrics["step"] == 4 and np.isfinite(metrics["loss"])
     assert [p.name for p in sorted((straight / "ckpt").glob("step_*"))] == ["step_00000002", "step_00000004"]
     interrupted = tmp_path / "interrupted"
@@ -110,8 +116,10 @@ def test_non_finite_step_changes_nothing():
         torch.randn(2, 5, 48, generator=g), torch.randn(2, 24, generator=g),
     )  # fmt: skip
     loss, norm, applied = train_step(model, optimizer, inputs, lr=1e-3, grad_clip=1.0, ema=ema, ema_decay=0.9)
-    assert not applied and not np.isfinite(loss)
-    assert not optimizer.state and all(p.grad is None for p in model.parameters())
+    assert not applied and not np.isfinite(loss.item())
+    assert all(p.grad is None for p in model.parameters())
+    for state in optimizer.state.values():  # the fused AdamW makes its state, then skips: fresh moments, no step
+        assert state["step"] == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) and torch.equal(ema[n], before[n]), n
 
