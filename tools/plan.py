@@ -113,13 +113,23 @@ def jax_devices(platform: str, topology: str | None, count: int) -> list[Any]:
         ) from None
 
 
+def target_devices(args: argparse.Namespace) -> int:
+    """Devices the plan runs on: `--chips` of the target's, else all of them."""
+    count = parse_target(args.target)[2]
+    if args.chips is not None and not 1 <= args.chips <= count:
+        raise BadInput(f"--chips {args.chips}: the target {args.target} has {count} chips")
+    return count if args.chips is None else args.chips
+
+
 def plan_jax(args: argparse.Namespace, recipe: Recipe, hbm: int) -> tuple[list[StepPlan], dict[str, Any]]:
-    platform, topology, count = parse_target(args.target)
+    platform, topology, total = parse_target(args.target)
+    count = target_devices(args)
     try:
         check_device_count(recipe.mesh, count)
     except ConfigError as e:
-        raise BadInput(f"{args.recipe}: {e} ({args.target})") from None
-    devices = jax_devices(platform, topology, count)
+        chips = "" if args.chips is None else f" --chips {count}"
+        raise BadInput(f"{args.recipe}: {e} ({args.target}{chips})") from None
+    devices = jax_devices(platform, topology, total)[:count]
 
     from contentv_jax.memory_plan import plan_recipe, replicated_params
     from contentv_jax.sharding import make_mesh
@@ -173,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, help="training or reward recipe YAML (configs/recipes/*.yaml)")
     parser.add_argument("--target", help="tpu:<topology> (tpu:v5p:4x4x4, tpu:v6e:8x8) or cpu:<devices>; JAX only")
+    parser.add_argument(
+        "--chips",
+        type=int,
+        help="plan on the first N chips of --target (libtpu's smallest v5p "
+        "topology is one host, 2x2x1: --target tpu:v5p:2x2x1 --chips 1 plans one chip)",
+    )
     parser.add_argument("--hbm-gib", type=float, required=True, help="memory per device to fit in, GiB")
     parser.add_argument("--json", help="write the plan here (JSON)")
     parser.add_argument("--backend", choices=("jax", "torch"), default="jax")
@@ -195,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.backend == "jax" and not args.target:
             raise BadInput("--target is required with --backend jax (e.g. tpu:v5p:4x4x4 or cpu:8)")
         if args.backend == "jax":
-            parse_target(args.target)
+            target_devices(args)
+        elif args.chips is not None:
+            raise BadInput("--chips picks chips of a --target (--backend jax); the torch world is the recipe's mesh")
         if args.json and not Path(args.json).resolve().parent.is_dir():
             raise BadInput(f"--json {args.json}: directory does not exist")
         recipe = load(args)
