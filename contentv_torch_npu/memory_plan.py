@@ -138,9 +138,16 @@ def _tracker(model: Transformer, optimizer: torch.optim.Optimizer, inputs: StepI
     return tracker
 
 
-def plan_buckets(recipe: Recipe, hbm_bytes: int, text_tokens: int = TEXT_TOKENS) -> list[StepPlan]:
+def _local_bytes(tensors) -> int:
+    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
+
+
+def plan_buckets(
+    recipe: Recipe, hbm_bytes: int, text_tokens: int = TEXT_TOKENS
+) -> tuple[list[StepPlan], dict[str, int]]:
     """Trace one train step per bucket as rank 0 of the recipe's mesh (the fake world must be initialised); the
-    model, AdamW (over the trained parameters: all, or the LoRA adapters) and the EMA are built once."""
+    model, AdamW (over the trained parameters: all, or the LoRA adapters) and the EMA are built once. Returns the
+    plans and the rank's train state in bytes (params, optimizer, ema)."""
     mesh, cfg = recipe.mesh, recipe.model_config
     dp, sp = mesh.data * mesh.fsdp, mesh.sequence
     world = dp * sp
@@ -164,7 +171,11 @@ def plan_buckets(recipe: Recipe, hbm_bytes: int, text_tokens: int = TEXT_TOKENS)
         decay = recipe.optimizer.ema_decay
         trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         ema = {n: p.detach().clone() for n, p in trained} if decay is not None else {}
-        ema_bytes = sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in ema.values())
+        ema_bytes = _local_bytes(ema.values())
+        moments = [t for st in optimizer.state.values() for t in st.values() if t.dim() > 0]
+        state_bytes = {"params": _local_bytes(model.parameters()), "optimizer": _local_bytes(moments)}
+        if ema:
+            state_bytes["ema"] = ema_bytes
         build_s = time.perf_counter() - start
         for bucket in recipe.data.buckets:
             start = time.perf_counter()
@@ -194,12 +205,13 @@ def plan_buckets(recipe: Recipe, hbm_bytes: int, text_tokens: int = TEXT_TOKENS)
                     fits=peak <= hbm_bytes,
                 )
             )
-    return plans
+    return plans, state_bytes
 
 
-def plan_recipe(recipe: Recipe, hbm_bytes: int, blocks: int | None = None) -> list[StepPlan]:
+def plan_recipe(recipe: Recipe, hbm_bytes: int, blocks: int | None = None) -> tuple[list[StepPlan], dict[str, int]]:
     """The peak per rank of the train step of every bucket of `recipe` (`blocks` overrides the depth for quick
-    checks). Runs in this process on a fake world of the mesh's size; a mesh the model cannot honour is a ValueError."""
+    checks), and the rank's train state in bytes. Runs in this process on a fake world of the mesh's size; a mesh the
+    model cannot honour is a ValueError."""
     if blocks is not None:
         recipe = dataclasses.replace(recipe, model=recipe.model_config.replace(num_layers=blocks))
     world = recipe.mesh.data * recipe.mesh.fsdp * recipe.mesh.sequence
