@@ -62,19 +62,19 @@ class Entry:
 
 
 def entries(root: Path) -> list[Entry]:
-    """Every stage recipe on 64 v5p chips and in the torch estimate; the one-device LoRA recipes on one v5p chip /
-    one v6e chip and one rank; every reward recipe (the tiny ones aside) on 64 v5p chips (JAX only)."""
+    """The one-device LoRA recipes on one v5p chip / one v6e chip and one rank; every stage recipe on 64 v5p chips
+    and in the torch estimate; every reward recipe (the tiny ones aside) on 64 v5p chips (JAX only)."""
     recipes = root / "configs" / "recipes"
 
     def rel(p: Path) -> str:
         return p.relative_to(root).as_posix()
 
     out = []
-    for stage in sorted(recipes.glob("stage*.yaml")):
-        out += [Entry(rel(stage), "jax", 64, V5P_POD), Entry(rel(stage), "torch", 64)]
     for name, hbm, target in (("lora_8b_480p", 64, V5P_HOST), ("lora_8b_256p", 32, V6E_HOST)):
         recipe = rel(recipes / f"{name}.yaml")
         out += [Entry(recipe, "jax", hbm, target, 1), Entry(recipe, "torch", hbm)]
+    for stage in sorted(recipes.glob("stage*.yaml")):
+        out += [Entry(rel(stage), "jax", 64, V5P_POD), Entry(rel(stage), "torch", 64)]
     rewards = [p for p in sorted(recipes.glob("reward_*.yaml")) if not p.stem.endswith("_tiny")]
     return out + [Entry(rel(p), "jax", 64, V5P_POD) for p in rewards]
 
