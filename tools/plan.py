@@ -189,6 +189,7 @@ def plan_torch(args: argparse.Namespace, recipe: Recipe, hbm: int) -> tuple[list
     except ImportError as e:
         raise BadInput(f"--backend torch: the torch planner is not available ({e})") from None
     plans, state = plan_recipe(recipe, hbm)
+    print(format_table(plans, hbm), flush=True)
     print("state per device (GiB): " + ", ".join(f"{k} {gib(v)}" for k, v in state.items()))
     return plans, {"state_bytes": state}
 
