@@ -128,16 +128,21 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes for the axes (data, fsdp, sequence, tensor); their product is the device count."""
+    """Device mesh sizes for the axes (data, fsdp, sequence, tensor); their product is the device count.
+
+    The train state (weights, optimizer moments, EMA) is sharded over fsdp x sequence (ZeRO-3) and replicated over
+    `data` (hybrid sharding: its all-gathers stay inside one data group); `shard_data: true` shards it over `data`
+    too, for the least memory per device at the cost of all-gathers across data groups."""
 
     data: int = 1
     fsdp: int = 1
     sequence: int = 1
     tensor: int = 1
+    shard_data: bool = False
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            _check(getattr(self, f.name) >= 1, f.name, f"must be >= 1, got {getattr(self, f.name)}")
+        for name in ("data", "fsdp", "sequence", "tensor"):
+            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

@@ -193,6 +193,12 @@ def plan_recipe(
     return plans
 
 
+def state_bytes(recipe: Recipe, mesh: Mesh) -> dict[str, int]:
+    """Per-device bytes of the train state a run keeps between steps: params, opt_state (AdamW), ema (when kept)."""
+    state = get_trainer(recipe, mesh).abstract_state()
+    return {k: argument_bytes(state[k]) for k in ("params", "opt_state", "ema") if k in state}
+
+
 def replicated_params(recipe: Recipe, mesh: Mesh) -> tuple[list[dict[str, Any]], list[str]]:
     """Parameters left whole on every device (name, shape, bytes; largest first), and the "path: dim not split over
     axis" lines of those a sharding rule asks to split but the mesh axis does not divide."""

@@ -22,11 +22,13 @@ from contentv_common.recipe import MeshConfig
 AXES = ("data", "fsdp", "sequence", "tensor")
 BATCH = ("data", "fsdp")
 
-# logical name -> mesh axes; "embed" is the FSDP-sharded model width, "heads"/"mlp" the tensor-parallel dims.
+# logical name -> mesh axes; "embed" is the model width the train state is sharded on (ZeRO-3 over fsdp x sequence:
+# the sequence ranks split the tokens, so they split the weights, moments and EMA too, and a block's weights are
+# all-gathered over both axes before use), "heads"/"mlp" the tensor-parallel dims.
 # Activations: image tokens are split over `sequence` (contentv_jax.ops.Attention re-splits them by heads inside).
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "batch": BATCH,
-    "embed": ("fsdp",),
+    "embed": ("fsdp", "sequence"),
     "heads": ("tensor",),
     "mlp": ("tensor",),
     "tokens": ("sequence",),
@@ -66,14 +68,18 @@ TEXT_PARAM_AXES: Rules = (
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A Mesh with axes (data, fsdp, sequence, tensor); the sizes must multiply to the number of devices."""
+    """A Mesh with axes (data, fsdp, sequence, tensor); the sizes must multiply to the number of devices.
+
+    With `cfg.shard_data` the data axis is folded into fsdp (data 1, fsdp data x fsdp): the batch splits over the
+    same devices in the same order, and the state is sharded over the data ranks as well."""
     devices = list(jax.devices() if devices is None else devices)
     if int(np.prod(cfg.shape)) != len(devices):
         raise ValueError(
             f"mesh: data x fsdp x sequence x tensor = {' x '.join(map(str, cfg.shape))} = {int(np.prod(cfg.shape))} "
             f"does not match the {len(devices)} devices"
         )
-    return Mesh(np.asarray(devices).reshape(cfg.shape), AXES)
+    shape = (1, cfg.data * cfg.fsdp, cfg.sequence, cfg.tensor) if cfg.shard_data else cfg.shape
+    return Mesh(np.asarray(devices).reshape(shape), AXES)
 
 
 # The scanned blocks of contentv_jax.transformer: one leading layer axis, never split (each device keeps its

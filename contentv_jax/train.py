@@ -472,14 +472,14 @@ def _eval_clip(trainer: Trainer, params: dict[str, Any], cache: LatentCache, ind
 
 def _initial_params(recipe: Recipe, mesh: Mesh | None = None) -> dict[str, Any] | None:
     """Pretrained weights from `init_from` (e.g. SD3.5-Large as the video model), or None for random init; with
-    `mesh`, each parameter is read straight onto its shards."""
+    `mesh`, each parameter is read straight onto its shards. A LoRA base is read in `lora.base_dtype` (an 8B base in
+    bf16 is 15 GiB: one device never holds it in fp32)."""
     if recipe.init_from is None:
         return None
     from contentv_jax.loading import load_transformer
 
-    model = load_transformer(
-        Path(recipe.init_from), dtype=jnp.float32, pos_embed=recipe.model_config.pos_embed, mesh=mesh
-    )
+    dtype = DTYPES[recipe.lora.base_dtype] if recipe.lora else jnp.float32
+    model = load_transformer(Path(recipe.init_from), dtype=dtype, pos_embed=recipe.model_config.pos_embed, mesh=mesh)
     if model.cfg != recipe.model_config:
         raise ValueError(f"init_from {recipe.init_from}: model config {model.cfg} differs from the recipe's")
     return nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])

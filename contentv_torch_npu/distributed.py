@@ -3,9 +3,10 @@
 The world is the recipe's mesh `data x fsdp x sequence`, laid out like the JAX mesh (sequence fastest): rank
 `(d * fsdp + f) * sequence + s`. Ranks `[i*sequence, (i+1)*sequence)` form one sequence-parallel group that sees the
 same batch and splits its tokens; the `data x fsdp` groups each load their own slice of the global batch.
-Parameters are replicated over `mesh.data` and sharded over the rest (fsdp and sequence ranks hold the same weights):
-with `data > 1` that is FSDP2's hybrid sharding (HSDP) on a 2-D DeviceMesh (replicate=data, shard=fsdp x sequence),
-pure replication when the shard side has one rank; with `data == 1` plain FSDP over every rank.
+Parameters (with their AdamW moments and EMA) are sharded over fsdp x sequence (ZeRO-3: the sequence ranks split the
+weights as they split the tokens) and replicated over `mesh.data`: with `data > 1` that is FSDP2's hybrid sharding
+(HSDP) on a 2-D DeviceMesh (replicate=data, shard=fsdp x sequence), pure replication when the shard side has one
+rank; with `data == 1` or `mesh.shard_data` plain FSDP over every rank.
 Ulysses works without changing the model's math: forward hooks pad the image and text tokens to a multiple of the
 group size and keep each rank's slice after the embeddings, and gather the image tokens (padding cut off) after the
 output projection; an `Ops` wrapper turns the joint attention into all-to-all (tokens -> heads), full attention for
@@ -91,11 +92,12 @@ def sequence_groups(mesh: MeshConfig) -> list[list[int]]:
 
 
 def shard_mesh_shape(mesh: MeshConfig) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """FSDP2's mesh: (replicate=data, shard=fsdp x sequence) for HSDP when `data > 1`, else 1-D over all ranks."""
+    """FSDP2's mesh: (replicate=data, shard=fsdp x sequence) for HSDP when `data > 1`, else 1-D over all ranks
+    (also with `mesh.shard_data`: the state sharded over every rank)."""
     shard = mesh.fsdp * mesh.sequence
-    if mesh.data > 1:
+    if mesh.data > 1 and not mesh.shard_data:
         return (mesh.data, shard), ("data", "shard")
-    return (shard,), ("shard",)
+    return (mesh.data * shard,), ("shard",)
 
 
 def init_distributed(

@@ -1,10 +1,12 @@
 """Per-rank memory of the torch twin's train step at real size, without accelerators (torchtitan's method).
 
 One process plays rank 0 of the recipe's whole world: a fake process group (`FakeStore`, backend "fake") stands in
-for hccl/nccl, `FakeTensorMode` makes every tensor shape-only, and the real model (all blocks), the real FSDP2 /
-HSDP sharding, Ulysses hooks, autocast, activation checkpointing and AdamW run one train step, with AdamW's moments
-in place as after the first step (the steady state). `FSDPMemTracker` counts the bytes of every live tensor by
-category and keeps the snapshot at the peak. Nothing is allocated, so a 64-rank 8B plan runs on a laptop.
+for hccl/nccl, `FakeTensorMode` makes every tensor shape-only, and the real model (all blocks, LoRA adapters over a
+frozen base when the recipe has `lora`), the real FSDP2 / HSDP sharding (none in a world of one process, as
+contentv_torch_npu.train runs it), Ulysses hooks, autocast, activation checkpointing and AdamW run one train step,
+with AdamW's moments in place as after the first step (the steady state). `FSDPMemTracker` (`MemTracker` for one
+process) counts the bytes of every live tensor by category and keeps the snapshot at the peak. Nothing is allocated,
+so a 64-rank 8B plan runs on a laptop.
 
 What the count leaves out: the caching allocator's rounding and fragmentation, the communication library's buffers,
 and the fused NPU attention's saved softmax statistics (`[B, heads, S, 8]` twice in fp32 per block; the CPU trace
@@ -18,9 +20,12 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from contentv_common.flops import image_tokens, transformer_flops
@@ -34,26 +39,33 @@ from contentv_torch_npu.distributed import (
     shard_mesh_shape,
     shard_model,
 )
+from contentv_torch_npu.lora import add_adapters
 from contentv_torch_npu.optim import global_grad_norm, make_optimizer
 from contentv_torch_npu.train import DTYPES, StepInputs, flow_matching_loss
 from contentv_torch_npu.transformer import Transformer
 
 TEXT_TOKENS = 333
-_STATE = ("SHARDED_PARAM", "BUFFER", "OPT", "INP")  # tracker categories that persist between steps
+# tracker categories that persist between steps: FSDPMemTracker's (sharded world) and MemTracker's (one process,
+# where the step's inputs are tracked as "Other")
+_STATE = ("SHARDED_PARAM", "BUFFER", "OPT", "INP", "PARAM", "OTH")
 
 
-def _step(model: Transformer, optimizer: torch.optim.Optimizer, ema: dict, inputs: StepInputs, sp: int) -> None:
+def _step(
+    model: Transformer, optimizer: torch.optim.Optimizer, ema: dict, decay: float, inputs: StepInputs, sp: int
+) -> None:
     """contentv_torch_npu.train.train_step without its host syncs (a fake tensor has no value): forward, backward,
-    global norm, clip, AdamW, EMA, zero_grad; the same tensors live at the same time."""
+    global norm, clip, AdamW, EMA of the trained parameters, zero_grad; the same tensors live at the same time."""
     loss = flow_matching_loss(model, inputs)
     (loss * sp).backward()
     scale = (1.0 / global_grad_norm(model).clamp(min=1.0)).to(loss.device)
     for p in model.parameters():
-        p.grad.mul_(scale)
+        if p.grad is not None:
+            p.grad.mul_(scale)
     optimizer.step()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            ema[name].mul_(0.999).add_(p.detach(), alpha=0.001)
+            if name in ema:
+                ema[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -74,41 +86,103 @@ def _tokens(cfg, bucket: BucketConfig) -> int:
     return image_tokens(cfg, *latent_shape(cfg.in_channels, bucket.frames, bucket.height, bucket.width)[2:])
 
 
-def plan_buckets(recipe: Recipe, hbm_bytes: int, text_tokens: int = TEXT_TOKENS) -> list[StepPlan]:
+def _build(recipe: Recipe, world: int, groups: list[dist.ProcessGroup], device_mesh: DeviceMesh | None) -> Transformer:
+    """The model as contentv_torch_npu.train builds it (LoRA adapters added, Ulysses hooks over `groups[0]`, FSDP2 /
+    HSDP over `device_mesh` in a world of more than one rank), built on the meta device and materialised as fake
+    tensors (call under FakeTensorMode; the process groups and the mesh are made outside it)."""
+    with torch.device("meta"):
+        model = Transformer(
+            recipe.model_config,
+            compute_dtype=DTYPES[recipe.compute_dtype],
+            ops="torch",
+            gradient_checkpointing=recipe.remat != "none",
+        )
+    if recipe.lora is not None:
+        add_adapters(model, recipe.lora, recipe.seed)  # on meta: frozen base in lora.base_dtype, fp32 adapters
+    if groups:
+        enable_sequence_parallel(model, groups[0], "cpu")
+    if device_mesh is not None:
+        return shard_model(model, device_mesh).to_empty(device="cpu")
+    for module in model.modules():  # to_empty cannot swap a plain module's meta parameters for fake ones
+        for name, p in module.named_parameters(recurse=False):
+            setattr(module, name, nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad))
+        for name, b in module.named_buffers(recurse=False):
+            setattr(module, name, torch.empty_like(b, device="cpu"))
+    return model
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+class _OneProcessTracker(MemTracker):
+    """MemTracker for a model that is not FSDP-sharded. It registers a gradient hook on every parameter it meets,
+    which a frozen one (a LoRA base) refuses: those are marked as hooked already."""
+
+    def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True) -> tuple[int, int]:
+        for p in module.parameters():
+            if not p.requires_grad:
+                self._param_to_grad_hook_handles.setdefault(p, (_NoHook(), _NoHook()))
+        return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+
+def _tracker(model: Transformer, optimizer: torch.optim.Optimizer, inputs: StepInputs, world: int) -> MemTracker:
+    tensors = tuple(vars(inputs).values())
+    if world == 1:
+        tracker = _OneProcessTracker()
+        tracker.track_external(model, optimizer, *tensors)
+        return tracker
+    tracker = FSDPMemTracker(model, optimizer)
+    tracker.track_inputs(tensors)
+    return tracker
+
+
+def _local_bytes(tensors) -> int:
+    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
+
+
+def plan_buckets(
+    recipe: Recipe, hbm_bytes: int, text_tokens: int = TEXT_TOKENS
+) -> tuple[list[StepPlan], dict[str, int]]:
     """Trace one train step per bucket as rank 0 of the recipe's mesh (the fake world must be initialised); the
-    sharded model, AdamW and EMA are built once."""
+    model, AdamW (over the trained parameters: all, or the LoRA adapters) and the EMA are built once. Returns the
+    plans and the rank's train state in bytes (params, optimizer, ema)."""
     mesh, cfg = recipe.mesh, recipe.model_config
     dp, sp = mesh.data * mesh.fsdp, mesh.sequence
+    world = dp * sp
     for bucket in recipe.data.buckets:
         if bucket.batch_size % dp:
             raise ValueError(f"bucket {bucket.name}: batch_size {bucket.batch_size} does not split over {dp} ranks")
     start = time.perf_counter()
-    shape, names = shard_mesh_shape(mesh)
-    device_mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
     groups = [dist.new_group(ranks) for ranks in sequence_groups(mesh)] if sp > 1 else []
+    device_mesh = None
+    if world > 1:
+        shape, names = shard_mesh_shape(mesh)
+        device_mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
     plans = []
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model = Transformer(
-            cfg, compute_dtype=DTYPES[recipe.compute_dtype], ops="torch", gradient_checkpointing=recipe.remat != "none"
-        )
-        if sp > 1:
-            enable_sequence_parallel(model, groups[0], "cpu")
-        shard_model(model, device_mesh)
+        model = _build(recipe, world, groups, device_mesh)
         optimizer = make_optimizer(model, recipe.optimizer)
-        for p in model.parameters():  # AdamW's state as after its first step, so one traced step is the steady one
-            optimizer.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p)}
-            optimizer.state[p]["exp_avg_sq"] = torch.zeros_like(p)
-        ema = {n: p.detach().clone() for n, p in model.named_parameters()}
-        ema_bytes = sum(t.to_local().nbytes for t in ema.values())
+        for group in optimizer.param_groups:  # AdamW's state as after its first step: one traced step is the steady one
+            for p in group["params"]:
+                optimizer.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p)}
+                optimizer.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+        decay = recipe.optimizer.ema_decay
+        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        ema = {n: p.detach().clone() for n, p in trained} if decay is not None else {}
+        ema_bytes = _local_bytes(ema.values())
+        moments = [t for st in optimizer.state.values() for t in st.values() if t.dim() > 0]
+        state_bytes = {"params": _local_bytes(model.parameters()), "optimizer": _local_bytes(moments)}
+        if ema:
+            state_bytes["ema"] = ema_bytes
         build_s = time.perf_counter() - start
         for bucket in recipe.data.buckets:
             start = time.perf_counter()
             inputs = _inputs(recipe, bucket, bucket.batch_size // dp, text_tokens)
-            tracker = FSDPMemTracker(model, optimizer)
-            tracker.track_external(optimizer)
-            tracker.track_inputs(tuple(vars(inputs).values()))
+            tracker = _tracker(model, optimizer, inputs, world)
             with tracker:
-                _step(model, optimizer, ema, inputs, sp)
+                _step(model, optimizer, ema, decay or 0.0, inputs, sp)
             snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()))
             by_name = {getattr(k, "name", str(k)): v for k, v in snapshot.items()}
             state = sum(by_name.get(k, 0) for k in _STATE) + ema_bytes
@@ -131,12 +205,13 @@ def plan_buckets(recipe: Recipe, hbm_bytes: int, text_tokens: int = TEXT_TOKENS)
                     fits=peak <= hbm_bytes,
                 )
             )
-    return plans
+    return plans, state_bytes
 
 
-def plan_recipe(recipe: Recipe, hbm_bytes: int, blocks: int | None = None) -> list[StepPlan]:
+def plan_recipe(recipe: Recipe, hbm_bytes: int, blocks: int | None = None) -> tuple[list[StepPlan], dict[str, int]]:
     """The peak per rank of the train step of every bucket of `recipe` (`blocks` overrides the depth for quick
-    checks). Runs in this process on a fake world of the mesh's size; a mesh the model cannot honour is a ValueError."""
+    checks), and the rank's train state in bytes. Runs in this process on a fake world of the mesh's size; a mesh the
+    model cannot honour is a ValueError."""
     if blocks is not None:
         recipe = dataclasses.replace(recipe, model=recipe.model_config.replace(num_layers=blocks))
     world = recipe.mesh.data * recipe.mesh.fsdp * recipe.mesh.sequence

@@ -192,7 +192,8 @@ def build_model(recipe: Recipe | RewardRecipe, topo: Topology, ops: str = "auto"
             raise ValueError(f"init_from {recipe.init_from}: model config {source_cfg} differs from the recipe's {cfg}")
         if topo.world == 1:
             compute = {"compute_dtype": kwargs["compute_dtype"], "ops": ops}
-            model = load_transformer(recipe.init_from, torch.float32, cfg.pos_embed, device=topo.device, **compute)
+            dtype = DTYPES[recipe.lora.base_dtype] if recipe.lora else torch.float32  # a LoRA base never in fp32
+            model = load_transformer(recipe.init_from, dtype, cfg.pos_embed, device=topo.device, **compute)
             model.gradient_checkpointing = kwargs["gradient_checkpointing"]
             adapt(model)
             return model

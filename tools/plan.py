@@ -3,6 +3,8 @@
     python tools/plan.py --recipe R --target tpu:v5p:4x4x4 --hbm-gib 64 --json OUT [--blocks N] [key=value ...]
     python tools/plan.py --recipe R --target cpu:8 --hbm-gib 16
     python tools/plan.py --backend torch --recipe R --hbm-gib 64 --json OUT
+    python tools/plan.py --recipe R --target tpu:v5p:2x2x1 --chips 1 --hbm-gib 64      # one chip of a host
+    python tools/plan.py --all [--check | --force]                                    # docs/scale.md's table
 
 JAX: compiles the real train step of every bucket and one sampling step (cond/uncond pair batched) at the largest
 bucket (a reward recipe, configs/recipes/reward_*.yaml: its update step, kind "reward", contentv_jax.reward_plan),
@@ -13,7 +15,12 @@ sharded over the recipe's mesh, built from the target's devices: `tpu:<libtpu to
 argument, temporary, output and aliased bytes, peak, compile time, model FLOPs and fit; lists parameters left
 replicated. `--blocks N` plans a shallower model for quick checks. Torch: contentv_torch_npu.memory_plan.
 
-Exit status: 0 when every step fits, 1 when one does not, 2 on bad input (one line on stderr, before any compile).
+`--all` plans every entry of docs/scale.md's table (contentv_common.plan_table: every bucket of every stage and
+reward recipe on 64 v5p chips and in the torch estimate, the one-device LoRA recipes) whose JSON in docs/plans/ is
+missing or stale (`--force`: all of them), one subprocess each, then rewrites the table; `--check` only lists them.
+
+Exit status: 0 when every step fits, 1 when one does not, 2 on bad input (one line on stderr, before any compile);
+`--all`: 0 when every plan ran and fits, 1 otherwise; `--all --check`: 0 when no plan is missing or stale.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -30,6 +38,7 @@ from typing import Any, NoReturn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from contentv_common import plan_table  # noqa: E402
 from contentv_common.config import ConfigError  # noqa: E402
 from contentv_common.plan_report import GIB, StepPlan, format_table, gib, report  # noqa: E402
 from contentv_common.recipe import Recipe, check_device_count, load_recipe, parse_override  # noqa: E402
@@ -37,6 +46,7 @@ from contentv_common.reward_recipe import RewardRecipe, is_reward_recipe, load_r
 
 KINDS = ("train", "sample", "text")
 DEFAULT_KINDS = ("train", "sample")
+SCALE_DOC = ROOT / "docs" / "scale.md"
 
 
 class BadInput(Exception):
@@ -116,15 +126,25 @@ def jax_devices(platform: str, topology: str | None, count: int) -> list[Any]:
         ) from None
 
 
+def target_devices(args: argparse.Namespace) -> int:
+    """Devices the plan runs on: `--chips` of the target's, else all of them."""
+    count = parse_target(args.target)[2]
+    if args.chips is not None and not 1 <= args.chips <= count:
+        raise BadInput(f"--chips {args.chips}: the target {args.target} has {count} chips")
+    return count if args.chips is None else args.chips
+
+
 def plan_jax(args: argparse.Namespace, recipe: Recipe, hbm: int) -> tuple[list[StepPlan], dict[str, Any]]:
-    platform, topology, count = parse_target(args.target)
+    platform, topology, total = parse_target(args.target)
+    count = target_devices(args)
     try:
         check_device_count(recipe.mesh, count)
     except ConfigError as e:
-        raise BadInput(f"{args.recipe}: {e} ({args.target})") from None
-    devices = jax_devices(platform, topology, count)
+        chips = "" if args.chips is None else f" --chips {count}"
+        raise BadInput(f"{args.recipe}: {e} ({args.target}{chips})") from None
+    devices = jax_devices(platform, topology, total)[:count]
 
-    from contentv_jax.memory_plan import plan_recipe, replicated_params
+    from contentv_jax.memory_plan import plan_recipe, replicated_params, state_bytes
     from contentv_jax.sharding import make_mesh
 
     mesh = make_mesh(recipe.mesh, devices)
@@ -138,6 +158,8 @@ def plan_jax(args: argparse.Namespace, recipe: Recipe, hbm: int) -> tuple[list[S
         )
     except ValueError as e:  # a shape the mesh cannot split (contentv_jax.sharding names the dimension and axis)
         raise BadInput(f"{args.recipe}: {e}") from None
+    state = state_bytes(recipe, mesh)
+    print("state per device (GiB): " + ", ".join(f"{k} {gib(v)}" for k, v in state.items()))
     replicated, unsplit = replicated_params(recipe, mesh)
     total = sum(r["bytes"] for r in replicated)
     print(f"{len(replicated)} parameters left whole on every device ({gib(total)} GiB), largest:")
@@ -146,7 +168,7 @@ def plan_jax(args: argparse.Namespace, recipe: Recipe, hbm: int) -> tuple[list[S
     print(f"{len(unsplit)} parameter dimensions a rule splits but the mesh does not divide:")
     for line in unsplit[:5]:
         print(f"  {line}")
-    meta = {"target": args.target, "devices": count, "device_kind": devices[0].device_kind}
+    meta = {"target": args.target, "devices": count, "device_kind": devices[0].device_kind, "state_bytes": state}
     return plans, {**meta, "replicated_params": replicated, "replicated_bytes": total, "unsplit_params": unsplit}
 
 
@@ -169,14 +191,23 @@ def plan_torch(args: argparse.Namespace, recipe: Recipe, hbm: int) -> tuple[list
         from contentv_torch_npu.memory_plan import plan_recipe
     except ImportError as e:
         raise BadInput(f"--backend torch: the torch planner is not available ({e})") from None
-    return plan_recipe(recipe, hbm), {}
+    plans, state = plan_recipe(recipe, hbm)
+    print(format_table(plans, hbm), flush=True)
+    print("state per device (GiB): " + ", ".join(f"{k} {gib(v)}" for k, v in state.items()))
+    return plans, {"state_bytes": state}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True, help="training or reward recipe YAML (configs/recipes/*.yaml)")
+    parser.add_argument("--recipe", help="training or reward recipe YAML (configs/recipes/*.yaml)")
     parser.add_argument("--target", help="tpu:<topology> (tpu:v5p:4x4x4, tpu:v6e:8x8) or cpu:<devices>; JAX only")
-    parser.add_argument("--hbm-gib", type=float, required=True, help="memory per device to fit in, GiB")
+    parser.add_argument(
+        "--chips",
+        type=int,
+        help="plan on the first N chips of --target (libtpu's smallest v5p "
+        "topology is one host, 2x2x1: --target tpu:v5p:2x2x1 --chips 1 plans one chip)",
+    )
+    parser.add_argument("--hbm-gib", type=float, help="memory per device to fit in, GiB")
     parser.add_argument("--json", help="write the plan here (JSON)")
     parser.add_argument("--backend", choices=("jax", "torch"), default="jax")
     parser.add_argument("--blocks", type=int, help="plan this many transformer blocks instead of the model's")
@@ -185,9 +216,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--buckets", help="only these bucket names, comma-separated (e.g. 832x480x121)")
     parser.add_argument("--text-tokens", type=int, default=333, help="text tokens per sample (SD3.5: 333)")
+    parser.add_argument("--all", action="store_true", help="plan docs/scale.md's missing or stale table entries")
+    parser.add_argument("--check", action="store_true", help="with --all: list missing / stale plans, plan nothing")
+    parser.add_argument("--force", action="store_true", help="with --all: plan every entry, current or not")
     parser.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides, e.g. mesh.fsdp=8")
     try:
         args = parser.parse_intermixed_args(argv)
+        if args.all:
+            named = ("recipe", "hbm_gib", "json", "target", "chips", "blocks", "kinds", "buckets")
+            given = [f"--{k.replace('_', '-')}" for k in named if getattr(args, k) is not None] + args.overrides
+            if given:
+                raise BadInput(f"--all plans docs/scale.md's table entries; drop {' '.join(given)}")
+            return plan_all(plan_table.entries(ROOT), ROOT / plan_table.PLANS, SCALE_DOC, args.force, args.check)
+        if args.check or args.force:
+            raise BadInput("--check and --force go with --all")
+        if args.recipe is None or args.hbm_gib is None:
+            raise BadInput("--recipe and --hbm-gib are required (or --all)")
         args.kinds_given = args.kinds is not None
         args.kinds = tuple(k for k in (args.kinds or ",".join(DEFAULT_KINDS)).split(",") if k)
         if not args.kinds or set(args.kinds) - set(KINDS):
@@ -200,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.backend == "jax" and not args.target:
             raise BadInput("--target is required with --backend jax (e.g. tpu:v5p:4x4x4 or cpu:8)")
         if args.backend == "jax":
-            parse_target(args.target)
+            target_devices(args)
+        elif args.chips is not None:
+            raise BadInput("--chips picks chips of a --target (--backend jax); the torch world is the recipe's mesh")
         if args.json and not Path(args.json).resolve().parent.is_dir():
             raise BadInput(f"--json {args.json}: directory does not exist")
         recipe = load(args)
@@ -214,19 +260,42 @@ def main(argv: list[str] | None = None) -> int:
     except BadInput as e:
         print(f"plan.py: error: {e}", file=sys.stderr)
         return 2
-    doc = report(
-        plans,
-        hbm,
-        recipe=args.recipe,
-        backend=args.backend,
-        blocks=recipe.model_config.num_layers,
-        mesh=dict(zip(("data", "fsdp", "sequence", "tensor"), recipe.mesh.shape, strict=True)),
-        **meta,
-    )
+    mesh = dict(zip(("data", "fsdp", "sequence", "tensor"), recipe.mesh.shape, strict=True))
+    if recipe.mesh.shard_data:
+        mesh["shard_data"] = True
+    where = {"recipe": args.recipe, "backend": args.backend, "blocks": recipe.model_config.num_layers, "mesh": mesh}
+    doc = report(plans, hbm, **where, **meta, **plan_table.provenance(ROOT, args.recipe))
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
     print("every step fits" if doc["fits"] else "a step does NOT fit", f"{args.hbm_gib:g} GiB per device")
     return 0 if doc["fits"] else 1
+
+
+def plan_all(entries: list[plan_table.Entry], plans: Path, doc_path: Path, force: bool, check: bool) -> int:
+    """Plan the entries whose JSON in `plans` is missing or stale (all with `force`), each in its own process (a
+    failure or crash leaves the last plan in place), then rewrite the table in `doc_path`."""
+    todo = []
+    for entry in entries:
+        doc = plan_table.read_plan(plans, entry)
+        why = "not planned" if doc is None else plan_table.stale(ROOT, doc)
+        status = why or f"current (planned at {doc['commit']})"
+        print(f"{entry.key}: {status}", flush=True)
+        if why or force:
+            todo.append(entry)
+    if check:
+        return 1 if todo else 0
+    plans.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for i, entry in enumerate(todo, 1):
+        print(f"\n[{i}/{len(todo)}] python tools/plan.py {' '.join(entry.argv())}", flush=True)
+        out = plan_table.plan_path(plans, entry)
+        cmd = [sys.executable, str(Path(__file__).resolve()), *entry.argv(), "--json", str(out)]
+        if subprocess.run(cmd, cwd=ROOT).returncode not in (0, 1):
+            failed.append(entry.key)
+    docs = [(e, plan_table.read_plan(plans, e)) for e in entries]
+    plan_table.write_table(doc_path, plan_table.table(ROOT, docs))
+    print(f"wrote {len(docs)} plans into {doc_path}" + (f"; these failed: {', '.join(failed)}" if failed else ""))
+    return 0 if not failed and all(d is not None and d["fits"] for _, d in docs) else 1
 
 
 if __name__ == "__main__":

@@ -70,14 +70,19 @@ def test_lora_step_is_the_same_on_a_sharded_mesh(cached_set, rel_err):  # noqa: 
     assert "fsdp" not in str(fc1["lora_b"].sharding.spec)  # B's output dim follows the kernel's (tensor axis)
 
 
-def test_bf16_base_with_fp32_adapters(cached_set):  # noqa: F811
-    """A bf16 base (bf16 compute) with fp32 adapters, optimizer state and EMA; bf16 base with fp32 compute is a
-    recipe error (the torch twin cannot run it)."""
+def test_bf16_base_with_fp32_adapters(cached_set, tmp_path):  # noqa: F811
+    """A bf16 base (bf16 compute) with fp32 adapters, optimizer state and EMA, its `init_from` read in bf16 (never
+    whole in fp32 on the device); bf16 base with fp32 compute is a recipe error (the torch twin cannot run it)."""
     import pytest
 
     from contentv_common.config import ConfigError
 
-    recipe = tiny_recipe(cached_set, "lora_bf16", compute_dtype="bfloat16", **{**LORA, "lora.base_dtype": "bfloat16"})
+    torch.manual_seed(1)
+    save_torch(tmp_path / "base", Transformer(named_model_config("tiny")))
+    opts = {**LORA, "lora.base_dtype": "bfloat16", "init_from": str(tmp_path / "base")}
+    recipe = tiny_recipe(cached_set, "lora_bf16", compute_dtype="bfloat16", **opts)
+    read = jax.tree.leaves(_initial_params(recipe))
+    assert {x.dtype for x in read} == {np.dtype(jax.numpy.bfloat16)}
     state = get_trainer(recipe, make_mesh(MeshConfig(), jax.devices()[:1])).abstract_state()
     flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
     assert {x.dtype for p, x in flat if str(p[-1].key).startswith("lora_")} == {np.dtype("float32")}

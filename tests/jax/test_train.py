@@ -119,10 +119,10 @@ def test_step_is_the_same_on_every_mesh(cached_set, rel_err):
             assert rel_err(got[name], value) < 1e-5, (shape, name, rel_err(got[name], value))
         mu = jax.tree.leaves(live["opt_state"])
         kernel = live["params"]["last_block"]["ff"]["fc1"]["kernel"]  # the only block
-        if shape[1] > 1:  # FSDP really shards the weights and the Adam moments
+        if shape[1] > 1:  # FSDP really shards the weights and the Adam moments, over fsdp x sequence (ZeRO-3)
             assert "fsdp" in str(kernel.sharding.spec)
             assert any("fsdp" in str(getattr(m.sharding, "spec", "")) for m in mu)
-            assert kernel.addressable_shards[0].data.shape[0] == kernel.shape[0] // shape[1]
+            assert kernel.addressable_shards[0].data.shape[0] == kernel.shape[0] // (shape[1] * shape[2])
         if shape[2] > 1:  # the sequence axis splits image tokens and re-splits attention by heads: Ulysses
             assert "all-to-all" in hlo
 

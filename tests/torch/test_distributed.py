@@ -191,9 +191,11 @@ def test_mesh_must_cover_the_world():
         (MeshConfig(fsdp=4), ((4,), ("shard",)), [[0], [1], [2], [3]]),  # FSDP over every rank
         (MeshConfig(data=2, sequence=2), ((2, 2), ("data", "shard")), [[0, 1], [2, 3]]),  # Ulysses pairs share shards
         (MeshConfig(fsdp=2, sequence=2), ((4,), ("shard",)), [[0, 1], [2, 3]]),
+        (MeshConfig(data=2, sequence=2, shard_data=True), ((4,), ("shard",)), [[0, 1], [2, 3]]),  # ZeRO-3 over all
     ],
 )
 def test_mesh_layout(mesh, shape, groups):
-    """Parameters replicate over `data` only; sequence ranks fold into the shard side (they hold the same weights)."""
+    """Parameters replicate over `data` only (unless `shard_data`); sequence ranks fold into the shard side (ZeRO-3
+    over fsdp x sequence)."""
     assert shard_mesh_shape(mesh) == shape
     assert sequence_groups(mesh) == groups

@@ -89,3 +89,29 @@ def test_bf16_base_with_fp32_adapters():
     assert grads and all(".lora_" in n and g.dtype == torch.float32 for n, g in grads.items())
     with pytest.raises(ConfigError, match="lora.base_dtype: bfloat16 needs compute_dtype: bfloat16"):
         add_adapters(Transformer(named_model_config("tiny")), LoraConfig(base_dtype="bfloat16"), seed=0)
+
+
+def test_a_bf16_base_is_read_in_bf16(tmp_path, monkeypatch):
+    """One process reads a LoRA recipe's `init_from` straight in the base dtype (an 8B base is never whole in fp32
+    on the device): the loader is asked for bf16, and the base equals the fp32 checkpoint rounded to bf16."""
+    from contentv_common.recipe import load_recipe
+    from contentv_torch_npu import train
+    from contentv_torch_npu.distributed import Topology
+
+    torch.manual_seed(1)
+    base_model = Transformer(named_model_config("tiny"))
+    save_torch(tmp_path / "base", base_model)
+    asked = []
+
+    def spy(path, dtype, *args, **kwargs):
+        asked.append(dtype)
+        return load_transformer(path, dtype, *args, **kwargs)
+
+    load_transformer = train.load_transformer
+    monkeypatch.setattr(train, "load_transformer", spy)
+    opts = {**LORA, "lora.base_dtype": "bfloat16", "compute_dtype": "bfloat16", "init_from": str(tmp_path / "base")}
+    model = train.build_model(load_recipe("tests/recipes/tiny.yaml", opts), Topology())
+    assert asked == [torch.bfloat16]
+    params = dict(model.named_parameters())
+    for name, p in base_model.named_parameters():
+        assert params[name].dtype == torch.bfloat16 and torch.equal(params[name], p.detach().bfloat16()), name

@@ -1,12 +1,13 @@
 """The torch planner traces the real FSDP2 train step under FakeTensorMode on a fake world: its persistent bytes
-are the rank's share of parameters, AdamW moments and EMA, and its peak follows what the step keeps alive."""
+are the rank's share of parameters, AdamW moments and EMA (over every rank with `mesh.shard_data`), its peak follows
+what the step keeps alive, and a LoRA recipe on one process keeps the frozen base and the adapters' state."""
 
 import dataclasses
 
 import pytest
 
 from contentv_common.config import ModelConfig
-from contentv_common.recipe import BucketConfig, MeshConfig, load_recipe
+from contentv_common.recipe import BucketConfig, LoraConfig, MeshConfig, load_recipe
 from contentv_torch_npu.memory_plan import plan_recipe
 
 # 38 heads and 333 text tokens (padded inside Ulysses), narrow otherwise
@@ -19,35 +20,63 @@ CFG = ModelConfig(
 BUCKETS = (BucketConfig(64, 64, 9, 4), BucketConfig(96, 64, 9, 4))  # 48 and 72 image tokens
 
 
-def _recipe(mesh: MeshConfig, remat: str = "none", buckets: tuple[BucketConfig, ...] = BUCKETS):
+def _recipe(mesh: MeshConfig, remat: str = "none", buckets: tuple[BucketConfig, ...] = BUCKETS, **overrides):
     recipe = load_recipe("tests/recipes/tiny.yaml", {"remat": remat})
     data = dataclasses.replace(recipe.data, buckets=buckets)
-    return dataclasses.replace(recipe, model=CFG, mesh=mesh, data=data)
+    return dataclasses.replace(recipe, model=CFG, mesh=mesh, data=data, **overrides)
 
 
-def _params() -> int:
+def _params(lora: LoraConfig | None = None) -> tuple[int, int]:
+    """(frozen, trained) parameter counts: (0, all) without LoRA, (base, adapters) with it."""
     import torch
 
+    from contentv_torch_npu.lora import add_adapters
     from contentv_torch_npu.transformer import Transformer
 
     with torch.device("meta"):
-        return sum(p.numel() for p in Transformer(CFG).parameters())
+        model = Transformer(CFG, compute_dtype=torch.bfloat16)
+    if lora is not None:
+        add_adapters(model, lora, 0)
+    counts = [0, 0]
+    for p in model.parameters():
+        counts[p.requires_grad] += p.numel()
+    return counts[0], counts[1]
 
 
 def test_state_is_the_rank_share_and_remat_lowers_the_peak():
     mesh = MeshConfig(data=2, fsdp=2, sequence=2)  # HSDP, 8 fake ranks, parameters sharded 4 ways, 1 sample per rank
-    plans = plan_recipe(_recipe(mesh), 2**30)
+    plans, state_bytes = plan_recipe(_recipe(mesh), 2**30)
     assert [p.bucket for p in plans] == ["64x64x9", "96x64x9"]
-    state = 4 * 4 * _params() / 4  # fp32 params + 2 AdamW moments + EMA, over fsdp x sequence = 4 shards
+    state = 4 * 4 * _params()[1] / 4  # fp32 params + 2 AdamW moments + EMA, over fsdp x sequence = 4 shards
+    assert state <= sum(state_bytes.values()) < 1.05 * state and state_bytes["optimizer"] == 2 * state_bytes["ema"]
     for p in plans:
         assert state <= p.argument_bytes < 1.05 * state + 2**20  # + FSDP's dim-0 padding and the inputs
         assert p.temp_bytes > 0 and p.peak_bytes == p.argument_bytes + p.temp_bytes and p.fits
     small, big = plans
     assert (small.tokens, big.tokens) == (48 + 333, 72 + 333) and big.peak_bytes > small.peak_bytes
-    (remat,) = plan_recipe(_recipe(mesh, remat="full", buckets=BUCKETS[:1]), small.peak_bytes - 1)
+    (remat,), _ = plan_recipe(_recipe(mesh, remat="full", buckets=BUCKETS[:1]), small.peak_bytes - 1)
     assert remat.argument_bytes == small.argument_bytes and remat.peak_bytes < small.peak_bytes and remat.fits
-    (tight,) = plan_recipe(_recipe(mesh, buckets=BUCKETS[:1]), small.peak_bytes - 1)
+    (tight,), _ = plan_recipe(_recipe(mesh, buckets=BUCKETS[:1]), small.peak_bytes - 1)
     assert tight.peak_bytes == small.peak_bytes and not tight.fits
+    # ZeRO-3 over every rank: the state splits over data as well (8 shards), the inputs stay the rank's rows
+    over_data = dataclasses.replace(mesh, shard_data=True)
+    (zero3,), _ = plan_recipe(_recipe(over_data, buckets=BUCKETS[:1]), 2**30)
+    assert state / 2 <= zero3.argument_bytes < 1.05 * state / 2 + 2**20 and zero3.argument_bytes < small.argument_bytes
+
+
+def test_lora_on_one_process_keeps_the_frozen_base_and_the_adapters_state():
+    """World 1 (no FSDP, as contentv_torch_npu.train runs one process): bf16 base, fp32 adapters with their two AdamW
+    moments and EMA; the whole batch on the one rank."""
+    lora = LoraConfig(rank=4, alpha=4.0, base_dtype="bfloat16")
+    recipe = _recipe(MeshConfig(), remat="full", buckets=BUCKETS[:1], lora=lora, compute_dtype="bfloat16")
+    (plan,), state_bytes = plan_recipe(recipe, 2**30)
+    base, adapters = _params(lora)
+    state = 2 * base + 4 * 4 * adapters
+    assert state_bytes == {"params": 2 * base + 4 * adapters, "optimizer": 8 * adapters, "ema": 4 * adapters}
+    inputs = 4 * 4 * (2 * 16 * 3 * 8 * 8 + 333 * 64 + 32 + 2)  # 4 rows of latents, noise, text, pooled, sigma, weight
+    assert adapters < base / 10 and plan.batch == 4 and plan.fits
+    assert plan.argument_bytes == pytest.approx(state + inputs, rel=1e-4)  # + AdamW's step counts
+    assert plan.temp_bytes > 4 * adapters  # at least the adapters' gradients
 
 
 def test_mesh_the_model_cannot_honour_is_refused():

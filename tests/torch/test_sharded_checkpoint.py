@@ -1,6 +1,7 @@
 """Sharded checkpoints on 4 gloo processes: each rank writes its own slices (DCP's safetensors layout, no pickle),
-a run on another mesh (HSDP) reads them back resharded, `init_from` streams each rank's slices, and the `model/` and
-`ema/` folders convert to diffusers, single-file safetensors and our JAX format bit for bit."""
+a run on another mesh (HSDP) reads them back resharded, a run with the state sharded over data too reads HSDP's,
+`init_from` streams each rank's slices, and the `model/` and `ema/` folders convert to diffusers, single-file
+safetensors and our JAX format bit for bit."""
 
 import os
 from pathlib import Path
@@ -81,9 +82,21 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     stream_weights(streamed, open_checkpoint(root / "init"))
     local_rows = streamed.proj_out.weight.to_local().shape[0]
     init = {f"init/{n}": _full(p) for n, p in streamed.named_parameters()}
+    # saved from HSDP (replicated over data), read back with the state sharded over data x sequence (shard_data)
+    save_sharded(root / "step_00000002", model, optimizer, ema, {"step": 2, "data_position": 2, "counters": {}})
+    topo = init_distributed("cpu", MeshConfig(data=2, sequence=2, shard_data=True))
+    model = shard_model(Transformer(named_model_config("tiny"), ops="torch"), topo.shard_mesh)
+    optimizer = make_optimizer(model, OptimizerConfig(lr=1e-2))
+    ema = {n: torch.zeros_like(p.detach()) for n, p in model.named_parameters()}
+    load_sharded(root / "step_00000002", model, optimizer, ema)
+    zero3 = {f"zero3/{k}": v for k, v in _state(model, optimizer, ema).items()}
+    zero3_rows = model.proj_out.weight.to_local().shape[0]
     if rank == 0:
         np.savez(root / "saved.npz", **saved)
-        np.savez(root / "loaded.npz", **loaded, **init, step=meta["step"], local_rows=local_rows)
+        np.savez(
+            root / "loaded.npz", **loaded, **init, **zero3, step=meta["step"], local_rows=local_rows,
+            zero3_rows=zero3_rows,
+        )  # fmt: skip
     dist.barrier()
     dist.destroy_process_group()
 
@@ -98,8 +111,10 @@ def test_sharded_save_reshard_resume_stream_and_convert(tmp_path, spawn_ranks):
     assert not list(step.rglob("*.metadata")) and not list(step.rglob("*.distcp"))  # nothing pickled
     saved, loaded = dict(np.load(tmp_path / "saved.npz")), dict(np.load(tmp_path / "loaded.npz"))
     assert int(loaded["step"]) == 1 and int(loaded["local_rows"]) == 64 // 2  # HSDP: 2 shards of proj_out
+    assert int(loaded["zero3_rows"]) == 64 // 4  # shard_data: 4 shards of proj_out
     for key, value in saved.items():
         np.testing.assert_array_equal(loaded[key], value, err_msg=key)
+        np.testing.assert_array_equal(loaded[f"zero3/{key}"], value, err_msg=f"HSDP -> ZeRO-3 over data: {key}")
     reference = _model()
     for n, p in reference.named_parameters():
         np.testing.assert_array_equal(loaded[f"init/{n}"], p.detach().numpy(), err_msg=n)
