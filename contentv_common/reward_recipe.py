@@ -35,10 +35,11 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 @dataclass(frozen=True)
 class RewardModelConfig:
-    """Which reward: a built-in (`brightness`, `target_colour`), a CLIP preference model folder (`clip`, e.g. a local
-    PickScore download) or a black-box scorer `module:factory` on uint8 frames (`black_box`, GRPO only)."""
+    """Which reward: a built-in (`brightness`, `target_colour`, `object_area`: the size of the CPU demo's shapes), a
+    CLIP preference model folder (`clip`, e.g. a local PickScore download) or a black-box scorer `module:factory` on
+    uint8 frames (`black_box`, GRPO only)."""
 
-    kind: Literal["brightness", "target_colour", "clip", "black_box"]
+    kind: Literal["brightness", "target_colour", "object_area", "clip", "black_box"]
     target: tuple[float, float, float] = (1.0, 0.0, 0.0)
     path: str | None = None
     black_box: str | None = None
@@ -122,7 +123,8 @@ class GrpoConfig:
 @dataclass(frozen=True)
 class RewardRecipe:
     """A reward fine-tuning run. `init_from` is the model to tune (any transformer checkpoint folder); `encoders` is
-    "tiny" or a local diffusers pipeline folder (text encoders + Wan VAE); `data` gives the SFT real batches."""
+    "tiny", "demo" (the CPU demo's, as a training recipe's `data.encoders`) or a local diffusers pipeline folder (text
+    encoders + Wan VAE); `data` gives the SFT real batches."""
 
     method: Literal["refl", "grpo"]
     model: str | ModelConfig

@@ -136,8 +136,15 @@ def black_box_reward(cfg: RewardModelConfig, backend_clip: Any = None) -> BlackB
     return as_black_box(differentiable_builtin(cfg))
 
 
+def eval_record(rewards: np.ndarray) -> dict[str, float]:
+    """The log's held-out entries: the reward's mean over the eval seeds and its seed-to-seed std (the spread a
+    change must clear to mean something)."""
+    rewards = np.asarray(rewards, np.float64)
+    return {"eval_reward_mean": float(rewards.mean()), "eval_reward_std": float(rewards.std())}
+
+
 def differentiable_builtin(cfg: RewardModelConfig):
-    """`brightness` / `target_colour` from the recipe (array-generic, either backend)."""
+    """`brightness` / `target_colour` / `object_area` from the recipe (array-generic, either backend)."""
     return simple_reward(cfg.kind, **({"target": cfg.target} if cfg.kind == "target_colour" else {}))
 
 
@@ -268,7 +275,9 @@ class RewardLog:
         ax.plot(steps, mean, label="train reward (mean)")
         ax.fill_between(steps, mean - std, mean + std, alpha=0.25, label="train reward (std)")
         if evals:
-            ax.plot([r["step"] for r in evals], [r["eval_reward_mean"] for r in evals], "o-", label="held-out seeds")
+            spread = [r.get("eval_reward_std", 0.0) for r in evals]  # older logs lack it
+            ax.errorbar([r["step"] for r in evals], [r["eval_reward_mean"] for r in evals], yerr=spread, fmt="o-",
+                        capsize=3, label="held-out seeds (mean, std over seeds)")  # fmt: skip
         ax.set_xlabel("step")
         ax.set_ylabel("reward")
         ax.set_title(title)

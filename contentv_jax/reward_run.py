@@ -28,11 +28,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from contentv_common.demo import DEMO_VAE
 from contentv_common.reward import to_uint8
 from contentv_common.reward_recipe import RewardRecipe
 from contentv_common.reward_run import (
@@ -43,6 +43,7 @@ from contentv_common.reward_run import (
     check_divergence,
     differentiable_builtin,
     divergence_guard,
+    eval_record,
     open_sft_cache,
     optimizer_updates,
     uses_ema_anchor,
@@ -63,17 +64,19 @@ from contentv_jax.sampling import sample
 
 
 def _encoders(recipe: RewardRecipe):
-    from contentv_torch_npu.encoders import load_encoders, tiny_encoders
+    from contentv_torch_npu.encoders import named_encoders
 
-    return tiny_encoders(recipe.seed) if recipe.encoders == "tiny" else load_encoders(recipe.encoders)
+    return named_encoders(recipe.encoders, recipe.seed)
 
 
 def _decoder(recipe: RewardRecipe, encoders) -> jr.VaeFirstFrameDecoder:
-    """The Wan VAE in JAX: the pipeline's vae/ folder, or the tiny encoders' VAE moved over through a folder."""
+    """The Wan VAE in JAX: the demo's or the pipeline's vae/ folder, or the tiny encoders' VAE moved over through a
+    folder."""
     from contentv_jax.vae import load_vae
 
     if recipe.encoders != "tiny":
-        return jr.VaeFirstFrameDecoder(load_vae(Path(recipe.encoders) / "vae"))
+        folder = DEMO_VAE if recipe.encoders == "demo" else Path(recipe.encoders) / "vae"
+        return jr.VaeFirstFrameDecoder(load_vae(folder))
     from contentv_torch_npu.vae import save_vae
 
     with tempfile.TemporaryDirectory() as folder:  # this process's own: processes of a run share log_dir
@@ -87,8 +90,9 @@ def _clip_reward(recipe: RewardRecipe):
     return load_clip_reward(recipe.reward.path)
 
 
-def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe, mesh: Mesh) -> float:
-    """Mean reward of ODE samples (the plain sampler) from the held-out seeds (rows padded to split over the mesh)."""
+def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe, mesh: Mesh) -> dict[str, float]:
+    """Mean and seed-to-seed std of the reward of ODE samples (the plain sampler) from the held-out seeds (rows padded
+    to split over the mesh)."""
     held_out, prompts = data.evaluation()
     padded, n = pad_rows(held_out, mesh)
     batch = device_batch(padded, mesh)
@@ -96,7 +100,7 @@ def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe, 
     latents = sample(model, batch["noise"], batch["text"], batch["pooled"], batch["neg_text"], batch["neg_pooled"],
                      steps=r.steps, guidance=r.guidance, shift=r.shift, progress=False)  # fmt: skip
     frames = multihost.to_host(jr.decode_first_frame(decoder, latents))[:n]
-    return float(np.mean(score(to_uint8(frames), prompts)))
+    return eval_record(score(to_uint8(frames), prompts))
 
 
 def _modules(
@@ -192,7 +196,7 @@ def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:
             record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
             last = step == recipe.steps - 1
             if step % recipe.rollout.eval_interval == 0 or last:
-                record["eval_reward_mean"] = _eval_reward(model, decoder, scorer, data, recipe, mesh)
+                record.update(_eval_reward(model, decoder, scorer, data, recipe, mesh))
             if log is not None:
                 log.write(record)
             if (step + 1) % recipe.checkpoint.interval == 0 or last:

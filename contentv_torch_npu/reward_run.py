@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,7 @@ from contentv_common.reward_run import (
     check_divergence,
     differentiable_builtin,
     divergence_guard,
+    eval_record,
     open_sft_cache,
     optimizer_updates,
     uses_ema_anchor,
@@ -92,9 +94,10 @@ class _TorchBlackBox:
         return self.reward(x, list(prompts)).float().cpu().numpy()
 
 
-def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe, topo: Topology) -> float:
-    """Mean reward of ODE samples (the plain sampler) from the held-out seeds, split over the data-parallel groups
-    (a group without a seed samples the first one and drops it: every rank takes part in the sharded forwards)."""
+def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe, topo: Topology) -> dict[str, float]:
+    """Mean and seed-to-seed std of the reward of ODE samples (the plain sampler) from the held-out seeds, split over
+    the data-parallel groups (a group without a seed samples the first one and drops it: every rank takes part in the
+    sharded forwards)."""
     batch, prompts = data.evaluation()
     mine = np.array_split(np.arange(len(prompts)), topo.dp)[topo.dp_rank]
     rows = mine if len(mine) else np.arange(1)
@@ -103,11 +106,13 @@ def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe, 
     latents = sample(model, batch["noise"], batch["text"], batch["pooled"], batch["neg_text"], batch["neg_pooled"],
                      steps=r.steps, guidance=r.guidance, shift=r.shift, progress=False)  # fmt: skip
     frames = tr.decode_first_frame(decoder, torch.from_numpy(latents).to(topo.device)).float().cpu().numpy()
-    rewards = score(to_uint8(frames), [prompts[i] for i in rows])[: len(mine)]
-    total = torch.tensor([float(np.sum(rewards, dtype=np.float64)), len(mine)], device=topo.device)
-    if topo.world > 1:  # sequence ranks add the same sums: the ratio is unchanged
-        dist.all_reduce(total)
-    return float(total[0] / total[1])
+    rewards = np.asarray(score(to_uint8(frames), [prompts[i] for i in rows])[: len(mine)], np.float32)
+    if topo.world > 1:  # every group's rewards in row order, padded to one length with NaN (dropped)
+        padded = np.full(-(-len(prompts) // topo.dp), np.nan, np.float32)
+        padded[: len(rewards)] = rewards
+        gathered = tr.gather_rows(torch.from_numpy(padded).to(topo.device), topo).cpu().numpy()
+        rewards = gathered[~np.isnan(gathered)]
+    return eval_record(rewards)
 
 
 def _sft_cache(recipe: RewardRecipe, encoders: Encoders, progress: bool, topo: Topology) -> LatentCache | None:
@@ -188,6 +193,17 @@ def _save(
         raise error or CheckpointSaveError(f"{root}: saving step {point.step} failed on another rank")
 
 
+def export(recipe: RewardRecipe) -> None:
+    """The tuned model of the latest checkpoint as a transformer folder next to the checkpoint dir (as the JAX core
+    exports it): `<checkpoint.dir>/../transformer`, and the EMA of the weights as `transformer_ema` when kept (the
+    checkpoint's ema/ holds the EMA anchor instead with `refl.anchor: ema`); a LoRA run's adapters merged."""
+    step = ckpt.latest_checkpoint(recipe.checkpoint.dir)
+    root = Path(recipe.checkpoint.dir).parent
+    ckpt.export_weights(step, root / "transformer", "model", recipe.lora)
+    if recipe.optimizer.ema_decay is not None:
+        ckpt.export_weights(step, root / "transformer_ema", "ema", recipe.lora)
+
+
 def run(recipe: RewardRecipe, progress: bool = True, device: str = "auto") -> dict[str, Any]:
     """Train per the recipe on its mesh (as many processes as it has ranks), resuming from `checkpoint.dir` when it
     holds a checkpoint; returns the last step's record. The main rank holds the checkpoint dir's run lock from the
@@ -203,14 +219,10 @@ def run(recipe: RewardRecipe, progress: bool = True, device: str = "auto") -> di
 
 
 def _run(recipe: RewardRecipe, progress: bool, topo: Topology) -> dict[str, Any]:
-    from contentv_torch_npu.encoders import load_encoders, tiny_encoders
+    from contentv_torch_npu.encoders import named_encoders
 
     dev = topo.device
-    encoders = (
-        tiny_encoders(recipe.seed, device=dev)
-        if recipe.encoders == "tiny"
-        else load_encoders(recipe.encoders, device=dev)
-    )
+    encoders = named_encoders(recipe.encoders, recipe.seed, device=dev)
     data = RewardData(recipe, encoders, _sft_cache(recipe, encoders, progress, topo))
     refl, grpo = recipe.method == "refl", recipe.grpo
     anchored = recipe.refl.anchor != "none" if refl else grpo.kl_weight > 0
@@ -251,7 +263,7 @@ def _run(recipe: RewardRecipe, progress: bool, topo: Topology) -> dict[str, Any]
         record = {"step": step, **metrics}
         last = step == recipe.steps - 1
         if step % recipe.rollout.eval_interval == 0 or last:
-            record["eval_reward_mean"] = _eval_reward(model, decoder, scorer, data, recipe, topo)
+            record.update(_eval_reward(model, decoder, scorer, data, recipe, topo))
         if log is not None:
             log.write(record)
         if (step + 1) % recipe.checkpoint.interval == 0 or last:
@@ -259,6 +271,8 @@ def _run(recipe: RewardRecipe, progress: bool, topo: Topology) -> dict[str, Any]
                   ResumePoint(step + 1, log.lines if log is not None else 0, recipe.seed, int(ema_anchor is not None),
                               int(ema is not None), guard.skipped), topo)  # fmt: skip
         check_divergence(guard, recipe.checkpoint.dir)
+    if topo.is_main:
+        export(recipe)
     if log is None:
         return record
     log.plot(f"{recipe.method} (torch): {recipe.reward.kind}")
