@@ -99,25 +99,30 @@ class TargetColour(PromptFreeReward):
 
 @dataclass(frozen=True, eq=True)
 class ObjectArea(PromptFreeReward):
-    """The share of the frame, in percent, that lit pixels cover: the size of the object on the CPU demo's dark
-    background, which a person sees grow in the clips. A pixel counts by its brightest channel: 0 up to `dark`, 1
-    from `lit` on, linear between, so the soft edges of a shape carry the gradient (the demo's backgrounds stay below
-    0.1, its colours reach 0.78 or more in one channel). It asks for nothing the captions name: colour, shape and
-    motion are left to the prompt."""
+    """The share of the frame, in percent, that lit pixels cover, up to `cap`: the size of the object on the CPU
+    demo's dark background, which a person sees grow in the clips. A pixel counts by its brightest channel: 0 up to
+    `dark`, 1 from `lit` on, linear between, so the soft edges of a shape carry the gradient (the demo's backgrounds
+    stay below 0.1, its colours reach 0.78 or more in one channel). The cap ends the push at a larger object: past it
+    the only way up would be lighting the background, which the reward then no longer pays for. It asks for nothing
+    the captions name: colour, shape and motion are left to the prompt."""
 
     dark: float = 0.25
     lit: float = 0.55
+    cap: float = 100.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.dark < self.lit <= 1.0:
-            raise ValueError(f"object_area needs 0 <= dark < lit <= 1, got dark {self.dark}, lit {self.lit}")
+        if not 0.0 <= self.dark < self.lit <= 1.0 or not 0.0 < self.cap <= 100.0:
+            raise ValueError(
+                f"object_area needs 0 <= dark < lit <= 1 and 0 < cap <= 100, got {self.dark}, {self.lit}, {self.cap}"
+            )
 
     def score(self, frames: Any) -> Any:
         r, g, b = frames[..., 0], frames[..., 1], frames[..., 2]
         rg = (r + g + abs(r - g)) * 0.5  # max(r, g) with the operations every array type shares
         brightest = (rg + b + abs(rg - b)) * 0.5
         lit = ((brightest - self.dark) * (1.0 / (self.lit - self.dark))).clip(0.0, 1.0)
-        return 100.0 * lit.reshape(frames.shape[0], -1).mean(-1)
+        area = 100.0 * lit.reshape(frames.shape[0], -1).mean(-1)
+        return (area + self.cap - abs(area - self.cap)) * 0.5  # min(area, cap)
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -134,6 +139,19 @@ def as_black_box(reward: Reward) -> BlackBoxReward:
         return np.asarray(reward(frames.astype(np.float32) / 255.0, prompts), dtype=np.float32)
 
     return score
+
+
+def per_video(scores: Any, frames: int) -> Any:
+    """Scores of `frames` consecutive frames per video [B * F] -> each video's mean [B] (any array type)."""
+    return scores.reshape(-1, frames).mean(-1)
+
+
+def score_black_box(black_box: BlackBoxReward, frames: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+    """uint8 frames of whole videos or their first frame [B, F, H, W, 3] -> each video's mean score [B] (float32):
+    every frame scored with its video's prompt."""
+    b, f = frames.shape[:2]
+    scores = black_box(frames.reshape(b * f, *frames.shape[2:]), [p for p in prompts for _ in range(f)])
+    return per_video(np.asarray(scores, np.float32), f)
 
 
 SIMPLE_REWARDS: dict[str, Callable[..., Reward]] = {

@@ -26,6 +26,7 @@ from contentv_common.recipe import (
     load_recipe,
     read_with_base,
 )
+from contentv_common.reward import SIMPLE_REWARDS, Reward, simple_reward
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -37,7 +38,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 class RewardModelConfig:
     """Which reward: a built-in (`brightness`, `target_colour`, `object_area`: the size of the CPU demo's shapes), a
     CLIP preference model folder (`clip`, e.g. a local PickScore download) or a black-box scorer `module:factory` on
-    uint8 frames (`black_box`, GRPO only)."""
+    uint8 frames (`black_box`, GRPO only); `kwargs` go to the built-in or the factory."""
 
     kind: Literal["brightness", "target_colour", "object_area", "clip", "black_box"]
     target: tuple[float, float, float] = (1.0, 0.0, 0.0)
@@ -48,11 +49,24 @@ class RewardModelConfig:
     def __post_init__(self) -> None:
         _check(self.kind != "clip" or self.path is not None, "path", "reward kind clip needs a CLIPModel folder")
         _check(self.kind != "black_box" or self.black_box is not None, "black_box", "needs 'module:factory'")
+        if self.kind in SIMPLE_REWARDS:
+            try:
+                self.builtin()
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"kwargs: {e}") from None
+
+    def builtin(self) -> Reward:
+        """The built-in reward (`brightness`, `target_colour`, `object_area`; array-generic, either backend)."""
+        return simple_reward(
+            self.kind, **({"target": self.target} if self.kind == "target_colour" else {}), **self.kwargs
+        )
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """How videos are generated during training: prompts, pixel size, sampler steps/shift/guidance, held-out seeds."""
+    """How videos are generated during training: prompts, pixel size, sampler steps/shift/guidance, held-out seeds,
+    and which decoded frames the reward scores: the first (the causal VAE decodes it alone, whatever the video's
+    length: the 8B recipes) or all of them (the mean over frames: a reward that must hold for the whole clip)."""
 
     prompts: tuple[str, ...]
     width: int = 64
@@ -65,6 +79,7 @@ class RolloutConfig:
     negative_prompt: str = ""
     eval_seeds: tuple[int, ...] = (10_000, 10_001)
     eval_interval: int = 10
+    reward_frames: Literal["first", "all"] = "first"
 
     def __post_init__(self) -> None:
         _check(len(self.prompts) > 0, "prompts", "needs at least one prompt")

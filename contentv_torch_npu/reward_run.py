@@ -39,7 +39,7 @@ from contentv_common.config import ConfigError
 from contentv_common.data.cache import Encoders, LatentCache
 from contentv_common.errors import CheckpointSaveError
 from contentv_common.lora_train import write_adapter_file
-from contentv_common.reward import to_uint8
+from contentv_common.reward import score_black_box, to_uint8
 from contentv_common.reward_recipe import RewardRecipe
 from contentv_common.reward_run import (
     ResumePoint,
@@ -50,6 +50,7 @@ from contentv_common.reward_run import (
     differentiable_builtin,
     divergence_guard,
     eval_record,
+    evaluated_updates,
     open_sft_cache,
     optimizer_updates,
     uses_ema_anchor,
@@ -94,10 +95,10 @@ class _TorchBlackBox:
         return self.reward(x, list(prompts)).float().cpu().numpy()
 
 
-def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe, topo: Topology) -> dict[str, float]:
-    """Mean and seed-to-seed std of the reward of ODE samples (the plain sampler) from the held-out seeds, split over
-    the data-parallel groups (a group without a seed samples the first one and drops it: every rank takes part in the
-    sharded forwards)."""
+def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe, topo: Topology, updates: int) -> dict:
+    """Mean and seed-to-seed std of the reward of ODE samples (the plain sampler) from the held-out seeds of the model
+    after `updates` updates, split over the data-parallel groups (a group without a seed samples the first one and
+    drops it: every rank takes part in the sharded forwards)."""
     batch, prompts = data.evaluation()
     mine = np.array_split(np.arange(len(prompts)), topo.dp)[topo.dp_rank]
     rows = mine if len(mine) else np.arange(1)
@@ -105,14 +106,14 @@ def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe, 
     r = recipe.rollout
     latents = sample(model, batch["noise"], batch["text"], batch["pooled"], batch["neg_text"], batch["neg_pooled"],
                      steps=r.steps, guidance=r.guidance, shift=r.shift, progress=False)  # fmt: skip
-    frames = tr.decode_first_frame(decoder, torch.from_numpy(latents).to(topo.device)).float().cpu().numpy()
-    rewards = np.asarray(score(to_uint8(frames), [prompts[i] for i in rows])[: len(mine)], np.float32)
+    frames = tr.decode_frames(decoder, torch.from_numpy(latents).to(topo.device), r.reward_frames)
+    rewards = score_black_box(score, to_uint8(frames.float().cpu().numpy()), [prompts[i] for i in rows])[: len(mine)]
     if topo.world > 1:  # every group's rewards in row order, padded to one length with NaN (dropped)
         padded = np.full(-(-len(prompts) // topo.dp), np.nan, np.float32)
         padded[: len(rewards)] = rewards
         gathered = tr.gather_rows(torch.from_numpy(padded).to(topo.device), topo).cpu().numpy()
         rewards = gathered[~np.isnan(gathered)]
-    return eval_record(rewards)
+    return eval_record(rewards, updates)
 
 
 def _sft_cache(recipe: RewardRecipe, encoders: Encoders, progress: bool, topo: Topology) -> LatentCache | None:
@@ -249,6 +250,8 @@ def _run(recipe: RewardRecipe, progress: bool, topo: Topology) -> dict[str, Any]
                  total=recipe.steps, disable=not progress)  # fmt: skip
     record: dict[str, Any] = {}
     for step in steps:
+        updates = evaluated_updates(step, recipe)
+        held_out = _eval_reward(model, decoder, scorer, data, recipe, topo, step) if updates == step else {}
         batch, prompts, step_noise = data.rollout(step, tr.row_slice(data.rows, topo))  # this group's noise alone
         batch.update(data.sft(step))
         batch, prompts = local_batch(batch, prompts, topo)
@@ -260,10 +263,10 @@ def _run(recipe: RewardRecipe, progress: bool, topo: Topology) -> dict[str, Any]
         else:
             metrics = tr.grpo_iteration(optimizer, tuning, model, ref_model, decoder, scorer, batch,
                                         step_noise, prompts, recipe.rollout, grpo, topo)  # fmt: skip
-        record = {"step": step, **metrics}
+        if updates == step + 1:
+            held_out = _eval_reward(model, decoder, scorer, data, recipe, topo, updates)
+        record = {"step": step, **metrics, **held_out}
         last = step == recipe.steps - 1
-        if step % recipe.rollout.eval_interval == 0 or last:
-            record.update(_eval_reward(model, decoder, scorer, data, recipe, topo))
         if log is not None:
             log.write(record)
         if (step + 1) % recipe.checkpoint.interval == 0 or last:
