@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from contentv_common.data.synthetic import COLOURS
+
 
 class Reward(Protocol):
     """`reward(frames, prompts) -> [B]`; inside a compiled step use `score_tokens(frames, tokenize(prompts))`.
@@ -98,31 +100,37 @@ class TargetColour(PromptFreeReward):
 
 
 @dataclass(frozen=True, eq=True)
-class ObjectArea(PromptFreeReward):
-    """The share of the frame, in percent, that lit pixels cover, up to `cap`: the size of the object on the CPU
-    demo's dark background, which a person sees grow in the clips. A pixel counts by its brightest channel: 0 up to
-    `dark`, 1 from `lit` on, linear between, so the soft edges of a shape carry the gradient (the demo's backgrounds
-    stay below 0.1, its colours reach 0.78 or more in one channel). The cap ends the push at a larger object: past it
-    the only way up would be lighting the background, which the reward then no longer pays for. It asks for nothing
-    the captions name: colour, shape and motion are left to the prompt."""
+class ObjectArea(RewardBase):
+    """The share of the frame, in percent, that the colour the prompt names covers, up to `cap`: the size of the
+    shape in the CPU demo's clips ("a red circle moving right"), which a person sees grow. A pixel counts by its RGB
+    distance d to the named colour of the synthetic set's palette: 1 - d^2 / radius^2, clipped to [0, 1], so the
+    soft edges of a shape carry the gradient while the dark background and the other palette colours count nothing.
+    The cap ends the push at a larger shape (past it the only way up would be painting the background, which the
+    reward no longer pays for). It asks for more of what the prompt says, never for another colour; a prompt that
+    names no palette colour scores 0."""
 
-    dark: float = 0.25
-    lit: float = 0.55
     cap: float = 100.0
+    radius: float = 0.5
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.dark < self.lit <= 1.0 or not 0.0 < self.cap <= 100.0:
-            raise ValueError(
-                f"object_area needs 0 <= dark < lit <= 1 and 0 < cap <= 100, got {self.dark}, {self.lit}, {self.cap}"
-            )
+        if not 0.0 < self.cap <= 100.0 or not 0.0 < self.radius <= 1.0:
+            raise ValueError(f"object_area needs 0 < cap <= 100 and 0 < radius <= 1, got {self.cap}, {self.radius}")
 
-    def score(self, frames: Any) -> Any:
-        r, g, b = frames[..., 0], frames[..., 1], frames[..., 2]
-        rg = (r + g + abs(r - g)) * 0.5  # max(r, g) with the operations every array type shares
-        brightest = (rg + b + abs(rg - b)) * 0.5
-        lit = ((brightest - self.dark) * (1.0 / (self.lit - self.dark))).clip(0.0, 1.0)
-        area = 100.0 * lit.reshape(frames.shape[0], -1).mean(-1)
-        return (area + self.cap - abs(area - self.cap)) * 0.5  # min(area, cap)
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        """One-hot [B, 4] of the palette colour each prompt names, float32 (it weighs the frames' float areas)."""
+        words = [set(p.lower().split()) for p in prompts]
+        return np.array([[name in w for name in COLOURS] for w in words], np.float32).reshape(
+            len(prompts), len(COLOURS)
+        )
+
+    def score_tokens(self, frames: Any, tokens: Any) -> Any:
+        b = frames.shape[0]
+        area = 0.0
+        for c, rgb in enumerate(COLOURS.values()):
+            d2 = sum((frames[..., k] - v / 255.0) ** 2 for k, v in enumerate(rgb))
+            near = (1.0 - d2 * (1.0 / self.radius**2)).clip(0.0, 1.0)
+            area = area + (100.0 * near.reshape(b, -1).mean(-1)) * tokens[:, c]
+        return (area + self.cap - abs(area - self.cap)) * 0.5  # min(area, cap) with the operations every array shares
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:

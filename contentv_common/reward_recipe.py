@@ -116,7 +116,9 @@ class ReflConfig:
 class GrpoConfig:
     """GRPO over SDE sampling: `group_size` rollouts per prompt, group-normalised advantages, a clipped ratio, a KL
     to the frozen reference policy, and the SFT term. `train_steps` sampler steps per rollout are trained (the first
-    ones, where exploration happens, when fewer than all)."""
+    ones, where exploration happens, when fewer than all). `shared_start`: the rollouts of a group start from the
+    same noise (DanceGRPO), so their rewards differ by the exploration alone, which is what the policy gradient
+    credits (otherwise most of a group's spread comes from where each rollout started)."""
 
     group_size: int = 4
     noise_level: float = 0.7
@@ -125,6 +127,7 @@ class GrpoConfig:
     sft_weight: float = 1.0
     updates_per_rollout: int = 1
     train_steps: int | None = None
+    shared_start: bool = False
 
     def __post_init__(self) -> None:
         _check(self.group_size >= 2, "group_size", f"needs >= 2 samples to normalise, got {self.group_size}")

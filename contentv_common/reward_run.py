@@ -63,7 +63,11 @@ class RewardData:
         rng = step_rng(self.recipe.seed, step)
         ids = rng.integers(len(self.prompts), size=self.recipe.rollout.batch_size)
         batch = self._prompt_rows(ids)
-        batch["noise"] = rng.standard_normal(self.latent_shape, dtype=np.float32)
+        if self.recipe.method == "grpo" and self.recipe.grpo.shared_start:  # one start per group
+            starts = rng.standard_normal((len(ids), *self.latent_shape[1:]), dtype=np.float32)
+            batch["noise"] = np.repeat(starts, self.group, axis=0)
+        else:
+            batch["noise"] = rng.standard_normal(self.latent_shape, dtype=np.float32)
         step_noise = None
         if self.recipe.method == "grpo":
             rows = range(self.rows)[noise_rows or slice(None)]
