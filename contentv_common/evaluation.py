@@ -87,3 +87,17 @@ def shows_caption(
     """The clip shows the named colour (most bright pixels) moving the named way (`min_move` px, more than across)."""
     m = shape_motion(video, colour, direction)
     return m["colour_share"] >= min_share and m["along"] >= min_move and m["along"] > m["across"]
+
+
+DARK_MEAN = 110  # the mean pixel value a clip stays under while its background is the synthetic set's dark one
+
+
+def demo_measure(video: np.ndarray, prompt: str) -> dict[str, float | bool]:
+    """What the CPU demo checks in a clip of one of its captions ("a <colour> <shape> moving <direction>"), on uint8
+    frames [F, H, W, 3]: `shape_motion`'s numbers, the mean pixel value, and `ok`: the clip shows its caption
+    (`shows_caption`) on a dark background."""
+    _, colour, _, _, direction = prompt.split()
+    measured: dict[str, float | bool] = dict(shape_motion(video, colour, direction))
+    measured["mean"] = float(np.mean(video))
+    measured["ok"] = shows_caption(video, colour, direction) and measured["mean"] < DARK_MEAN
+    return measured

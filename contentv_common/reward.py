@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from contentv_common.data.synthetic import COLOURS
+
 
 class Reward(Protocol):
     """`reward(frames, prompts) -> [B]`; inside a compiled step use `score_tokens(frames, tokenize(prompts))`.
@@ -97,6 +99,40 @@ class TargetColour(PromptFreeReward):
         return -(per_channel[0] + per_channel[1] + per_channel[2]) / 3.0
 
 
+@dataclass(frozen=True, eq=True)
+class ObjectArea(RewardBase):
+    """The share of the frame, in percent, that the colour the prompt names covers, up to `cap`: the size of the
+    shape in the CPU demo's clips ("a red circle moving right"), which a person sees grow. A pixel counts by its RGB
+    distance d to the named colour of the synthetic set's palette: 1 - d^2 / radius^2, clipped to [0, 1], so the
+    soft edges of a shape carry the gradient while the dark background and the other palette colours count nothing.
+    The cap ends the push at a larger shape (past it the only way up would be painting the background, which the
+    reward no longer pays for). It asks for more of what the prompt says, never for another colour; a prompt that
+    names no palette colour scores 0."""
+
+    cap: float = 100.0
+    radius: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.cap <= 100.0 or not 0.0 < self.radius <= 1.0:
+            raise ValueError(f"object_area needs 0 < cap <= 100 and 0 < radius <= 1, got {self.cap}, {self.radius}")
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        """One-hot [B, 4] of the palette colour each prompt names, float32 (it weighs the frames' float areas)."""
+        words = [set(p.lower().split()) for p in prompts]
+        return np.array([[name in w for name in COLOURS] for w in words], np.float32).reshape(
+            len(prompts), len(COLOURS)
+        )
+
+    def score_tokens(self, frames: Any, tokens: Any) -> Any:
+        b = frames.shape[0]
+        area = 0.0
+        for c, rgb in enumerate(COLOURS.values()):
+            d2 = sum((frames[..., k] - v / 255.0) ** 2 for k, v in enumerate(rgb))
+            near = (1.0 - d2 * (1.0 / self.radius**2)).clip(0.0, 1.0)
+            area = area + (100.0 * near.reshape(b, -1).mean(-1)) * tokens[:, c]
+        return (area + self.cap - abs(area - self.cap)) * 0.5  # min(area, cap) with the operations every array shares
+
+
 def to_uint8(frames: np.ndarray) -> np.ndarray:
     """[0, 1] float frames -> uint8 (round to nearest), the form black-box scorers receive."""
     return np.clip(np.rint(np.asarray(frames, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
@@ -113,11 +149,29 @@ def as_black_box(reward: Reward) -> BlackBoxReward:
     return score
 
 
-SIMPLE_REWARDS: dict[str, Callable[..., Reward]] = {"brightness": MeanBrightness, "target_colour": TargetColour}
+def per_video(scores: Any, frames: int) -> Any:
+    """Scores of `frames` consecutive frames per video [B * F] -> each video's mean [B] (any array type)."""
+    return scores.reshape(-1, frames).mean(-1)
+
+
+def score_black_box(black_box: BlackBoxReward, frames: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+    """uint8 frames of whole videos or their first frame [B, F, H, W, 3] -> each video's mean score [B] (float32):
+    every frame scored with its video's prompt."""
+    b, f = frames.shape[:2]
+    scores = black_box(frames.reshape(b * f, *frames.shape[2:]), [p for p in prompts for _ in range(f)])
+    return per_video(np.asarray(scores, np.float32), f)
+
+
+SIMPLE_REWARDS: dict[str, Callable[..., Reward]] = {
+    "brightness": MeanBrightness,
+    "target_colour": TargetColour,
+    "object_area": ObjectArea,
+}
 
 
 def simple_reward(name: str, **kwargs: Any) -> Reward:
-    """A built-in array-generic reward by name (`brightness`, `target_colour`), usable from either backend."""
+    """A built-in array-generic reward by name (`brightness`, `target_colour`, `object_area`), usable from either
+    backend."""
     if name not in SIMPLE_REWARDS:
         raise ValueError(f"unknown simple reward {name!r} (known: {sorted(SIMPLE_REWARDS)})")
     return SIMPLE_REWARDS[name](**kwargs)

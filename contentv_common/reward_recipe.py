@@ -26,6 +26,7 @@ from contentv_common.recipe import (
     load_recipe,
     read_with_base,
 )
+from contentv_common.reward import SIMPLE_REWARDS, Reward, simple_reward
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -35,10 +36,11 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 @dataclass(frozen=True)
 class RewardModelConfig:
-    """Which reward: a built-in (`brightness`, `target_colour`), a CLIP preference model folder (`clip`, e.g. a local
-    PickScore download) or a black-box scorer `module:factory` on uint8 frames (`black_box`, GRPO only)."""
+    """Which reward: a built-in (`brightness`, `target_colour`, `object_area`: the size of the CPU demo's shapes), a
+    CLIP preference model folder (`clip`, e.g. a local PickScore download) or a black-box scorer `module:factory` on
+    uint8 frames (`black_box`, GRPO only); `kwargs` go to the built-in or the factory."""
 
-    kind: Literal["brightness", "target_colour", "clip", "black_box"]
+    kind: Literal["brightness", "target_colour", "object_area", "clip", "black_box"]
     target: tuple[float, float, float] = (1.0, 0.0, 0.0)
     path: str | None = None
     black_box: str | None = None
@@ -47,11 +49,24 @@ class RewardModelConfig:
     def __post_init__(self) -> None:
         _check(self.kind != "clip" or self.path is not None, "path", "reward kind clip needs a CLIPModel folder")
         _check(self.kind != "black_box" or self.black_box is not None, "black_box", "needs 'module:factory'")
+        if self.kind in SIMPLE_REWARDS:
+            try:
+                self.builtin()
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"kwargs: {e}") from None
+
+    def builtin(self) -> Reward:
+        """The built-in reward (`brightness`, `target_colour`, `object_area`; array-generic, either backend)."""
+        return simple_reward(
+            self.kind, **({"target": self.target} if self.kind == "target_colour" else {}), **self.kwargs
+        )
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """How videos are generated during training: prompts, pixel size, sampler steps/shift/guidance, held-out seeds."""
+    """How videos are generated during training: prompts, pixel size, sampler steps/shift/guidance, held-out seeds,
+    and which decoded frames the reward scores: the first (the causal VAE decodes it alone, whatever the video's
+    length: the 8B recipes) or all of them (the mean over frames: a reward that must hold for the whole clip)."""
 
     prompts: tuple[str, ...]
     width: int = 64
@@ -64,6 +79,7 @@ class RolloutConfig:
     negative_prompt: str = ""
     eval_seeds: tuple[int, ...] = (10_000, 10_001)
     eval_interval: int = 10
+    reward_frames: Literal["first", "all"] = "first"
 
     def __post_init__(self) -> None:
         _check(len(self.prompts) > 0, "prompts", "needs at least one prompt")
@@ -100,7 +116,9 @@ class ReflConfig:
 class GrpoConfig:
     """GRPO over SDE sampling: `group_size` rollouts per prompt, group-normalised advantages, a clipped ratio, a KL
     to the frozen reference policy, and the SFT term. `train_steps` sampler steps per rollout are trained (the first
-    ones, where exploration happens, when fewer than all)."""
+    ones, where exploration happens, when fewer than all). `shared_start`: the rollouts of a group start from the
+    same noise (DanceGRPO), so their rewards differ by the exploration alone, which is what the policy gradient
+    credits (otherwise most of a group's spread comes from where each rollout started)."""
 
     group_size: int = 4
     noise_level: float = 0.7
@@ -109,6 +127,7 @@ class GrpoConfig:
     sft_weight: float = 1.0
     updates_per_rollout: int = 1
     train_steps: int | None = None
+    shared_start: bool = False
 
     def __post_init__(self) -> None:
         _check(self.group_size >= 2, "group_size", f"needs >= 2 samples to normalise, got {self.group_size}")
@@ -122,7 +141,8 @@ class GrpoConfig:
 @dataclass(frozen=True)
 class RewardRecipe:
     """A reward fine-tuning run. `init_from` is the model to tune (any transformer checkpoint folder); `encoders` is
-    "tiny" or a local diffusers pipeline folder (text encoders + Wan VAE); `data` gives the SFT real batches."""
+    "tiny", "demo" (the CPU demo's, as a training recipe's `data.encoders`) or a local diffusers pipeline folder (text
+    encoders + Wan VAE); `data` gives the SFT real batches."""
 
     method: Literal["refl", "grpo"]
     model: str | ModelConfig

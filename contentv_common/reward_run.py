@@ -22,7 +22,7 @@ from contentv_common.config import ConfigError
 from contentv_common.data.cache import Encoders, LatentCache, build_cache, cache_is_current, cache_settings
 from contentv_common.divergence import DivergenceGuard
 from contentv_common.errors import RunStopped
-from contentv_common.reward import BlackBoxReward, as_black_box, load_black_box, simple_reward
+from contentv_common.reward import BlackBoxReward, as_black_box, load_black_box
 from contentv_common.reward_recipe import RewardModelConfig, RewardRecipe
 from contentv_common.safetensors_io import CheckpointError
 from contentv_common.sampling import latent_shape
@@ -63,7 +63,11 @@ class RewardData:
         rng = step_rng(self.recipe.seed, step)
         ids = rng.integers(len(self.prompts), size=self.recipe.rollout.batch_size)
         batch = self._prompt_rows(ids)
-        batch["noise"] = rng.standard_normal(self.latent_shape, dtype=np.float32)
+        if self.recipe.method == "grpo" and self.recipe.grpo.shared_start:  # one start per group
+            starts = rng.standard_normal((len(ids), *self.latent_shape[1:]), dtype=np.float32)
+            batch["noise"] = np.repeat(starts, self.group, axis=0)
+        else:
+            batch["noise"] = rng.standard_normal(self.latent_shape, dtype=np.float32)
         step_noise = None
         if self.recipe.method == "grpo":
             rows = range(self.rows)[noise_rows or slice(None)]
@@ -136,9 +140,26 @@ def black_box_reward(cfg: RewardModelConfig, backend_clip: Any = None) -> BlackB
     return as_black_box(differentiable_builtin(cfg))
 
 
+def evaluated_updates(step: int, recipe: RewardRecipe) -> int | None:
+    """The updates the model that step `step` evaluates on the held-out seeds has had, or None: every
+    `rollout.eval_interval` steps the model the step starts from (`step`; at step 0 the model the run tunes), and at
+    the last step the tuned model, after its update (`step + 1`)."""
+    if step == recipe.steps - 1:
+        return step + 1
+    return step if step % recipe.rollout.eval_interval == 0 else None
+
+
+def eval_record(rewards: np.ndarray, updates: int) -> dict[str, float]:
+    """The log's held-out entries: the reward's mean over the eval seeds, its seed-to-seed std (the spread a change
+    must clear to mean something) and the updates the evaluated model had."""
+    rewards = np.asarray(rewards, np.float64)
+    return {"eval_reward_mean": float(rewards.mean()), "eval_reward_std": float(rewards.std()), "eval_updates": updates}
+
+
 def differentiable_builtin(cfg: RewardModelConfig):
-    """`brightness` / `target_colour` from the recipe (array-generic, either backend)."""
-    return simple_reward(cfg.kind, **({"target": cfg.target} if cfg.kind == "target_colour" else {}))
+    """`brightness` / `target_colour` / `object_area` from the recipe (array-generic, either backend), with the
+    recipe's `reward.kwargs` (object_area: dark, lit, cap)."""
+    return cfg.builtin()
 
 
 def optimizer_updates(recipe: RewardRecipe) -> int:
@@ -268,7 +289,10 @@ class RewardLog:
         ax.plot(steps, mean, label="train reward (mean)")
         ax.fill_between(steps, mean - std, mean + std, alpha=0.25, label="train reward (std)")
         if evals:
-            ax.plot([r["step"] for r in evals], [r["eval_reward_mean"] for r in evals], "o-", label="held-out seeds")
+            at = [r.get("eval_updates", r["step"]) for r in evals]  # older logs lack the last two
+            spread = [r.get("eval_reward_std", 0.0) for r in evals]
+            ax.errorbar(at, [r["eval_reward_mean"] for r in evals], yerr=spread, fmt="o-", capsize=3,
+                        label="held-out seeds (mean, std over seeds)")  # fmt: skip
         ax.set_xlabel("step")
         ax.set_ylabel("reward")
         ax.set_title(title)

@@ -28,12 +28,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from contentv_common.reward import to_uint8
+from contentv_common.reward import score_black_box, to_uint8
 from contentv_common.reward_recipe import RewardRecipe
 from contentv_common.reward_run import (
     ResumePoint,
@@ -43,6 +42,8 @@ from contentv_common.reward_run import (
     check_divergence,
     differentiable_builtin,
     divergence_guard,
+    eval_record,
+    evaluated_updates,
     open_sft_cache,
     optimizer_updates,
     uses_ema_anchor,
@@ -50,7 +51,7 @@ from contentv_common.reward_run import (
 from contentv_jax import lora, multihost
 from contentv_jax import reward_train as jr
 from contentv_jax.checkpointing import Checkpointer, abstract_like
-from contentv_jax.encoders import Encoders, load_encoders, tiny_encoders
+from contentv_jax.encoders import Encoders, named_encoders
 from contentv_jax.reward_mesh import (
     build_model,
     device_batch,
@@ -64,8 +65,8 @@ from contentv_jax.sampling import sample
 
 
 def _encoders(recipe: RewardRecipe) -> Encoders:
-    """Text encoders and Wan VAE in JAX: the tiny ones (seeded) or a pipeline folder's."""
-    return tiny_encoders(recipe.seed) if recipe.encoders == "tiny" else load_encoders(recipe.encoders)
+    """Text encoders and Wan VAE in JAX: the tiny ones (seeded), the demo's or a pipeline folder's."""
+    return named_encoders(recipe.encoders, recipe.seed)
 
 
 def _clip_reward(recipe: RewardRecipe):
@@ -74,16 +75,17 @@ def _clip_reward(recipe: RewardRecipe):
     return load_clip_reward(recipe.reward.path)
 
 
-def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe, mesh: Mesh) -> float:
-    """Mean reward of ODE samples (the plain sampler) from the held-out seeds (rows padded to split over the mesh)."""
+def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe, mesh: Mesh, updates: int) -> dict:
+    """Mean and seed-to-seed std of the reward of ODE samples (the plain sampler) from the held-out seeds (rows padded
+    to split over the mesh) of the model after `updates` updates."""
     held_out, prompts = data.evaluation()
     padded, n = pad_rows(held_out, mesh)
     batch = device_batch(padded, mesh)
     r = recipe.rollout
     latents = sample(model, batch["noise"], batch["text"], batch["pooled"], batch["neg_text"], batch["neg_pooled"],
                      steps=r.steps, guidance=r.guidance, shift=r.shift, progress=False)  # fmt: skip
-    frames = multihost.to_host(jr.decode_first_frame(decoder, latents))[:n]
-    return float(np.mean(score(to_uint8(frames), prompts)))
+    frames = multihost.to_host(jr.decode_frames(decoder, latents, r.reward_frames))[:n]
+    return eval_record(score_black_box(score, to_uint8(frames), prompts), updates)
 
 
 def _modules(
@@ -165,6 +167,8 @@ def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:
         steps = tqdm(range(start, recipe.steps), desc=f"reward {recipe.method} (jax)", initial=start,
                      total=recipe.steps, disable=not progress)  # fmt: skip
         for step in steps:
+            updates = evaluated_updates(step, recipe)
+            held_out = _eval_reward(model, decoder, scorer, data, recipe, mesh, step) if updates == step else {}
             batch, prompts, step_noise = data.rollout(step)
             batch.update(data.sft(step))
             tuning = jr.Tuning(guard, step, ema, recipe.optimizer.ema_decay)
@@ -176,10 +180,10 @@ def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:
                 place = partial(device_batch, mesh=mesh)
                 metrics = jr.grpo_iteration(optimizer, model, ref_model, decoder, scorer, batch, step_noise, prompts,
                                             recipe.rollout, grpo, tuning, place, donate=True)  # fmt: skip
-            record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+            if updates == step + 1:
+                held_out = _eval_reward(model, decoder, scorer, data, recipe, mesh, updates)
+            record = {"step": step, **{k: float(v) for k, v in metrics.items()}, **held_out}
             last = step == recipe.steps - 1
-            if step % recipe.rollout.eval_interval == 0 or last:
-                record["eval_reward_mean"] = _eval_reward(model, decoder, scorer, data, recipe, mesh)
             if log is not None:
                 log.write(record)
             if (step + 1) % recipe.checkpoint.interval == 0 or last:

@@ -26,7 +26,7 @@ from einops import rearrange
 from flax import nnx
 
 from contentv_common.divergence import DivergenceGuard
-from contentv_common.reward import BlackBoxReward, Reward, group_advantages, to_uint8
+from contentv_common.reward import BlackBoxReward, Reward, group_advantages, per_video, score_black_box, to_uint8
 from contentv_common.reward_recipe import GrpoConfig, ReflConfig, RolloutConfig
 from contentv_common.reward_sde import gaussian_kl, gaussian_log_prob, sde_mean, sde_schedule
 from contentv_common.sampling import euler_step, flow_match_schedule, guide, uses_guidance
@@ -74,18 +74,23 @@ class Tuning:
 
 
 class VaeFirstFrameDecoder(nnx.Module):
-    """The reward's decoder: normalised first-frame latents -> RGB [B, H, W, 3] in [0, 1] through the Wan VAE.
+    """The reward's decoder: normalised first-frame latents -> RGB [B, H, W, 3] in [0, 1] through the Wan VAE;
+    `video` decodes every frame (`rollout.reward_frames: all`).
 
-    The causal VAE decodes latent frame 0 alone into pixel frame 0, so the reward never pays for the whole video.
-    The VAE stays frozen (it is not in the optimizer); gradients flow through it to the latents.
+    The causal VAE decodes latent frame 0 alone into pixel frame 0, so a first-frame reward never pays for the whole
+    video. The VAE stays frozen (it is not in the optimizer); gradients flow through it to the latents.
     """
 
     def __init__(self, vae: WanVAE):
         self.vae = vae
 
     def __call__(self, latents: jax.Array) -> jax.Array:
-        video = self.vae.decode(self.vae.denormalize(latents[:, :, :1]))
-        return (rearrange(video[:, :, 0], "b c h w -> b h w c").astype(jnp.float32) + 1.0) * 0.5
+        return self.video(latents[:, :, :1])[:, 0]
+
+    def video(self, latents: jax.Array) -> jax.Array:
+        """Normalised latents [B, C, f, h, w] -> RGB frames [B, F, H, W, 3] in [0, 1]."""
+        video = self.vae.decode(self.vae.denormalize(latents))
+        return (rearrange(video, "b c f h w -> b f h w c").astype(jnp.float32) + 1.0) * 0.5
 
 
 def sft_loss(model: nnx.Module, batch: Batch) -> jax.Array:
@@ -96,9 +101,20 @@ def sft_loss(model: nnx.Module, batch: Batch) -> jax.Array:
     return jnp.mean(err.reshape(err.shape[0], -1).mean(-1) * batch["sft_weights"])
 
 
-def score_first_frame(decoder: Decoder, reward: Reward, latents: jax.Array, tokens: jax.Array) -> jax.Array:
-    """Decode latent frame 0 alone and score it -> rewards [B]."""
-    return unwrap(reward).score_tokens(unwrap(decoder)(latents[:, :, :1]), tokens)
+def reward_frames(decoder: Decoder, latents: jax.Array, which: str = "first") -> jax.Array:
+    """What the reward scores -> RGB [B, F, H, W, 3] in [0, 1]: latent frame 0 decoded alone (F = 1, "first") or the
+    whole video ("all", a decoder with `video`)."""
+    if which == "first":
+        return unwrap(decoder)(latents[:, :, :1])[:, None]
+    return unwrap(decoder).video(latents)
+
+
+def score_frames(decoder: Decoder, reward: Reward, latents: jax.Array, tokens: jax.Array, which: str) -> jax.Array:
+    """Decode (`reward_frames`) and score every frame, each with its video's prompt -> the mean per video [B]."""
+    frames = reward_frames(decoder, latents, which)
+    b, f = frames.shape[:2]
+    scores = unwrap(reward).score_tokens(frames.reshape(b * f, *frames.shape[2:]), jnp.repeat(tokens, f, axis=0))
+    return per_video(scores, f)
 
 
 class Carried(nnx.Module):
@@ -163,7 +179,7 @@ def refl_loss(
 
         init = (x, jnp.zeros((), jnp.float32))
         (x, anchor), _ = jax.lax.scan(grad_step, init, (ts[first_grad:], dts[first_grad:]))
-        rewards = score_first_frame(decoder, reward, x, batch["tokens"]).astype(jnp.float32)
+        rewards = score_frames(decoder, reward, x, batch["tokens"], rollout.reward_frames).astype(jnp.float32)
         sft = sft_loss(nnx.merge(graphdef, p, rest), batch) if refl.sft_weight > 0 else jnp.zeros((), jnp.float32)
         loss = -refl.reward_weight * jnp.mean(rewards) + refl.sft_weight * sft + refl.anchor_weight * anchor
         metrics = {"loss": loss, "reward_mean": jnp.mean(rewards), "reward_std": jnp.std(rewards),
@@ -460,8 +476,8 @@ def grpo_iteration(
     device_batch = place({**batch, "step_noise": step_noise})
     noise = device_batch.pop("step_noise")
     states, log_probs = sde_rollout(model, device_batch, noise, rollout, grpo.noise_level)
-    frames = to_host(decode_first_frame(decoder, states[-1]))  # every row's frame, in every process
-    rewards = np.asarray(black_box(to_uint8(frames), list(prompts)), dtype=np.float32)
+    frames = to_host(decode_frames(decoder, states[-1], rollout.reward_frames))  # every row's, in every process
+    rewards = score_black_box(black_box, to_uint8(frames), list(prompts))
     device_batch.update(states=states, old_log_probs=log_probs,
                         **place({"advantages": group_advantages(rewards, grpo.group_size)}))  # fmt: skip
     skipped = 0
@@ -474,10 +490,15 @@ def grpo_iteration(
     return out
 
 
-@nnx.jit
+@nnx.jit(static_argnames=("which",))
+def decode_frames(decoder, latents, which: str = "first"):
+    """`reward_frames` compiled -> RGB [B, F, H, W, 3] in [0, 1] (for black-box scoring and logging)."""
+    return reward_frames(decoder, latents, which)
+
+
 def decode_first_frame(decoder, latents):
-    """Decode latent frame 0 -> RGB [B, H, W, 3] in [0, 1] (for black-box scoring and logging)."""
-    return unwrap(decoder)(latents[:, :, :1])
+    """Decode latent frame 0 -> RGB [B, H, W, 3] in [0, 1]."""
+    return decode_frames(decoder, latents)[:, 0]
 
 
 def to_device_batch(batch: dict[str, np.ndarray]) -> Batch:

@@ -35,10 +35,12 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from contentv_common import integrity
-from contentv_common.checkpoint import iter_rank_shards, read_our_config, write_our_config
+from contentv_common.checkpoint import iter_rank_shards, open_checkpoint, read_our_config, write_our_config, write_torch
 from contentv_common.config import ModelConfig
+from contentv_common.recipe import LoraConfig
 from contentv_common.safetensors_io import AtomicFolder, CheckpointError, iter_tensors, weight_files, write_sharded
 from contentv_torch_npu.loading import numpy_to_torch, torch_to_numpy
+from contentv_torch_npu.lora import export_merged
 from contentv_torch_npu.sharded_checkpoint import is_sharded
 
 _STEP_DIR = re.compile(r"step_(\d{8})")
@@ -196,6 +198,19 @@ def read_sharded_state(folder: Path) -> TrainState:
         counters={k: int(v) for k, v in meta.get("counters", {}).items()},
         divergence=dict(meta.get("divergence") or {}),
     )
+
+
+def export_weights(
+    checkpoint: str | Path, out: str | Path, part: str = "model", lora: LoraConfig | None = None
+) -> Path:
+    """The weights of a checkpoint folder (`model`, or `ema`: the EMA of the weights) as a plain transformer folder in
+    our torch format (what load_transformer reads), replaced atomically and streamed one tensor at a time from either
+    layout (one process or per-rank shards); a LoRA run's adapters of `part` merged into its base."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if lora is not None:
+        return export_merged(checkpoint, part, lora.scale, out)
+    source = open_checkpoint(checkpoint / part)
+    return write_torch(out, source.config, source.tensors(), overwrite=True)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -101,18 +101,21 @@ def get_adapters(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return out
 
 
-def export_merged(model_folder: Path, adapter_file: Path, out: Path) -> Path:
-    """A LoRA checkpoint's `model/` (base + adapters) with the adapter file's adapters merged into the base
-    (contentv_common.lora.merge), written as a plain transformer folder (our torch format) that load_transformer
-    reads; one full tensor set on the host (the tiny demo's export; tools/convert.py merges at scale)."""
+def export_merged(checkpoint: Path, part: str, scale: float, out: Path) -> Path:
+    """A LoRA checkpoint's base (`model/`) with the adapters of `part` (`model` or `ema`: the EMA of the adapters)
+    merged in (contentv_common.lora.merge, `scale` = alpha / rank), written as a plain transformer folder (our torch
+    format) that load_transformer reads; one full tensor set on the host (the tiny demo's export; tools/convert.py
+    merges at scale)."""
     from contentv_common.checkpoint import read_our_config, write_our_config
-    from contentv_common.lora import load_adapters, merge
+    from contentv_common.lora import merge
     from contentv_common.safetensors_io import AtomicFolder, iter_tensors, weight_files, write_sharded
 
-    tensors = dict(iter_tensors(weight_files(model_folder, "model")))
-    base = {k: v for k, v in tensors.items() if ".lora_A." not in k and ".lora_B." not in k}
-    adapters, rank, alpha = load_adapters(adapter_file)
+    def is_adapter(key: str) -> bool:
+        return ".lora_A." in key or ".lora_B." in key
+
+    base = {k: v for k, v in iter_tensors(weight_files(checkpoint / "model", "model")) if not is_adapter(k)}
+    adapters = {k: v for k, v in iter_tensors(weight_files(checkpoint / part, "model")) if is_adapter(k)}
     with AtomicFolder(out, overwrite=True) as tmp:
-        write_our_config(tmp, read_our_config(model_folder))
-        write_sharded(sorted(merge(base, adapters, alpha / rank).items()), tmp, "model", metadata={"format": "pt"})
+        write_our_config(tmp, read_our_config(checkpoint / "model"))
+        write_sharded(sorted(merge(base, adapters, scale).items()), tmp, "model", metadata={"format": "pt"})
     return out

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ from contentv_common.config import ConfigError
 from contentv_common.data.cache import Encoders, LatentCache
 from contentv_common.errors import CheckpointSaveError
 from contentv_common.lora_train import write_adapter_file
-from contentv_common.reward import to_uint8
+from contentv_common.reward import score_black_box, to_uint8
 from contentv_common.reward_recipe import RewardRecipe
 from contentv_common.reward_run import (
     ResumePoint,
@@ -48,6 +49,8 @@ from contentv_common.reward_run import (
     check_divergence,
     differentiable_builtin,
     divergence_guard,
+    eval_record,
+    evaluated_updates,
     open_sft_cache,
     optimizer_updates,
     uses_ema_anchor,
@@ -92,9 +95,10 @@ class _TorchBlackBox:
         return self.reward(x, list(prompts)).float().cpu().numpy()
 
 
-def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe, topo: Topology) -> float:
-    """Mean reward of ODE samples (the plain sampler) from the held-out seeds, split over the data-parallel groups
-    (a group without a seed samples the first one and drops it: every rank takes part in the sharded forwards)."""
+def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe, topo: Topology, updates: int) -> dict:
+    """Mean and seed-to-seed std of the reward of ODE samples (the plain sampler) from the held-out seeds of the model
+    after `updates` updates, split over the data-parallel groups (a group without a seed samples the first one and
+    drops it: every rank takes part in the sharded forwards)."""
     batch, prompts = data.evaluation()
     mine = np.array_split(np.arange(len(prompts)), topo.dp)[topo.dp_rank]
     rows = mine if len(mine) else np.arange(1)
@@ -102,12 +106,14 @@ def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe, 
     r = recipe.rollout
     latents = sample(model, batch["noise"], batch["text"], batch["pooled"], batch["neg_text"], batch["neg_pooled"],
                      steps=r.steps, guidance=r.guidance, shift=r.shift, progress=False)  # fmt: skip
-    frames = tr.decode_first_frame(decoder, torch.from_numpy(latents).to(topo.device)).float().cpu().numpy()
-    rewards = score(to_uint8(frames), [prompts[i] for i in rows])[: len(mine)]
-    total = torch.tensor([float(np.sum(rewards, dtype=np.float64)), len(mine)], device=topo.device)
-    if topo.world > 1:  # sequence ranks add the same sums: the ratio is unchanged
-        dist.all_reduce(total)
-    return float(total[0] / total[1])
+    frames = tr.decode_frames(decoder, torch.from_numpy(latents).to(topo.device), r.reward_frames)
+    rewards = score_black_box(score, to_uint8(frames.float().cpu().numpy()), [prompts[i] for i in rows])[: len(mine)]
+    if topo.world > 1:  # every group's rewards in row order, padded to one length with NaN (dropped)
+        padded = np.full(-(-len(prompts) // topo.dp), np.nan, np.float32)
+        padded[: len(rewards)] = rewards
+        gathered = tr.gather_rows(torch.from_numpy(padded).to(topo.device), topo).cpu().numpy()
+        rewards = gathered[~np.isnan(gathered)]
+    return eval_record(rewards, updates)
 
 
 def _sft_cache(recipe: RewardRecipe, encoders: Encoders, progress: bool, topo: Topology) -> LatentCache | None:
@@ -188,6 +194,17 @@ def _save(
         raise error or CheckpointSaveError(f"{root}: saving step {point.step} failed on another rank")
 
 
+def export(recipe: RewardRecipe) -> None:
+    """The tuned model of the latest checkpoint as a transformer folder next to the checkpoint dir (as the JAX core
+    exports it): `<checkpoint.dir>/../transformer`, and the EMA of the weights as `transformer_ema` when kept (the
+    checkpoint's ema/ holds the EMA anchor instead with `refl.anchor: ema`); a LoRA run's adapters merged."""
+    step = ckpt.latest_checkpoint(recipe.checkpoint.dir)
+    root = Path(recipe.checkpoint.dir).parent
+    ckpt.export_weights(step, root / "transformer", "model", recipe.lora)
+    if recipe.optimizer.ema_decay is not None:
+        ckpt.export_weights(step, root / "transformer_ema", "ema", recipe.lora)
+
+
 def run(recipe: RewardRecipe, progress: bool = True, device: str = "auto") -> dict[str, Any]:
     """Train per the recipe on its mesh (as many processes as it has ranks), resuming from `checkpoint.dir` when it
     holds a checkpoint; returns the last step's record. The main rank holds the checkpoint dir's run lock from the
@@ -203,14 +220,10 @@ def run(recipe: RewardRecipe, progress: bool = True, device: str = "auto") -> di
 
 
 def _run(recipe: RewardRecipe, progress: bool, topo: Topology) -> dict[str, Any]:
-    from contentv_torch_npu.encoders import load_encoders, tiny_encoders
+    from contentv_torch_npu.encoders import named_encoders
 
     dev = topo.device
-    encoders = (
-        tiny_encoders(recipe.seed, device=dev)
-        if recipe.encoders == "tiny"
-        else load_encoders(recipe.encoders, device=dev)
-    )
+    encoders = named_encoders(recipe.encoders, recipe.seed, device=dev)
     data = RewardData(recipe, encoders, _sft_cache(recipe, encoders, progress, topo))
     refl, grpo = recipe.method == "refl", recipe.grpo
     anchored = recipe.refl.anchor != "none" if refl else grpo.kl_weight > 0
@@ -237,6 +250,8 @@ def _run(recipe: RewardRecipe, progress: bool, topo: Topology) -> dict[str, Any]
                  total=recipe.steps, disable=not progress)  # fmt: skip
     record: dict[str, Any] = {}
     for step in steps:
+        updates = evaluated_updates(step, recipe)
+        held_out = _eval_reward(model, decoder, scorer, data, recipe, topo, step) if updates == step else {}
         batch, prompts, step_noise = data.rollout(step, tr.row_slice(data.rows, topo))  # this group's noise alone
         batch.update(data.sft(step))
         batch, prompts = local_batch(batch, prompts, topo)
@@ -248,10 +263,10 @@ def _run(recipe: RewardRecipe, progress: bool, topo: Topology) -> dict[str, Any]
         else:
             metrics = tr.grpo_iteration(optimizer, tuning, model, ref_model, decoder, scorer, batch,
                                         step_noise, prompts, recipe.rollout, grpo, topo)  # fmt: skip
-        record = {"step": step, **metrics}
+        if updates == step + 1:
+            held_out = _eval_reward(model, decoder, scorer, data, recipe, topo, updates)
+        record = {"step": step, **metrics, **held_out}
         last = step == recipe.steps - 1
-        if step % recipe.rollout.eval_interval == 0 or last:
-            record["eval_reward_mean"] = _eval_reward(model, decoder, scorer, data, recipe, topo)
         if log is not None:
             log.write(record)
         if (step + 1) % recipe.checkpoint.interval == 0 or last:
@@ -259,6 +274,8 @@ def _run(recipe: RewardRecipe, progress: bool, topo: Topology) -> dict[str, Any]
                   ResumePoint(step + 1, log.lines if log is not None else 0, recipe.seed, int(ema_anchor is not None),
                               int(ema is not None), guard.skipped), topo)  # fmt: skip
         check_divergence(guard, recipe.checkpoint.dir)
+    if topo.is_main:
+        export(recipe)
     if log is None:
         return record
     log.plot(f"{recipe.method} (torch): {recipe.reward.kind}")

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from contentv_common.divergence import DivergenceGuard
 from contentv_common.optim import learning_rate
 from contentv_common.recipe import OptimizerConfig
-from contentv_common.reward import BlackBoxReward, Reward, group_advantages, to_uint8
+from contentv_common.reward import BlackBoxReward, Reward, group_advantages, per_video, score_black_box, to_uint8
 from contentv_common.reward_recipe import GrpoConfig, ReflConfig, RolloutConfig
 from contentv_common.reward_sde import gaussian_kl, gaussian_log_prob, sde_mean, sde_schedule
 from contentv_common.sampling import euler_step, flow_match_schedule, guide, uses_guidance
@@ -89,7 +89,8 @@ def velocity(model: torch.nn.Module, x: torch.Tensor, timestep: float, batch: Ba
 
 
 class VaeFirstFrameDecoder(torch.nn.Module):
-    """The reward's decoder: normalised first-frame latents -> RGB [B, H, W, 3] in [0, 1] through the Wan VAE.
+    """The reward's decoder: normalised first-frame latents -> RGB [B, H, W, 3] in [0, 1] through the Wan VAE;
+    `video` decodes every frame (`rollout.reward_frames: all`).
 
     The causal VAE decodes latent frame 0 alone into pixel frame 0; its weights are frozen, gradients flow through
     it to the latents.
@@ -100,8 +101,12 @@ class VaeFirstFrameDecoder(torch.nn.Module):
         self.vae = vae.eval().requires_grad_(False)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        video = self.vae.decode(self.vae.denormalize(latents[:, :, :1]))
-        return (video[:, :, 0].permute(0, 2, 3, 1).float() + 1.0) * 0.5
+        return self.video(latents[:, :, :1])[:, 0]
+
+    def video(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [B, C, f, h, w] -> RGB frames [B, F, H, W, 3] in [0, 1]."""
+        video = self.vae.decode(self.vae.denormalize(latents))
+        return (video.permute(0, 2, 3, 4, 1).float() + 1.0) * 0.5
 
 
 def sft_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -112,9 +117,22 @@ def sft_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return (err.reshape(err.shape[0], -1).mean(-1) * batch["sft_weights"]).mean()
 
 
-def score_first_frame(decoder: Decoder, reward: Reward, latents: torch.Tensor, tokens: Any) -> torch.Tensor:
-    """Decode latent frame 0 alone and score it -> rewards [B]."""
-    return reward.score_tokens(decoder(latents[:, :, :1]), tokens)
+def reward_frames(decoder: Decoder, latents: torch.Tensor, which: str = "first") -> torch.Tensor:
+    """What the reward scores -> RGB [B, F, H, W, 3] in [0, 1]: latent frame 0 decoded alone (F = 1, "first") or the
+    whole video ("all", a decoder with `video`)."""
+    if which == "first":
+        return decoder(latents[:, :, :1])[:, None]
+    return decoder.video(latents)
+
+
+def score_frames(decoder: Decoder, reward: Reward, latents: torch.Tensor, tokens: Any, which: str) -> torch.Tensor:
+    """Decode (`reward_frames`) and score every frame, each with its video's prompt -> the mean per video [B]."""
+    frames = reward_frames(decoder, latents, which)
+    b, f = frames.shape[:2]
+    tokens = (
+        np.repeat(np.asarray(tokens), f, axis=0) if isinstance(tokens, np.ndarray) else tokens.repeat_interleave(f, 0)
+    )
+    return per_video(reward.score_tokens(frames.reshape(b * f, *frames.shape[2:]), tokens), f)
 
 
 def refl_loss(
@@ -148,7 +166,7 @@ def refl_loss(
                 v_ref = velocity(ref_model, x, schedule.timesteps[i], batch, rollout.guidance)
             anchor = anchor + ((v - v_ref) ** 2).mean() / refl.grad_steps
         x = euler_step(x, v, float(schedule.step_sizes[i]))
-    rewards = score_first_frame(decoder, reward, x, batch["tokens"]).float()
+    rewards = score_frames(decoder, reward, x, batch["tokens"], rollout.reward_frames).float()
     sft = sft_loss(model, batch) if refl.sft_weight > 0 else torch.zeros((), device=x.device)
     loss = -refl.reward_weight * rewards.mean() + refl.sft_weight * sft + refl.anchor_weight * anchor
     metrics = {"loss": loss.detach(), "reward_mean": rewards.mean().detach(),
@@ -336,8 +354,8 @@ def grpo_iteration(
     device_batch = to_device_batch(batch, device)
     states, log_probs = sde_rollout(model, device_batch, torch.as_tensor(step_noise, device=device), rollout,
                                     grpo.noise_level)  # fmt: skip
-    frames = decode_first_frame(decoder, states[-1]).float().cpu().numpy()
-    mine = torch.as_tensor(np.asarray(black_box(to_uint8(frames), list(prompts)), dtype=np.float32), device=device)
+    frames = decode_frames(decoder, states[-1], rollout.reward_frames).float().cpu().numpy()
+    mine = torch.as_tensor(score_black_box(black_box, to_uint8(frames), list(prompts)), device=device)
     rewards = gather_rows(mine, topo).cpu().numpy()
     advantages = group_advantages(rewards, grpo.group_size)[row_slice(len(rewards), topo)]
     device_batch.update(states=states, old_log_probs=log_probs, advantages=torch.as_tensor(advantages, device=device))
@@ -350,9 +368,14 @@ def grpo_iteration(
 
 
 @torch.no_grad()
+def decode_frames(decoder: Decoder, latents: torch.Tensor, which: str = "first") -> torch.Tensor:
+    """`reward_frames` without gradient -> RGB [B, F, H, W, 3] in [0, 1] (for black-box scoring and logging)."""
+    return reward_frames(decoder, latents, which)
+
+
 def decode_first_frame(decoder: Decoder, latents: torch.Tensor) -> torch.Tensor:
-    """Decode latent frame 0 -> RGB [B, H, W, 3] in [0, 1] (for black-box scoring and logging)."""
-    return decoder(latents[:, :, :1])
+    """Decode latent frame 0 -> RGB [B, H, W, 3] in [0, 1]."""
+    return decode_frames(decoder, latents)[:, 0]
 
 
 def to_device_batch(batch: dict[str, np.ndarray], device: torch.device | str = "cpu") -> Batch:

@@ -23,6 +23,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -33,7 +35,7 @@ from contentv_common.data.cache import build_cache, cache_is_current, cache_sett
 from contentv_common.data.synthetic import make_synthetic_set  # noqa: E402
 from contentv_common.errors import DataError  # noqa: E402
 from contentv_common.recipe import Recipe, load_recipe, parse_override  # noqa: E402
-from contentv_common.reward_recipe import is_reward_recipe, load_reward_recipe  # noqa: E402
+from contentv_common.reward_recipe import RewardRecipe, is_reward_recipe, load_reward_recipe  # noqa: E402
 from contentv_common.run_lock import check_unlocked  # noqa: E402
 from contentv_common.sd3_prompt import check_text_widths, read_text_configs  # noqa: E402
 
@@ -66,7 +68,6 @@ class MetricsLog:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import numpy as np
 
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot(self.steps, self.losses, alpha=0.35, label="loss")
@@ -186,22 +187,16 @@ def train_stage(recipe: Recipe, backend: str, progress: bool, primary: bool = Tr
 
 
 def export_transformer(recipe: Recipe, backend: str) -> Path:
-    """The last checkpoint's weights (EMA when kept) as a transformer folder that load_transformer reads; a LoRA
-    run's adapters merged into its base (in `<checkpoint.dir>/../transformer`)."""
+    """The last checkpoint's weights (EMA when kept) as a transformer folder that load_transformer reads, a LoRA
+    run's adapters merged into its base, in `<checkpoint.dir>/../transformer` (either backend)."""
+    out = Path(recipe.checkpoint.dir).parent / "transformer"
     if backend == "torch":
-        from contentv_torch_npu.checkpointing import latest_checkpoint
+        from contentv_torch_npu.checkpointing import export_weights, latest_checkpoint
 
         step = latest_checkpoint(recipe.checkpoint.dir)
         if step is None:
             raise FileNotFoundError(f"{recipe.checkpoint.dir}: no checkpoint to export")
-        if recipe.lora is not None:
-            from contentv_common.lora_train import adapter_file
-            from contentv_torch_npu.lora import export_merged
-
-            return export_merged(
-                step / "model", adapter_file(recipe.checkpoint.dir), Path(recipe.checkpoint.dir).parent / "transformer"
-            )
-        return step / "ema" if (step / "ema").is_dir() else step / "model"
+        return export_weights(step, out, "ema" if (step / "ema").is_dir() else "model", recipe.lora)
     from contentv_jax.checkpointing import Checkpointer
     from contentv_jax.multihost import export_model
     from contentv_jax.train import default_mesh, get_trainer
@@ -210,40 +205,55 @@ def export_transformer(recipe: Recipe, backend: str) -> Path:
     ckpt = Checkpointer(recipe.checkpoint, writer=False)
     state, _ = ckpt.restore(trainer.abstract_state())
     ckpt.close()
-    out = Path(recipe.checkpoint.dir).parent / "transformer"
     return export_model(out, trainer.plain_model(trainer.final_params(state)))  # every process takes part
+
+
+def sample_clips(transformer: Path, encoders: str, seed: int, backend: str, prompts: list[str], out: Path,
+                 settings: list[str], progress: bool) -> list[Path]:  # fmt: skip
+    """tools/sample.py's clips of `prompts` from a transformer folder with the "tiny" (seeded) or "demo" encoders;
+    `settings`: its sampler and size flags."""
+    from tools import sample
+
+    names = ["--demo"] if encoders == "demo" else ["--tiny", "--encoder-seed", str(seed)]
+    args = [*names, "--transformer", str(transformer), "--backend", backend, "--out", str(out), *settings]
+    args += [a for p in prompts for a in ("--prompt", p)]
+    return sample.main(args + ([] if progress else ["--no-progress"]))
+
+
+def save_strip(rows: list[np.ndarray], path: Path) -> Path:
+    """strip.png: each uint8 clip's frames in a row (contentv_common.evaluation.frame_strip), at 2x: 64-pixel frames
+    are small on screen."""
+    import av
+
+    from contentv_common.evaluation import frame_strip
+
+    image = frame_strip(*rows).repeat(2, axis=0).repeat(2, axis=1)
+    av.VideoFrame.from_ndarray(image, format="rgb24").to_image().save(path)
+    return path
 
 
 def sample_demo(recipe: Recipe, backend: str, prompts: list[str], progress: bool, primary: bool = True) -> None:
     """Sample a clip per prompt from the model just trained into `<run>/samples/` (beside the checkpoints), with
     the loss curve and strip.png: per prompt, the generated frames above a training clip of the same caption. Process 0
     samples; the others wait."""
-    import av
-
     from contentv_common.data.decode import decode_clip
     from contentv_common.data.manifest import read_manifest
-    from contentv_common.evaluation import frame_strip
     from contentv_common.video_io import read_video
-    from tools import sample
 
     bucket = recipe.data.buckets[0]
     out = Path(recipe.checkpoint.dir).parent / "samples"
-    folder = export_transformer(recipe, backend)
-    encoders = ["--demo"] if recipe.data.encoders == "demo" else ["--tiny", "--encoder-seed", str(recipe.seed)]
-    args = [*encoders, "--transformer", str(folder), "--backend", backend, "--frames", str(bucket.frames)]
-    args += ["--size", f"{bucket.height}x{bucket.width}", "--steps", "20", "--guidance", "6.0"]
-    args += ["--fps", str(recipe.data.fps), "--out", str(out), *(a for p in prompts for a in ("--prompt", p))]
+    folder = export_transformer(recipe, backend) if primary or backend == "jax" else None  # JAX: every process
     if primary:
-        written = sample.main(args + ([] if progress else ["--no-progress"]))
+        settings = ["--frames", str(bucket.frames), "--size", f"{bucket.height}x{bucket.width}", "--steps", "20"]
+        settings += ["--guidance", "6.0", "--fps", str(recipe.data.fps)]
+        written = sample_clips(folder, recipe.data.encoders, recipe.seed, backend, prompts, out, settings, progress)
         clips = {e.caption: e.path for e in read_manifest(recipe.data.manifest) if not e.is_image}
         rows = []
         for prompt, path in zip(prompts, written, strict=True):
             rows.append(read_video(path)[0])
             if prompt in clips:
                 rows.append(decode_clip(clips[prompt], recipe.data.fps, bucket.frames, bucket.width, bucket.height))
-        strip = out / "strip.png"
-        image = frame_strip(*rows).repeat(2, axis=0).repeat(2, axis=1)  # 2x: 64-pixel frames are small on screen
-        av.VideoFrame.from_ndarray(image, format="rgb24").to_image().save(strip)
+        save_strip(rows, out / "strip.png")
         loss = Path(recipe.log_dir) / "loss.png"
         if loss.exists():
             shutil.copy(loss, out / "loss.png")
@@ -252,6 +262,38 @@ def sample_demo(recipe: Recipe, backend: str, prompts: list[str], progress: bool
         from contentv_jax import multihost
 
         multihost.barrier("demo")
+
+
+def sample_reward_demo(recipe: RewardRecipe, backend: str, prompts: list[str], progress: bool) -> None:
+    """The clips of a reward run that tuned a model of its own (`init_from`): per prompt, the model it started from
+    above the tuned one, from the same noise (seeds from the first held-out seed on, the held-out clips themselves when
+    the prompts are the rollout's) and the rollout's sampler, into `<run>/samples/{before,after}/` with strip.png and
+    reward.png; prints each clip's reward and whether it still shows its caption (the demo test's measure)."""
+    from contentv_common.evaluation import demo_measure
+    from contentv_common.reward_run import black_box_reward
+    from contentv_common.video_io import read_video
+
+    r = recipe.rollout
+    out = Path(recipe.checkpoint.dir).parent / "samples"
+    settings = ["--frames", str(r.frames), "--size", f"{r.height}x{r.width}", "--steps", str(r.steps), "--guidance",
+                str(r.guidance), "--shift", str(r.shift), "--seed", str(r.eval_seeds[0]), "--fps", "8"]  # fmt: skip
+    if r.negative_prompt:
+        settings += ["--negative-prompt", r.negative_prompt]
+    tuned = Path(recipe.checkpoint.dir).parent / "transformer"
+    clips = {}
+    for name, folder in (("before", Path(recipe.init_from)), ("after", tuned)):
+        written = sample_clips(folder, recipe.encoders, recipe.seed, backend, prompts, out / name, settings, progress)
+        clips[name] = [read_video(p)[0] for p in written]
+    save_strip([clip for pair in zip(clips["before"], clips["after"], strict=True) for clip in pair], out / "strip.png")
+    shutil.copy(Path(recipe.log_dir) / "reward.png", out / "reward.png")
+    score = black_box_reward(recipe.reward)
+    print(f"samples in {out}: per prompt, the clip before tuning above the one after (strip.png), reward.png")
+    for i, prompt in enumerate(prompts):
+        before, after = clips["before"][i], clips["after"][i]
+        rewards = [float(score(clip[:1], [prompt])[0]) for clip in (before, after)]
+        shown = ["yes" if demo_measure(clip, prompt)["ok"] else "no" for clip in (before, after)]
+        print(f"  {prompt!r}: {recipe.reward.kind} {rewards[0]:.2f} -> {rewards[1]:.2f}; shows its caption: "
+              f"{shown[0]} -> {shown[1]}")  # fmt: skip
 
 
 def lora_demo_base(recipe: Recipe) -> Recipe:
@@ -276,9 +318,13 @@ def read_jax_init(recipe: Recipe, backend: str) -> None:
             import contentv_jax  # noqa: F401
 
 
-def train_reward(path: str, overrides: dict[str, Any], backend: str, progress: bool) -> int:
-    """Reward fine-tuning (ReFL or GRPO): recipes with a `method` key (configs/recipes/reward_*.yaml)."""
+def train_reward(path: str, overrides: dict[str, Any], backend: str, progress: bool, prompts: list[str]) -> int:
+    """Reward fine-tuning (ReFL or GRPO): recipes with a `method` key (configs/recipes/reward_*.yaml). A run that
+    tunes a model of its own (`init_from`) with the tiny or demo encoders then samples `prompts` before and after."""
     recipe = load_reward_recipe(path, overrides)
+    if recipe.init_from is not None and not Path(recipe.init_from).exists():
+        hint = " (the CPU demo's model: run `python tools/train.py` first)" if recipe.encoders == "demo" else ""
+        raise ConfigError(f"{path}: init_from: {recipe.init_from}: no such folder{hint}")
     if backend == "torch":  # torchrun's world against the recipe's mesh, before any data work
         from contentv_torch_npu.reward_run import check_world
 
@@ -300,9 +346,16 @@ def train_reward(path: str, overrides: dict[str, Any], backend: str, progress: b
         from contentv_jax.reward_run import run
     else:
         from contentv_torch_npu.reward_run import run
+    read_jax_init(recipe, backend)
     record = run(recipe, progress=progress and primary)
     if primary:
         print(f"reward fine-tuning ({recipe.method}, {backend}): last step {record}")
+        if prompts and recipe.init_from is not None and recipe.encoders in ("tiny", "demo"):
+            sample_reward_demo(recipe, backend, prompts, progress)
+    if backend == "jax":  # the others wait for process 0's clips
+        from contentv_jax import multihost
+
+        multihost.barrier("reward-demo")
     return 0
 
 
@@ -314,15 +367,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sample-prompt",
         action="append",
-        help="after training with tiny or demo encoders, sample a clip with this prompt (repeatable; default: the "
-        "four demo prompts; '' to skip)",
+        help="after training (or reward-tuning a model) with tiny or demo encoders, sample a clip with this prompt "
+        "(repeatable; default: the four demo prompts; '' to skip)",
     )
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optimizer.lr=3e-4 steps=50")
     args = parser.parse_intermixed_args(argv)
     progress = not args.no_progress
     overrides = dict(parse_override(o) for o in args.overrides)
+    prompts = [p for p in (args.sample_prompt or DEMO_PROMPTS) if p]
     if is_reward_recipe(args.config):
-        return train_reward(args.config, overrides, args.backend, progress)
+        return train_reward(args.config, overrides, args.backend, progress, prompts)
     recipe = lora_demo_base(load_recipe(args.config, overrides))
     stages = recipe.stage_recipes()
     primary = check_devices(recipe, args.backend)  # joins a multi-process run first
@@ -338,7 +392,6 @@ def main(argv: list[str] | None = None) -> int:
         if log is not None and log.losses:
             plot = log.plot()
             print(f"stage {name}: loss {log.losses[0]:.4f} -> {log.losses[-1]:.4f}; curve {plot}")
-    prompts = [p for p in (args.sample_prompt or DEMO_PROMPTS) if p]
     if prompts and stage.data.encoders in ("tiny", "demo"):
         sample_demo(stage, args.backend, prompts, progress, primary)
     return 0

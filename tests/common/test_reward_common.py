@@ -7,10 +7,12 @@ import pytest
 
 from contentv_common.reward import (
     MeanBrightness,
+    ObjectArea,
     TargetColour,
     as_black_box,
     group_advantages,
     load_black_box,
+    score_black_box,
     simple_reward,
     to_uint8,
 )
@@ -30,6 +32,39 @@ def test_builtin_rewards():
         target(np.zeros((2, 3, 4, 4), np.float32), ["a", "b"])
     with pytest.raises(ValueError, match="3 values in"):
         TargetColour((2.0, 0.0, 0.0))
+
+
+def test_object_area_is_the_share_of_the_named_colour():
+    """The demo's reward: the share of the frame (percent) in the colour the prompt names; the dark background and
+    the other colours count nothing; capped; the same numbers on numpy, torch and JAX arrays."""
+    import jax.numpy as jnp
+    import torch
+
+    from contentv_common.data.synthetic import render
+
+    circle = render("circle", "red", "right", 64, 64, 1, seed=1)[0]
+    square = render("square", "blue", "down", 64, 64, 1, seed=2)[0]
+    frames = np.stack([circle, square]).astype(np.float32) / 255.0
+    reward = ObjectArea()
+    np.testing.assert_allclose(reward(frames, ["a red circle", "a blue square"]), [100 * 201 / 4096, 100 * 256 / 4096])
+    assert np.all(reward(frames, ["a blue circle", "a yellow square"]) == 0) and reward(frames[:1], ["a cat"]) == 0
+    assert np.all(ObjectArea(cap=5.5)(frames, ["a red circle", "a blue square"]) == [100 * 201 / 4096, 5.5])
+    grown = render("square", "blue", "down", 96, 96, 1, seed=2)[0][16:80, 16:80].astype(np.float32) / 255.0
+    assert reward(grown[None], ["a blue square"]) > reward(frames[1:], ["a blue square"]), "a larger shape"
+    tokens = reward.tokenize(["a red circle", "a blue square"])
+    ours = reward.score_tokens(frames, tokens)
+    np.testing.assert_allclose(reward.score_tokens(torch.from_numpy(frames), torch.from_numpy(tokens)), ours, 1e-6)
+    np.testing.assert_allclose(reward.score_tokens(jnp.asarray(frames), jnp.asarray(tokens)), ours, 1e-6)
+    with pytest.raises(ValueError, match="cap"):
+        ObjectArea(cap=0.0)
+
+
+def test_black_box_scores_every_frame_of_a_video():
+    frames = to_uint8(np.random.default_rng(2).random((2, 3, 4, 4, 3)))
+    score = as_black_box(MeanBrightness())
+    per_frame = score(frames.reshape(6, 4, 4, 3), ["a"] * 6).reshape(2, 3)
+    np.testing.assert_allclose(score_black_box(score, frames, ["a", "b"]), per_frame.mean(1), 1e-6)
+    np.testing.assert_allclose(score_black_box(score, frames[:, :1], ["a", "b"]), per_frame[:, 0], 1e-6)
 
 
 def test_black_box_wrapping():
@@ -102,3 +137,16 @@ def test_grpo_exploration_noise_of_some_rows_is_those_rows_of_the_whole():
     np.testing.assert_array_equal(part, whole[:, 2:6])
     assert part_prompts == prompts and all(np.array_equal(part_batch[k], v) for k, v in batch.items())
     assert not np.allclose(whole[:, 0], whole[:, 1]) and not np.allclose(data.rollout(4)[2], whole)
+
+
+def test_grpo_groups_share_their_start_when_asked():
+    """`grpo.shared_start`: every rollout of a group starts from its group's noise, groups from different noise."""
+    from contentv_common.reward_recipe import load_reward_recipe
+    from contentv_common.reward_run import RewardData
+    from tests.stand_in_encoders import StandInEncoders
+
+    recipe = load_reward_recipe("configs/recipes/reward_grpo_tiny.yaml", {"grpo.shared_start": True})
+    data = RewardData(recipe, StandInEncoders(), None)
+    noise = data.rollout(3)[0]["noise"].reshape(recipe.rollout.batch_size, recipe.grpo.group_size, -1)
+    assert all(np.array_equal(group[0], row) for group in noise for row in group)
+    assert not np.allclose(noise[0, 0], noise[1, 0])

@@ -1,18 +1,19 @@
 """The README's main job learns something a person can see: after `tools/train.py` on the tiny recipe, the clip for
 each demo prompt shows the named colour moving the named way (measured on the decoded frames), beside strip.png and
-loss.png. The whole demo runs here, every step of it, in a temporary folder (about 2 minutes of CPU).
+loss.png. The whole demo runs here, every step of it, in a temporary folder (about 2 minutes of CPU), once per test
+session (tests/e2e/conftest.py: the reward demo tests tune the same model).
 """
 
 import json
 
 import numpy as np
-import pytest
 
 from contentv_common.data.synthetic import render
 from contentv_common.demo import DEMO_VAE
-from contentv_common.evaluation import shape_motion, shows_caption
+from contentv_common.evaluation import demo_measure, shape_motion, shows_caption
 from contentv_common.video_io import read_video
 from tools import train
+from tools.sample import slug
 
 PROMPTS = train.DEMO_PROMPTS
 
@@ -51,40 +52,21 @@ def test_the_measure_tells_right_from_wrong():
     assert not shows_caption(noise, "red", "right"), "coloured noise shows nothing"
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    overrides = [
-        f"data.manifest={root / 'synthetic' / 'manifest.jsonl'}",
-        f"data.cache_dir={root / 'cache'}",
-        f"checkpoint.dir={root / 'checkpoints'}",
-        f"log_dir={root / 'logs'}",
-    ]
-    assert train.main(["--config", str(train.TINY), "--no-progress", *overrides]) == 0
-    return root
-
-
-def test_demo_writes_samples_and_its_loss_falls(demo):
-    samples = demo / "samples"
-    assert sorted(p.name for p in samples.glob("*.mp4")) == [
-        f"{i:03d}-{p.replace(' ', '-')}.mp4" for i, p in enumerate(PROMPTS)
-    ]
+def test_demo_writes_samples_and_its_loss_falls(trained_demo):
+    samples = trained_demo / "samples"
+    assert sorted(p.name for p in samples.glob("*.mp4")) == [sample_name(i, p) for i, p in enumerate(PROMPTS)]
     assert (samples / "strip.png").stat().st_size > 0 and (samples / "loss.png").stat().st_size > 0
-    losses = [json.loads(line)["loss"] for line in (demo / "logs" / "metrics.jsonl").read_text().splitlines()]
+    losses = [json.loads(line)["loss"] for line in (trained_demo / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert np.mean(losses[-20:]) < 0.7 * np.mean(losses[:20]), "the loss falls"
 
 
-def test_demo_samples_show_their_captions(demo):
-    samples = demo / "samples"
-    measured = {}
-    for i, prompt in enumerate(PROMPTS):
-        _, colour, _, _, direction = prompt.split()
-        frames, _ = read_video(samples / f"{i:03d}-{prompt.replace(' ', '-')}.mp4")
-        measured[prompt] = shape_motion(frames, colour, direction)
-        assert frames.mean() < 110, "a dark background"
-    assert all(shows_caption(read_video(p)[0], *_named(p.stem)) for p in sorted(samples.glob("*.mp4"))), measured
+def test_demo_samples_show_their_captions(trained_demo):
+    measured = {
+        p: demo_measure(read_video(trained_demo / "samples" / sample_name(i, p))[0], p) for i, p in enumerate(PROMPTS)
+    }
+    assert all(m["ok"] for m in measured.values()), measured
 
 
-def _named(stem: str) -> tuple[str, str]:
-    words = stem.split("-")
-    return words[2], words[-1]
+def sample_name(index: int, prompt: str) -> str:
+    """The file tools/sample.py writes for its `index`-th prompt."""
+    return f"{index:03d}-{slug(prompt)}.mp4"

@@ -177,7 +177,8 @@ def test_each_process_reads_only_its_rows(reference, monkeypatch):
 
 def test_two_processes_train_like_one(reference, rel_err):
     """Mesh (2,2,2,1) over 2 processes: same losses, same final state; its process 0 builds cache2 (equal to the
-    1-process cache within float32 rounding), writes the logs once and exports the weights once, complete; the demo clip is sampled."""
+    1-process cache within float32 rounding), writes the logs once and exports the weights once, complete; the demo
+    clip is sampled."""
     root, ref_losses, ref_state = reference
     launch_two(train_args(root, "two", root / "cache2", (2, 2, 2, 1)), sample=True)
     assert_same_run(logged_losses(root, "two"), ref_losses, final_state(root, "two", (2, 2, 2, 1)), ref_state, rel_err)

@@ -89,7 +89,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     optimizer = make_optimizer(model, OptimizerConfig(lr=1e-2))
     ema = {n: torch.zeros_like(p.detach()) for n, p in model.named_parameters()}
     load_sharded(root / "step_00000002", model, optimizer, ema)
-    zero3 = {f"zero3/{k}": v for k, v in _state(model, optimizer, ema).items()}
+    zero3 = {f"zero3/{k}": v for k, v in full_state(model, optimizer, ema).items()}
     zero3_rows = model.proj_out.weight.to_local().shape[0]
     if rank == 0:
         np.savez(root / "saved.npz", **saved)

@@ -15,6 +15,7 @@ from contentv_common.config import named_model_config
 from contentv_common.data.cache import read_index
 from contentv_common.recipe import load_recipe
 from contentv_torch_npu import checkpointing as ckpt
+from contentv_torch_npu.loading import load_transformer
 from contentv_torch_npu.train import StepInputs, TrainingStopped, learning_rate, make_optimizer, run, train_step
 from contentv_torch_npu.transformer import Transformer
 from tools.launch_local import free_port
@@ -78,6 +79,19 @@ def single_run(tiny_dataset, tmp_path_factory):
     folder = tmp_path_factory.mktemp("single")
     run(_recipe(tiny_dataset, folder, steps=3), device="cpu", progress=False)
     return folder
+
+
+def test_the_trained_model_is_exported_beside_the_checkpoints(tiny_dataset, single_run):
+    """tools/train.py's export after a torch run: the last checkpoint's EMA as a transformer folder in
+    `<checkpoint.dir>/../transformer` (where the README's follow-ups look for the demo's model), as after a JAX run."""
+    from tools.train import export_transformer
+
+    out = export_transformer(_recipe(tiny_dataset, single_run, steps=3), "torch")
+    assert out == single_run / "transformer"
+    state = ckpt.load_state(single_run / "ckpt" / "step_00000003")
+    exported = load_transformer(out).state_dict()
+    assert sorted(exported) == sorted(state.ema)
+    assert all(np.array_equal(exported[k].numpy(), state.ema[k]) for k in state.ema)
 
 
 def test_bad_mesh_is_an_error(tiny_dataset, tmp_path):
@@ -175,3 +189,6 @@ def test_two_processes_follow_one(tiny_dataset, tmp_path, mesh, rel_err, single_
     b = ckpt.load_state(multi / "ckpt" / "step_00000003")
     for k in a.params:
         assert rel_err(b.params[k], a.params[k]) < 1e-4, k
+    exported = ckpt.export_weights(multi / "ckpt" / "step_00000003", tmp_path / "transformer", "ema")  # rank shards
+    weights = load_transformer(exported).state_dict()
+    assert sorted(weights) == sorted(b.ema) and all(np.array_equal(weights[k].numpy(), b.ema[k]) for k in b.ema)
