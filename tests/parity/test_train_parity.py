@@ -166,9 +166,7 @@ def test_learning_rate_matches_optax_schedule():
     """The shared schedule (contentv_common.optim), as the JAX optimizer reads it, equals optax's own warm-up +
     cosine / constant schedules."""
     for decay in ("cosine", "constant"):
-        opt = load_recipe(
-            "tests/recipes/tiny.yaml", {"optimizer.warmup_steps": 3, "optimizer.decay": decay}
-        ).optimizer
+        opt = load_recipe("tests/recipes/tiny.yaml", {"optimizer.warmup_steps": 3, "optimizer.decay": decay}).optimizer
         schedule = [float(lr_schedule(opt, 10)(c)) for c in range(12)]
         assert schedule == [np.float32(learning_rate(opt, c, 10)) for c in range(12)]
         expected = (
