@@ -89,7 +89,7 @@ def transformer_flops(cfg: ModelConfig, image_tokens: int, text_tokens: int, bat
 
 
 def headline_forward_flops(cfg: ModelConfig, tokens: int, batch: int = 1) -> float:
-    """The short formula quoted in docs and PERF_NOTES: num_layers * (24 d^2 N + 4 N^2 d) per sample.
+    """The short formula quoted in docs/benchmarks.md: num_layers * (24 d^2 N + 4 N^2 d) per sample.
 
     Within 1% of `transformer_flops` at ContentV sizes; reports use the exact count.
     """

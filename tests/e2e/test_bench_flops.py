@@ -143,7 +143,7 @@ def test_training_is_three_forwards_and_breakdown_adds_up():
 
 
 def test_headline_formula_describes_contentv_8b():
-    """PERF_NOTES' 24 d^2 N + 4 N^2 d per block is within 1% of the exact count at 8B sizes, 4k to 42k tokens."""
+    """The docs' 24 d^2 N + 4 N^2 d per block is within 1% of the exact count at 8B sizes, 4k to 42k tokens."""
     cfg = named_model_config("contentv-8b")
     for frames, h, w in ((9, 32, 56), (21, 60, 104), (32, 54, 96)):
         video = image_tokens(cfg, frames, h, w)
@@ -152,4 +152,4 @@ def test_headline_formula_describes_contentv_8b():
         assert abs(exact - headline) / exact < 0.01
     assert image_tokens(cfg, 21, 60, 104) + 333 == 33_093
     attn = transformer_flops(cfg, 32_760, 333)
-    assert 0.6 < attn.attention / attn.forward < 0.75  # attention dominates at 33k tokens (PERF_NOTES: ~69%)
+    assert 0.6 < attn.attention / attn.forward < 0.75  # attention dominates at 33k tokens (docs/benchmarks.md: ~69%)
