@@ -25,13 +25,18 @@ from contentv_common.recipe import OptimizerConfig
 
 
 def make_optimizer(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and kernels only (not on biases and norm scales), as the JAX core."""
+    """AdamW with weight decay on matrices and kernels only (not on biases and norm scales), as the JAX core.
+
+    Fused (the device decides a skip, see `apply_update`) unless the parameters are FSDP's DTensors: traced by
+    contentv_torch_npu.memory_plan, the fused and foreach kernels on DTensors hold every parameter, gradient and
+    moment whole (4x the model per rank), so sharded runs take torch's default (per-parameter on DTensors)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if decays(p.ndim)], "weight_decay": opt.weight_decay},
         {"params": [p for p in params if not decays(p.ndim)], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, fused=True)
+    fused = True if not any(isinstance(p, DTensor) for p in params) else None  # None: torch's own choice
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, fused=fused)
 
 
 def global_grad_norm(model: torch.nn.Module) -> torch.Tensor:
@@ -124,16 +129,18 @@ def apply_update(
     ema_decay: float | None = None,
     ok: torch.Tensor | None = None,
 ) -> None:
-    """Clip (by the given global norm), AdamW at rate `lr`, EMA. With `ok` (a bool tensor) the device decides:
-    where it is false, parameters, AdamW moments and step count and the EMA stay as they were; without, the caller
-    has checked `step_ok`."""
+    """Clip (by the given global norm), AdamW at rate `lr`, EMA. With `ok` (a bool tensor) the device decides (the
+    host, reading `ok`, for the unfused AdamW of sharded runs): where it is false, parameters, AdamW moments and step
+    count and the EMA stay as they were; without, the caller has checked `step_ok`."""
+    if ok is not None and not optimizer.defaults["fused"] and not bool(ok):  # only the fused AdamW reads found_inf
+        return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if grad_clip is not None and grads:
         norm = torch.as_tensor(grad_norm, dtype=torch.float32, device=grads[0].device)
         torch._foreach_mul_(grads, torch.where(norm > grad_clip, grad_clip / norm, 1.0))
     for group in optimizer.param_groups:
         group["lr"] = lr
-    if ok is not None:
+    if ok is not None and optimizer.defaults["fused"]:
         optimizer.found_inf = (~ok).float()  # read by the fused AdamW, as GradScaler sets it
     try:
         optimizer.step()
