@@ -203,7 +203,7 @@ def export_transformer(recipe: Recipe, backend: str) -> Path:
 
     trainer = get_trainer(recipe, default_mesh(recipe))
     ckpt = Checkpointer(recipe.checkpoint, writer=False)
-    state, _ = ckpt.restore(trainer.abstract_state())
+    state, _ = ckpt.restore(trainer.checkpointed(trainer.abstract_state()))
     ckpt.close()
     return export_model(out, trainer.plain_model(trainer.final_params(state)))  # every process takes part
 
