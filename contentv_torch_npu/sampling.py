@@ -28,7 +28,7 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP keeps its all-gather buffers across calls, and training reuses them
 def sample(
     model: torch.nn.Module,
     noise: np.ndarray,

@@ -109,13 +109,13 @@ def prepare_data(recipe: Recipe, progress: bool = True, backend: str = "jax") ->
     demo's, then (re)build the latent/text cache when its settings differ, with the backend's encoders."""
     data = recipe.data
     manifest = Path(data.manifest)
-    check_encoder_widths(data.encoders, recipe.model_config)
     if not manifest.exists() and "synthetic" in manifest.parts:
         make_synthetic_set(manifest.parent, seed=recipe.seed, progress=progress)
     if not manifest.is_file():
         raise DataError(f"data.manifest: {manifest}: no such file")
     settings = cache_settings(manifest, list(data.buckets), data.fps, data.encoders)
-    if not cache_is_current(data.cache_dir, settings):
+    if not cache_is_current(data.cache_dir, settings):  # a current cache needs no encoders
+        check_encoder_widths(data.encoders, recipe.model_config)
         build_cache(
             manifest,
             data.cache_dir,

@@ -106,7 +106,8 @@ def final_state(root: Path, name: str, mesh: tuple[int, ...]) -> dict:
     """The last checkpoint of a run, restored in this process (whatever process count saved it)."""
     recipe = load_recipe(TINY, dict(parse_override(a) for a in train_args(root, name, root / "cache1", mesh)))
     ckpt = Checkpointer(recipe.checkpoint, writer=False)
-    state, _ = ckpt.restore(get_trainer(recipe, default_mesh(recipe)).abstract_state())
+    trainer = get_trainer(recipe, default_mesh(recipe))
+    state, _ = ckpt.restore(trainer.checkpointed(trainer.abstract_state()))
     ckpt.close()
     return jax.device_get(state)
 
