@@ -6,10 +6,11 @@ contentv_common.optim.learning_rate, global-norm clipping as optax's clip_by_glo
 the norm exceeds it), a step with a non-finite or out-of-limits loss or gradient norm skipped, and an EMA of the
 weights after each applied step.
 
-The update decides on the device: AdamW is torch's fused kernel, which leaves parameters, moments and step count as
-they were when its `found_inf` flag is set (the mechanism torch's GradScaler uses), and the EMA is blended with a
-weight of zero then; the rate may be a device tensor (`DeviceSchedule`). So the training loop never waits for a
-step's loss before it starts the next (contentv_torch_npu/train.py).
+The update decides on the device: on unsharded parameters AdamW is torch's fused kernel, which leaves parameters,
+moments and step count as they were when its `found_inf` flag is set (the mechanism torch's GradScaler uses), and the
+EMA is blended with a weight of zero then; the rate may be a device tensor (`DeviceSchedule`). So the training loop
+never waits for a step's loss before it starts the next (contentv_torch_npu/train.py). On FSDP's DTensors AdamW is
+not fused (`make_optimizer`) and the skip is read on the host.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def make_optimizer(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.
         {"params": [p for p in params if decays(p.ndim)], "weight_decay": opt.weight_decay},
         {"params": [p for p in params if not decays(p.ndim)], "weight_decay": 0.0},
     ]
-    fused = True if not any(isinstance(p, DTensor) for p in params) else None  # None: torch's own choice
+    fused = None if any(isinstance(p, DTensor) for p in params) else True  # None: torch's own choice
     return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, fused=fused)
 
 
