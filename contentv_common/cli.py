@@ -15,11 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from contentv_common.config import ConfigError
+from contentv_common.checkpoint.run_lock import RunLockedError
+from contentv_common.checkpoint.safetensors_io import CheckpointError
+from contentv_common.config.model import ConfigError
 from contentv_common.errors import DataError, RunStopped
 from contentv_common.extras import missing_extra
-from contentv_common.run_lock import RunLockedError
-from contentv_common.safetensors_io import CheckpointError
 
 BAD_INPUT = (
     ConfigError,

@@ -16,7 +16,7 @@ import hashlib
 
 import numpy as np
 
-from contentv_common.config import CONFIG_DIR
+from contentv_common.config.model import CONFIG_DIR
 
 DEMO_VAE = CONFIG_DIR / "demo_vae"  # a diffusers AutoencoderKLWan folder, made by tools/make_demo_vae.py
 CLIP_TOKENS, T5_TOKENS = 77, 256

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from contentv_common.config import ConfigError
-from contentv_common.schedules import shift_sigmas
+from contentv_common.config.model import ConfigError
+from contentv_common.training.schedules import shift_sigmas
 
 NUM_TRAIN_TIMESTEPS = 1000
 VAE_TIME_FACTOR = 4

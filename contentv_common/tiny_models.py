@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from contentv_common.sd3_prompt import T5_MAX_SEQUENCE_LENGTH, PromptTokenizers, TextConfigs
-from contentv_common.text_encoder_table import clip_text_config, clip_text_shapes, t5_encoder_config, t5_shapes
+from contentv_common.text.encoder_table import clip_text_config, clip_text_shapes, t5_encoder_config, t5_shapes
+from contentv_common.text.sd3_prompt import T5_MAX_SEQUENCE_LENGTH, PromptTokenizers, TextConfigs
 
 TINY_WORDS = ("a", "the", "cat", "dog", "video", "of", "on", "in", "red", "blue", "sky", "sea", "walking", "low")
 # Changes whenever the tiny draw changes, so embedding caches of older tiny encoders are never reused.

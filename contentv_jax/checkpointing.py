@@ -1,9 +1,9 @@
 """Orbax checkpoints of a training run: params, optimizer state, EMA, step and the data-iterator position.
 
 Orbax writes each step into a temporary folder and renames it when complete; then process 0 writes the integrity
-manifest (contentv_common.integrity), the commit marker: a step without it, or whose files no longer match it, is
-skipped (with a warning naming the file) in favour of the newest intact one. Saving is synchronous and any failure
-raises CheckpointSaveError at once (no background thread is left waiting). The writing Checkpointer holds the
+manifest (contentv_common.checkpoint.integrity), the commit marker: a step without it, or whose files no longer match
+it, is skipped (with a warning naming the file) in favour of the newest intact one. Saving is synchronous and any
+failure raises CheckpointSaveError at once (no background thread is left waiting). The writing Checkpointer holds the
 directory's run lock, removes the temporary folders of killed saves at start-up and keeps the `keep` newest steps
 (plus the resume point of a run that has skipped steps). Restoring into the abstract state (shapes, dtypes and
 shardings) puts every array straight onto its devices.
@@ -18,12 +18,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from contentv_common import integrity
+from contentv_common.checkpoint import integrity
+from contentv_common.checkpoint.run_lock import RunLock
+from contentv_common.checkpoint.safetensors_io import CheckpointError
 from contentv_common.cli import one_line
+from contentv_common.config.recipe import CheckpointConfig
 from contentv_common.errors import CheckpointSaveError
-from contentv_common.recipe import CheckpointConfig
-from contentv_common.run_lock import RunLock
-from contentv_common.safetensors_io import CheckpointError
 from contentv_jax.loading import HOST_GB_IN_FLIGHT
 
 TMP_MARK = ".orbax-checkpoint-tmp"

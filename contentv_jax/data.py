@@ -14,10 +14,10 @@ from typing import Any
 import grain
 import numpy as np
 
+from contentv_common.config.recipe import Recipe
 from contentv_common.data.buckets import BucketBatchSampler
 from contentv_common.data.cache import LatentCache
-from contentv_common.recipe import Recipe
-from contentv_common.schedules import flow_inputs, resolve_shift, step_rng
+from contentv_common.training.schedules import flow_inputs, resolve_shift, step_rng
 
 ENDLESS = 2**40  # batches: the stream never runs out; the run length is the recipe's step count
 

@@ -18,14 +18,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from contentv_common.checkpoint import memory_source
+from contentv_common.checkpoint.formats import memory_source
+from contentv_common.checkpoint.safetensors_io import CheckpointError
+from contentv_common.data.embedding_cache import EmbeddingCache
 from contentv_common.demo import DEMO_VAE, WordEmbeddingText, demo_text
-from contentv_common.embedding_cache import EmbeddingCache
-from contentv_common.safetensors_io import CheckpointError
-from contentv_common.sd3_prompt import T5_MAX_SEQUENCE_LENGTH
+from contentv_common.text.sd3_prompt import T5_MAX_SEQUENCE_LENGTH
 from contentv_common.tiny_models import tiny_vae_weights
-from contentv_common.vae_config import tiny_vae_config
-from contentv_common.vae_table import vae_table
+from contentv_common.vae.config import tiny_vae_config
+from contentv_common.vae.table import vae_table
 from contentv_jax.loading import canonical_shapes, fill_from_source
 from contentv_jax.sampling import decode_latents
 from contentv_jax.text_encoders import TextEncoders, load_text_encoders, tiny_text_encoders

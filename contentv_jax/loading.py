@@ -7,7 +7,7 @@ devices once its last tensor has arrived (orbax restores straight onto the shard
 plus the tensors being read.
 
 Layout: the transformer stores blocks 0..L-2 stacked (`blocks.*`, leading layer axis) and block L-1 as
-`last_block.*`; checkpoints keep the canonical per-block names `blocks.{i}.*` of contentv_common.param_table.
+`last_block.*`; checkpoints keep the canonical per-block names `blocks.{i}.*` of contentv_common.checkpoint.param_table.
 `slots` maps between the two, so every format round trip stays bit-exact.
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
-from contentv_common.checkpoint import (
+from contentv_common.checkpoint.formats import (
     CheckpointFormat,
     Index,
     TensorSource,
@@ -40,9 +40,9 @@ from contentv_common.checkpoint import (
     register_format,
     write_our_config,
 )
-from contentv_common.config import ModelConfig
-from contentv_common.param_table import TRANSFORMER_TABLE, Param, ParamTable, inverse_perm, jax_shape
-from contentv_common.safetensors_io import AtomicFolder, CheckpointError, page_aligned
+from contentv_common.checkpoint.param_table import TRANSFORMER_TABLE, Param, ParamTable, inverse_perm, jax_shape
+from contentv_common.checkpoint.safetensors_io import AtomicFolder, CheckpointError, page_aligned
+from contentv_common.config.model import ModelConfig
 from contentv_jax import sharding
 from contentv_jax.ops import XLA_ATTENTION, Attention
 from contentv_jax.transformer import Constrain, Transformer, no_constraint
@@ -181,8 +181,8 @@ def fill_from_source(
     """Materialise an abstract model from a checkpoint, checking every key and shape first (`table` maps names).
 
     `shardings` (model leaf path -> Sharding; default: the first device) says where each leaf goes. The tensors
-    stream in once (contentv_common.safetensors_io reads at disk speed); each is copied into the shards of this
-    process's devices and dropped, so the host holds the model once plus the tensors being read.
+    stream in once (contentv_common.checkpoint.safetensors_io reads at disk speed); each is copied into the shards of
+    this process's devices and dropped, so the host holds the model once plus the tensors being read.
     """
     skip = check_keys(source, canonical_shapes(abstract, table), table)
     default = SingleDeviceSharding(jax.local_devices()[0])

@@ -22,10 +22,10 @@ from flax.nnx.nn.dtypes import promote_dtype
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh
 
-from contentv_common.lora import lora_keys, target_modules
-from contentv_common.lora_train import initial_adapters
-from contentv_common.param_table import TRANSFORMER_TABLE
-from contentv_common.recipe import LoraConfig
+from contentv_common.checkpoint.param_table import TRANSFORMER_TABLE
+from contentv_common.config.recipe import LoraConfig
+from contentv_common.lora.adapters import lora_keys, target_modules
+from contentv_common.lora.training import initial_adapters
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
 
@@ -186,7 +186,7 @@ def canonical_adapters(plan: LoraPlan, adapters: dict[str, Any]) -> dict[str, np
 
 
 def initial_tree(plan: LoraPlan, seed: int) -> dict[str, Any]:
-    """New adapters (contentv_common.lora_train: the torch twin starts from the same values) as tree leaves."""
+    """New adapters (contentv_common.lora.training: the torch twin starts from the same values) as tree leaves."""
     return adapter_tree(plan, initial_adapters(plan.shapes, plan.lora.rank, seed))
 
 

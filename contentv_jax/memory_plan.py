@@ -18,12 +18,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from contentv_common.flops import text_encoder_flops, transformer_flops
-from contentv_common.plan_report import StepPlan, peak_bytes
-from contentv_common.recipe import BucketConfig, Recipe, image_tokens
+from contentv_common.config.recipe import BucketConfig, Recipe, image_tokens
+from contentv_common.model.flops import text_encoder_flops, transformer_flops
+from contentv_common.plan.report import StepPlan, peak_bytes
 from contentv_common.sampling import latent_shape
-from contentv_common.sd3_prompt import T5_MAX_SEQUENCE_LENGTH, TextConfigs, read_text_configs
-from contentv_common.text_encoder_table import SD35_TEXT_CONFIGS
+from contentv_common.text.encoder_table import SD35_TEXT_CONFIGS
+from contentv_common.text.sd3_prompt import T5_MAX_SEQUENCE_LENGTH, TextConfigs, read_text_configs
 from contentv_common.tiny_models import tiny_text
 from contentv_jax import sharding
 from contentv_jax.sampling import _denoise_step

@@ -117,7 +117,7 @@ def export_model(folder: str | Path, model: nnx.Module) -> Path:
     processes together, each writing only its own shards; the folder appears complete, once, by a rename."""
     import orbax.checkpoint as ocp
 
-    from contentv_common.checkpoint import write_our_config
+    from contentv_common.checkpoint.formats import write_our_config
 
     folder = Path(folder).resolve()
     staging = folder.with_name(f".{folder.name}.export")

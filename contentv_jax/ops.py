@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from contentv_common.sequence_split import MESH_AXES, check_sequence_split, padded_heads
+from contentv_common.model.sequence_split import MESH_AXES, check_sequence_split, padded_heads
 
 ATTENTION_CHOICES = ("auto", "xla", "cudnn", "splash")
 AUTO_ATTENTION = {"gpu": "cudnn", "tpu": "splash", "cpu": "xla"}
@@ -112,7 +112,7 @@ class Attention:
 
     `kind` is a `resolve_attention` result; `mesh` None means one device. `block` is the splash tile and
     `pad_multiple` cuDNN's length multiple. Image tokens may be split over `sequence` (they must divide it: see
-    contentv_common.sequence_split.check_sequence_split), text tokens are whole on every device.
+    contentv_common.model.sequence_split.check_sequence_split), text tokens are whole on every device.
     """
 
     kind: str = "xla"

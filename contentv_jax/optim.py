@@ -1,8 +1,8 @@
 """The one AdamW builder of the JAX core, for flow-matching training (contentv_jax/train.py) and reward tuning
-(contentv_jax/reward_train.py); the torch twin is contentv_torch_npu/optim.py.
+(contentv_jax/reward/train.py); the torch twin is contentv_torch_npu/optim.py.
 
-Global-norm clipping, then AdamW whose rate follows contentv_common.optim.learning_rate (read from a table of that
-function, so both backends use the same numbers) and whose decay skips biases and norm scales; a step whose loss or
+Global-norm clipping, then AdamW whose rate follows contentv_common.training.optim.learning_rate (read from a table of
+that function, so both backends use the same numbers) and whose decay skips biases and norm scales; a step whose loss or
 gradient norm is non-finite or above the divergence guard's limits changes nothing; EMA of the weights after each
 applied step.
 """
@@ -17,8 +17,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from contentv_common.optim import decays, learning_rate, schedule_length
-from contentv_common.recipe import OptimizerConfig
+from contentv_common.config.recipe import OptimizerConfig
+from contentv_common.training.optim import decays, learning_rate, schedule_length
 from contentv_jax.lora import trained_filter
 from contentv_jax.transformer import layer_axes
 
@@ -69,7 +69,7 @@ def step_ok(loss: jax.Array, grads: Any, limits: jax.Array | None) -> tuple[jax.
 
 
 def guard_limits(window: dict[str, jax.Array], spike_factor: float | None) -> jax.Array:
-    """(max loss, max gradient norm) of contentv_common.divergence's rule, on the device: `spike_factor` x the
+    """(max loss, max gradient norm) of contentv_common.training.divergence's rule, on the device: `spike_factor` x the
     median of the window's good steps once it is full, else infinite."""
     if spike_factor is None:
         return jnp.full((2,), jnp.inf, jnp.float32)

@@ -1,9 +1,9 @@
 """The device mesh and where every parameter and input lives on it (logical axis rules, maxtext style).
 
-Parameters get logical axis names from their canonical path (contentv_common.param_table names, which are the NNX
-paths of contentv_jax/transformer.py); ordered rules map logical names to mesh axes. A mesh axis that does not divide
-a parameter's dimension is dropped for that parameter (it stays replicated there; `unsplit_params` lists them). For
-activations a split the mesh asks for but cannot honour is an error naming the dimension and the mesh axis.
+Parameters get logical axis names from their canonical path (contentv_common.checkpoint.param_table names, which are
+the NNX paths of contentv_jax/transformer.py); ordered rules map logical names to mesh axes. A mesh axis that does not
+divide a parameter's dimension is dropped for that parameter (it stays replicated there; `unsplit_params` lists them).
+For activations a split the mesh asks for but cannot honour is an error naming the dimension and the mesh axis.
 Attention is laid out by contentv_jax.ops.Attention (Ulysses over `sequence`, heads padded inside attention).
 """
 
@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from contentv_common.recipe import MeshConfig
+from contentv_common.config.recipe import MeshConfig
 
 AXES = ("data", "fsdp", "sequence", "tensor")
 BATCH = ("data", "fsdp")

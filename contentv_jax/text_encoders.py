@@ -1,12 +1,12 @@
 """SD3.5's three text encoders in Flax NNX (CLIP-L, OpenCLIP bigG, T5 v1.1 XXL), combined as diffusers'
 `StableDiffusion3Pipeline.encode_prompt` combines them; the torch twin runs transformers' (contentv_torch_npu).
 
-CLIP: the reward scorer's causal text tower (contentv_jax.reward_clip.TextTower) plus `text_projection`: hidden states
+CLIP: the reward scorer's causal text tower (contentv_jax.reward.clip.TextTower) plus `text_projection`: hidden states
 per layer, pooled output at the end-of-text token. T5 v1.1 encoder: RMS layer norm without bias or mean (statistics in
 float32), attention without logit scaling whose bias comes from bucketed relative positions (the first layer's table,
 shared by every layer; buckets from contentv_common), gated-GELU (tanh) feed-forward. Tokenization and the token
-layout are contentv_common.sd3_prompt's, the same for both backends. Module attribute names are the canonical names
-of contentv_common.text_encoder_table, so a pipeline folder loads by name, streamed, each device reading its slices.
+layout are contentv_common.text.sd3_prompt's, the same for both backends. Module attribute names are the canonical names
+of contentv_common.text.encoder_table, so a pipeline folder loads by name, streamed, each device reading its slices.
 
 `encode` runs one jitted program per padded batch size (powers of two up to `batch_size`); on a mesh the parameters
 are sharded by contentv_jax.sharding.TEXT_PARAM_AXES (T5-XXL over `fsdp` and `tensor`) and prompts over data x fsdp
@@ -28,10 +28,18 @@ from einops import rearrange
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from contentv_common.checkpoint import TensorSource, memory_source
-from contentv_common.embedding_cache import folder_identity
-from contentv_common.param_table import ParamTable
-from contentv_common.sd3_prompt import (
+from contentv_common.checkpoint.formats import TensorSource, memory_source
+from contentv_common.checkpoint.param_table import ParamTable
+from contentv_common.data.embedding_cache import folder_identity
+from contentv_common.text.encoder_table import (
+    CLIP_TEXT_TABLE,
+    T5_TABLE,
+    ClipTextConfig,
+    T5EncoderConfig,
+    t5_relative_buckets,
+    write_text_encoder,
+)
+from contentv_common.text.sd3_prompt import (
     CLIP_FOLDERS,
     CLIP_HIDDEN_STATE,
     T5_FOLDERS,
@@ -42,19 +50,11 @@ from contentv_common.sd3_prompt import (
     open_text_sources,
     subfolders,
 )
-from contentv_common.text_encoder_table import (
-    CLIP_TEXT_TABLE,
-    T5_TABLE,
-    ClipTextConfig,
-    T5EncoderConfig,
-    t5_relative_buckets,
-    write_text_encoder,
-)
 from contentv_common.tiny_models import tiny_text
 from contentv_jax import sharding
 from contentv_jax.loading import canonical_tensors, fill_from_source, model_shardings
 from contentv_jax.multihost import to_host
-from contentv_jax.reward_clip import TextTower
+from contentv_jax.reward.clip import TextTower
 from contentv_jax.transformer import Dtypes
 
 

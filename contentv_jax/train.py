@@ -26,17 +26,17 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from contentv_common.config import ConfigError
+from contentv_common.config.model import ConfigError
+from contentv_common.config.recipe import Recipe
 from contentv_common.data.cache import LatentCache
-from contentv_common.divergence import DivergenceGuard
 from contentv_common.errors import RunStopped
-from contentv_common.evaluation import EVAL_CLIP, eval_batch, eval_clip_inputs, frame_strip
-from contentv_common.lora_train import write_adapter_file
-from contentv_common.metrics import MetricsWriter
-from contentv_common.optim import learning_rate
+from contentv_common.lora.training import write_adapter_file
 from contentv_common.prefetch import Prefetcher
-from contentv_common.recipe import Recipe
-from contentv_common.schedules import interpolate, velocity_target
+from contentv_common.training.divergence import DivergenceGuard
+from contentv_common.training.evaluation import EVAL_CLIP, eval_batch, eval_clip_inputs, frame_strip
+from contentv_common.training.metrics import MetricsWriter
+from contentv_common.training.optim import learning_rate
+from contentv_common.training.schedules import interpolate, velocity_target
 from contentv_jax import lora, multihost, sharding
 from contentv_jax.checkpointing import Checkpointer, abstract_like
 from contentv_jax.data import make_loader
@@ -198,7 +198,8 @@ class Trainer:
         return nnx.merge(graphdef, abstract, buffers)
 
     def adapters(self, state: dict[str, Any]) -> dict[str, np.ndarray]:
-        """The LoRA adapters a run delivers (EMA when kept) as canonical arrays for contentv_common.lora's file."""
+        """The LoRA adapters a run delivers (EMA when kept) as canonical arrays for the adapter file
+        (contentv_common.lora.adapters)."""
         return lora.canonical_adapters(self.lora_plan, multihost.to_host(self.trained(self.final_params(state))[0]))
 
     # ---- the step ----------------------------------------------------------------------------------------------
@@ -215,7 +216,8 @@ class Trainer:
         return jnp.mean(self.per_sample_loss(params, batch) * batch["weights"])
 
     def evaluate(self, params: dict[str, Any], cache: LatentCache, held_out: list[int]) -> dict[float, float]:
-        """Validation loss per fixed timestep, averaged over the held-out samples (contentv_common.evaluation)."""
+        """Validation loss per fixed timestep, averaged over the held-out samples
+        (contentv_common.training.evaluation)."""
         if self._eval is None:
             self._eval = jax.jit(self.per_sample_loss)
         timesteps = self.recipe.eval.timesteps

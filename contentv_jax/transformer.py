@@ -1,7 +1,8 @@
 """The ContentV / SD3.5 MMDiT in Flax NNX (mirrors contentv_torch_npu/transformer.py module for module).
 
-Module attribute names are the canonical parameter names of contentv_common.param_table, so weights map by name.
-Layout: input and output `[B, C, F, H, W]`; tokens are ordered (frame, row, col); attention runs in `[B, N, heads, d]`.
+Module attribute names are the canonical parameter names of contentv_common.checkpoint.param_table, so weights map by
+name. Layout: input and output `[B, C, F, H, W]`; tokens are ordered (frame, row, col); attention runs in
+`[B, N, heads, d]`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from contentv_common.config import ModelConfig
-from contentv_common.pos_embed import crop_sd3_table, sd3_table, sincos_3d_table
+from contentv_common.config.model import ModelConfig
+from contentv_common.model.pos_embed import crop_sd3_table, sd3_table, sincos_3d_table
 from contentv_jax.ops import XLA_ATTENTION, Attention, layer_norm, rms_norm
 
 REMAT_POLICIES = {

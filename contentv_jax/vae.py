@@ -21,10 +21,10 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from contentv_common.vae_checkpoint import open_vae_source, write_vae_diffusers
-from contentv_common.vae_chunks import CausalHistory, TilePlan, Tiling, blend_weights, encode_chunks, tile_plan
-from contentv_common.vae_config import RGB, UpBlock, VAEConfig, decoder_blocks, encoder_layers, mid_dim
-from contentv_common.vae_table import vae_table
+from contentv_common.vae.checkpoint import open_vae_source, write_vae_diffusers
+from contentv_common.vae.chunks import CausalHistory, TilePlan, Tiling, blend_weights, encode_chunks, tile_plan
+from contentv_common.vae.config import RGB, UpBlock, VAEConfig, decoder_blocks, encoder_layers, mid_dim
+from contentv_common.vae.table import vae_table
 from contentv_jax.loading import canonical_tensors, fill_from_source
 from contentv_jax.transformer import Dtypes
 

@@ -7,8 +7,8 @@ One checkpoint is a folder `step_NNNNNNNN/` written atomically (a temporary sibl
 - `optimizer.safetensors`: AdamW moments `exp_avg.<name>` / `exp_avg_sq.<name>` in canonical names and torch layout;
 - `state.json`: training step, AdamW step count, data position (next global batch), counters and the divergence
   guard's state (skip count, first bad step, recent losses);
-- `checksums.json`: size and sha256 of every other file, written last (contentv_common.integrity): a checkpoint that
-  lacks it or no longer matches it is skipped for the newest intact one.
+- `checksums.json`: size and sha256 of every other file, written last (contentv_common.checkpoint.integrity): a
+  checkpoint that lacks it or no longer matches it is skipped for the newest intact one.
 Everything random in a step is a function of (seed, step), so these files resume a run exactly. The numpy-level
 `TrainState` is framework-free, so a JAX run's state converts to it and back through the shared parameter table.
 """
@@ -34,11 +34,23 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from contentv_common import integrity
-from contentv_common.checkpoint import iter_rank_shards, open_checkpoint, read_our_config, write_our_config, write_torch
-from contentv_common.config import ModelConfig
-from contentv_common.recipe import LoraConfig
-from contentv_common.safetensors_io import AtomicFolder, CheckpointError, iter_tensors, weight_files, write_sharded
+from contentv_common.checkpoint import integrity
+from contentv_common.checkpoint.formats import (
+    iter_rank_shards,
+    open_checkpoint,
+    read_our_config,
+    write_our_config,
+    write_torch,
+)
+from contentv_common.checkpoint.safetensors_io import (
+    AtomicFolder,
+    CheckpointError,
+    iter_tensors,
+    weight_files,
+    write_sharded,
+)
+from contentv_common.config.model import ModelConfig
+from contentv_common.config.recipe import LoraConfig
 from contentv_torch_npu.loading import numpy_to_torch, torch_to_numpy
 from contentv_torch_npu.lora import export_merged
 from contentv_torch_npu.sharded_checkpoint import is_sharded

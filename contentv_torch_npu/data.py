@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from contentv_common.config.recipe import DataConfig
 from contentv_common.data.buckets import BucketBatchSampler, host_slice
 from contentv_common.data.cache import Encoders, LatentCache, build_cache, cache_is_current, cache_settings
-from contentv_common.recipe import DataConfig
 
 
 class GlobalBatches(Sampler):

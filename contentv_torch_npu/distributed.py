@@ -31,8 +31,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.utils.hooks import RemovableHandle
 
-from contentv_common.config import ModelConfig
-from contentv_common.recipe import MeshConfig
+from contentv_common.config.model import ModelConfig
+from contentv_common.config.recipe import MeshConfig
 from contentv_torch_npu import device as device_mod
 from contentv_torch_npu.ops import Ops, ops_for
 from contentv_torch_npu.transformer import Transformer

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from contentv_common.data.embedding_cache import EmbeddingCache
 from contentv_common.demo import DEMO_VAE, WordEmbeddingText, demo_text
-from contentv_common.embedding_cache import EmbeddingCache
-from contentv_common.sd3_prompt import T5_MAX_SEQUENCE_LENGTH
+from contentv_common.text.sd3_prompt import T5_MAX_SEQUENCE_LENGTH
 from contentv_common.tiny_models import tiny_vae_weights
-from contentv_common.vae_config import tiny_vae_config
+from contentv_common.vae.config import tiny_vae_config
 from contentv_torch_npu.loading import canonical_shapes
 from contentv_torch_npu.text_encoders import TextEncoders, load_text_encoders, tiny_text_encoders
 from contentv_torch_npu.vae import WanVAE, load_vae, save_vae

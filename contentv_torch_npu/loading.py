@@ -14,8 +14,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from contentv_common.checkpoint import TensorSource, check_keys, open_checkpoint, write_torch
-from contentv_common.param_table import TRANSFORMER_TABLE, ParamTable
+from contentv_common.checkpoint.formats import TensorSource, check_keys, open_checkpoint, write_torch
+from contentv_common.checkpoint.param_table import TRANSFORMER_TABLE, ParamTable
 from contentv_torch_npu.transformer import Transformer
 
 

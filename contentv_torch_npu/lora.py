@@ -3,7 +3,7 @@
 `add_adapters` replaces the targeted `nn.Linear` modules by `LoraLinear`: the base `weight` and `bias` keep their names
 (so loading, FSDP2 and the checkpoint formats see the same base keys), frozen and stored in `base_dtype`, plus
 `lora_A` [rank, in] and `lora_B` [out, rank] (float32), so the state-dict keys of the adapters are the canonical ones
-of contentv_common.lora (`<module>.lora_A.weight`). Call it before FSDP2's `fully_shard`: the adapters are then
+of contentv_common.lora.adapters (`<module>.lora_A.weight`). Call it before FSDP2's `fully_shard`: the adapters are then
 sharded like the base, one unit per block.
 """
 
@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from contentv_common.config import ConfigError
-from contentv_common.lora import target_modules
-from contentv_common.lora_train import initial_adapters
-from contentv_common.recipe import LoraConfig
+from contentv_common.config.model import ConfigError
+from contentv_common.config.recipe import LoraConfig
+from contentv_common.lora.adapters import target_modules
+from contentv_common.lora.training import initial_adapters
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -51,7 +51,7 @@ def adapted_modules(model: nn.Module, lora: LoraConfig) -> list[str]:
 
 def add_adapters(model: nn.Module, lora: LoraConfig, seed: int) -> list[str]:
     """Adapt `model` in place: every parameter frozen and stored in `lora.base_dtype`, the targeted linears replaced
-    by LoraLinear with new adapters (contentv_common.lora_train: the values the JAX core starts from). Returns the
+    by LoraLinear with new adapters (contentv_common.lora.training: the values the JAX core starts from). Returns the
     adapted modules."""
     if lora.base_dtype == "bfloat16" and getattr(model, "compute_dtype", None) != torch.bfloat16:
         raise ConfigError("lora.base_dtype: bfloat16 needs compute_dtype: bfloat16 in the torch twin")
@@ -103,12 +103,12 @@ def get_adapters(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 def export_merged(checkpoint: Path, part: str, scale: float, out: Path) -> Path:
     """A LoRA checkpoint's base (`model/`) with the adapters of `part` (`model` or `ema`: the EMA of the adapters)
-    merged in (contentv_common.lora.merge, `scale` = alpha / rank), written as a plain transformer folder (our torch
-    format) that load_transformer reads; one full tensor set on the host (the tiny demo's export; tools/convert.py
+    merged in (contentv_common.lora.adapters.merge, `scale` = alpha / rank), written as a plain transformer folder (our
+    torch format) that load_transformer reads; one full tensor set on the host (the tiny demo's export; tools/convert.py
     merges at scale)."""
-    from contentv_common.checkpoint import read_our_config, write_our_config
-    from contentv_common.lora import merge
-    from contentv_common.safetensors_io import AtomicFolder, iter_tensors, weight_files, write_sharded
+    from contentv_common.checkpoint.formats import read_our_config, write_our_config
+    from contentv_common.checkpoint.safetensors_io import AtomicFolder, iter_tensors, weight_files, write_sharded
+    from contentv_common.lora.adapters import merge
 
     def is_adapter(key: str) -> bool:
         return ".lora_A." in key or ".lora_B." in key

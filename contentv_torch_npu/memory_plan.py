@@ -28,9 +28,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from contentv_common.flops import image_tokens, transformer_flops
-from contentv_common.plan_report import StepPlan, peak_bytes
-from contentv_common.recipe import BucketConfig, Recipe
+from contentv_common.config.recipe import BucketConfig, Recipe
+from contentv_common.model.flops import image_tokens, transformer_flops
+from contentv_common.plan.report import StepPlan, peak_bytes
 from contentv_common.sampling import latent_shape
 from contentv_torch_npu.distributed import (
     check_mesh,

@@ -1,10 +1,10 @@
 """The one AdamW builder of the torch twin, for flow-matching training (contentv_torch_npu/train.py) and reward
-tuning (contentv_torch_npu/reward_train.py); mirrors contentv_jax/optim.py.
+tuning (contentv_torch_npu/reward/train.py); mirrors contentv_jax/optim.py.
 
-AdamW without decay on biases and norm scales (contentv_common.optim.decays), its rate set before each update from
-contentv_common.optim.learning_rate, global-norm clipping as optax's clip_by_global_norm (scale by clip / norm when
-the norm exceeds it), a step with a non-finite or out-of-limits loss or gradient norm skipped, and an EMA of the
-weights after each applied step.
+AdamW without decay on biases and norm scales (contentv_common.training.optim.decays), its rate set before each update
+from contentv_common.training.optim.learning_rate, global-norm clipping as optax's clip_by_global_norm (scale by clip /
+norm when the norm exceeds it), a step with a non-finite or out-of-limits loss or gradient norm skipped, and an EMA of
+the weights after each applied step.
 
 The update decides on the device: on unsharded parameters AdamW is torch's fused kernel, which leaves parameters,
 moments and step count as they were when its `found_inf` flag is set (the mechanism torch's GradScaler uses), and the
@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from contentv_common.optim import decays, learning_rate, schedule_length
-from contentv_common.recipe import OptimizerConfig
+from contentv_common.config.recipe import OptimizerConfig
+from contentv_common.training.optim import decays, learning_rate, schedule_length
 
 
 def make_optimizer(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.AdamW:
@@ -76,8 +76,9 @@ def device_step_ok(loss: torch.Tensor, grad_norm: torch.Tensor, limits: torch.Te
 
 
 def guard_limits(window: dict[str, torch.Tensor], spike_factor: float | None) -> torch.Tensor:
-    """(max loss, max gradient norm) of contentv_common.divergence's rule, on the device, from the guard's window
-    (`DivergenceGuard.window()` as tensors): `spike_factor` x the median of its good steps once full, else infinite."""
+    """(max loss, max gradient norm) of contentv_common.training.divergence's rule, on the device, from the guard's
+    window (`DivergenceGuard.window()` as tensors): `spike_factor` x the median of its good steps once full, else
+    infinite."""
     inf = torch.full((2,), math.inf, device=window["losses"].device)
     if spike_factor is None:
         return inf
@@ -103,7 +104,7 @@ def guard_record(
 
 
 class DeviceSchedule:
-    """The rate of the next applied update, on the device: contentv_common.optim.learning_rate tabulated (as
+    """The rate of the next applied update, on the device: contentv_common.training.optim.learning_rate tabulated (as
     contentv_jax.optim.lr_schedule) and indexed by a count of applied updates that the device advances."""
 
     def __init__(self, cfg: OptimizerConfig, total_steps: int | None, applied: int, device: torch.device):

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from einops import rearrange
 
-from contentv_common.checkpoint import config_to_diffusers, open_safetensors_source
-from contentv_common.config import ModelConfig
-from contentv_common.safetensors_io import weight_files
+from contentv_common.checkpoint.formats import config_to_diffusers, open_safetensors_source
+from contentv_common.checkpoint.safetensors_io import weight_files
+from contentv_common.config.model import ModelConfig
 
 
 def build_diffusers(cfg: ModelConfig):

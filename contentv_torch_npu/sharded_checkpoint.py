@@ -6,8 +6,8 @@ in the file's JSON header (DCP's `DCP_SHARDING_INFO`); nothing is pickled. Readi
 current mesh (another world size or HSDP layout reshards) and reads only those byte ranges. A checkpoint
 `step_NNNNNNNN/` holds the parts `model/`, `ema/` (when kept) and `optimizer/` (`exp_avg.<name>`,
 `exp_avg_sq.<name>`), each with `contentv_config.json`, plus `state.json` (the counters, `"sharded": true`) and the
-checksum manifest written last (contentv_common.integrity).
-`model/` and `ema/` are transformer folders `contentv_common.checkpoint` reads (one full tensor at a time), so
+checksum manifest written last (contentv_common.checkpoint.integrity).
+`model/` and `ema/` are transformer folders `contentv_common.checkpoint.formats` reads (one full tensor at a time), so
 `tools/convert.py` and `load_transformer` take them as they take the unsharded format.
 """
 
@@ -32,10 +32,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from contentv_common import integrity
-from contentv_common.checkpoint import TensorSource, check_keys, write_our_config
-from contentv_common.param_table import TRANSFORMER_TABLE
-from contentv_common.safetensors_io import CheckpointError
+from contentv_common.checkpoint import integrity
+from contentv_common.checkpoint.formats import TensorSource, check_keys, write_our_config
+from contentv_common.checkpoint.param_table import TRANSFORMER_TABLE
+from contentv_common.checkpoint.safetensors_io import CheckpointError
 from contentv_torch_npu.loading import canonical_shapes, numpy_to_torch
 
 MOMENTS = ("exp_avg", "exp_avg_sq")

@@ -2,7 +2,7 @@
 `StableDiffusion3Pipeline.encode_prompt` combines them, so ContentV sees the text it was trained on.
 
 Tokenization, which hidden state, and the layout (CLIP features concatenated and zero-padded to the T5 width, T5's
-tokens appended; the pooled vectors side by side) are contentv_common.sd3_prompt's, shared with the JAX twin
+tokens appended; the pooled vectors side by side) are contentv_common.text.sd3_prompt's, shared with the JAX twin
 (contentv_jax.text_encoders). Weights, widths, keys and shapes are checked from the folder's headers first, so bad
 input is one error naming the file and key before transformers reads anything.
 """
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from contentv_common.embedding_cache import folder_identity
-from contentv_common.sd3_prompt import (
+from contentv_common.data.embedding_cache import folder_identity
+from contentv_common.text.sd3_prompt import (
     CLIP_FOLDERS,
     CLIP_HIDDEN_STATE,
     T5_FOLDERS,

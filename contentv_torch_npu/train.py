@@ -5,9 +5,9 @@ Parallelism is configuration: the recipe's mesh (`data x fsdp x sequence` proces
 size (Ulysses) and the parameter layout (FSDP2 over every rank, or HSDP replicated over `mesh.data`), bf16 runs
 as autocast over fp32 master weights (`compute_dtype`), and any `remat` other than "none" recomputes each block in
 the backward pass (activation checkpointing). A non-finite (or, with `divergence.spike_factor`, spiking) step is
-skipped and counted (contentv_common.divergence, kept in checkpoints); more than `nan_skip_limit` of them stop the run
-(`TrainingStopped`), with the last checkpoint saved before the first bad step as the resume point. The main rank holds
-the checkpoint dir's run lock for the whole run.
+skipped and counted (contentv_common.training.divergence, kept in checkpoints); more than `nan_skip_limit` of them stop
+the run (`TrainingStopped`), with the last checkpoint saved before the first bad step as the resume point. The main
+rank holds the checkpoint dir's run lock for the whole run.
 
 The loop never waits on the host between two steps (as the JAX core's): the step decides on the device whether it is
 applied (contentv_torch_npu.optim: fused AdamW's skip flag, the guard's window and the rate as device tensors), the
@@ -29,20 +29,20 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from contentv_common.checkpoint import open_checkpoint
+from contentv_common.checkpoint.formats import open_checkpoint
+from contentv_common.checkpoint.run_lock import RunLock, RunLockedError
+from contentv_common.checkpoint.safetensors_io import CheckpointError
+from contentv_common.config.recipe import Recipe
+from contentv_common.config.reward import RewardRecipe
 from contentv_common.data.cache import Encoders, LatentCache
-from contentv_common.divergence import DivergenceGuard
 from contentv_common.errors import CheckpointSaveError, RunStopped
-from contentv_common.evaluation import EVAL_CLIP, eval_batch, eval_clip_inputs, frame_strip
-from contentv_common.lora_train import initial_adapters, write_adapter_file
-from contentv_common.metrics import MetricsWriter
-from contentv_common.optim import learning_rate
+from contentv_common.lora.training import initial_adapters, write_adapter_file
 from contentv_common.prefetch import Prefetcher
-from contentv_common.recipe import Recipe
-from contentv_common.reward_recipe import RewardRecipe
-from contentv_common.run_lock import RunLock, RunLockedError
-from contentv_common.safetensors_io import CheckpointError
-from contentv_common.schedules import (
+from contentv_common.training.divergence import DivergenceGuard
+from contentv_common.training.evaluation import EVAL_CLIP, eval_batch, eval_clip_inputs, frame_strip
+from contentv_common.training.metrics import MetricsWriter
+from contentv_common.training.optim import learning_rate
+from contentv_common.training.schedules import (
     flow_inputs,
     interpolate,
     resolve_shift,
@@ -133,7 +133,7 @@ def flow_matching_loss(model: torch.nn.Module, inputs: StepInputs) -> torch.Tens
 def evaluate(
     model: torch.nn.Module, cache: LatentCache, held_out: list[int], recipe: Recipe, device: torch.device
 ) -> dict[float, float]:
-    """Validation loss per fixed timestep, averaged over the held-out samples (contentv_common.evaluation)."""
+    """Validation loss per fixed timestep, averaged over the held-out samples (contentv_common.training.evaluation)."""
     timesteps = recipe.eval.timesteps
     total = np.zeros(len(timesteps))
     for i in held_out:

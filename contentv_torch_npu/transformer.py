@@ -15,8 +15,8 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from contentv_common.config import ModelConfig
-from contentv_common.pos_embed import crop_sd3_table, sd3_table
+from contentv_common.config.model import ModelConfig
+from contentv_common.model.pos_embed import crop_sd3_table, sd3_table
 from contentv_torch_npu.ops import Ops, ops_for
 
 

@@ -7,11 +7,12 @@
 Every (backend, mode, token count) runs in its own subprocess, so each peak-memory figure is its own and JAX's GPU
 preallocation never starves torch. A step is timed after `--warmup` calls (compilation included there), each call
 device-synchronised (JAX: block_until_ready; torch: contentv_torch_npu.device.synchronize); the table shows medians.
-Model FLOPs come from contentv_common/flops.py (training = 3x forward, recompute not counted); MFU divides TFLOP/s by
-a matmul peak measured in the same run: bf16 8192^3 on an accelerator, fp32 1024^3 on the CPU (labelled as such). The
-floor of a step is its linear FLOPs at that matmul peak plus its attention FLOPs at the rate of torch SDPA alone on
-the same tokens, also measured in the run; `/floor` is step time over floor. The JAX model's own attention kernel (cuDNN
-on GPU, with its padding) is timed alone too (`jax_attention` in the JSON), so a JAX gap can be told from its kernel.
+Model FLOPs come from contentv_common/model/flops.py (training = 3x forward, recompute not counted); MFU divides
+TFLOP/s by a matmul peak measured in the same run: bf16 8192^3 on an accelerator, fp32 1024^3 on the CPU (labelled as
+such). The floor of a step is its linear FLOPs at that matmul peak plus its attention FLOPs at the rate of torch SDPA
+alone on the same tokens, also measured in the run; `/floor` is step time over floor. The JAX model's own attention
+kernel (cuDNN on GPU, with its padding) is timed alone too (`jax_attention` in the JSON), so a JAX gap can be told from
+its kernel.
 
 Training: fp32 master weights, `--dtype` compute (JAX dtype / torch autocast), MSE on the velocity, AdamW. Sampling:
 weights in `--dtype`, one forward (batch 2 with --cfg-batch). The diffusers reference runs the same video tokens as a
@@ -40,8 +41,8 @@ from typing import Any
 import numpy as np
 
 from contentv_common.cli import run_cli
-from contentv_common.config import ModelConfig, named_model_config
-from contentv_common.flops import image_tokens, transformer_flops
+from contentv_common.config.model import ModelConfig, named_model_config
+from contentv_common.model.flops import image_tokens, transformer_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("jax", "torch", "diffusers")
@@ -54,7 +55,8 @@ DEFAULT_TOKENS = (4096, 8192, 16384, 33093, 41805)
 TINY_TOKENS = (40,)
 FLOP_FORMULA = (
     "per block and forward: 24*d^2*N (q/k/v/out + MLP of both streams) + 4*N^2*d (attention), N = image + text "
-    "tokens; plus adaLN, embedders and final layer counted exactly (contentv_common/flops.py); training = 3x forward, "
+    "tokens; plus adaLN, embedders and final layer counted exactly (contentv_common/model/flops.py); training = 3x "
+    "forward, "
     "recompute not counted"
 )
 

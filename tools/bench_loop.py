@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from contentv_common.cli import run_cli  # noqa: E402
-from contentv_common.recipe import Recipe, load_recipe, parse_override  # noqa: E402
+from contentv_common.config.recipe import Recipe, load_recipe, parse_override  # noqa: E402
 
 TINY = ROOT / "configs" / "recipes" / "tiny.yaml"
 # tests/narrow_model.py's model with the tiny encoders' text widths
@@ -120,7 +120,7 @@ def jax_step_alone(recipe: Recipe, state: Any, batches: int, repeats: int, chunk
 def torch_step_alone(recipe: Recipe, batches: int, repeats: int, chunk: int) -> list[float]:
     import torch
 
-    from contentv_common.divergence import DivergenceGuard
+    from contentv_common.training.divergence import DivergenceGuard
     from contentv_torch_npu.data import make_loader, open_cache
     from contentv_torch_npu.device import synchronize
     from contentv_torch_npu.distributed import Topology

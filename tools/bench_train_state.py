@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    from contentv_common.config import to_dict
-    from contentv_common.recipe import load_recipe
+    from contentv_common.config.model import to_dict
+    from contentv_common.config.recipe import load_recipe
     from contentv_jax.checkpointing import Checkpointer
     from contentv_jax.sharding import make_mesh
     from contentv_jax.train import get_trainer

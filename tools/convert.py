@@ -19,13 +19,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from contentv_common.checkpoint import OUR_CONFIG, detect_format
+from contentv_common.checkpoint.convert import DTYPES, convert
+from contentv_common.checkpoint.formats import OUR_CONFIG, detect_format
+from contentv_common.checkpoint.safetensors_io import CheckpointError
 from contentv_common.cli import run_cli
-from contentv_common.config import ConfigError
-from contentv_common.convert import DTYPES, convert
-from contentv_common.lora import DIFFUSERS_FILE, parse_lora_spec, read_adapter, save_adapters, save_diffusers
-from contentv_common.recipe import LoraConfig
-from contentv_common.safetensors_io import CheckpointError
+from contentv_common.config.model import ConfigError
+from contentv_common.config.recipe import LoraConfig
+from contentv_common.lora.adapters import DIFFUSERS_FILE, parse_lora_spec, read_adapter, save_adapters, save_diffusers
 
 ADAPTER_TARGETS = ("diffusers-lora", "lora")
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from contentv_common.data.synthetic import COLOURS, DIRECTIONS, SHAPES, render  # noqa: E402
 from contentv_common.demo import DEMO_VAE  # noqa: E402
-from contentv_common.vae_config import VAEConfig  # noqa: E402
+from contentv_common.vae.config import VAEConfig  # noqa: E402
 from contentv_torch_npu.vae import WanVAE, load_vae, save_vae  # noqa: E402
 
 SIZES = ((64, 64), (96, 64))  # (width, height) of the tiny recipe's video buckets

@@ -20,10 +20,10 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from contentv_common.checkpoint import config_from_diffusers, config_to_diffusers
-from contentv_common.config import ModelConfig
-from contentv_common.param_table import TRANSFORMER_TABLE
-from contentv_common.safetensors_io import AtomicFolder
+from contentv_common.checkpoint.formats import config_from_diffusers, config_to_diffusers
+from contentv_common.checkpoint.param_table import TRANSFORMER_TABLE
+from contentv_common.checkpoint.safetensors_io import AtomicFolder
+from contentv_common.config.model import ModelConfig
 
 # the official SD3.5-Large transformer config.json
 SD35_LARGE = {
@@ -52,7 +52,7 @@ def sd35_config(blocks: int = 38) -> ModelConfig:
 def diffusers_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """diffusers key -> torch-layout shape of every tensor, blocks in order (from the abstract JAX model, the same
     shapes every loader checks against; SD3's 2D position table is added by shape, not computed)."""
-    from contentv_common.checkpoint import POS_TABLE
+    from contentv_common.checkpoint.formats import POS_TABLE
     from contentv_jax.loading import abstract_transformer, canonical_shapes
 
     shapes = canonical_shapes(abstract_transformer(cfg.replace(pos_embed="sincos_3d")))

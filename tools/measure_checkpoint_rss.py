@@ -22,9 +22,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from contentv_common.checkpoint import open_checkpoint  # noqa: E402
-from contentv_common.config import ModelConfig  # noqa: E402
-from contentv_common.recipe import MeshConfig, OptimizerConfig  # noqa: E402
+from contentv_common.checkpoint.formats import open_checkpoint  # noqa: E402
+from contentv_common.config.model import ModelConfig  # noqa: E402
+from contentv_common.config.recipe import MeshConfig, OptimizerConfig  # noqa: E402
 from contentv_torch_npu.distributed import init_distributed, shard_model  # noqa: E402
 from contentv_torch_npu.loading import save_torch  # noqa: E402
 from contentv_torch_npu.optim import make_optimizer  # noqa: E402

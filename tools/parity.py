@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from contentv_common.checkpoint import open_checkpoint
+from contentv_common.checkpoint.formats import open_checkpoint
+from contentv_common.checkpoint.safetensors_io import CheckpointError
 from contentv_common.cli import run_cli
-from contentv_common.config import ConfigError, named_model_config
-from contentv_common.safetensors_io import CheckpointError
+from contentv_common.config.model import ConfigError, named_model_config
 
 BACKENDS = ("jax", "torch", "diffusers")
 NEEDS = {"jax": ("jax", "flax"), "torch": ("torch",), "diffusers": ("torch", "diffusers")}

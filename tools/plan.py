@@ -7,7 +7,7 @@
     python tools/plan.py --all [--check | --force]                                    # docs/scale.md's table
 
 JAX: compiles the real train step of every bucket and one sampling step (cond/uncond pair batched) at the largest
-bucket (a reward recipe, configs/recipes/reward_*.yaml: its update step, kind "reward", contentv_jax.reward_plan),
+bucket (a reward recipe, configs/recipes/reward_*.yaml: its update step, kind "reward", contentv_jax.reward.plan),
 and with `--kinds text` SD3.5's text encoders on that bucket's batch of 333-token prompts (the recipe's pipeline
 folder's encoders, or the official full-size CLIP-L/CLIP-G/T5-XXL when the folder is not here), with abstract inputs
 sharded over the recipe's mesh, built from the target's devices: `tpu:<libtpu topology>`
@@ -15,7 +15,7 @@ sharded over the recipe's mesh, built from the target's devices: `tpu:<libtpu to
 argument, temporary, output and aliased bytes, peak, compile time, model FLOPs and fit; lists parameters left
 replicated. `--blocks N` plans a shallower model for quick checks. Torch: contentv_torch_npu.memory_plan.
 
-`--all` plans every entry of docs/scale.md's table (contentv_common.plan_table: every bucket of every stage and
+`--all` plans every entry of docs/scale.md's table (contentv_common.plan.table: every bucket of every stage and
 reward recipe on 64 v5p chips and in the torch estimate, the one-device LoRA recipes) whose JSON in docs/plans/ is
 missing or stale (`--force`: all of them), one subprocess each, then rewrites the table; `--check` only lists them.
 
@@ -38,11 +38,11 @@ from typing import Any, NoReturn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from contentv_common import plan_table  # noqa: E402
-from contentv_common.config import ConfigError  # noqa: E402
-from contentv_common.plan_report import GIB, StepPlan, format_table, gib, report  # noqa: E402
-from contentv_common.recipe import Recipe, check_device_count, load_recipe, parse_override  # noqa: E402
-from contentv_common.reward_recipe import RewardRecipe, is_reward_recipe, load_reward_recipe  # noqa: E402
+from contentv_common.config.model import ConfigError  # noqa: E402
+from contentv_common.config.recipe import Recipe, check_device_count, load_recipe, parse_override  # noqa: E402
+from contentv_common.config.reward import RewardRecipe, is_reward_recipe, load_reward_recipe  # noqa: E402
+from contentv_common.plan import table as plan_table  # noqa: E402
+from contentv_common.plan.report import GIB, StepPlan, format_table, gib, report  # noqa: E402
 
 KINDS = ("train", "sample", "text")
 DEFAULT_KINDS = ("train", "sample")
@@ -175,8 +175,8 @@ def plan_jax(args: argparse.Namespace, recipe: Recipe, hbm: int) -> tuple[list[S
 def plan_reward_recipe(
     args: argparse.Namespace, recipe: RewardRecipe, mesh: Any, hbm: int, on_plan: Any, device_kind: str
 ) -> tuple[list[StepPlan], dict[str, Any]]:
-    """The reward update step (contentv_jax.reward_plan), and the state a run keeps between steps per device."""
-    from contentv_jax.reward_plan import plan_reward, state_bytes
+    """The reward update step (contentv_jax.reward.plan), and the state a run keeps between steps per device."""
+    from contentv_jax.reward.plan import plan_reward, state_bytes
 
     plan = plan_reward(recipe, mesh, hbm, text_tokens=args.text_tokens)
     on_plan(plan)

@@ -30,16 +30,16 @@ from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 
-from contentv_common.checkpoint import detect_format, open_checkpoint, write_torch
+from contentv_common.checkpoint.formats import detect_format, open_checkpoint, write_torch
+from contentv_common.checkpoint.param_table import TRANSFORMER_TABLE, inverse_perm
 from contentv_common.cli import run_cli
-from contentv_common.config import ConfigError, ModelConfig, named_model_config
-from contentv_common.lora import Lora, adapted, merged_weight, open_lora, parse_lora_spec
-from contentv_common.param_table import TRANSFORMER_TABLE, inverse_perm
-from contentv_common.recipe import AttentionChoice
+from contentv_common.config.model import ConfigError, ModelConfig, named_model_config
+from contentv_common.config.recipe import AttentionChoice
+from contentv_common.data.video_io import write_video
+from contentv_common.lora.adapters import Lora, adapted, merged_weight, open_lora, parse_lora_spec
 from contentv_common.sampling import SchedulerSettings, draw_noise, latent_shape, read_scheduler_settings
-from contentv_common.sd3_prompt import check_text_widths, read_text_configs
+from contentv_common.text.sd3_prompt import check_text_widths, read_text_configs
 from contentv_common.tiny_models import random_weights
-from contentv_common.video_io import write_video
 
 if TYPE_CHECKING:
     from contentv_jax.encoders import Encoders

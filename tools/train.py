@@ -28,16 +28,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from contentv_common.checkpoint.run_lock import check_unlocked  # noqa: E402
 from contentv_common.cli import run_cli  # noqa: E402
-from contentv_common.config import ConfigError, ModelConfig  # noqa: E402
+from contentv_common.config.model import ConfigError, ModelConfig  # noqa: E402
+from contentv_common.config.recipe import Recipe, load_recipe, parse_override  # noqa: E402
+from contentv_common.config.reward import RewardRecipe, is_reward_recipe, load_reward_recipe  # noqa: E402
 from contentv_common.data.buckets import BucketBatchSampler  # noqa: E402
 from contentv_common.data.cache import build_cache, cache_is_current, cache_settings, read_index  # noqa: E402
 from contentv_common.data.synthetic import make_synthetic_set  # noqa: E402
 from contentv_common.errors import DataError  # noqa: E402
-from contentv_common.recipe import Recipe, load_recipe, parse_override  # noqa: E402
-from contentv_common.reward_recipe import RewardRecipe, is_reward_recipe, load_reward_recipe  # noqa: E402
-from contentv_common.run_lock import check_unlocked  # noqa: E402
-from contentv_common.sd3_prompt import check_text_widths, read_text_configs  # noqa: E402
+from contentv_common.text.sd3_prompt import check_text_widths, read_text_configs  # noqa: E402
 
 TINY = ROOT / "configs" / "recipes" / "tiny.yaml"
 DEMO_PROMPTS = (
@@ -50,7 +50,7 @@ DEMO_PROMPTS = (
 
 class MetricsLog:
     """Keeps the losses for the plot; the trainers themselves write metrics.jsonl and TensorBoard (one stream,
-    contentv_common/metrics.py)."""
+    contentv_common/training/metrics.py)."""
 
     def __init__(self, log_dir: str | Path):
         self.dir = Path(log_dir)
@@ -221,11 +221,11 @@ def sample_clips(transformer: Path, encoders: str, seed: int, backend: str, prom
 
 
 def save_strip(rows: list[np.ndarray], path: Path) -> Path:
-    """strip.png: each uint8 clip's frames in a row (contentv_common.evaluation.frame_strip), at 2x: 64-pixel frames
-    are small on screen."""
+    """strip.png: each uint8 clip's frames in a row (contentv_common.training.evaluation.frame_strip), at 2x: 64-pixel
+    frames are small on screen."""
     import av
 
-    from contentv_common.evaluation import frame_strip
+    from contentv_common.training.evaluation import frame_strip
 
     image = frame_strip(*rows).repeat(2, axis=0).repeat(2, axis=1)
     av.VideoFrame.from_ndarray(image, format="rgb24").to_image().save(path)
@@ -238,7 +238,7 @@ def sample_demo(recipe: Recipe, backend: str, prompts: list[str], progress: bool
     samples; the others wait."""
     from contentv_common.data.decode import decode_clip
     from contentv_common.data.manifest import read_manifest
-    from contentv_common.video_io import read_video
+    from contentv_common.data.video_io import read_video
 
     bucket = recipe.data.buckets[0]
     out = Path(recipe.checkpoint.dir).parent / "samples"
@@ -269,9 +269,9 @@ def sample_reward_demo(recipe: RewardRecipe, backend: str, prompts: list[str], p
     above the tuned one, from the same noise (seeds from the first held-out seed on, the held-out clips themselves when
     the prompts are the rollout's) and the rollout's sampler, into `<run>/samples/{before,after}/` with strip.png and
     reward.png; prints each clip's reward and whether it still shows its caption (the demo test's measure)."""
-    from contentv_common.evaluation import demo_measure
-    from contentv_common.reward_run import black_box_reward
-    from contentv_common.video_io import read_video
+    from contentv_common.data.video_io import read_video
+    from contentv_common.reward.run import black_box_reward
+    from contentv_common.training.evaluation import demo_measure
 
     r = recipe.rollout
     out = Path(recipe.checkpoint.dir).parent / "samples"
@@ -311,7 +311,7 @@ def lora_demo_base(recipe: Recipe) -> Recipe:
 def read_jax_init(recipe: Recipe, backend: str) -> None:
     """The torch twin starts from a JAX-format `init_from` (e.g. the tiny demo's export) through contentv_jax's
     reader, registered by importing it (as tools/sample.py does)."""
-    from contentv_common.checkpoint import detect_format
+    from contentv_common.checkpoint.formats import detect_format
 
     if backend == "torch" and recipe.init_from and Path(recipe.init_from).is_dir():
         if detect_format(recipe.init_from) == "jax":
@@ -326,13 +326,13 @@ def train_reward(path: str, overrides: dict[str, Any], backend: str, progress: b
         hint = " (the CPU demo's model: run `python tools/train.py` first)" if recipe.encoders == "demo" else ""
         raise ConfigError(f"{path}: init_from: {recipe.init_from}: no such folder{hint}")
     if backend == "torch":  # torchrun's world against the recipe's mesh, before any data work
-        from contentv_torch_npu.reward_run import check_world
+        from contentv_torch_npu.reward.run import check_world
 
         check_world(recipe, int(os.environ.get("WORLD_SIZE", "1")))
         primary = os.environ.get("RANK", "0") == "0"
     else:  # JAX processes of one run (several hosts) join first, then the mesh is checked against all devices
         from contentv_jax import multihost
-        from contentv_jax.reward_mesh import reward_mesh
+        from contentv_jax.reward.mesh import reward_mesh
 
         multihost.initialize()
         reward_mesh(recipe)
@@ -343,9 +343,9 @@ def train_reward(path: str, overrides: dict[str, Any], backend: str, progress: b
     if recipe.data is not None:
         prepare_data_once(recipe, backend, primary, progress)
     if backend == "jax":
-        from contentv_jax.reward_run import run
+        from contentv_jax.reward.run import run
     else:
-        from contentv_torch_npu.reward_run import run
+        from contentv_torch_npu.reward.run import run
     read_jax_init(recipe, backend)
     record = run(recipe, progress=progress and primary)
     if primary:

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from contentv_common.config.recipe import BucketConfig
 from contentv_common.data.buckets import (
     BucketBatchSampler,
     assign_bucket,
@@ -16,7 +17,6 @@ from contentv_common.data.cache import LatentCache, build_cache, cache_is_curren
 from contentv_common.data.decode import ClipError, decode_clip
 from contentv_common.data.manifest import ManifestError, read_manifest, write_manifest
 from contentv_common.data.synthetic import make_synthetic_set, render, write_mp4
-from contentv_common.recipe import BucketConfig
 from tests.stand_in_encoders import StandInEncoders
 
 BUCKETS = [

@@ -27,12 +27,12 @@ def _run(module: str, blocked: set[str]) -> subprocess.CompletedProcess:
 
 def test_common_needs_neither_framework():
     for module in (
-        "contentv_common.config",
-        "contentv_common.param_table",
-        "contentv_common.checkpoint",
-        "contentv_common.convert",
-        "contentv_common.schedules",
-        "contentv_common.sd3_prompt, contentv_common.tiny_models",
+        "contentv_common.config.model",
+        "contentv_common.checkpoint.param_table",
+        "contentv_common.checkpoint.formats",
+        "contentv_common.checkpoint.convert",
+        "contentv_common.training.schedules",
+        "contentv_common.text.sd3_prompt, contentv_common.tiny_models",
     ):
         result = _run(module, {"jax", "torch", "flax"})
         assert result.returncode == 0 and "ok" in result.stdout, (module, result.stderr[-2000:])

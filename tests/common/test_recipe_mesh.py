@@ -6,8 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from contentv_common.config import ConfigError
-from contentv_common.recipe import MeshConfig, check_buckets_on_mesh, check_device_count, image_tokens, load_recipe
+from contentv_common.config.model import ConfigError
+from contentv_common.config.recipe import (
+    MeshConfig,
+    check_buckets_on_mesh,
+    check_device_count,
+    image_tokens,
+    load_recipe,
+)
 
 RECIPES = Path(__file__).resolve().parents[2] / "configs" / "recipes"
 STAGES = sorted(RECIPES.glob("stage*.yaml"))

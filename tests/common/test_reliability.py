@@ -9,16 +9,16 @@ import sys
 
 import pytest
 
-from contentv_common import integrity
-from contentv_common.divergence import DivergenceGuard
-from contentv_common.recipe import DivergenceConfig
-from contentv_common.run_lock import LOCK_FILE, RunLock, RunLockedError, check_unlocked
-from contentv_common.safetensors_io import CheckpointError
+from contentv_common.checkpoint import integrity
+from contentv_common.checkpoint.run_lock import LOCK_FILE, RunLock, RunLockedError, check_unlocked
+from contentv_common.checkpoint.safetensors_io import CheckpointError
+from contentv_common.config.recipe import DivergenceConfig
+from contentv_common.training.divergence import DivergenceGuard
 
 HOLD = """
 import os, sys, time
 sys.path.insert(0, {root!r})
-from contentv_common.run_lock import RunLock
+from contentv_common.checkpoint.run_lock import RunLock
 RunLock.acquire({folder!r})
 child = os.fork() if {fork} else 1
 if child == 0:  # a child that inherits the flock and outlives its parent

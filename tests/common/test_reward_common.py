@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from contentv_common.reward import (
+from contentv_common.reward.models import (
     MeanBrightness,
     ObjectArea,
     TargetColour,
@@ -16,7 +16,7 @@ from contentv_common.reward import (
     simple_reward,
     to_uint8,
 )
-from contentv_common.reward_sde import gaussian_log_prob, sde_mean, sde_schedule
+from contentv_common.reward.sde import gaussian_log_prob, sde_mean, sde_schedule
 from contentv_common.sampling import flow_match_schedule
 
 
@@ -75,12 +75,12 @@ def test_black_box_wrapping():
     assert np.allclose(score(u8, ["x"] * 3), frames.reshape(3, -1).mean(-1), atol=1e-3)
     with pytest.raises(ValueError, match="uint8"):
         score(frames, ["x"] * 3)
-    scorer = load_black_box("contentv_common.reward:MeanBrightness")
+    scorer = load_black_box("contentv_common.reward.models:MeanBrightness")
     assert isinstance(scorer, MeanBrightness)
     with pytest.raises(ValueError, match="module:factory"):
         load_black_box("no_colon")
     with pytest.raises(ValueError, match="cannot import"):
-        load_black_box("contentv_common.reward:nope")
+        load_black_box("contentv_common.reward.models:nope")
 
 
 def test_group_advantages():
@@ -126,8 +126,8 @@ def test_sde_sampler_reaches_the_data_distribution():
 def test_grpo_exploration_noise_of_some_rows_is_those_rows_of_the_whole():
     """A process drawing its rows' SDE noise alone gets exactly its share of the whole step's draw; the rest of the
     rollout batch does not depend on which rows were asked for, and every (step, row) has its own noise."""
-    from contentv_common.reward_recipe import load_reward_recipe
-    from contentv_common.reward_run import RewardData
+    from contentv_common.config.reward import load_reward_recipe
+    from contentv_common.reward.run import RewardData
     from tests.stand_in_encoders import StandInEncoders
 
     data = RewardData(load_reward_recipe("configs/recipes/reward_grpo_tiny.yaml"), StandInEncoders(), None)
@@ -141,8 +141,8 @@ def test_grpo_exploration_noise_of_some_rows_is_those_rows_of_the_whole():
 
 def test_grpo_groups_share_their_start_when_asked():
     """`grpo.shared_start`: every rollout of a group starts from its group's noise, groups from different noise."""
-    from contentv_common.reward_recipe import load_reward_recipe
-    from contentv_common.reward_run import RewardData
+    from contentv_common.config.reward import load_reward_recipe
+    from contentv_common.reward.run import RewardData
     from tests.stand_in_encoders import StandInEncoders
 
     recipe = load_reward_recipe("configs/recipes/reward_grpo_tiny.yaml", {"grpo.shared_start": True})

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from contentv_common.config import ConfigError
+from contentv_common.checkpoint.safetensors_io import CheckpointError
+from contentv_common.config.model import ConfigError
+from contentv_common.config.reward import load_reward_recipe
 from contentv_common.errors import RunStopped
-from contentv_common.reward_recipe import load_reward_recipe
-from contentv_common.reward_run import ResumePoint, RewardLog, check_divergence, divergence_guard, optimizer_updates
-from contentv_common.safetensors_io import CheckpointError
+from contentv_common.reward.run import ResumePoint, RewardLog, check_divergence, divergence_guard, optimizer_updates
 
 
 def test_log_keeps_the_checkpointed_lines(tmp_path):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from contentv_common import schedules as S
+from contentv_common.training import schedules as S
 
 
 def test_logit_normal_matches_its_distribution():

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from contentv_common.embedding_cache import EmbeddingCache, folder_identity
+from contentv_common.data.embedding_cache import EmbeddingCache, folder_identity
 
 
 class CountingEncoder:

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from contentv_common.config import named_model_config
-from contentv_common.flops import transformer_flops
+from contentv_common.config.model import named_model_config
+from contentv_common.model.flops import transformer_flops
 from tools import bench
 
 ROW_FIELDS = {

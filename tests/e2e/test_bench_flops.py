@@ -1,4 +1,4 @@
-"""The documented FLOP count (contentv_common/flops.py) against the matmuls the models actually run.
+"""The documented FLOP count (contentv_common/model/flops.py) against the matmuls the models actually run.
 
 Three independent counts on the tiny model at a token count with odd text length and batch 2: multiply-adds of every
 torch Linear/Conv from its weight shape (our twin and the diffusers reference), torch's FlopCounterMode with SDPA's
@@ -18,8 +18,8 @@ from jax.extend.core import jaxprs_in_params
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from contentv_common.config import named_model_config
-from contentv_common.flops import headline_forward_flops, image_tokens, transformer_flops
+from contentv_common.config.model import named_model_config
+from contentv_common.model.flops import headline_forward_flops, image_tokens, transformer_flops
 
 CFG = named_model_config("tiny")
 BATCH, FRAMES, HEIGHT, WIDTH, TEXT = 2, 3, 8, 12, 7

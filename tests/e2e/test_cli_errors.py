@@ -11,8 +11,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from contentv_common.checkpoint.run_lock import LOCK_FILE
 from contentv_common.data.synthetic import make_synthetic_set
-from contentv_common.run_lock import LOCK_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}

@@ -11,9 +11,9 @@ from safetensors.numpy import load_file
 
 import contentv_jax
 import contentv_torch_npu
-from contentv_common.checkpoint import config_from_diffusers, open_checkpoint, write_diffusers
-from contentv_common.config import named_model_config
-from contentv_common.convert import convert
+from contentv_common.checkpoint.convert import convert
+from contentv_common.checkpoint.formats import config_from_diffusers, open_checkpoint, write_diffusers
+from contentv_common.config.model import named_model_config
 from contentv_torch_npu.loading import canonical_tensors
 from contentv_torch_npu.reference import build_diffusers
 from tools import convert as convert_tool

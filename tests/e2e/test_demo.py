@@ -9,9 +9,9 @@ import json
 import numpy as np
 
 from contentv_common.data.synthetic import render
+from contentv_common.data.video_io import read_video
 from contentv_common.demo import DEMO_VAE
-from contentv_common.evaluation import demo_measure, shape_motion, shows_caption
-from contentv_common.video_io import read_video
+from contentv_common.training.evaluation import demo_measure, shape_motion, shows_caption
 from tools import train
 from tools.sample import slug
 

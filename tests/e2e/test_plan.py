@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from contentv_common.config import named_model_config
-from contentv_common.flops import text_encoder_flops, transformer_flops
-from contentv_common.plan_report import GIB, StepPlan
+from contentv_common.config.model import named_model_config
+from contentv_common.model.flops import text_encoder_flops, transformer_flops
+from contentv_common.plan.report import GIB, StepPlan
 from contentv_common.tiny_models import tiny_text
 from tools import plan
 

@@ -1,5 +1,5 @@
 """tools/plan.py on one chip of a topology (`--chips`) and `--all`: the table of docs/scale.md regenerated from one
-plan per entry (contentv_common.plan_table), each plan stale once its code or recipe changes."""
+plan per entry (contentv_common.plan.table), each plan stale once its code or recipe changes."""
 
 import json
 import os
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from contentv_common import plan_table
-from contentv_common.config import named_model_config
-from contentv_common.plan_table import Entry
+from contentv_common.config.model import named_model_config
+from contentv_common.plan import table as plan_table
+from contentv_common.plan.table import Entry
 from contentv_torch_npu.transformer import Transformer
 from tools import plan
 

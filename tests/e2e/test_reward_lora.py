@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from contentv_common.lora import load_adapters, merge
+from contentv_common.lora.adapters import load_adapters, merge
 from tests.e2e.test_reward_run import _recipe, _rows, synthetic  # noqa: F401 (the synthetic set fixture)
 
 LORA = {"lora.rank": 4, "lora.alpha": 8.0, "steps": 1, "rollout.steps": 1, "refl.grad_steps": 1, "refl.sft_weight": 0.0}
@@ -27,7 +27,7 @@ def test_jax_reward_lora(synthetic, tmp_path, rel_err):  # noqa: F811
     from flax import nnx
 
     from contentv_jax.loading import canonical_tensors, load_transformer
-    from contentv_jax.reward_run import run
+    from contentv_jax.reward.run import run
     from contentv_jax.transformer import Transformer
 
     recipe = _recipe("reward_refl_tiny", synthetic, tmp_path, **LORA)
@@ -42,7 +42,7 @@ def test_torch_reward_lora(synthetic, tmp_path, rel_err):  # noqa: F811
 
     from contentv_torch_npu import checkpointing as ckpt
     from contentv_torch_npu.loading import load_transformer
-    from contentv_torch_npu.reward_run import run
+    from contentv_torch_npu.reward.run import run
     from contentv_torch_npu.transformer import Transformer
 
     recipe = _recipe("reward_refl_tiny", synthetic, tmp_path, **LORA)

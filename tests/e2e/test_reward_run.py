@@ -10,8 +10,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from contentv_common.config import ConfigError
-from contentv_common.reward_recipe import is_reward_recipe, load_reward_recipe
+from contentv_common.config.model import ConfigError
+from contentv_common.config.reward import is_reward_recipe, load_reward_recipe
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def _rows(tmp_path) -> list[dict]:
 
 def _count_rollouts(monkeypatch) -> list[int]:
     """The steps a run actually executes (to tell a resumed run from one that started over)."""
-    from contentv_common.reward_run import RewardData
+    from contentv_common.reward.run import RewardData
 
     steps, rollout = [], RewardData.rollout
 
@@ -66,7 +66,7 @@ def test_torch_run_logs_plots_checkpoints_and_resumes(name, extra, synthetic, tm
     line of step index 2, before its checkpoint) and the rerun must redo exactly that step: same log, same weights,
     AdamW moments and EMA anchor, bit for bit."""
     from contentv_torch_npu.checkpointing import latest_checkpoint, load_state
-    from contentv_torch_npu.reward_run import run
+    from contentv_torch_npu.reward.run import run
 
     executed = _count_rollouts(monkeypatch)
     recipe = _recipe(name, synthetic, tmp_path, **{"checkpoint.interval": 2, **extra})
@@ -105,7 +105,7 @@ def test_jax_run_resumes_exactly(synthetic, tmp_path, monkeypatch):
     from flax import nnx
 
     from contentv_jax.loading import load_transformer
-    from contentv_jax.reward_run import run
+    from contentv_jax.reward.run import run
 
     executed = _count_rollouts(monkeypatch)
     overrides = {"rollout.steps": 2, "refl.grad_steps": 1, "refl.anchor": "ema", "checkpoint.interval": 1}

@@ -31,8 +31,8 @@ def _rows(logs: Path) -> list[dict]:
 
 
 def test_torchrun_reward_run_matches_one_process_checkpoints_and_resumes(tmp_path):
-    from contentv_common.reward_recipe import load_reward_recipe
-    from contentv_torch_npu.reward_run import run
+    from contentv_common.config.reward import load_reward_recipe
+    from contentv_torch_npu.reward.run import run
 
     first = _torchrun(tmp_path, 2)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]

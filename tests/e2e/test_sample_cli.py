@@ -7,8 +7,8 @@ import contentv_jax.encoders as jax_encoders
 import contentv_jax.sampling as jax_sampling
 import contentv_torch_npu.encoders as torch_encoders
 import contentv_torch_npu.sampling as torch_sampling
+from contentv_common.data.video_io import read_video
 from contentv_common.sampling import draw_noise, latent_shape
-from contentv_common.video_io import read_video
 from tools import sample as sample_tool
 
 ARGS = ["--tiny", "--prompt", "a cat walking", "--prompt", "a red dog", "--negative-prompt", "low quality"]

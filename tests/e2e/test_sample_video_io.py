@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from contentv_common.video_io import read_video, write_video
+from contentv_common.data.video_io import read_video, write_video
 
 
 def _gradient_video(frames: int, height: int, width: int) -> np.ndarray:

@@ -35,7 +35,7 @@ def run_torch(root: Path, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     import torch
 
     import contentv_torch_npu
-    from contentv_torch_npu.reward_clip import load_clip_reward
+    from contentv_torch_npu.reward.clip import load_clip_reward
 
     torch.backends.cuda.matmul.allow_tf32 = False
     t = {k: torch.from_numpy(v) for k, v in x.items()}
@@ -61,7 +61,7 @@ def run_jax(root: Path, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     import jax.numpy as jnp
 
     import contentv_jax
-    from contentv_jax.reward_clip import load_clip_reward
+    from contentv_jax.reward.clip import load_clip_reward
 
     jax.config.update("jax_default_matmul_precision", "highest")
     j = {k: jnp.asarray(v) for k, v in x.items()}

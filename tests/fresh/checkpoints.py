@@ -15,13 +15,13 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from contentv_common.checkpoint import write_diffusers
-from contentv_common.config import ModelConfig, named_model_config
-from contentv_common.reward_clip_table import CLIP_TABLE, ClipConfig, ClipTowerConfig
-from contentv_common.safetensors_io import AtomicFolder, write_sharded
+from contentv_common.checkpoint.formats import write_diffusers
+from contentv_common.checkpoint.safetensors_io import AtomicFolder, write_sharded
+from contentv_common.config.model import ModelConfig, named_model_config
+from contentv_common.reward.clip_table import CLIP_TABLE, ClipConfig, ClipTowerConfig
 from contentv_common.tiny_models import random_weights
-from contentv_common.vae_checkpoint import write_vae_diffusers
-from contentv_common.vae_config import VAEConfig, tiny_vae_config
+from contentv_common.vae.checkpoint import write_vae_diffusers
+from contentv_common.vae.config import VAEConfig, tiny_vae_config
 
 SHARD_BYTES = 32 * 2**10  # 2-7 shards per folder
 VAE_SHARD_BYTES = 512 * 2**10
@@ -58,7 +58,7 @@ def canonical_shapes() -> dict[str, dict[str, tuple[int, ...]]]:
         return _jax_shapes()
     from contentv_torch_npu import Transformer, WanVAE
     from contentv_torch_npu.loading import canonical_shapes as shapes
-    from contentv_torch_npu.reward_clip import ClipScorer
+    from contentv_torch_npu.reward.clip import ClipScorer
 
     with torch.device("meta"):
         models = {"transformer": Transformer(transformer_config()), "vae": WanVAE(vae_config())}
@@ -69,10 +69,10 @@ def canonical_shapes() -> dict[str, dict[str, tuple[int, ...]]]:
 def _jax_shapes() -> dict[str, dict[str, tuple[int, ...]]]:
     from flax import nnx
 
-    from contentv_common.vae_table import vae_table
+    from contentv_common.vae.table import vae_table
     from contentv_jax.loading import abstract_transformer
     from contentv_jax.loading import canonical_shapes as shapes
-    from contentv_jax.reward_clip import ClipScorer
+    from contentv_jax.reward.clip import ClipScorer
     from contentv_jax.vae import WanVAE
 
     vae = nnx.eval_shape(lambda: WanVAE(vae_config(), rngs=nnx.Rngs(0)))

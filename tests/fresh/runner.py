@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contentv_common.checkpoint import open_checkpoint
+from contentv_common.checkpoint.formats import open_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOCKED = Path(__file__).with_name("blocked.py")

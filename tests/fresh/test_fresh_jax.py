@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
-from contentv_common.video_io import read_video
+from contentv_common.data.video_io import read_video
 from tests.fresh.runner import NOT_TORCH, assert_ok, check_loader_outputs, one_line_error, run_blocked, tensors
 
 SAMPLE = ["tools/sample.py", "--tiny", "--backend", "jax", "--prompt", "a red circle", "--frames", "1"]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from contentv_common.safetensors_io import iter_tensors, weight_files
-from contentv_common.video_io import read_video
+from contentv_common.checkpoint.safetensors_io import iter_tensors, weight_files
+from contentv_common.data.video_io import read_video
 from tests.fresh.runner import NOT_JAX, assert_ok, check_loader_outputs, one_line_error, run_blocked, tensors
 
 SAMPLE = ["tools/sample.py", "--tiny", "--backend", "torch", "--prompt", "a red circle", "--frames", "1"]

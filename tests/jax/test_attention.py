@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from contentv_common.recipe import MeshConfig
+from contentv_common.config.recipe import MeshConfig
 from contentv_jax.ops import Attention, attention_for, resolve_attention
 from contentv_jax.sharding import make_mesh
 

@@ -5,10 +5,10 @@ import jax
 import numpy as np
 import torch
 
-from contentv_common.config import named_model_config
-from contentv_common.lora import load_adapters
-from contentv_common.lora_train import adapter_file
-from contentv_common.recipe import MeshConfig
+from contentv_common.config.model import named_model_config
+from contentv_common.config.recipe import MeshConfig
+from contentv_common.lora.adapters import load_adapters
+from contentv_common.lora.training import adapter_file
 from contentv_jax.multihost import to_host
 from contentv_jax.sharding import make_mesh
 from contentv_jax.train import _initial_params, get_trainer, run
@@ -75,7 +75,7 @@ def test_bf16_base_with_fp32_adapters(cached_set, tmp_path):  # noqa: F811
     whole in fp32 on the device); bf16 base with fp32 compute is a recipe error (the torch twin cannot run it)."""
     import pytest
 
-    from contentv_common.config import ConfigError
+    from contentv_common.config.model import ConfigError
 
     torch.manual_seed(1)
     save_torch(tmp_path / "base", Transformer(named_model_config("tiny")))
@@ -98,7 +98,7 @@ def test_adapting_a_sharded_model_shards_its_adapters():
     training state's."""
     from flax import nnx
 
-    from contentv_common.recipe import LoraConfig
+    from contentv_common.config.recipe import LoraConfig
     from contentv_jax import lora
     from contentv_jax.sharding import param_shardings
     from contentv_jax.transformer import Transformer

@@ -23,10 +23,10 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
+from contentv_common.config.recipe import load_recipe, parse_override
 from contentv_common.data.buckets import BucketBatchSampler
 from contentv_common.data.cache import LatentCache, read_index
 from contentv_common.data.synthetic import make_synthetic_set
-from contentv_common.recipe import load_recipe, parse_override
 from contentv_jax import multihost
 from contentv_jax.checkpointing import Checkpointer
 from contentv_jax.data import StepBatches

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from contentv_common.config import named_model_config
-from contentv_common.reward_recipe import GrpoConfig, RolloutConfig, load_reward_recipe
+from contentv_common.config.model import named_model_config
+from contentv_common.config.reward import GrpoConfig, RolloutConfig, load_reward_recipe
 
 C, F, H, W = 16, 2, 8, 8
 BATCH, STEPS = 2, 4
@@ -22,7 +22,7 @@ TINY_3_LAYERS = {**dataclasses.asdict(named_model_config("tiny")), "num_layers":
 
 
 def _temp_bytes(train_steps: int) -> int:
-    from contentv_jax import reward_train as jr
+    from contentv_jax.reward import train as jr
     from contentv_jax.transformer import Transformer
 
     cfg = dataclasses.replace(named_model_config("tiny"), num_layers=1)
@@ -49,9 +49,9 @@ def test_grpo_temp_memory_flat_in_trained_steps():
 @pytest.mark.parametrize("method", ["refl", "grpo"])
 def test_reward_update_temp_memory_does_not_grow_with_trained_steps(method):
     """The planner's program (the run's whole update step: rollout or trained steps, decode, reward, SFT, anchor,
-    AdamW; contentv_jax.reward_plan) compiled with 1 and 8 of 8 trained steps: the temporaries do not grow."""
-    from contentv_common.vae_config import tiny_vae_config
-    from contentv_jax.reward_plan import plan_reward
+    AdamW; contentv_jax.reward.plan) compiled with 1 and 8 of 8 trained steps: the temporaries do not grow."""
+    from contentv_common.vae.config import tiny_vae_config
+    from contentv_jax.reward.plan import plan_reward
     from contentv_jax.sharding import make_mesh
 
     key = "refl.grad_steps" if method == "refl" else "grpo.train_steps"

@@ -13,11 +13,11 @@ import pytest
 from einops import rearrange
 from flax import nnx
 
-from contentv_common.config import ConfigError, from_dict
-from contentv_common.reward import TargetColour, as_black_box
-from contentv_common.reward_recipe import RewardRecipe, load_reward_recipe
-from contentv_jax import reward_train as jr
-from contentv_jax.reward_mesh import device_batch, on_mesh, param_shardings, replicate, sharded_optimizer
+from contentv_common.config.model import ConfigError, from_dict
+from contentv_common.config.reward import RewardRecipe, load_reward_recipe
+from contentv_common.reward.models import TargetColour, as_black_box
+from contentv_jax.reward import train as jr
+from contentv_jax.reward.mesh import device_batch, on_mesh, param_shardings, replicate, sharded_optimizer
 from contentv_jax.sharding import make_mesh
 from contentv_jax.transformer import Transformer
 from tests.narrow_model import NARROW, POOLED, TEXT, WIDTH
@@ -209,7 +209,7 @@ def test_the_sft_batch_must_split_too():
 
 
 def test_eval_rows_pad_to_the_mesh():
-    from contentv_jax.reward_mesh import pad_rows
+    from contentv_jax.reward.mesh import pad_rows
 
     mesh = make_mesh(_recipe("refl", (2, 2, 2, 1)).mesh, jax.devices()[:8])
     padded, n = pad_rows({"noise": np.arange(6.0).reshape(3, 2)}, mesh)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from contentv_common.recipe import parse_override
-from contentv_common.reward_recipe import load_reward_recipe
+from contentv_common.config.recipe import parse_override
+from contentv_common.config.reward import load_reward_recipe
 from contentv_jax.loading import load_transformer
 from contentv_jax.transformer import Transformer
 from tests.jax.test_multiprocess import ROOT, TIMEOUT_S, env, flat, quiet
@@ -55,7 +55,7 @@ def _log(out: Path) -> list[dict]:
 def test_two_processes_tune_like_one(synthetic, tmp_path, rel_err):
     """GRPO, whose iteration gathers the decoded frames of every row to every process for the black-box scorer (ReFL
     runs the same steps around its update, which tests/jax/test_reward_mesh.py checks on the mesh)."""
-    from contentv_jax.reward_run import run
+    from contentv_jax.reward.run import run
 
     config = "configs/recipes/reward_grpo_tiny.yaml"
     one, two = tmp_path / "one", tmp_path / "two"

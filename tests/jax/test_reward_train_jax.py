@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from contentv_common.recipe import OptimizerConfig
-from contentv_common.reward import TargetColour, as_black_box
+from contentv_common.config.recipe import OptimizerConfig
+from contentv_common.reward.models import TargetColour, as_black_box
 from contentv_jax.optim import model_optimizer
 from tests.parity.reward_fixtures import (
     EVAL_BATCH,
@@ -47,14 +47,14 @@ def _model(twins):
 
 @nnx.jit
 def _fm_loss(model, batch):
-    from contentv_jax.reward_train import sft_loss
+    from contentv_jax.reward.train import sft_loss
 
     return sft_loss(model, batch)
 
 
 def evaluate(model, decoder) -> tuple[float, float]:
     """(mean reward of ODE samples from held-out seeds, FM loss on a held-out real batch)."""
-    from contentv_jax import reward_train as jr
+    from contentv_jax.reward import train as jr
     from contentv_jax.sampling import sample
 
     b = rollout_batch(EVAL_SEED, EVAL_BATCH, guided=True)
@@ -72,7 +72,7 @@ def before(twins) -> tuple[float, float]:
 
 
 def test_refl_raises_reward_with_bounded_fm_loss(twins, before):
-    from contentv_jax import reward_train as jr
+    from contentv_jax.reward import train as jr
 
     decoder, reward = twins[1], jr.carried(REWARD)
     results = {}
@@ -93,7 +93,7 @@ def test_refl_raises_reward_with_bounded_fm_loss(twins, before):
 
 
 def test_grpo_raises_reward_with_bounded_fm_loss(twins, before):
-    from contentv_jax import reward_train as jr
+    from contentv_jax.reward import train as jr
 
     decoder = twins[1]
     scorers = {"grpo": as_black_box(REWARD), "control": lambda frames, prompts: np.zeros(len(frames), np.float32)}

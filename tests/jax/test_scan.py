@@ -11,8 +11,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from contentv_common.config import ModelConfig
-from contentv_common.recipe import OptimizerConfig
+from contentv_common.config.model import ModelConfig
+from contentv_common.config.recipe import OptimizerConfig
 from contentv_jax import sharding
 from contentv_jax.train import make_optimizer
 from contentv_jax.transformer import Transformer

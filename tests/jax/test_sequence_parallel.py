@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from contentv_common.config import from_dict
-from contentv_common.recipe import MeshConfig, Recipe
-from contentv_common.sequence_split import check_sequence_split, padded_heads
+from contentv_common.config.model import from_dict
+from contentv_common.config.recipe import MeshConfig, Recipe
+from contentv_common.model.sequence_split import check_sequence_split, padded_heads
 from contentv_jax.ops import Attention
 from contentv_jax.sharding import make_mesh, unsplit_params
 from contentv_jax.train import get_trainer

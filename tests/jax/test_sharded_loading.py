@@ -18,9 +18,9 @@ from flax import nnx
 
 import contentv_common
 import contentv_jax
-from contentv_common.checkpoint import open_checkpoint, write_diffusers
-from contentv_common.config import named_model_config
-from contentv_common.recipe import MeshConfig
+from contentv_common.checkpoint.formats import open_checkpoint, write_diffusers
+from contentv_common.config.model import named_model_config
+from contentv_common.config.recipe import MeshConfig
 from contentv_jax.loading import canonical_tensors, fill_from_source, load_transformer, model_shardings, save_jax
 from contentv_jax.sharding import make_mesh
 from contentv_jax.transformer import Transformer
@@ -91,7 +91,7 @@ def test_common_layer_never_imports_a_backend(tmp_path):
             assert not any(n.split(".")[0] in ("contentv_jax", "contentv_torch_npu") for n in names), file
     (tmp_path / "params").mkdir()
     (tmp_path / "contentv_config.json").write_text("{}")
-    code = f"from contentv_common.checkpoint import open_checkpoint; open_checkpoint({str(tmp_path)!r})"
+    code = f"from contentv_common.checkpoint.formats import open_checkpoint; open_checkpoint({str(tmp_path)!r})"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "read and written by contentv_jax" in result.stderr
 

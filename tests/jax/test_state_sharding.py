@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from contentv_common.recipe import MeshConfig, load_recipe
+from contentv_common.config.recipe import MeshConfig, load_recipe
 from contentv_jax.checkpointing import Checkpointer
 from contentv_jax.memory_plan import argument_bytes
 from contentv_jax.sharding import make_mesh

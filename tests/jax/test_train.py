@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from contentv_common.checkpoint.safetensors_io import CheckpointError
+from contentv_common.config.recipe import MeshConfig, load_recipe
 from contentv_common.data.cache import build_cache, read_index
 from contentv_common.data.synthetic import make_synthetic_set
-from contentv_common.recipe import MeshConfig, load_recipe
-from contentv_common.safetensors_io import CheckpointError
 from contentv_jax.checkpointing import Checkpointer
 from contentv_jax.sharding import make_mesh
 from contentv_jax.train import Trainer, TrainingStopped, default_mesh, get_trainer, run
@@ -197,7 +197,7 @@ def test_init_from_an_sd3_image_checkpoint_starts_the_video_model(cached_set, tm
     """Stage 1 starts from SD3.5's diffusers folder: its weights, switched to 3D sin-cos positions, seed the state."""
     import torch
 
-    from contentv_common.config import named_model_config, to_dict
+    from contentv_common.config.model import named_model_config, to_dict
     from contentv_jax.train import _initial_params
     from contentv_torch_npu.reference import build_diffusers
 
@@ -262,7 +262,7 @@ def test_damaged_or_unfinished_checkpoints_fall_back_and_resume_exactly(cached_s
     assert sorted(resumed.losses) == [2, 3, 4, 5] and not (step4.parent / "6.orbax-checkpoint-tmp-123").exists()
     _same_params(resumed.state, straight.state)
 
-    from contentv_common import integrity
+    from contentv_common.checkpoint import integrity
 
     write = integrity.write_manifest
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from contentv_common.reward_recipe import GrpoConfig, ReflConfig, RolloutConfig
+from contentv_common.config.reward import GrpoConfig, ReflConfig, RolloutConfig
 
 C, F, H, W = 16, 2, 4, 4
 TEXT_LEN, TEXT_DIM, POOLED_DIM = 5, 48, 24
@@ -23,8 +23,8 @@ def tiny_vae_decoder_torch(seed: int = 3):
     """C1's tiny random Wan VAE behind the reward's first-frame decoder (torch)."""
     import torch
 
-    from contentv_common.vae_config import tiny_vae_config
-    from contentv_torch_npu.reward_train import VaeFirstFrameDecoder
+    from contentv_common.vae.config import tiny_vae_config
+    from contentv_torch_npu.reward.train import VaeFirstFrameDecoder
     from contentv_torch_npu.vae import WanVAE
 
     with torch.random.fork_rng(devices=[]):
@@ -36,7 +36,7 @@ def torch_model(seed: int = 0):
     """The tiny transformer with torch's initialisation (the JAX tests load the same weights)."""
     import torch
 
-    from contentv_common.config import named_model_config
+    from contentv_common.config.model import named_model_config
     from contentv_torch_npu.transformer import Transformer
 
     with torch.random.fork_rng(devices=[]):
@@ -47,7 +47,7 @@ def torch_model(seed: int = 0):
 def jax_twins(folder) -> tuple:
     """(JAX model, JAX first-frame decoder) with the weights of `torch_model()` and `tiny_vae_decoder_torch()`."""
     from contentv_jax.loading import load_transformer
-    from contentv_jax.reward_train import VaeFirstFrameDecoder
+    from contentv_jax.reward.train import VaeFirstFrameDecoder
     from contentv_jax.vae import load_vae
     from contentv_torch_npu.loading import save_torch
     from contentv_torch_npu.vae import save_vae

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from contentv_common.config.recipe import load_recipe
 from contentv_common.data.cache import LatentCache, build_cache
 from contentv_common.data.synthetic import make_synthetic_set
-from contentv_common.recipe import load_recipe
 from contentv_jax.data import StepBatches
 from contentv_torch_npu.data import make_loader
 from contentv_torch_npu.train import step_inputs

@@ -12,10 +12,11 @@ from safetensors.torch import load_file as load_torch
 
 import contentv_jax
 import contentv_torch_npu
-from contentv_common.checkpoint import open_checkpoint
-from contentv_common.config import named_model_config
-from contentv_common.convert import convert
-from contentv_common.lora import (
+from contentv_common.checkpoint.convert import convert
+from contentv_common.checkpoint.formats import open_checkpoint
+from contentv_common.config.model import named_model_config
+from contentv_common.config.recipe import LoraConfig
+from contentv_common.lora.adapters import (
     DIFFUSERS_FILE,
     DIFFUSERS_METADATA,
     load_adapters,
@@ -23,7 +24,6 @@ from contentv_common.lora import (
     save_adapters,
     target_modules,
 )
-from contentv_common.recipe import LoraConfig
 from contentv_torch_npu.reference import build_diffusers
 from tools import convert as convert_tool
 

@@ -11,9 +11,9 @@ import optax
 import pytest
 import torch
 
-from contentv_common.lora import merge
-from contentv_common.lora_train import initial_adapters
-from contentv_common.recipe import LoraConfig, MeshConfig, load_recipe
+from contentv_common.config.recipe import LoraConfig, MeshConfig, load_recipe
+from contentv_common.lora.adapters import merge
+from contentv_common.lora.training import initial_adapters
 from contentv_jax import lora as jax_lora
 from contentv_jax import sharding
 from contentv_jax.train import Trainer

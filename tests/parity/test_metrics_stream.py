@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from contentv_common.config.recipe import load_recipe
 from contentv_common.data.cache import LatentCache, build_cache
 from contentv_common.data.synthetic import make_synthetic_set
-from contentv_common.metrics import FIELDS
-from contentv_common.recipe import load_recipe
+from contentv_common.training.metrics import FIELDS
 from contentv_jax.data import StepBatches
 from tests.stand_in_encoders import StandInEncoders
 

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from flax import nnx
 
-from contentv_common.divergence import DivergenceGuard
-from contentv_common.optim import learning_rate
-from contentv_common.reward_recipe import load_reward_recipe
-from contentv_common.reward_run import optimizer_updates
+from contentv_common.config.reward import load_reward_recipe
+from contentv_common.reward.run import optimizer_updates
+from contentv_common.training.divergence import DivergenceGuard
+from contentv_common.training.optim import learning_rate
 
 RECIPE = "configs/recipes/reward_refl_tiny.yaml"
 STEPS = 6
@@ -78,10 +78,10 @@ def _grads(step: int) -> dict[str, np.ndarray]:
 
 
 def test_reward_optimizer_follows_schedule_and_matches_across_backends():
-    from contentv_jax import reward_train as jr
     from contentv_jax.optim import current_lr, model_optimizer
-    from contentv_torch_npu import reward_train as tr
+    from contentv_jax.reward import train as jr
     from contentv_torch_npu.optim import make_optimizer
+    from contentv_torch_npu.reward import train as tr
 
     recipe = _recipe()
     opt, total = recipe.optimizer, optimizer_updates(recipe)
@@ -130,10 +130,10 @@ def test_reward_optimizer_follows_schedule_and_matches_across_backends():
 
 def test_weight_decay_spares_biases_and_norm_scales_in_both_backends():
     """With zero gradients AdamW's step is decay alone: kernels shrink by lr * wd, biases and norm scales stay."""
-    from contentv_jax import reward_train as jr
     from contentv_jax.optim import model_optimizer
-    from contentv_torch_npu import reward_train as tr
+    from contentv_jax.reward import train as jr
     from contentv_torch_npu.optim import make_optimizer
+    from contentv_torch_npu.reward import train as tr
 
     opt = dataclasses.replace(_recipe().optimizer, lr=0.1, weight_decay=0.5, warmup_steps=0, ema_decay=None)
     j_model, t_model = JaxNet(), _torch_twin(JaxNet())

@@ -12,9 +12,9 @@ import torch
 from flax import nnx
 from PIL import Image
 
-from contentv_common.reward_clip_preprocess import resize_matrix
-from contentv_common.reward_clip_table import read_clip_config
-from contentv_common.safetensors_io import CheckpointError
+from contentv_common.checkpoint.safetensors_io import CheckpointError
+from contentv_common.reward.clip_preprocess import resize_matrix
+from contentv_common.reward.clip_table import read_clip_config
 from tests.tiny_clip import tiny_clip_tokenizer
 
 PROMPTS = ["a red cat", "blue dog", "cat"]
@@ -80,7 +80,7 @@ def test_clip_config_reads_folder(clip_folder):
 
 
 def test_torch_scorer_matches_transformers(clip_folder, hf_model, rel_err):
-    from contentv_torch_npu.reward_clip import load_clip_reward
+    from contentv_torch_npu.reward.clip import load_clip_reward
 
     reward = load_clip_reward(clip_folder)
     ids = torch.from_numpy(reward.tokenize(PROMPTS)).long()
@@ -101,8 +101,8 @@ def test_torch_scorer_matches_transformers(clip_folder, hf_model, rel_err):
 
 
 def test_jax_scorer_matches_transformers_and_torch(clip_folder, hf_model, rel_err):
-    from contentv_jax.reward_clip import load_clip_reward as load_jax
-    from contentv_torch_npu.reward_clip import load_clip_reward as load_torch
+    from contentv_jax.reward.clip import load_clip_reward as load_jax
+    from contentv_torch_npu.reward.clip import load_clip_reward as load_torch
 
     jax_reward, torch_reward = load_jax(clip_folder), load_torch(clip_folder)
     ids = jax_reward.tokenize(PROMPTS)
@@ -139,7 +139,7 @@ def test_jax_scorer_matches_transformers_and_torch(clip_folder, hf_model, rel_er
 def test_unknown_key_is_an_error(clip_folder, tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    from contentv_torch_npu.reward_clip import load_clip_scorer
+    from contentv_torch_npu.reward.clip import load_clip_scorer
 
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from contentv_common.config import named_model_config
-from contentv_common.reward import TargetColour, group_advantages
+from contentv_common.config.model import named_model_config
+from contentv_common.reward.models import TargetColour, group_advantages
 from tests.parity.reward_fixtures import (
     GRPO,
     GRPO_BATCH,
@@ -67,7 +67,7 @@ def _compare_grads(jax_grads, jax_model, torch_model, rel_err) -> float:
 @pytest.fixture(scope="module")
 def decoders(tmp_path_factory):
     """(torch, jax) first-frame decoders over the same tiny random Wan VAE (C1), moved through a diffusers folder."""
-    from contentv_jax.reward_train import VaeFirstFrameDecoder as JaxDecoder
+    from contentv_jax.reward.train import VaeFirstFrameDecoder as JaxDecoder
     from contentv_jax.vae import load_vae
     from contentv_torch_npu.vae import save_vae
 
@@ -78,8 +78,8 @@ def decoders(tmp_path_factory):
 
 
 def test_refl_gradients_match(models, decoders, rel_err):
-    from contentv_jax import reward_train as jr
-    from contentv_torch_npu import reward_train as tr
+    from contentv_jax.reward import train as jr
+    from contentv_torch_npu.reward import train as tr
 
     t_model, t_ref, j_model, j_ref = models
     t_decoder, j_decoder = decoders
@@ -102,8 +102,8 @@ def test_refl_gradients_match(models, decoders, rel_err):
 
 
 def test_grpo_gradients_match(models, rel_err):
-    from contentv_jax import reward_train as jr
-    from contentv_torch_npu import reward_train as tr
+    from contentv_jax.reward import train as jr
+    from contentv_torch_npu.reward import train as tr
 
     t_model, t_ref, j_model, j_ref = models
     grpo = GRPO
@@ -134,10 +134,10 @@ def test_grpo_gradients_match(models, rel_err):
 
 def test_refl_gradients_match_with_clip_reward(models, decoders, tmp_path, rel_err):
     """The full product path: CLIP preference reward on the VAE-decoded first frame, prompts tokenised once."""
-    from contentv_jax import reward_train as jr
-    from contentv_jax.reward_clip import load_clip_reward as load_jax_clip
-    from contentv_torch_npu import reward_train as tr
-    from contentv_torch_npu.reward_clip import load_clip_reward as load_torch_clip
+    from contentv_jax.reward import train as jr
+    from contentv_jax.reward.clip import load_clip_reward as load_jax_clip
+    from contentv_torch_npu.reward import train as tr
+    from contentv_torch_npu.reward.clip import load_clip_reward as load_torch_clip
     from tests.parity.test_reward_clip import save_tiny_clip
 
     t_model, _, j_model, _ = models
@@ -156,10 +156,10 @@ def test_refl_gradients_match_with_clip_reward(models, decoders, tmp_path, rel_e
 
 def test_ema_anchor_update_matches(tmp_path, rel_err):
     """The EMA anchor moves the reference towards the trained weights by (1 - decay), alike in both backends."""
-    from contentv_jax import reward_train as jr
     from contentv_jax.loading import canonical_tensors, load_transformer
-    from contentv_torch_npu import reward_train as tr
+    from contentv_jax.reward import train as jr
     from contentv_torch_npu.loading import save_torch
+    from contentv_torch_npu.reward import train as tr
     from tests.parity.reward_fixtures import torch_model
 
     t_model, t_ref = torch_model(0), torch_model(1)

@@ -7,7 +7,7 @@ from flax import nnx
 
 import contentv_jax.sampling as jax_sampling
 import contentv_torch_npu.sampling as torch_sampling
-from contentv_common.config import named_model_config
+from contentv_common.config.model import named_model_config
 from contentv_common.sampling import draw_noise, latent_shape
 from contentv_jax.loading import canonical_tensors
 from contentv_jax.transformer import Transformer as JaxTransformer

@@ -10,11 +10,11 @@ import contentv_jax
 import contentv_jax.sampling as jax_sampling
 import contentv_torch_npu
 import contentv_torch_npu.sampling as torch_sampling
-from contentv_common.checkpoint import write_diffusers
-from contentv_common.config import named_model_config
-from contentv_common.embedding_cache import EmbeddingCache
+from contentv_common.checkpoint.formats import write_diffusers
+from contentv_common.config.model import named_model_config
+from contentv_common.data.embedding_cache import EmbeddingCache
+from contentv_common.data.video_io import read_video
 from contentv_common.sampling import draw_noise, latent_shape
-from contentv_common.video_io import read_video
 from contentv_torch_npu.encoders import SD3ImageVAE, load_encoders, tiny_encoders
 from contentv_torch_npu.loading import canonical_tensors
 from contentv_torch_npu.reference import build_diffusers

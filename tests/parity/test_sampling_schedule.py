@@ -26,7 +26,8 @@ def test_trajectory_matches_diffusers(steps, shift, rel_err):
     ref.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device="cpu")  # as ContentV's pipeline
     ours = flow_match_schedule(steps, shift)
     assert ours.sigmas.dtype == np.float32 and ours.timesteps.dtype == np.float32
-    # the shift is computed in float64 (contentv_common.schedules) and rounded: within 1 ulp of diffusers' float32
+    # the shift is computed in float64 (contentv_common.training.schedules) and rounded: within 1 ulp of diffusers'
+    # float32
     np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=2e-7, atol=0)
     np.testing.assert_allclose(ours.timesteps, ref.timesteps.numpy(), rtol=2e-7, atol=0)
     assert ours.sigmas[0] == 1.0 and ours.sigmas[-1] == 0.0 and len(ours.sigmas) == steps + 1

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from contentv_common.config import ConfigError
-from contentv_common.safetensors_io import CheckpointError
-from contentv_common.sd3_prompt import check_text_widths, read_text_configs
-from contentv_common.text_encoder_table import write_text_encoder
+from contentv_common.checkpoint.safetensors_io import CheckpointError
+from contentv_common.config.model import ConfigError
+from contentv_common.text.encoder_table import write_text_encoder
+from contentv_common.text.sd3_prompt import check_text_widths, read_text_configs
 from contentv_common.tiny_models import tiny_text
 from contentv_jax.text_encoders import load_text_encoders as load_jax
 from contentv_jax.text_encoders import tiny_text_encoders as tiny_jax
@@ -128,7 +128,7 @@ def test_tiny_encoders_are_the_same_in_both_backends(rel_err):
 def test_sharded_on_a_mesh(folders, rel_err):
     """T5 and CLIP weights split over fsdp (model width) and tensor (heads, feed-forward), prompts over data x fsdp;
     the same embeddings as on one device, the batch padded to split."""
-    from contentv_common.recipe import MeshConfig
+    from contentv_common.config.recipe import MeshConfig
     from contentv_jax.sharding import make_mesh
 
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, sequence=1, tensor=2), jax.devices()[:8])

@@ -10,8 +10,8 @@ import pytest
 import torch
 from flax import nnx
 
-from contentv_common.checkpoint import TensorSource
-from contentv_common.recipe import MeshConfig, load_recipe
+from contentv_common.checkpoint.formats import TensorSource
+from contentv_common.config.recipe import MeshConfig, load_recipe
 from contentv_jax import loading as jax_loading
 from contentv_jax import sharding
 from contentv_jax.optim import lr_schedule
@@ -163,7 +163,7 @@ def test_loss_and_gradients_match(setup, loss_and_grad, rel_err):
 
 
 def test_learning_rate_matches_optax_schedule():
-    """The shared schedule (contentv_common.optim), as the JAX optimizer reads it, equals optax's own warm-up +
+    """The shared schedule (contentv_common.training.optim), as the JAX optimizer reads it, equals optax's own warm-up +
     cosine / constant schedules."""
     for decay in ("cosine", "constant"):
         opt = load_recipe("tests/recipes/tiny.yaml", {"optimizer.warmup_steps": 3, "optimizer.decay": decay}).optimizer

@@ -7,8 +7,8 @@ import torch
 
 import contentv_jax
 import contentv_torch_npu
-from contentv_common.config import named_model_config
-from contentv_common.pos_embed import sd3_table, sincos_3d_table
+from contentv_common.config.model import named_model_config
+from contentv_common.model.pos_embed import sd3_table, sincos_3d_table
 from contentv_torch_npu.reference import build_diffusers, reference_forward
 from contentv_torch_npu.transformer import sincos_3d_parts
 

@@ -14,11 +14,11 @@ import torch
 from diffusers import AutoencoderKLWan
 from safetensors.numpy import load_file, save_file
 
-from contentv_common.config import ConfigError
-from contentv_common.safetensors_io import CheckpointError
-from contentv_common.vae_chunks import Tiling
-from contentv_common.vae_config import VAEConfig, config_to_diffusers, tiny_vae_config
-from contentv_common.vae_table import vae_table
+from contentv_common.checkpoint.safetensors_io import CheckpointError
+from contentv_common.config.model import ConfigError
+from contentv_common.vae.chunks import Tiling
+from contentv_common.vae.config import VAEConfig, config_to_diffusers, tiny_vae_config
+from contentv_common.vae.table import vae_table
 from contentv_jax import vae as jvae
 from contentv_torch_npu import vae as tvae
 

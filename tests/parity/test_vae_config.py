@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from contentv_common.config import ConfigError
-from contentv_common.param_table import UnknownParameterError
-from contentv_common.safetensors_io import CheckpointError
-from contentv_common.vae_checkpoint import read_vae_config
-from contentv_common.vae_chunks import CausalHistory, Tiling, encode_chunks, tile_plan
-from contentv_common.vae_config import (
+from contentv_common.checkpoint.param_table import UnknownParameterError
+from contentv_common.checkpoint.safetensors_io import CheckpointError
+from contentv_common.config.model import ConfigError
+from contentv_common.vae.checkpoint import read_vae_config
+from contentv_common.vae.chunks import CausalHistory, Tiling, encode_chunks, tile_plan
+from contentv_common.vae.config import (
     WAN21_LATENTS_MEAN,
     WAN21_LATENTS_STD,
     VAEConfig,
@@ -17,7 +17,7 @@ from contentv_common.vae_config import (
     config_to_diffusers,
     tiny_vae_config,
 )
-from contentv_common.vae_table import vae_table
+from contentv_common.vae.table import vae_table
 
 # The vae/config.json of the released Wan2.1 diffusers folders (as ContentV-8B reuses it).
 WAN21_CONFIG = {

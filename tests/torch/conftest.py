@@ -79,9 +79,9 @@ def fake_npu():
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """A synthetic manifest (8 clips of 64x64 and 96x64) and its latent cache, built once per session."""
+    from contentv_common.config.recipe import BucketConfig
     from contentv_common.data.cache import build_cache
     from contentv_common.data.synthetic import make_synthetic_set
-    from contentv_common.recipe import BucketConfig
 
     root = tmp_path_factory.mktemp("tiny_data")
     manifest = make_synthetic_set(root / "videos", num_videos=8, frames=12, fps=8, progress=False)

@@ -4,9 +4,9 @@ import threading
 import time
 from pathlib import Path
 
+from contentv_common.config.recipe import load_recipe
 from contentv_common.data.cache import read_index
 from contentv_common.data.synthetic import make_synthetic_set
-from contentv_common.recipe import load_recipe
 from tools.train import prepare_data_once
 
 TINY = Path(__file__).resolve().parents[2] / "tests" / "recipes" / "tiny.yaml"

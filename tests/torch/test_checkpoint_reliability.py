@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from contentv_common import integrity
+from contentv_common.checkpoint import integrity
+from contentv_common.checkpoint.run_lock import LOCK_FILE
+from contentv_common.checkpoint.safetensors_io import CheckpointError
+from contentv_common.config.recipe import load_recipe
 from contentv_common.data.cache import read_index
-from contentv_common.recipe import load_recipe
-from contentv_common.run_lock import LOCK_FILE
-from contentv_common.safetensors_io import CheckpointError
 from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu.train import TrainingStopped, run
 from tests.full_disk import cli_args, train_on_a_full_disk
@@ -110,8 +110,8 @@ def test_missing_components_are_errors(straight, tiny_dataset, tmp_path):
 
 KILL_DURING_SAVE = """
 import os, signal, sys
-from contentv_common import integrity
-from contentv_common.recipe import load_recipe
+from contentv_common.checkpoint import integrity
+from contentv_common.config.recipe import load_recipe
 from contentv_torch_npu.train import run
 
 write = integrity.write_manifest

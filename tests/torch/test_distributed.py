@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from contentv_common.config import named_model_config
-from contentv_common.recipe import MeshConfig
+from contentv_common.config.model import named_model_config
+from contentv_common.config.recipe import MeshConfig
 from contentv_torch_npu.distributed import (
     check_mesh,
     enable_sequence_parallel,

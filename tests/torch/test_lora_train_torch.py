@@ -5,9 +5,9 @@ processes under FSDP2 (adapters sharded with their base) follow one."""
 import numpy as np
 import torch
 
-from contentv_common.config import named_model_config
-from contentv_common.lora import load_adapters
-from contentv_common.lora_train import adapter_file
+from contentv_common.config.model import named_model_config
+from contentv_common.lora.adapters import load_adapters
+from contentv_common.lora.training import adapter_file
 from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu.loading import save_torch
 from contentv_torch_npu.train import run
@@ -67,8 +67,8 @@ def test_bf16_base_with_fp32_adapters():
     """The frozen base may be stored in bf16 (with bf16 compute) while the adapters and their gradients stay fp32."""
     import pytest
 
-    from contentv_common.config import ConfigError
-    from contentv_common.recipe import LoraConfig
+    from contentv_common.config.model import ConfigError
+    from contentv_common.config.recipe import LoraConfig
     from contentv_torch_npu.lora import add_adapters
 
     torch.manual_seed(0)
@@ -94,7 +94,7 @@ def test_bf16_base_with_fp32_adapters():
 def test_a_bf16_base_is_read_in_bf16(tmp_path, monkeypatch):
     """One process reads a LoRA recipe's `init_from` straight in the base dtype (an 8B base is never whole in fp32
     on the device): the loader is asked for bf16, and the base equals the fp32 checkpoint rounded to bf16."""
-    from contentv_common.recipe import load_recipe
+    from contentv_common.config.recipe import load_recipe
     from contentv_torch_npu import train
     from contentv_torch_npu.distributed import Topology
 

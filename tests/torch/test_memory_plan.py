@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from contentv_common.config import ModelConfig
-from contentv_common.recipe import BucketConfig, LoraConfig, MeshConfig, load_recipe
+from contentv_common.config.model import ModelConfig
+from contentv_common.config.recipe import BucketConfig, LoraConfig, MeshConfig, load_recipe
 from contentv_torch_npu.memory_plan import plan_recipe
 
 # 38 heads and 333 text tokens (padded inside Ulysses), narrow otherwise

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from contentv_common.config import named_model_config
+from contentv_common.config.model import named_model_config
 from contentv_torch_npu.ops import OPS, NpuOps, TorchOps, ops_for
 from contentv_torch_npu.transformer import Transformer
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from contentv_common.config import ConfigError, ModelConfig
-from contentv_common.recipe import MeshConfig, OptimizerConfig
-from contentv_common.reward import TargetColour, as_black_box
-from contentv_common.reward_recipe import GrpoConfig, ReflConfig, RolloutConfig
+from contentv_common.config.model import ConfigError, ModelConfig
+from contentv_common.config.recipe import MeshConfig, OptimizerConfig
+from contentv_common.config.reward import GrpoConfig, ReflConfig, RolloutConfig
+from contentv_common.reward.models import TargetColour, as_black_box
 from contentv_torch_npu.distributed import Topology, enable_sequence_parallel, init_distributed, shard_model
 from contentv_torch_npu.optim import make_optimizer
 from contentv_torch_npu.transformer import Transformer
@@ -80,8 +80,8 @@ def _record_gradients(model: torch.nn.Module, into: list):
 
 def _train(topo: Topology) -> dict[str, np.ndarray]:
     """One ReFL step and one GRPO iteration on this rank's rows; every tensor the test compares, gathered."""
-    from contentv_torch_npu import reward_train as tr
-    from contentv_torch_npu.reward_run import local_batch
+    from contentv_torch_npu.reward import train as tr
+    from contentv_torch_npu.reward.run import local_batch
 
     out: dict[str, np.ndarray] = {}
     for method in ("refl", "grpo"):
@@ -160,8 +160,8 @@ def test_sharded_refl_and_grpo_steps_match_one_process(mesh, single_process, tmp
 
 
 def test_a_mesh_the_world_cannot_honour_is_one_line():
-    from contentv_common.reward_recipe import load_reward_recipe
-    from contentv_torch_npu.reward_run import check_world
+    from contentv_common.config.reward import load_reward_recipe
+    from contentv_torch_npu.reward.run import check_world
 
     recipe = load_reward_recipe("configs/recipes/reward_grpo_tiny.yaml", {"mesh.fsdp": 2})
     check_world(recipe, 2)

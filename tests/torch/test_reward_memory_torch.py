@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from contentv_common.reward_recipe import GrpoConfig, RolloutConfig
+from contentv_common.config.reward import GrpoConfig, RolloutConfig
 from tests.parity.reward_fixtures import GRPO_BATCH, rollout_batch, step_noise, torch_model
 
 STEPS = 4
@@ -37,7 +37,7 @@ class _Held:
 
 
 def _peak_saved_bytes(train_steps: int) -> tuple[int, dict[str, torch.Tensor]]:
-    from contentv_torch_npu import reward_train as tr
+    from contentv_torch_npu.reward import train as tr
 
     model = torch_model()
     rollout = RolloutConfig(prompts=("p",), steps=STEPS, shift=3.0, guidance=2.0)

@@ -12,8 +12,8 @@ import dataclasses
 import numpy as np
 import torch
 
-from contentv_common.recipe import OptimizerConfig
-from contentv_common.reward import TargetColour, as_black_box
+from contentv_common.config.recipe import OptimizerConfig
+from contentv_common.reward.models import TargetColour, as_black_box
 from contentv_torch_npu.optim import make_optimizer
 from tests.parity.reward_fixtures import (
     EVAL_BATCH,
@@ -42,7 +42,7 @@ def _model():
 
 def evaluate(model) -> tuple[float, float]:
     """(mean reward of ODE samples from held-out seeds, FM loss on a held-out real batch)."""
-    from contentv_torch_npu import reward_train as tr
+    from contentv_torch_npu.reward import train as tr
     from contentv_torch_npu.sampling import sample
 
     b = rollout_batch(EVAL_SEED, EVAL_BATCH, guided=True)
@@ -55,7 +55,7 @@ def evaluate(model) -> tuple[float, float]:
 
 
 def test_refl_raises_reward_with_bounded_fm_loss():
-    from contentv_torch_npu import reward_train as tr
+    from contentv_torch_npu.reward import train as tr
 
     opt_cfg = OptimizerConfig(lr=1e-2, grad_clip=1.0)
     results = {}
@@ -76,7 +76,7 @@ def test_refl_raises_reward_with_bounded_fm_loss():
 
 
 def test_grpo_raises_reward_with_bounded_fm_loss():
-    from contentv_torch_npu import reward_train as tr
+    from contentv_torch_npu.reward import train as tr
 
     opt_cfg = OptimizerConfig(lr=1e-2, grad_clip=1.0)
     scorers = {"grpo": as_black_box(REWARD), "control": lambda frames, prompts: np.zeros(len(frames), np.float32)}

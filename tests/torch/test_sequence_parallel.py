@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from contentv_common.config import ModelConfig
-from contentv_common.recipe import MeshConfig, OptimizerConfig
+from contentv_common.config.model import ModelConfig
+from contentv_common.config.recipe import MeshConfig, OptimizerConfig
 from contentv_torch_npu.distributed import (
     check_mesh,
     enable_sequence_parallel,

@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-from contentv_common.checkpoint import open_checkpoint
-from contentv_common.config import named_model_config
-from contentv_common.convert import convert
-from contentv_common.recipe import MeshConfig, OptimizerConfig
+from contentv_common.checkpoint.convert import convert
+from contentv_common.checkpoint.formats import open_checkpoint
+from contentv_common.config.model import named_model_config
+from contentv_common.config.recipe import MeshConfig, OptimizerConfig
 from contentv_torch_npu.checkpointing import load_state
 from contentv_torch_npu.distributed import init_distributed, shard_model
 from contentv_torch_npu.loading import save_torch

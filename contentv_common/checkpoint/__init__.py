@@ -1,0 +1,1 @@
+"""Checkpoints on disk: safetensors I/O, the parameter table, formats, conversion, integrity, the run lock."""

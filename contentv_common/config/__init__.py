@@ -1,0 +1,1 @@
+"""Typed configuration: model sizes, training recipes, reward recipes."""

@@ -1,0 +1,1 @@
+"""Transformer math without a framework: position tables, the sequence split, FLOPs."""

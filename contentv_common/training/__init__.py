@@ -1,0 +1,1 @@
+"""Flow-matching training, framework-free: schedules, optimizer rules, divergence guard, metrics, evaluation."""
