@@ -15,10 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from contentv_common.checkpoint.run_lock import RunLockedError
-from contentv_common.checkpoint.safetensors_io import CheckpointError
-from contentv_common.config.model import ConfigError
-from contentv_common.errors import DataError, RunStopped
+from contentv_common.errors import CheckpointError, ConfigError, DataError, RunLockedError, RunStopped
 from contentv_common.extras import missing_extra
 
 BAD_INPUT = (

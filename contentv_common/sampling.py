@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from contentv_common.config.model import ConfigError
+from contentv_common.errors import ConfigError
 from contentv_common.training.schedules import shift_sigmas
 
 NUM_TRAIN_TIMESTEPS = 1000

@@ -20,10 +20,9 @@ import orbax.checkpoint as ocp
 
 from contentv_common.checkpoint import integrity
 from contentv_common.checkpoint.run_lock import RunLock
-from contentv_common.checkpoint.safetensors_io import CheckpointError
 from contentv_common.cli import one_line
 from contentv_common.config.recipe import CheckpointConfig
-from contentv_common.errors import CheckpointSaveError
+from contentv_common.errors import CheckpointError, CheckpointSaveError
 from contentv_jax.loading import HOST_GB_IN_FLIGHT
 
 TMP_MARK = ".orbax-checkpoint-tmp"

@@ -19,9 +19,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from contentv_common.checkpoint.formats import memory_source
-from contentv_common.checkpoint.safetensors_io import CheckpointError
 from contentv_common.data.embedding_cache import EmbeddingCache
 from contentv_common.demo import DEMO_VAE, WordEmbeddingText, demo_text
+from contentv_common.errors import CheckpointError
 from contentv_common.text.sd3_prompt import T5_MAX_SEQUENCE_LENGTH
 from contentv_common.tiny_models import tiny_vae_weights
 from contentv_common.vae.config import tiny_vae_config

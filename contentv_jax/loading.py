@@ -41,8 +41,9 @@ from contentv_common.checkpoint.formats import (
     write_our_config,
 )
 from contentv_common.checkpoint.param_table import TRANSFORMER_TABLE, Param, ParamTable, inverse_perm, jax_shape
-from contentv_common.checkpoint.safetensors_io import AtomicFolder, CheckpointError, page_aligned
+from contentv_common.checkpoint.safetensors_io import AtomicFolder, page_aligned
 from contentv_common.config.model import ModelConfig
+from contentv_common.errors import CheckpointError
 from contentv_jax import sharding
 from contentv_jax.ops import XLA_ATTENTION, Attention
 from contentv_jax.transformer import Constrain, Transformer, no_constraint

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from contentv_common.config.recipe import BucketConfig, Recipe, image_tokens
+from contentv_common.dtypes import DTYPES
 from contentv_common.model.flops import text_encoder_flops, transformer_flops
 from contentv_common.plan.report import StepPlan, peak_bytes
 from contentv_common.sampling import latent_shape
@@ -28,7 +29,7 @@ from contentv_common.tiny_models import tiny_text
 from contentv_jax import sharding
 from contentv_jax.sampling import _denoise_step
 from contentv_jax.text_encoders import planned_encode
-from contentv_jax.train import DTYPES, Trainer, get_trainer
+from contentv_jax.train import Trainer, get_trainer
 
 KINDS = ("train", "sample", "text")
 DEFAULT_KINDS = ("train", "sample")  # "text" (the text encoders' own compile) when asked

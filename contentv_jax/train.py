@@ -26,10 +26,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from contentv_common.config.model import ConfigError
 from contentv_common.config.recipe import Recipe
 from contentv_common.data.cache import LatentCache
-from contentv_common.errors import RunStopped
+from contentv_common.dtypes import DTYPES
+from contentv_common.errors import ConfigError, TrainingStopped
 from contentv_common.lora.training import write_adapter_file
 from contentv_common.prefetch import Prefetcher
 from contentv_common.training.divergence import DivergenceGuard
@@ -43,12 +43,6 @@ from contentv_jax.data import make_loader
 from contentv_jax.ops import attention_for
 from contentv_jax.optim import ema, guard_limits, guard_record, keep_if_bad, make_optimizer, step_ok
 from contentv_jax.transformer import Transformer
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class TrainingStopped(RunStopped):
-    """Too many skipped steps: the run stops; the last checkpoint from before the first bad step is its resume point."""
 
 
 class Trainer:

@@ -42,15 +42,10 @@ from contentv_common.checkpoint.formats import (
     write_our_config,
     write_torch,
 )
-from contentv_common.checkpoint.safetensors_io import (
-    AtomicFolder,
-    CheckpointError,
-    iter_tensors,
-    weight_files,
-    write_sharded,
-)
+from contentv_common.checkpoint.safetensors_io import AtomicFolder, iter_tensors, weight_files, write_sharded
 from contentv_common.config.model import ModelConfig
 from contentv_common.config.recipe import LoraConfig
+from contentv_common.errors import CheckpointError
 from contentv_torch_npu.loading import numpy_to_torch, torch_to_numpy
 from contentv_torch_npu.lora import export_merged
 from contentv_torch_npu.sharded_checkpoint import is_sharded

@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from contentv_common.config.model import ConfigError
+from contentv_common import dtypes
 from contentv_common.config.recipe import LoraConfig
+from contentv_common.errors import ConfigError
 from contentv_common.lora.adapters import target_modules
 from contentv_common.lora.training import initial_adapters
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in dtypes.DTYPES}  # the shared names as torch dtypes
 
 
 class LoraLinear(nn.Module):

@@ -35,7 +35,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from contentv_common.checkpoint import integrity
 from contentv_common.checkpoint.formats import TensorSource, check_keys, write_our_config
 from contentv_common.checkpoint.param_table import TRANSFORMER_TABLE
-from contentv_common.checkpoint.safetensors_io import CheckpointError
+from contentv_common.errors import CheckpointError
 from contentv_torch_npu.loading import canonical_shapes, numpy_to_torch
 
 MOMENTS = ("exp_avg", "exp_avg_sq")

@@ -30,12 +30,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from contentv_common.checkpoint.formats import open_checkpoint
-from contentv_common.checkpoint.run_lock import RunLock, RunLockedError
-from contentv_common.checkpoint.safetensors_io import CheckpointError
+from contentv_common.checkpoint.run_lock import RunLock
 from contentv_common.config.recipe import Recipe
 from contentv_common.config.reward import RewardRecipe
 from contentv_common.data.cache import Encoders, LatentCache
-from contentv_common.errors import CheckpointSaveError, RunStopped
+from contentv_common.errors import CheckpointError, CheckpointSaveError, RunLockedError, TrainingStopped
 from contentv_common.lora.training import initial_adapters, write_adapter_file
 from contentv_common.prefetch import Prefetcher
 from contentv_common.training.divergence import DivergenceGuard
@@ -66,10 +65,6 @@ from contentv_torch_npu.optim import (
 )
 from contentv_torch_npu.sharded_checkpoint import is_sharded, load_sharded, save_sharded, stream_weights
 from contentv_torch_npu.transformer import Transformer
-
-
-class TrainingStopped(RunStopped):
-    """Too many skipped steps: the run stops; the last checkpoint from before the first bad step is its resume point."""
 
 
 @dataclass(frozen=True)

@@ -42,12 +42,12 @@ import numpy as np
 
 from contentv_common.cli import run_cli
 from contentv_common.config.model import ModelConfig, named_model_config
+from contentv_common.dtypes import COMPUTE_DTYPES  # noqa: E402
 from contentv_common.model.flops import image_tokens, transformer_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("jax", "torch", "diffusers")
 MODES = ("train", "sample")
-DTYPES = ("bfloat16", "float32")
 # Patch grids (rows, cols) of real ContentV frame sizes: 256x448, 480x832, 432x768, 720x1280 pixels (16 px a token).
 GRIDS = ((16, 28), (30, 52), (27, 48), (45, 80))
 TINY_GRIDS = ((2, 4), (4, 4), (4, 8))
@@ -599,7 +599,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--blocks", type=int, default=None, help="blocks (default: 4 for train, all for sample)")
     p.add_argument("--model", default="contentv-8b", help="model config name or YAML path")
     p.add_argument("--tiny", action="store_true", help="CPU-sized smoke run with configs/model/tiny.yaml")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype")
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="bfloat16", help="compute dtype")
     p.add_argument("--cfg-batch", action="store_true", help="sampling: batch the CFG pair (batch 2)")
     p.add_argument(
         "--attention", default="auto", choices=("auto", "xla", "cudnn", "splash"), help="JAX attention kernel"

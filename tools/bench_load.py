@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     from flax import nnx
 
     import contentv_jax
-    from contentv_common.checkpoint.safetensors_io import CheckpointError
     from contentv_common.config.recipe import MeshConfig
+    from contentv_common.errors import CheckpointError
     from contentv_jax.sharding import make_mesh
 
     mesh = make_mesh(MeshConfig(fsdp=args.devices), jax.devices()[: args.devices])

@@ -21,10 +21,9 @@ from pathlib import Path
 
 from contentv_common.checkpoint.convert import DTYPES, convert
 from contentv_common.checkpoint.formats import OUR_CONFIG, detect_format
-from contentv_common.checkpoint.safetensors_io import CheckpointError
 from contentv_common.cli import run_cli
-from contentv_common.config.model import ConfigError
 from contentv_common.config.recipe import LoraConfig
+from contentv_common.errors import CheckpointError, ConfigError
 from contentv_common.lora.adapters import DIFFUSERS_FILE, parse_lora_spec, read_adapter, save_adapters, save_diffusers
 
 ADAPTER_TARGETS = ("diffusers-lora", "lora")

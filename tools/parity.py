@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from contentv_common.checkpoint.formats import open_checkpoint
-from contentv_common.checkpoint.safetensors_io import CheckpointError
 from contentv_common.cli import run_cli
-from contentv_common.config.model import ConfigError, named_model_config
+from contentv_common.config.model import named_model_config
+from contentv_common.errors import CheckpointError, ConfigError
 
 BACKENDS = ("jax", "torch", "diffusers")
 NEEDS = {"jax": ("jax", "flax"), "torch": ("torch",), "diffusers": ("torch", "diffusers")}

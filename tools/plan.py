@@ -38,9 +38,9 @@ from typing import Any, NoReturn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from contentv_common.config.model import ConfigError  # noqa: E402
 from contentv_common.config.recipe import Recipe, check_device_count, load_recipe, parse_override  # noqa: E402
 from contentv_common.config.reward import RewardRecipe, is_reward_recipe, load_reward_recipe  # noqa: E402
+from contentv_common.errors import ConfigError  # noqa: E402
 from contentv_common.plan import table as plan_table  # noqa: E402
 from contentv_common.plan.report import GIB, StepPlan, format_table, gib, report  # noqa: E402
 

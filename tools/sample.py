@@ -33,9 +33,11 @@ import numpy as np
 from contentv_common.checkpoint.formats import detect_format, open_checkpoint, write_torch
 from contentv_common.checkpoint.param_table import TRANSFORMER_TABLE, inverse_perm
 from contentv_common.cli import run_cli
-from contentv_common.config.model import ConfigError, ModelConfig, named_model_config
+from contentv_common.config.model import ModelConfig, named_model_config
 from contentv_common.config.recipe import AttentionChoice
 from contentv_common.data.video_io import write_video
+from contentv_common.dtypes import COMPUTE_DTYPES
+from contentv_common.errors import ConfigError
 from contentv_common.lora.adapters import Lora, adapted, merged_weight, open_lora, parse_lora_spec
 from contentv_common.sampling import SchedulerSettings, draw_noise, latent_shape, read_scheduler_settings
 from contentv_common.text.sd3_prompt import check_text_widths, read_text_configs
@@ -44,7 +46,6 @@ from contentv_common.tiny_models import random_weights
 if TYPE_CHECKING:
     from contentv_jax.encoders import Encoders
 
-DTYPES = ("float32", "bfloat16")
 SHIFT = 3.0  # SD3.5-Large's scheduler shift
 
 
@@ -259,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="JAX attention kernel: auto = cuDNN flash on GPU, splash on TPU, XLA on CPU",
     )
-    ap.add_argument("--dtype", choices=DTYPES, default="float32", help="transformer and text-encoder dtype")
+    ap.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32", help="transformer and text-encoder dtype")
     ap.add_argument("--device", default="auto", help="torch device: auto, npu, cuda, cpu")
     ap.add_argument("--cache-dir", type=Path, help="on-disk text-embedding cache")
     ap.add_argument("--fps", type=float, default=24.0)

@@ -27,9 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from contentv_common.checkpoint.formats import POS_TABLE, open_checkpoint  # noqa: E402
-from contentv_common.checkpoint.safetensors_io import CheckpointError  # noqa: E402
 from contentv_common.cli import run_cli  # noqa: E402
-from contentv_common.config.model import ConfigError  # noqa: E402
+from contentv_common.errors import CheckpointError, ConfigError  # noqa: E402
 from tools.bench_load import checkpoint_files  # noqa: E402
 from tools.disk_speed import combined, direct_read  # noqa: E402
 

@@ -30,13 +30,13 @@ sys.path.insert(0, str(ROOT))
 
 from contentv_common.checkpoint.run_lock import check_unlocked  # noqa: E402
 from contentv_common.cli import run_cli  # noqa: E402
-from contentv_common.config.model import ConfigError, ModelConfig  # noqa: E402
+from contentv_common.config.model import ModelConfig  # noqa: E402
 from contentv_common.config.recipe import Recipe, load_recipe, parse_override  # noqa: E402
 from contentv_common.config.reward import RewardRecipe, is_reward_recipe, load_reward_recipe  # noqa: E402
 from contentv_common.data.buckets import BucketBatchSampler  # noqa: E402
 from contentv_common.data.cache import build_cache, cache_is_current, cache_settings, read_index  # noqa: E402
 from contentv_common.data.synthetic import make_synthetic_set  # noqa: E402
-from contentv_common.errors import DataError  # noqa: E402
+from contentv_common.errors import ConfigError, DataError  # noqa: E402
 from contentv_common.text.sd3_prompt import check_text_widths, read_text_configs  # noqa: E402
 
 TINY = ROOT / "configs" / "recipes" / "tiny.yaml"

@@ -13,7 +13,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
-import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
@@ -24,11 +23,11 @@ from contentv_common.checkpoint.formats import (
     write_diffusers,
     write_torch,
 )
+from contentv_common.dtypes import DTYPES
 from contentv_common.lora.adapters import adapted, merged_weight, open_lora
 
 Format = Literal["diffusers", "torch", "jax"]
 FORMATS = ("diffusers", "torch", "jax")
-DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 def convert(

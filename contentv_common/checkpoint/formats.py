@@ -23,16 +23,16 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from contentv_common.checkpoint.param_table import TRANSFORMER_TABLE, ParamTable, UnknownParameterError
+from contentv_common.checkpoint.param_table import TRANSFORMER_TABLE, ParamTable
 from contentv_common.checkpoint.safetensors_io import (
     AtomicFolder,
-    CheckpointError,
     iter_tensors,
     tensor_index,
     weight_files,
     write_sharded,
 )
-from contentv_common.config.model import ConfigError, ModelConfig, from_dict, to_dict
+from contentv_common.config.model import ModelConfig, from_dict, to_dict
+from contentv_common.errors import CheckpointError, ConfigError, UnknownParameterError
 
 OUR_CONFIG = "contentv_config.json"
 POS_TABLE = "patch_embed.pos_table"

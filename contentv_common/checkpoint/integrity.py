@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from contentv_common.checkpoint.safetensors_io import CheckpointError
+from contentv_common.errors import CheckpointError
 
 MANIFEST = "checksums.json"
 

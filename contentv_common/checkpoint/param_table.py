@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
+from contentv_common.errors import UnknownParameterError
+
 
 @dataclass(frozen=True)
 class Leaf:
@@ -54,10 +56,6 @@ class Param:
     diffusers: str  # diffusers / original checkpoint key
     jax: str  # dotted NNX path
     jax_perm: tuple[int, ...] | None
-
-
-class UnknownParameterError(KeyError):
-    """A name matches no rule of the table."""
 
 
 def _join(module: str, leaf: str) -> str:

@@ -17,13 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from contentv_common.config.model import ConfigError
+from contentv_common.errors import ConfigError, RunLockedError
 
 LOCK_FILE = ".run.lock"
-
-
-class RunLockedError(RuntimeError):
-    """Another live process holds the checkpoint dir."""
 
 
 def _pid_alive(pid: int) -> bool:

@@ -30,9 +30,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated or does not match the model; the message names file/key/shapes."""
+from contentv_common.errors import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -86,7 +84,7 @@ def tensor_index(files: Iterable[Path]) -> dict[str, TensorInfo]:
     return index
 
 
-DTYPES = {
+TAG_DTYPES = {
     "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "U32": np.uint32,
     "I32": np.int32, "U64": np.uint64, "I64": np.int64, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "F32": np.float32, "F64": np.float64, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
@@ -122,10 +120,12 @@ def stored_tensors(file: Path) -> list[Stored]:
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        if info["dtype"] not in DTYPES:
+        if info["dtype"] not in TAG_DTYPES:
             raise CheckpointError(f"{file}: tensor {key!r} has dtype {info['dtype']}, which this reader does not know")
         start, end = info["data_offsets"]
-        out.append(Stored(key, np.dtype(DTYPES[info["dtype"]]), tuple(info["shape"]), 8 + size + start, 8 + size + end))
+        out.append(
+            Stored(key, np.dtype(TAG_DTYPES[info["dtype"]]), tuple(info["shape"]), 8 + size + start, 8 + size + end)
+        )
     return sorted(out, key=lambda t: t.start)
 
 

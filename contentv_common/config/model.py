@@ -15,11 +15,9 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from contentv_common.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value is unknown, missing, of the wrong type or impossible; the message names the key."""
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -17,7 +17,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from contentv_common.config.model import ConfigError, ModelConfig, from_dict, named_model_config
+from contentv_common.config.model import ModelConfig, from_dict, named_model_config
+from contentv_common.errors import ConfigError
 from contentv_common.vae.config import VAEConfig
 
 T = TypeVar("T")

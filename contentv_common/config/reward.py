@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from contentv_common.config.model import ConfigError, ModelConfig, named_model_config
+from contentv_common.config.model import ModelConfig, named_model_config
 from contentv_common.config.recipe import (
     AttentionChoice,
     BucketConfig,
@@ -26,6 +26,7 @@ from contentv_common.config.recipe import (
     load_recipe,
     read_with_base,
 )
+from contentv_common.errors import ConfigError
 from contentv_common.reward.models import SIMPLE_REWARDS, Reward, simple_reward
 
 

@@ -24,9 +24,10 @@ from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
 from contentv_common.data.buckets import BucketLike, assign_bucket, available_frames
-from contentv_common.data.decode import ClipError, decode_clip, probe
+from contentv_common.data.decode import decode_clip, probe
 from contentv_common.data.manifest import read_manifest
 from contentv_common.demo import demo_identity
+from contentv_common.errors import ClipError
 
 INDEX = "index.json"
 EMPTY_PROMPT = "empty_prompt.safetensors"

@@ -13,14 +13,7 @@ import av
 import numpy as np
 
 from contentv_common.data.manifest import ManifestEntry
-
-
-class ClipError(Exception):
-    """A source cannot give the requested clip; `reason` is the counted category."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
+from contentv_common.errors import ClipError
 
 
 @dataclass(frozen=True)

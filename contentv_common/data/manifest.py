@@ -9,13 +9,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from contentv_common.errors import DataError
+from contentv_common.errors import ManifestError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-class ManifestError(DataError):
-    """A manifest line is not valid; the message names the file, the line and the key."""
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,9 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from contentv_common.checkpoint.param_table import TRANSFORMER_TABLE, UnknownParameterError
-from contentv_common.checkpoint.safetensors_io import CheckpointError
-from contentv_common.config.model import ConfigError
+from contentv_common.checkpoint.param_table import TRANSFORMER_TABLE
 from contentv_common.config.recipe import LoraConfig
+from contentv_common.errors import CheckpointError, ConfigError, UnknownParameterError
 
 FORMAT = "contentv-lora"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE

@@ -18,8 +18,8 @@ import numpy as np
 
 from contentv_common.checkpoint.formats import TensorSource, stream_source
 from contentv_common.checkpoint.param_table import Kind, ParamTable, Rule
-from contentv_common.checkpoint.safetensors_io import CheckpointError, weight_files
-from contentv_common.config.model import ConfigError
+from contentv_common.checkpoint.safetensors_io import weight_files
+from contentv_common.errors import CheckpointError, ConfigError
 
 Activation = Literal["quick_gelu", "gelu"]
 

@@ -18,11 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from contentv_common.checkpoint.safetensors_io import CheckpointError
-from contentv_common.config.model import ConfigError
 from contentv_common.config.reward import RewardModelConfig, RewardRecipe
 from contentv_common.data.cache import Encoders, LatentCache, build_cache, cache_is_current, cache_settings
-from contentv_common.errors import RunStopped
+from contentv_common.errors import CheckpointError, ConfigError, RunStopped
 from contentv_common.reward.models import BlackBoxReward, as_black_box, load_black_box
 from contentv_common.sampling import latent_shape
 from contentv_common.training.divergence import DivergenceGuard

@@ -21,14 +21,8 @@ import numpy as np
 
 from contentv_common.checkpoint.formats import TensorSource, check_keys, stream_source
 from contentv_common.checkpoint.param_table import Kind, ParamTable, Rule
-from contentv_common.checkpoint.safetensors_io import (
-    AtomicFolder,
-    CheckpointError,
-    tensor_index,
-    weight_files,
-    write_sharded,
-)
-from contentv_common.config.model import ConfigError
+from contentv_common.checkpoint.safetensors_io import AtomicFolder, tensor_index, weight_files, write_sharded
+from contentv_common.errors import CheckpointError, ConfigError
 from contentv_common.reward.clip_table import CLIP_TABLE, ClipTowerConfig, _get, _tower
 
 # Index buffers older transformers versions saved; recomputed, never loaded.

@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from contentv_common.checkpoint.formats import TensorSource
-from contentv_common.checkpoint.safetensors_io import CheckpointError
-from contentv_common.config.model import ConfigError
+from contentv_common.errors import CheckpointError, ConfigError
 from contentv_common.text.encoder_table import (
     ClipTextConfig,
     T5EncoderConfig,

@@ -13,13 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from contentv_common.checkpoint.formats import TensorSource, stream_source
-from contentv_common.checkpoint.safetensors_io import (
-    AtomicFolder,
-    CheckpointError,
-    weight_files,
-    write_sharded,
-)
-from contentv_common.config.model import ConfigError
+from contentv_common.checkpoint.safetensors_io import AtomicFolder, weight_files, write_sharded
+from contentv_common.errors import CheckpointError, ConfigError
 from contentv_common.vae.config import VAEConfig, config_from_diffusers, config_to_diffusers
 from contentv_common.vae.table import vae_table
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any, Literal
 
-from contentv_common.config.model import ConfigError, from_dict
+from contentv_common.config.model import from_dict
+from contentv_common.errors import ConfigError
 
 # diffusers AutoencoderKLWan defaults = the released Wan2.1 VAE statistics (per latent channel).
 WAN21_LATENTS_MEAN = (

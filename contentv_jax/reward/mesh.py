@@ -19,11 +19,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from contentv_common.config.recipe import OptimizerConfig
 from contentv_common.config.reward import RewardRecipe
+from contentv_common.dtypes import DTYPES
 from contentv_jax import sharding
 from contentv_jax.loading import load_transformer, model_shardings
 from contentv_jax.ops import attention_for
 from contentv_jax.optim import model_optimizer
-from contentv_jax.train import DTYPES, default_mesh
+from contentv_jax.train import default_mesh
 from contentv_jax.transformer import Transformer
 
 # batch keys whose leading axis is the sampler step (GRPO's exploration noise, states, log-probs): rows are axis 1

@@ -35,11 +35,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from contentv_common.checkpoint.safetensors_io import CheckpointError
-from contentv_common.config.model import ConfigError
 from contentv_common.config.reward import RewardRecipe
 from contentv_common.data.cache import Encoders, LatentCache
-from contentv_common.errors import CheckpointSaveError
+from contentv_common.errors import CheckpointError, CheckpointSaveError, ConfigError
 from contentv_common.lora.training import write_adapter_file
 from contentv_common.reward.models import score_black_box, to_uint8
 from contentv_common.reward.run import (

@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 
 from contentv_common.checkpoint.formats import config_from_diffusers, config_to_diffusers
-from contentv_common.config.model import ConfigError, ModelConfig, from_dict, load_model_config, named_model_config
+from contentv_common.config.model import ModelConfig, from_dict, load_model_config, named_model_config
+from contentv_common.errors import ConfigError
 
 TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, hidden_size=32)
 

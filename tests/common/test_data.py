@@ -14,9 +14,10 @@ from contentv_common.data.buckets import (
     host_slice,
 )
 from contentv_common.data.cache import LatentCache, build_cache, cache_is_current, cache_settings
-from contentv_common.data.decode import ClipError, decode_clip
-from contentv_common.data.manifest import ManifestError, read_manifest, write_manifest
+from contentv_common.data.decode import decode_clip
+from contentv_common.data.manifest import read_manifest, write_manifest
 from contentv_common.data.synthetic import make_synthetic_set, render, write_mp4
+from contentv_common.errors import ClipError, ManifestError
 from tests.stand_in_encoders import StandInEncoders
 
 BUCKETS = [

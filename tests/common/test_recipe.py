@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from contentv_common.config.model import ConfigError
 from contentv_common.config.recipe import Recipe, apply_overrides, load_recipe, parse_override
 from contentv_common.config.reward import RewardRecipe, is_reward_recipe, load_reward_recipe
+from contentv_common.errors import ConfigError
 
 RECIPES = Path(__file__).resolve().parents[2] / "configs" / "recipes"
 

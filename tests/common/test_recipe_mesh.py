@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from contentv_common.config.model import ConfigError
 from contentv_common.config.recipe import (
     MeshConfig,
     check_buckets_on_mesh,
@@ -14,6 +13,7 @@ from contentv_common.config.recipe import (
     image_tokens,
     load_recipe,
 )
+from contentv_common.errors import ConfigError
 
 RECIPES = Path(__file__).resolve().parents[2] / "configs" / "recipes"
 STAGES = sorted(RECIPES.glob("stage*.yaml"))

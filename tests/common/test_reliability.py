@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from contentv_common.checkpoint import integrity
-from contentv_common.checkpoint.run_lock import LOCK_FILE, RunLock, RunLockedError, check_unlocked
-from contentv_common.checkpoint.safetensors_io import CheckpointError
+from contentv_common.checkpoint.run_lock import LOCK_FILE, RunLock, check_unlocked
 from contentv_common.config.recipe import DivergenceConfig
+from contentv_common.errors import CheckpointError, RunLockedError
 from contentv_common.training.divergence import DivergenceGuard
 
 HOLD = """

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from contentv_common.checkpoint.safetensors_io import CheckpointError
-from contentv_common.config.model import ConfigError
 from contentv_common.config.reward import load_reward_recipe
-from contentv_common.errors import RunStopped
+from contentv_common.errors import CheckpointError, ConfigError, RunStopped
 from contentv_common.reward.run import ResumePoint, RewardLog, check_divergence, divergence_guard, optimizer_updates
 
 

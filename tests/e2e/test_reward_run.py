@@ -10,8 +10,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from contentv_common.config.model import ConfigError
 from contentv_common.config.reward import is_reward_recipe, load_reward_recipe
+from contentv_common.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

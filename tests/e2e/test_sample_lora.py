@@ -10,9 +10,9 @@ import contentv_jax.loading as jax_loading
 import contentv_torch_npu.loading as torch_loading
 from contentv_common.checkpoint.convert import convert
 from contentv_common.checkpoint.formats import open_checkpoint
-from contentv_common.checkpoint.safetensors_io import CheckpointError
 from contentv_common.config.recipe import LoraConfig
 from contentv_common.data.video_io import read_video
+from contentv_common.errors import CheckpointError
 from contentv_common.lora.adapters import lora_keys, save_adapters, target_modules
 from tools import sample as sample_tool
 

@@ -75,7 +75,7 @@ def test_bf16_base_with_fp32_adapters(cached_set, tmp_path):  # noqa: F811
     whole in fp32 on the device); bf16 base with fp32 compute is a recipe error (the torch twin cannot run it)."""
     import pytest
 
-    from contentv_common.config.model import ConfigError
+    from contentv_common.errors import ConfigError
 
     torch.manual_seed(1)
     save_torch(tmp_path / "base", Transformer(named_model_config("tiny")))

@@ -13,8 +13,9 @@ import pytest
 from einops import rearrange
 from flax import nnx
 
-from contentv_common.config.model import ConfigError, from_dict
+from contentv_common.config.model import from_dict
 from contentv_common.config.reward import RewardRecipe, load_reward_recipe
+from contentv_common.errors import ConfigError
 from contentv_common.reward.models import TargetColour, as_black_box
 from contentv_jax.reward import train as jr
 from contentv_jax.reward.mesh import device_batch, on_mesh, param_shardings, replicate, sharded_optimizer

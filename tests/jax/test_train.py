@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from contentv_common.checkpoint.safetensors_io import CheckpointError
 from contentv_common.config.recipe import MeshConfig, load_recipe
 from contentv_common.data.cache import build_cache, read_index
 from contentv_common.data.synthetic import make_synthetic_set
+from contentv_common.errors import CheckpointError, TrainingStopped
 from contentv_jax.checkpointing import Checkpointer
 from contentv_jax.sharding import make_mesh
-from contentv_jax.train import Trainer, TrainingStopped, default_mesh, get_trainer, run
+from contentv_jax.train import Trainer, default_mesh, get_trainer, run
 from tests.full_disk import cli_args, train_on_a_full_disk
 from tests.narrow_model import NARROW
 from tests.stand_in_encoders import StandInEncoders

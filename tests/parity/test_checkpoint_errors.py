@@ -9,9 +9,9 @@ from safetensors.numpy import load_file, save_file
 
 import contentv_jax
 import contentv_torch_npu
-from contentv_common.checkpoint.param_table import TRANSFORMER_TABLE, UnknownParameterError
-from contentv_common.checkpoint.safetensors_io import CheckpointError
-from contentv_common.config.model import ConfigError, named_model_config
+from contentv_common.checkpoint.param_table import TRANSFORMER_TABLE
+from contentv_common.config.model import named_model_config
+from contentv_common.errors import CheckpointError, ConfigError, UnknownParameterError
 from contentv_torch_npu.reference import build_diffusers
 
 LOADERS = {"jax": contentv_jax.load_transformer, "torch": contentv_torch_npu.load_transformer}

@@ -12,7 +12,7 @@ import torch
 from flax import nnx
 from PIL import Image
 
-from contentv_common.checkpoint.safetensors_io import CheckpointError
+from contentv_common.errors import CheckpointError
 from contentv_common.reward.clip_preprocess import resize_matrix
 from contentv_common.reward.clip_table import read_clip_config
 from tests.tiny_clip import tiny_clip_tokenizer

@@ -8,7 +8,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from contentv_common.config.model import ConfigError
+from contentv_common.errors import ConfigError
 from contentv_common.sampling import flow_match_schedule, latent_shape, read_scheduler_settings, scheduler_settings
 from contentv_torch_npu.sampling import official_noise
 from tools import sample as sample_tool

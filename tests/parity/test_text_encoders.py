@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from contentv_common.checkpoint.safetensors_io import CheckpointError
-from contentv_common.config.model import ConfigError
+from contentv_common.errors import CheckpointError, ConfigError
 from contentv_common.text.encoder_table import write_text_encoder
 from contentv_common.text.sd3_prompt import check_text_widths, read_text_configs
 from contentv_common.tiny_models import tiny_text

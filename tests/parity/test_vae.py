@@ -14,8 +14,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from safetensors.numpy import load_file, save_file
 
-from contentv_common.checkpoint.safetensors_io import CheckpointError
-from contentv_common.config.model import ConfigError
+from contentv_common.errors import CheckpointError, ConfigError
 from contentv_common.vae.chunks import Tiling
 from contentv_common.vae.config import VAEConfig, config_to_diffusers, tiny_vae_config
 from contentv_common.vae.table import vae_table

@@ -4,9 +4,7 @@ import json
 
 import pytest
 
-from contentv_common.checkpoint.param_table import UnknownParameterError
-from contentv_common.checkpoint.safetensors_io import CheckpointError
-from contentv_common.config.model import ConfigError
+from contentv_common.errors import CheckpointError, ConfigError, UnknownParameterError
 from contentv_common.vae.checkpoint import read_vae_config
 from contentv_common.vae.chunks import CausalHistory, Tiling, encode_chunks, tile_plan
 from contentv_common.vae.config import (

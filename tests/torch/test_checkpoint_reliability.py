@@ -16,11 +16,11 @@ from safetensors.numpy import load_file, save_file
 
 from contentv_common.checkpoint import integrity
 from contentv_common.checkpoint.run_lock import LOCK_FILE
-from contentv_common.checkpoint.safetensors_io import CheckpointError
 from contentv_common.config.recipe import load_recipe
 from contentv_common.data.cache import read_index
+from contentv_common.errors import CheckpointError, TrainingStopped
 from contentv_torch_npu import checkpointing as ckpt
-from contentv_torch_npu.train import TrainingStopped, run
+from contentv_torch_npu.train import run
 from tests.full_disk import cli_args, train_on_a_full_disk
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -67,8 +67,8 @@ def test_bf16_base_with_fp32_adapters():
     """The frozen base may be stored in bf16 (with bf16 compute) while the adapters and their gradients stay fp32."""
     import pytest
 
-    from contentv_common.config.model import ConfigError
     from contentv_common.config.recipe import LoraConfig
+    from contentv_common.errors import ConfigError
     from contentv_torch_npu.lora import add_adapters
 
     torch.manual_seed(0)

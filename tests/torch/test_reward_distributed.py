@@ -17,9 +17,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from contentv_common.config.model import ConfigError, ModelConfig
+from contentv_common.config.model import ModelConfig
 from contentv_common.config.recipe import MeshConfig, OptimizerConfig
 from contentv_common.config.reward import GrpoConfig, ReflConfig, RolloutConfig
+from contentv_common.errors import ConfigError
 from contentv_common.reward.models import TargetColour, as_black_box
 from contentv_torch_npu.distributed import Topology, enable_sequence_parallel, init_distributed, shard_model
 from contentv_torch_npu.optim import make_optimizer

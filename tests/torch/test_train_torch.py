@@ -14,9 +14,10 @@ from safetensors.numpy import load_file, save_file
 from contentv_common.config.model import named_model_config
 from contentv_common.config.recipe import load_recipe
 from contentv_common.data.cache import read_index
+from contentv_common.errors import TrainingStopped
 from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu.loading import load_transformer
-from contentv_torch_npu.train import StepInputs, TrainingStopped, learning_rate, make_optimizer, run, train_step
+from contentv_torch_npu.train import StepInputs, learning_rate, make_optimizer, run, train_step
 from contentv_torch_npu.transformer import Transformer
 from tools.launch_local import free_port
 
