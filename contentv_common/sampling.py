@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeAlias
 
 import numpy as np
 
@@ -22,7 +22,7 @@ NUM_TRAIN_TIMESTEPS = 1000
 VAE_TIME_FACTOR = 4
 VAE_SPACE_FACTOR = 8
 
-Array = TypeVar("Array")
+Array: TypeAlias = Any  # a numpy, JAX or torch array: the math is the same
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def tiny_clip_tokenizer(max_length: int = 77):
     pieces = ["<|startoftext|>", "<|endoftext|>"]
     for char in sorted(ByteLevel.alphabet()):
         pieces += [char, char + "</w>"]
-    merges = []
+    merges: list[tuple[str, str]] = []
     for word in TINY_WORDS:
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         while len(symbols) > 1:
@@ -76,7 +76,8 @@ def tiny_clip_tokenizer(max_length: int = 77):
             symbols = [symbols[0] + symbols[1], *symbols[2:]]
             pieces.append(symbols[0])
     vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
-    return CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=max_length)
+    unique_merges = list(dict.fromkeys(merges))  # pairs, which the tokenizers backend takes (its hint says strings)
+    return CLIPTokenizer(vocab=vocab, merges=unique_merges, model_max_length=max_length)  # type: ignore[arg-type]
 
 
 def tiny_t5_tokenizer():
@@ -152,8 +153,11 @@ def tiny_text(
             "eos_token_id": t5_tokenizer.eos_token_id,
         },
     )
-    configs = (clip_text_config(raw[0], "tiny CLIP-L"), clip_text_config(raw[1], "tiny CLIP-G"))
-    configs = (*configs, t5_encoder_config(raw[2], "tiny T5"))
+    configs = (
+        clip_text_config(raw[0], "tiny CLIP-L"),
+        clip_text_config(raw[1], "tiny CLIP-G"),
+        t5_encoder_config(raw[2], "tiny T5"),
+    )
     shapes = (clip_text_shapes(configs[0]), clip_text_shapes(configs[1]), t5_shapes(configs[2]))
     weights = tuple(random_weights(s, [seed, i]) for i, s in enumerate(shapes))
     key = f"tiny-text;{_TINY_TEXT_VERSION};seed={seed};t5_length={max_sequence_length};" + json.dumps(raw)

@@ -76,4 +76,5 @@ def convert(
         return write_diffusers(dst, cfg, tensors(), max_shard_bytes=max_shard_bytes, overwrite=overwrite)
     if to == "torch":
         return write_torch(dst, cfg, tensors(), max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    assert writer is not None  # set above for every other format
     return writer(Path(dst), cfg, tensors(), overwrite)

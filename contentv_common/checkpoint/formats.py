@@ -78,7 +78,7 @@ def config_from_diffusers(raw: dict[str, Any], where: str = "config.json") -> Mo
     cls = raw.get("_class_name", SD3_CLASS)
     if cls not in (SD3_CLASS, CONTENTV_CLASS):
         raise ConfigError(f"{where}: _class_name {cls!r} is not {SD3_CLASS} or {CONTENTV_CLASS}")
-    values = dict(_SD35_LARGE if cls == CONTENTV_CLASS else _SD3_2D_DEFAULTS)
+    values: dict[str, Any] = dict(_SD35_LARGE if cls == CONTENTV_CLASS else _SD3_2D_DEFAULTS)
     for key, value in raw.items():
         if key.startswith("_"):
             continue
@@ -335,6 +335,7 @@ def iter_rank_shards(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
             part = read_slice(file, key, tuple(slice(None) for _ in shape))
             full = np.empty(shapes[key], part.dtype) if full is None else full
             full[tuple(slice(o, o + n) for o, n in zip(start, shape, strict=True))] = part
+        assert full is not None  # every key has at least one chunk
         yield key, full
 
 

@@ -142,7 +142,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         _check(isinstance(value, dict), key, f"must be a mapping, got {type(value).__name__}")
         return {k: _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
     if tp is float:
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"must be a number, got {value!r}")
@@ -162,7 +162,7 @@ def from_dict(cls: type[T], data: Any, key: str = "") -> T:
     prefix = f"{key}." if key else ""
     _check(isinstance(data, dict), key or "<root>", f"must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(typing.cast(Any, cls))}
     unknown = sorted(set(data) - set(fields))
     _check(not unknown, prefix + str(unknown[0]) if unknown else "", f"unknown key (known: {sorted(fields)})")
     kwargs = {}

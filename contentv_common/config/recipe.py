@@ -408,7 +408,11 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, cls: type[T] = Recipe) -> T:
+def load_recipe(
+    path: str | Path,
+    overrides: dict[str, Any] | None = None,
+    cls: type[T] = Recipe,  # type: ignore[assignment]
+) -> T:
     """Load a recipe YAML (following `base`) as `cls` (Recipe, or RewardRecipe), apply dotted `overrides`, validate;
     errors name the file and key."""
     path = Path(path)

@@ -14,10 +14,16 @@ import numpy as np
 
 
 class BucketLike(Protocol):
-    width: int
-    height: int
-    frames: int
-    batch_size: int
+    """What the data code reads of a bucket (a recipe's frozen BucketConfig among others)."""
+
+    @property
+    def width(self) -> int: ...
+    @property
+    def height(self) -> int: ...
+    @property
+    def frames(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
 
 
 def available_frames(duration_s: float, source_fps: float, fps: float) -> int:

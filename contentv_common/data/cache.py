@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -68,7 +69,9 @@ def _save_atomic(path: Path, tensors: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-def cache_settings(manifest: str | Path, buckets: list[BucketLike], fps: float, encoders_name: str) -> dict[str, Any]:
+def cache_settings(
+    manifest: str | Path, buckets: Sequence[BucketLike], fps: float, encoders_name: str
+) -> dict[str, Any]:
     """What a cache depends on; a cache whose settings differ must be rebuilt."""
     return {
         "manifest": str(Path(manifest).resolve()),
@@ -82,7 +85,7 @@ def build_cache(
     manifest: str | Path,
     cache_dir: str | Path,
     encoders: Encoders,
-    buckets: list[BucketLike],
+    buckets: Sequence[BucketLike],
     fps: float,
     encoders_name: str = "",
     progress: bool = True,
@@ -172,7 +175,7 @@ def cache_is_current(cache_dir: str | Path, settings: dict[str, Any]) -> bool:
 class LatentCache:
     """Random access to a built cache: samples by index, their buckets (as indices into `buckets`), the empty prompt."""
 
-    def __init__(self, cache_dir: str | Path, buckets: list[BucketLike]):
+    def __init__(self, cache_dir: str | Path, buckets: Sequence[BucketLike]):
         self.dir = Path(cache_dir)
         self.index = read_index(self.dir)
         names = [bucket_name(b) for b in buckets]

@@ -96,8 +96,14 @@ class EmbeddingCache:
         self, prompts: Sequence[str], encode_fn: Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
     ) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings of `prompts` [B, L, D], [B, P]: hits from disk, misses through `encode_fn` in one batch."""
-        found = {p: self.get(p) for p in dict.fromkeys(prompts)}
-        misses = [p for p, hit in found.items() if hit is None]
+        found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        misses = []
+        for p in dict.fromkeys(prompts):
+            hit = self.get(p)
+            if hit is None:
+                misses.append(p)
+            else:
+                found[p] = hit
         if misses:
             embeds, pooled = encode_fn(misses)
             for i, p in enumerate(misses):

@@ -42,7 +42,7 @@ class Entry:
     recipe: str
     backend: str  # "jax" or "torch"
     hbm_gib: float
-    target: str | None = None  # JAX: tpu:<topology>
+    target: str = ""  # JAX: tpu:<topology>; torch: none
     chips: int | None = None  # JAX: the first N chips of the target
 
     @property

@@ -99,8 +99,8 @@ def read_clip_config(folder: str | Path) -> ClipConfig:
     pre = folder / "preprocessor_config.json"
     if pre.exists():
         pre_raw = json.loads(pre.read_text())
-        mean = tuple(float(v) for v in pre_raw.get("image_mean", mean))
-        std = tuple(float(v) for v in pre_raw.get("image_std", std))
+        mean = tuple(float(v) for v in pre_raw.get("image_mean", mean))  # type: ignore[assignment]  # checked below
+        std = tuple(float(v) for v in pre_raw.get("image_std", std))  # type: ignore[assignment]
         if len(mean) != 3 or len(std) != 3:
             raise ConfigError(f"{pre}: image_mean / image_std must have 3 values")
     cfg = ClipConfig(

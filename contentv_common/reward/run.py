@@ -132,6 +132,7 @@ def open_sft_cache(recipe: RewardRecipe, encoders: Encoders, progress: bool = Tr
 def black_box_reward(cfg: RewardModelConfig, backend_clip: Any = None) -> BlackBoxReward:
     """The recipe's reward as a scorer on uint8 frames (GRPO): built-ins, `module:factory`, or a backend CLIP reward."""
     if cfg.kind == "black_box":
+        assert cfg.black_box is not None  # the reward recipe's check
         return load_black_box(cfg.black_box, **cfg.kwargs)
     if cfg.kind == "clip":
         return as_black_box(backend_clip)

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeAlias
 
 import numpy as np
 
 from contentv_common.sampling import FlowMatchSchedule
 
-Array = TypeVar("Array")
+Array: TypeAlias = Any  # a numpy, JAX or torch array: the math is the same
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,7 @@ def drop_text(
     Returns (text, pooled, dropped mask [B]). The empty prompt is the encoded "" (as at sampling time), not zeros.
     """
     b = text.shape[0]
-    dropped = rng.random(b) < prob
+    dropped = rng.random(size=(b,)) < prob
     mask_t = dropped.reshape(b, 1, 1)
     text = np.where(mask_t, empty_text[None].astype(text.dtype), text)
     pooled = np.where(dropped[:, None], empty_pooled[None].astype(pooled.dtype), pooled)

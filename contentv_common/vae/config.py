@@ -189,7 +189,7 @@ def encoder_layers(cfg: VAEConfig) -> tuple[EncoderLayer, ...]:
             layers.append(EncoderLayer("residual", in_dim, out_dim))
             in_dim = out_dim
         if i != last:
-            kind = "downsample3d" if cfg.temperal_downsample[i] else "downsample2d"
+            kind: EncoderKind = "downsample3d" if cfg.temperal_downsample[i] else "downsample2d"
             layers.append(EncoderLayer(kind, out_dim, out_dim))
     return tuple(layers)
 
@@ -205,6 +205,6 @@ def decoder_blocks(cfg: VAEConfig) -> tuple[UpBlock, ...]:
     last = len(cfg.dim_mult) - 1
     blocks = []
     for i, (in_dim, out_dim) in enumerate(pairwise(dims)):
-        upsample = None if i == last else ("upsample3d" if temporal[i] else "upsample2d")
+        upsample: UpsampleMode | None = None if i == last else ("upsample3d" if temporal[i] else "upsample2d")
         blocks.append(UpBlock(in_dim if i == 0 else in_dim // 2, out_dim, upsample))
     return tuple(blocks)
