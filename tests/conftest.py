@@ -1,14 +1,19 @@
 """Test-wide numerics: float32 references (JAX matmul precision "highest", torch TF32 off) and 8 simulated JAX devices.
 
-XLA_FLAGS must be set before jax is imported anywhere, so it is set here at collection time.
+XLA_FLAGS must be set before jax is imported anywhere, so it is set here at collection time. JAX's persistent
+compilation cache (in the system's temporary folder, per user) lets the many processes the tests start reuse each
+other's compiled programs; it changes no result, only compile time.
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"contentv-x-jax-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest  # noqa: E402
 
@@ -59,3 +64,10 @@ def _release_compiled_programs():
 
         sys.modules["jax"].clear_caches()
         gc.collect()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts ranks through the `spawn_ranks` fixture runs several processes: it is `multiprocess`."""
+    for item in items:
+        if "spawn_ranks" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.multiprocess)

@@ -10,6 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.multiprocess  # every test here starts several processes
+
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = "configs/recipes/reward_refl_tiny.yaml"
 # one held-out seed for two data-parallel groups: the second samples it too and drops it

@@ -36,6 +36,8 @@ from tests.narrow_model import NARROW
 from tools.launch_local import free_port, process_env
 from tools.train import DEMO_PROMPTS, prepare_data
 
+pytestmark = pytest.mark.multiprocess  # every test here starts several processes
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "recipes" / "tiny.yaml"
 MODEL = NARROW | {"joint_attention_dim": 48, "pooled_projection_dim": 24}  # the tiny encoders' widths

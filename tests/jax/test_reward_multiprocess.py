@@ -22,6 +22,8 @@ from contentv_jax.transformer import Transformer
 from tests.jax.test_multiprocess import ROOT, TIMEOUT_S, env, flat, quiet
 from tools.train import prepare_data
 
+pytestmark = pytest.mark.multiprocess  # every test here starts several processes
+
 MESH = ["mesh.fsdp=2", "mesh.sequence=4"]
 
 

@@ -4,10 +4,14 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from contentv_common.config.recipe import load_recipe
 from contentv_common.data.cache import read_index
 from contentv_common.data.synthetic import make_synthetic_set
 from tools.train import prepare_data_once
+
+pytestmark = pytest.mark.multiprocess  # every test here starts several processes
 
 TINY = Path(__file__).resolve().parents[2] / "tests" / "recipes" / "tiny.yaml"
 
