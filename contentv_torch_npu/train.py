@@ -41,13 +41,8 @@ from contentv_common.training.divergence import DivergenceGuard
 from contentv_common.training.evaluation import EVAL_CLIP, eval_batch, eval_clip_inputs, frame_strip
 from contentv_common.training.metrics import MetricsWriter
 from contentv_common.training.optim import learning_rate
-from contentv_common.training.schedules import (
-    flow_inputs,
-    interpolate,
-    resolve_shift,
-    step_rng,
-    velocity_target,
-)
+from contentv_common.training.schedules import interpolate, velocity_target
+from contentv_common.training.step_inputs import step_inputs as common_step_inputs
 from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu import lora
 from contentv_torch_npu.data import make_loader, open_cache
@@ -80,35 +75,13 @@ class StepInputs:
 
 
 def step_inputs(recipe: Recipe, batch: dict[str, Any], empty: tuple[np.ndarray, np.ndarray]) -> StepInputs:
-    """Draw the randomness of global batch k from (seed, k), keep this rank's rows.
-
-    The draws are those of contentv_jax.data.StepBatches (flow_inputs, then text dropout, for the global batch),
-    so both backends and every mesh see the same noise, sigmas and dropped captions.
-    """
-    obj = recipe.objective
-    latents = batch["latents"]
-    global_shape = (batch["global_size"], *latents.shape[1:])
-    _, _, f, h, w = latents.shape
-    p = recipe.model_config.patch_size
-    shift = resolve_shift(obj.shift_mode, obj.shift, f * (h // p) * (w // p), obj.base_tokens)
-    rng = step_rng(recipe.seed, batch["batch_index"])
-    flow = flow_inputs(
-        rng, global_shape, logit_mean=obj.logit_mean, logit_std=obj.logit_std, shift=shift, weighting=obj.weighting
+    """This rank's rows of global batch k with the step's random inputs (contentv_common.training.step_inputs, as
+    contentv_jax.data draws them): every backend and mesh sees the same noise, sigmas and dropped captions."""
+    rows = {name: batch[name].numpy() for name in ("latents", "text", "pooled")}
+    drawn = common_step_inputs(
+        recipe, batch["batch_index"], rows, global_size=batch["global_size"], first_row=batch["offset"], empty=empty
     )
-    dropped = rng.random(global_shape[0]) < recipe.data.text_dropout
-    rows = slice(batch["offset"], batch["offset"] + latents.shape[0])
-    keep = torch.from_numpy(~dropped[rows])
-    empty_text, empty_pooled = (torch.from_numpy(np.asarray(a)) for a in empty)
-    text = torch.where(keep[:, None, None], batch["text"], empty_text[None])
-    pooled = torch.where(keep[:, None], batch["pooled"], empty_pooled[None])
-    return StepInputs(
-        latents=latents,
-        noise=torch.from_numpy(flow["noise"][rows]),
-        sigmas=torch.from_numpy(flow["sigmas"][rows]),
-        weights=torch.from_numpy(flow["weights"][rows]),
-        text=text,
-        pooled=pooled,
-    )
+    return StepInputs(**{name: torch.from_numpy(drawn[name]) for name in StepInputs.__dataclass_fields__})
 
 
 def per_sample_loss(model: torch.nn.Module, inputs: StepInputs) -> torch.Tensor:
