@@ -41,6 +41,7 @@ from contentv_common.training.divergence import DivergenceGuard
 from contentv_common.training.evaluation import EVAL_CLIP, eval_batch, eval_clip_inputs, frame_strip
 from contentv_common.training.metrics import MetricsWriter
 from contentv_common.training.optim import learning_rate
+from contentv_common.training.run_result import RunResult
 from contentv_common.training.schedules import interpolate, velocity_target
 from contentv_common.training.step_inputs import step_inputs as common_step_inputs
 from contentv_torch_npu import checkpointing as ckpt
@@ -249,17 +250,19 @@ def run(
     encoders: Encoders | None = None,
     progress: bool = True,
     on_step: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """Train `recipe` (resuming from its checkpoint dir if it holds a checkpoint); returns the last metrics.
+    stop_after: int | None = None,
+) -> RunResult:
+    """Train `recipe` to `recipe.steps`, resuming from its checkpoint dir if it holds a checkpoint.
 
     Launch `data x fsdp x sequence` processes with torchrun; `mesh.sequence` ranks share each batch (Ulysses), the
-    rest is data parallel. `mesh.tensor` > 1 is not supported by the torch twin. `on_step` (main rank only) gets the
-    same record as the JAX trainer's: {step (0-based), loss, grad_norm, skipped, step_time, batch (global size)}.
+    rest is data parallel. `mesh.tensor` > 1 is not supported by the torch twin. `stop_after` ends the call early at
+    that step (after checkpointing it), as an interruption would, as in the JAX core. `on_step` (main rank only) gets
+    the same record as the JAX trainer's: {step (0-based), loss, grad_norm, skipped, step_time, batch (global size)}.
     """
     topo = init_distributed(device, recipe.mesh, recipe.model_config)
     lock = _lock(recipe.checkpoint.dir, topo)
     try:
-        return _run(recipe, topo, ops, encoders, progress, on_step)
+        return _run(recipe, topo, ops, encoders, progress, on_step, stop_after)
     finally:
         if lock is not None:
             lock.release()
@@ -272,7 +275,8 @@ def _run(
     encoders: Encoders | None,
     progress: bool,
     on_step: Callable[[dict[str, Any]], None] | None,
-) -> dict[str, Any]:
+    stop_after: int | None,
+) -> RunResult:
     cache = open_cache(recipe.data, encoders, build=topo.is_main, progress=progress)
     if topo.world > 1:
         dist.barrier()
@@ -335,8 +339,10 @@ def _run(
     empty = (cache.empty_text, cache.empty_pooled)
     schedule = DeviceSchedule(recipe.optimizer, recipe.steps, step - guard.skipped, topo.device)
     window = {k: torch.from_numpy(v).to(topo.device) for k, v in guard.window().items()}
-    metrics: dict[str, Any] = {}
-    bar = tqdm(total=recipe.steps, initial=step, desc="train (torch)", disable=not (progress and topo.is_main))
+    end = recipe.steps if stop_after is None else min(stop_after, recipe.steps)
+    losses: dict[int, float] = {}
+    skipped: list[int] = []
+    bar = tqdm(total=end, initial=step, desc="train (torch)", disable=not (progress and topo.is_main))
     last_read = time.perf_counter()
 
     def prepare(batch: dict[str, Any]) -> tuple[int, int, StepInputs]:
@@ -344,7 +350,7 @@ def _run(
         inputs = StepInputs(*(t.to(topo.device, non_blocking=True) for t in vars(inputs).values()))
         return batch["batch_index"], batch["global_size"], inputs
 
-    def finish(done: tuple[int, tuple[torch.Tensor, ...], int]) -> dict[str, Any]:
+    def finish(done: tuple[int, tuple[torch.Tensor, ...], int]) -> None:
         """Read a started step's metrics (waiting for it), count and log it; stop the run past the skip limit."""
         nonlocal last_read
         at, values, size = done
@@ -354,6 +360,10 @@ def _run(
         lr = learning_rate(recipe.optimizer, at - guard.skipped, recipe.steps)
         guard.record(at, loss, norm, bool(ok))
         counters["nan_skips"] = guard.skipped
+        if ok:
+            losses[at] = loss
+        else:
+            skipped.append(at)
         if not ok and topo.is_main:
             bar.write(f"step {at}: loss {loss} / grad norm {norm} non-finite or spiking, skipped")
         record = {"step": at, "loss": loss, "grad_norm": norm, "lr": lr, "skipped": not ok}
@@ -369,11 +379,10 @@ def _run(
             if writer is not None:
                 writer.close()
             raise TrainingStopped(guard.stop_message(_keep_resume_point(recipe, guard, topo)))
-        return {**record, "step": at + 1}
 
     with bar, Prefetcher(loader, prepare) as batches:
         waiting = None
-        while step < recipe.steps:
+        while step < end:
             index, size, inputs = next(batches)
             if index != position:
                 raise RuntimeError(f"data loader is at batch {index}, the trainer expects {position}")
@@ -385,25 +394,25 @@ def _run(
             schedule.advance(ok)
             window = guard_record(window, ok, loss, norm)
             if waiting is not None:
-                metrics = finish(waiting)  # the previous step's, read while this one runs
+                finish(waiting)  # the previous step's, read while this one runs
             waiting = (step, (loss, norm, ok), size)
             step, position = step + 1, position + 1
             evaluating = bool(held_out) and step % recipe.eval.interval == 0
-            checkpoint = step % recipe.checkpoint.interval == 0 or step == recipe.steps
+            checkpoint = step % recipe.checkpoint.interval == 0 or step == end
             if not (evaluating or checkpoint):
                 continue
-            metrics = finish(waiting)  # these need this step's state: the next step waits
+            finish(waiting)  # these need this step's state: the next step waits
             waiting = None
             if evaluating:
-                losses = evaluate(model, cache, held_out, recipe, topo.device)
+                evaluation = evaluate(model, cache, held_out, recipe, topo.device)
                 clip = _eval_clip(model, cache, held_out[0], recipe) if topo.world == 1 else None
                 if topo.is_main:
-                    writer.evaluation(step, losses, clip)
+                    writer.evaluation(step, evaluation, clip)
             if checkpoint:
                 save()
     if writer is not None:
         writer.close()
-    return metrics
+    return RunResult(losses, skipped, end, {"model": model, "optimizer": optimizer, "ema": ema})
 
 
 def _write_adapters(recipe: Recipe, tensors: dict[str, torch.Tensor], topo: Topology) -> None:
