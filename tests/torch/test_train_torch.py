@@ -71,6 +71,12 @@ def test_train_resume_is_exact(tiny_dataset, tmp_path, monkeypatch):
         x, y = getattr(a, field), getattr(b, field)
         assert sorted(x) == sorted(y) and all(np.array_equal(x[k], y[k]) for k in x), field
     assert not np.array_equal(a.ema["proj_out.weight"], a.params["proj_out.weight"])
+    # the next stage starts from these weights and EMA (stop_after=0: nothing trained)
+    stage2 = _recipe(tiny_dataset, tmp_path / "stage2", resume_from=str(straight / "ckpt"))
+    start = run(stage2, device="cpu", progress=False, stop_after=0)
+    assert start.final_step == 0 and not start.losses
+    assert all(np.array_equal(t.numpy(), a.params[n]) for n, t in start.state["model"].state_dict().items())
+    assert all(np.array_equal(t.numpy(), a.ema[n]) for n, t in start.state["ema"].items())
 
 
 def test_learning_rate_schedule():
