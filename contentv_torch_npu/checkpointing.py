@@ -394,33 +394,31 @@ class Checkpointer:
             raise CheckpointError(f"{path}: unreadable: {e}") from None
 
     def restore(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, slot: dict[str, torch.Tensor] | None, what: str
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        slot: dict[str, torch.Tensor] | None,
+        what: str = "EMA",
     ) -> None:
         """Weights, AdamW and the `ema/` slot (`what` it holds, for errors) of the latest step, in place: each rank
-        reads its slices of a sharded checkpoint, the full arrays of an unsharded one."""
+        reads its slices of a sharded checkpoint, the full arrays of an unsharded one. Without `optimizer`, a new
+        stage's start: the weights and the slot (from the weights when the folder kept no EMA)."""
         folder = self.folder()
         if is_sharded(folder):
             load_sharded(folder, model, optimizer, slot)
             return
         state = load_state(folder, verify=False)
         restore_weights(model, state.params)
-        restore_optimizer(model, optimizer, state)
+        if optimizer is not None:
+            restore_optimizer(model, optimizer, state)
         if slot is not None:
-            if state.ema is None:
+            if state.ema is None and optimizer is not None:
                 raise CheckpointError(f"{folder}: the {what} (ema/) is missing; the recipe keeps one")
-            _fill(slot, state.ema, what)
+            _fill(slot, state.ema if state.ema is not None else state.params, what)
 
     def restore_weights(self, model: nn.Module, ema: dict[str, torch.Tensor] | None) -> None:
-        """Only the weights (and the EMA, from the weights when the folder kept none) of the latest step, in place:
-        how a new stage starts."""
-        folder = self.folder()
-        if is_sharded(folder):
-            load_sharded(folder, model, None, ema)
-            return
-        state = load_state(folder, verify=False)
-        restore_weights(model, state.params)
-        if ema is not None:
-            _fill(ema, state.ema if state.ema is not None else state.params, "EMA")
+        """Only the weights and the EMA of the latest step, in place: how a new stage starts."""
+        self.restore(model, None, ema)
 
     def save(
         self,
