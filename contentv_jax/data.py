@@ -1,8 +1,8 @@
 """Training batches for JAX from the latent cache, through grain, with a checkpointable iterator position.
 
 Batch k holds the samples `BucketBatchSampler.batch(k)` plus everything random about step k (noise, sigmas, loss
-weights, text dropout) drawn from `step_rng(seed, k)`: the stream is a pure function of (recipe, k), so the grain
-iterator state (the next k) is all that resume needs, and every mesh and backend sees the same numbers. A process
+weights, text dropout) from contentv_common.training.step_inputs: the stream is a pure function of (recipe, k), so the
+grain iterator state (the next k) is all that resume needs, and every mesh and backend sees the same numbers. A process
 reads from the cache only the rows its devices hold (`shards`, from contentv_jax.multihost.batch_shards); the random
 inputs are drawn for the global batch and sliced, so they do not depend on the process count.
 """
@@ -17,7 +17,7 @@ import numpy as np
 from contentv_common.config.recipe import Recipe
 from contentv_common.data.buckets import BucketBatchSampler
 from contentv_common.data.cache import LatentCache
-from contentv_common.training.schedules import flow_inputs, resolve_shift, step_rng
+from contentv_common.training.step_inputs import step_inputs
 
 ENDLESS = 2**40  # batches: the stream never runs out; the run length is the recipe's step count
 
@@ -36,7 +36,6 @@ class StepBatches:
         self.held_out = self.cache.hold_out(recipe.eval.samples if recipe.eval.interval else 0, recipe.seed)
         self.sampler = BucketBatchSampler(self.cache.bucket_ids, [b.batch_size for b in buckets], recipe.seed)
         self.shards = shards
-        self.patch = recipe.model_config.patch_size
 
     def rows(self, global_size: int) -> slice:
         first, stop, count = self.shards
@@ -46,26 +45,17 @@ class StepBatches:
         return slice(first * per, stop * per)
 
     def __call__(self, k: int) -> dict[str, np.ndarray]:
-        r, global_ids = self.recipe, self.sampler.batch(int(k))
-        obj, n = r.objective, len(global_ids)
+        global_ids = self.sampler.batch(int(k))
+        n = len(global_ids)
         rows = self.rows(n)
-        batch = self.cache.batch(global_ids[rows])
-        _, c, f, h, w = batch["latents"].shape
-        shift = resolve_shift(obj.shift_mode, obj.shift, f * (h // self.patch) * (w // self.patch), obj.base_tokens)
-        rng = step_rng(r.seed, int(k))
-        extra = flow_inputs(
-            rng,
-            (n, c, f, h, w),
-            logit_mean=obj.logit_mean,
-            logit_std=obj.logit_std,
-            shift=shift,
-            weighting=obj.weighting,
+        batch = step_inputs(
+            self.recipe,
+            k,
+            self.cache.batch(global_ids[rows]),
+            global_size=n,
+            first_row=rows.start,
+            empty=(self.cache.empty_text, self.cache.empty_pooled),
         )
-        # schedules.drop_text's draw for the global batch (as contentv_torch_npu.train.step_inputs draws it)
-        keep = ~(rng.random(n) < r.data.text_dropout)[rows]
-        batch["text"] = np.where(keep[:, None, None], batch["text"], self.cache.empty_text[None])
-        batch["pooled"] = np.where(keep[:, None], batch["pooled"], self.cache.empty_pooled[None])
-        batch.update({name: value[rows] for name, value in extra.items()})
         batch["global_size"] = np.asarray(n)
         return batch
 

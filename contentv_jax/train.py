@@ -36,6 +36,7 @@ from contentv_common.training.divergence import DivergenceGuard
 from contentv_common.training.evaluation import EVAL_CLIP, eval_batch, eval_clip_inputs, frame_strip
 from contentv_common.training.metrics import MetricsWriter
 from contentv_common.training.optim import learning_rate
+from contentv_common.training.run_result import RunResult
 from contentv_common.training.schedules import interpolate, velocity_target
 from contentv_jax import lora, multihost, sharding
 from contentv_jax.checkpointing import Checkpointer, abstract_like
@@ -311,14 +312,6 @@ def default_mesh(recipe: Recipe) -> Mesh:
     if jax.process_count() == 1 and n < len(devices):
         devices = devices[:n]
     return sharding.make_mesh(recipe.mesh, devices)
-
-
-@dataclass
-class RunResult:
-    losses: dict[int, float]  # step -> loss of the steps run in this call (skipped steps excluded)
-    skipped_steps: list[int]
-    final_step: int
-    state: dict[str, Any]
 
 
 def run(

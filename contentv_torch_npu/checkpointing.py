@@ -11,6 +11,8 @@ One checkpoint is a folder `step_NNNNNNNN/` written atomically (a temporary sibl
   checkpoint that lacks it or no longer matches it is skipped for the newest intact one.
 Everything random in a step is a function of (seed, step), so these files resume a run exactly. The numpy-level
 `TrainState` is framework-free, so a JAX run's state converts to it and back through the shared parameter table.
+Runs (training and reward tuning) go through `Checkpointer`, which writes this format in one process and
+contentv_torch_npu.sharded_checkpoint's on several.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -42,13 +45,16 @@ from contentv_common.checkpoint.formats import (
     write_our_config,
     write_torch,
 )
+from contentv_common.checkpoint.run_lock import RunLock
 from contentv_common.checkpoint.safetensors_io import AtomicFolder, iter_tensors, weight_files, write_sharded
 from contentv_common.config.model import ModelConfig
-from contentv_common.config.recipe import LoraConfig
-from contentv_common.errors import CheckpointError
+from contentv_common.config.recipe import CheckpointConfig, LoraConfig
+from contentv_common.errors import CheckpointError, CheckpointSaveError, RunLockedError
+from contentv_common.lora.training import write_adapter_file
+from contentv_torch_npu.distributed import Topology, all_ok
 from contentv_torch_npu.loading import numpy_to_torch, torch_to_numpy
 from contentv_torch_npu.lora import export_merged
-from contentv_torch_npu.sharded_checkpoint import is_sharded
+from contentv_torch_npu.sharded_checkpoint import is_sharded, load_sharded, save_sharded
 
 _STEP_DIR = re.compile(r"step_(\d{8})")
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -313,3 +319,150 @@ def restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state:
         ],
     }
     set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
+def _fill(tensors: dict[str, torch.Tensor], arrays: dict[str, np.ndarray], what: str) -> None:
+    """Copy full canonical arrays into `tensors` in place (each placed and sharded like its target)."""
+    if set(arrays) != set(tensors):
+        raise CheckpointError(f"{what} weights do not match the parameters: {sorted(set(arrays) ^ set(tensors))[:3]}")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            t.copy_(_like(arrays[name], t.detach()))
+
+
+class Checkpointer:
+    """One run's checkpoint folder on every rank, the twin of contentv_jax.checkpointing.Checkpointer: `save(step,
+    ...)`, `restore(...)` at the newest intact step, `restore_weights(...)` to start a new stage from it.
+
+    The main rank holds the folder's run lock (removing killed saves' temporary folders) and chooses the newest intact
+    checkpoint for every rank, setting damaged ones aside. One process writes the whole state (this module's format),
+    several write their own slices (sharded_checkpoint's); either restores on any mesh. `slot` is what a checkpoint's
+    `ema/` holds: the EMA of the weights or a reward run's EMA anchor. `writer=False` opens a folder only to read it
+    (no lock, nothing renamed or removed)."""
+
+    def __init__(self, cfg: CheckpointConfig, topo: Topology, *, writer: bool = True):
+        self.dir, self.keep, self.topo = Path(cfg.dir), cfg.keep, topo
+        self.lock = self._lock() if writer else None
+        self._step = self._agree(writer)
+
+    def _lock(self) -> RunLock | None:
+        lock, error = None, None
+        if self.topo.is_main:
+            try:
+                lock = RunLock.acquire(self.dir)
+                remove_partial_saves(self.dir)
+            except RunLockedError as e:
+                error = e
+        if not all_ok(error is None, self.topo):
+            raise error or RunLockedError(f"{self.dir}: checkpoint dir is in use (rank 0 could not lock it)")
+        return lock
+
+    def _agree(self, writer: bool) -> int | None:
+        """The main rank's choice of the newest intact step, on every rank."""
+        chosen, error = None, None
+        if self.topo.is_main:
+            try:
+                chosen = latest_checkpoint(self.dir, writer=writer)
+            except CheckpointError as e:
+                error = e
+        if not all_ok(error is None, self.topo):
+            raise error or CheckpointError(f"{self.dir}: no intact checkpoint (rank 0 could not read one)")
+        step = -1 if chosen is None else int(_STEP_DIR.fullmatch(chosen.name)[1])
+        if self.topo.world > 1:
+            flag = torch.tensor([step], device=self.topo.device)
+            dist.broadcast(flag, src=0)
+            step = int(flag.item())
+        return None if step < 0 else step
+
+    def latest_step(self) -> int | None:
+        """The newest intact step (verified against its manifest when the folder was opened)."""
+        return self._step
+
+    def folder(self, step: int | None = None) -> Path:
+        """The folder of `step` (default: latest)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.dir}: no checkpoint to restore")
+        return step_dir(self.dir, step)
+
+    def restore_data(self) -> dict[str, Any]:
+        """The latest step's state.json: step, data position, counters and the divergence guard's state."""
+        path = self.folder() / "state.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: unreadable: {e}") from None
+
+    def restore(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        slot: dict[str, torch.Tensor] | None,
+        what: str = "EMA",
+    ) -> None:
+        """Weights, AdamW and the `ema/` slot (`what` it holds, for errors) of the latest step, in place: each rank
+        reads its slices of a sharded checkpoint, the full arrays of an unsharded one. Without `optimizer`, a new
+        stage's start: the weights and the slot (from the weights when the folder kept no EMA)."""
+        folder = self.folder()
+        if is_sharded(folder):
+            load_sharded(folder, model, optimizer, slot)
+            return
+        state = load_state(folder, verify=False)
+        restore_weights(model, state.params)
+        if optimizer is not None:
+            restore_optimizer(model, optimizer, state)
+        if slot is not None:
+            if state.ema is None and optimizer is not None:
+                raise CheckpointError(f"{folder}: the {what} (ema/) is missing; the recipe keeps one")
+            _fill(slot, state.ema if state.ema is not None else state.params, what)
+
+    def restore_weights(self, model: nn.Module, ema: dict[str, torch.Tensor] | None) -> None:
+        """Only the weights and the EMA of the latest step, in place: how a new stage starts."""
+        self.restore(model, None, ema)
+
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        slot: dict[str, torch.Tensor] | None,
+        meta: dict[str, Any],
+        *,
+        pin_before: int | None = None,
+        adapters: tuple[dict[str, np.ndarray], LoraConfig] | None = None,
+    ) -> None:
+        """Write `step` (with `meta`: data_position, counters and optionally divergence for state.json) and keep the
+        `keep` newest steps (and the newest one before `pin_before`, the resume point should the run diverge), then
+        a LoRA run's adapter file. A failure on any rank ends the run on every rank with CheckpointSaveError."""
+        error = None
+        try:
+            if self.topo.world > 1:  # every rank writes its own slices
+                save_sharded(step_dir(self.dir, step), model, optimizer, slot, {"step": step, **meta})
+                if self.topo.is_main:
+                    prune(self.dir, self.keep, pin_before)
+            else:
+                position, counters = meta["data_position"], meta["counters"]
+                full = gather_state(model, optimizer, slot, step=step, data_position=position, counters=counters)
+                full.divergence = meta.get("divergence", {})
+                save_state(self.dir, full, self.keep, pin_before)
+            if adapters is not None and self.topo.is_main:
+                write_adapter_file(self.dir, *adapters)
+        except Exception as e:  # any failure ends the run now, every rank, with the previous resume point
+            error = CheckpointSaveError(f"{self.dir}: saving step {step} failed: {e}")
+        if not all_ok(error is None, self.topo):
+            raise error or CheckpointSaveError(f"{self.dir}: saving step {step} failed on another rank")
+        self._step = step
+
+    def set_aside_from(self, step: int) -> list[Path]:
+        """Rename the checkpoints from `step` on out of the way (a diverged run must not resume from them)."""
+        moved = set_aside_from(self.dir, step) if self.topo.is_main else []
+        if self.topo.world > 1:
+            dist.barrier()
+        latest = latest_checkpoint(self.dir)
+        self._step = None if latest is None else int(_STEP_DIR.fullmatch(latest.name)[1])
+        return moved
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None

@@ -67,6 +67,15 @@ class Topology:
         return self.rank == 0
 
 
+def all_ok(ok: bool, topo: Topology) -> bool:
+    """True on every rank when `ok` is true on every rank (a collective: no rank is left waiting)."""
+    if topo.world == 1:
+        return ok
+    flag = torch.tensor([int(ok)], device=topo.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def check_mesh(mesh: MeshConfig, world: int, model: ModelConfig | None = None) -> None:
     """The mesh must cover the world exactly; the torch twin has no tensor parallelism; every rank of a sequence
     group must hold at least one real attention head (heads are padded up to a multiple of `mesh.sequence`)."""

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -30,26 +29,21 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from contentv_common.checkpoint.formats import open_checkpoint
-from contentv_common.checkpoint.run_lock import RunLock
 from contentv_common.config.recipe import Recipe
 from contentv_common.config.reward import RewardRecipe
 from contentv_common.data.cache import Encoders, LatentCache
-from contentv_common.errors import CheckpointError, CheckpointSaveError, RunLockedError, TrainingStopped
-from contentv_common.lora.training import initial_adapters, write_adapter_file
+from contentv_common.errors import TrainingStopped
+from contentv_common.lora.training import initial_adapters
 from contentv_common.prefetch import Prefetcher
 from contentv_common.training.divergence import DivergenceGuard
 from contentv_common.training.evaluation import EVAL_CLIP, eval_batch, eval_clip_inputs, frame_strip
 from contentv_common.training.metrics import MetricsWriter
 from contentv_common.training.optim import learning_rate
-from contentv_common.training.schedules import (
-    flow_inputs,
-    interpolate,
-    resolve_shift,
-    step_rng,
-    velocity_target,
-)
-from contentv_torch_npu import checkpointing as ckpt
+from contentv_common.training.run_result import RunResult
+from contentv_common.training.schedules import interpolate, velocity_target
+from contentv_common.training.step_inputs import step_inputs as common_step_inputs
 from contentv_torch_npu import lora
+from contentv_torch_npu.checkpointing import Checkpointer
 from contentv_torch_npu.data import make_loader, open_cache
 from contentv_torch_npu.distributed import Topology, enable_sequence_parallel, init_distributed, shard_model
 from contentv_torch_npu.loading import load_transformer
@@ -63,7 +57,7 @@ from contentv_torch_npu.optim import (
     guard_record,
     make_optimizer,
 )
-from contentv_torch_npu.sharded_checkpoint import is_sharded, load_sharded, save_sharded, stream_weights
+from contentv_torch_npu.sharded_checkpoint import stream_weights
 from contentv_torch_npu.transformer import Transformer
 
 
@@ -80,35 +74,13 @@ class StepInputs:
 
 
 def step_inputs(recipe: Recipe, batch: dict[str, Any], empty: tuple[np.ndarray, np.ndarray]) -> StepInputs:
-    """Draw the randomness of global batch k from (seed, k), keep this rank's rows.
-
-    The draws are those of contentv_jax.data.StepBatches (flow_inputs, then text dropout, for the global batch),
-    so both backends and every mesh see the same noise, sigmas and dropped captions.
-    """
-    obj = recipe.objective
-    latents = batch["latents"]
-    global_shape = (batch["global_size"], *latents.shape[1:])
-    _, _, f, h, w = latents.shape
-    p = recipe.model_config.patch_size
-    shift = resolve_shift(obj.shift_mode, obj.shift, f * (h // p) * (w // p), obj.base_tokens)
-    rng = step_rng(recipe.seed, batch["batch_index"])
-    flow = flow_inputs(
-        rng, global_shape, logit_mean=obj.logit_mean, logit_std=obj.logit_std, shift=shift, weighting=obj.weighting
+    """This rank's rows of global batch k with the step's random inputs (contentv_common.training.step_inputs, as
+    contentv_jax.data draws them): every backend and mesh sees the same noise, sigmas and dropped captions."""
+    rows = {name: batch[name].numpy() for name in ("latents", "text", "pooled")}
+    drawn = common_step_inputs(
+        recipe, batch["batch_index"], rows, global_size=batch["global_size"], first_row=batch["offset"], empty=empty
     )
-    dropped = rng.random(global_shape[0]) < recipe.data.text_dropout
-    rows = slice(batch["offset"], batch["offset"] + latents.shape[0])
-    keep = torch.from_numpy(~dropped[rows])
-    empty_text, empty_pooled = (torch.from_numpy(np.asarray(a)) for a in empty)
-    text = torch.where(keep[:, None, None], batch["text"], empty_text[None])
-    pooled = torch.where(keep[:, None], batch["pooled"], empty_pooled[None])
-    return StepInputs(
-        latents=latents,
-        noise=torch.from_numpy(flow["noise"][rows]),
-        sigmas=torch.from_numpy(flow["sigmas"][rows]),
-        weights=torch.from_numpy(flow["weights"][rows]),
-        text=text,
-        pooled=pooled,
-    )
+    return StepInputs(**{name: torch.from_numpy(drawn[name]) for name in StepInputs.__dataclass_fields__})
 
 
 def per_sample_loss(model: torch.nn.Module, inputs: StepInputs) -> torch.Tensor:
@@ -225,49 +197,6 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _previous_stage(recipe: Recipe) -> ckpt.TrainState | Path | None:
-    """The previous stage's last checkpoint: its folder when sharded (read slice by slice), else its state."""
-    if recipe.resume_from is None:
-        return None
-    folder = ckpt.latest_checkpoint(recipe.resume_from)
-    if folder is None:
-        raise FileNotFoundError(f"resume_from {recipe.resume_from}: no checkpoint there")
-    return folder if is_sharded(folder) else ckpt.load_state(folder)
-
-
-def _all_ok(ok: bool, topo: Topology) -> bool:
-    """True on every rank when `ok` is true on every rank (a collective: no rank is left waiting)."""
-    if topo.world == 1:
-        return ok
-    flag = torch.tensor([int(ok)], device=topo.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def _lock(folder: str, topo: Topology) -> RunLock | None:
-    """The checkpoint dir's run lock, held by the main rank (the writer); killed saves' temporary folders go."""
-    lock, error = None, None
-    if topo.is_main:
-        try:
-            lock = RunLock.acquire(folder)
-            ckpt.remove_partial_saves(folder)
-        except RunLockedError as e:
-            error = e
-    if not _all_ok(error is None, topo):
-        raise error or RunLockedError(f"{folder}: checkpoint dir is in use (rank 0 could not lock it)")
-    return lock
-
-
-def _resume_point(folder: str, topo: Topology) -> Path | None:
-    """The newest intact checkpoint, chosen (and damaged ones set aside) by the main rank for every rank."""
-    chosen = ckpt.latest_checkpoint(folder, writer=True) if topo.is_main else None
-    if topo.world == 1:
-        return chosen
-    step = torch.tensor([-1 if chosen is None else int(chosen.name.split("_")[1])], device=topo.device)
-    dist.broadcast(step, src=0)
-    return None if int(step.item()) < 0 else ckpt.step_dir(folder, int(step.item()))
-
-
 def run(
     recipe: Recipe,
     *,
@@ -276,30 +205,33 @@ def run(
     encoders: Encoders | None = None,
     progress: bool = True,
     on_step: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """Train `recipe` (resuming from its checkpoint dir if it holds a checkpoint); returns the last metrics.
+    stop_after: int | None = None,
+) -> RunResult:
+    """Train `recipe` to `recipe.steps`, resuming from its checkpoint dir if it holds a checkpoint.
 
     Launch `data x fsdp x sequence` processes with torchrun; `mesh.sequence` ranks share each batch (Ulysses), the
-    rest is data parallel. `mesh.tensor` > 1 is not supported by the torch twin. `on_step` (main rank only) gets the
-    same record as the JAX trainer's: {step (0-based), loss, grad_norm, skipped, step_time, batch (global size)}.
+    rest is data parallel. `mesh.tensor` > 1 is not supported by the torch twin. `stop_after` ends the call early at
+    that step (after checkpointing it), as an interruption would, as in the JAX core. `on_step` (main rank only) gets
+    the same record as the JAX trainer's: {step (0-based), loss, grad_norm, skipped, step_time, batch (global size)}.
     """
     topo = init_distributed(device, recipe.mesh, recipe.model_config)
-    lock = _lock(recipe.checkpoint.dir, topo)
+    checkpoints = Checkpointer(recipe.checkpoint, topo)
     try:
-        return _run(recipe, topo, ops, encoders, progress, on_step)
+        return _run(recipe, topo, checkpoints, ops, encoders, progress, on_step, stop_after)
     finally:
-        if lock is not None:
-            lock.release()
+        checkpoints.close()
 
 
 def _run(
     recipe: Recipe,
     topo: Topology,
+    checkpoints: Checkpointer,
     ops: str,
     encoders: Encoders | None,
     progress: bool,
     on_step: Callable[[dict[str, Any]], None] | None,
-) -> dict[str, Any]:
+    stop_after: int | None,
+) -> RunResult:
     cache = open_cache(recipe.data, encoders, build=topo.is_main, progress=progress)
     if topo.world > 1:
         dist.barrier()
@@ -312,49 +244,26 @@ def _run(
     decay = recipe.optimizer.ema_decay
     ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if decay else None
 
-    step, position, counters = 0, 0, {"nan_skips": 0}
-    resume = _resume_point(recipe.checkpoint.dir, topo)
-    guard_state = None
-    state: ckpt.TrainState | Path | None = None
-    if resume is not None and is_sharded(resume):  # same stage: each rank reads its slices of everything
-        meta = load_sharded(resume, model, optimizer, ema)
+    step, position, counters, guard_state = 0, 0, {"nan_skips": 0}, None
+    if checkpoints.latest_step() is not None:  # same stage: optimizer, counters and data position continue too
+        meta = checkpoints.restore_data()
+        checkpoints.restore(model, optimizer, ema, "EMA")
         step, position = int(meta["step"]), int(meta["data_position"])
         counters = {**counters, **{k: int(v) for k, v in meta.get("counters", {}).items()}}
         guard_state = meta.get("divergence") or {"skipped": counters["nan_skips"]}
-    else:
-        state = ckpt.load_state(resume, verify=False) if resume else _previous_stage(recipe)
-    if isinstance(state, Path):  # the previous stage's sharded checkpoint: weights and EMA only
-        load_sharded(state, model, None, ema)
-    elif state is not None:
-        ckpt.restore_weights(model, state.params)
-        if ema is not None:
-            if resume and state.ema is None:
-                raise CheckpointError(f"{resume}: the EMA (ema/) is missing; the recipe keeps one")
-            ema = ckpt.restore_ema(model, state.ema if state.ema is not None else state.params)
-        if resume:  # same stage: optimizer, counters and data position continue too
-            ckpt.restore_optimizer(model, optimizer, state)
-            step, position, counters = state.step, state.data_position, {**counters, **state.counters}
-            guard_state = state.divergence or {"skipped": counters["nan_skips"]}
+    elif recipe.resume_from is not None:  # a new stage: the previous one's weights and EMA
+        previous = Checkpointer(replace(recipe.checkpoint, dir=recipe.resume_from), topo, writer=False)
+        if previous.latest_step() is None:
+            raise FileNotFoundError(f"resume_from {recipe.resume_from}: no checkpoint there")
+        previous.restore_weights(model, ema)
     guard = DivergenceGuard(recipe.divergence, recipe.nan_skip_limit, guard_state)
 
     def save() -> None:
-        error = None
-        try:
-            if topo.world > 1:  # every rank writes its own slices
-                meta = {"step": step, "data_position": position, "counters": counters, "divergence": guard.state()}
-                save_sharded(ckpt.step_dir(recipe.checkpoint.dir, step), model, optimizer, ema, meta)
-                if topo.is_main:
-                    ckpt.prune(recipe.checkpoint.dir, recipe.checkpoint.keep, guard.first_bad_step)
-            else:
-                full = ckpt.gather_state(model, optimizer, ema, step=step, data_position=position, counters=counters)
-                full.divergence = guard.state()
-                ckpt.save_state(recipe.checkpoint.dir, full, recipe.checkpoint.keep, guard.first_bad_step)
-        except Exception as e:  # any failure ends the run now, every rank, with the previous resume point
-            error = CheckpointSaveError(f"{recipe.checkpoint.dir}: saving step {step} failed: {e}")
-        if not _all_ok(error is None, topo):
-            raise error or CheckpointSaveError(f"{recipe.checkpoint.dir}: saving step {step} failed on rank 0")
-        if recipe.lora:
-            _write_adapters(recipe, ema if ema is not None else dict(model.named_parameters()), topo)
+        meta = {"data_position": position, "counters": counters, "divergence": guard.state()}
+        adapters = None
+        if recipe.lora:  # the EMA's when kept; every rank takes part in gathering
+            adapters = (lora.get_adapters(ema if ema is not None else dict(model.named_parameters())), recipe.lora)
+        checkpoints.save(step, model, optimizer, ema, meta, pin_before=guard.first_bad_step, adapters=adapters)
 
     held_out = cache.hold_out(recipe.eval.samples if recipe.eval.interval else 0, recipe.seed)
     writer = MetricsWriter(recipe.log_dir, recipe.log_interval) if topo.is_main else None
@@ -362,8 +271,10 @@ def _run(
     empty = (cache.empty_text, cache.empty_pooled)
     schedule = DeviceSchedule(recipe.optimizer, recipe.steps, step - guard.skipped, topo.device)
     window = {k: torch.from_numpy(v).to(topo.device) for k, v in guard.window().items()}
-    metrics: dict[str, Any] = {}
-    bar = tqdm(total=recipe.steps, initial=step, desc="train (torch)", disable=not (progress and topo.is_main))
+    end = recipe.steps if stop_after is None else min(stop_after, recipe.steps)
+    losses: dict[int, float] = {}
+    skipped: list[int] = []
+    bar = tqdm(total=end, initial=step, desc="train (torch)", disable=not (progress and topo.is_main))
     last_read = time.perf_counter()
 
     def prepare(batch: dict[str, Any]) -> tuple[int, int, StepInputs]:
@@ -371,7 +282,7 @@ def _run(
         inputs = StepInputs(*(t.to(topo.device, non_blocking=True) for t in vars(inputs).values()))
         return batch["batch_index"], batch["global_size"], inputs
 
-    def finish(done: tuple[int, tuple[torch.Tensor, ...], int]) -> dict[str, Any]:
+    def finish(done: tuple[int, tuple[torch.Tensor, ...], int]) -> None:
         """Read a started step's metrics (waiting for it), count and log it; stop the run past the skip limit."""
         nonlocal last_read
         at, values, size = done
@@ -381,6 +292,10 @@ def _run(
         lr = learning_rate(recipe.optimizer, at - guard.skipped, recipe.steps)
         guard.record(at, loss, norm, bool(ok))
         counters["nan_skips"] = guard.skipped
+        if ok:
+            losses[at] = loss
+        else:
+            skipped.append(at)
         if not ok and topo.is_main:
             bar.write(f"step {at}: loss {loss} / grad norm {norm} non-finite or spiking, skipped")
         record = {"step": at, "loss": loss, "grad_norm": norm, "lr": lr, "skipped": not ok}
@@ -395,12 +310,11 @@ def _run(
             bar.close()
             if writer is not None:
                 writer.close()
-            raise TrainingStopped(guard.stop_message(_keep_resume_point(recipe, guard, topo)))
-        return {**record, "step": at + 1}
+            raise TrainingStopped(guard.stop_message(_keep_resume_point(checkpoints, guard)))
 
     with bar, Prefetcher(loader, prepare) as batches:
         waiting = None
-        while step < recipe.steps:
+        while step < end:
             index, size, inputs = next(batches)
             if index != position:
                 raise RuntimeError(f"data loader is at batch {index}, the trainer expects {position}")
@@ -412,40 +326,32 @@ def _run(
             schedule.advance(ok)
             window = guard_record(window, ok, loss, norm)
             if waiting is not None:
-                metrics = finish(waiting)  # the previous step's, read while this one runs
+                finish(waiting)  # the previous step's, read while this one runs
             waiting = (step, (loss, norm, ok), size)
             step, position = step + 1, position + 1
             evaluating = bool(held_out) and step % recipe.eval.interval == 0
-            checkpoint = step % recipe.checkpoint.interval == 0 or step == recipe.steps
+            checkpoint = step % recipe.checkpoint.interval == 0 or step == end
             if not (evaluating or checkpoint):
                 continue
-            metrics = finish(waiting)  # these need this step's state: the next step waits
+            finish(waiting)  # these need this step's state: the next step waits
             waiting = None
             if evaluating:
-                losses = evaluate(model, cache, held_out, recipe, topo.device)
+                evaluation = evaluate(model, cache, held_out, recipe, topo.device)
                 clip = _eval_clip(model, cache, held_out[0], recipe) if topo.world == 1 else None
                 if topo.is_main:
-                    writer.evaluation(step, losses, clip)
+                    writer.evaluation(step, evaluation, clip)
             if checkpoint:
                 save()
     if writer is not None:
         writer.close()
-    return metrics
+    return RunResult(losses, skipped, end, {"model": model, "optimizer": optimizer, "ema": ema})
 
 
-def _write_adapters(recipe: Recipe, tensors: dict[str, torch.Tensor], topo: Topology) -> None:
-    """The adapter file of the checkpoint just saved (EMA when kept), written by the main rank."""
-    adapters = lora.get_adapters(tensors)  # every rank takes part in gathering
-    if topo.is_main:
-        write_adapter_file(recipe.checkpoint.dir, adapters, recipe.lora)
-
-
-def _keep_resume_point(recipe: Recipe, guard: DivergenceGuard, topo: Topology) -> str:
+def _keep_resume_point(checkpoints: Checkpointer, guard: DivergenceGuard) -> str:
     """Set aside the checkpoints from the first bad step on; say which one a restart resumes from."""
-    root = recipe.checkpoint.dir
-    moved = ckpt.set_aside_from(root, guard.first_bad_step) if topo.is_main else []
-    if topo.world > 1:
-        dist.barrier()
+    moved = checkpoints.set_aside_from(guard.first_bad_step)
     aside = f" (set aside: {', '.join(p.name for p in moved)})" if moved else ""
-    last = ckpt.latest_checkpoint(root)
-    return f"resume point: {last}{aside}" if last else f"no checkpoint from before it in {root}{aside}"
+    last = checkpoints.latest_step()
+    if last is None:
+        return f"no checkpoint from before it in {checkpoints.dir}{aside}"
+    return f"resume point: {checkpoints.folder(last)}{aside}"

@@ -11,8 +11,8 @@ its data-parallel group's contiguous rows (rollouts, exploration noise, SFT rows
 single-process step (contentv_torch_npu/reward/train.py); the held-out seeds are split over the groups too. A mesh
 the world or the batch cannot honour is a one-line ConfigError before any model is built.
 
-Every `checkpoint.interval` steps (and at the end) the run writes `checkpoint.dir/step_NNNNNNNN/` atomically with the
-training checkpoint code: in one process `checkpointing.py`'s format (safetensors + JSON): `model/` (our torch
+Every `checkpoint.interval` steps (and at the end) the run writes `checkpoint.dir/step_NNNNNNNN/` atomically through the
+training `Checkpointer` (checkpointing.py): in one process its format (safetensors + JSON): `model/` (our torch
 weights format, which `load_transformer` reads: the tuned model), AdamW moments and step, `ema/` = the EMA anchor
 when `refl.anchor: ema` or the EMA of the weights when `optimizer.ema_decay` is set, and the counters of
 `ResumePoint`; on a mesh the same parts as `sharded_checkpoint.py`'s per-rank slices. The optimizer is training's
@@ -25,7 +25,6 @@ intact one); the main rank holds the checkpoint dir's lock.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -37,8 +36,7 @@ from tqdm.auto import tqdm
 
 from contentv_common.config.reward import RewardRecipe
 from contentv_common.data.cache import Encoders, LatentCache
-from contentv_common.errors import CheckpointError, CheckpointSaveError, ConfigError
-from contentv_common.lora.training import write_adapter_file
+from contentv_common.errors import ConfigError
 from contentv_common.reward.models import score_black_box, to_uint8
 from contentv_common.reward.run import (
     ResumePoint,
@@ -56,12 +54,12 @@ from contentv_common.reward.run import (
 )
 from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu import lora
+from contentv_torch_npu.checkpointing import Checkpointer
 from contentv_torch_npu.distributed import Topology, check_mesh, enable_sequence_parallel, init_distributed
 from contentv_torch_npu.optim import make_optimizer
 from contentv_torch_npu.reward import train as tr
 from contentv_torch_npu.sampling import sample
-from contentv_torch_npu.sharded_checkpoint import is_sharded, load_sharded, save_sharded
-from contentv_torch_npu.train import _all_ok, _lock, _resume_point, build_model
+from contentv_torch_npu.train import build_model
 
 
 def check_world(recipe: RewardRecipe, world: int) -> None:
@@ -124,8 +122,14 @@ def _sft_cache(recipe: RewardRecipe, encoders: Encoders, progress: bool, topo: T
     return cache
 
 
+def _slot(anchor: torch.nn.Module | None, ema: dict[str, torch.Tensor] | None) -> tuple[dict | None, str]:
+    """What the checkpoint's ema/ holds (a recipe has at most one): the EMA anchor or the EMA of the weights."""
+    return (dict(anchor.named_parameters()), "EMA anchor") if anchor is not None else (ema, "EMA of the weights")
+
+
 def _resume(
     recipe: RewardRecipe,
+    checkpoints: Checkpointer,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     anchor: torch.nn.Module | None,
@@ -135,61 +139,31 @@ def _resume(
     """(resume point, log) of the run: None and a fresh log, or the latest checkpoint's counters with model, AdamW
     and EMA anchor or EMA of the weights restored in place and the log cut back to that step. The log is the main
     rank's (None elsewhere)."""
-    folder = _resume_point(recipe.checkpoint.dir, topo)
-    if folder is None:
+    if checkpoints.latest_step() is None:
         return None, RewardLog(recipe.log_dir) if topo.is_main else None
-    if topo.world > 1 and is_sharded(folder):  # each rank reads its own slices
-        meta = json.loads((folder / "state.json").read_text())
-        point = ResumePoint.read({**meta.get("counters", {}), "step": meta.get("step")}, recipe, folder)
-        load_sharded(folder, model, optimizer, dict(anchor.named_parameters()) if anchor is not None else ema)
-    else:  # full arrays on every rank, sharded or not on the way in and out
-        state = ckpt.load_state(folder, verify=False)
-        point = ResumePoint.read({**state.counters, "step": state.step}, recipe, folder)
-        ckpt.restore_weights(model, state.params)
-        ckpt.restore_optimizer(model, optimizer, state)
-        if anchor is not None:
-            if state.ema is None:
-                raise CheckpointError(f"{folder}: the EMA anchor (ema/) is missing")
-            ckpt.restore_weights(anchor, state.ema)
-        if ema is not None:
-            if state.ema is None:
-                raise CheckpointError(f"{folder}: the EMA of the weights (ema/) is missing")
-            ema.update(ckpt.restore_ema(model, state.ema))
+    meta = checkpoints.restore_data()
+    point = ResumePoint.read({**meta.get("counters", {}), "step": meta.get("step")}, recipe, checkpoints.folder())
+    checkpoints.restore(model, optimizer, *_slot(anchor, ema))  # after the counters: clear errors first
     return point, RewardLog(recipe.log_dir, keep_lines=point.log_lines) if topo.is_main else None
 
 
 def _save(
     recipe: RewardRecipe,
+    checkpoints: Checkpointer,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     anchor: torch.nn.Module | None,
     ema: dict[str, torch.Tensor] | None,
     point: ResumePoint,
-    topo: Topology,
 ) -> None:
-    """The checkpoint's ema/ slot holds the EMA anchor or the EMA of the weights (a recipe has at most one). On a
-    mesh every rank writes its slices; a failure on any rank ends the run on every rank. A LoRA run writes its
-    adapters (the EMA of the weights' when kept) to `<checkpoint.dir>/lora.safetensors` as well (main rank)."""
-    adapters = lora.get_adapters(ema if ema is not None else dict(model.named_parameters())) if recipe.lora else None
-    slot = ema if anchor is None else dict(anchor.named_parameters())
-    counters = {k: v for k, v in point.as_dict().items() if k != "step"}
-    root, error = recipe.checkpoint.dir, None
-    try:
-        if topo.world > 1:
-            meta = {"step": point.step, "data_position": point.step, "counters": counters}
-            save_sharded(ckpt.step_dir(root, point.step), model, optimizer, slot, meta)
-            if topo.is_main:
-                ckpt.prune(root, recipe.checkpoint.keep)
-        else:
-            state = ckpt.gather_state(model, optimizer, slot, step=point.step, data_position=point.step,
-                                      counters=counters)  # fmt: skip
-            ckpt.save_state(root, state, recipe.checkpoint.keep)
-        if adapters is not None and topo.is_main:
-            write_adapter_file(root, adapters, recipe.lora)
-    except Exception as e:  # any failure ends the run now, with the previous checkpoint as its resume point
-        error = CheckpointSaveError(f"{root}: saving step {point.step} failed: {e}")
-    if not _all_ok(error is None, topo):
-        raise error or CheckpointSaveError(f"{root}: saving step {point.step} failed on another rank")
+    """The checkpoint of `point` (the training Checkpointer's formats) with the EMA anchor or the EMA of the weights
+    in ema/; a LoRA run writes its adapters (the EMA of the weights' when kept) to `<checkpoint.dir>/lora.safetensors`
+    as well."""
+    adapters = None
+    if recipe.lora:  # every rank takes part in gathering
+        adapters = (lora.get_adapters(ema if ema is not None else dict(model.named_parameters())), recipe.lora)
+    meta = {"data_position": point.step, "counters": {k: v for k, v in point.as_dict().items() if k != "step"}}
+    checkpoints.save(point.step, model, optimizer, _slot(anchor, ema)[0], meta, adapters=adapters)
 
 
 def export(recipe: RewardRecipe) -> None:
@@ -209,15 +183,14 @@ def run(recipe: RewardRecipe, progress: bool = True, device: str = "auto") -> di
     start to the end."""
     check_world(recipe, dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1")))
     topo = init_distributed(device, recipe.mesh, recipe.model_config)
-    lock = _lock(recipe.checkpoint.dir, topo)
+    checkpoints = Checkpointer(recipe.checkpoint, topo)
     try:
-        return _run(recipe, progress and topo.is_main, topo)
+        return _run(recipe, progress and topo.is_main, topo, checkpoints)
     finally:
-        if lock is not None:
-            lock.release()
+        checkpoints.close()
 
 
-def _run(recipe: RewardRecipe, progress: bool, topo: Topology) -> dict[str, Any]:
+def _run(recipe: RewardRecipe, progress: bool, topo: Topology, checkpoints: Checkpointer) -> dict[str, Any]:
     from contentv_torch_npu.encoders import named_encoders
 
     dev = topo.device
@@ -242,7 +215,7 @@ def _run(recipe: RewardRecipe, progress: bool, topo: Topology) -> dict[str, Any]
     scorer = black_box_reward(recipe.reward, _TorchBlackBox(clip, dev) if clip is not None else None)
     reward = (clip if clip is not None else differentiable_builtin(recipe.reward)) if refl else None
     ema_anchor = ref_model if uses_ema_anchor(recipe) else None
-    point, log = _resume(recipe, model, optimizer, ema_anchor, ema, topo)
+    point, log = _resume(recipe, checkpoints, model, optimizer, ema_anchor, ema, topo)
     start, guard = point.step if point else 0, divergence_guard(recipe, point)
     steps = tqdm(range(start, recipe.steps), desc=f"reward {recipe.method} (torch)", initial=start,
                  total=recipe.steps, disable=not progress)  # fmt: skip
@@ -268,9 +241,9 @@ def _run(recipe: RewardRecipe, progress: bool, topo: Topology) -> dict[str, Any]
         if log is not None:
             log.write(record)
         if (step + 1) % recipe.checkpoint.interval == 0 or last:
-            _save(recipe, model, optimizer, ema_anchor, ema,
+            _save(recipe, checkpoints, model, optimizer, ema_anchor, ema,
                   ResumePoint(step + 1, log.lines if log is not None else 0, recipe.seed, int(ema_anchor is not None),
-                              int(ema is not None), guard.skipped), topo)  # fmt: skip
+                              int(ema is not None), guard.skipped))  # fmt: skip
         check_divergence(guard, recipe.checkpoint.dir)
     if topo.is_main:
         export(recipe)

@@ -48,16 +48,22 @@ def test_train_resume_is_exact(tiny_dataset, tmp_path, monkeypatch):
     step = train.train_step
     monkeypatch.setattr(train, "train_step", lambda *a, **k: events.append("start") or step(*a, **k))
     recipe = _recipe(tiny_dataset, straight, steps=4, **{"checkpoint.interval": 2})
-    metrics = run(recipe, device="cpu", progress=False, on_step=lambda r: records.append(r) or events.append(r["step"]))
+    result = run(recipe, device="cpu", progress=False, on_step=lambda r: records.append(r) or events.append(r["step"]))
     assert [r["step"] for r in records] == [0, 1, 2, 3] and all(r["batch"] == 2 for r in records)
     # the host never sits between two steps: step k is read once step k + 1 is started, except before a checkpoint
     assert events == ["start", "start", 0, 1, "start", "start", 2, 3]
-    assert metrics["step"] == 4 and np.isfinite(metrics["loss"])
+    assert result.final_step == 4 and np.isfinite(result.losses[3]) and not result.skipped_steps
     assert [p.name for p in sorted((straight / "ckpt").glob("step_*"))] == ["step_00000002", "step_00000004"]
     interrupted = tmp_path / "interrupted"
     run(_recipe(tiny_dataset, interrupted, steps=2, **{"checkpoint.interval": 2}), device="cpu", progress=False)
     run(_recipe(tiny_dataset, interrupted, steps=4, **{"checkpoint.interval": 2}), device="cpu", progress=False)
     assert _losses(interrupted) == _losses(straight)  # same numbers, step by step
+    stopped = tmp_path / "stopped"  # stop_after interrupts a run of the same recipe (as the JAX core's)
+    first = run(_recipe(tiny_dataset, stopped, steps=4), device="cpu", progress=False, stop_after=3)
+    assert first.final_step == 3 and sorted(first.losses) == [0, 1, 2]
+    assert [p.name for p in sorted((stopped / "ckpt").glob("step_*"))] == ["step_00000002", "step_00000003"]
+    rest = run(_recipe(tiny_dataset, stopped, steps=4), device="cpu", progress=False)
+    assert [first.losses[k] for k in range(3)] + [rest.losses[3]] == [r["loss"] for r in records]
     a = ckpt.load_state(straight / "ckpt" / "step_00000004")
     b = ckpt.load_state(interrupted / "ckpt" / "step_00000004")
     assert (a.step, a.adam_step, a.data_position) == (b.step, b.adam_step, b.data_position) == (4, 4, 4)
@@ -65,6 +71,12 @@ def test_train_resume_is_exact(tiny_dataset, tmp_path, monkeypatch):
         x, y = getattr(a, field), getattr(b, field)
         assert sorted(x) == sorted(y) and all(np.array_equal(x[k], y[k]) for k in x), field
     assert not np.array_equal(a.ema["proj_out.weight"], a.params["proj_out.weight"])
+    # the next stage starts from these weights and EMA (stop_after=0: nothing trained)
+    stage2 = _recipe(tiny_dataset, tmp_path / "stage2", resume_from=str(straight / "ckpt"))
+    start = run(stage2, device="cpu", progress=False, stop_after=0)
+    assert start.final_step == 0 and not start.losses
+    assert all(np.array_equal(t.numpy(), a.params[n]) for n, t in start.state["model"].state_dict().items())
+    assert all(np.array_equal(t.numpy(), a.ema[n]) for n, t in start.state["ema"].items())
 
 
 def test_learning_rate_schedule():

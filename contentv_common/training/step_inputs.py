@@ -1,0 +1,49 @@
+"""Everything random about training step k (noise, noise levels, loss weights, text dropout), drawn once for both
+backends.
+
+The draws come from `step_rng(seed, k)` for the whole global batch and each process keeps its rows: the stream is a
+pure function of (recipe, k), so resume needs only k, and every mesh, process count and backend sees the same numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from contentv_common.config.recipe import Recipe
+from contentv_common.training.schedules import flow_inputs, resolve_shift, step_rng
+
+
+def step_inputs(
+    recipe: Recipe,
+    k: int,
+    batch: dict[str, np.ndarray],
+    *,
+    global_size: int,
+    first_row: int,
+    empty: tuple[np.ndarray, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """`batch` (rows first_row.. of global batch k: latents, text, pooled) with the step's random inputs: captions
+    dropped out (replaced by the `empty` prompt's text and pooled embeddings), noise, sigmas and loss weights added."""
+    obj = recipe.objective
+    latents = batch["latents"]
+    _, c, f, h, w = latents.shape
+    p = recipe.model_config.patch_size
+    shift = resolve_shift(obj.shift_mode, obj.shift, f * (h // p) * (w // p), obj.base_tokens)
+    rng = step_rng(recipe.seed, int(k))
+    flow = flow_inputs(
+        rng,
+        (global_size, c, f, h, w),
+        logit_mean=obj.logit_mean,
+        logit_std=obj.logit_std,
+        shift=shift,
+        weighting=obj.weighting,
+    )
+    rows = slice(first_row, first_row + len(latents))
+    keep = ~(rng.random(global_size) < recipe.data.text_dropout)[rows]  # schedules.drop_text's draw
+    empty_text, empty_pooled = empty
+    return {
+        **batch,
+        "text": np.where(keep[:, None, None], batch["text"], empty_text[None]),
+        "pooled": np.where(keep[:, None], batch["pooled"], empty_pooled[None]),
+        **{name: value[rows] for name, value in flow.items()},
+    }
