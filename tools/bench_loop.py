@@ -68,8 +68,8 @@ def bench_recipe(shape: str, work: Path, steps: int, overrides: dict[str, Any]) 
 
 def prepare(recipe: Recipe, shape: str) -> None:
     """The synthetic set (stage: eight 256x256 clips of 33 frames) and its cache, as contentv-train makes them."""
-    from contentv_common.data.synthetic import make_synthetic_set
     from contentv_common.data.prepare import prepare_data
+    from contentv_common.data.synthetic import make_synthetic_set
 
     manifest = Path(recipe.data.manifest)
     if shape == "stage" and not manifest.exists():

@@ -54,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
 
     import jax
+    from make_sd35_checkpoint import sd35_config  # tools/, beside this script
 
     from contentv_common.config.model import to_dict
     from contentv_common.config.recipe import load_recipe
     from contentv_jax.checkpointing import Checkpointer
     from contentv_jax.sharding import make_mesh
     from contentv_jax.train import get_trainer
-    from make_sd35_checkpoint import sd35_config  # tools/, beside this script
 
     shutil.rmtree(args.dir, ignore_errors=True)
     model = to_dict(sd35_config(args.blocks).replace(pos_embed="sincos_3d"))

@@ -77,7 +77,7 @@ def test_merge_at_load_gives_the_converted_weights_in_bfloat16(tiny, tmp_path, b
 
 def test_bad_lora_fails_before_loading(tiny, tmp_path, monkeypatch):
     checkpoint, _, _ = tiny
-    monkeypatch.setattr(sample_tool, "load_model", _load_forbidden)
+    monkeypatch.setattr(get("jax"), "load_transformer", _load_forbidden)
     wrong = dict(zip(lora_keys("proj_out"), (np.ones((4, 3), np.float32), np.ones((5, 4), np.float32)), strict=True))
     save_adapters(tmp_path / "other.safetensors", wrong, LORA)
     for spec, message in (
