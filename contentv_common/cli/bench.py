@@ -14,8 +14,11 @@ alone on the same tokens, also measured in the run; `/floor` is step time over f
 kernel (cuDNN on GPU, with its padding) is timed alone too (`jax_attention` in the JSON), so a JAX gap can be told from
 its kernel.
 
-Training: fp32 master weights, `--dtype` compute (JAX dtype / torch autocast), MSE on the velocity, AdamW. Sampling:
-weights in `--dtype`, one forward (batch 2 with --cfg-batch). The diffusers reference runs the same video tokens as a
+Training times the trainers' own step, as a run compiles and calls it: JAX `contentv_jax.train.Trainer`'s jitted step
+(state donated) on a state from `init_state`, torch `contentv_torch_npu.train.train_step` on `build_model`'s model, on
+a one-bucket recipe with the recipe defaults (fp32 master weights, `--dtype` compute, weighted velocity MSE, gradient
+norm, clipping and the divergence guard's check, AdamW). Sampling: weights in `--dtype`, one forward (batch 2 with
+--cfg-batch). The diffusers reference runs the same video tokens as a
 1-frame image whose patch grid has the same token count, with SDPA attention.
 """
 
@@ -42,8 +45,10 @@ import numpy as np
 
 from contentv_common.cli import run_cli
 from contentv_common.config.model import ModelConfig, named_model_config
+from contentv_common.config.recipe import BucketConfig, CheckpointConfig, DataConfig, Recipe
 from contentv_common.dtypes import COMPUTE_DTYPES
 from contentv_common.model.flops import image_tokens, transformer_flops
+from contentv_common.sampling import VAE_SPACE_FACTOR, VAE_TIME_FACTOR
 
 ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = ("jax", "torch", "diffusers")
@@ -123,6 +128,35 @@ def _inputs(case: Case) -> dict[str, np.ndarray]:
     }
 
 
+def train_recipe(case: Case) -> Recipe:
+    """The one-bucket recipe whose training step a train case times: the case's model, dtype, kernel and remat on one
+    device, the recipe defaults otherwise (AdamW, gradient clipping; nothing is read or written)."""
+    frames = 1 + VAE_TIME_FACTOR * (case.frames - 1)
+    bucket = BucketConfig(case.width * VAE_SPACE_FACTOR, case.height * VAE_SPACE_FACTOR, frames, case.batch)
+    return Recipe(
+        model=case.config(),
+        data=DataConfig(manifest="-", cache_dir="-", buckets=(bucket,)),
+        checkpoint=CheckpointConfig(dir="-"),
+        steps=case.warmup + case.repeats,
+        compute_dtype=case.dtype,
+        attention=case.attention or "auto",
+        remat=case.remat,
+    )
+
+
+def train_batch(case: Case) -> dict[str, np.ndarray]:
+    """A training step's inputs as the trainers take them: clean latents, noise, noise levels, weights, text."""
+    data = _inputs(case)
+    return {
+        "latents": data["hidden_states"],
+        "noise": data["target"],
+        "sigmas": data["timestep"] / 1000.0,
+        "weights": np.ones(case.batch, np.float32),
+        "text": data["encoder_hidden_states"],
+        "pooled": data["pooled_projections"],
+    }
+
+
 def time_calls(call: Callable[[], Any], sync: Callable[[Any], None], warmup: int, repeats: int) -> list[float]:
     """Seconds per call after `warmup` calls; each call waits for the device before the clock stops."""
     for _ in range(warmup):
@@ -163,7 +197,7 @@ def jax_model_attention(case: Case):
 
 
 def jax_model(case: Case):
-    """Our JAX transformer for a case: compute dtype, fp32 masters when training, attention kernel, padding, remat."""
+    """Our JAX transformer of a sampling case: weights in the compute dtype, attention kernel, padding, remat."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -174,49 +208,38 @@ def jax_model(case: Case):
         case.config(),
         rngs=nnx.Rngs(0),
         dtype=compute,
-        param_dtype=jnp.float32 if case.mode == "train" else compute,
+        param_dtype=compute,
         attention=jax_model_attention(case),
         remat=case.remat,
     )
 
 
 def run_jax(case: Case) -> dict[str, Any]:
-    import functools
-
+    """Training: `contentv_jax.train.Trainer`'s jitted step (state donated) on a state from `init_state`, exactly as
+    a run compiles it. Sampling: one forward of the model."""
     import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
 
-    train = case.mode == "train"
-    graphdef, params, rest = nnx.split(jax_model(case), nnx.Param, ...)
-    data = {k: jnp.asarray(v) for k, v in _inputs(case).items()}
-    args = tuple(data[k] for k in ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections"))
+    if case.mode == "train":
+        from contentv_jax.train import Trainer, default_mesh
 
-    def forward(params, args):
-        return nnx.merge(graphdef, params, rest)(*args)
-
-    if train:
-        tx = optax.adamw(1e-4)
-
-        def loss_fn(params, args, target):
-            return jnp.mean(jnp.square(forward(params, args).astype(jnp.float32) - target))
-
-        @functools.partial(jax.jit, donate_argnums=(0, 1))
-        def step(params, opt_state, args, target):
-            loss, grads = jax.value_and_grad(loss_fn)(params, args, target)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
-
-        state = {"params": params, "opt": tx.init(params)}
-        compiled = step.lower(state["params"], state["opt"], args, data["target"]).compile()
+        recipe = train_recipe(case)
+        trainer = Trainer(recipe, default_mesh(recipe), pad_multiple=case.pad_to or None)
+        batch = trainer.device_batch(train_batch(case))
+        state = {"state": trainer.init_state()}
+        compiled = trainer.jitted_step(state["state"], batch).lower(state["state"], batch).compile()
 
         def call():
-            state["params"], state["opt"], loss = compiled(state["params"], state["opt"], args, data["target"])
-            return loss
+            state["state"], metrics = compiled(state["state"], batch)
+            return metrics["loss"]
 
     else:
-        compiled = jax.jit(forward).lower(params, args).compile()
+        import jax.numpy as jnp
+        from flax import nnx
+
+        graphdef, params, rest = nnx.split(jax_model(case), nnx.Param, ...)
+        data = {k: jnp.asarray(v) for k, v in _inputs(case).items()}
+        args = tuple(data[k] for k in ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections"))
+        compiled = jax.jit(lambda params, args: nnx.merge(graphdef, params, rest)(*args)).lower(params, args).compile()
 
         def call():
             return compiled(params, args)
@@ -244,12 +267,49 @@ def run_jax(case: Case) -> dict[str, Any]:
 
 
 def run_torch(case: Case) -> dict[str, Any]:
-    import torch
-    import torch.nn.functional as F
-
+    """Our twin: training times `contentv_torch_npu.train.train_step` on the model `build_model` gives a run (fp32
+    masters, `--dtype` autocast inside), with the run's AdamW; sampling one forward. The diffusers reference: its own
+    forward (autocast to `--dtype` when training fp32 masters), MSE on the velocity and torch's AdamW."""
     from contentv_torch_npu import device as device_mod
 
     dev = device_mod.resolve_device("auto")
+    if case.backend == "torch" and case.mode == "train":
+        call = _twin_train_step(case, dev)
+    else:
+        call = _forward_call(case, dev)
+    runtime = device_mod.accelerator(dev)
+    if runtime is not None:
+        runtime.reset_peak_memory_stats(dev)
+    times = time_calls(call, lambda _: device_mod.synchronize(dev), case.warmup, case.repeats)
+    if runtime is None:
+        peak, source, name = None, None, cpu_name()
+    else:
+        peak, source, name = int(runtime.max_memory_allocated(dev)), "measured", runtime.get_device_name(dev)
+    return {"step_s": times, "peak_memory_bytes": peak, "peak_memory_source": source, "device": name}
+
+
+def _twin_train_step(case: Case, dev) -> Callable[[], Any]:
+    """The torch twin's training step as a run takes it (contentv_torch_npu.train), on one device."""
+    import torch
+
+    from contentv_torch_npu.distributed import Topology
+    from contentv_torch_npu.optim import make_optimizer
+    from contentv_torch_npu.train import StepInputs, build_model, train_step
+
+    recipe = train_recipe(case)
+    model = build_model(recipe, Topology(device=dev)).train()
+    optimizer = make_optimizer(model, recipe.optimizer)
+    inputs = StepInputs(**{k: torch.from_numpy(v).to(dev) for k, v in train_batch(case).items()})
+    run = torch.compile(model) if case.compile else model
+    lr, clip = recipe.optimizer.lr, recipe.optimizer.grad_clip
+    return lambda: train_step(run, optimizer, inputs, lr=lr, grad_clip=clip)[0]
+
+
+def _forward_call(case: Case, dev) -> Callable[[], Any]:
+    """Sampling (both) and the diffusers reference's training step."""
+    import torch
+    import torch.nn.functional as F
+
     compute = getattr(torch, case.dtype)
     train = case.mode == "train"
     param_dtype = torch.float32 if train else compute
@@ -312,15 +372,7 @@ def run_torch(case: Case) -> dict[str, Any]:
             with torch.inference_mode():
                 return forward()
 
-    runtime = device_mod.accelerator(dev)
-    if runtime is not None:
-        runtime.reset_peak_memory_stats(dev)
-    times = time_calls(call, lambda _: device_mod.synchronize(dev), case.warmup, case.repeats)
-    if runtime is None:
-        peak, source, name = None, None, cpu_name()
-    else:
-        peak, source, name = int(runtime.max_memory_allocated(dev)), "measured", runtime.get_device_name(dev)
-    return {"step_s": times, "peak_memory_bytes": peak, "peak_memory_source": source, "device": name}
+    return call
 
 
 def run_peak(case: Case) -> dict[str, Any]:
