@@ -119,7 +119,7 @@ class JaxBackend:
         return {k: np.asarray(v) for k, v in out.items()}
 
     def plan(self, recipe: Recipe | RewardRecipe, hbm: int, **options: Any) -> tuple[list[StepPlan], dict[str, Any]]:
-        """Compiles every step on the target's devices (`target`: contentv_common.plan.target.Target, its fake CPU
+        """Compiles every step on the target's devices (`target`: contentv_common.cli.plan.Target, its fake CPU
         devices already asked for), with abstract inputs sharded over the recipe's mesh."""
         from contentv_jax.memory_plan import plan_recipe, replicated_params, state_bytes
         from contentv_jax.sharding import make_mesh
