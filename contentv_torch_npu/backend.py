@@ -99,7 +99,7 @@ class TorchBackend:
 
     def check_attention(self, choice: str) -> None:
         if choice != "auto":
-            raise ValueError("chooses the JAX kernel: use it with --backend jax")
+            raise ValueError(f"{choice} is a JAX kernel: use it with --backend jax")
 
     def load_transformer(self, path: Path, dtype: str, device: str, attention: str = "auto") -> Any:
         from contentv_torch_npu.loading import load_transformer

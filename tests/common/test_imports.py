@@ -44,7 +44,7 @@ def test_common_needs_neither_framework():
 
 
 def test_jax_package_without_torch():
-    result = _run("contentv_jax", {"torch", "torch_npu"})
+    result = _run("contentv_jax, contentv_jax.backend", {"torch", "torch_npu"})
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
