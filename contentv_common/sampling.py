@@ -9,15 +9,21 @@ Arithmetic is float32 as in diffusers, so a trajectory matches it step for step.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
 from contentv_common.errors import ConfigError
 from contentv_common.training.schedules import shift_sigmas
 
+if TYPE_CHECKING:
+    from contentv_common.backend import Backend
+
+SHIFT = 3.0  # SD3.5-Large's scheduler shift
 NUM_TRAIN_TIMESTEPS = 1000
 VAE_TIME_FACTOR = 4
 VAE_SPACE_FACTOR = 8
@@ -161,3 +167,84 @@ def latent_shape(channels: int, frames: int, height: int, width: int, batch: int
 def draw_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     """Standard normal float32 noise from numpy's PCG64, so every backend starts from the very same latents."""
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def initial_noise(kind: str, seed: int, shape: tuple[int, ...], count: int, dtype: str) -> np.ndarray:
+    """Noise [count, C, f, h, w] of all prompts: "numpy" draws prompt i from seed + i (any batch size, either backend,
+    the same video); "torch" draws all at once from a torch CPU generator seeded with `seed` in `dtype`, exactly as
+    the official ContentV demo (diffusers' pipeline with a prompt list) does."""
+    if kind == "numpy":
+        return np.concatenate([draw_noise(seed + i, shape) for i in range(count)])
+    import torch
+
+    from contentv_torch_npu.sampling import official_noise
+
+    return official_noise(seed, (count, *shape[1:]), getattr(torch, dtype))
+
+
+def slug(prompt: str, length: int = 40) -> str:
+    """The file-name part of a prompt: `<index>-<slug>.mp4`."""
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:length] or "prompt"
+
+
+@dataclass(frozen=True)
+class ClipSettings:
+    """How `sample_clips` samples: the video's size, the sampler, the noise and the files."""
+
+    frames: int
+    height: int
+    width: int
+    steps: int = 50
+    guidance: float = 6.0
+    shift: float = SHIFT
+    shift_terminal: float | None = None
+    seed: int = 0
+    noise: str = "numpy"  # or "torch": initial_noise
+    dtype: str = "float32"  # the torch noise's dtype
+    negative_prompt: str = ""
+    batch_size: int = 1
+    fps: float = 24.0
+
+
+def sample_clips(
+    backend: Backend,
+    model: Any,
+    encoders: Any,
+    decode: Callable[[np.ndarray], np.ndarray],
+    prompts: list[str],
+    out: Path,
+    settings: ClipSettings,
+    progress: bool = True,
+) -> list[Path]:
+    """One mp4 per prompt, `out/<index>-<slug>.mp4`: the prompts (and the negative prompt, with guidance) through the
+    encoders in one batch, then `batch_size` prompts at a time through the backend's sampler and `decode`."""
+    from contentv_common.data.video_io import write_video
+
+    cfg = model.cfg
+    shape = latent_shape(cfg.in_channels, settings.frames, settings.height, settings.width)
+    guided = uses_guidance(settings.guidance)
+    text, pooled = encoders.encode_text(prompts + [settings.negative_prompt] * guided)
+    neg_text, neg_pooled = (text[-1:], pooled[-1:]) if guided else (None, None)
+    text, pooled = text[: len(prompts)], pooled[: len(prompts)]
+    noise = initial_noise(settings.noise, settings.seed, shape, len(prompts), settings.dtype)
+    written = []
+    for start in range(0, len(prompts), settings.batch_size):
+        idx = list(range(start, min(start + settings.batch_size, len(prompts))))
+        negs = (np.repeat(neg_text, len(idx), 0), np.repeat(neg_pooled, len(idx), 0)) if guided else (None, None)
+        latents = backend.sample(
+            model,
+            noise[idx],
+            text[idx],
+            pooled[idx],
+            *negs,
+            steps=settings.steps,
+            guidance=settings.guidance,
+            shift=settings.shift,
+            shift_terminal=settings.shift_terminal,
+            progress=progress,
+        )
+        for i, video in zip(idx, decode(latents), strict=True):
+            path = write_video(out / f"{i:03d}-{slug(prompts[i])}.mp4", video, fps=settings.fps)
+            print(f"wrote {path} ({video.shape[0]} frames, {video.shape[1]}x{video.shape[2]})")
+            written.append(path)
+    return written

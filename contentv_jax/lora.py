@@ -22,9 +22,9 @@ from flax.nnx.nn.dtypes import promote_dtype
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh
 
-from contentv_common.checkpoint.param_table import TRANSFORMER_TABLE
+from contentv_common.checkpoint.param_table import TRANSFORMER_TABLE, inverse_perm
 from contentv_common.config.recipe import LoraConfig
-from contentv_common.lora.adapters import lora_keys, target_modules
+from contentv_common.lora.adapters import Lora, adapted, lora_keys, merged_weight, target_modules
 from contentv_common.lora.training import initial_adapters
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
@@ -246,3 +246,24 @@ def merged_model(model: nnx.Module, plan: LoraPlan) -> nnx.Module:
     nnx.replace_by_pure_dict(state, params)
     nnx.update(copy, state)
     return copy
+
+
+def merge_adapters(model: nnx.Module, loras: list[Lora]) -> None:
+    """Add adapter files (`contentv_common.lora.adapters.open_lora`) to a loaded transformer's weights in place: each
+    adapted leaf (a stacked one per layer) in float32 on the host, in the canonical torch layout, cast back once, on
+    its own sharding; the very weights `contentv-convert --lora` writes (the torch twin's `merge_adapters`)."""
+    from contentv_jax.loading import slots
+
+    items = []
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        leaf_slots = slots(".".join(map(str, path)), tuple(var.shape), TRANSFORMER_TABLE, model.cfg.num_layers)
+        if not any(adapted(s.param.canonical, loras) for s in leaf_slots):
+            continue
+        value = np.array(jax.device_get(var[...]), np.float32)
+        for s in leaf_slots:
+            if adapted(s.param.canonical, loras):
+                where = () if s.layer is None else (s.layer,)
+                torch_layout = np.transpose(value[where], inverse_perm(s.param.jax_perm))
+                value[where] = np.transpose(merged_weight(s.param.canonical, torch_layout, loras), s.param.jax_perm)
+        items.append((path, var.replace(jax.device_put(value.astype(var.dtype), var[...].sharding))))
+    nnx.update(model, nnx.from_flat_state(items))

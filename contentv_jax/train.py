@@ -47,9 +47,11 @@ from contentv_jax.transformer import Transformer
 
 
 class Trainer:
-    """The model's static part, the optimizer and the jitted functions for one recipe on one mesh."""
+    """The model's static part, the optimizer and the jitted functions for one recipe on one mesh. `pad_multiple`
+    pads the joint sequence to a multiple of it in the attention (contentv_jax.ops.Attention; contentv-bench's
+    `--pad-to`)."""
 
-    def __init__(self, recipe: Recipe, mesh: Mesh):
+    def __init__(self, recipe: Recipe, mesh: Mesh, pad_multiple: int | None = None):
         self.recipe, self.mesh = recipe, mesh
         dtype = DTYPES[recipe.compute_dtype]
         # LoRA: the base in `lora.base_dtype`, frozen; only the adapters (float32) train (contentv_jax.lora)
@@ -62,7 +64,7 @@ class Trainer:
                 dtype=dtype,
                 param_dtype=base_dtype,
                 remat=recipe.remat,
-                attention=attention_for(recipe.attention, mesh),
+                attention=attention_for(recipe.attention, mesh, pad_multiple=pad_multiple),
                 constrain=sharding.ActivationSharding(mesh),
             )
 

@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from contentv_common import dtypes
 from contentv_common.config.recipe import LoraConfig
 from contentv_common.errors import ConfigError
-from contentv_common.lora.adapters import target_modules
+from contentv_common.lora.adapters import Lora, adapted, merged_weight, target_modules
 from contentv_common.lora.training import initial_adapters
 
 DTYPES = {name: getattr(torch, name) for name in dtypes.DTYPES}  # the shared names as torch dtypes
@@ -120,3 +120,13 @@ def export_merged(checkpoint: Path, part: str, scale: float, out: Path) -> Path:
         write_our_config(tmp, read_our_config(checkpoint / "model"))
         write_sharded(sorted(merge(base, adapters, scale).items()), tmp, "model", metadata={"format": "pt"})
     return out
+
+
+def merge_adapters(model: nn.Module, loras: list[Lora]) -> None:
+    """Add adapter files (`contentv_common.lora.adapters.open_lora`) to a loaded transformer's weights in place, in
+    float32 on the host, cast back once per weight: the very weights `contentv-convert --lora` writes (the JAX core's
+    `merge_adapters`)."""
+    with torch.no_grad():
+        for name, weight in model.state_dict().items():
+            if adapted(name, loras):
+                weight.copy_(torch.from_numpy(merged_weight(name, weight.float().cpu().numpy(), loras)))

@@ -2,13 +2,13 @@
 
     python tools/bench_load.py CKPT [--devices 8] [--dtype bfloat16] [--pos-embed sincos_3d] [--save-to DIR]
 
-First the disk's direct read bandwidth on the checkpoint's own files (tools/disk_speed.py: O_DIRECT, page cache
-dropped), then the load from a cold page cache: the model is sharded over `fsdp = devices` (contentv_jax.sharding
-rules) as it is read. The report gives the load's read rate over the disk's (1.0x is the disk's speed) and the peak
-resident memory of this process (ru_maxrss) over the model's bytes. Every device is this host's memory here, so the
-ideal is 1.0x plus the runtime's own baseline: a loader that held a whole extra copy would show 2x. `--save-to` also
-saves the loaded model in our JAX format (orbax, from the shards), then loads that folder back (cold, onto the same
-mesh), and reports both against the disk the same way.
+First the disk's direct read bandwidth on the checkpoint's own files (contentv_common/checkpoint/disk_speed.py:
+O_DIRECT, page cache dropped), then the load from a cold page cache: the model is sharded over `fsdp = devices`
+(contentv_jax.sharding rules) as it is read. The report gives the load's read rate over the disk's (1.0x is the disk's
+speed) and the peak resident memory of this process (ru_maxrss) over the model's bytes. Every device is this host's
+memory here, so the ideal is 1.0x plus the runtime's own baseline: a loader that held a whole extra copy would show 2x.
+`--save-to` also saves the loaded model in our JAX format (orbax, from the shards), then loads that folder back (cold,
+onto the same mesh), and reports both against the disk the same way.
 """
 
 from __future__ import annotations
@@ -21,25 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tools.disk_speed import combined, direct_read  # noqa: E402
-
-
-def checkpoint_files(folder: Path) -> list[Path]:
-    """The files a load reads: the safetensors weights (diffusers / torch format) or everything of an orbax folder."""
-    found = sorted(folder.glob("*.safetensors"))
-    return found or sorted(p for p in folder.rglob("*") if p.is_file())
+from contentv_common.checkpoint.disk_speed import checkpoint_files, combined, direct_read, rss_bytes
 
 
 def rate(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def peak_rss_bytes() -> int:

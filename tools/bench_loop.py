@@ -23,17 +23,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from contentv_common.cli import run_cli
+from contentv_common.config.recipe import Recipe, load_recipe, parse_override
 
-from contentv_common.cli import run_cli  # noqa: E402
-from contentv_common.config.recipe import Recipe, load_recipe, parse_override  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 TINY = ROOT / "configs" / "recipes" / "tiny.yaml"
 # tests/narrow_model.py's model with the tiny encoders' text widths
@@ -69,9 +67,9 @@ def bench_recipe(shape: str, work: Path, steps: int, overrides: dict[str, Any]) 
 
 
 def prepare(recipe: Recipe, shape: str) -> None:
-    """The synthetic set (stage: eight 256x256 clips of 33 frames) and its cache, as tools/train.py makes them."""
+    """The synthetic set (stage: eight 256x256 clips of 33 frames) and its cache, as contentv-train makes them."""
+    from contentv_common.data.prepare import prepare_data
     from contentv_common.data.synthetic import make_synthetic_set
-    from tools.train import prepare_data
 
     manifest = Path(recipe.data.manifest)
     if shape == "stage" and not manifest.exists():

@@ -6,7 +6,7 @@ The state is the trainer's (contentv_jax.train: fp32 parameters, AdamW moments, 
 at `--blocks` blocks, sharded over `fsdp = devices` fake CPU devices. It is saved as a training checkpoint
 (contentv_jax.checkpointing: orbax, then the integrity manifest), synced to the disk, then restored from a cold page
 cache onto the same shardings (the manifest verified first), its files read with O_DIRECT just before and after
-(tools/disk_speed.py). Reported: each rate
+(contentv_common/checkpoint/disk_speed.py). Reported: each rate
 over the disk's direct read, and the peak resident memory during each phase (sampled) over the state's bytes.
 """
 
@@ -20,11 +20,9 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from contentv_common.checkpoint.disk_speed import checkpoint_files, combined, direct_read, rss_bytes
 
-from tools.bench_load import checkpoint_files, rss_bytes  # noqa: E402
-from tools.disk_speed import combined, direct_read  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class PeakRss:
@@ -56,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
 
     import jax
+    from make_sd35_checkpoint import sd35_config  # tools/, beside this script
 
     from contentv_common.config.model import to_dict
     from contentv_common.config.recipe import load_recipe
     from contentv_jax.checkpointing import Checkpointer
     from contentv_jax.sharding import make_mesh
     from contentv_jax.train import get_trainer
-    from tools.make_sd35_checkpoint import sd35_config
 
     shutil.rmtree(args.dir, ignore_errors=True)
     model = to_dict(sd35_config(args.blocks).replace(pos_embed="sincos_3d"))

@@ -26,13 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from contentv_common.data.synthetic import COLOURS, DIRECTIONS, SHAPES, render  # noqa: E402
-from contentv_common.demo import DEMO_VAE  # noqa: E402
-from contentv_common.vae.config import VAEConfig  # noqa: E402
-from contentv_torch_npu.vae import WanVAE, load_vae, save_vae  # noqa: E402
+from contentv_common.data.synthetic import COLOURS, DIRECTIONS, SHAPES, render
+from contentv_common.demo import DEMO_VAE
+from contentv_common.vae.config import VAEConfig
+from contentv_torch_npu.vae import WanVAE, load_vae, save_vae
 
 SIZES = ((64, 64), (96, 64))  # (width, height) of the tiny recipe's video buckets
 CLIP_FRAMES = 12  # as the synthetic set renders them, so shapes move at the data's speed

@@ -14,22 +14,19 @@ import argparse
 import gc
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from contentv_common.checkpoint.formats import open_checkpoint  # noqa: E402
-from contentv_common.config.model import ModelConfig  # noqa: E402
-from contentv_common.config.recipe import MeshConfig, OptimizerConfig  # noqa: E402
-from contentv_torch_npu.distributed import init_distributed, shard_model  # noqa: E402
-from contentv_torch_npu.loading import save_torch  # noqa: E402
-from contentv_torch_npu.optim import make_optimizer  # noqa: E402
-from contentv_torch_npu.sharded_checkpoint import load_sharded, save_sharded, stream_weights  # noqa: E402
-from contentv_torch_npu.transformer import Transformer  # noqa: E402
+from contentv_common.checkpoint.formats import open_checkpoint
+from contentv_common.config.model import ModelConfig
+from contentv_common.config.recipe import MeshConfig, OptimizerConfig
+from contentv_torch_npu.distributed import init_distributed, shard_model
+from contentv_torch_npu.loading import save_torch
+from contentv_torch_npu.optim import make_optimizer
+from contentv_torch_npu.sharded_checkpoint import load_sharded, save_sharded, stream_weights
+from contentv_torch_npu.transformer import Transformer
 
 
 def _status(field: str) -> int:

@@ -4,10 +4,10 @@
     python tools/smoke_full_size.py --backend jax SD3.5-Large/transformer --frames 2 --size 8x8 --text-tokens 7
 
 Prints the parameter count and bytes, the load time and its read rate over the disk's direct read bandwidth measured
-just before on the same files (tools/disk_speed.py; the load then reads from a cold page cache), the forward time at a
-few tokens, whether the output is finite, and the peak resident memory over the parameters' bytes (the loaders aim at
-about 1x: the model once plus the tensors being read), then one markdown row for docs/scale.md. Only the chosen
-framework is imported; exit status 1 if the output is not finite, 2 on a bad checkpoint.
+just before on the same files (contentv_common/checkpoint/disk_speed.py; the load then reads from a cold page cache),
+the forward time at a few tokens, whether the output is finite, and the peak resident memory over the parameters' bytes
+(the loaders aim at about 1x: the model once plus the tensors being read), then one markdown row for docs/scale.md. Only
+the chosen framework is imported; exit status 1 if the output is not finite, 2 on a bad checkpoint.
 """
 
 from __future__ import annotations
@@ -23,14 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from contentv_common.checkpoint.formats import POS_TABLE, open_checkpoint  # noqa: E402
-from contentv_common.cli import run_cli  # noqa: E402
-from contentv_common.errors import CheckpointError, ConfigError  # noqa: E402
-from tools.bench_load import checkpoint_files  # noqa: E402
-from tools.disk_speed import combined, direct_read  # noqa: E402
+from contentv_common.checkpoint.disk_speed import checkpoint_files, combined, direct_read
+from contentv_common.checkpoint.formats import POS_TABLE, open_checkpoint
+from contentv_common.cli import run_cli
+from contentv_common.errors import CheckpointError, ConfigError
 
 OTHER = {"jax": ("torch",), "torch": ("jax", "flax")}
 PACKAGE = {"jax": "contentv_jax", "torch": "contentv_torch_npu"}

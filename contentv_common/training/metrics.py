@@ -56,3 +56,41 @@ class MetricsWriter:
     def close(self) -> None:
         self.jsonl.close()
         self.tb.close()
+
+
+class LossCurve:
+    """The losses of a run's steps as they come (an `on_step` callback), for `loss.png`: raw and a moving average."""
+
+    def __init__(self, log_dir: str | Path):
+        self.dir = Path(log_dir)
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+
+    def __call__(self, metrics: dict[str, Any]) -> None:
+        if not metrics["skipped"]:
+            self.steps.append(metrics["step"])
+            self.losses.append(metrics["loss"])
+
+    def plot(self) -> Path:
+        """`<log_dir>/loss.png`: raw losses and a moving average, log scale."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(self.steps, self.losses, alpha=0.35, label="loss")
+        k = max(1, min(20, len(self.losses) // 5))
+        if len(self.losses) >= k:
+            smooth = np.convolve(self.losses, np.ones(k) / k, mode="valid")
+            ax.plot(self.steps[k - 1 :], smooth, label=f"moving average ({k})")
+        ax.set_xlabel("step")
+        ax.set_ylabel("flow-matching loss")
+        ax.set_yscale("log")
+        ax.legend()
+        fig.tight_layout()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / "loss.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path

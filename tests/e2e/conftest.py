@@ -10,7 +10,7 @@ import pytest
 def trained_demo(tmp_path_factory) -> Path:
     """`tools/train.py` on the tiny recipe, every step of it, in a temporary folder (about 2 minutes of CPU): the
     synthetic set, its cache, checkpoints, logs, the exported model (`transformer/`) and the demo's samples."""
-    from tools import train
+    from contentv_common.cli import train
 
     root = tmp_path_factory.mktemp("demo")
     overrides = [

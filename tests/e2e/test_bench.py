@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
+from contentv_common.cli import bench
 from contentv_common.config.model import named_model_config
 from contentv_common.model.flops import transformer_flops
-from tools import bench
 
 ROW_FIELDS = {
     "backend", "mode", "status", "model", "blocks", "batch", "dtype", "latent_shape", "image_tokens", "text_tokens",

@@ -87,7 +87,7 @@ def test_train_rejects_bad_input_with_one_line(tmp_path):
 
 
 def test_sample_convert_parity_bench_reject_bad_input_with_one_line(tmp_path):
-    from tools.sample import random_tiny_checkpoint
+    from contentv_common.cli.sample import random_tiny_checkpoint
 
     good = random_tiny_checkpoint(tmp_path / "good", seed=0)
     truncated = random_tiny_checkpoint(tmp_path / "truncated", seed=0)

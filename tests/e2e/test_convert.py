@@ -13,11 +13,11 @@ import contentv_jax
 import contentv_torch_npu
 from contentv_common.checkpoint.convert import convert
 from contentv_common.checkpoint.formats import config_from_diffusers, open_checkpoint, write_diffusers
+from contentv_common.cli import convert as convert_tool
+from contentv_common.cli import parity as parity_tool
 from contentv_common.config.model import named_model_config
 from contentv_torch_npu.loading import canonical_tensors
 from contentv_torch_npu.reference import build_diffusers
-from tools import convert as convert_tool
-from tools import parity as parity_tool
 
 
 @pytest.fixture(scope="module")

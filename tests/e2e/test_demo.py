@@ -8,12 +8,12 @@ import json
 
 import numpy as np
 
+from contentv_common.cli import train
 from contentv_common.data.synthetic import render
 from contentv_common.data.video_io import read_video
 from contentv_common.demo import DEMO_VAE
+from contentv_common.sampling import slug
 from contentv_common.training.evaluation import demo_measure, shape_motion, shows_caption
-from tools import train
-from tools.sample import slug
 
 PROMPTS = train.DEMO_PROMPTS
 

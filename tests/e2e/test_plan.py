@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from contentv_common.cli import plan
 from contentv_common.config.model import named_model_config
 from contentv_common.model.flops import text_encoder_flops, transformer_flops
 from contentv_common.plan.report import GIB, StepPlan
 from contentv_common.tiny_models import tiny_text
-from tools import plan
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "recipes" / "tiny.yaml"

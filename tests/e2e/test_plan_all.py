@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from contentv_common.cli import plan
 from contentv_common.config.model import named_model_config
 from contentv_common.plan import table as plan_table
 from contentv_common.plan.table import Entry
 from contentv_torch_npu.transformer import Transformer
-from tools import plan
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "recipes" / "tiny.yaml"

@@ -7,9 +7,10 @@ import contentv_jax.encoders as jax_encoders
 import contentv_jax.sampling as jax_sampling
 import contentv_torch_npu.encoders as torch_encoders
 import contentv_torch_npu.sampling as torch_sampling
+from contentv_common.backend import get
+from contentv_common.cli import sample as sample_tool
 from contentv_common.data.video_io import read_video
 from contentv_common.sampling import draw_noise, latent_shape
-from tools import sample as sample_tool
 
 ARGS = ["--tiny", "--prompt", "a cat walking", "--prompt", "a red dog", "--negative-prompt", "low quality"]
 ARGS += ["--frames", "5", "--size", "32x48", "--steps", "3", "--guidance", "4", "--seed", "5", "--no-progress"]
@@ -34,7 +35,7 @@ def test_backends_give_the_same_frames(encoders, checkpoint, rel_err, tmp_path):
     for backend, sample in (("jax", jax_sampling.sample), ("torch", torch_sampling.sample)):
         text, pooled = encoders[backend].encode_text(["a cat walking"])
         neg_text, neg_pooled = encoders[backend].encode_text(["low quality"])
-        model = sample_tool.load_model(backend, checkpoint, "float32", "cpu")
+        model = get(backend).load_transformer(checkpoint, "float32", "cpu")
         latents[backend] = sample(model, noise, text, pooled, neg_text, neg_pooled, 4, 4.0, 3.0, progress=False)
         frames[backend] = sample_tool.latent_decoder(encoders[backend], None, "cpu")(latents[backend])
     assert rel_err(latents["jax"], latents["torch"]) < 1e-5

@@ -11,11 +11,11 @@ import pytest
 
 import contentv_jax.encoders as jax_encoders
 import contentv_torch_npu.encoders as torch_encoders
+from contentv_common.cli import sample as sample_tool
 from contentv_common.config.model import named_model_config
 from contentv_common.data.video_io import read_video
 from contentv_common.demo import demo_text
 from contentv_common.errors import CheckpointError
-from tools import sample as sample_tool
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 ARGS = ["--prompt", "a cat walking", "--frames", "5", "--size", "32x48", "--steps", "2", "--guidance", "1"]
@@ -80,8 +80,8 @@ def test_cli_from_a_pipeline_folder_runs_without_the_torch_encoders(encoders, tm
 def test_bad_pipelines_stop_before_any_model_loads(encoders, tmp_path):
     """A pipeline without tokenizer_3/, or whose T5 is not the transformer's text width, is one error naming the
     folder and key (run_cli: exit status 2), in sampling and in training's data preparation."""
+    from contentv_common.cli import train
     from contentv_common.errors import ConfigError
-    from tools import train
 
     pipe = encoders.save(tmp_path / "pipe")
     sample_tool.random_tiny_checkpoint(pipe, seed=1)

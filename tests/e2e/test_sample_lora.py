@@ -8,13 +8,14 @@ import pytest
 
 import contentv_jax.loading as jax_loading
 import contentv_torch_npu.loading as torch_loading
+from contentv_common.backend import get
 from contentv_common.checkpoint.convert import convert
 from contentv_common.checkpoint.formats import open_checkpoint
+from contentv_common.cli import sample as sample_tool
 from contentv_common.config.recipe import LoraConfig
 from contentv_common.data.video_io import read_video
 from contentv_common.errors import CheckpointError
 from contentv_common.lora.adapters import lora_keys, save_adapters, target_modules
-from tools import sample as sample_tool
 
 LORA = LoraConfig(rank=4, alpha=6.0)
 ARGS = ["--tiny", "--prompt", "a cat walking", "--frames", "1", "--size", "16x16", "--steps", "2"]
@@ -61,11 +62,11 @@ def test_merge_at_load_gives_the_converted_weights_in_bfloat16(tiny, tmp_path, b
     checkpoint, adapter, _ = tiny
     bf16 = convert(checkpoint, tmp_path / "bf16", "torch", dtype="bfloat16", progress=False)
     merged = convert(bf16, tmp_path / "merged", "torch", loras=[(adapter, 0.8)], progress=False)
-    model = sample_tool.load_model(backend, bf16, "bfloat16", "cpu")
-    sample_tool.merge_loras(backend, model, sample_tool.open_loras([(adapter, 0.8)], bf16))
+    model = get(backend).load_transformer(bf16, "bfloat16", "cpu")
+    get(backend).merge_loras(model, sample_tool.open_loras([(adapter, 0.8)], bf16))
     loading = jax_loading if backend == "jax" else torch_loading
     ours = dict(loading.canonical_tensors(model))
-    theirs = dict(loading.canonical_tensors(sample_tool.load_model(backend, merged, "bfloat16", "cpu")))
+    theirs = dict(loading.canonical_tensors(get(backend).load_transformer(merged, "bfloat16", "cpu")))
     base = dict(open_checkpoint(bf16).tensors())
     assert sorted(ours) == sorted(theirs)
     for key, value in theirs.items():
@@ -76,7 +77,7 @@ def test_merge_at_load_gives_the_converted_weights_in_bfloat16(tiny, tmp_path, b
 
 def test_bad_lora_fails_before_loading(tiny, tmp_path, monkeypatch):
     checkpoint, _, _ = tiny
-    monkeypatch.setattr(sample_tool, "load_model", _load_forbidden)
+    monkeypatch.setattr(get("jax"), "load_transformer", _load_forbidden)
     wrong = dict(zip(lora_keys("proj_out"), (np.ones((4, 3), np.float32), np.ones((5, 4), np.float32)), strict=True))
     save_adapters(tmp_path / "other.safetensors", wrong, LORA)
     for spec, message in (

@@ -52,9 +52,9 @@ def test_jax_alone_trains_tunes_and_samples_a_pipeline(tmp_path):
     encoders, 2 steps, one sampled clip), a tiny ReFL reward run (its SFT cache by the tiny JAX encoders) and
     tools/sample.py --pipeline on a folder the JAX encoders wrote (CLIP-L/CLIP-G/T5, tokenizers, Wan VAE); then a
     pipeline without tokenizer_3/ ends in one line naming it, exit status 2, before any compile."""
+    from contentv_common.cli.sample import random_tiny_checkpoint
     from contentv_common.data.synthetic import make_synthetic_set
     from contentv_jax.encoders import tiny_encoders
-    from tools.sample import random_tiny_checkpoint
 
     pipe = tiny_encoders(seed=1).save(tmp_path / "pipe")
     random_tiny_checkpoint(pipe, seed=1, backend="jax")

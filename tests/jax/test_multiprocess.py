@@ -26,7 +26,9 @@ from safetensors.numpy import load_file
 from contentv_common.config.recipe import load_recipe, parse_override
 from contentv_common.data.buckets import BucketBatchSampler
 from contentv_common.data.cache import LatentCache, read_index
+from contentv_common.data.prepare import prepare_data
 from contentv_common.data.synthetic import make_synthetic_set
+from contentv_common.training.demo import DEMO_PROMPTS
 from contentv_jax import multihost
 from contentv_jax.checkpointing import Checkpointer
 from contentv_jax.data import StepBatches
@@ -34,7 +36,6 @@ from contentv_jax.loading import load_transformer
 from contentv_jax.train import default_mesh, get_trainer, run
 from tests.narrow_model import NARROW
 from tools.launch_local import free_port, process_env
-from tools.train import DEMO_PROMPTS, prepare_data
 
 pytestmark = pytest.mark.multiprocess  # every test here starts several processes
 

@@ -17,10 +17,10 @@ from flax import nnx
 
 from contentv_common.config.recipe import parse_override
 from contentv_common.config.reward import load_reward_recipe
+from contentv_common.data.prepare import prepare_data
 from contentv_jax.loading import load_transformer
 from contentv_jax.transformer import Transformer
 from tests.jax.test_multiprocess import ROOT, TIMEOUT_S, env, flat, quiet
-from tools.train import prepare_data
 
 pytestmark = pytest.mark.multiprocess  # every test here starts several processes
 

@@ -14,6 +14,7 @@ import contentv_jax
 import contentv_torch_npu
 from contentv_common.checkpoint.convert import convert
 from contentv_common.checkpoint.formats import open_checkpoint
+from contentv_common.cli import convert as convert_tool
 from contentv_common.config.model import named_model_config
 from contentv_common.config.recipe import LoraConfig
 from contentv_common.lora.adapters import (
@@ -25,7 +26,6 @@ from contentv_common.lora.adapters import (
     target_modules,
 )
 from contentv_torch_npu.reference import build_diffusers
-from tools import convert as convert_tool
 
 TOL = 1e-5
 LORA = LoraConfig(rank=4, alpha=6.0)  # alpha != rank: the scale 1.5 must survive the export

@@ -9,9 +9,14 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from contentv_common.errors import ConfigError
-from contentv_common.sampling import flow_match_schedule, latent_shape, read_scheduler_settings, scheduler_settings
+from contentv_common.sampling import (
+    flow_match_schedule,
+    initial_noise,
+    latent_shape,
+    read_scheduler_settings,
+    scheduler_settings,
+)
 from contentv_torch_npu.sampling import official_noise
-from tools import sample as sample_tool
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -23,9 +28,9 @@ def test_torch_noise_is_the_official_pipelines(dtype):
     assert got.dtype == np.float32 and got.shape == shape
     np.testing.assert_array_equal(got, want.float().numpy())
     # the CLI draws all prompts in one call from --seed, as the pipeline does for a list of prompts
-    cli = sample_tool.initial_noise("torch", 42, latent_shape(16, 9, 32, 48), 3, str(dtype).removeprefix("torch."))
+    cli = initial_noise("torch", 42, latent_shape(16, 9, 32, 48), 3, str(dtype).removeprefix("torch."))
     np.testing.assert_array_equal(cli, got)
-    assert not np.array_equal(cli, sample_tool.initial_noise("numpy", 42, latent_shape(16, 9, 32, 48), 3, "float32"))
+    assert not np.array_equal(cli, initial_noise("numpy", 42, latent_shape(16, 9, 32, 48), 3, "float32"))
 
 
 @pytest.mark.parametrize("steps,shift,terminal", [(10, 3.0, 0.1), (25, 5.0, 0.02), (7, 1.0, None)])

@@ -11,6 +11,7 @@ import contentv_jax.sampling as jax_sampling
 import contentv_torch_npu
 import contentv_torch_npu.sampling as torch_sampling
 from contentv_common.checkpoint.formats import write_diffusers
+from contentv_common.cli import sample as sample_tool
 from contentv_common.config.model import named_model_config
 from contentv_common.data.embedding_cache import EmbeddingCache
 from contentv_common.data.video_io import read_video
@@ -19,7 +20,6 @@ from contentv_torch_npu.encoders import SD3ImageVAE, load_encoders, tiny_encoder
 from contentv_torch_npu.loading import canonical_tensors
 from contentv_torch_npu.reference import build_diffusers
 from contentv_torch_npu.text_encoders import tiny_text_encoders
-from tools import sample as sample_tool
 
 STEPS, GUIDANCE, SHIFT = 4, 4.5, 3.0
 PROMPT, NEGATIVE = "a cat walking on the sea", "low quality"

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from contentv_common.backend import get
 from contentv_common.config.recipe import load_recipe
 from contentv_common.data.cache import read_index
+from contentv_common.data.prepare import prepare_data_once
 from contentv_common.data.synthetic import make_synthetic_set
-from tools.train import prepare_data_once
 
 pytestmark = pytest.mark.multiprocess  # every test here starts several processes
 
@@ -22,11 +23,11 @@ def test_other_ranks_wait_for_rank_0s_cache(tmp_path):
     recipe = load_recipe(
         TINY, {"data.manifest": str(manifest), "data.cache_dir": str(tmp_path / "cache"), "data.buckets": buckets}
     )
-    rank1 = threading.Thread(target=prepare_data_once, args=(recipe, "torch", False, False, 0.05))
+    rank1 = threading.Thread(target=prepare_data_once, args=(recipe, get("torch"), False, False, 0.05))
     rank1.start()
     time.sleep(0.5)
     assert rank1.is_alive() and not (tmp_path / "cache").exists()  # waits, builds nothing
-    prepare_data_once(recipe, "torch", True, False, 0.05)  # rank 0
+    prepare_data_once(recipe, get("torch"), True, False, 0.05)  # rank 0
     rank1.join(timeout=30)
     assert not rank1.is_alive()
     assert len(read_index(tmp_path / "cache").samples) == 2

@@ -95,11 +95,11 @@ def single_run(tiny_dataset, tmp_path_factory):
 
 
 def test_the_trained_model_is_exported_beside_the_checkpoints(tiny_dataset, single_run):
-    """tools/train.py's export after a torch run: the last checkpoint's EMA as a transformer folder in
+    """The torch backend's export (contentv-train's, after a run): the last checkpoint's EMA as a transformer folder in
     `<checkpoint.dir>/../transformer` (where the README's follow-ups look for the demo's model), as after a JAX run."""
-    from tools.train import export_transformer
+    from contentv_common.backend import get
 
-    out = export_transformer(_recipe(tiny_dataset, single_run, steps=3), "torch")
+    out = get("torch").export(_recipe(tiny_dataset, single_run, steps=3))
     assert out == single_run / "transformer"
     state = ckpt.load_state(single_run / "ckpt" / "step_00000003")
     exported = load_transformer(out).state_dict()

@@ -3,9 +3,10 @@
 `drop_cache(files)` evicts the files from the page cache (posix_fadvise DONTNEED: only these files, so other work on
 the machine keeps its cache), so a load that follows reads from the disk. `direct_read(files)` reads them with
 O_DIRECT (no page cache) in 64 MiB requests from 4 threads into reused buffers: the disk alone, with no memory to
-fault in and no copies, the most any loader could reach. Both are used by tools/bench_load.py and
-tools/smoke_full_size.py, which read the files directly just before and just after the load (a shared disk's speed
-drifts) and compare the load with the two together (`combined`).
+fault in and no copies, the most any loader could reach. Both are used by tools/bench_load.py,
+tools/bench_train_state.py and tools/smoke_full_size.py, which read the files directly just before and just after the
+load (a shared disk's speed drifts) and compare the load with the two together (`combined`); `checkpoint_files` says
+which files a load reads, `rss_bytes` what the process holds.
 """
 
 from __future__ import annotations
@@ -68,3 +69,15 @@ def combined(reads: list[dict[str, float]]) -> dict[str, float]:
         "min": min(rates),
         "max": max(rates),
     }
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The files a load reads: the safetensors weights (diffusers / torch format) or everything of an orbax folder."""
+    found = sorted(folder.glob("*.safetensors"))
+    return found or sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -1,0 +1,242 @@
+"""Ahead-of-time memory planner: will every step of a recipe fit its devices? Nothing is allocated, no TPU needed.
+
+    python tools/plan.py --recipe R --target tpu:v5p:4x4x4 --hbm-gib 64 --json OUT [--blocks N] [key=value ...]
+    python tools/plan.py --recipe R --target cpu:8 --hbm-gib 16
+    python tools/plan.py --backend torch --recipe R --hbm-gib 64 --json OUT
+    python tools/plan.py --recipe R --target tpu:v5p:2x2x1 --chips 1 --hbm-gib 64      # one chip of a host
+    python tools/plan.py --all [--check | --force]                                    # docs/scale.md's table
+
+JAX: compiles the real train step of every bucket and one sampling step (cond/uncond pair batched) at the largest
+bucket (a reward recipe, configs/recipes/reward_*.yaml: its update step, kind "reward", contentv_jax.reward.plan),
+and with `--kinds text` SD3.5's text encoders on that bucket's batch of 333-token prompts (the recipe's pipeline
+folder's encoders, or the official full-size CLIP-L/CLIP-G/T5-XXL when the folder is not here), with abstract inputs
+sharded over the recipe's mesh, built from the target's devices: `tpu:<libtpu topology>`
+(chips = the product, e.g. v5p:4x4x4 = 64; needs `pip install .[tpu]`) or `cpu:N` fake CPU devices. Prints per-device
+argument, temporary, output and aliased bytes, peak, compile time, model FLOPs and fit; lists parameters left
+replicated. `--blocks N` plans a shallower model for quick checks. Torch: contentv_torch_npu.memory_plan.
+
+`--all` plans every entry of docs/scale.md's table (contentv_common.plan.table: every bucket of every stage and
+reward recipe on 64 v5p chips and in the torch estimate, the one-device LoRA recipes) whose JSON in docs/plans/ is
+missing or stale (`--force`: all of them), one subprocess each, then rewrites the table; `--check` only lists them.
+
+Exit status: 0 when every step fits, 1 when one does not, 2 on bad input (one line on stderr, before any compile);
+`--all`: 0 when every plan ran and fits, 1 otherwise; `--all --check`: 0 when no plan is missing or stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+from contentv_common.backend import get
+from contentv_common.config.recipe import Recipe, load_recipe, parse_override
+from contentv_common.config.reward import RewardRecipe, is_reward_recipe, load_reward_recipe
+from contentv_common.errors import ConfigError
+from contentv_common.plan import table as plan_table
+from contentv_common.plan.report import GIB, report
+
+ROOT = Path(__file__).resolve().parents[2]
+
+KINDS = ("train", "sample", "text")
+DEFAULT_KINDS = ("train", "sample")
+SCALE_DOC = ROOT / "docs" / "scale.md"
+
+
+class BadInput(Exception):
+    """Bad command-line input: one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise BadInput(message)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A plan's `--target`: `platform` "tpu" (a libtpu `topology`) or "cpu" (fake devices), its `total` devices and
+    the `count` planned on (`--chips`, else all)."""
+
+    text: str
+    platform: str
+    topology: str | None
+    total: int
+    chips: int | None
+
+    @property
+    def count(self) -> int:
+        return self.total if self.chips is None else self.chips
+
+    @property
+    def where(self) -> str:
+        return self.text + ("" if self.chips is None else f" --chips {self.chips}")
+
+
+def parse_target(text: str, chips: int | None = None) -> Target:
+    """`tpu:<topology>` (chips = the product of its sizes) or `cpu:N`, and `--chips` of it."""
+    platform, _, rest = text.partition(":")
+    target = None
+    if platform == "cpu" and rest.isdigit() and int(rest) > 0:
+        target = Target(text, "cpu", None, int(rest), chips)
+    if platform == "tpu":
+        _, _, dims = rest.rpartition(":")
+        sizes = dims.split("x")
+        if ":" in rest and all(s.isdigit() and int(s) > 0 for s in sizes):
+            target = Target(text, "tpu", rest, math.prod(int(s) for s in sizes), chips)
+    if target is None:
+        raise BadInput(f"--target {text!r}: expected tpu:<libtpu topology> (e.g. tpu:v5p:4x4x4) or cpu:<devices>")
+    if chips is not None and not 1 <= chips <= target.total:
+        raise BadInput(f"--chips {chips}: the target {text} has {target.total} chips")
+    return target
+
+
+def ask_for_devices(target: Target) -> None:
+    """Fake CPU devices exist only if XLA_FLAGS asks for them before jax is imported: set it here, framework-free."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if target.platform == "cpu":
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={target.total}".strip()
+
+
+def load(args: argparse.Namespace) -> Recipe | RewardRecipe:
+    try:
+        overrides = dict(parse_override(o) for o in args.overrides)
+        if is_reward_recipe(args.recipe):
+            recipe = load_reward_recipe(args.recipe, overrides)
+        else:
+            recipe = load_recipe(args.recipe, overrides)
+    except ConfigError as e:
+        raise BadInput(str(e)) from None
+    reward = isinstance(recipe, RewardRecipe)
+    if reward and (args.buckets or args.kinds_given):
+        raise BadInput(f"{args.recipe}: a reward recipe plans its one update step; drop --buckets / --kinds")
+    if not reward and recipe.stages:
+        raise BadInput(f"{args.recipe}: has stages; plan each stage's recipe file")
+    if args.blocks is not None:
+        if args.blocks < 1:
+            raise BadInput(f"--blocks must be >= 1, got {args.blocks}")
+        model = dataclasses.replace(recipe.model_config, num_layers=args.blocks)
+        recipe = dataclasses.replace(recipe, model=model)
+    if reward:
+        return recipe
+    names = {b.name for b in recipe.data.buckets}
+    unknown = sorted(set(args.buckets or ()) - names)
+    if unknown:
+        raise BadInput(f"--buckets {unknown}: not in {args.recipe} (buckets: {sorted(names)})")
+    return recipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", help="training or reward recipe YAML (configs/recipes/*.yaml)")
+    parser.add_argument("--target", help="tpu:<topology> (tpu:v5p:4x4x4, tpu:v6e:8x8) or cpu:<devices>; JAX only")
+    parser.add_argument(
+        "--chips",
+        type=int,
+        help="plan on the first N chips of --target (libtpu's smallest v5p "
+        "topology is one host, 2x2x1: --target tpu:v5p:2x2x1 --chips 1 plans one chip)",
+    )
+    parser.add_argument("--hbm-gib", type=float, help="memory per device to fit in, GiB")
+    parser.add_argument("--json", help="write the plan here (JSON)")
+    parser.add_argument("--backend", choices=("jax", "torch"), default="jax")
+    parser.add_argument("--blocks", type=int, help="plan this many transformer blocks instead of the model's")
+    parser.add_argument(
+        "--kinds", help="steps to plan, comma-separated: train,sample,text (default train,sample; text: the encoders)"
+    )
+    parser.add_argument("--buckets", help="only these bucket names, comma-separated (e.g. 832x480x121)")
+    parser.add_argument("--text-tokens", type=int, default=333, help="text tokens per sample (SD3.5: 333)")
+    parser.add_argument("--all", action="store_true", help="plan docs/scale.md's missing or stale table entries")
+    parser.add_argument("--check", action="store_true", help="with --all: list missing / stale plans, plan nothing")
+    parser.add_argument("--force", action="store_true", help="with --all: plan every entry, current or not")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides, e.g. mesh.fsdp=8")
+    try:
+        args = parser.parse_intermixed_args(argv)
+        if args.all:
+            named = ("recipe", "hbm_gib", "json", "target", "chips", "blocks", "kinds", "buckets")
+            given = [f"--{k.replace('_', '-')}" for k in named if getattr(args, k) is not None] + args.overrides
+            if given:
+                raise BadInput(f"--all plans docs/scale.md's table entries; drop {' '.join(given)}")
+            return plan_all(plan_table.entries(ROOT), ROOT / plan_table.PLANS, SCALE_DOC, args.force, args.check)
+        if args.check or args.force:
+            raise BadInput("--check and --force go with --all")
+        if args.recipe is None or args.hbm_gib is None:
+            raise BadInput("--recipe and --hbm-gib are required (or --all)")
+        args.kinds_given = args.kinds is not None
+        args.kinds = tuple(k for k in (args.kinds or ",".join(DEFAULT_KINDS)).split(",") if k)
+        if not args.kinds or set(args.kinds) - set(KINDS):
+            raise BadInput(f"--kinds {','.join(args.kinds)}: choose from {','.join(KINDS)}")
+        args.buckets = tuple(args.buckets.split(",")) if args.buckets else None
+        if not (args.hbm_gib > 0 and math.isfinite(args.hbm_gib)):
+            raise BadInput(f"--hbm-gib must be a positive number, got {args.hbm_gib}")
+        if args.text_tokens < 1:
+            raise BadInput(f"--text-tokens must be positive, got {args.text_tokens}")
+        target = None if args.target is None else parse_target(args.target, args.chips)
+        if args.json and not Path(args.json).resolve().parent.is_dir():
+            raise BadInput(f"--json {args.json}: directory does not exist")
+        recipe = load(args)
+        hbm = int(args.hbm_gib * GIB)
+        print(
+            f"plan {args.recipe} ({recipe.model_config.num_layers} blocks, mesh data x fsdp x sequence x tensor = "
+            f"{' x '.join(map(str, recipe.mesh.shape))}) on {args.target or args.backend}, {args.hbm_gib:g} GiB",
+            flush=True,
+        )
+        if target is not None:
+            ask_for_devices(target)
+        options = {"target": target, "chips": args.chips, "kinds": args.kinds, "buckets": args.buckets}
+        options |= {"text_tokens": args.text_tokens, "recipe_path": args.recipe}
+        plans, meta = get(args.backend).plan(recipe, hbm, **options)
+    except (BadInput, ConfigError) as e:
+        print(f"plan.py: error: {e}", file=sys.stderr)
+        return 2
+    mesh = dict(zip(("data", "fsdp", "sequence", "tensor"), recipe.mesh.shape, strict=True))
+    if recipe.mesh.shard_data:
+        mesh["shard_data"] = True
+    where = {"recipe": args.recipe, "backend": args.backend, "blocks": recipe.model_config.num_layers, "mesh": mesh}
+    doc = report(plans, hbm, **where, **meta, **plan_table.provenance(ROOT, args.recipe))
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+    print("every step fits" if doc["fits"] else "a step does NOT fit", f"{args.hbm_gib:g} GiB per device")
+    return 0 if doc["fits"] else 1
+
+
+def plan_all(entries: list[plan_table.Entry], plans: Path, doc_path: Path, force: bool, check: bool) -> int:
+    """Plan the entries whose JSON in `plans` is missing or stale (all with `force`), each in its own process (a
+    failure or crash leaves the last plan in place), then rewrite the table in `doc_path`."""
+    todo = []
+    for entry in entries:
+        doc = plan_table.read_plan(plans, entry)
+        why = "not planned" if doc is None else plan_table.stale(ROOT, doc)
+        status = why or f"current (planned at {doc['commit']})"
+        print(f"{entry.key}: {status}", flush=True)
+        if why or force:
+            todo.append(entry)
+    if check:
+        return 1 if todo else 0
+    plans.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for i, entry in enumerate(todo, 1):
+        print(f"\n[{i}/{len(todo)}] python tools/plan.py {' '.join(entry.argv())}", flush=True)
+        out = plan_table.plan_path(plans, entry)
+        cmd = [sys.executable, "-m", "contentv_common.cli.plan", *entry.argv(), "--json", str(out)]
+        if subprocess.run(cmd, cwd=ROOT).returncode not in (0, 1):
+            failed.append(entry.key)
+    docs = [(e, plan_table.read_plan(plans, e)) for e in entries]
+    plan_table.write_table(doc_path, plan_table.table(ROOT, docs))
+    print(f"wrote {len(docs)} plans into {doc_path}" + (f"; these failed: {', '.join(failed)}" if failed else ""))
+    return 0 if not failed and all(d is not None and d["fits"] for _, d in docs) else 1
+
+
+def entry() -> None:
+    """The `contentv-plan` command (its errors are its own: one line, exit status 2)."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,264 @@
+"""Text to video: prompt(s) -> mp4, with the JAX core or the torch twin.
+
+    python tools/sample.py --pipeline ContentV-8B --prompt "a cat on the sea" --size 432x768 --dtype bfloat16
+    python tools/sample.py --pipeline sd3.5-large --prompt "a red fox" --frames 1 --size 1024x1024 --backend torch
+    python tools/sample.py --tiny --transformer runs/tiny/final --prompt "a red cat" --frames 9 --size 64x64
+    python tools/sample.py --pipeline ContentV-8B --lora runs/lora/adapter.safetensors:0.8 --prompt "a cat"
+
+Encoders (CLIP-L/CLIP-G/T5 + Wan VAE) come from `--pipeline` (a local diffusers folder), `--tiny` (random tiny
+ones, no downloads) or `--demo` (the CPU demo's: a tiny Wan VAE trained on the synthetic set + word embeddings), and
+run in the chosen backend: `--backend jax` needs no torch (Flax text encoders, JAX Wan VAE), except that SD3's 2D
+image VAE (an SD3/SD3.5 image pipeline) exists in torch only and decodes there.
+The transformer is `--transformer` (any folder `load_transformer` reads: diffusers, our torch or our JAX format), else
+`PIPELINE/transformer`, else (with `--tiny` or `--demo`) a random tiny model seeded by `--model-seed`. `--lora
+ADAPTER[:SCALE]` (repeatable; our adapter file or diffusers' SD3 LoRA file) is merged into its weights as it loads,
+exactly as `tools/convert.py --lora` merges it into a checkpoint.
+SD3/SD3.5 checkpoints run in image mode (`--frames 1`). Noise is drawn in numpy from `--seed` + prompt index, so both
+backends and any batch size give the same video for the same weights; `--noise torch` draws it as the official
+ContentV demo does (a torch CPU generator seeded with `--seed`, all prompts at once, in `--dtype`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tempfile
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import get_args
+
+import numpy as np
+
+from contentv_common.backend import Backend, get
+from contentv_common.checkpoint.formats import detect_format, open_checkpoint, write_torch
+from contentv_common.cli import run_cli
+from contentv_common.config.model import ModelConfig, named_model_config
+from contentv_common.config.recipe import AttentionChoice
+from contentv_common.dtypes import COMPUTE_DTYPES
+from contentv_common.errors import ConfigError
+from contentv_common.lora.adapters import Lora, open_lora, parse_lora_spec
+from contentv_common.sampling import (
+    SHIFT,
+    ClipSettings,
+    SchedulerSettings,
+    latent_shape,
+    read_scheduler_settings,
+    sample_clips,
+)
+from contentv_common.text.sd3_prompt import check_text_widths, read_text_configs
+from contentv_common.tiny_models import random_weights
+
+
+def pipeline_scheduler(pipeline: Path | None) -> SchedulerSettings:
+    """The pipeline's scheduler/scheduler_config.json settings (SD3.5: shift 3.0), else shift SHIFT; fields that would
+    select a schedule not implemented here raise ConfigError naming the field."""
+    path = None if pipeline is None else pipeline / "scheduler" / "scheduler_config.json"
+    if path is None or not path.exists():
+        return SchedulerSettings(shift=SHIFT)
+    return read_scheduler_settings(path)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"--size must be HEIGHTxWIDTH in pixels (e.g. 432x768), got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def register_format(path: Path) -> None:
+    """The JAX format's reader is contentv_jax's own: importing it registers it (the header reads need no more)."""
+    if detect_format(path) == "jax":
+        import contentv_jax  # noqa: F401
+
+
+def open_loras(specs: list[tuple[Path, float]], path: Path) -> list[Lora]:
+    """The adapters of `--lora`, read and checked against the checkpoint's keys and shapes (headers only)."""
+    if not specs:
+        return []
+    register_format(path)
+    shapes = open_checkpoint(path).shapes
+    return [open_lora(adapter, scale, shapes) for adapter, scale in specs]
+
+
+def random_tiny_checkpoint(folder: Path, seed: int, backend: str = "jax") -> Path:
+    """A seeded random tiny transformer drawn in numpy (contentv_common.tiny_models) in our torch format: the very
+    same weights whichever backend draws them and loads them."""
+    cfg = named_model_config("tiny")
+    weights = random_weights(get(backend).transformer_shapes(cfg), seed)
+    return write_torch(folder / "transformer", cfg, iter(weights.items()))
+
+
+def build_encoders(backend: Backend, args: argparse.Namespace):
+    """The backend's encoders (`--tiny`, `--demo` or `--pipeline`), the same numpy interface in both."""
+    name = "tiny" if args.tiny else "demo" if args.demo else args.pipeline
+    return backend.encoders(name, args.encoder_seed, args.dtype, args.device, args.cache_dir)
+
+
+def latent_decoder(encoders, pipeline: Path | None, device: str) -> Callable[[np.ndarray], np.ndarray]:
+    """Normalised latents -> uint8 frames through the encoders' own VAE; SD3's 2D image VAE (an image pipeline, for
+    which the JAX encoders hold no VAE) exists in torch only, so there it decodes in torch."""
+    if encoders.vae is not None:
+        return encoders.decode_latents
+    from contentv_torch_npu.device import resolve_device
+    from contentv_torch_npu.encoders import decode_latents, load_pipeline_vae
+
+    return partial(decode_latents, load_pipeline_vae(pipeline / "vae", resolve_device(device)))
+
+
+def transformer_config(path: Path) -> ModelConfig:
+    """The checkpoint's ModelConfig, from its config file alone."""
+    register_format(path)
+    return open_checkpoint(path).config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_argument_group("models")
+    src.add_argument("--pipeline", type=Path, help="local diffusers pipeline folder (ContentV-8B or SD3.5)")
+    src.add_argument("--tiny", action="store_true", help="random tiny encoders (and model, without --transformer)")
+    src.add_argument("--demo", action="store_true", help="the CPU demo's encoders: trained tiny VAE + word embeddings")
+    src.add_argument("--transformer", type=Path, help="transformer checkpoint folder (diffusers, torch or jax format)")
+    src.add_argument("--model-seed", type=int, default=0, help="seed of the random tiny transformer")
+    src.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        type=parse_lora_spec,
+        metavar="ADAPTER[:SCALE]",
+        help="merge this LoRA adapter (ours or diffusers', scale default 1.0) into the transformer; repeatable",
+    )
+    src.add_argument("--encoder-seed", type=int, default=0, help="seed of the random tiny encoders")
+    ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    ap.add_argument("--prompts-file", type=Path, help="text file with one prompt per line")
+    ap.add_argument("--negative-prompt", default="", help="the unconditional branch of guidance")
+    ap.add_argument("--backend", choices=["jax", "torch"], default="jax")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=6.0, help="CFG scale; <= 1 disables guidance")
+    ap.add_argument(
+        "--shift", type=float, help=f"static flow-match shift (default: the pipeline's scheduler config, else {SHIFT})"
+    )
+    ap.add_argument("--frames", type=int, default=125, help="1 + 4k frames (1 for image models)")
+    ap.add_argument("--size", type=parse_size, default=(432, 768), help="HEIGHTxWIDTH in pixels, multiples of 16")
+    ap.add_argument("--seed", type=int, default=0, help="noise seed; prompt i uses seed + i (numpy noise)")
+    ap.add_argument(
+        "--noise",
+        choices=("numpy", "torch"),
+        default="numpy",
+        help="numpy: the same video in both backends; torch: the official ContentV demo's latents for --seed",
+    )
+    ap.add_argument("--batch-size", type=int, default=1, help="prompts denoised together")
+    ap.add_argument(
+        "--attention",
+        choices=get_args(AttentionChoice),
+        default="auto",
+        help="JAX attention kernel: auto = cuDNN flash on GPU, splash on TPU, XLA on CPU",
+    )
+    ap.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32", help="transformer and text-encoder dtype")
+    ap.add_argument("--device", default="auto", help="torch device: auto, npu, cuda, cpu")
+    ap.add_argument("--cache-dir", type=Path, help="on-disk text-embedding cache")
+    ap.add_argument("--fps", type=float, default=24.0)
+    ap.add_argument("--out", type=Path, default=Path("samples"), help="output folder for the mp4 files")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        if not args.prompts_file.is_file():
+            raise FileNotFoundError(f"--prompts-file {args.prompts_file}: no such file")
+        prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    return prompts
+
+
+def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, prompts: list[str], backend: Backend) -> None:
+    if not prompts:
+        ap.error("give at least one --prompt or a --prompts-file")
+    if (args.pipeline is not None) + args.tiny + args.demo != 1:
+        ap.error("give exactly one of --pipeline FOLDER (a local diffusers pipeline), --tiny or --demo")
+    if args.steps < 1 or args.batch_size < 1:
+        ap.error("--steps and --batch-size must be >= 1")
+    try:
+        backend.check_attention(args.attention)
+    except ValueError as e:
+        ap.error(f"--attention: {e}")
+    try:
+        latent_shape(16, args.frames, *args.size)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.pipeline is not None and not args.pipeline.is_dir():
+        ap.error(f"--pipeline {args.pipeline}: no such folder")
+    if args.transformer is not None:  # before any model loads: a bad checkpoint is one line naming its file
+        register_format(args.transformer)
+        open_checkpoint(args.transformer)
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    prompts = read_prompts(args)
+    backend = get(args.backend)
+    check_args(ap, args, prompts, backend)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.transformer
+        if path is None and args.pipeline is not None:
+            path = args.pipeline / "transformer"
+        elif path is None:
+            path = random_tiny_checkpoint(Path(tmp), args.model_seed, args.backend)
+        loras = open_loras(args.lora, path)  # before anything loads: a bad adapter is one line naming its file
+        if args.pipeline is not None:  # widths from the config files, before any weight is read
+            cfg = transformer_config(path)
+            widths = (cfg.joint_attention_dim, cfg.pooled_projection_dim)
+            check_text_widths(read_text_configs(args.pipeline), args.pipeline, *widths)
+        encoders = build_encoders(backend, args)
+        model = backend.load_transformer(path, args.dtype, args.device, args.attention)
+        if loras:
+            backend.merge_loras(model, loras)
+        decode = latent_decoder(encoders, args.pipeline, args.device)
+    cfg = model.cfg
+    if (cfg.joint_attention_dim, cfg.pooled_projection_dim) != (encoders.text_dim, encoders.pooled_dim):
+        ap.error(
+            f"transformer expects text {cfg.joint_attention_dim} / pooled {cfg.pooled_projection_dim} wide, the "
+            f"encoders give {encoders.text_dim} / {encoders.pooled_dim}"
+        )
+    if cfg.pos_embed == "sd3_2d" and args.frames != 1:
+        ap.error(f"{path} is an image model (SD3 position table): use --frames 1")
+    try:
+        schedule = pipeline_scheduler(args.pipeline)
+    except ConfigError as e:
+        ap.error(str(e))
+    try:
+        latent_shape(cfg.in_channels, args.frames, *args.size)
+    except ValueError as e:
+        ap.error(str(e))
+    settings = ClipSettings(
+        frames=args.frames,
+        height=args.size[0],
+        width=args.size[1],
+        steps=args.steps,
+        guidance=args.guidance,
+        shift=args.shift if args.shift is not None else schedule.shift,
+        shift_terminal=schedule.shift_terminal,
+        seed=args.seed,
+        noise=args.noise,
+        dtype=args.dtype,
+        negative_prompt=args.negative_prompt,
+        batch_size=args.batch_size,
+        fps=args.fps,
+    )
+    return sample_clips(backend, model, encoders, decode, prompts, args.out, settings, not args.no_progress)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    main(argv)
+    return 0
+
+
+def entry() -> None:
+    """The `contentv-sample` command."""
+    run_cli(cli)
+
+
+if __name__ == "__main__":
+    entry()

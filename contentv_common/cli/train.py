@@ -1,0 +1,101 @@
+"""Train ContentV with flow matching: `contentv-train [--config RECIPE] [--backend jax|torch] [key=value ...]`.
+
+Flags and overrides may come in any order. Everything is checked before any model or data work (recipe file, YAML,
+overrides, mesh vs devices, the checkpoint dir's run lock, then the data): a problem is one line naming the file or
+key, exit status 2; a run that stops (divergence, a failed checkpoint save) is one line and exit status 1.
+
+With the default tiny recipe the run is self-contained: it generates the synthetic moving-shapes set, caches its
+latents and text embeddings with the demo encoders (configs/demo_vae + word embeddings), trains the demo model on CPU,
+writes a loss-curve PNG and samples the four demo prompts into `<run>/samples/` beside a strip image.
+Logs go to `<log_dir>/metrics.jsonl` and TensorBoard; multi-stage recipes run their stages in order.
+Several processes (JAX: jax.distributed, see contentv_jax.multihost and tools/launch_local.py; torch: torchrun) run
+the same command; process / rank 0 alone builds the data cache, writes the logs and samples the demo clip.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from contentv_common.backend import Backend, get
+from contentv_common.checkpoint.run_lock import check_unlocked
+from contentv_common.cli import run_cli
+from contentv_common.config.recipe import load_recipe, parse_override
+from contentv_common.config.reward import is_reward_recipe, load_reward_recipe
+from contentv_common.data.prepare import check_encoder_widths, prepare_data_once
+from contentv_common.errors import ConfigError
+from contentv_common.training.demo import DEMO_PROMPTS, lora_demo_base, sample_demo, sample_reward_demo
+from contentv_common.training.metrics import LossCurve
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "recipes" / "tiny.yaml"
+
+
+def train_reward(path: str, overrides: dict[str, Any], backend: Backend, progress: bool, prompts: list[str]) -> int:
+    """Reward fine-tuning (ReFL or GRPO): recipes with a `method` key (configs/recipes/reward_*.yaml). A run that
+    tunes a model of its own (`init_from`) with the tiny or demo encoders then samples `prompts` before and after."""
+    recipe = load_reward_recipe(path, overrides)
+    if recipe.init_from is not None and not Path(recipe.init_from).exists():
+        hint = " (the CPU demo's model: run `python tools/train.py` first)" if recipe.encoders == "demo" else ""
+        raise ConfigError(f"{path}: init_from: {recipe.init_from}: no such folder{hint}")
+    primary = backend.check_devices(recipe)  # joins a multi-process run first, before any data work
+    if primary:
+        check_unlocked(recipe.checkpoint.dir)
+    check_encoder_widths(recipe.encoders, recipe.model_config)
+    if recipe.data is not None:
+        prepare_data_once(recipe, backend, primary, progress)
+    record = backend.reward_tune(recipe, progress=progress and primary)
+    if primary:
+        print(f"reward fine-tuning ({recipe.method}, {backend.name}): last step {record}")
+        if prompts and recipe.init_from is not None and recipe.encoders in ("tiny", "demo"):
+            sample_reward_demo(recipe, backend, prompts, progress)
+    backend.barrier("reward-demo")  # the others wait for process 0's clips
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(TINY), help="recipe YAML (default: the tiny CPU demo)")
+    parser.add_argument("--backend", choices=("jax", "torch"), default="jax")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--sample-prompt",
+        action="append",
+        help="after training (or reward-tuning a model) with tiny or demo encoders, sample a clip with this prompt "
+        "(repeatable; default: the four demo prompts; '' to skip)",
+    )
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optimizer.lr=3e-4 steps=50")
+    args = parser.parse_intermixed_args(argv)
+    progress = not args.no_progress
+    overrides = dict(parse_override(o) for o in args.overrides)
+    prompts = [p for p in (args.sample_prompt or DEMO_PROMPTS) if p]
+    if is_reward_recipe(args.config):
+        return train_reward(args.config, overrides, get(args.backend), progress, prompts)
+    recipe = lora_demo_base(load_recipe(args.config, overrides))
+    stages = recipe.stage_recipes()
+    backend = get(args.backend)
+    primary = backend.check_devices(recipe)  # joins a multi-process run first
+    if primary:  # fail fast; the trainer's main process takes the lock itself
+        for _, stage in stages:
+            check_unlocked(stage.checkpoint.dir)
+    progress = progress and primary
+    for name, stage in stages:
+        print(f"stage {name}: {stage.steps} steps, checkpoints in {stage.checkpoint.dir}")
+        prepare_data_once(stage, backend, primary, progress)
+        curve = LossCurve(stage.log_dir) if primary else None
+        backend.train(stage, progress, curve)
+        if curve is not None and curve.losses:
+            plot = curve.plot()
+            print(f"stage {name}: loss {curve.losses[0]:.4f} -> {curve.losses[-1]:.4f}; curve {plot}")
+    if prompts and stage.data.encoders in ("tiny", "demo"):
+        sample_demo(stage, backend, prompts, progress, primary)
+    return 0
+
+
+def entry() -> None:
+    """The `contentv-train` command."""
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    entry()
