@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from contentv_common.config.reward import RewardRecipe
     from contentv_common.lora.adapters import Lora
     from contentv_common.plan.report import StepPlan
+    from contentv_common.training.run_result import RunResult
 
 # name -> the module that holds its `BACKEND`
 BACKENDS = {"jax": "contentv_jax.backend", "torch": "contentv_torch_npu.backend"}
@@ -55,7 +56,7 @@ class Backend(Protocol):
         recipe's `data.encoders` string), text encoders in `dtype`, on `device` where the backend places them."""
         ...
 
-    def train(self, recipe: Recipe, progress: bool, on_step: Callable[[dict[str, Any]], None] | None) -> Any:
+    def train(self, recipe: Recipe, progress: bool, on_step: Callable[[dict[str, Any]], None] | None) -> RunResult:
         """Train one stage, resuming from its checkpoint dir; `on_step` gets each step's metrics (main process)."""
         ...
 

@@ -230,7 +230,9 @@ def sample_clips(
     written = []
     for start in range(0, len(prompts), settings.batch_size):
         idx = list(range(start, min(start + settings.batch_size, len(prompts))))
-        negs = (np.repeat(neg_text, len(idx), 0), np.repeat(neg_pooled, len(idx), 0)) if guided else (None, None)
+        negs: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
+        if neg_text is not None and neg_pooled is not None:  # guided
+            negs = (np.repeat(neg_text, len(idx), 0), np.repeat(neg_pooled, len(idx), 0))
         latents = backend.sample(
             model,
             noise[idx],

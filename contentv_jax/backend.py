@@ -17,6 +17,7 @@ from contentv_common.config.reward import RewardRecipe
 from contentv_common.errors import ConfigError
 from contentv_common.lora.adapters import Lora
 from contentv_common.plan.report import StepPlan, format_table, gib
+from contentv_common.training.run_result import RunResult
 from contentv_jax import multihost
 from contentv_jax.encoders import Encoders
 
@@ -55,7 +56,7 @@ class JaxBackend:
             return encoders.demo_encoders(cache_dir=cache_dir)
         return encoders.load_encoders(name, dtype=None if dtype is None else jnp.dtype(dtype), cache_dir=cache_dir)
 
-    def train(self, recipe: Recipe, progress: bool, on_step: Callable[[dict[str, Any]], None] | None) -> Any:
+    def train(self, recipe: Recipe, progress: bool, on_step: Callable[[dict[str, Any]], None] | None) -> RunResult:
         from contentv_jax.train import run
 
         return run(recipe, progress=progress, on_step=on_step)

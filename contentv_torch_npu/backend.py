@@ -17,6 +17,7 @@ from contentv_common.config.reward import RewardRecipe
 from contentv_common.errors import ConfigError
 from contentv_common.lora.adapters import Lora
 from contentv_common.plan.report import StepPlan, format_table, gib
+from contentv_common.training.run_result import RunResult
 from contentv_torch_npu.device import resolve_device
 from contentv_torch_npu.encoders import Encoders
 
@@ -66,7 +67,7 @@ class TorchBackend:
         text_dtype = getattr(torch, dtype or "float32")
         return encoders.load_encoders(name, dtype=text_dtype, device=where, cache_dir=cache_dir)
 
-    def train(self, recipe: Recipe, progress: bool, on_step: Callable[[dict[str, Any]], None] | None) -> Any:
+    def train(self, recipe: Recipe, progress: bool, on_step: Callable[[dict[str, Any]], None] | None) -> RunResult:
         from contentv_torch_npu.train import run
 
         _read_jax_init(recipe)

@@ -38,14 +38,15 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from contentv_common.cli import run_cli
 from contentv_common.config.model import ModelConfig, named_model_config
-from contentv_common.config.recipe import BucketConfig, CheckpointConfig, DataConfig, Recipe
+from contentv_common.config.recipe import AttentionChoice, BucketConfig, CheckpointConfig, DataConfig, Recipe, Remat
 from contentv_common.dtypes import COMPUTE_DTYPES
 from contentv_common.model.flops import image_tokens, transformer_flops
 from contentv_common.sampling import VAE_SPACE_FACTOR, VAE_TIME_FACTOR
@@ -71,7 +72,7 @@ class Case:
     """One measurement, passed to its worker subprocess as JSON."""
 
     backend: str  # jax | torch | diffusers | peak
-    mode: str
+    mode: Literal["train", "sample"]
     model: str
     blocks: int
     frames: int
@@ -79,11 +80,11 @@ class Case:
     width: int
     text_tokens: int
     batch: int
-    dtype: str
+    dtype: Literal["float32", "bfloat16"]
     warmup: int
     repeats: int
-    attention: str | None = None  # JAX: auto, xla, cudnn or splash (contentv_jax.ops.resolve_attention)
-    remat: str = "none"
+    attention: AttentionChoice | None = None  # JAX: auto, xla, cudnn or splash (contentv_jax.ops.resolve_attention)
+    remat: Remat = "none"
     compile: bool = False  # torch.compile (torch twin and reference)
     pad_to: int = 0  # JAX: pad the joint sequence to a multiple of this, masking the padding (0 = off)
 
@@ -99,7 +100,7 @@ def latent_for_tokens(target: int, text_tokens: int, grids: tuple[tuple[int, int
     """(frames, height, width) of a latent whose video + text tokens are nearest `target` (ties: the larger frame)."""
     if target <= text_tokens:
         raise ValueError(f"--tokens {target} must exceed the {text_tokens} text tokens")
-    best = None
+    best: tuple[tuple[int, int], tuple[int, int, int]] | None = None
     for rows, cols in grids:
         per_frame = rows * cols
         for frames in {max(1, (target - text_tokens) // per_frame), (target - text_tokens) // per_frame + 1}:
@@ -107,6 +108,7 @@ def latent_for_tokens(target: int, text_tokens: int, grids: tuple[tuple[int, int
             key = (miss, -per_frame)
             if best is None or key < best[0]:
                 best = (key, (frames, rows * patch, cols * patch))
+    assert best is not None  # grids is never empty
     return best[1]
 
 
@@ -226,7 +228,8 @@ def run_jax(case: Case) -> dict[str, Any]:
         trainer = Trainer(recipe, default_mesh(recipe), pad_multiple=case.pad_to or None)
         batch = trainer.device_batch(train_batch(case))
         state = {"state": trainer.init_state()}
-        compiled = trainer.jitted_step(state["state"], batch).lower(state["state"], batch).compile()
+        step: Any = trainer.jitted_step(state["state"], batch)  # a jax.jit function
+        compiled = step.lower(state["state"], batch).compile()
 
         def call():
             state["state"], metrics = compiled(state["state"], batch)
@@ -236,10 +239,10 @@ def run_jax(case: Case) -> dict[str, Any]:
         import jax.numpy as jnp
         from flax import nnx
 
-        graphdef, params, rest = nnx.split(jax_model(case), nnx.Param, ...)
+        graphdef, params, *rest = nnx.split(jax_model(case), nnx.Param, ...)
         data = {k: jnp.asarray(v) for k, v in _inputs(case).items()}
         args = tuple(data[k] for k in ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections"))
-        compiled = jax.jit(lambda params, args: nnx.merge(graphdef, params, rest)(*args)).lower(params, args).compile()
+        compiled = jax.jit(lambda params, args: nnx.merge(graphdef, params, *rest)(*args)).lower(params, args).compile()
 
         def call():
             return compiled(params, args)
@@ -300,7 +303,7 @@ def _twin_train_step(case: Case, dev) -> Callable[[], Any]:
     model = build_model(recipe, Topology(device=dev)).train()
     optimizer = make_optimizer(model, recipe.optimizer)
     inputs = StepInputs(**{k: torch.from_numpy(v).to(dev) for k, v in train_batch(case).items()})
-    run = torch.compile(model) if case.compile else model
+    run: Any = torch.compile(model) if case.compile else model
     lr, clip = recipe.optimizer.lr, recipe.optimizer.grad_clip
     return lambda: train_step(run, optimizer, inputs, lr=lr, grad_clip=clip)[0]
 
@@ -321,7 +324,7 @@ def _forward_call(case: Case, dev) -> Callable[[], Any]:
 
         with dev:
             model = Transformer(cfg, compute_dtype=compute)
-        autocast = contextlib.nullcontext  # the twin autocasts itself
+        autocast: Callable[[], Any] = contextlib.nullcontext  # the twin autocasts itself
     else:
         from contentv_torch_npu.reference import build_diffusers
 
@@ -331,13 +334,9 @@ def _forward_call(case: Case, dev) -> Callable[[], Any]:
         x = x.reshape(  # the same latent values laid out as one image with as many patches
             case.batch, cfg.in_channels, rows * cfg.patch_size, cols * cfg.patch_size
         )
-        if param_dtype != compute:
-
-            def autocast():
-                return torch.autocast(dev.type, dtype=compute)
-
-        else:
-            autocast = contextlib.nullcontext
+        autocast = (
+            partial(torch.autocast, dev.type, dtype=compute) if param_dtype != compute else contextlib.nullcontext
+        )
     model = model.to(device=dev, dtype=param_dtype).train(train)
     target = data["target"].reshape(x.shape)
     run = torch.compile(model) if case.compile else model
@@ -565,7 +564,18 @@ def summarise(
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table; `vs ref` is the diffusers reference's step time over this row's (higher is faster)."""
     ref = {(r["mode"], r["tokens"]): r["step_s_median"] for r in rows if r["backend"] == "diffusers"}
-    head = ("backend", "mode", "blocks", "tokens", "latent", "step ms", "TFLOP/s", "MFU", "vs ref", "/floor")
+    head: tuple[str, ...] = (
+        "backend",
+        "mode",
+        "blocks",
+        "tokens",
+        "latent",
+        "step ms",
+        "TFLOP/s",
+        "MFU",
+        "vs ref",
+        "/floor",
+    )
     head += ("peak GiB", "options")
     lines = []
     for r in rows:

@@ -14,6 +14,7 @@ import argparse
 import importlib
 import sys
 import tempfile
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -42,16 +43,21 @@ def trace_diffusers(path: Path, pos_embed: str | None, inputs: dict[str, np.ndar
     model, cfg = load_diffusers(path)
     cfg = cfg if pos_embed is None else cfg.replace(pos_embed=pos_embed)
     trace: dict[str, torch.Tensor] = {}
-    reference_forward(model, cfg, *(torch.from_numpy(v) for v in inputs.values()), trace=trace)
+    tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    reference_forward(model, cfg, **tensors, trace=trace)
     return {k: v.numpy() for k, v in trace.items()}
 
 
-TRACERS = {"jax": partial(trace_backend, "jax"), "torch": partial(trace_backend, "torch"), "diffusers": trace_diffusers}
+TRACERS: dict[str, Callable[[Path, str | None, dict[str, np.ndarray]], dict[str, np.ndarray]]] = {
+    "jax": partial(trace_backend, "jax"),
+    "torch": partial(trace_backend, "torch"),
+    "diffusers": trace_diffusers,
+}
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+    return float(np.linalg.norm(a - b)) / max(float(np.linalg.norm(b)), 1e-30)
 
 
 def random_inputs(cfg, batch: int, frames: int, height: int, width: int, text_tokens: int, seed: int):

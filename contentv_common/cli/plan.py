@@ -114,18 +114,20 @@ def load(args: argparse.Namespace) -> Recipe | RewardRecipe:
             recipe = load_recipe(args.recipe, overrides)
     except ConfigError as e:
         raise BadInput(str(e)) from None
-    reward = isinstance(recipe, RewardRecipe)
-    if reward and (args.buckets or args.kinds_given):
-        raise BadInput(f"{args.recipe}: a reward recipe plans its one update step; drop --buckets / --kinds")
-    if not reward and recipe.stages:
+    if isinstance(recipe, RewardRecipe):
+        if args.buckets or args.kinds_given:
+            raise BadInput(f"{args.recipe}: a reward recipe plans its one update step; drop --buckets / --kinds")
+    elif recipe.stages:
         raise BadInput(f"{args.recipe}: has stages; plan each stage's recipe file")
     if args.blocks is not None:
         if args.blocks < 1:
             raise BadInput(f"--blocks must be >= 1, got {args.blocks}")
         model = dataclasses.replace(recipe.model_config, num_layers=args.blocks)
         recipe = dataclasses.replace(recipe, model=model)
-    if reward:
+    if isinstance(recipe, RewardRecipe):
         return recipe
+    if recipe.data is None:
+        raise BadInput(f"{args.recipe}: has no data section, whose buckets a plan needs")
     names = {b.name for b in recipe.data.buckets}
     unknown = sorted(set(args.buckets or ()) - names)
     if unknown:
@@ -213,7 +215,7 @@ def plan_all(entries: list[plan_table.Entry], plans: Path, doc_path: Path, force
     for entry in entries:
         doc = plan_table.read_plan(plans, entry)
         why = "not planned" if doc is None else plan_table.stale(ROOT, doc)
-        status = why or f"current (planned at {doc['commit']})"
+        status = why or f"current (planned at {doc['commit'] if doc else ''})"
         print(f"{entry.key}: {status}", flush=True)
         if why or force:
             todo.append(entry)

@@ -103,6 +103,7 @@ def latent_decoder(encoders, pipeline: Path | None, device: str) -> Callable[[np
     from contentv_torch_npu.device import resolve_device
     from contentv_torch_npu.encoders import decode_latents, load_pipeline_vae
 
+    assert pipeline is not None  # tiny and demo encoders hold their VAE
     return partial(decode_latents, load_pipeline_vae(pipeline / "vae", resolve_device(device)))
 
 

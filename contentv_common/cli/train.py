@@ -43,7 +43,8 @@ def train_reward(path: str, overrides: dict[str, Any], backend: Backend, progres
         check_unlocked(recipe.checkpoint.dir)
     check_encoder_widths(recipe.encoders, recipe.model_config)
     if recipe.data is not None:
-        prepare_data_once(recipe, backend, primary, progress)
+        # the SFT data section has the training recipe's data fields, which is all prepare_data reads
+        prepare_data_once(recipe, backend, primary, progress)  # type: ignore[arg-type]
     record = backend.reward_tune(recipe, progress=progress and primary)
     if primary:
         print(f"reward fine-tuning ({recipe.method}, {backend.name}): last step {record}")

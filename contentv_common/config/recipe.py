@@ -25,6 +25,7 @@ T = TypeVar("T")
 
 # The attention kernel: auto = cuDNN flash on GPU, Pallas splash on TPU, XLA on CPU (contentv_jax.ops)
 AttentionChoice = Literal["auto", "xla", "cudnn", "splash"]
+Remat = Literal["none", "full", "dots", "dots_all"]
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -249,7 +250,7 @@ class Recipe:
     objective: ObjectiveConfig = ObjectiveConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     mesh: MeshConfig = MeshConfig()
-    remat: Literal["none", "full", "dots", "dots_all"] = "none"
+    remat: Remat = "none"
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     attention: AttentionChoice = "auto"
     seed: int = 0

@@ -92,6 +92,8 @@ def sample_reward_demo(recipe: RewardRecipe, backend: Backend, prompts: list[str
     from contentv_common.reward.run import black_box_reward
     from contentv_common.training.evaluation import demo_measure
 
+    if recipe.init_from is None:
+        raise ValueError("the reward demo compares with the model the run started from: the recipe needs init_from")
     r = recipe.rollout
     out = Path(recipe.checkpoint.dir).parent / "samples"
     settings = ClipSettings(frames=r.frames, height=r.height, width=r.width, steps=r.steps, guidance=r.guidance,
