@@ -175,11 +175,21 @@ def initial_noise(kind: str, seed: int, shape: tuple[int, ...], count: int, dtyp
     the official ContentV demo (diffusers' pipeline with a prompt list) does."""
     if kind == "numpy":
         return np.concatenate([draw_noise(seed + i, shape) for i in range(count)])
+    return official_noise(seed, (count, *shape[1:]), dtype)
+
+
+def official_noise(seed: int, shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:
+    """The initial latents ContentV's demo draws for `seed`, as float32 numpy, whichever backend samples them (torch
+    is imported here only for its CPU generator).
+
+    demo.py passes `torch.Generator().manual_seed(seed)` (a CPU generator); the pipeline's `prepare_latents` calls
+    diffusers' `randn_tensor` once with shape [B, C, f, h, w] for all B prompts and the prompt embeddings' dtype
+    (bfloat16 there), which draws on the CPU with `torch.randn` and only then moves to the device.
+    """
     import torch
 
-    from contentv_torch_npu.sampling import official_noise
-
-    return official_noise(seed, (count, *shape[1:]), getattr(torch, dtype))
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=getattr(torch, dtype)).float().numpy()
 
 
 def slug(prompt: str, length: int = 40) -> str:

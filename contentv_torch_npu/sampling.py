@@ -13,17 +13,6 @@ from tqdm.auto import tqdm
 from contentv_common.sampling import euler_step, flow_match_schedule, guidance_batch, guide
 
 
-def official_noise(seed: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> np.ndarray:
-    """The initial latents ContentV's demo draws for `seed`, as float32 numpy.
-
-    demo.py passes `torch.Generator().manual_seed(seed)` (a CPU generator); the pipeline's `prepare_latents` calls
-    diffusers' `randn_tensor` once with shape [B, C, f, h, w] for all B prompts and the prompt embeddings' dtype
-    (bfloat16 there), which draws on the CPU with `torch.randn` and only then moves to the device.
-    """
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(shape, generator=generator, dtype=dtype).float().numpy()
-
-
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 

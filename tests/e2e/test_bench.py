@@ -20,6 +20,7 @@ ROW_FIELDS = {
 }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_tiny_run_all_backends_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["--tiny", "--mode", "train,sample", "--cfg-batch", "--pad-to", "16", "--warmup", "1", "--repeats", "2"]
@@ -59,6 +60,7 @@ def test_tiny_run_all_backends_writes_json(tmp_path, capsys):
     assert "matmul peak" in table and table.count("diffusers") == 2 and "1.00x" in table
 
 
+@pytest.mark.slow
 def test_failing_case_is_reported_not_fatal(tmp_path):
     """Cases run in worker subprocesses by default; cuDNN attention does not exist on the CPU: the row says so and
     the exit status is 1."""
@@ -86,6 +88,7 @@ def _has_pad(jaxpr) -> bool:
     return any(e.primitive.name == "pad" or any(_has_pad(s) for s in jaxprs_in_params(e.params)) for e in jaxpr.eqns)
 
 
+@pytest.mark.slow
 def test_pad_to_reaches_the_model_and_keeps_its_output(rel_err):
     """--pad-to sets the model's attention padding (39 tokens -> 48); the output is unchanged."""
     from flax import nnx

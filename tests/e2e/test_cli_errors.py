@@ -11,6 +11,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from contentv_common.checkpoint.run_lock import LOCK_FILE
 from contentv_common.data.synthetic import make_synthetic_set
 
@@ -60,6 +62,7 @@ def _manifest(tmp: Path, name: str, video: Path | None, content: bytes | None = 
     return manifest
 
 
+@pytest.mark.slow
 def test_train_rejects_bad_input_with_one_line(tmp_path):
     recipe_dir = tmp_path / "recipes"
     recipe_dir.mkdir()
@@ -86,6 +89,7 @@ def test_train_rejects_bad_input_with_one_line(tmp_path):
     _check_all(cases)
 
 
+@pytest.mark.slow
 def test_sample_convert_parity_bench_reject_bad_input_with_one_line(tmp_path):
     from contentv_common.cli.sample import random_tiny_checkpoint
 
@@ -117,6 +121,7 @@ def test_sample_convert_parity_bench_reject_bad_input_with_one_line(tmp_path):
     _check_all(cases)
 
 
+@pytest.mark.slow
 def test_second_trainer_on_one_checkpoint_dir_exits_at_once_naming_the_first(tmp_path):
     """Trainer A (torch) holds the dir; B in either backend, and a torch run in this process, are refused."""
     one = make_synthetic_set(tmp_path / "set", num_videos=8, num_images=0, frames=12, fps=8, progress=False)

@@ -7,6 +7,7 @@ session (tests/e2e/conftest.py: the reward demo tests tune the same model).
 import json
 
 import numpy as np
+import pytest
 
 from contentv_common.cli import train
 from contentv_common.data.synthetic import render
@@ -14,6 +15,8 @@ from contentv_common.data.video_io import read_video
 from contentv_common.demo import DEMO_VAE
 from contentv_common.sampling import slug
 from contentv_common.training.evaluation import demo_measure, shape_motion, shows_caption
+
+pytestmark = pytest.mark.slow  # every test here trains, tunes or compiles for real
 
 PROMPTS = train.DEMO_PROMPTS
 

@@ -48,6 +48,7 @@ def _check_consistent(doc: dict, hbm_gib: float) -> None:
         assert s["flops"] == pytest.approx(per_sample * s["batch"], rel=1e-12)
 
 
+@pytest.mark.slow
 def test_cpu_plan_of_a_narrow_recipe_fits_and_reports_every_step(tmp_path):
     out = tmp_path / "plan.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -141,6 +142,7 @@ def test_missing_and_reward_recipes_are_exit_2(capsys, tmp_path):
     assert "reward recipes are planned by the JAX backend" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cpu_plan_of_a_narrow_reward_recipe(tmp_path):
     """The shipped 4-step GRPO recipe on the tiny model, 64x64x5 rollouts, mesh 1 x 8 x 1 x 1: one "reward" row (the
     update step of 32 rollouts) and the state a run keeps per device."""
@@ -174,6 +176,7 @@ def test_torch_backend_without_its_planner_is_exit_2(capsys, monkeypatch):
     assert "--backend torch: the torch planner is not available" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tpu_topology_compile_of_a_narrow_model(tmp_path):
     """The planner on a TPU target (libtpu from the .[tpu] extra, which the README's test command installs)."""
     assert importlib.util.find_spec("libtpu"), "libtpu is not installed: install the .[tpu] extra (README: Tests)"

@@ -106,6 +106,7 @@ def test_a_plan_is_stale_once_its_code_or_recipe_changes(tmp_path):
     assert "uncommitted" in plan_table.stale(repo, {**doc, "dirty": True})
 
 
+@pytest.mark.slow
 def test_all_plans_missing_entries_and_writes_the_table(tmp_path, monkeypatch):
     """`--all` on one torch entry (the tiny recipe, one rank): the plan's JSON lands in the plans folder with its
     commit and date, and the table between the markers of the document is rewritten around the rest of it."""

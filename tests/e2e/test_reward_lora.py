@@ -4,6 +4,7 @@ written, and the exported model is the untouched seeded base with those adapters
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from contentv_common.lora.adapters import load_adapters, merge
 from tests.e2e.test_reward_run import _recipe, _rows, synthetic  # noqa: F401 (the synthetic set fixture)
@@ -23,6 +24,7 @@ def _check(tmp_path, base: dict[str, np.ndarray], exported: dict[str, np.ndarray
         assert rel_err(exported[k], expected[k]) < 1e-6, k  # the base untouched, the adapters merged
 
 
+@pytest.mark.slow
 def test_jax_reward_lora(synthetic, tmp_path, rel_err):  # noqa: F811
     from flax import nnx
 

@@ -54,6 +54,7 @@ def _count_rollouts(monkeypatch) -> list[int]:
     return steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, extra",
     [
@@ -99,6 +100,7 @@ def test_torch_run_logs_plots_checkpoints_and_resumes(name, extra, synthetic, tm
         run(replace(recipe, seed=5), progress=False, device="cpu")
 
 
+@pytest.mark.slow
 def test_jax_run_resumes_exactly(synthetic, tmp_path, monkeypatch):
     """JAX twin of the torch resume test (2 steps, checkpoint every step, the last one deleted)."""
     import jax

@@ -34,6 +34,7 @@ def _rows(logs: Path) -> list[dict]:
     return [json.loads(line) for line in (logs / "reward_log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_torchrun_reward_run_matches_one_process_checkpoints_and_resumes(tmp_path):
     from contentv_common.config.reward import load_reward_recipe
     from contentv_torch_npu.reward.run import run

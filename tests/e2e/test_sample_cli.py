@@ -27,6 +27,7 @@ def checkpoint(tmp_path_factory):
     return sample_tool.random_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
+@pytest.mark.slow
 def test_backends_give_the_same_frames(encoders, checkpoint, rel_err, tmp_path):
     """Same weights, seed and prompt: each backend's own text encoders, transformer and Wan VAE; JAX and torch
     latents agree in fp32 and decode to the same uint8 frames (at most one level apart)."""
@@ -45,6 +46,7 @@ def test_backends_give_the_same_frames(encoders, checkpoint, rel_err, tmp_path):
     assert frames["jax"].std() > 5, "decoded frames are not flat"
 
 
+@pytest.mark.slow
 def test_cli_writes_mp4_for_each_prompt_in_both_backends(tmp_path, checkpoint, monkeypatch):
     """Both backends write the same videos; the JAX one never touches the torch encoders."""
     videos = {}

@@ -40,6 +40,7 @@ def compiles():
     jax.monitoring.unregister_event_duration_listener(listen)
 
 
+@pytest.mark.slow
 def test_jax_decode_matches_torch_and_compiles_once_per_shape(encoders, compiles):
     """The tiny JAX encoders' VAE is the torch twin's (weights drawn in numpy): the same frames, one level apart."""
     decode = sample_tool.latent_decoder(encoders, None, "cpu")
@@ -101,6 +102,7 @@ def test_bad_pipelines_stop_before_any_model_loads(encoders, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_demo_encoders_equal_the_torch_twins(encoders, rel_err):
     """The JAX demo and tiny encoders give the torch twins' latents and text embeddings."""
     video = np.random.default_rng(1).integers(0, 256, (1, 5, 32, 48, 3), dtype=np.uint8)

@@ -41,6 +41,7 @@ def tiny(tmp_path_factory):
     return checkpoint, adapter, merged
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "jax"])
 def test_sample_with_lora_equals_merged_checkpoint(tiny, tmp_path, backend):
     checkpoint, adapter, merged = tiny

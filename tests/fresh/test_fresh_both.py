@@ -11,6 +11,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 def test_backends_agree_on_bf16_and_fp32_folders(torch_outputs, jax_outputs, rel_err):
     """fp32 compute: JAX and torch agree to float32 precision on both folders; bf16 compute within bf16 rounding."""
     assert torch_outputs.keys() == jax_outputs.keys()

@@ -16,6 +16,8 @@ import pytest
 from contentv_common.data.video_io import read_video
 from tests.fresh.runner import NOT_TORCH, assert_ok, check_loader_outputs, one_line_error, run_blocked, tensors
 
+pytestmark = pytest.mark.slow  # every test here trains, tunes or compiles for real
+
 SAMPLE = ["tools/sample.py", "--tiny", "--backend", "jax", "--prompt", "a red circle", "--frames", "1"]
 SAMPLE += ["--size", "32x32", "--steps", "2", "--no-progress"]
 

@@ -7,6 +7,7 @@ import as a side effect). tests/run_extras.sh also runs this file in a virtual e
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from contentv_common.checkpoint.safetensors_io import iter_tensors, weight_files
 from contentv_common.data.video_io import read_video
@@ -55,6 +56,7 @@ def test_convert_cli(checkpoints, tmp_path):
     assert not (tmp_path / "jax").exists()
 
 
+@pytest.mark.slow
 def test_parity_cli(checkpoints):
     """tools/parity.py torch vs diffusers on the bf16 and fp32 folders: every layer within 1e-5."""
     runs = [["tools/parity.py", "--checkpoint", checkpoints / f"transformer_{p}", "--backends", "torch,diffusers",

@@ -69,6 +69,7 @@ def test_sequence_parallel_attention_equals_one_device(kind, one_device, rel_err
         assert rel_err(g, r) < 1e-5
 
 
+@pytest.mark.slow
 def test_splash_compiles_for_a_tpu_topology(monkeypatch):
     """Lower + compile a sequence-parallel splash step for v5p:2x2x2 on this CPU machine (abstract TPU devices):
     the Mosaic kernel is in the program and no [N, N] score block is materialised. Needs libtpu (the README's test

@@ -3,6 +3,7 @@ each checkpoint, resumes exactly, and a step on a sharded mesh (adapters sharded
 
 import jax
 import numpy as np
+import pytest
 import torch
 
 from contentv_common.config.model import named_model_config
@@ -23,6 +24,7 @@ def _flat(tree) -> np.ndarray:
     return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
 
 
+@pytest.mark.slow
 def test_lora_run_trains_adapters_only_and_resumes_exactly(cached_set, tmp_path):  # noqa: F811
     torch.manual_seed(1)
     save_torch(tmp_path / "base", Transformer(named_model_config("tiny")))
@@ -51,6 +53,7 @@ def test_lora_run_trains_adapters_only_and_resumes_exactly(cached_set, tmp_path)
     assert any(not np.array_equal(adapters[k], adapters_at_2[k]) for k in adapters)  # rewritten at each checkpoint
 
 
+@pytest.mark.slow
 def test_lora_step_is_the_same_on_a_sharded_mesh(cached_set, rel_err):  # noqa: F811
     recipe = tiny_recipe(cached_set, "lora_mesh", **LORA)
     states = {}

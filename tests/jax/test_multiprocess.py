@@ -37,7 +37,7 @@ from contentv_jax.train import default_mesh, get_trainer, run
 from tests.narrow_model import NARROW
 from tools.launch_local import free_port, process_env
 
-pytestmark = pytest.mark.multiprocess  # every test here starts several processes
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # every test here starts several processes
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "recipes" / "tiny.yaml"

@@ -41,11 +41,13 @@ def _temp_bytes(train_steps: int) -> int:
     return jax.jit(grads).lower(state, batch).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_grpo_temp_memory_flat_in_trained_steps():
     two, four = _temp_bytes(2), _temp_bytes(4)
     assert two > 0 and four < 1.3 * two, (two, four)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["refl", "grpo"])
 def test_reward_update_temp_memory_does_not_grow_with_trained_steps(method):
     """The planner's program (the run's whole update step: rollout or trained steps, decode, reward, SFT, anchor,

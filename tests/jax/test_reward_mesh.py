@@ -166,6 +166,7 @@ def one_device(weights):
 
 # one mesh per method (compiles are CI time), together every axis: ReFL on data x FSDP x sequence, GRPO on FSDP x
 # sequence x tensor, where sequence x tensor = 4 pads the 38 heads to 40 inside attention
+@pytest.mark.slow
 @pytest.mark.parametrize("method, shape", [("refl", (2, 2, 2, 1)), ("grpo", (1, 2, 2, 2))])
 def test_sharded_step_equals_one_device(weights, one_device, method, shape, rel_err):
     ref_metrics, ref_delta = one_device(method)

@@ -54,6 +54,7 @@ def _log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "logs" / "reward_log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_processes_tune_like_one(synthetic, tmp_path, rel_err):
     """GRPO, whose iteration gathers the decoded frames of every row to every process for the black-box scorer (ReFL
     runs the same steps around its update, which tests/jax/test_reward_mesh.py checks on the mesh)."""

@@ -31,6 +31,8 @@ from tests.parity.reward_fixtures import (
     step_noise,
 )
 
+pytestmark = pytest.mark.slow  # every test here trains, tunes or compiles for real
+
 REWARD = TargetColour(TARGET)
 
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from contentv_common.config.model import ModelConfig
@@ -59,6 +60,7 @@ def test_program_size_does_not_grow_with_depth():
     assert deep < 1.5 * two, (two, deep)
 
 
+@pytest.mark.slow
 def test_scan_equals_running_the_blocks_one_by_one(rel_err):
     cfg = NARROW.replace(num_layers=3)
     model = Transformer(cfg, rngs=nnx.Rngs(1))

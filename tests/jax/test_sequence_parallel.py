@@ -56,6 +56,7 @@ def _loss_and_grads(recipe: Recipe, shape: tuple[int, ...], params, batch):
     return float(loss), jax.device_get(grads)
 
 
+@pytest.mark.slow
 def test_loss_and_gradients_equal_one_device(tmp_path, rel_err):
     recipe = _recipe(tmp_path)
     one = get_trainer(recipe, make_mesh(MeshConfig(), jax.devices()[:1]))

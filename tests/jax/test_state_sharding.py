@@ -48,6 +48,7 @@ def test_state_is_split_over_every_axis_that_splits_the_work(tmp_path, mesh, sha
     assert kernel.sharding.shard_shape(kernel.shape)[1] * shards == kernel.shape[1]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_restores_onto_other_layouts(tmp_path):
     """Saved on fsdp 2 x sequence 4 (state in 8 shards), restored onto data 2 x fsdp 2 x sequence 2 with the state
     over data too, onto the same mesh replicated over data, and onto one device: every leaf equal, on the target's

@@ -88,6 +88,7 @@ def _update(state, initial) -> dict[str, np.ndarray]:
     return out | {name: _flat(leaves) for name, leaves in moments.items()}
 
 
+@pytest.mark.slow
 def test_step_is_the_same_on_every_mesh(cached_set, rel_err):
     """One AdamW step from the same weights on every mesh layout: the same loss, weight update, EMA update and AdamW
     moments (the gradient and its square). No warm-up, so the first update moves the weights (a warm-up from rate 0
@@ -127,6 +128,7 @@ def test_step_is_the_same_on_every_mesh(cached_set, rel_err):
             assert "all-to-all" in hlo
 
 
+@pytest.mark.slow
 def test_resume_continues_the_exact_loss_trajectory(cached_set, monkeypatch):
     events = []
     compiled = Trainer.jitted_step
@@ -157,6 +159,7 @@ def test_resume_continues_the_exact_loss_trajectory(cached_set, monkeypatch):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_loss_falls_on_the_synthetic_set(cached_set):
     result = run(tiny_recipe(cached_set, "learn", steps=80), progress=False)
     losses = [result.losses[k] for k in sorted(result.losses)]
@@ -166,6 +169,7 @@ def test_loss_falls_on_the_synthetic_set(cached_set):
     assert late < 0.8 * early
 
 
+@pytest.mark.slow
 def test_nan_steps_are_skipped_then_the_run_stops(cached_set):
     recipe = tiny_recipe(cached_set, "nan", steps=10, nan_skip_limit=2, **{"checkpoint.interval": 1})
     run(recipe, progress=False, stop_after=2)
@@ -232,6 +236,7 @@ def _same_params(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_damaged_or_unfinished_checkpoints_fall_back_and_resume_exactly(cached_set, capsys, monkeypatch):
     """Every file kind of an orbax step (tensor data, array and item metadata, the JSON item) truncated, flipped or
     deleted: the step is skipped with a warning naming the file. A save killed before its commit marker and a
@@ -295,6 +300,7 @@ def test_missing_ema_is_an_error(cached_set):
         run(recipe, progress=False)
 
 
+@pytest.mark.slow
 def test_a_failed_save_ends_the_run_with_status_1(cached_set):
     """tools/train.py on a full disk (no file may grow past 16 kB: the logs fit, orbax's files of step 1 do not): exit
     status 1, no hang, the last line naming the step and the error (orbax logs its writer threads' errors before it),
@@ -309,6 +315,7 @@ def test_a_failed_save_ends_the_run_with_status_1(cached_set):
     ckpt.close()
 
 
+@pytest.mark.slow
 def test_spiking_steps_are_skipped(cached_set):
     """With divergence.spike_factor, a step whose loss or gradient norm is above factor x the median of the last
     `window` applied steps is skipped, exactly as the host-side rule says."""

@@ -96,6 +96,7 @@ def _random_adapters(recipe, modules_shapes) -> dict[str, np.ndarray]:
     return {k: (rng.normal(0, 0.05, v.shape).astype(np.float32) if ".lora_B." in k else v) for k, v in adapters.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layers, targets",
     [(2, None), (3, ("blocks.1.attn.to_q", "blocks.2.ff.fc1", "blocks.0.ff_context.fc2"))],
@@ -129,6 +130,7 @@ def test_adapter_gradients_match(layers, targets, rel_err):
         assert np.abs(stacked[0]).max() == 0 and np.abs(stacked[1]).max() > 0
 
 
+@pytest.mark.slow
 def test_lora_training_trajectory_matches(rel_err):
     recipe = _recipe(2)
     base = _base(recipe.model_config)

@@ -40,6 +40,7 @@ def _lines(folder):
     return [json.loads(line) for line in (folder / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_both_backends_write_one_stream_with_the_same_fields(dataset, tmp_path):
     from contentv_jax.train import run as run_jax
     from contentv_torch_npu.train import run as run_torch

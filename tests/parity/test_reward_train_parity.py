@@ -77,6 +77,7 @@ def decoders(tmp_path_factory):
     return t_decoder, JaxDecoder(load_vae(folder))
 
 
+@pytest.mark.slow
 def test_refl_gradients_match(models, decoders, rel_err):
     from contentv_jax.reward import train as jr
     from contentv_torch_npu.reward import train as tr
@@ -101,6 +102,7 @@ def test_refl_gradients_match(models, decoders, rel_err):
     assert _compare_grads(grads_j, j_model, t_model, rel_err) < 1e-5
 
 
+@pytest.mark.slow
 def test_grpo_gradients_match(models, rel_err):
     from contentv_jax.reward import train as jr
     from contentv_torch_npu.reward import train as tr
@@ -132,6 +134,7 @@ def test_grpo_gradients_match(models, rel_err):
     assert _compare_grads(grads_j, j_model, t_model, rel_err) < 1e-5
 
 
+@pytest.mark.slow
 def test_refl_gradients_match_with_clip_reward(models, decoders, tmp_path, rel_err):
     """The full product path: CLIP preference reward on the VAE-decoded first frame, prompts tokenised once."""
     from contentv_jax.reward import train as jr

@@ -69,6 +69,7 @@ def _diffusers_sd3(folder):
     )
 
 
+@pytest.mark.slow
 def test_sd3_image_mode_matches_diffusers_pipeline(sd3_folder, rel_err):
     """Same folder, prompt, negative prompt and initial latents: our samplers end where diffusers' pipeline ends."""
     noise = draw_noise(2, latent_shape(16, frames=1, height=32, width=48))

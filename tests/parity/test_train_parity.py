@@ -177,6 +177,7 @@ def test_learning_rate_matches_optax_schedule():
         np.testing.assert_allclose(schedule, [float(expected(c)) for c in range(12)], rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_adamw_steps_match(setup, rel_err):
     recipe, trainer, step_fn, weights, batches = setup
     state, jax_losses = run_jax(step_fn, trainer.init_state(jax_tree(recipe.model_config, weights)), batches)

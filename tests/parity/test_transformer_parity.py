@@ -56,6 +56,7 @@ def test_image_mode_matches_diffusers(sd3_folder, rel_err):
     assert rel_err(y_torch, y_ref) < TOL
 
 
+@pytest.mark.slow
 def test_contentv_mode_matches_diffusers_reference(sd3_folder, rel_err):
     """SD3 checkpoint -> video model (3D sin-cos): both backends vs diffusers modules + get_3d_sincos_pos_embed."""
     folder, ref = sd3_folder
@@ -107,6 +108,7 @@ def test_sharded_bf16_checkpoint_loads_exactly(tmp_path):
     np.testing.assert_array_equal(kernel.astype(np.float32).T, ref["transformer_blocks.0.ff.net.0.proj.weight"])
 
 
+@pytest.mark.slow
 def test_bf16_compute_runs_close_to_fp32(sd3_folder, rel_err):
     """bf16 compute with fp32 parameters (a sanity check only: parity is proven in fp32 above)."""
     import jax.numpy as jnp
@@ -126,6 +128,7 @@ def test_bf16_compute_runs_close_to_fp32(sd3_folder, rel_err):
     assert 0 < rel_err(y16_torch.float().numpy(), y32_torch) < 5e-2
 
 
+@pytest.mark.slow
 def test_remat_and_checkpointing_keep_outputs_and_grads(sd3_folder, rel_err):
     import jax
     from flax import nnx
@@ -153,6 +156,7 @@ def test_remat_and_checkpointing_keep_outputs_and_grads(sd3_folder, rel_err):
     assert rel_err(grads[0], np.asarray(a).T) < 1e-4  # JAX and torch gradients agree too
 
 
+@pytest.mark.slow
 def test_padded_attention_equals_unpadded(sd3_folder, rel_err):
     """Padding the joint sequence for cuDNN (masked keys, dropped query rows) leaves outputs and gradients unchanged."""
     import jax

@@ -21,6 +21,8 @@ from contentv_common.vae.table import vae_table
 from contentv_jax import vae as jvae
 from contentv_torch_npu import vae as tvae
 
+pytestmark = pytest.mark.slow  # every test here trains, tunes or compiles for real
+
 TILING = Tiling(tile_height=24, tile_width=24, stride_height=16, stride_width=16)  # 32x32 -> 2x2 overlapping tiles
 
 

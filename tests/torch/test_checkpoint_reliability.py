@@ -137,6 +137,7 @@ def test_sigkill_during_save_resumes_bit_identical(straight, tiny_dataset, tmp_p
     )
 
 
+@pytest.mark.slow
 def test_a_failed_save_ends_the_run_with_one_line_and_status_1(tiny_dataset, tmp_path):
     """tools/train.py on a full disk (no file may grow past 64 kB: the logs fit, the step-2 weights do not): exit
     status 1, one line naming the step and the error, no traceback, nothing half-written left as a checkpoint."""

@@ -99,6 +99,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_fsdp_and_ulysses_match_single_process(tmp_path, rel_err, spawn_ranks):
     spawn_ranks(_worker, (2, free_port(), str(tmp_path)), 2)
     ref = _reference()
@@ -157,6 +158,7 @@ def _hsdp_worker(rank: int, world: int, port: int, folder: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_hsdp_four_processes_match_single_process(tmp_path, rel_err, spawn_ranks):
     """mesh data=2 x fsdp=2: parameters replicated over data and sharded over fsdp; the AdamW trajectory equals one
     process on the whole batch."""

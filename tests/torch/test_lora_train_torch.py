@@ -3,6 +3,7 @@ AdamW moments and EMA alone, the adapter file follows each checkpoint, a resumed
 processes under FSDP2 (adapters sharded with their base) follow one."""
 
 import numpy as np
+import pytest
 import torch
 
 from contentv_common.config.model import named_model_config
@@ -47,6 +48,7 @@ def test_lora_run_trains_adapters_only_and_resumes_exactly(tiny_dataset, tmp_pat
     assert rel_err(a.params["blocks.0.ff.fc1.lora_B.weight"], np.zeros(1)) > 0  # B moved from zero
 
 
+@pytest.mark.slow
 def test_lora_fsdp2_follows_one_process(tiny_dataset, tmp_path, rel_err, spawn_ranks):
     single = tmp_path / "single"
     run(_recipe(tiny_dataset, single, steps=3, **LORA), device="cpu", progress=False)

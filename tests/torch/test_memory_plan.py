@@ -43,6 +43,7 @@ def _params(lora: LoraConfig | None = None) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
+@pytest.mark.slow
 def test_state_is_the_rank_share_and_remat_lowers_the_peak():
     mesh = MeshConfig(data=2, fsdp=2, sequence=2)  # HSDP, 8 fake ranks, parameters sharded 4 ways, 1 sample per rank
     plans, state_bytes = plan_recipe(_recipe(mesh), 2**30)
@@ -64,6 +65,7 @@ def test_state_is_the_rank_share_and_remat_lowers_the_peak():
     assert state / 2 <= zero3.argument_bytes < 1.05 * state / 2 + 2**20 and zero3.argument_bytes < small.argument_bytes
 
 
+@pytest.mark.slow
 def test_lora_on_one_process_keeps_the_frozen_base_and_the_adapters_state():
     """World 1 (no FSDP, as contentv_torch_npu.train runs one process): bf16 base, fp32 adapters with their two AdamW
     moments and EMA; the whole batch on the one rank."""

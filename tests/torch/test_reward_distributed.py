@@ -28,6 +28,8 @@ from contentv_torch_npu.transformer import Transformer
 from tests.parity.reward_fixtures import tiny_vae_decoder_torch
 from tools.launch_local import free_port
 
+pytestmark = pytest.mark.slow  # every test here trains, tunes or compiles for real
+
 CFG = ModelConfig(
     num_layers=2, num_attention_heads=38, attention_head_dim=8, hidden_size=304, joint_attention_dim=16,
     pooled_projection_dim=16, mlp_ratio=1,

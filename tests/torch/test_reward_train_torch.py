@@ -10,6 +10,7 @@ import copy
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 
 from contentv_common.config.recipe import OptimizerConfig
@@ -54,6 +55,7 @@ def evaluate(model) -> tuple[float, float]:
     return float(REWARD(frames, [""] * EVAL_BATCH).mean()), float(fm)
 
 
+@pytest.mark.slow
 def test_refl_raises_reward_with_bounded_fm_loss():
     from contentv_torch_npu.reward import train as tr
 
@@ -75,6 +77,7 @@ def test_refl_raises_reward_with_bounded_fm_loss():
     assert fm1 < 1.25 * fm0, (fm0, fm1)
 
 
+@pytest.mark.slow
 def test_grpo_raises_reward_with_bounded_fm_loss():
     from contentv_torch_npu.reward import train as tr
 

@@ -115,6 +115,7 @@ def _checkpoint(model: Transformer, root: Path, save: bool) -> None:
         np.savez(root / ("saved.npz" if save else "resumed.npz"), **state)
 
 
+@pytest.mark.slow
 def test_38_heads_333_text_tokens_match_one_process_on_4_and_8_processes(tmp_path, rel_err, spawn_ranks):
     spawn_ranks(_worker, (4, free_port(), str(tmp_path)), 4)
     spawn_ranks(_worker, (8, free_port(), str(tmp_path)), 8)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -101,6 +102,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sharded_save_reshard_resume_stream_and_convert(tmp_path, spawn_ranks):
     spawn_ranks(_worker, (4, free_port(), str(tmp_path)), 4)
     step = tmp_path / "step_00000001"

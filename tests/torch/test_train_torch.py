@@ -190,6 +190,7 @@ def _worker(rank, world, port, dataset, folder, overrides):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mesh", [{"mesh.fsdp": 2}, {"mesh.sequence": 2}, {"mesh.data": 2}], ids=["fsdp2", "ulysses", "replicate"]
 )
