@@ -1,5 +1,5 @@
 """The one AdamW builder of the JAX core, for flow-matching training (contentv_jax/train.py) and reward tuning
-(contentv_jax/reward/train.py); the torch twin is contentv_torch_npu/optim.py.
+(contentv_jax/reward/train.py, on the trainer's state); the torch twin is contentv_torch_npu/optim.py.
 
 Global-norm clipping, then AdamW whose rate follows contentv_common.training.optim.learning_rate (read from a table of
 that function, so both backends use the same numbers) and whose decay skips biases and norm scales; a step whose loss or
@@ -15,11 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from contentv_common.config.recipe import OptimizerConfig
 from contentv_common.training.optim import decays, learning_rate, schedule_length
-from contentv_jax.lora import trained_filter
 from contentv_jax.transformer import layer_axes
 
 
@@ -48,15 +46,9 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int | None) -> optax.Gradi
     return adamw if cfg.grad_clip is None else optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
 
 
-def model_optimizer(model: nnx.Module, cfg: OptimizerConfig, total_steps: int | None) -> nnx.Optimizer:
-    """`make_optimizer` over a model's nnx.Params (reward tuning keeps the model as an nnx.Module); with LoRA over
-    the adapters alone."""
-    return nnx.Optimizer(model, make_optimizer(cfg, total_steps), wrt=trained_filter(model))
-
-
-def current_lr(optimizer: nnx.Optimizer, cfg: OptimizerConfig, total_steps: int | None) -> float:
-    """The rate the next applied update of `optimizer` uses (its count of applied updates through the schedule)."""
-    return float(lr_schedule(cfg, total_steps)(optimizer.step[...]))
+def applied_updates(opt_state: Any) -> int:
+    """How many updates an optimizer state from `make_optimizer` has applied (its count, which skipped steps keep)."""
+    return int(optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1])
 
 
 def step_ok(loss: jax.Array, grads: Any, limits: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -100,3 +92,24 @@ def keep_if_bad(ok: jax.Array, new: Any, old: Any) -> Any:
 def ema(average: Any, params: Any, decay: float) -> Any:
     """average <- decay average + (1 - decay) params."""
     return jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, average, params)
+
+
+def guarded_update(
+    tx: optax.GradientTransformation,
+    trained: Any,
+    opt_state: Any,
+    grads: Any,
+    loss: jax.Array,
+    limits: jax.Array | None,
+    average: Any = None,
+    decay: float | None = None,
+) -> tuple[Any, Any, Any, jax.Array, jax.Array]:
+    """One optimizer update of the trained parameters, unless the step diverged (`step_ok`): then parameters, optimizer
+    state and the EMA `average` (updated with `decay` when given) stay as they were.
+    Returns (parameters, optimizer state, average, applied, gradient norm)."""
+    ok, grad_norm = step_ok(loss, grads, limits)
+    updates, new_opt_state = tx.update(grads, opt_state, trained)
+    new = keep_if_bad(ok, optax.apply_updates(trained, updates), trained)
+    if average is not None:
+        average = keep_if_bad(ok, ema(average, new, decay), average)
+    return new, keep_if_bad(ok, new_opt_state, opt_state), average, ok, grad_norm

@@ -21,17 +21,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from contentv_common.config.recipe import Recipe
+from contentv_common.config.reward import RewardRecipe
 from contentv_common.data.cache import LatentCache
 from contentv_common.dtypes import DTYPES
 from contentv_common.errors import ConfigError, TrainingStopped
 from contentv_common.lora.training import write_adapter_file
 from contentv_common.prefetch import Prefetcher
+from contentv_common.reward.run import optimizer_updates
 from contentv_common.training.divergence import DivergenceGuard
 from contentv_common.training.evaluation import EVAL_CLIP, eval_batch, eval_clip_inputs, frame_strip
 from contentv_common.training.metrics import MetricsWriter
@@ -42,7 +43,7 @@ from contentv_jax import lora, multihost, sharding
 from contentv_jax.checkpointing import Checkpointer, abstract_like
 from contentv_jax.data import make_loader
 from contentv_jax.ops import attention_for
-from contentv_jax.optim import ema, guard_limits, guard_record, keep_if_bad, make_optimizer, step_ok
+from contentv_jax.optim import guard_limits, guard_record, guarded_update, make_optimizer
 from contentv_jax.transformer import Transformer
 
 
@@ -51,7 +52,7 @@ class Trainer:
     pads the joint sequence to a multiple of it in the attention (contentv_jax.ops.Attention; contentv-bench's
     `--pad-to`)."""
 
-    def __init__(self, recipe: Recipe, mesh: Mesh, pad_multiple: int | None = None):
+    def __init__(self, recipe: Recipe | RewardRecipe, mesh: Mesh, pad_multiple: int | None = None):
         self.recipe, self.mesh = recipe, mesh
         dtype = DTYPES[recipe.compute_dtype]
         # LoRA: the base in `lora.base_dtype`, frozen; only the adapters (float32) train (contentv_jax.lora)
@@ -79,7 +80,7 @@ class Trainer:
         # fixed buffers (SD3's 2D position table) are computed, not stored in the train state; XLA drops the params
         self.buffers = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
         self.param_shardings = sharding.param_shardings(nnx.to_pure_dict(self._abstract_params), mesh)
-        self.tx = make_optimizer(recipe.optimizer, _schedule_steps(recipe))
+        self.tx = make_optimizer(recipe.optimizer, schedule_steps(recipe))
         self._steps: dict[tuple, Callable] = {}
         self._init: tuple[Callable, Callable] | None = None
         self._eval: Callable | None = None
@@ -96,8 +97,9 @@ class Trainer:
             "params": self.param_shardings,
             "opt_state": sharding.like_params_shardings(state["opt_state"], trained, self.mesh),
         }
-        if "ema" in state:
-            out["ema"] = trained
+        for copy in ("ema", "anchor"):  # copies of the trained part: the EMA, a reward run's anchor
+            if copy in state:
+                out[copy] = trained
         return out
 
     def trained(self, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -223,23 +225,32 @@ class Trainer:
         return {t: float(v) for t, v in zip(timesteps, mean, strict=True)}
 
     def step(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-        """One update; a non-finite loss or gradient norm, or one above the divergence guard's limits (from the window
-        in `state["guard"]`), leaves params, optimizer and EMA untouched (counted in skipped)."""
+        """One flow-matching update (`apply`)."""
         trained, frozen = self.trained(state["params"])
         loss, grads = jax.value_and_grad(lambda t: self.loss(self._join(t, frozen), batch))(trained)
-        ok, grad_norm = step_ok(loss, grads, guard_limits(state["guard"], self.recipe.divergence.spike_factor))
-        updates, opt_state = self.tx.update(grads, state["opt_state"], trained)
-        trained = keep_if_bad(ok, optax.apply_updates(trained, updates), trained)
+        return self.apply(state, loss, grads)
+
+    def apply(
+        self, state: dict[str, Any], loss: jax.Array, grads: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+        """The state after one update with `grads` of the trained part: a non-finite loss or gradient norm, or one above
+        the divergence guard's limits (from the window in `state["guard"]`), leaves params, optimizer and EMA untouched
+        (counted in skipped). Returns (state, {loss, grad_norm, ok}); keys it does not know (an anchor) pass through."""
+        trained, frozen = self.trained(state["params"])
+        limits = guard_limits(state["guard"], self.recipe.divergence.spike_factor)
+        trained, opt_state, average, ok, grad_norm = guarded_update(
+            self.tx, trained, state["opt_state"], grads, loss, limits, state.get("ema"), self.recipe.optimizer.ema_decay
+        )
         new = {
+            **state,
             "step": state["step"] + 1,
             "skipped": state["skipped"] + (~ok).astype(jnp.int32),
             "guard": guard_record(state["guard"], ok, loss, grad_norm),
             "params": self._join(trained, frozen),
-            "opt_state": keep_if_bad(ok, opt_state, state["opt_state"]),
+            "opt_state": opt_state,
         }
-        if "ema" in state:
-            average = ema(state["ema"], trained, self.recipe.optimizer.ema_decay)
-            new["ema"] = keep_if_bad(ok, average, state["ema"])
+        if average is not None:
+            new["ema"] = average
         return new, {"loss": loss, "grad_norm": grad_norm, "ok": ok}
 
     def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -264,15 +275,19 @@ class Trainer:
 
         return {name: make(name) for name in batch}
 
-    def jitted_step(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> Callable:
-        """The compiled step for this state layout and batch shape (one compile per bucket), state donated."""
-        key = (tuple(sorted(state)), tuple((k, v.shape) for k, v in sorted(batch.items())))
+    def jitted_step(self, state: dict[str, Any], batch: dict[str, Any], step: Callable | None = None) -> Callable:
+        """The compiled `step` (default: flow matching) for this state layout and batch shape (one compile per bucket),
+        state donated, its shardings held in and out; `batch` is any tree of placed arrays (a reward step's frozen
+        decoder and reward weights too)."""
+        step = step or self.step
+        shapes = tuple((jax.tree_util.keystr(p), v.shape) for p, v in jax.tree_util.tree_flatten_with_path(batch)[0])
+        key = (step, tuple(sorted(state)), shapes)
         if key not in self._steps:
             state_sh = self.state_shardings(state)
-            batch_sh = {k: v.sharding for k, v in batch.items()}
+            batch_sh = jax.tree.map(lambda v: v.sharding, batch)
             replicated = NamedSharding(self.mesh, PartitionSpec())
             self._steps[key] = jax.jit(
-                self.step,
+                step,
                 in_shardings=(state_sh, batch_sh),
                 out_shardings=(state_sh, replicated),
                 donate_argnums=0,
@@ -280,8 +295,11 @@ class Trainer:
         return self._steps[key]
 
 
-def _schedule_steps(recipe: Recipe) -> int | None:
-    return recipe.steps if recipe.optimizer.decay == "cosine" else None
+def schedule_steps(recipe: Recipe | RewardRecipe) -> int | None:
+    """The length of a cosine schedule: the run's optimizer updates (a GRPO step makes `updates_per_rollout`)."""
+    if recipe.optimizer.decay != "cosine":
+        return None
+    return optimizer_updates(recipe) if isinstance(recipe, RewardRecipe) else recipe.steps
 
 
 _TRAINERS: dict[tuple, Trainer] = {}
@@ -291,7 +309,7 @@ def get_trainer(recipe: Recipe, mesh: Mesh) -> Trainer:
     """A Trainer for this recipe and mesh, reused when only data, paths or run length differ (no recompiles
     between stages or resumed runs of the same shapes in one process)."""
     r = recipe
-    key = (r.model_config, r.compute_dtype, r.remat, r.attention, r.optimizer, _schedule_steps(r), r.seed, r.lora,
+    key = (r.model_config, r.compute_dtype, r.remat, r.attention, r.optimizer, schedule_steps(r), r.seed, r.lora,
            r.divergence, mesh)  # fmt: skip
     if key not in _TRAINERS:
         _TRAINERS[key] = Trainer(recipe, mesh)
@@ -361,7 +379,7 @@ def _train(
         state, data_state = ckpt.restore(trainer.checkpointed(trainer.abstract_state()))
         guard_state = data_state.pop("divergence", None) or {"skipped": int(state["skipped"])}
     else:
-        state = trainer.init_state(_initial_params(recipe, trainer.mesh))
+        state = trainer.init_state(initial_params(recipe, trainer.mesh))
         if recipe.resume_from is not None:
             prev = Checkpointer(replace(recipe.checkpoint, dir=recipe.resume_from), writer=False)
             state = {**state, **prev.restore_weights(abstract_like(state))}
@@ -434,13 +452,13 @@ def _train(
                 data = {**data_after, "divergence": guard.state()}
                 ckpt.save(step + 1, trainer.checkpointed(state), data, pin_before=guard.first_bad_step)
                 if trainer.lora_plan is not None:
-                    _write_adapters(recipe, trainer, state)
+                    write_adapters(recipe, trainer, state)
     if writer is not None:
         writer.close()
     return RunResult(losses=losses, skipped_steps=skipped, final_step=end, state=state)
 
 
-def _write_adapters(recipe: Recipe, trainer: Trainer, state: dict[str, Any]) -> None:
+def write_adapters(recipe: Recipe, trainer: Trainer, state: dict[str, Any]) -> None:
     """The adapter file of the checkpoint just saved (EMA when kept), written by process 0."""
     adapters = trainer.adapters(state)  # every process takes part in gathering
     if jax.process_index() == 0:
@@ -461,7 +479,7 @@ def _eval_clip(trainer: Trainer, params: dict[str, Any], cache: LatentCache, ind
     return frame_strip(decode_latents(load_vae(DEMO_VAE), latents)[0])
 
 
-def _initial_params(recipe: Recipe, mesh: Mesh | None = None) -> dict[str, Any] | None:
+def initial_params(recipe: Recipe, mesh: Mesh | None = None) -> dict[str, Any] | None:
     """Pretrained weights from `init_from` (e.g. SD3.5-Large as the video model), or None for random init; with
     `mesh`, each parameter is read straight onto its shards. A LoRA base is read in `lora.base_dtype` (an 8B base in
     bf16 is 15 GiB: one device never holds it in fp32)."""

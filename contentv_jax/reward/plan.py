@@ -1,8 +1,9 @@
 """Ahead-of-time memory plan of a reward recipe's update step (as contentv_jax.memory_plan does for training): the
 program `contentv_jax.reward.run` runs each step (ReFL: the whole rollout, the last `refl.grad_steps` steps with
 gradient, first-frame VAE decode, reward, SFT and anchor terms; GRPO: the `grpo.train_steps` trained sampler steps,
-KL and SFT terms; then the guarded AdamW update, EMA and EMA anchor, model and optimizer donated) is lowered with
-abstract modules and batches carrying the recipe's shardings, and compiled for the target; nothing is allocated.
+KL and SFT terms; then the guarded AdamW update, EMA and EMA anchor: contentv_jax.reward.train.RewardTuner on the
+trainer's jitted step, state donated) is lowered with an abstract state and batch carrying the recipe's shardings, and
+compiled for the target; nothing is allocated.
 
 The reward model and VAE are the run's own: the Wan2.1 VAE (decoder) and, for `reward.kind: clip`, the CLIP towers of
 `reward.path` when that folder exists, else the ViT-H/14 sizes of PickScore_v1 (the usual preference model).
@@ -23,16 +24,13 @@ from contentv_common.config.reward import RewardRecipe, rollout_rows
 from contentv_common.model.flops import TRAIN_MULTIPLIER, transformer_flops
 from contentv_common.plan.report import StepPlan
 from contentv_common.reward.clip_table import ClipConfig, ClipTowerConfig, read_clip_config
-from contentv_common.reward.run import differentiable_builtin, optimizer_updates, uses_ema_anchor
+from contentv_common.reward.run import differentiable_builtin
 from contentv_common.sampling import latent_shape, uses_guidance
 from contentv_common.vae.config import VAEConfig
-from contentv_jax import sharding
-from contentv_jax.loading import model_shardings
 from contentv_jax.memory_plan import argument_bytes, compile_plan
-from contentv_jax.optim import model_optimizer
 from contentv_jax.reward import train as jr
 from contentv_jax.reward.clip import ClipReward, ClipScorer
-from contentv_jax.reward.mesh import abstract_model, batch_sharding
+from contentv_jax.reward.mesh import batch_sharding
 from contentv_jax.vae import WanVAE
 
 WAN21 = VAEConfig()
@@ -50,43 +48,14 @@ PICKSCORE_CLIP = ClipConfig(
 )
 
 
-def _dotted(path: tuple) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
-def _place(module: nnx.Module, where) -> nnx.Module:
-    """Give an abstract module's leaves shardings, in place: `where(dotted path)` -> Sharding."""
+def _replicated(module: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """Give an abstract module's leaves the replicated sharding, in place."""
+    whole = NamedSharding(mesh, PartitionSpec())
     state = nnx.state(module)
-    placed = jax.tree_util.tree_map_with_path(
-        lambda p, a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where(_dotted(p))), nnx.to_pure_dict(state)
-    )
+    placed = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=whole), nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, placed)
     nnx.update(module, state)
     return module
-
-
-def _replicated(module: nnx.Module, mesh: Mesh) -> nnx.Module:
-    whole = NamedSharding(mesh, PartitionSpec())
-    return _place(module, lambda _path: whole)
-
-
-def _abstract_model(recipe: RewardRecipe, mesh: Mesh) -> nnx.Module:
-    model = abstract_model(recipe, mesh)
-    where = model_shardings(model, mesh)
-    return _place(model, lambda path: where[path])
-
-
-def _abstract_optimizer(recipe: RewardRecipe, model: nnx.Module, mesh: Mesh) -> nnx.Optimizer:
-    optimizer = nnx.eval_shape(lambda m: model_optimizer(m, recipe.optimizer, optimizer_updates(recipe)), model)
-    params = jax.tree.map(lambda a: a.sharding, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    pure = nnx.to_pure_dict(nnx.state(optimizer))
-    flat = jax.tree_util.tree_flatten_with_path(sharding.like_params_shardings(pure, params, mesh))[0]
-    where = {_dotted(p): s for p, s in flat}
-    return _place(optimizer, lambda path: where[path])
-
-
-def _pure(x: Any) -> Any:
-    return nnx.to_pure_dict(nnx.state(x)) if isinstance(x, nnx.Module) else x
 
 
 def _clip_config(recipe: RewardRecipe) -> ClipConfig:
@@ -94,10 +63,10 @@ def _clip_config(recipe: RewardRecipe) -> ClipConfig:
     return read_clip_config(path) if path and (Path(path) / "config.json").exists() else PICKSCORE_CLIP
 
 
-def _reward(recipe: RewardRecipe, mesh: Mesh) -> tuple[nnx.Module, int]:
+def _reward(recipe: RewardRecipe, mesh: Mesh) -> tuple[Any, int]:
     """(the differentiable reward as the run carries it, its token count per row)."""
     if recipe.reward.kind != "clip":
-        return jr.carried(differentiable_builtin(recipe.reward)), 0
+        return differentiable_builtin(recipe.reward), 0
     cfg = _clip_config(recipe)
     scorer = nnx.eval_shape(lambda: ClipScorer(cfg, rngs=nnx.Rngs(0)))
     return ClipReward(_replicated(scorer, mesh), None), cfg.max_position_embeddings
@@ -157,45 +126,28 @@ def plan_reward(
 ) -> StepPlan:
     """Compile the reward update step of `recipe` on `mesh` and read its per-device bytes (kind "reward"); `vae`
     is Wan2.1's (tests pass a narrow one)."""
-    model = _abstract_model(recipe, mesh)
-    optimizer = _abstract_optimizer(recipe, model, mesh)
     refl = recipe.method == "refl"
-    anchored = recipe.refl.anchor != "none" if refl else recipe.grpo.kl_weight > 0
-    ref_model = _abstract_model(recipe, mesh) if anchored else None
-    ema = _abstract_model(recipe, mesh) if recipe.optimizer.ema_decay is not None else None
     reward, reward_tokens = _reward(recipe, mesh) if refl else (None, 0)
     decoder = jr.VaeFirstFrameDecoder(_replicated(nnx.eval_shape(lambda: WanVAE(vae, rngs=nnx.Rngs(0))), mesh))
-    batch = _batch(recipe, mesh, text_tokens, reward_tokens)
-    limits = jax.ShapeDtypeStruct((2,), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
-    decay = recipe.optimizer.ema_decay
-    if refl:
-        args = (optimizer, model, ref_model, decoder, reward, batch, limits, ema)
-
-        def lower():
-            return jr.refl_update_in_place.lower(*args, recipe.rollout, recipe.refl, decay)
-    else:
-        args = (optimizer, model, ref_model, batch, limits, ema)
-
-        def lower():
-            return jr.grpo_update_in_place.lower(*args, recipe.rollout, recipe.grpo, decay)
-
+    tuner = jr.RewardTuner(recipe, mesh, decoder, reward)
+    state = tuner.abstract_state()
+    step, inputs = tuner.compiled(state, _batch(recipe, mesh, text_tokens, reward_tokens))
     r = recipe.rollout
     tokens = image_tokens(BucketConfig(r.width, r.height, r.frames, 1), recipe.model_config.patch_size)
-    arg_bytes = argument_bytes(*(_pure(a) for a in args if a is not None))
+    arg_bytes = argument_bytes(state, inputs)
     bucket = f"{r.width}x{r.height}x{r.frames}"
     rows = rollout_rows(recipe)
-    return compile_plan("reward", bucket, tokens + text_tokens, rows, reward_flops(recipe, text_tokens), lower,
-                        arg_bytes, hbm_bytes)  # fmt: skip
+    return compile_plan("reward", bucket, tokens + text_tokens, rows, reward_flops(recipe, text_tokens),
+                        lambda: step.lower(state, inputs), arg_bytes, hbm_bytes)  # fmt: skip
 
 
 def state_bytes(recipe: RewardRecipe, mesh: Mesh) -> dict[str, int]:
     """Per-device bytes of what a reward run keeps between steps: weights, optimizer, anchor, EMA (for the report)."""
-    model = _abstract_model(recipe, mesh)
-    out = {"params": argument_bytes(nnx.to_pure_dict(nnx.state(model, nnx.Param)))}
-    out["optimizer"] = argument_bytes(_pure(_abstract_optimizer(recipe, model, mesh)))
-    refl = recipe.method == "refl"
-    if (recipe.refl.anchor != "none") if refl else recipe.grpo.kl_weight > 0:
-        out["ema_anchor" if uses_ema_anchor(recipe) else "anchor"] = out["params"]
-    if recipe.optimizer.ema_decay is not None:
-        out["ema"] = out["params"]
+    tuner = jr.RewardTuner(recipe, mesh, None)
+    state = tuner.abstract_state()
+    out = {"params": argument_bytes(state["params"]), "optimizer": argument_bytes(state["opt_state"])}
+    if "anchor" in state:
+        out["ema_anchor" if tuner.ema_anchor else "anchor"] = argument_bytes(state["anchor"])
+    if "ema" in state:
+        out["ema"] = argument_bytes(state["ema"])
     return out

@@ -16,7 +16,6 @@ same weights and inputs give the same gradients. The training loop `run(recipe)`
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -24,17 +23,19 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 from flax import nnx
+from jax.sharding import Mesh
 
-from contentv_common.config.reward import GrpoConfig, ReflConfig, RolloutConfig
+from contentv_common.config.reward import GrpoConfig, ReflConfig, RewardRecipe, RolloutConfig
 from contentv_common.reward.models import BlackBoxReward, Reward, group_advantages, per_video, score_black_box, to_uint8
+from contentv_common.reward.run import uses_ema_anchor
 from contentv_common.reward.sde import gaussian_kl, gaussian_log_prob, sde_mean, sde_schedule
 from contentv_common.sampling import euler_step, flow_match_schedule, guide, uses_guidance
 from contentv_common.training.divergence import DivergenceGuard
 from contentv_common.training.schedules import interpolate, velocity_target
-from contentv_jax import sharding
 from contentv_jax.lora import trained_filter
 from contentv_jax.multihost import to_host
-from contentv_jax.optim import ema, keep_if_bad, step_ok
+from contentv_jax.optim import ema, keep_if_bad
+from contentv_jax.train import get_trainer, initial_params
 from contentv_jax.vae import WanVAE
 
 Decoder = Callable[[jax.Array], jax.Array]
@@ -59,18 +60,6 @@ def velocity(model: nnx.Module, x: jax.Array, timestep: float, batch: Batch, gui
         uncond, cond = jnp.split(v, 2)
         v = guide(uncond, cond, guidance)
     return v
-
-
-@dataclass
-class Tuning:
-    """What an update needs besides the gradients: the run's divergence guard (skips and counts divergent updates;
-    None: only non-finite ones are skipped, uncounted), the step it records them under, and the EMA of the weights
-    (`optimizer.ema_decay`) when the run keeps one."""
-
-    guard: DivergenceGuard | None = None
-    step: int = 0
-    ema: nnx.Module | None = None
-    ema_decay: float | None = None
 
 
 class VaeFirstFrameDecoder(nnx.Module):
@@ -198,153 +187,6 @@ def refl_grads(model, ref_model, decoder, reward, batch, rollout, refl):
     return refl_loss(model, ref_model, decoder, reward, batch, rollout, refl)
 
 
-def _apply_gradients(
-    optimizer: nnx.Optimizer,
-    model: nnx.Module,
-    grads: nnx.State,
-    loss: jax.Array,
-    limits: jax.Array,
-    ema_model: nnx.Module | None = None,
-    ema_decay: float | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Optimizer update in place (call inside nnx.jit).
-
-    As in training (contentv_jax.optim): a non-finite loss or gradient norm, or one above `limits` (max loss, max
-    norm), leaves model, optimizer and EMA untouched. Returns (applied, gradient norm).
-    """
-    ok, grad_norm = step_ok(loss, grads, limits)
-    params, opt_state = nnx.state(model, nnx.Param), nnx.state(optimizer)
-    old_params, old_opt = nnx.to_pure_dict(params), nnx.to_pure_dict(opt_state)
-    optimizer.update(model, grads)
-    _keep_if_bad(model, nnx.Param, ok, old_params)
-    _keep_if_bad(optimizer, ..., ok, old_opt)
-    if ema_model is not None:
-        _ema_if_ok(ema_model, model, ema_decay, ok)
-    return ok, grad_norm
-
-
-apply_gradients = nnx.jit(_apply_gradients, static_argnames=("ema_decay",))
-"""Jitted `_apply_gradients`, kept apart from the loss so one compiled loss serves inspection and training."""
-
-
-def _keep_if_bad(module: nnx.Module, kind: Any, ok: jax.Array, old: dict) -> None:
-    state = nnx.state(module, kind)
-    nnx.replace_by_pure_dict(state, keep_if_bad(ok, nnx.to_pure_dict(state), old))
-    nnx.update(module, state)
-
-
-def _ema_if_ok(average_model: nnx.Module, model: nnx.Module, decay: float, ok: jax.Array) -> None:
-    """average <- decay average + (1 - decay) model where the update was applied, in place."""
-    average = nnx.state(average_model, nnx.Param)
-    old = nnx.to_pure_dict(average)
-    nnx.replace_by_pure_dict(average, ema(old, nnx.to_pure_dict(nnx.state(model, nnx.Param)), decay))
-    nnx.update(average_model, average)
-    _keep_if_bad(average_model, nnx.Param, ok, old)
-
-
-def _limits(tuning: Tuning) -> jax.Array:
-    return jnp.asarray(tuning.guard.limits() if tuning.guard else (np.inf, np.inf), jnp.float32)
-
-
-def _record(tuning: Tuning, loss: jax.Array, ok: jax.Array, grad_norm: jax.Array) -> tuple[bool, float]:
-    ok, grad_norm = bool(ok), float(grad_norm)
-    if tuning.guard is not None:
-        tuning.guard.record(tuning.step, float(loss), grad_norm, ok)
-    return ok, grad_norm
-
-
-def guarded_update(optimizer, model, loss, grads, tuning: Tuning) -> tuple[bool, float]:
-    """Apply (or skip) one update on the host side of the divergence guard: (applied, gradient norm)."""
-    ok, grad_norm = apply_gradients(optimizer, model, grads, loss, _limits(tuning), tuning.ema, tuning.ema_decay)
-    return _record(tuning, loss, ok, grad_norm)
-
-
-@nnx.jit(static_argnames=("decay",))
-def ema_update(ref_model: nnx.Module, model: nnx.Module, decay: float) -> None:
-    """ref <- decay ref + (1 - decay) model, in place: the EMA anchor."""
-    ref_params, params = nnx.state(ref_model, nnx.Param), nnx.state(model, nnx.Param)
-    nnx.update(ref_model, jax.tree.map(lambda r, p: decay * r + (1.0 - decay) * p, ref_params, params))
-
-
-def _pin(model: nnx.Module, optimizer: nnx.Optimizer, grads: nnx.State, *copies: nnx.Module | None) -> None:
-    """On a mesh (the model's `constrain` hook knows it), hold the gradients, the updated weights and their copies
-    (EMA, anchor) to training's parameter shardings and each optimizer moment to its parameter's, as training's
-    jitted step does with its out_shardings; left to propagation, XLA may lay the updated state out otherwise."""
-    mesh = getattr(getattr(model, "constrain", None), "mesh", None)
-    if mesh is None:
-        return
-    where = sharding.param_shardings(nnx.to_pure_dict(nnx.state(model, nnx.Param)), mesh)
-
-    def pin(state: nnx.State, shardings: Any) -> None:
-        nnx.replace_by_pure_dict(state, jax.lax.with_sharding_constraint(nnx.to_pure_dict(state), shardings))
-
-    pin(grads, sharding.param_shardings(nnx.to_pure_dict(grads), mesh))  # LoRA: the adapters alone
-    for module in (model, *copies):
-        if module is not None:
-            state = nnx.state(module, nnx.Param)
-            pin(state, where)
-            nnx.update(module, state)
-    state = nnx.state(optimizer)
-    pin(state, sharding.like_params_shardings(nnx.to_pure_dict(state), where, mesh))
-    nnx.update(optimizer, state)
-
-
-def _refl_update(optimizer, model, ref_model, decoder, reward, batch, limits, ema_model, rollout, refl, ema_decay):
-    """Loss, gradients, guarded update, EMA of the weights and EMA anchor in one program (see `refl_update`)."""
-    loss, grads, metrics = refl_loss(model, ref_model, decoder, reward, batch, rollout, refl)
-    _pin(model, optimizer, grads)
-    ok, grad_norm = _apply_gradients(optimizer, model, grads, loss, limits, ema_model, ema_decay)
-    if ref_model is not None and refl.anchor == "ema":
-        _ema_if_ok(ref_model, model, refl.anchor_ema_decay, ok)
-    _pin(model, optimizer, grads, ema_model, ref_model)
-    return ok, grad_norm, metrics
-
-
-def _grpo_update(optimizer, model, ref_model, batch, limits, ema_model, rollout, grpo, ema_decay):
-    """Loss, gradients, guarded update and EMA of the weights in one program (see `grpo_update`)."""
-    loss, grads, metrics = grpo_loss(model, ref_model, batch, rollout, grpo)
-    _pin(model, optimizer, grads)
-    ok, grad_norm = _apply_gradients(optimizer, model, grads, loss, limits, ema_model, ema_decay)
-    _pin(model, optimizer, grads, ema_model, ref_model)
-    return ok, grad_norm, metrics
-
-
-# One reward update as one compiled program, as training's step: the gradients never leave the device program. The
-# `_in_place` variants donate every module argument: the model, optimizer and EMAs are replaced by the update, and
-# nnx.jit returns the state of the unchanged ones too (anchor, decoder, reward), which then alias their inputs
-# instead of being copied. So the state is counted once, as in training; the modules must share no arrays
-# (copy_module, not nnx.clone).
-_REFL_STATIC = ("rollout", "refl", "ema_decay")
-_GRPO_STATIC = ("rollout", "grpo", "ema_decay")
-_MODULES = ("optimizer", "model", "ref_model", "ema_model")
-refl_update = nnx.jit(_refl_update, static_argnames=_REFL_STATIC)
-refl_update_in_place = nnx.jit(
-    _refl_update, static_argnames=_REFL_STATIC, donate_argnames=(*_MODULES, "decoder", "reward")
-)
-grpo_update = nnx.jit(_grpo_update, static_argnames=_GRPO_STATIC)
-grpo_update_in_place = nnx.jit(_grpo_update, static_argnames=_GRPO_STATIC, donate_argnames=_MODULES)
-
-
-def copy_module(module: nnx.Module) -> nnx.Module:
-    """A copy with its own buffers (same shardings): nnx.clone shares arrays, which donation would free."""
-    copy = nnx.clone(module)
-    nnx.update(copy, jax.tree.map(jnp.copy, nnx.state(copy)))
-    return copy
-
-
-def refl_train_step(
-    optimizer, model, ref_model, decoder, reward, batch, rollout, refl, tuning: Tuning | None = None, donate=False
-) -> dict[str, Any]:
-    """One ReFL update in place (model, optimizer, EMA anchor), skipped when divergent; returns the metrics.
-    `donate` frees the old buffers (modules from copy_module)."""
-    tuning = tuning or Tuning()
-    update = refl_update_in_place if donate else refl_update
-    ok, grad_norm, metrics = update(optimizer, model, ref_model, decoder, reward, batch, _limits(tuning), tuning.ema,
-                                    rollout, refl, tuning.ema_decay)  # fmt: skip
-    applied, grad_norm = _record(tuning, metrics["loss"], ok, grad_norm)
-    return {**metrics, "grad_norm": grad_norm, "skipped": int(not applied)}
-
-
 def _sde_arrays(rollout: RolloutConfig, noise_level: float) -> dict[str, jax.Array]:
     schedule = flow_match_schedule(rollout.steps, rollout.shift)
     sched = sde_schedule(schedule, noise_level)
@@ -439,57 +281,6 @@ def grpo_grads(model, ref_model, batch, rollout, grpo):
     return grpo_loss(model, ref_model, batch, rollout, grpo)
 
 
-def grpo_train_step(
-    optimizer, model, ref_model, batch, rollout, grpo, tuning: Tuning | None = None, donate=False
-) -> dict[str, Any]:
-    """One GRPO update in place, skipped when divergent; returns the metrics. `donate` as in `refl_train_step`."""
-    tuning = tuning or Tuning()
-    update = grpo_update_in_place if donate else grpo_update
-    ok, grad_norm, metrics = update(optimizer, model, ref_model, batch, _limits(tuning), tuning.ema, rollout, grpo,
-                                    tuning.ema_decay)  # fmt: skip
-    applied, grad_norm = _record(tuning, metrics["loss"], ok, grad_norm)
-    return {**metrics, "grad_norm": grad_norm, "skipped": int(not applied)}
-
-
-def grpo_iteration(
-    optimizer: nnx.Optimizer,
-    model: nnx.Module,
-    ref_model: nnx.Module | None,
-    decoder: nnx.Module,
-    black_box: BlackBoxReward,
-    batch: dict[str, np.ndarray],
-    step_noise: np.ndarray,
-    prompts: Sequence[str],
-    rollout: RolloutConfig,
-    grpo: GrpoConfig,
-    tuning: Tuning | None = None,
-    place: Callable[[dict[str, np.ndarray]], Batch] | None = None,
-    donate: bool = False,
-) -> dict[str, float]:
-    """Rollout (SDE, no gradient) -> decode frame 0 -> black-box rewards on uint8 -> advantages -> updates.
-
-    `batch` holds consecutive groups of `grpo.group_size` rows sharing a prompt; `prompts` has one entry per row.
-    `place` puts host arrays on the devices (contentv_jax.reward.mesh.device_batch on a mesh; default: one device).
-    The metrics are the last update's, with "skipped" counting the skipped updates of the iteration.
-    """
-    place = place or to_device_batch
-    device_batch = place({**batch, "step_noise": step_noise})
-    noise = device_batch.pop("step_noise")
-    states, log_probs = sde_rollout(model, device_batch, noise, rollout, grpo.noise_level)
-    frames = to_host(decode_frames(decoder, states[-1], rollout.reward_frames))  # every row's, in every process
-    rewards = score_black_box(black_box, to_uint8(frames), list(prompts))
-    device_batch.update(states=states, old_log_probs=log_probs,
-                        **place({"advantages": group_advantages(rewards, grpo.group_size)}))  # fmt: skip
-    skipped = 0
-    for _ in range(grpo.updates_per_rollout):
-        metrics = grpo_train_step(optimizer, model, ref_model, device_batch, rollout, grpo, tuning, donate)
-        skipped += metrics["skipped"]
-    out = {k: float(v) for k, v in metrics.items()}
-    out["skipped"] = skipped
-    out.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()))
-    return out
-
-
 @nnx.jit(static_argnames=("which",))
 def decode_frames(decoder, latents, which: str = "first"):
     """`reward_frames` compiled -> RGB [B, F, H, W, 3] in [0, 1] (for black-box scoring and logging)."""
@@ -503,3 +294,149 @@ def decode_first_frame(decoder, latents):
 
 def to_device_batch(batch: dict[str, np.ndarray]) -> Batch:
     return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def _weights(obj: Any) -> dict[str, Any]:
+    """An nnx.Module's arrays as a pure dict (what the jitted step takes as arguments); nothing for a plain callable."""
+    return nnx.to_pure_dict(nnx.state(obj)) if isinstance(obj, nnx.Module) else {}
+
+
+def _with_weights(obj: Any, weights: dict[str, Any]) -> Any:
+    """`obj` holding `weights` (traced, inside the step); a plain callable as it is."""
+    if not isinstance(obj, nnx.Module):
+        return obj
+    graphdef, state = nnx.split(obj)
+    nnx.replace_by_pure_dict(state, weights)
+    return nnx.merge(graphdef, state)
+
+
+class RewardTuner:
+    """Reward tuning of one recipe on one mesh, on training's functional state and jitted update.
+
+    The state is the trainer's (contentv_jax.train.Trainer: params, AdamW state, EMA, the divergence guard's window,
+    counters) plus `anchor` when the loss has a reference policy: the trained part of the initial weights (frozen) or
+    their running average (`refl.anchor: ema`). One update is the ReFL or GRPO gradients, then the trainer's `apply`
+    (guarded AdamW, EMA) and the EMA anchor, compiled by the trainer's `jitted_step` as one program with the state
+    donated and held to training's shardings. `decoder` (frame decoding) and `reward` (ReFL's differentiable reward)
+    are frozen: their weights, placed by the caller (replicated on a mesh), are arguments of that program.
+    """
+
+    def __init__(self, recipe: RewardRecipe, mesh: Mesh, decoder: Any, reward: Any = None):
+        self.recipe, self.decoder, self.reward = recipe, decoder, reward
+        self.trainer = get_trainer(recipe, mesh)
+        self.refl = recipe.method == "refl"
+        self.anchored = recipe.refl.anchor != "none" if self.refl else recipe.grpo.kl_weight > 0
+        self.ema_anchor = uses_ema_anchor(recipe)
+        self.frozen = {"decoder": _weights(decoder), "reward": _weights(reward)}
+
+    # ---- state -------------------------------------------------------------------------------------------------
+
+    def init_state(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A fresh sharded state from `params` (a pure dict; None: the recipe's `init_from`, else its seeded init),
+        the anchor a copy of the trained part."""
+        t = self.trainer
+        state = t.init_state(params if params is not None else initial_params(self.recipe, t.mesh))
+        if self.anchored:
+            shardings = t.trained(t.param_shardings)[0]
+            copy = jax.jit(lambda x: jax.tree.map(jnp.copy, x), out_shardings=shardings)  # own buffers: donated
+            state["anchor"] = copy(t.trained(state["params"])[0])
+        return state
+
+    def abstract_state(self) -> dict[str, Any]:
+        """Shapes, dtypes and shardings of the whole state (nothing allocated)."""
+        state = self.trainer.abstract_state()
+        if self.anchored:
+            state["anchor"] = self.trainer.trained(state["params"])[0]
+        return state
+
+    def checkpointed(self, state: dict[str, Any]) -> dict[str, Any]:
+        """What a checkpoint holds: the trainer's tree, with the anchor when it is an EMA (a frozen anchor is the
+        initial weights, rebuilt on resume)."""
+        out = self.trainer.checkpointed(state)
+        if not self.ema_anchor:
+            out.pop("anchor", None)
+        return out
+
+    def model(self, state: dict[str, Any]) -> nnx.Module:
+        """The model the state's parameters make (for rollouts, sampling and evaluation)."""
+        return self.trainer.model(state["params"])
+
+    # ---- the update --------------------------------------------------------------------------------------------
+
+    def _models(self, state: dict[str, Any]) -> tuple[nnx.Module, nnx.Module | None]:
+        t = self.trainer
+        if "anchor" not in state:
+            return t.model(state["params"]), None
+        return t.model(state["params"]), t.model(t._join(state["anchor"], t.trained(state["params"])[1]))
+
+    def _step(self, state: dict[str, Any], inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+        """Loss and gradients of the recipe's method, the trainer's guarded update, then the EMA anchor."""
+        r, t = self.recipe, self.trainer
+        model, ref = self._models(state)
+        batch, frozen = inputs["batch"], inputs["frozen"]
+        if self.refl:
+            decoder, reward = (
+                _with_weights(self.decoder, frozen["decoder"]),
+                _with_weights(self.reward, frozen["reward"]),
+            )
+            loss, grads, metrics = refl_loss(model, ref, decoder, reward, batch, r.rollout, r.refl)
+        else:
+            loss, grads, metrics = grpo_loss(model, ref, batch, r.rollout, r.grpo)
+        new, out = t.apply(state, loss, nnx.to_pure_dict(grads))
+        if self.ema_anchor:
+            average = ema(state["anchor"], t.trained(new["params"])[0], r.refl.anchor_ema_decay)
+            new["anchor"] = keep_if_bad(out["ok"], average, state["anchor"])
+        return new, {**metrics, **out}
+
+    def compiled(self, state: dict[str, Any], batch: Batch) -> tuple[Callable, dict[str, Any]]:
+        """(the jitted update for this state and batch layout, its second argument: the batch and frozen weights)."""
+        inputs = {"batch": batch, "frozen": self.frozen}
+        return self.trainer.jitted_step(state, inputs, self._step), inputs
+
+    def update(
+        self, state: dict[str, Any], batch: Batch, guard: DivergenceGuard | None = None, step: int = 0
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        """One update on a placed batch -> (state, metrics with "skipped"), recorded in the run's host-side `guard`
+        under `step` when given (a skipped update changes nothing)."""
+        compiled, inputs = self.compiled(state, batch)
+        state, metrics = compiled(state, inputs)
+        out = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        ok = bool(out.pop("ok"))
+        if guard is not None:
+            guard.record(step, out["loss"], out["grad_norm"], ok)
+        return state, {**out, "skipped": int(not ok)}
+
+    def grpo_iteration(
+        self,
+        state: dict[str, Any],
+        batch: dict[str, np.ndarray],
+        step_noise: np.ndarray,
+        prompts: Sequence[str],
+        black_box: BlackBoxReward,
+        place: Callable[[dict[str, np.ndarray]], Batch] | None = None,
+        guard: DivergenceGuard | None = None,
+        step: int = 0,
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        """Rollout (SDE, no gradient) -> decode -> black-box rewards on uint8 -> advantages -> `updates_per_rollout`
+        updates -> (state, the last update's metrics with "skipped" counting the iteration's skipped updates).
+
+        `batch` holds consecutive groups of `grpo.group_size` rows sharing a prompt; `prompts` has one entry per row.
+        `place` puts host arrays on the devices (contentv_jax.reward.mesh.device_batch on a mesh; default: one device).
+        """
+        rollout, grpo = self.recipe.rollout, self.recipe.grpo
+        place = place or to_device_batch
+        device_batch = place({**batch, "step_noise": step_noise})
+        noise = device_batch.pop("step_noise")
+        states, log_probs = sde_rollout(self.model(state), device_batch, noise, rollout, grpo.noise_level)
+        frames = to_host(
+            decode_frames(self.decoder, states[-1], rollout.reward_frames)
+        )  # every row's, in every process
+        rewards = score_black_box(black_box, to_uint8(frames), list(prompts))
+        device_batch.update(states=states, old_log_probs=log_probs,
+                            **place({"advantages": group_advantages(rewards, grpo.group_size)}))  # fmt: skip
+        skipped = 0
+        for _ in range(grpo.updates_per_rollout):
+            state, metrics = self.update(state, device_batch, guard, step)
+            skipped += metrics["skipped"]
+        return state, {**metrics, "skipped": skipped, "reward_mean": float(rewards.mean()),
+                       "reward_std": float(rewards.std())}  # fmt: skip

@@ -12,7 +12,7 @@ from contentv_common.lora.adapters import load_adapters
 from contentv_common.lora.training import adapter_file
 from contentv_jax.multihost import to_host
 from contentv_jax.sharding import make_mesh
-from contentv_jax.train import _initial_params, get_trainer, run
+from contentv_jax.train import get_trainer, initial_params, run
 from contentv_torch_npu.loading import save_torch
 from contentv_torch_npu.transformer import Transformer
 from tests.jax.test_train import _batch, cached_set, tiny_recipe  # noqa: F401 (the cached set fixture)
@@ -41,7 +41,7 @@ def test_lora_run_trains_adapters_only_and_resumes_exactly(cached_set, tmp_path)
 
     trainer = get_trainer(straight_recipe, make_mesh(MeshConfig(), jax.devices()[:1]))
     trained, frozen = trainer.trained(straight.state["params"])
-    start = trainer.init_state(_initial_params(straight_recipe))
+    start = trainer.init_state(initial_params(straight_recipe))
     start_trained, start_frozen = trainer.trained(start["params"])
     np.testing.assert_array_equal(_flat(frozen), _flat(start_frozen))  # the init_from base, untouched
     assert not np.array_equal(_flat(trained), _flat(start_trained))
@@ -84,7 +84,7 @@ def test_bf16_base_with_fp32_adapters(cached_set, tmp_path):  # noqa: F811
     save_torch(tmp_path / "base", Transformer(named_model_config("tiny")))
     opts = {**LORA, "lora.base_dtype": "bfloat16", "init_from": str(tmp_path / "base")}
     recipe = tiny_recipe(cached_set, "lora_bf16", compute_dtype="bfloat16", **opts)
-    read = jax.tree.leaves(_initial_params(recipe))
+    read = jax.tree.leaves(initial_params(recipe))
     assert {x.dtype for x in read} == {np.dtype(jax.numpy.bfloat16)}
     state = get_trainer(recipe, make_mesh(MeshConfig(), jax.devices()[:1])).abstract_state()
     flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]

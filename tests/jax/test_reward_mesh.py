@@ -18,7 +18,7 @@ from contentv_common.config.reward import RewardRecipe, load_reward_recipe
 from contentv_common.errors import ConfigError
 from contentv_common.reward.models import TargetColour, as_black_box
 from contentv_jax.reward import train as jr
-from contentv_jax.reward.mesh import device_batch, on_mesh, param_shardings, replicate, sharded_optimizer
+from contentv_jax.reward.mesh import device_batch, replicate
 from contentv_jax.sharding import make_mesh
 from contentv_jax.transformer import Transformer
 from tests.narrow_model import NARROW, POOLED, TEXT, WIDTH
@@ -105,46 +105,44 @@ def weights():
 
 
 def _setup(weights, method: str, shape: tuple[int, ...]):
+    """The tuner on a mesh of `shape`, its state from the shared weights (the frozen anchor a copy)."""
     recipe = _recipe(method, shape)
     mesh = make_mesh(recipe.mesh, jax.devices()[: int(np.prod(shape))])
-    model = on_mesh(weights[0], recipe, mesh)
-    ref = jr.copy_module(model)
-    optimizer = sharded_optimizer(model, recipe.optimizer, 1, mesh)
-    decoder = replicate(jr.copy_module(weights[1]), mesh)
-    return recipe, mesh, model, ref, optimizer, decoder
+    decoder = replicate(nnx.clone(weights[1]), mesh)  # placed anew, the fixture's kept
+    tuner = jr.RewardTuner(recipe, mesh, decoder, REWARD if method == "refl" else None)
+    return recipe, mesh, tuner, tuner.init_state(nnx.to_pure_dict(nnx.state(weights[0], nnx.Param)))
 
 
-def _flat(model: nnx.Module) -> np.ndarray:
-    return np.concatenate([np.ravel(a) for a in jax.tree.leaves(jax.device_get(nnx.state(model, nnx.Param)))])
+def _flat(state: dict) -> np.ndarray:
+    return np.concatenate([np.ravel(a) for a in jax.tree.leaves(jax.device_get(state["params"]))])
 
 
-def _check_layout(model: nnx.Module, optimizer: nnx.Optimizer, mesh) -> None:
+def _check_layout(tuner: jr.RewardTuner, state: dict) -> None:
     """The updated weights keep the training rules' shardings, and each AdamW moment its weight's."""
-    expected = jax.tree.leaves(param_shardings(on_mesh(model, _recipe("refl", tuple(mesh.shape.values())), mesh)))
-    params = jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    expected = jax.tree.leaves(tuner.trainer.param_shardings)
+    params = jax.tree.leaves(state["params"])
     assert all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(params, expected, strict=True))
-    blocks = nnx.to_pure_dict(nnx.state(optimizer))["opt_state"]
-    split = [a for a in jax.tree.leaves(blocks) if a.ndim > 1 and any(s is not None for s in a.sharding.spec)]
+    split = [
+        a for a in jax.tree.leaves(state["opt_state"]) if a.ndim > 1 and any(s is not None for s in a.sharding.spec)
+    ]
     assert split, "no AdamW moment is sharded"
 
 
 def _run_refl(weights, shape):
-    recipe, mesh, model, ref, optimizer, decoder = _setup(weights, "refl", shape)
-    before = _flat(model)
+    recipe, mesh, tuner, state = _setup(weights, "refl", shape)
+    before = _flat(state)
     batch = {**_rollout_batch(0), **_sft_batch(1), "tokens": np.zeros((ROWS, 0), np.int32)}
-    metrics = jr.refl_train_step(optimizer, model, ref, decoder, jr.carried(REWARD), device_batch(batch, mesh),
-                                 recipe.rollout, recipe.refl, donate=True)  # fmt: skip
-    return metrics, _flat(model) - before, (model, optimizer, mesh)
+    state, metrics = tuner.update(state, device_batch(batch, mesh))
+    return metrics, _flat(state) - before, (tuner, state)
 
 
 def _run_grpo(weights, shape):
-    recipe, mesh, model, ref, optimizer, decoder = _setup(weights, "grpo", shape)
-    before = _flat(model)
+    recipe, mesh, tuner, state = _setup(weights, "grpo", shape)
+    before = _flat(state)
     noise = np.random.default_rng(2).standard_normal((recipe.rollout.steps, ROWS, C, F, H, W), dtype=np.float32)
-    metrics = jr.grpo_iteration(optimizer, model, ref, decoder, as_black_box(REWARD), _rollout_batch(0, group=4),
-                                noise, ["p"] * ROWS, recipe.rollout, recipe.grpo, None,
-                                lambda b: device_batch(b, mesh), donate=True)  # fmt: skip
-    return metrics, _flat(model) - before, (model, optimizer, mesh)
+    state, metrics = tuner.grpo_iteration(state, _rollout_batch(0, group=4), noise, ["p"] * ROWS,
+                                          as_black_box(REWARD), lambda b: device_batch(b, mesh))  # fmt: skip
+    return metrics, _flat(state) - before, (tuner, state)
 
 
 RUNS = {"refl": _run_refl, "grpo": _run_grpo}
@@ -171,12 +169,12 @@ def one_device(weights):
 def test_sharded_step_equals_one_device(weights, one_device, method, shape, rel_err):
     ref_metrics, ref_delta = one_device(method)
     assert ref_metrics["skipped"] == 0 and np.linalg.norm(ref_delta) > 0
-    metrics, delta, (model, optimizer, mesh) = RUNS[method](weights, shape)
+    metrics, delta, (tuner, state) = RUNS[method](weights, shape)
     assert rel_err(delta, ref_delta) < 1e-5, (shape, rel_err(delta, ref_delta))
     for key, value in ref_metrics.items():  # GRPO's policy loss at ratio 1 cancels to ~0: an absolute floor there
         got = float(metrics[key])
         assert abs(got - value) <= 1e-5 * max(abs(value), 1e-2), (shape, key, got, value)
-    _check_layout(model, optimizer, mesh)
+    _check_layout(tuner, state)
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from contentv_common.config.recipe import OptimizerConfig
 from contentv_common.reward.models import TargetColour, as_black_box
-from contentv_jax.optim import model_optimizer
 from tests.parity.reward_fixtures import (
     EVAL_BATCH,
     EVAL_SEED,
@@ -26,6 +24,7 @@ from tests.parity.reward_fixtures import (
     ROLLOUT,
     TARGET,
     jax_twins,
+    reward_recipe,
     rollout_batch,
     sft_batch,
     step_noise,
@@ -40,11 +39,6 @@ REWARD = TargetColour(TARGET)
 def twins(tmp_path_factory):
     """The torch tests' initial transformer and VAE weights, loaded into JAX (the same experiment in both)."""
     return jax_twins(tmp_path_factory.mktemp("reward_jax"))
-
-
-def _model(twins):
-    model = nnx.clone(twins[0])
-    return model, nnx.clone(model)
 
 
 @nnx.jit
@@ -70,24 +64,32 @@ def evaluate(model, decoder) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def before(twins) -> tuple[float, float]:
     """(reward, FM loss) of the initial model, where both methods start."""
-    return evaluate(_model(twins)[0], twins[1])
+    return evaluate(twins[0], twins[1])
+
+
+def _tuner(twins, method: str, **configs):
+    """(tuner, fresh state from the twins' initial weights): AdamW lr 1e-2, clipping at 1."""
+    from contentv_jax.reward import train as jr
+    from contentv_jax.reward.mesh import reward_mesh
+
+    recipe = reward_recipe(method, lr=1e-2, grad_clip=1.0, **configs)
+    tuner = jr.RewardTuner(recipe, reward_mesh(recipe), twins[1], REWARD if method == "refl" else None)
+    return tuner, tuner.init_state(nnx.to_pure_dict(nnx.state(twins[0], nnx.Param)))
 
 
 def test_refl_raises_reward_with_bounded_fm_loss(twins, before):
     from contentv_jax.reward import train as jr
 
-    decoder, reward = twins[1], jr.carried(REWARD)
     results = {}
     for name, refl in {"refl": REFL, "control": replace(REFL, reward_weight=0.0)}.items():
-        model, ref = _model(twins)
-        optimizer = model_optimizer(model, OptimizerConfig(lr=1e-2, grad_clip=1.0), None)
+        tuner, state = _tuner(twins, "refl", refl=refl)
         for step in range(8):
             batch = jr.to_device_batch(
                 {**rollout_batch(step, REFL_BATCH, guided=True), **sft_batch(100 + step, REFL_BATCH)}
             )
-            metrics = jr.refl_train_step(optimizer, model, ref, decoder, reward, batch, ROLLOUT, refl)
-            assert np.isfinite(float(metrics["loss"]))
-        results[name] = evaluate(model, decoder)
+            state, metrics = tuner.update(state, batch)
+            assert np.isfinite(metrics["loss"])
+        results[name] = evaluate(tuner.model(state), twins[1])
     (r0, fm0), (r1, fm1), (rc, _) = before, results["refl"], results["control"]
     assert r1 > r0 + 0.01, (r0, r1)
     assert r1 > rc + 0.01, (rc, r1)
@@ -95,20 +97,16 @@ def test_refl_raises_reward_with_bounded_fm_loss(twins, before):
 
 
 def test_grpo_raises_reward_with_bounded_fm_loss(twins, before):
-    from contentv_jax.reward import train as jr
-
-    decoder = twins[1]
     scorers = {"grpo": as_black_box(REWARD), "control": lambda frames, prompts: np.zeros(len(frames), np.float32)}
     results = {}
     for name, scorer in scorers.items():
-        model, ref = _model(twins)
-        optimizer = model_optimizer(model, OptimizerConfig(lr=1e-2, grad_clip=1.0), None)
+        tuner, state = _tuner(twins, "grpo")
         for it in range(8):
             batch = {**rollout_batch(it, GRPO_BATCH, guided=True, group_size=GRPO.group_size),
                      **sft_batch(100 + it, GRPO_BATCH)}  # fmt: skip
             noise = step_noise(500 + it, GRPO_BATCH, ROLLOUT.steps)
-            jr.grpo_iteration(optimizer, model, ref, decoder, scorer, batch, noise, [""] * GRPO_BATCH, ROLLOUT, GRPO)
-        results[name] = evaluate(model, decoder)
+            state, _ = tuner.grpo_iteration(state, batch, noise, [""] * GRPO_BATCH, scorer)
+        results[name] = evaluate(tuner.model(state), twins[1])
     (r0, fm0), (r1, fm1), (rc, _) = before, results["grpo"], results["control"]
     assert r1 > r0 + 0.01, (r0, r1)
     assert r1 > rc + 0.01, (rc, r1)

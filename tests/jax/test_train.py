@@ -202,7 +202,7 @@ def test_init_from_an_sd3_image_checkpoint_starts_the_video_model(cached_set, tm
     import torch
 
     from contentv_common.config.model import named_model_config, to_dict
-    from contentv_jax.train import _initial_params
+    from contentv_jax.train import initial_params
     from contentv_torch_npu.reference import build_diffusers
 
     torch.manual_seed(0)
@@ -210,14 +210,14 @@ def test_init_from_an_sd3_image_checkpoint_starts_the_video_model(cached_set, tm
     sd3.save_pretrained(tmp_path / "sd3")
     recipe = tiny_recipe(cached_set, "init", init_from=str(tmp_path / "sd3"))
     trainer = get_trainer(recipe, default_mesh(recipe))
-    state = trainer.init_state(_initial_params(recipe))
+    state = trainer.init_state(initial_params(recipe))
     kernel = np.asarray(state["params"]["last_block"]["attn"]["to_k"]["kernel"])  # block 1 of 2
     np.testing.assert_array_equal(kernel.T, sd3.state_dict()["transformer_blocks.1.attn.to_k.weight"].numpy())
     assert "pos_table" not in state["params"]["patch_embed"]
     deeper = to_dict(named_model_config("tiny").replace(num_layers=3))
     wider = tiny_recipe(cached_set, "init2", init_from=str(tmp_path / "sd3"), model=deeper)
     with pytest.raises(ValueError, match="init_from .*differs from the recipe"):
-        _initial_params(wider)
+        initial_params(wider)
 
 
 def _damage(path, how):

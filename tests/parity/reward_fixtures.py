@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
-from contentv_common.config.reward import GrpoConfig, ReflConfig, RolloutConfig
+from contentv_common.config.recipe import OptimizerConfig
+from contentv_common.config.reward import GrpoConfig, ReflConfig, RewardRecipe, RolloutConfig
 
 C, F, H, W = 16, 2, 4, 4
 TEXT_LEN, TEXT_DIM, POOLED_DIM = 5, 48, 24
@@ -42,6 +45,21 @@ def torch_model(seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return Transformer(named_model_config("tiny"))
+
+
+def reward_recipe(method: str, refl: ReflConfig = REFL, grpo: GrpoConfig = GRPO, **optimizer) -> RewardRecipe:
+    """A one-device recipe around the shared configs (for the JAX RewardTuner; its data section is never read)."""
+    from contentv_common.config.model import from_dict
+
+    data = {
+        "manifest": "unused",
+        "cache_dir": "unused",
+        "buckets": [{"width": 32, "height": 32, "frames": 5, "batch_size": 2}],
+    }
+    base = {"method": method, "model": "tiny", "reward": {"kind": "target_colour", "target": list(TARGET)},
+            "rollout": {"prompts": ["p"]}, "checkpoint": {"dir": "unused"}, "steps": 8, "data": data}  # fmt: skip
+    return replace(from_dict(RewardRecipe, base), rollout=ROLLOUT, refl=refl, grpo=grpo,
+                   optimizer=OptimizerConfig(**optimizer))  # fmt: skip
 
 
 def jax_twins(folder) -> tuple:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -77,10 +78,18 @@ def _grads(step: int) -> dict[str, np.ndarray]:
     return grads
 
 
+def _params(model: JaxNet) -> dict:
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _jax_grads(grads: dict[str, np.ndarray]) -> dict:
+    return jax_tree({"fc": {"kernel": grads["fc.weight"].T, "bias": grads["fc.bias"]},
+                     "norm": {"scale": grads["norm.weight"], "bias": grads["norm.bias"]}})  # fmt: skip
+
+
 def test_reward_optimizer_follows_schedule_and_matches_across_backends():
-    from contentv_jax.optim import current_lr, model_optimizer
-    from contentv_jax.reward import train as jr
-    from contentv_torch_npu.optim import make_optimizer
+    from contentv_jax.optim import applied_updates, guarded_update, lr_schedule, make_optimizer
+    from contentv_torch_npu.optim import make_optimizer as torch_optimizer
     from contentv_torch_npu.reward import train as tr
 
     recipe = _recipe()
@@ -88,8 +97,9 @@ def test_reward_optimizer_follows_schedule_and_matches_across_backends():
     j_model = JaxNet()
     j_model.norm.bias[...] = j_model.norm.bias[...] + 0.5  # a nonzero bias: decay would move it
     t_model = _torch_twin(JaxNet())
-    j_opt, t_opt = model_optimizer(j_model, opt, total), make_optimizer(t_model, opt)
-    j_ema = nnx.clone(j_model)
+    tx, t_opt = make_optimizer(opt, total), torch_optimizer(t_model, opt)
+    j_params = _params(j_model)
+    j_opt, j_ema = tx.init(j_params), j_params
     t_ema = {n: p.detach().clone() for n, p in t_model.named_parameters()}
     j_guard = DivergenceGuard(recipe.divergence, recipe.nan_skip_limit)
     t_guard = DivergenceGuard(recipe.divergence, recipe.nan_skip_limit)
@@ -98,15 +108,14 @@ def test_reward_optimizer_follows_schedule_and_matches_across_backends():
     for step in range(STEPS):
         grads = _grads(step)
         expected_lr = learning_rate(opt, applied, total)
-        assert current_lr(j_opt, opt, total) == np.float32(expected_lr), step  # read back from the optax state
+        rate = lr_schedule(opt, total)(applied_updates(j_opt))  # read back from the optax state
+        assert rate == np.float32(expected_lr), step
 
-        j_grads = nnx.state(j_model, nnx.Param)
-        g = {"fc": {"kernel": grads["fc.weight"].T, "bias": grads["fc.bias"]},
-             "norm": {"scale": grads["norm.weight"], "bias": grads["norm.bias"]}}  # fmt: skip
-        nnx.replace_by_pure_dict(j_grads, jax_tree(g))
         loss = float(np.sum(grads["fc.bias"]))
-        tuning = jr.Tuning(j_guard, step, j_ema, opt.ema_decay)
-        ok, _ = jr.guarded_update(j_opt, j_model, jnp.float32(loss), j_grads, tuning)
+        limits = jnp.asarray(j_guard.limits(), jnp.float32)
+        j_params, j_opt, j_ema, ok, norm = guarded_update(tx, j_params, j_opt, _jax_grads(grads), jnp.float32(loss),
+                                                          limits, j_ema, opt.ema_decay)  # fmt: skip
+        j_guard.record(step, loss, float(norm), bool(ok))
 
         for name, p in t_model.named_parameters():
             p.grad = torch.from_numpy(grads[name].copy())
@@ -116,38 +125,34 @@ def test_reward_optimizer_follows_schedule_and_matches_across_backends():
             assert t_opt.param_groups[0]["lr"] == expected_lr  # the rate torch's AdamW just used
             applied += 1
 
-        j_params = _as_torch(nnx.to_pure_dict(nnx.state(j_model, nnx.Param)))
-        j_average = _as_torch(nnx.to_pure_dict(nnx.state(j_ema, nnx.Param)))
+        j_weights, j_average = _as_torch(j_params), _as_torch(j_ema)
         for name, p in t_model.named_parameters():
-            np.testing.assert_allclose(j_params[name], p.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(j_weights[name], p.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
             np.testing.assert_allclose(j_average[name], t_ema[name].numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
         if step == 0:  # the first warm-up update has rate 0: nothing moves
-            assert np.array_equal(j_params["fc.weight"], np.asarray(JaxNet().fc.kernel[...]).T)
+            assert np.array_equal(j_weights["fc.weight"], np.asarray(JaxNet().fc.kernel[...]).T)
 
     assert j_guard.skipped == t_guard.skipped == 1 and j_guard.first_bad_step == NAN_STEP
-    assert int(j_opt.step[...]) == applied == STEPS - 1
+    assert applied_updates(j_opt) == applied == STEPS - 1
 
 
 def test_weight_decay_spares_biases_and_norm_scales_in_both_backends():
     """With zero gradients AdamW's step is decay alone: kernels shrink by lr * wd, biases and norm scales stay."""
-    from contentv_jax.optim import model_optimizer
-    from contentv_jax.reward import train as jr
-    from contentv_torch_npu.optim import make_optimizer
+    from contentv_jax.optim import guarded_update, make_optimizer
+    from contentv_torch_npu.optim import make_optimizer as torch_optimizer
     from contentv_torch_npu.reward import train as tr
 
     opt = dataclasses.replace(_recipe().optimizer, lr=0.1, weight_decay=0.5, warmup_steps=0, ema_decay=None)
     j_model, t_model = JaxNet(), _torch_twin(JaxNet())
-    j_opt, t_opt = model_optimizer(j_model, opt, STEPS), make_optimizer(t_model, opt)
-    before = _as_torch(nnx.to_pure_dict(nnx.state(j_model, nnx.Param)))
-    zeros = jax_tree({"fc": {"kernel": np.zeros((4, 3)), "bias": np.zeros(3)},
-                      "norm": {"scale": np.zeros(3), "bias": np.zeros(3)}})  # fmt: skip
-    j_grads = nnx.state(j_model, nnx.Param)
-    nnx.replace_by_pure_dict(j_grads, zeros)
-    jr.guarded_update(j_opt, j_model, jnp.float32(0.0), j_grads, jr.Tuning())
+    tx, t_opt = make_optimizer(opt, STEPS), torch_optimizer(t_model, opt)
+    params = _params(j_model)
+    before = _as_torch(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    params = guarded_update(tx, params, tx.init(params), zeros, jnp.float32(0.0), None)[0]
     for p in t_model.parameters():
         p.grad = torch.zeros_like(p)
     tr.guarded_update(t_opt, t_model, 0.0, tr.Tuning(opt, STEPS))
-    after = _as_torch(nnx.to_pure_dict(nnx.state(j_model, nnx.Param)))
+    after = _as_torch(params)
     t_after = {n: p.detach().numpy() for n, p in t_model.named_parameters()}
     np.testing.assert_allclose(after["fc.weight"], before["fc.weight"] * (1 - 0.1 * 0.5), rtol=1e-6)
     np.testing.assert_allclose(t_after["fc.weight"], before["fc.weight"] * (1 - 0.1 * 0.5), rtol=1e-6)
