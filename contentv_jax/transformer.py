@@ -16,6 +16,7 @@ from einops import rearrange
 from flax import nnx
 
 from contentv_common.config.model import ModelConfig
+from contentv_common.model.patches import unpatchify
 from contentv_common.model.pos_embed import crop_sd3_table, sd3_table, sincos_3d_table
 from contentv_jax.ops import XLA_ATTENTION, Attention, layer_norm, rms_norm
 
@@ -324,12 +325,9 @@ class Transformer(nnx.Module):
 
     def head(self, x: jax.Array, temb_act: jax.Array, latent_shape: tuple[int, ...]) -> jax.Array:
         """Final adaLN + projection, unpatchified back to `[B, C, F, H, W]`."""
-        cfg = self.cfg
-        _, _, f, h, w = latent_shape
-        p = cfg.patch_size
         scale, shift = jnp.split(self.norm_out(temb_act)[:, None], 2, axis=-1)
-        x = self.proj_out(_modulate(x, shift, scale, cfg.norm_eps))
-        return rearrange(x, "b (f h w) (p q c) -> b c f (h p) (w q)", f=f, h=h // p, w=w // p, p=p, q=p)
+        x = self.proj_out(_modulate(x, shift, scale, self.cfg.norm_eps))
+        return unpatchify(x, latent_shape, self.cfg.patch_size)
 
     def __call__(
         self,

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from contentv_common.config.model import ModelConfig
+from contentv_common.model.patches import unpatchify
 from contentv_common.model.pos_embed import crop_sd3_table, sd3_table
 from contentv_torch_npu.ops import Ops, ops_for
 
@@ -258,12 +259,9 @@ class Transformer(nn.Module):
 
     def head(self, x: torch.Tensor, temb_act: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """Final adaLN + projection, unpatchified back to `[B, C, F, H, W]`."""
-        cfg = self.cfg
-        _, _, f, h, w = latent_shape
-        p = cfg.patch_size
         scale, shift = self.norm_out(temb_act)[:, None].chunk(2, -1)
-        x = self.proj_out(_modulate(x, shift, scale, cfg.norm_eps))
-        return rearrange(x, "b (f h w) (p q c) -> b c f (h p) (w q)", f=f, h=h // p, w=w // p, p=p, q=p)
+        x = self.proj_out(_modulate(x, shift, scale, self.cfg.norm_eps))
+        return unpatchify(x, latent_shape, self.cfg.patch_size)
 
     def forward(
         self,
