@@ -219,16 +219,15 @@ class JointBlock(nnx.Module):
         )
         c_mod = jnp.split(self.norm1_context(temb_act)[:, None], 2 if self.context_pre_only else 6, axis=-1)
         if self.context_pre_only:
-            c_scale, c_shift = c_mod  # AdaLayerNormContinuous order: scale first
-            norm_context = _modulate(context, c_shift, c_scale, eps)
-        else:
-            c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mod
-            norm_context = _modulate(context, c_shift_msa, c_scale_msa, eps)
+            c_mod = c_mod[::-1]  # AdaLayerNormContinuous order: scale first
+        c_shift_msa, c_scale_msa, *c_rest = c_mod
+        norm_context = _modulate(context, c_shift_msa, c_scale_msa, eps)
         attn_x, attn_context = self.attn(_modulate(x, shift_msa, scale_msa, eps), norm_context)
         x = x + gate_msa * attn_x
         x = self.constrain(x + gate_mlp * self.ff(_modulate(x, shift_mlp, scale_mlp, eps)), ("batch", "tokens", None))
         if self.context_pre_only:
             return x, None
+        c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_rest
         context = context + c_gate_msa * attn_context
         context = context + c_gate_mlp * self.ff_context(_modulate(context, c_shift_mlp, c_scale_mlp, eps))
         return x, context
