@@ -1,4 +1,4 @@
-"""Flow-match Euler sampling, framework-free: the schedule, the update and the noise that both backends share.
+"""Flow-match Euler sampling, framework-free: the schedule, the update, the noise and the loop both backends share.
 
 The schedule is the one ContentV's pipeline builds with diffusers' `FlowMatchEulerDiscreteScheduler` (static shift):
 N sigmas linearly spaced from 1 to 1/N, shifted, then a final sigma of 0; the model sees timestep = sigma * 1000.
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from contentv_common.errors import ConfigError
 from contentv_common.training.schedules import shift_sigmas
@@ -152,6 +153,47 @@ def guidance_batch(
     if neg_text is None or neg_pooled is None:
         raise ValueError(f"guidance {guidance} > 1 needs neg_text and neg_pooled (the negative prompt)")
     return np.concatenate([neg_text, text]), np.concatenate([neg_pooled, pooled]), True
+
+
+StepFn: TypeAlias = Callable[[Array, np.float32, np.float32], Array]  # (x, timestep, dt) -> x after the step
+Prepare: TypeAlias = Callable[[Any, np.ndarray, np.ndarray, np.ndarray, bool, float], tuple[Array, StepFn]]
+
+
+def flow_match_sampler(
+    prepare: Prepare, to_numpy: Callable[[Array], np.ndarray], desc: str
+) -> Callable[..., np.ndarray]:
+    """A backend's `sample`: the schedule, the guidance batch and the loop over the steps are every backend's; the
+    backend gives `prepare(model, noise, text, pooled, guided, guidance) -> (x, step)`, its initial latents and one
+    guided Euler step on its own arrays, and `to_numpy` for the final latents."""
+
+    def sample(
+        model: Any,
+        noise: np.ndarray,
+        text: np.ndarray,
+        pooled: np.ndarray,
+        neg_text: np.ndarray | None = None,
+        neg_pooled: np.ndarray | None = None,
+        steps: int = 50,
+        guidance: float = 6.0,
+        shift: float = SHIFT,
+        progress: bool = True,
+        shift_terminal: float | None = None,
+    ) -> np.ndarray:
+        """Denoise `noise` [B, C, F, H, W] into latents (float32 numpy) conditioned on text [B, L, D] and pooled
+        [B, P].
+
+        With guidance > 1 the negative prompt's embeddings (the unconditional branch) are required and run in the same
+        forward as the prompt's, uncond first as in diffusers. `shift` and `shift_terminal` shape the schedule
+        (`flow_match_schedule`).
+        """
+        schedule = flow_match_schedule(steps, shift, shift_terminal)
+        text, pooled, guided = guidance_batch(text, pooled, neg_text, neg_pooled, guidance)
+        x, step = prepare(model, noise, text, pooled, guided, guidance)
+        for i in tqdm(range(schedule.steps), desc=desc, disable=not progress):
+            x = step(x, schedule.timesteps[i], schedule.step_sizes[i])
+        return to_numpy(x)
+
+    return sample
 
 
 def latent_shape(channels: int, frames: int, height: int, width: int, batch: int = 1) -> tuple[int, ...]:

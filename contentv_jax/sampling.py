@@ -14,9 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
-from contentv_common.sampling import euler_step, flow_match_schedule, guidance_batch, guide
+from contentv_common.sampling import StepFn, euler_step, flow_match_sampler, guide
 from contentv_jax.multihost import to_host
 from contentv_jax.vae import WanVAE
 
@@ -33,43 +32,22 @@ def _denoise_step(graphdef, state, x, timestep, dt, text, pooled, guidance, *, g
     return euler_step(x, velocity, dt)
 
 
-def sample(
-    model: nnx.Module,
-    noise: np.ndarray,
-    text: np.ndarray,
-    pooled: np.ndarray,
-    neg_text: np.ndarray | None = None,
-    neg_pooled: np.ndarray | None = None,
-    steps: int = 50,
-    guidance: float = 6.0,
-    shift: float = 3.0,
-    progress: bool = True,
-    shift_terminal: float | None = None,
-) -> np.ndarray:
-    """Denoise `noise` [B, C, F, H, W] into latents (float32 numpy) conditioned on text [B, L, D] and pooled [B, P].
-
-    With guidance > 1 the negative prompt's embeddings (the unconditional branch) are required and run in the same
-    forward as the prompt's, uncond first as in diffusers. `shift` and `shift_terminal` shape the schedule
-    (contentv_common.sampling.flow_match_schedule).
-    """
-    schedule = flow_match_schedule(steps, shift, shift_terminal)
-    text, pooled, guided = guidance_batch(text, pooled, neg_text, neg_pooled, guidance)
+def _prepare(
+    model: nnx.Module, noise: np.ndarray, text: np.ndarray, pooled: np.ndarray, guided: bool, guidance: float
+) -> tuple[jax.Array, StepFn]:
+    """The JAX half of `sample` (contentv_common.sampling.flow_match_sampler): inputs on the model's devices and
+    one guided Euler step."""
     graphdef, state = nnx.split(model)
-    x = jnp.asarray(noise, jnp.float32)
     text, pooled = jnp.asarray(text, jnp.float32), jnp.asarray(pooled, jnp.float32)
-    for i in tqdm(range(schedule.steps), desc="sampling (jax)", disable=not progress):
-        x = _denoise_step(
-            graphdef,
-            state,
-            x,
-            schedule.timesteps[i],
-            schedule.step_sizes[i],
-            text,
-            pooled,
-            np.float32(guidance),
-            guided=guided,
-        )
-    return np.asarray(to_host(x))  # whole, in every process of a multi-process run
+
+    def step(x: jax.Array, timestep: np.float32, dt: np.float32) -> jax.Array:
+        return _denoise_step(graphdef, state, x, timestep, dt, text, pooled, np.float32(guidance), guided=guided)
+
+    return jnp.asarray(noise, jnp.float32), step
+
+
+# whole, in every process of a multi-process run
+sample = flow_match_sampler(_prepare, lambda x: np.asarray(to_host(x)), "sampling (jax)")
 
 
 @jax.jit

@@ -16,6 +16,7 @@ from einops import rearrange
 from flax import nnx
 
 from contentv_common.config.model import ModelConfig
+from contentv_common.model.patches import unpatchify
 from contentv_common.model.pos_embed import crop_sd3_table, sd3_table, sincos_3d_table
 from contentv_jax.ops import XLA_ATTENTION, Attention, layer_norm, rms_norm
 
@@ -218,16 +219,15 @@ class JointBlock(nnx.Module):
         )
         c_mod = jnp.split(self.norm1_context(temb_act)[:, None], 2 if self.context_pre_only else 6, axis=-1)
         if self.context_pre_only:
-            c_scale, c_shift = c_mod  # AdaLayerNormContinuous order: scale first
-            norm_context = _modulate(context, c_shift, c_scale, eps)
-        else:
-            c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mod
-            norm_context = _modulate(context, c_shift_msa, c_scale_msa, eps)
+            c_mod = c_mod[::-1]  # AdaLayerNormContinuous order: scale first
+        c_shift_msa, c_scale_msa, *c_rest = c_mod
+        norm_context = _modulate(context, c_shift_msa, c_scale_msa, eps)
         attn_x, attn_context = self.attn(_modulate(x, shift_msa, scale_msa, eps), norm_context)
         x = x + gate_msa * attn_x
         x = self.constrain(x + gate_mlp * self.ff(_modulate(x, shift_mlp, scale_mlp, eps)), ("batch", "tokens", None))
         if self.context_pre_only:
             return x, None
+        c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_rest
         context = context + c_gate_msa * attn_context
         context = context + c_gate_mlp * self.ff_context(_modulate(context, c_shift_mlp, c_scale_mlp, eps))
         return x, context
@@ -324,12 +324,9 @@ class Transformer(nnx.Module):
 
     def head(self, x: jax.Array, temb_act: jax.Array, latent_shape: tuple[int, ...]) -> jax.Array:
         """Final adaLN + projection, unpatchified back to `[B, C, F, H, W]`."""
-        cfg = self.cfg
-        _, _, f, h, w = latent_shape
-        p = cfg.patch_size
         scale, shift = jnp.split(self.norm_out(temb_act)[:, None], 2, axis=-1)
-        x = self.proj_out(_modulate(x, shift, scale, cfg.norm_eps))
-        return rearrange(x, "b (f h w) (p q c) -> b c f (h p) (w q)", f=f, h=h // p, w=w // p, p=p, q=p)
+        x = self.proj_out(_modulate(x, shift, scale, self.cfg.norm_eps))
+        return unpatchify(x, latent_shape, self.cfg.patch_size)
 
     def __call__(
         self,

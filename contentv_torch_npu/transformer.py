@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from contentv_common.config.model import ModelConfig
+from contentv_common.model.patches import unpatchify
 from contentv_common.model.pos_embed import crop_sd3_table, sd3_table
 from contentv_torch_npu.ops import Ops, ops_for
 
@@ -190,16 +191,15 @@ class JointBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb_act)[:, None].chunk(6, -1)
         c_mod = self.norm1_context(temb_act)[:, None].chunk(2 if self.context_pre_only else 6, -1)
         if self.context_pre_only:
-            c_scale, c_shift = c_mod  # AdaLayerNormContinuous order: scale first
-            norm_context = _modulate(context, c_shift, c_scale, eps)
-        else:
-            c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mod
-            norm_context = _modulate(context, c_shift_msa, c_scale_msa, eps)
+            c_mod = c_mod[::-1]  # AdaLayerNormContinuous order: scale first
+        c_shift_msa, c_scale_msa, *c_rest = c_mod
+        norm_context = _modulate(context, c_shift_msa, c_scale_msa, eps)
         attn_x, attn_context = self.attn(_modulate(x, shift_msa, scale_msa, eps), norm_context, ops)
         x = x + gate_msa * attn_x
         x = x + gate_mlp * self.ff(_modulate(x, shift_mlp, scale_mlp, eps), ops)
         if self.context_pre_only:
             return x, None
+        c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_rest
         context = context + c_gate_msa * attn_context
         context = context + c_gate_mlp * self.ff_context(_modulate(context, c_shift_mlp, c_scale_mlp, eps), ops)
         return x, context
@@ -258,12 +258,9 @@ class Transformer(nn.Module):
 
     def head(self, x: torch.Tensor, temb_act: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """Final adaLN + projection, unpatchified back to `[B, C, F, H, W]`."""
-        cfg = self.cfg
-        _, _, f, h, w = latent_shape
-        p = cfg.patch_size
         scale, shift = self.norm_out(temb_act)[:, None].chunk(2, -1)
-        x = self.proj_out(_modulate(x, shift, scale, cfg.norm_eps))
-        return rearrange(x, "b (f h w) (p q c) -> b c f (h p) (w q)", f=f, h=h // p, w=w // p, p=p, q=p)
+        x = self.proj_out(_modulate(x, shift, scale, self.cfg.norm_eps))
+        return unpatchify(x, latent_shape, self.cfg.patch_size)
 
     def forward(
         self,

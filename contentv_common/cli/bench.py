@@ -453,13 +453,23 @@ def run_jax_attention(case: Case) -> dict[str, Any]:
     return {"step_s": times, "tflops": flops / statistics.median(times) / 1e12, "kernel": jax_attention_impl(case)}
 
 
+@dataclass(frozen=True)
+class Runner:
+    """What `run_case` times for a `Case.backend`, and which options apply to it. `jax_options`: a JAX step, which
+    takes --attention, --remat and --pad-to, reports the kernel "auto" chose and gets its attention kernel timed alone
+    as well; the others take --compile."""
+
+    run: Callable[[Case], dict[str, Any]]
+    jax_options: bool = False
+
+
 RUNNERS = {
-    "jax": run_jax,
-    "torch": run_torch,
-    "diffusers": run_torch,
-    "peak": run_peak,
-    "attention": run_attention,
-    "jax_attention": run_jax_attention,
+    "jax": Runner(run_jax, jax_options=True),
+    "torch": Runner(run_torch),
+    "diffusers": Runner(run_torch),
+    "peak": Runner(run_peak),
+    "attention": Runner(run_attention),
+    "jax_attention": Runner(run_jax_attention),
 }
 
 
@@ -470,7 +480,7 @@ def run_case(case: Case, timeout: float, in_process: bool = False) -> dict[str, 
     """
     if in_process:
         try:
-            return {"status": "ok", **RUNNERS[case.backend](case)}
+            return {"status": "ok", **RUNNERS[case.backend].run(case)}
         except Exception as e:  # the same contract as a failed subprocess: report and go on
             return {"status": "error", "error": f"{type(e).__name__}: {e}"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -490,7 +500,7 @@ def run_case(case: Case, timeout: float, in_process: bool = False) -> dict[str, 
 
 def worker(case_file: Path, out_file: Path) -> None:
     case = Case(**json.loads(case_file.read_text()))
-    result = RUNNERS[case.backend](case)
+    result = RUNNERS[case.backend].run(case)
     tmp = out_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     tmp.replace(out_file)
@@ -541,7 +551,8 @@ def summarise(
         "device": None,
         "error": result.get("error"),
     }
-    if case.backend != "jax":
+    jax_options = RUNNERS[case.backend].jax_options
+    if not jax_options:
         row["options"] = {"compile": case.compile}
     if result["status"] == "ok":
         median = statistics.median(result["step_s"])
@@ -556,7 +567,7 @@ def summarise(
             peak_memory_source=result["peak_memory_source"],
             device=result["device"],
         )
-        if case.backend == "jax":
+        if jax_options:
             row["options"]["attention"] = result["attention"]  # what "auto" resolved to
     return row
 
@@ -618,6 +629,7 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
         for target in tokens:
             frames, height, width = latent_for_tokens(target, text, grids, cfg.patch_size)
             for backend in args.backends:
+                jax_options = RUNNERS[backend].jax_options
                 cases.append(
                     Case(
                         backend=backend,
@@ -632,10 +644,10 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
                         dtype=args.dtype,
                         warmup=args.warmup,
                         repeats=args.repeats,
-                        attention=args.attention if backend == "jax" else None,
-                        remat=args.remat if backend == "jax" else "none",
-                        compile=args.compile and backend != "jax",
-                        pad_to=args.pad_to if backend == "jax" else 0,
+                        attention=args.attention if jax_options else None,
+                        remat=args.remat if jax_options else "none",
+                        compile=args.compile and not jax_options,
+                        pad_to=args.pad_to if jax_options else 0,
                     )
                 )
     return cases
@@ -712,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for i, case in enumerate(cases, 1):
         rate = attention_rate("attention", case)
-        if case.backend == "jax":
+        if RUNNERS[case.backend].jax_options:
             attention_rate("jax_attention", case)
         print(f"[{i}/{len(cases)}] {case.backend} {case.mode} {case.latent_shape()} ...", file=sys.stderr, flush=True)
         rows.append(summarise(case, run_case(case, args.case_timeout, args.in_process), peak_tflops, rate))

@@ -1,1 +1,1 @@
-"""Transformer math without a framework: position tables, the sequence split, FLOPs."""
+"""Transformer math without a framework: position tables, unpatchifying, the sequence split, FLOPs."""

@@ -26,6 +26,7 @@ intact one); the main rank holds the checkpoint dir's lock.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,19 +123,25 @@ def _sft_cache(recipe: RewardRecipe, encoders: Encoders, progress: bool, topo: T
     return cache
 
 
-def _slot(anchor: torch.nn.Module | None, ema: dict[str, torch.Tensor] | None) -> tuple[dict | None, str]:
-    """What the checkpoint's ema/ holds (a recipe has at most one): the EMA anchor or the EMA of the weights."""
-    return (dict(anchor.named_parameters()), "EMA anchor") if anchor is not None else (ema, "EMA of the weights")
+@dataclass(frozen=True)
+class _Tuned:
+    """What a checkpoint holds: the model, its AdamW and, in ema/, the EMA anchor or the EMA of the weights (a recipe
+    has at most one)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    anchor: torch.nn.Module | None
+    ema: dict[str, torch.Tensor] | None
+
+    def ema_slot(self) -> tuple[dict | None, str]:
+        """(what ema/ holds, its name in errors)."""
+        if self.anchor is not None:
+            return dict(self.anchor.named_parameters()), "EMA anchor"
+        return self.ema, "EMA of the weights"
 
 
 def _resume(
-    recipe: RewardRecipe,
-    checkpoints: Checkpointer,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    anchor: torch.nn.Module | None,
-    ema: dict[str, torch.Tensor] | None,
-    topo: Topology,
+    recipe: RewardRecipe, checkpoints: Checkpointer, tuned: _Tuned, topo: Topology
 ) -> tuple[ResumePoint | None, RewardLog | None]:
     """(resume point, log) of the run: None and a fresh log, or the latest checkpoint's counters with model, AdamW
     and EMA anchor or EMA of the weights restored in place and the log cut back to that step. The log is the main
@@ -143,27 +150,20 @@ def _resume(
         return None, RewardLog(recipe.log_dir) if topo.is_main else None
     meta = checkpoints.restore_data()
     point = ResumePoint.read({**meta.get("counters", {}), "step": meta.get("step")}, recipe, checkpoints.folder())
-    checkpoints.restore(model, optimizer, *_slot(anchor, ema))  # after the counters: clear errors first
+    checkpoints.restore(tuned.model, tuned.optimizer, *tuned.ema_slot())  # after the counters: clear errors first
     return point, RewardLog(recipe.log_dir, keep_lines=point.log_lines) if topo.is_main else None
 
 
-def _save(
-    recipe: RewardRecipe,
-    checkpoints: Checkpointer,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    anchor: torch.nn.Module | None,
-    ema: dict[str, torch.Tensor] | None,
-    point: ResumePoint,
-) -> None:
+def _save(recipe: RewardRecipe, checkpoints: Checkpointer, tuned: _Tuned, point: ResumePoint) -> None:
     """The checkpoint of `point` (the training Checkpointer's formats) with the EMA anchor or the EMA of the weights
     in ema/; a LoRA run writes its adapters (the EMA of the weights' when kept) to `<checkpoint.dir>/lora.safetensors`
     as well."""
     adapters = None
     if recipe.lora:  # every rank takes part in gathering
-        adapters = (lora.get_adapters(ema if ema is not None else dict(model.named_parameters())), recipe.lora)
+        weights = tuned.ema if tuned.ema is not None else dict(tuned.model.named_parameters())
+        adapters = (lora.get_adapters(weights), recipe.lora)
     meta = {"data_position": point.step, "counters": {k: v for k, v in point.as_dict().items() if k != "step"}}
-    checkpoints.save(point.step, model, optimizer, _slot(anchor, ema)[0], meta, adapters=adapters)
+    checkpoints.save(point.step, tuned.model, tuned.optimizer, tuned.ema_slot()[0], meta, adapters=adapters)
 
 
 def export(recipe: RewardRecipe) -> None:
@@ -214,8 +214,8 @@ def _run(recipe: RewardRecipe, progress: bool, topo: Topology, checkpoints: Chec
         clip = load_clip_reward(recipe.reward.path, dev)
     scorer = black_box_reward(recipe.reward, _TorchBlackBox(clip, dev) if clip is not None else None)
     reward = (clip if clip is not None else differentiable_builtin(recipe.reward)) if refl else None
-    ema_anchor = ref_model if uses_ema_anchor(recipe) else None
-    point, log = _resume(recipe, checkpoints, model, optimizer, ema_anchor, ema, topo)
+    tuned = _Tuned(model, optimizer, ref_model if uses_ema_anchor(recipe) else None, ema)
+    point, log = _resume(recipe, checkpoints, tuned, topo)
     start, guard = point.step if point else 0, divergence_guard(recipe, point)
     steps = tqdm(range(start, recipe.steps), desc=f"reward {recipe.method} (torch)", initial=start,
                  total=recipe.steps, disable=not progress)  # fmt: skip
@@ -241,9 +241,11 @@ def _run(recipe: RewardRecipe, progress: bool, topo: Topology, checkpoints: Chec
         if log is not None:
             log.write(record)
         if (step + 1) % recipe.checkpoint.interval == 0 or last:
-            _save(recipe, checkpoints, model, optimizer, ema_anchor, ema,
-                  ResumePoint(step + 1, log.lines if log is not None else 0, recipe.seed, int(ema_anchor is not None),
-                              int(ema is not None), guard.skipped))  # fmt: skip
+            lines = log.lines if log is not None else 0
+            point = ResumePoint(
+                step + 1, lines, recipe.seed, int(tuned.anchor is not None), int(ema is not None), guard.skipped
+            )
+            _save(recipe, checkpoints, tuned, point)
         check_divergence(guard, recipe.checkpoint.dir)
     if topo.is_main:
         export(recipe)

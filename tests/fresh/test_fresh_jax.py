@@ -10,16 +10,22 @@ from __future__ import annotations
 import importlib.util
 import shutil
 
-import numpy as np
 import pytest
 
 from contentv_common.data.video_io import read_video
-from tests.fresh.runner import NOT_TORCH, assert_ok, check_loader_outputs, one_line_error, run_blocked, tensors
+from tests.fresh.runner import (
+    NOT_TORCH,
+    check_bf16_sampling,
+    check_loader_outputs,
+    convert_round_trip,
+    one_line_error,
+    run_blocked,
+    sample_argv,
+)
 
 pytestmark = pytest.mark.slow  # every test here trains, tunes or compiles for real
 
-SAMPLE = ["tools/sample.py", "--tiny", "--backend", "jax", "--prompt", "a red circle", "--frames", "1"]
-SAMPLE += ["--size", "32x32", "--steps", "2", "--no-progress"]
+SAMPLE = sample_argv("jax")
 
 
 def test_loaders_read_bf16_and_fp32(jax_outputs, rel_err):
@@ -29,19 +35,7 @@ def test_loaders_read_bf16_and_fp32(jax_outputs, rel_err):
 
 def test_convert_cli(checkpoints, tmp_path):
     """tools/convert.py: bf16 diffusers -> JAX (orbax) -> diffusers fp32, an exact upcast of every tensor."""
-    src, ours, back = checkpoints / "transformer_bf16", tmp_path / "jax", tmp_path / "diffusers"
-    result = run_blocked(
-        NOT_TORCH,
-        ["tools/convert.py", src, ours, "--to", "jax"],
-        ["tools/convert.py", ours, back, "--to", "diffusers", "--dtype", "float32", "--shard-size", "64KB"],
-    )
-    assert_ok(result)
-    source, upcast = tensors(src), tensors(back)
-    assert source.keys() == upcast.keys()
-    for key, array in source.items():
-        assert array.dtype.name == "bfloat16" and upcast[key].dtype == np.float32, key
-        assert np.array_equal(upcast[key], array.astype(np.float32)), key
-    assert (back / "diffusion_pytorch_model.safetensors.index.json").exists()
+    convert_round_trip(NOT_TORCH, checkpoints / "transformer_bf16", tmp_path / "jax", "jax", tmp_path / "diffusers")
 
 
 @pytest.mark.skipif(
@@ -99,12 +93,4 @@ def test_sample_cli(checkpoints, tmp_path):
     )
     one_line_error(parity, "torch")
     assert "parity:" not in parity.stdout  # nothing traced
-    result = run_blocked(
-        NOT_TORCH,
-        [*SAMPLE, "--transformer", checkpoints / "transformer_bf16", "--dtype", "bfloat16", "--out", tmp_path / "bf16"],
-        [*SAMPLE, "--transformer", checkpoints / "transformer_fp32", "--out", tmp_path / "fp32"],
-    )
-    assert_ok(result)
-    (bf16, _), (fp32, _) = (read_video(next((tmp_path / p).glob("*.mp4"))) for p in ("bf16", "fp32"))
-    assert bf16.shape == fp32.shape == (1, 32, 32, 3) and fp32.std() > 5
-    assert np.abs(bf16.astype(np.int16) - fp32).mean() < 6  # uint8 levels, after mp4 coding
+    check_bf16_sampling(NOT_TORCH, "jax", checkpoints, tmp_path)

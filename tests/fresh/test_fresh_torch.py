@@ -10,11 +10,16 @@ import numpy as np
 import pytest
 
 from contentv_common.checkpoint.safetensors_io import iter_tensors, weight_files
-from contentv_common.data.video_io import read_video
-from tests.fresh.runner import NOT_JAX, assert_ok, check_loader_outputs, one_line_error, run_blocked, tensors
-
-SAMPLE = ["tools/sample.py", "--tiny", "--backend", "torch", "--prompt", "a red circle", "--frames", "1"]
-SAMPLE += ["--size", "32x32", "--steps", "2", "--no-progress"]
+from tests.fresh.runner import (
+    NOT_JAX,
+    assert_ok,
+    check_bf16_sampling,
+    check_loader_outputs,
+    convert_round_trip,
+    one_line_error,
+    run_blocked,
+    tensors,
+)
 
 
 def test_loaders_read_bf16_and_fp32(torch_outputs, rel_err):
@@ -24,34 +29,19 @@ def test_loaders_read_bf16_and_fp32(torch_outputs, rel_err):
 
 def test_sample_cli(checkpoints, tmp_path):
     """tools/sample.py on the bf16 folder (bf16 weights) gives the fp32 folder's frame within bf16 rounding."""
-    result = run_blocked(
-        NOT_JAX,
-        [*SAMPLE, "--transformer", checkpoints / "transformer_bf16", "--dtype", "bfloat16", "--out", tmp_path / "bf16"],
-        [*SAMPLE, "--transformer", checkpoints / "transformer_fp32", "--out", tmp_path / "fp32"],
-    )
-    assert_ok(result)
-    (bf16, _), (fp32, _) = (read_video(next((tmp_path / p).glob("*.mp4"))) for p in ("bf16", "fp32"))
-    assert bf16.shape == fp32.shape == (1, 32, 32, 3) and fp32.std() > 5
-    assert np.abs(bf16.astype(np.int16) - fp32).mean() < 6  # uint8 levels, after mp4 coding
+    check_bf16_sampling(NOT_JAX, "torch", checkpoints, tmp_path)
 
 
 def test_convert_cli(checkpoints, tmp_path):
     """tools/convert.py: bf16 diffusers -> torch format (bit for bit) -> diffusers fp32 (exact upcast, sharded);
     --to jax without JAX ends in one line naming the extra."""
-    src, ours, back = checkpoints / "transformer_bf16", tmp_path / "torch", tmp_path / "diffusers"
-    result = run_blocked(
-        NOT_JAX,
-        ["tools/convert.py", src, ours, "--to", "torch"],
-        ["tools/convert.py", ours, back, "--to", "diffusers", "--dtype", "float32", "--shard-size", "64KB"],
-    )
-    assert_ok(result)
-    source, converted, upcast = tensors(src), tensors(ours), tensors(back)
-    assert source.keys() == converted.keys() == upcast.keys()
+    src, ours = checkpoints / "transformer_bf16", tmp_path / "torch"
+    source = convert_round_trip(NOT_JAX, src, ours, "torch", tmp_path / "diffusers")
+    converted = tensors(ours)
+    assert source.keys() == converted.keys()
     for key, array in source.items():
-        assert array.dtype.name == "bfloat16" and converted[key].dtype == array.dtype, key
+        assert converted[key].dtype == array.dtype, key
         assert np.array_equal(converted[key].view(np.uint16), array.view(np.uint16)), key
-        assert upcast[key].dtype == np.float32 and np.array_equal(upcast[key], array.astype(np.float32)), key
-    assert (back / "diffusion_pytorch_model.safetensors.index.json").exists()
     one_line_error(run_blocked(NOT_JAX, ["tools/convert.py", src, tmp_path / "jax", "--to", "jax"]), "jax")
     assert not (tmp_path / "jax").exists()
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from contentv_common.reward.models import TargetColour, as_black_box
+from contentv_common.reward.models import as_black_box
 from tests.parity.reward_fixtures import (
     EVAL_BATCH,
     EVAL_SEED,
@@ -21,8 +21,8 @@ from tests.parity.reward_fixtures import (
     GRPO_BATCH,
     REFL,
     REFL_BATCH,
+    REWARD,
     ROLLOUT,
-    TARGET,
     jax_twins,
     reward_recipe,
     rollout_batch,
@@ -31,8 +31,6 @@ from tests.parity.reward_fixtures import (
 )
 
 pytestmark = pytest.mark.slow  # every test here trains, tunes or compiles for real
-
-REWARD = TargetColour(TARGET)
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,12 @@ import numpy as np
 
 from contentv_common.config.recipe import OptimizerConfig
 from contentv_common.config.reward import GrpoConfig, ReflConfig, RewardRecipe, RolloutConfig
+from contentv_common.reward.models import TargetColour
 
 C, F, H, W = 16, 2, 4, 4
 TEXT_LEN, TEXT_DIM, POOLED_DIM = 5, 48, 24
 TARGET = (0.9, 0.2, 0.1)
+REWARD = TargetColour(TARGET)  # frozen: one instance serves every test and compiled step
 
 # One set of configs and batch sizes for every JAX reward test, so the compiled steps are shared between them.
 ROLLOUT = RolloutConfig(prompts=("p",), steps=3, shift=3.0, guidance=2.0)

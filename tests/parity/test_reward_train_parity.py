@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from contentv_common.config.model import named_model_config
-from contentv_common.reward.models import TargetColour, group_advantages
+from contentv_common.reward.models import group_advantages
 from tests.parity.reward_fixtures import (
     GRPO,
     GRPO_BATCH,
     REFL,
     REFL_BATCH,
+    REWARD,
     ROLLOUT,
-    TARGET,
     rollout_batch,
     sft_batch,
     step_noise,
@@ -86,7 +86,7 @@ def test_refl_gradients_match(models, decoders, rel_err):
     t_decoder, j_decoder = decoders
     refl = REFL
     batch = {**rollout_batch(1, REFL_BATCH, guided=True), **sft_batch(2, REFL_BATCH)}
-    reward = TargetColour(TARGET)
+    reward = REWARD
 
     loss_j, grads_j, metrics_j = jr.refl_grads(
         j_model, j_ref, j_decoder, jr.carried(reward),

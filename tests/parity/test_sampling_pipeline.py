@@ -20,6 +20,7 @@ from contentv_torch_npu.encoders import SD3ImageVAE, load_encoders, tiny_encoder
 from contentv_torch_npu.loading import canonical_tensors
 from contentv_torch_npu.reference import build_diffusers
 from contentv_torch_npu.text_encoders import tiny_text_encoders
+from tests.parity.test_text_encoders import transformers_text_modules
 
 STEPS, GUIDANCE, SHIFT = 4, 4.5, 3.0
 PROMPT, NEGATIVE = "a cat walking on the sea", "low quality"
@@ -54,18 +55,12 @@ def _diffusers_sd3(folder):
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
     return StableDiffusion3Pipeline(
         transformer=SD3Transformer2DModel.from_pretrained(folder / "transformer"),
         vae=AutoencoderKL.from_pretrained(folder / "vae"),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT),
-        text_encoder=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder"),
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2"),
-        text_encoder_3=T5EncoderModel.from_pretrained(folder / "text_encoder_3"),
-        tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
-        tokenizer_2=AutoTokenizer.from_pretrained(folder / "tokenizer_2"),
-        tokenizer_3=AutoTokenizer.from_pretrained(folder / "tokenizer_3"),
+        **transformers_text_modules(folder),
     )
 
 

@@ -48,24 +48,32 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     return {p: write_pipeline(root / p, p) for p in DTYPES}
 
 
+def transformers_text_modules(folder: Path) -> dict:
+    """A pipeline folder's CLIP-L, CLIP-G and T5 and their tokenizers, loaded by transformers, as the keyword
+    arguments of diffusers' StableDiffusion3Pipeline."""
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+    return {
+        "text_encoder": CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder"),
+        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2"),
+        "text_encoder_3": T5EncoderModel.from_pretrained(folder / "text_encoder_3"),
+        "tokenizer": AutoTokenizer.from_pretrained(folder / "tokenizer"),
+        "tokenizer_2": AutoTokenizer.from_pretrained(folder / "tokenizer_2"),
+        "tokenizer_3": AutoTokenizer.from_pretrained(folder / "tokenizer_3"),
+    }
+
+
 @pytest.fixture(scope="module")
 def reference(folders):
     """diffusers' encode_prompt on the fp32 folder: (embeds, negative embeds, pooled, negative pooled) for PROMPTS /
     NEGATIVES, and the same for PROMPTS[:1] with diffusers' own empty negative prompt."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-    folder = folders["fp32"]
     pipe = StableDiffusion3Pipeline(
         transformer=None,
         vae=None,
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        text_encoder=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder"),
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2"),
-        text_encoder_3=T5EncoderModel.from_pretrained(folder / "text_encoder_3"),
-        tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
-        tokenizer_2=AutoTokenizer.from_pretrained(folder / "tokenizer_2"),
-        tokenizer_3=AutoTokenizer.from_pretrained(folder / "tokenizer_3"),
+        **transformers_text_modules(folders["fp32"]),
     )
     cpu = torch.device("cpu")
     with torch.no_grad():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from contentv_common.config.recipe import OptimizerConfig
-from contentv_common.reward.models import TargetColour, as_black_box
+from contentv_common.reward.models import as_black_box
 from contentv_torch_npu.optim import make_optimizer
 from tests.parity.reward_fixtures import (
     EVAL_BATCH,
@@ -23,8 +23,8 @@ from tests.parity.reward_fixtures import (
     GRPO_BATCH,
     REFL,
     REFL_BATCH,
+    REWARD,
     ROLLOUT,
-    TARGET,
     rollout_batch,
     sft_batch,
     step_noise,
@@ -32,7 +32,6 @@ from tests.parity.reward_fixtures import (
     torch_model,
 )
 
-REWARD = TargetColour(TARGET)
 DECODER = tiny_vae_decoder_torch()
 
 
