@@ -11,6 +11,7 @@ shardings) puts every array straight onto its devices.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,15 @@ def _onto(target: Any, partial_restore: bool = False) -> ocp.args.PyTreeRestore:
     """Restore arguments that put every array straight onto the target's shardings."""
     args = ocp.checkpoint_utils.construct_restore_args(target)
     return ocp.args.PyTreeRestore(target, restore_args=args, partial_restore=partial_restore)
+
+
+def _why(e: Exception) -> str:
+    """Why a restore failed, short: orbax lists both trees whole where their structures differ; name the entries."""
+    text = one_line(e)
+    entries = re.findall(r"; ([\w.]+):; - Source", text)
+    if entries:
+        return f"{type(e).__name__}: the saved tree and this run's differ at {', '.join(entries)}"
+    return f"{type(e).__name__}: {text[:500]}"
 
 
 class Checkpointer:
@@ -116,7 +126,7 @@ class Checkpointer:
             return self.manager.restore(step, args=args)
         except Exception as e:  # a verified checkpoint that does not fit this run (e.g. no EMA saved)
             raise CheckpointError(
-                f"{self.dir / str(step)}: does not restore into this run's state: {type(e).__name__}: {one_line(e)}"
+                f"{self.dir / str(step)}: does not restore into this run's state: {_why(e)}"
             ) from None
 
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:

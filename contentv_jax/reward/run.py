@@ -16,6 +16,7 @@ Every `checkpoint.interval` steps (and at the end) an orbax checkpoint goes to `
 `Checkpointer` (atomic, verified by checksums on resume, the dir locked by this run, `checkpoint.keep` kept): the
 trainer's tree (step and skip counters, params, opt_state, the EMA of the weights when `optimizer.ema_decay` is set)
 with the EMA anchor when `refl.anchor: ema`, and the counters of `ResumePoint` and the divergence guard as JSON.
+Checkpoints of the earlier layout (before reward runs kept the trainer's state) resume too.
 The optimizer is training's (contentv_jax.optim: schedule over the run's updates, decay mask, clipping); a divergent
 update is skipped and counted, more than `nan_skip_limit` stop the run.
 A run whose checkpoint dir holds a checkpoint continues from the latest one and gives the same per-step records as an
@@ -30,10 +31,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from contentv_common.config.reward import RewardRecipe
+from contentv_common.errors import CheckpointError
 from contentv_common.reward.models import score_black_box, to_uint8
 from contentv_common.reward.run import (
     ResumePoint,
@@ -99,9 +105,48 @@ def _resume(
     target = tuner.checkpointed(tuner.abstract_state())
     if point.ema_anchor and "anchor" not in target:  # an EMA anchor this recipe does not use: read, then dropped
         target["anchor"] = tuner.trainer.trained(target["params"])[0]
-    restored, _ = checkpointer.restore(target, step)
+    try:
+        restored, _ = checkpointer.restore(target, step)
+    except CheckpointError as e:
+        restored = _restore_earlier_layout(tuner, checkpointer, step, point, target, e)
     restored = {k: v for k, v in restored.items() if k != "anchor" or tuner.ema_anchor}
     return {**state, **restored}, point, _log(recipe, point.log_lines), counters.get("divergence")
+
+
+def _key(path: tuple) -> tuple:
+    return tuple(getattr(k, "idx", getattr(k, "name", getattr(k, "key", k))) for k in path)
+
+
+def _restore_earlier_layout(
+    tuner: jr.RewardTuner,
+    checkpointer: Checkpointer,
+    step: int,
+    point: ResumePoint,
+    target: dict[str, Any],
+    error: CheckpointError,
+) -> dict[str, Any]:
+    """A checkpoint written before reward runs kept the trainer's state, as the trainer's tree: it held `params`, the
+    nnx.Optimizer's state `optimizer` ({step, opt_state}, optax's state as an nnx pure dict) and whole-model
+    `anchor` / `ema` trees; the counters come from its JSON. `error` (the trainer layout's) is raised if it is not one
+    either."""
+    params, trainer = target["params"], tuner.trainer
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(target["opt_state"])
+    count = jax.ShapeDtypeStruct((), jnp.uint32, sharding=target["step"].sharding)
+    earlier = {"params": params,
+               "optimizer": {"step": count, "opt_state": unflatten_dict({_key(p): a for p, a in leaves})}}  # fmt: skip
+    earlier.update({k: params for k, kept in (("anchor", point.ema_anchor), ("ema", point.ema_weights)) if kept})
+    try:
+        got, _ = checkpointer.restore(earlier, step)
+    except CheckpointError:
+        raise error from None
+    opt = flatten_dict(got["optimizer"]["opt_state"])
+    out = {"params": got["params"],
+           "opt_state": jax.tree_util.tree_unflatten(treedef, [opt[_key(p)] for p, _ in leaves])}  # fmt: skip
+    updates = point.step * (tuner.recipe.grpo.updates_per_rollout if not tuner.refl else 1)
+    for name, value in (("step", updates), ("skipped", point.skipped)):
+        out[name] = jax.device_put(np.int32(value), target[name].sharding)
+    out.update({k: trainer.trained(got[k])[0] for k in ("anchor", "ema") if k in got})
+    return out
 
 
 def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:
@@ -138,7 +183,7 @@ def run(recipe: RewardRecipe, progress: bool = True) -> dict[str, Any]:
                 state, metrics = tuner.grpo_iteration(state, batch, step_noise, prompts, scorer, place, guard, step)
             if updates == step + 1:
                 held_out = _eval_reward(tuner, state, scorer, data, mesh, updates)
-            record = {"step": step, **metrics, **held_out}
+            record = {"step": step, **{k: float(v) for k, v in metrics.items()}, **held_out}
             last = step == recipe.steps - 1
             if log is not None:
                 log.write(record)

@@ -126,12 +126,40 @@ def test_jax_run_resumes_exactly(synthetic, tmp_path, monkeypatch):
     saved.close()
     assert history["skipped"] == 0 and history["losses"] == [pytest.approx(rows[0]["loss"], rel=1e-6)]
 
-    shutil.rmtree(tmp_path / "ckpt" / "2")
-    executed.clear()
-    run(recipe, progress=False)
-    assert executed == [1] and _rows(tmp_path) == rows
-    again = nnx.to_pure_dict(nnx.state(load_transformer(tmp_path / "transformer"), nnx.Param))
-    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), weights, again)))
+    for earlier in (False, True):  # resume from step 1, then from step 1 in the layout reward runs wrote before
+        shutil.rmtree(tmp_path / "ckpt" / "2")
+        if earlier:
+            _rewrite_in_earlier_layout(recipe, 1)
+        executed.clear()
+        run(recipe, progress=False)
+        assert executed == [1] and _rows(tmp_path) == rows
+        again = nnx.to_pure_dict(nnx.state(load_transformer(tmp_path / "transformer"), nnx.Param))
+        assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), weights, again)))
+
+
+def _rewrite_in_earlier_layout(recipe, step: int) -> None:
+    """Checkpoint `step` rewritten as reward runs wrote it before they kept the trainer's state: `params`, flax's
+    nnx.Optimizer state as a pure dict under `optimizer` ({step, opt_state}), the EMA anchor as a whole model."""
+    import jax
+    from flax import nnx
+
+    from contentv_jax.checkpointing import Checkpointer
+    from contentv_jax.reward.mesh import reward_mesh
+    from contentv_jax.reward.train import RewardTuner
+
+    tuner = RewardTuner(recipe, reward_mesh(recipe), None)
+    saved = Checkpointer(recipe.checkpoint, writer=False)
+    state, counters = saved.restore(tuner.checkpointed(tuner.abstract_state()), step)
+    saved.close()
+    optimizer = nnx.Optimizer(tuner.trainer.model(state["params"]), tuner.trainer.tx, wrt=nnx.Param)
+    theirs, treedef = jax.tree.flatten(nnx.to_pure_dict(nnx.state(optimizer))["opt_state"])
+    ours = jax.tree.leaves(state["opt_state"])
+    assert [a.shape for a in theirs] == [a.shape for a in ours]
+    opt = {"step": jax.numpy.uint32(step), "opt_state": jax.tree.unflatten(treedef, ours)}
+    shutil.rmtree(saved.dir / str(step))
+    ckpt = Checkpointer(recipe.checkpoint)
+    ckpt.save(step, {"params": state["params"], "anchor": state["anchor"], "optimizer": opt}, counters)
+    ckpt.close()
 
 
 def test_recipe_errors_name_the_key(tmp_path):
