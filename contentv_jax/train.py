@@ -107,7 +107,7 @@ class Trainer:
         The optimizer state and the EMA cover the trained part only."""
         return lora.split_adapters(params) if self.lora_plan else (params, {})
 
-    def _join(self, trained: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]:
+    def join(self, trained: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]:
         return lora.join(trained, frozen) if self.lora_plan else trained
 
     def _state_from_params(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -184,7 +184,7 @@ class Trainer:
     def final_params(self, state: dict[str, Any]) -> dict[str, Any]:
         """The parameters a run delivers: the EMA of the trained part when kept, with the frozen part."""
         trained, frozen = self.trained(state["params"])
-        return self._join(state.get("ema", trained), frozen)
+        return self.join(state.get("ema", trained), frozen)
 
     def plain_model(self, params: dict[str, Any]) -> Transformer:
         """A Transformer without adapters: with LoRA the adapters merged into the base (contentv_jax.lora.merged);
@@ -227,7 +227,7 @@ class Trainer:
     def step(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
         """One flow-matching update (`apply`)."""
         trained, frozen = self.trained(state["params"])
-        loss, grads = jax.value_and_grad(lambda t: self.loss(self._join(t, frozen), batch))(trained)
+        loss, grads = jax.value_and_grad(lambda t: self.loss(self.join(t, frozen), batch))(trained)
         return self.apply(state, loss, grads)
 
     def apply(
@@ -246,7 +246,7 @@ class Trainer:
             "step": state["step"] + 1,
             "skipped": state["skipped"] + (~ok).astype(jnp.int32),
             "guard": guard_record(state["guard"], ok, loss, grad_norm),
-            "params": self._join(trained, frozen),
+            "params": self.join(trained, frozen),
             "opt_state": opt_state,
         }
         if average is not None:
@@ -275,24 +275,20 @@ class Trainer:
 
         return {name: make(name) for name in batch}
 
-    def jitted_step(self, state: dict[str, Any], batch: dict[str, Any], step: Callable | None = None) -> Callable:
-        """The compiled `step` (default: flow matching) for this state layout and batch shape (one compile per bucket),
-        state donated, its shardings held in and out; `batch` is any tree of placed arrays (a reward step's frozen
-        decoder and reward weights too)."""
-        step = step or self.step
-        shapes = tuple((jax.tree_util.keystr(p), v.shape) for p, v in jax.tree_util.tree_flatten_with_path(batch)[0])
-        key = (step, tuple(sorted(state)), shapes)
+    def jitted_step(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> Callable:
+        """The compiled flow-matching step for this state layout and batch shape (one compile per bucket)."""
+        key = (tuple(sorted(state)), tuple((k, v.shape) for k, v in sorted(batch.items())))
         if key not in self._steps:
-            state_sh = self.state_shardings(state)
-            batch_sh = jax.tree.map(lambda v: v.sharding, batch)
-            replicated = NamedSharding(self.mesh, PartitionSpec())
-            self._steps[key] = jax.jit(
-                step,
-                in_shardings=(state_sh, batch_sh),
-                out_shardings=(state_sh, replicated),
-                donate_argnums=0,
-            )
+            self._steps[key] = self.compile_step(self.step, state, batch)
         return self._steps[key]
+
+    def compile_step(self, step: Callable, state: dict[str, Any], batch: dict[str, Any]) -> Callable:
+        """`step(state, batch) -> (state, metrics)` jitted with the state donated and its shardings held in and out;
+        `batch` is any tree of placed arrays (a reward step's frozen decoder and reward weights too)."""
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        state_sh = self.state_shardings(state)
+        batch_sh = jax.tree.map(lambda v: v.sharding, batch)
+        return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=0)
 
 
 def schedule_steps(recipe: Recipe | RewardRecipe) -> int | None:

@@ -182,6 +182,11 @@ def check_divergence(guard: DivergenceGuard, checkpoint_dir: str | Path) -> None
         raise RunStopped(guard.stop_message(f"resume point: the latest checkpoint in {checkpoint_dir}"))
 
 
+def uses_anchor(recipe: RewardRecipe) -> bool:
+    """Whether the loss has a reference policy: ReFL's anchor (frozen or EMA), GRPO's KL term."""
+    return recipe.refl.anchor != "none" if recipe.method == "refl" else recipe.grpo.kl_weight > 0
+
+
 def uses_ema_anchor(recipe: RewardRecipe) -> bool:
     """The anchor that changes during training (so a checkpoint must carry it): ReFL with `refl.anchor: ema`."""
     return recipe.method == "refl" and recipe.refl.anchor == "ema"

@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 from contentv_common.config.reward import GrpoConfig, ReflConfig, RewardRecipe, RolloutConfig
 from contentv_common.reward.models import BlackBoxReward, Reward, group_advantages, per_video, score_black_box, to_uint8
-from contentv_common.reward.run import uses_ema_anchor
+from contentv_common.reward.run import uses_anchor, uses_ema_anchor
 from contentv_common.reward.sde import gaussian_kl, gaussian_log_prob, sde_mean, sde_schedule
 from contentv_common.sampling import euler_step, flow_match_schedule, guide, uses_guidance
 from contentv_common.training.divergence import DivergenceGuard
@@ -316,7 +316,7 @@ class RewardTuner:
     The state is the trainer's (contentv_jax.train.Trainer: params, AdamW state, EMA, the divergence guard's window,
     counters) plus `anchor` when the loss has a reference policy: the trained part of the initial weights (frozen) or
     their running average (`refl.anchor: ema`). One update is the ReFL or GRPO gradients, then the trainer's `apply`
-    (guarded AdamW, EMA) and the EMA anchor, compiled by the trainer's `jitted_step` as one program with the state
+    (guarded AdamW, EMA) and the EMA anchor, compiled by the trainer's `compile_step` as one program with the state
     donated and held to training's shardings. `decoder` (frame decoding) and `reward` (ReFL's differentiable reward)
     are frozen: their weights, placed by the caller (replicated on a mesh), are arguments of that program.
     """
@@ -325,9 +325,9 @@ class RewardTuner:
         self.recipe, self.decoder, self.reward = recipe, decoder, reward
         self.trainer = get_trainer(recipe, mesh)
         self.refl = recipe.method == "refl"
-        self.anchored = recipe.refl.anchor != "none" if self.refl else recipe.grpo.kl_weight > 0
-        self.ema_anchor = uses_ema_anchor(recipe)
+        self.anchored, self.ema_anchor = uses_anchor(recipe), uses_ema_anchor(recipe)
         self.frozen = {"decoder": _weights(decoder), "reward": _weights(reward)}
+        self._compiled: dict[tuple, Callable] = {}
 
     # ---- state -------------------------------------------------------------------------------------------------
 
@@ -367,7 +367,7 @@ class RewardTuner:
         t = self.trainer
         if "anchor" not in state:
             return t.model(state["params"]), None
-        return t.model(state["params"]), t.model(t._join(state["anchor"], t.trained(state["params"])[1]))
+        return t.model(state["params"]), t.model(t.join(state["anchor"], t.trained(state["params"])[1]))
 
     def _step(self, state: dict[str, Any], inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
         """Loss and gradients of the recipe's method, the trainer's guarded update, then the EMA anchor."""
@@ -375,10 +375,8 @@ class RewardTuner:
         model, ref = self._models(state)
         batch, frozen = inputs["batch"], inputs["frozen"]
         if self.refl:
-            decoder, reward = (
-                _with_weights(self.decoder, frozen["decoder"]),
-                _with_weights(self.reward, frozen["reward"]),
-            )
+            decoder = _with_weights(self.decoder, frozen["decoder"])
+            reward = _with_weights(self.reward, frozen["reward"])
             loss, grads, metrics = refl_loss(model, ref, decoder, reward, batch, r.rollout, r.refl)
         else:
             loss, grads, metrics = grpo_loss(model, ref, batch, r.rollout, r.grpo)
@@ -389,9 +387,14 @@ class RewardTuner:
         return new, {**metrics, **out}
 
     def compiled(self, state: dict[str, Any], batch: Batch) -> tuple[Callable, dict[str, Any]]:
-        """(the jitted update for this state and batch layout, its second argument: the batch and frozen weights)."""
+        """(the jitted update for this state and batch layout, its second argument: the batch and frozen weights).
+        Kept by this tuner, not the shared trainer, so a finished run's frozen weights are not held after it."""
         inputs = {"batch": batch, "frozen": self.frozen}
-        return self.trainer.jitted_step(state, inputs, self._step), inputs
+        flat = jax.tree_util.tree_flatten_with_path(batch)[0]
+        key = (tuple(sorted(state)), tuple((jax.tree_util.keystr(p), v.shape) for p, v in flat))
+        if key not in self._compiled:
+            self._compiled[key] = self.trainer.compile_step(self._step, state, inputs)
+        return self._compiled[key], inputs
 
     def update(
         self, state: dict[str, Any], batch: Batch, guard: DivergenceGuard | None = None, step: int = 0
@@ -428,9 +431,7 @@ class RewardTuner:
         device_batch = place({**batch, "step_noise": step_noise})
         noise = device_batch.pop("step_noise")
         states, log_probs = sde_rollout(self.model(state), device_batch, noise, rollout, grpo.noise_level)
-        frames = to_host(
-            decode_frames(self.decoder, states[-1], rollout.reward_frames)
-        )  # every row's, in every process
+        frames = to_host(decode_frames(self.decoder, states[-1], rollout.reward_frames))  # all rows, every process
         rewards = score_black_box(black_box, to_uint8(frames), list(prompts))
         device_batch.update(states=states, old_log_probs=log_probs,
                             **place({"advantages": group_advantages(rewards, grpo.group_size)}))  # fmt: skip

@@ -51,6 +51,7 @@ from contentv_common.reward.run import (
     evaluated_updates,
     open_sft_cache,
     optimizer_updates,
+    uses_anchor,
     uses_ema_anchor,
 )
 from contentv_torch_npu import checkpointing as ckpt
@@ -197,7 +198,7 @@ def _run(recipe: RewardRecipe, progress: bool, topo: Topology, checkpoints: Chec
     encoders = named_encoders(recipe.encoders, recipe.seed, device=dev)
     data = RewardData(recipe, encoders, _sft_cache(recipe, encoders, progress, topo))
     refl, grpo = recipe.method == "refl", recipe.grpo
-    anchored = recipe.refl.anchor != "none" if refl else grpo.kl_weight > 0
+    anchored = uses_anchor(recipe)
     model = build_model(recipe, topo)
     ref_model = build_model(recipe, topo).requires_grad_(False) if anchored else None
     if topo.sp > 1:
