@@ -88,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         if curve is not None and curve.losses:
             plot = curve.plot()
             print(f"stage {name}: loss {curve.losses[0]:.4f} -> {curve.losses[-1]:.4f}; curve {plot}")
+    folder = backend.export(stage)  # every process takes part; the follow-up commands read <run>/transformer
+    if primary:
+        print(f"trained model: {folder}")
     if prompts and stage.data.encoders in ("tiny", "demo"):
-        sample_demo(stage, backend, prompts, progress, primary)
+        sample_demo(stage, backend, folder, prompts, progress, primary)
     return 0
 
 

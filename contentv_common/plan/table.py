@@ -63,7 +63,7 @@ class Entry:
 
 def entries(root: Path) -> list[Entry]:
     """The one-device LoRA recipes on one v5p chip / one v6e chip and one rank; every stage recipe on 64 v5p chips
-    and in the torch estimate; every reward recipe (the tiny ones aside) on 64 v5p chips (JAX only)."""
+    and in the torch estimate; every reward recipe (the CPU ones aside: tiny and demo) on 64 v5p chips (JAX only)."""
     recipes = root / "configs" / "recipes"
 
     def rel(p: Path) -> str:
@@ -75,7 +75,7 @@ def entries(root: Path) -> list[Entry]:
         out += [Entry(recipe, "jax", hbm, target, 1), Entry(recipe, "torch", hbm)]
     for stage in sorted(recipes.glob("stage*.yaml")):
         out += [Entry(rel(stage), "jax", 64, V5P_POD), Entry(rel(stage), "torch", 64)]
-    rewards = [p for p in sorted(recipes.glob("reward_*.yaml")) if not p.stem.endswith("_tiny")]
+    rewards = [p for p in sorted(recipes.glob("reward_*.yaml")) if not p.stem.endswith(("_tiny", "_demo"))]
     return out + [Entry(rel(p), "jax", 64, V5P_POD) for p in rewards]
 
 

@@ -54,17 +54,18 @@ def save_strip(rows: list[np.ndarray], path: Path) -> Path:
     return path
 
 
-def sample_demo(recipe: Recipe, backend: Backend, prompts: list[str], progress: bool, primary: bool = True) -> None:
-    """Sample a clip per prompt from the model just trained into `<run>/samples/` (beside the checkpoints), with
-    the loss curve and strip.png: per prompt, the generated frames above a training clip of the same caption. Every
-    process exports (the backend decides who writes), process 0 samples, the others wait."""
+def sample_demo(
+    recipe: Recipe, backend: Backend, folder: Path, prompts: list[str], progress: bool, primary: bool = True
+) -> None:
+    """Sample a clip per prompt from the model just trained (exported to `folder`) into `<run>/samples/` (beside the
+    checkpoints), with the loss curve and strip.png: per prompt, the generated frames above a training clip of the
+    same caption. Process 0 samples, the others wait."""
     from contentv_common.data.decode import decode_clip
     from contentv_common.data.manifest import read_manifest
     from contentv_common.data.video_io import read_video
 
     bucket = recipe.data.buckets[0]
     out = Path(recipe.checkpoint.dir).parent / "samples"
-    folder = backend.export(recipe)
     if primary:
         settings = ClipSettings(frames=bucket.frames, height=bucket.height, width=bucket.width, steps=20,
                                 guidance=6.0, fps=recipe.data.fps)  # fmt: skip
