@@ -115,14 +115,9 @@ def test_training_in_either_backend_exports_the_model(backend, trained_demo, tmp
     from contentv_torch_npu.loading import load_transformer as load_torch
 
     run = tmp_path / "run"
-    overrides = [
-        f"data.manifest={trained_demo / 'synthetic' / 'manifest.jsonl'}",
-        f"data.cache_dir={trained_demo / 'cache'}",
-        f"checkpoint.dir={run / 'checkpoints'}",
-        f"log_dir={run / 'logs'}",
-        "steps=2",
-    ]
-    argv = ["--config", str(train.TINY), "--backend", backend, "--no-progress", "--sample-prompt", "", *overrides]
+    overrides = [f"{k}={v}" for k, v in _paths(trained_demo, run).items() if k != "init_from"]  # from scratch
+    argv = ["--config", str(train.TINY), "--backend", backend, "--no-progress", "--sample-prompt", "", "steps=2"]
+    argv += overrides
     assert train.main(argv) == 0
     in_torch = {k: v.numpy() for k, v in load_torch(run / "transformer").state_dict().items()}
     in_jax = dict(canonical_tensors(load_jax(run / "transformer")))
