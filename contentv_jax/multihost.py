@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -85,6 +86,33 @@ def barrier(name: str, timeout_s: float = 24 * 3600) -> None:
     from jax._src.distributed import global_state
 
     global_state.client.wait_at_barrier(f"contentv:{name}:{next(_barriers)}", int(timeout_s * 1000))
+
+
+def jit_together(fun: Callable, **jit_kwargs: Any) -> Any:
+    """`jax.jit(fun, **jit_kwargs)`; with several processes, each new input layout is compiled ahead and no process
+    runs it before every process has compiled it. The CPU collectives (gloo) connect the processes on a program's
+    first run and give up after 30 s: a process that compiles longer than another must not time it out."""
+    jitted = jax.jit(fun, **jit_kwargs)
+    return jitted if jax.process_count() == 1 else _CompiledTogether(jitted)
+
+
+class _CompiledTogether:
+    """A jitted function run through its ahead-of-time compiles, one per input layout, each behind a barrier."""
+
+    def __init__(self, jitted: Any) -> None:
+        self.lower = jitted.lower
+        self._compiled: dict[Any, Callable] = {}
+
+    def __call__(self, *args: Any) -> Any:
+        leaves, tree = jax.tree.flatten(args)
+        key = (
+            tree,
+            *((getattr(x, "shape", None), getattr(x, "dtype", None), getattr(x, "sharding", None)) for x in leaves),
+        )
+        if key not in self._compiled:
+            self._compiled[key] = self.lower(*args).compile()
+            barrier("compiled")
+        return self._compiled[key](*args)
 
 
 def _exit_at_once(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:

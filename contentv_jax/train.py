@@ -152,8 +152,8 @@ class Trainer:
                 return self._state_from_params(nnx.to_pure_dict(p))
 
             self._init = (
-                jax.jit(fresh, out_shardings=shardings),
-                jax.jit(self._state_from_params, out_shardings=shardings),
+                multihost.jit_together(fresh, out_shardings=shardings),
+                multihost.jit_together(self._state_from_params, out_shardings=shardings),
             )
         if self.lora_plan is not None:
             return self._init[1](self._with_adapters(params))
@@ -218,7 +218,7 @@ class Trainer:
         """Validation loss per fixed timestep, averaged over the held-out samples
         (contentv_common.training.evaluation)."""
         if self._eval is None:
-            self._eval = jax.jit(self.per_sample_loss)
+            self._eval = multihost.jit_together(self.per_sample_loss)
         timesteps = self.recipe.eval.timesteps
         rows = [self._eval(params, eval_batch(cache, i, timesteps, self.recipe.seed)) for i in held_out]
         mean = np.mean(jax.device_get(rows), axis=0)
@@ -277,7 +277,7 @@ class Trainer:
 
     def jitted_step(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> Callable:
         """The compiled flow-matching step for this state layout and batch shape (one compile per bucket)."""
-        key = (tuple(sorted(state)), tuple((k, v.shape) for k, v in sorted(batch.items())))
+        key = step_layout(state, batch)
         if key not in self._steps:
             self._steps[key] = self.compile_step(self.step, state, batch)
         return self._steps[key]
@@ -288,7 +288,15 @@ class Trainer:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         state_sh = self.state_shardings(state)
         batch_sh = jax.tree.map(lambda v: v.sharding, batch)
-        return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=0)
+        return multihost.jit_together(
+            step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=0
+        )
+
+
+def step_layout(state: dict[str, Any], batch: Any) -> tuple:
+    """What one compile of a step serves: the state's entries and the batch tree's paths and shapes."""
+    flat = jax.tree_util.tree_flatten_with_path(batch)[0]
+    return tuple(sorted(state)), tuple((jax.tree_util.keystr(path), v.shape) for path, v in flat)
 
 
 def schedule_steps(recipe: Recipe | RewardRecipe) -> int | None:

@@ -35,7 +35,7 @@ from contentv_common.training.schedules import interpolate, velocity_target
 from contentv_jax.lora import trained_filter
 from contentv_jax.multihost import to_host
 from contentv_jax.optim import ema, keep_if_bad
-from contentv_jax.train import get_trainer, initial_params
+from contentv_jax.train import get_trainer, initial_params, step_layout
 from contentv_jax.vae import WanVAE
 
 Decoder = Callable[[jax.Array], jax.Array]
@@ -390,8 +390,7 @@ class RewardTuner:
         """(the jitted update for this state and batch layout, its second argument: the batch and frozen weights).
         Kept by this tuner, not the shared trainer, so a finished run's frozen weights are not held after it."""
         inputs = {"batch": batch, "frozen": self.frozen}
-        flat = jax.tree_util.tree_flatten_with_path(batch)[0]
-        key = (tuple(sorted(state)), tuple((jax.tree_util.keystr(p), v.shape) for p, v in flat))
+        key = step_layout(state, batch)
         if key not in self._compiled:
             self._compiled[key] = self.trainer.compile_step(self._step, state, inputs)
         return self._compiled[key], inputs
