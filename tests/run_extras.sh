@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Each backend alone, as a user installs it: a fresh virtual environment with only `.[torch]` (torch==2.13.0 first, the
 # local CPU wheel) and one with only `.[jax]`, plus pytest, each running that backend's fresh-process tests. Part of
-# the README's test command, so .ci/run runs it after the full suite. The environments are removed at the end.
+# the README's test command, so .ci/run runs it after the suite (which leaves those two files to it). The environments
+# are removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 envs=$(mktemp -d "${TMPDIR:-/tmp}/contentv-extras.XXXXXX")
