@@ -121,8 +121,9 @@ class JaxBackend:
 
     def plan(self, recipe: Recipe | RewardRecipe, hbm: int, **options: Any) -> tuple[list[StepPlan], dict[str, Any]]:
         """Compiles every step on the target's devices (`target`: contentv_common.cli.plan.Target, its fake CPU
-        devices already asked for), with abstract inputs sharded over the recipe's mesh."""
-        from contentv_jax.memory_plan import plan_recipe, replicated_params, state_bytes
+        devices already asked for), with abstract inputs sharded over the recipe's mesh; a step whose lowered program
+        `previous` (a plan document, or None) compiled on the same target and compiler keeps its figures."""
+        from contentv_jax.memory_plan import compiler_versions, plan_recipe, replicated_params, reusable, state_bytes
         from contentv_jax.sharding import make_mesh
 
         target = options["target"]
@@ -137,12 +138,14 @@ class JaxBackend:
         print(format_table([], hbm).splitlines()[0], flush=True)
         on_plan = lambda p: print(format_table([p], hbm).splitlines()[-1], flush=True)  # noqa: E731
         meta = {"target": target.text, "devices": len(devices), "device_kind": devices[0].device_kind}
+        meta["compiler"] = compiler_versions()
+        known = reusable(options["previous"], target.text, len(devices))
         try:
             if isinstance(recipe, RewardRecipe):
                 from contentv_jax.reward.plan import plan_reward
                 from contentv_jax.reward.plan import state_bytes as reward_state_bytes
 
-                plan = plan_reward(recipe, mesh, hbm, text_tokens=options["text_tokens"])
+                plan = plan_reward(recipe, mesh, hbm, text_tokens=options["text_tokens"], known=known)
                 on_plan(plan)
                 state = reward_state_bytes(recipe, mesh)
                 print("state per device (GiB): " + ", ".join(f"{k} {gib(v)}" for k, v in state.items()))
@@ -155,6 +158,7 @@ class JaxBackend:
                 buckets=options["buckets"],
                 text_tokens=options["text_tokens"],
                 on_plan=on_plan,
+                known=known,
             )
         except ValueError as e:  # a shape the mesh cannot split (contentv_jax.sharding names the dimension and axis)
             raise ConfigError(f"{options['recipe_path']}: {e}") from None

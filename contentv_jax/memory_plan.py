@@ -6,14 +6,18 @@ device. Nothing is allocated, so a 64-chip TPU plan runs on a laptop.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import importlib.metadata
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -52,21 +56,55 @@ def argument_bytes(*args: Any) -> int:
     return sum(int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize for a in leaves)
 
 
-def compile_plan(
-    kind: str, bucket: str, tokens: int, batch: int, flops: float, lower: Callable, args: int, hbm: int
-) -> StepPlan:
-    """Compile one lowered step and read its per-device bytes. When the compiler refuses the program for lack of
-    memory (XLA:TPU checks against the chip's own HBM), the plan does not fit: its temporaries are the figure the
-    compiler reported and its arguments `args`, the bytes of the inputs' shards."""
-    t0 = time.perf_counter()
+def program_hash(lowered: jax.stages.Lowered) -> str:
+    """sha256 of a lowered step's StableHLO (shapes, shardings, every op; no source locations): two lowerings of one
+    program on one mesh compile to the same figures with the same compiler."""
+    return hashlib.sha256(lowered.as_text().encode()).hexdigest()
+
+
+def compiler_versions() -> dict[str, str]:
+    """What compiles a plan: jax, jaxlib and libtpu (absent: "") versions. A plan's figures are reused only under
+    the same ones."""
+    versions = {"jax": jax.__version__, "jaxlib": jaxlib.version.__version__}
     try:
-        m = lower().compile().memory_analysis()
+        versions["libtpu"] = importlib.metadata.version("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+        versions["libtpu"] = ""
+    return versions
+
+
+def compile_plan(
+    kind: str,
+    bucket: str,
+    tokens: int,
+    batch: int,
+    flops: float,
+    lower: Callable,
+    args: int,
+    hbm: int,
+    known: Mapping[str, StepPlan] | None = None,
+) -> StepPlan:
+    """Lower one step and compile it to read its per-device bytes, or take them from `known` (program hash -> plan of
+    a fitting step on the same target and compiler) when the lowered program is one of those. When the compiler
+    refuses the program for lack of memory (XLA:TPU checks against the chip's own HBM), the plan does not fit: its
+    temporaries are the figure the compiler reported and its arguments `args`, the bytes of the inputs' shards."""
+    t0 = time.perf_counter()
+    program = ""
+    try:
+        lowered = lower()
+        program = program_hash(lowered)
+        old = (known or {}).get(program)
+        if old is not None:
+            again = {"kind": kind, "bucket": bucket, "tokens": tokens, "batch": batch, "flops": flops}
+            return dataclasses.replace(old, **again, fits=old.peak_bytes <= hbm, reused=True)
+        m = lowered.compile().memory_analysis()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         temp = _bytes_in(str(e), "HLO temporaries")
         peak = max(args + temp, hbm + 1)
-        return StepPlan(kind, bucket, tokens, batch, args, temp, 0, 0, peak, time.perf_counter() - t0, flops, False)
+        seconds = time.perf_counter() - t0
+        return StepPlan(kind, bucket, tokens, batch, args, temp, 0, 0, peak, seconds, flops, False, program)
     compile_s = time.perf_counter() - t0
     arg, temp, out, alias = (
         int(m.argument_size_in_bytes),
@@ -75,7 +113,19 @@ def compile_plan(
         int(m.alias_size_in_bytes),
     )
     peak = peak_bytes(arg, temp, out, alias)
-    return StepPlan(kind, bucket, tokens, batch, arg, temp, out, alias, peak, compile_s, flops, peak <= hbm)
+    return StepPlan(kind, bucket, tokens, batch, arg, temp, out, alias, peak, compile_s, flops, peak <= hbm, program)
+
+
+def reusable(previous: dict[str, Any] | None, target: str, devices: int) -> dict[str, StepPlan]:
+    """The steps of a previous plan document (`tools/plan.py --json`) whose figures a new plan may take for the same
+    program: those that fit, planned on the same target and device count by the same compiler versions."""
+    if previous is None or (previous.get("target"), previous.get("devices")) != (target, devices):
+        return {}
+    if previous.get("compiler") != compiler_versions():
+        return {}
+    fields = {f.name for f in dataclasses.fields(StepPlan)}
+    steps = [StepPlan(**{k: v for k, v in s.items() if k in fields}) for s in previous.get("steps", [])]
+    return {s.program: s for s in steps if s.program and s.fits}
 
 
 def _train_batch(trainer: Trainer, b: BucketConfig, text_tokens: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -94,7 +144,9 @@ def _train_batch(trainer: Trainer, b: BucketConfig, text_tokens: int) -> dict[st
     return {k: _abstract(s, jnp.float32, shardings[k]) for k, s in shapes.items()}
 
 
-def plan_train(trainer: Trainer, b: BucketConfig, text_tokens: int, hbm: int) -> StepPlan:
+def plan_train(
+    trainer: Trainer, b: BucketConfig, text_tokens: int, hbm: int, known: Mapping[str, StepPlan]
+) -> StepPlan:
     """The jitted train step of the trainer (state donated) for one bucket."""
     state, batch = trainer.abstract_state(), _train_batch(trainer, b, text_tokens)
     cfg = trainer.recipe.model_config
@@ -102,12 +154,13 @@ def plan_train(trainer: Trainer, b: BucketConfig, text_tokens: int, hbm: int) ->
     flops = transformer_flops(cfg, tokens, text_tokens, b.batch_size).step("train")
     step = trainer.jitted_step(state, batch)
     lower = lambda: step.lower(state, batch)  # noqa: E731
-    return compile_plan(
-        "train", b.name, tokens + text_tokens, b.batch_size, flops, lower, argument_bytes(state, batch), hbm
-    )
+    args = argument_bytes(state, batch)
+    return compile_plan("train", b.name, tokens + text_tokens, b.batch_size, flops, lower, args, hbm, known)
 
 
-def plan_sample(trainer: Trainer, b: BucketConfig, text_tokens: int, hbm: int) -> StepPlan:
+def plan_sample(
+    trainer: Trainer, b: BucketConfig, text_tokens: int, hbm: int, known: Mapping[str, StepPlan]
+) -> StepPlan:
     """One sampler step (the cond/uncond pair batched in one forward, guidance, Euler update) at bucket `b` with one
     prompt per training sample, the weights in the compute dtype, sharded as in training."""
     cfg, mesh = trainer.recipe.model_config, trainer.mesh
@@ -132,7 +185,7 @@ def plan_sample(trainer: Trainer, b: BucketConfig, text_tokens: int, hbm: int) -
         return _denoise_step.lower(graphdef, state, x, scalar, scalar, text, pooled, scalar, guided=True)
 
     args = argument_bytes(state, x, text, pooled)
-    return compile_plan("sample", b.name, tokens + text_tokens, pair, flops, lower, args, hbm)
+    return compile_plan("sample", b.name, tokens + text_tokens, pair, flops, lower, args, hbm, known)
 
 
 def text_configs(recipe: Recipe) -> TextConfigs | None:
@@ -146,13 +199,16 @@ def text_configs(recipe: Recipe) -> TextConfigs | None:
     return read_text_configs(name) if Path(name).is_dir() else SD35_TEXT_CONFIGS
 
 
-def plan_text(recipe: Recipe, mesh: Mesh, hbm: int, configs: TextConfigs, batch: int) -> StepPlan:
+def plan_text(
+    recipe: Recipe, mesh: Mesh, hbm: int, configs: TextConfigs, batch: int, known: Mapping[str, StepPlan]
+) -> StepPlan:
     """Encoding `batch` prompts (77 CLIP + 256 T5 tokens) with the recipe's text encoders, weights in the compute
     dtype sharded by contentv_jax.sharding.TEXT_PARAM_AXES (T5 over fsdp and tensor), prompts over data x fsdp."""
     clip, t5 = 77, T5_MAX_SEQUENCE_LENGTH
     lowered, args = planned_encode(configs, DTYPES[recipe.compute_dtype], mesh, batch, (clip, t5))
     flops = text_encoder_flops(configs, clip, t5, batch)
-    return compile_plan("text", "prompts", clip + t5, batch, flops, lambda: lowered, argument_bytes(*args), hbm)
+    lower, arg_bytes = lambda: lowered, argument_bytes(*args)
+    return compile_plan("text", "prompts", clip + t5, batch, flops, lower, arg_bytes, hbm, known)
 
 
 def largest_bucket(recipe: Recipe) -> BucketConfig:
@@ -170,9 +226,12 @@ def plan_recipe(
     buckets: Sequence[str] | None = None,
     text_tokens: int = 333,
     on_plan: Callable[[StepPlan], None] | None = None,
+    known: Mapping[str, StepPlan] | None = None,
 ) -> list[StepPlan]:
     """Train step per bucket, then the sampling step at the largest bucket (both limited by `buckets` names), then
-    the text encoders on the largest bucket's batch of prompts."""
+    the text encoders on the largest bucket's batch of prompts; steps whose program is in `known` are not compiled
+    again (compile_plan)."""
+    known = known or {}
     trainer = get_trainer(recipe, mesh)
     wanted = [b for b in recipe.data.buckets if buckets is None or b.name in buckets]
     todo: list[tuple[Callable, BucketConfig]] = []
@@ -183,12 +242,12 @@ def plan_recipe(
         todo.append((plan_sample, big))
     plans = []
     for fn, b in todo:
-        plans.append(fn(trainer, b, text_tokens, hbm_bytes))
+        plans.append(fn(trainer, b, text_tokens, hbm_bytes, known))
         if on_plan is not None:
             on_plan(plans[-1])
     configs = text_configs(recipe)
     if "text" in kinds and configs is not None:
-        plans.append(plan_text(recipe, mesh, hbm_bytes, configs, big.batch_size))
+        plans.append(plan_text(recipe, mesh, hbm_bytes, configs, big.batch_size, known))
         if on_plan is not None:
             on_plan(plans[-1])
     return plans

@@ -4,7 +4,8 @@
     python tools/plan.py --recipe R --target cpu:8 --hbm-gib 16
     python tools/plan.py --backend torch --recipe R --hbm-gib 64 --json OUT
     python tools/plan.py --recipe R --target tpu:v5p:2x2x1 --chips 1 --hbm-gib 64      # one chip of a host
-    python tools/plan.py --all [--check | --force]                                    # docs/scale.md's table
+    python tools/plan.py --recipe R --target tpu:v5p:4x4x4 --hbm-gib 64 --json OUT --reuse OUT  # compile changes only
+    python tools/plan.py --all [--check | --force] [--jobs N]                         # docs/scale.md's table
 
 JAX: compiles the real train step of every bucket and one sampling step (cond/uncond pair batched) at the largest
 bucket (a reward recipe, configs/recipes/reward_*.yaml: its update step, kind "reward", contentv_jax.reward.plan),
@@ -13,11 +14,16 @@ folder's encoders, or the official full-size CLIP-L/CLIP-G/T5-XXL when the folde
 sharded over the recipe's mesh, built from the target's devices: `tpu:<libtpu topology>`
 (chips = the product, e.g. v5p:4x4x4 = 64; needs `pip install .[tpu]`) or `cpu:N` fake CPU devices. Prints per-device
 argument, temporary, output and aliased bytes, peak, compile time, model FLOPs and fit; lists parameters left
-replicated. `--blocks N` plans a shallower model for quick checks. Torch: contentv_torch_npu.memory_plan.
+replicated. `--blocks N` plans a shallower model for quick checks. `--reuse PLAN.json` lowers every step (seconds)
+and compiles only those whose program (sha256 of the lowered StableHLO) is not a fitting step of PLAN.json planned on
+the same target by the same jax / jaxlib / libtpu; the others keep PLAN.json's figures (marked reused). Torch:
+contentv_torch_npu.memory_plan.
 
 `--all` plans every entry of docs/scale.md's table (contentv_common.plan.table: every bucket of every stage and
 reward recipe on 64 v5p chips and in the torch estimate, the one-device LoRA recipes) whose JSON in docs/plans/ is
-missing or stale (`--force`: all of them), one subprocess each, then rewrites the table; `--check` only lists them.
+missing or stale (`--force`: all of them), one subprocess each (`--jobs N` at a time), then rewrites the table;
+`--check` only lists them. A stale JAX plan is re-planned with `--reuse` of itself (`--force`: without), so a change
+that leaves its programs alone costs seconds; the torch estimates run again.
 
 Exit status: 0 when every step fits, 1 when one does not, 2 on bad input (one line on stderr, before any compile);
 `--all`: 0 when every plan ran and fits, 1 otherwise; `--all --check`: 0 when no plan is missing or stale.
@@ -26,6 +32,7 @@ Exit status: 0 when every step fits, 1 when one does not, 2 on bad input (one li
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -34,7 +41,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from contentv_common.backend import get
 from contentv_common.config.recipe import Recipe, load_recipe, parse_override
@@ -135,6 +142,19 @@ def load(args: argparse.Namespace) -> Recipe | RewardRecipe:
     return recipe
 
 
+def read_previous(path: str | None) -> dict[str, Any] | None:
+    """`--reuse`'s plan document (BadInput when it is unreadable or not a plan)."""
+    if path is None:
+        return None
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise BadInput(f"--reuse {path}: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("steps"), list):
+        raise BadInput(f"--reuse {path}: not a plan (no 'steps' list)")
+    return doc
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", help="training or reward recipe YAML (configs/recipes/*.yaml)")
@@ -157,17 +177,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="plan docs/scale.md's missing or stale table entries")
     parser.add_argument("--check", action="store_true", help="with --all: list missing / stale plans, plan nothing")
     parser.add_argument("--force", action="store_true", help="with --all: plan every entry, current or not")
+    parser.add_argument("--jobs", type=int, default=1, help="with --all: plans run at once (default 1)")
+    parser.add_argument("--reuse", help="JAX: a previous plan JSON whose unchanged programs are not compiled again")
     parser.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides, e.g. mesh.fsdp=8")
     try:
         args = parser.parse_intermixed_args(argv)
         if args.all:
-            named = ("recipe", "hbm_gib", "json", "target", "chips", "blocks", "kinds", "buckets")
+            named = ("recipe", "hbm_gib", "json", "target", "chips", "blocks", "kinds", "buckets", "reuse")
             given = [f"--{k.replace('_', '-')}" for k in named if getattr(args, k) is not None] + args.overrides
             if given:
                 raise BadInput(f"--all plans docs/scale.md's table entries; drop {' '.join(given)}")
-            return plan_all(plan_table.entries(ROOT), ROOT / plan_table.PLANS, SCALE_DOC, args.force, args.check)
-        if args.check or args.force:
-            raise BadInput("--check and --force go with --all")
+            if args.jobs < 1:
+                raise BadInput(f"--jobs must be >= 1, got {args.jobs}")
+            entries = plan_table.entries(ROOT)
+            return plan_all(entries, ROOT / plan_table.PLANS, SCALE_DOC, args.force, args.check, args.jobs)
+        if args.check or args.force or args.jobs != 1:
+            raise BadInput("--check, --force and --jobs go with --all")
         if args.recipe is None or args.hbm_gib is None:
             raise BadInput("--recipe and --hbm-gib are required (or --all)")
         args.kinds_given = args.kinds is not None
@@ -182,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         target = None if args.target is None else parse_target(args.target, args.chips)
         if args.json and not Path(args.json).resolve().parent.is_dir():
             raise BadInput(f"--json {args.json}: directory does not exist")
+        previous = read_previous(args.reuse)
         recipe = load(args)
         hbm = int(args.hbm_gib * GIB)
         print(
@@ -192,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         if target is not None:
             ask_for_devices(target)
         options = {"target": target, "chips": args.chips, "kinds": args.kinds, "buckets": args.buckets}
-        options |= {"text_tokens": args.text_tokens, "recipe_path": args.recipe}
+        options |= {"text_tokens": args.text_tokens, "recipe_path": args.recipe, "previous": previous}
         plans, meta = get(args.backend).plan(recipe, hbm, **options)
     except (BadInput, ConfigError) as e:
         print(f"plan.py: error: {e}", file=sys.stderr)
@@ -208,9 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if doc["fits"] else 1
 
 
-def plan_all(entries: list[plan_table.Entry], plans: Path, doc_path: Path, force: bool, check: bool) -> int:
-    """Plan the entries whose JSON in `plans` is missing or stale (all with `force`), each in its own process (a
-    failure or crash leaves the last plan in place), then rewrite the table in `doc_path`."""
+def plan_all(
+    entries: list[plan_table.Entry], plans: Path, doc_path: Path, force: bool, check: bool, jobs: int = 1
+) -> int:
+    """Plan the entries whose JSON in `plans` is missing or stale (all with `force`), each in its own process, `jobs`
+    at a time (a failure or crash leaves the last plan in place; a JAX plan reuses its unchanged programs unless
+    `force`), then rewrite the table in `doc_path`."""
     todo = []
     for entry in entries:
         doc = plan_table.read_plan(plans, entry)
@@ -222,13 +251,24 @@ def plan_all(entries: list[plan_table.Entry], plans: Path, doc_path: Path, force
     if check:
         return 1 if todo else 0
     plans.mkdir(parents=True, exist_ok=True)
-    failed = []
-    for i, entry in enumerate(todo, 1):
-        print(f"\n[{i}/{len(todo)}] python tools/plan.py {' '.join(entry.argv())}", flush=True)
+
+    def run(numbered: tuple[int, plan_table.Entry]) -> str | None:
+        i, entry = numbered
         out = plan_table.plan_path(plans, entry)
-        cmd = [sys.executable, "-m", "contentv_common.cli.plan", *entry.argv(), "--json", str(out)]
-        if subprocess.run(cmd, cwd=ROOT).returncode not in (0, 1):
-            failed.append(entry.key)
+        reuse = ["--reuse", str(out)] if entry.backend == "jax" and out.is_file() and not force else []
+        argv = [*entry.argv(), "--json", str(out), *reuse]
+        print(f"[{i}/{len(todo)}] python tools/plan.py {' '.join(argv)}", flush=True)
+        cmd = [sys.executable, "-m", "contentv_common.cli.plan", *argv]
+        if jobs == 1:
+            code = subprocess.run(cmd, cwd=ROOT).returncode
+        else:  # whole outputs, one plan at a time, so that parallel plans do not interleave their tables
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            print(f"\n[{i}/{len(todo)}] {entry.key}:\n{proc.stdout}{proc.stderr}", end="", flush=True)
+            code = proc.returncode
+        return None if code in (0, 1) else entry.key
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        failed = [key for key in pool.map(run, enumerate(todo, 1)) if key is not None]
     docs = [(e, plan_table.read_plan(plans, e)) for e in entries]
     plan_table.write_table(doc_path, plan_table.table(ROOT, docs))
     print(f"wrote {len(docs)} plans into {doc_path}" + (f"; these failed: {', '.join(failed)}" if failed else ""))

@@ -27,6 +27,8 @@ class StepPlan:
     compile_s: float  # compile (JAX) or trace (torch) seconds
     flops: float  # exact model FLOPs of the whole step (contentv_common/model/flops.py), all devices together
     fits: bool  # peak_bytes <= hbm
+    program: str = ""  # JAX: sha256 of the lowered program (contentv_jax.memory_plan.program_hash); torch: ""
+    reused: bool = False  # JAX: figures kept from the previous plan of the same program (`--reuse`), not compiled
 
 
 def peak_bytes(argument: int, temp: int, output: int, alias: int) -> int:
@@ -39,7 +41,8 @@ def gib(n: float) -> str:
 
 
 def format_table(plans: Sequence[StepPlan], hbm_bytes: int) -> str:
-    """Markdown table, one row per step: GiB per device, headroom to `hbm_bytes`, compile seconds, TFLOPs."""
+    """Markdown table, one row per step: GiB per device, headroom to `hbm_bytes`, compile seconds (of the earlier
+    compile when its figures were reused), TFLOPs."""
     head = (
         "| step | bucket | tokens | batch | args GiB | temp GiB | out GiB | alias GiB | peak GiB | headroom GiB "
         "| compile s | TFLOP | fits |"
@@ -49,7 +52,7 @@ def format_table(plans: Sequence[StepPlan], hbm_bytes: int) -> str:
         rows.append(
             f"| {p.kind} | {p.bucket} | {p.tokens:,} | {p.batch} | {gib(p.argument_bytes)} | {gib(p.temp_bytes)} "
             f"| {gib(p.output_bytes)} | {gib(p.alias_bytes)} | {gib(p.peak_bytes)} | {gib(hbm_bytes - p.peak_bytes)} "
-            f"| {p.compile_s:.1f} | {p.flops / 1e12:,.1f} | {'yes' if p.fits else 'NO'} |"
+            f"| {p.compile_s:.1f}{' (reused)' * p.reused} | {p.flops / 1e12:,.1f} | {'yes' if p.fits else 'NO'} |"
         )
     return "\n".join(rows)
 

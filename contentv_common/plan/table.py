@@ -4,7 +4,8 @@ lives (docs/plans/), when a plan is stale, and the table's text. `tools/plan.py 
 The table holds every bucket of every stage and reward recipe on 64 TPU v5p chips, every stage in the torch twin's
 estimate (64 ranks), and the one-device LoRA recipes on one chip and one rank. Each plan records the commit it was
 planned at; it is stale once the planner's code, the model configs or its recipe (with its `base`) differ from that
-commit (`git diff`), or when it was planned from uncommitted code.
+commit (`git diff`), or when it was planned from uncommitted code. Re-planning a stale JAX plan compiles only the steps
+whose lowered program changed (`tools/plan.py --reuse`); the torch estimates run again.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ def table(root: Path, plans: list[tuple[Entry, dict[str, Any] | None]]) -> str:
             rows.append(
                 f"| {name} | {_where(doc)} | {_mesh(doc)} | {s['kind']} | {s['bucket']} | {s['tokens']:,} "
                 f"| {s['batch']} | {state:.2f} | {s['argument_bytes'] / GIB:.2f} | {s['temp_bytes'] / GIB:.2f} "
-                f"| {s['peak_bytes'] / GIB:.2f} | {goal:g} | {'yes' if s['fits'] else '**NO**'} | {when} |"
+                f"| {s['peak_bytes'] / GIB:.2f} | {goal:g} | {'yes' if s['fits'] else '**NO**'} | {when}"
+                f"{' (reused)' * s.get('reused', False)} |"
             )
     today = datetime.date.today().isoformat()
     head_commit = _git(root, "rev-parse", "--short=10", "HEAD").stdout.strip() or "?"
@@ -174,7 +176,9 @@ def table(root: Path, plans: list[tuple[Entry, dict[str, Any] | None]]) -> str:
         "planner's code (contentv_common, contentv_jax, contentv_torch_npu, tools/plan.py), the model configs, "
         "pyproject.toml or its recipe changed after the commit in its last column: `python tools/plan.py --all "
         "--check` lists the stale plans, `python tools/plan.py --all` re-plans them (and only them) and rewrites "
-        f"this table. Stale plans now: {stale_count} of {len(plans)}."
+        "this table. A JAX step marked (reused) lowered at that commit to the very program (sha256 of its StableHLO) "
+        "an earlier plan compiled on the same target with the same jax, jaxlib and libtpu, so it keeps those figures "
+        f"instead of compiling again. Stale plans now: {stale_count} of {len(plans)}."
     )
     return "\n".join([BEGIN, "", intro, "", *rows, "", END])
 

@@ -11,6 +11,7 @@ The reward model and VAE are the run's own: the Wan2.1 VAE (decoder) and, for `r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -122,10 +123,15 @@ def reward_flops(recipe: RewardRecipe, text_tokens: int) -> float:
 
 
 def plan_reward(
-    recipe: RewardRecipe, mesh: Mesh, hbm_bytes: int, text_tokens: int = 333, vae: VAEConfig = WAN21
+    recipe: RewardRecipe,
+    mesh: Mesh,
+    hbm_bytes: int,
+    text_tokens: int = 333,
+    vae: VAEConfig = WAN21,
+    known: Mapping[str, StepPlan] | None = None,
 ) -> StepPlan:
-    """Compile the reward update step of `recipe` on `mesh` and read its per-device bytes (kind "reward"); `vae`
-    is Wan2.1's (tests pass a narrow one)."""
+    """Compile the reward update step of `recipe` on `mesh` and read its per-device bytes (kind "reward"), unless
+    its program is in `known` (compile_plan); `vae` is Wan2.1's (tests pass a narrow one)."""
     refl = recipe.method == "refl"
     reward, reward_tokens = _reward(recipe, mesh) if refl else (None, 0)
     decoder = jr.VaeFirstFrameDecoder(_replicated(nnx.eval_shape(lambda: WanVAE(vae, rngs=nnx.Rngs(0))), mesh))
@@ -137,8 +143,8 @@ def plan_reward(
     arg_bytes = argument_bytes(state, inputs)
     bucket = f"{r.width}x{r.height}x{r.frames}"
     rows = rollout_rows(recipe)
-    return compile_plan("reward", bucket, tokens + text_tokens, rows, reward_flops(recipe, text_tokens),
-                        lambda: step.lower(state, inputs), arg_bytes, hbm_bytes)  # fmt: skip
+    lower, flops = lambda: step.lower(state, inputs), reward_flops(recipe, text_tokens)
+    return compile_plan("reward", bucket, tokens + text_tokens, rows, flops, lower, arg_bytes, hbm_bytes, known)
 
 
 def state_bytes(recipe: RewardRecipe, mesh: Mesh) -> dict[str, int]:

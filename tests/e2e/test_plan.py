@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -213,3 +214,39 @@ def test_a_program_the_tpu_compiler_refuses_is_a_plan_that_does_not_fit():
 
     with pytest.raises(jax.errors.JaxRuntimeError, match="INVALID_ARGUMENT"):
         compile_plan("train", "b", 1, 1, 1.0, broken, args=0, hbm=1)
+
+
+def test_a_known_program_keeps_its_figures_and_a_changed_one_compiles():
+    from contentv_jax.memory_plan import compile_plan, compiler_versions, program_hash, reusable
+
+    class Lowered:  # what compile_plan uses of jax.stages.Lowered
+        def __init__(self, text: str) -> None:
+            self.text, self.compiled = text, False
+
+        def as_text(self) -> str:
+            return self.text
+
+        def compile(self):
+            self.compiled = True
+            return self  # its memory_analysis() is itself too
+
+        def memory_analysis(self):
+            return SimpleNamespace(
+                argument_size_in_bytes=5, temp_size_in_bytes=7, output_size_in_bytes=2, alias_size_in_bytes=1
+            )
+
+    first = Lowered("module @step { a }")
+    p = compile_plan("train", "b", 10, 2, 3.0, lambda: first, args=5, hbm=100)
+    assert first.compiled and not p.reused and p.peak_bytes == 13 and p.program == program_hash(first)
+    doc = {"target": "cpu:8", "devices": 8, "compiler": compiler_versions(), "steps": [dataclasses.asdict(p)]}
+    known = reusable(doc, "cpu:8", 8)
+    same = Lowered("module @step { a }")
+    q = compile_plan("train", "b", 10, 2, 4.0, lambda: same, args=5, hbm=12, known=known)
+    assert not same.compiled and q.reused and q.peak_bytes == 13 and q.flops == 4.0 and not q.fits
+    changed = Lowered("module @step { b }")
+    r = compile_plan("train", "b", 10, 2, 3.0, lambda: changed, args=5, hbm=100, known=known)
+    assert changed.compiled and not r.reused and r.program != p.program
+    assert reusable(doc, "cpu:4", 4) == {} and reusable(doc, "tpu:v5p:2x2x2", 8) == {}
+    assert reusable({**doc, "compiler": {**doc["compiler"], "jax": "0.0.1"}}, "cpu:8", 8) == {}
+    unfit = {**doc, "steps": [dataclasses.asdict(dataclasses.replace(p, fits=False))]}
+    assert reusable(unfit, "cpu:8", 8) == {}  # a step that did not fit is a lower bound: compiled again

@@ -49,13 +49,28 @@ def test_one_chip_of_a_target(tmp_path):
         (["--target", "cpu:8", "--chips", "2"], "= 1 devices, but the target has 2 (cpu:8 --chips 2)"),
         (["--backend", "torch", "--chips", "1"], "--chips picks chips of a --target"),
         (["--all", "--chips", "1"], "--all plans docs/scale.md's table entries; drop --recipe --hbm-gib --chips"),
-        (["--check"], "--check and --force go with --all"),
+        (["--check"], "--check, --force and --jobs go with --all"),
+        (["--reuse", "README.md"], "--reuse README.md: Expecting value"),
+        (["--reuse", "no_such_plan.json"], "--reuse no_such_plan.json: [Errno 2]"),
     ],
 )
 def test_bad_chips_and_all_are_one_line_and_exit_2(capsys, argv, message):
     assert plan.main(["--recipe", str(TINY), "--hbm-gib", "64", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_reuse_takes_a_plan_and_the_torch_estimate_refuses_it_and_jobs_are_counted(capsys, tmp_path):
+    assert plan.main(["--all", "--jobs", "0"]) == 2
+    assert "--jobs must be >= 1, got 0" in capsys.readouterr().err
+    previous = tmp_path / "plan.json"
+    previous.write_text(json.dumps({"recipe": str(TINY)}))
+    argv = ["--recipe", str(TINY), "--hbm-gib", "64", "--reuse", str(previous)]
+    assert plan.main(argv) == 2
+    assert f"--reuse {previous}: not a plan (no 'steps' list)" in capsys.readouterr().err
+    previous.write_text(json.dumps({"recipe": str(TINY), "steps": []}))
+    assert plan.main([*argv, "--backend", "torch"]) == 2
+    assert "--reuse: the torch estimate has no compiled program to reuse" in capsys.readouterr().err
 
 
 def test_the_table_covers_every_stage_and_reward_recipe():
@@ -108,24 +123,39 @@ def test_a_plan_is_stale_once_its_code_or_recipe_changes(tmp_path):
 
 @pytest.mark.slow
 def test_all_plans_missing_entries_and_writes_the_table(tmp_path, monkeypatch):
-    """`--all` on one torch entry (the tiny recipe, one rank): the plan's JSON lands in the plans folder with its
-    commit and date, and the table between the markers of the document is rewritten around the rest of it."""
+    """`--all --jobs 2` on the tiny recipe in the torch estimate (one rank) and in JAX (one CPU device): each plan's
+    JSON lands in the plans folder with its commit and date, the table between the markers of the document is
+    rewritten around the rest of it; once stale, the JAX plan keeps the figures of its unchanged programs."""
     monkeypatch.setattr(plan_table, "stale", lambda root, doc: None)  # a plan made now is current
-    entry = Entry("tests/recipes/tiny.yaml", "torch", 1)
+    entries = [Entry("tests/recipes/tiny.yaml", "torch", 1), Entry("tests/recipes/tiny.yaml", "jax", 1, "cpu:1")]
     doc_path = tmp_path / "scale.md"
     doc_path.write_text(f"# before\n\n{plan_table.BEGIN}\nold rows\n{plan_table.END}\n\nafter\n")
     plans = tmp_path / "plans"
-    assert plan.plan_all([entry], plans, doc_path, force=False, check=True) == 1  # not planned yet
-    assert plan.plan_all([entry], plans, doc_path, force=False, check=False) == 0
+    assert plan.plan_all(entries, plans, doc_path, force=False, check=True) == 1  # not planned yet
+    assert plan.plan_all(entries, plans, doc_path, force=False, check=False, jobs=2) == 0
     doc = json.loads((plans / "tiny.torch.json").read_text())
     assert doc["backend"] == "torch" and doc["recipe"] == "tests/recipes/tiny.yaml" and doc["date"]
     assert set(doc["state_bytes"]) == {"params", "optimizer", "ema"}
+    compiled = json.loads((plans / "tiny.cpu-1.json").read_text())
+    assert not any(s["reused"] for s in compiled["steps"]) and compiled["compiler"]["jax"]
+    assert all(len(s["program"]) == 64 for s in compiled["steps"])
     text = doc_path.read_text()
     assert text.startswith("# before\n\n") and text.endswith("\n\nafter\n") and "old rows" not in text
     rows = [line for line in text.splitlines() if line.startswith("| tiny |")]
-    assert [r.split(" | ")[3:5] for r in rows] == [["train", "64x64x9"], ["train", "64x64x1"]]
-    assert all(r.startswith("| tiny | torch, 1 rank | 1 x 1 x 1 |") and f"{doc['date']} " in r for r in rows)
-    assert plan.plan_all([entry], plans, doc_path, force=False, check=True) == 0  # nothing left to plan
+    steps = [["train", "64x64x9"], ["train", "64x64x1"]]
+    assert [r.split(" | ")[3:5] for r in rows] == [*steps, *steps, ["sample", "64x64x9"]]
+    assert all(r.startswith("| tiny | torch, 1 rank | 1 x 1 x 1 |") for r in rows[:2])
+    assert all(r.startswith("| tiny | cpu x 1 | 1 x 1 x 1 |") for r in rows[2:])
+    assert all(f"{doc['date']} " in r for r in rows)
+    assert plan.plan_all(entries, plans, doc_path, force=False, check=True) == 0  # nothing left to plan
+
+    # stale (as after any code change): the JAX plan lowers its steps again and keeps the figures of the unchanged
+    # programs instead of compiling them; the torch estimate, with no program to compare, runs again
+    monkeypatch.setattr(plan_table, "stale", lambda root, doc: "code changed")
+    assert plan.plan_all(entries, plans, doc_path, force=False, check=False, jobs=2) == 0
+    again = json.loads((plans / "tiny.cpu-1.json").read_text())
+    assert [{**s, "reused": True} for s in compiled["steps"]] == again["steps"]
+    assert json.loads((plans / "tiny.torch.json").read_text())["steps"] != doc["steps"]  # its trace seconds differ
     doc_path.write_text("no markers\n")
     with pytest.raises(ValueError, match="no generated plan table"):
         plan_table.write_table(doc_path, "x")
