@@ -81,12 +81,42 @@ def shape_motion(video: np.ndarray, colour: str, direction: str) -> dict[str, fl
     return {"colour_share": share, "along": float(move @ [dx, dy]), "across": float(abs(move @ [-dy, dx]))}
 
 
+MIN_SHARE, MIN_MOVE = 0.5, 4.0  # most bright pixels in the named colour; a move of 4 px, more along than across
+
+
+def shows_colour(motion: dict[str, float], min_share: float = MIN_SHARE) -> bool:
+    """`shape_motion`'s numbers show the named colour: most bright pixels are nearest to it."""
+    return motion["colour_share"] >= min_share
+
+
+def shows_direction(motion: dict[str, float], min_move: float = MIN_MOVE) -> bool:
+    """`shape_motion`'s numbers show the named direction: `min_move` px along it, more than across it."""
+    return motion["along"] >= min_move and motion["along"] > motion["across"]
+
+
 def shows_caption(
-    video: np.ndarray, colour: str, direction: str, min_share: float = 0.5, min_move: float = 4.0
+    video: np.ndarray, colour: str, direction: str, min_share: float = MIN_SHARE, min_move: float = MIN_MOVE
 ) -> bool:
-    """The clip shows the named colour (most bright pixels) moving the named way (`min_move` px, more than across)."""
+    """The clip shows the named colour moving the named way (`shows_colour` and `shows_direction`)."""
     m = shape_motion(video, colour, direction)
-    return m["colour_share"] >= min_share and m["along"] >= min_move and m["along"] > m["across"]
+    return shows_colour(m, min_share) and shows_direction(m, min_move)
+
+
+def parse_caption(prompt: str) -> tuple[str, str, str]:
+    """(colour, shape, direction) of a synthetic-set caption "a <colour> <shape> moving <direction>" (the shape is
+    not checked: what the clip shows is measured by colour and motion alone)."""
+    words = prompt.split()
+    if (
+        len(words) != 5
+        or (words[0], words[3]) != ("a", "moving")
+        or words[1] not in COLOURS
+        or words[4] not in DIRECTIONS
+    ):
+        raise ValueError(
+            f"{prompt!r} is not a synthetic-set caption 'a <colour> <shape> moving <direction>' (colours "
+            f"{', '.join(COLOURS)}; directions {', '.join(DIRECTIONS)})"
+        )
+    return words[1], words[2], words[4]
 
 
 DARK_MEAN = 110  # the mean pixel value a clip stays under while its background is the synthetic set's dark one
@@ -96,7 +126,7 @@ def demo_measure(video: np.ndarray, prompt: str) -> dict[str, float | bool]:
     """What the CPU demo checks in a clip of one of its captions ("a <colour> <shape> moving <direction>"), on uint8
     frames [F, H, W, 3]: `shape_motion`'s numbers, the mean pixel value, and `ok`: the clip shows its caption
     (`shows_caption`) on a dark background."""
-    _, colour, _, _, direction = prompt.split()
+    colour, _, direction = parse_caption(prompt)
     measured: dict[str, float | bool] = dict(shape_motion(video, colour, direction))
     measured["mean"] = float(np.mean(video))
     measured["ok"] = shows_caption(video, colour, direction) and measured["mean"] < DARK_MEAN
