@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from contentv_common.config.model import ModelConfig
     from contentv_common.config.recipe import Recipe
     from contentv_common.config.reward import RewardRecipe
+    from contentv_common.eval.clip import ClipEmbeddings
     from contentv_common.lora.adapters import Lora
     from contentv_common.plan.report import StepPlan
     from contentv_common.training.run_result import RunResult
@@ -98,6 +99,11 @@ class Backend(Protocol):
     ) -> np.ndarray:
         """Denoise `noise` (numpy latents) with the flow-matching sampler; `settings`: steps, guidance, shift,
         shift_terminal, progress."""
+        ...
+
+    def clip_embeddings(self, folder: Path, device: str = "cpu") -> ClipEmbeddings:
+        """The CLIP model of a local transformers CLIPModel folder (the reward scorer's loader) as unit image and text
+        embeddings, numpy in and out, for the evaluation's CLIP metrics."""
         ...
 
     def trace_layers(self, path: Path, pos_embed: str | None, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -104,6 +104,11 @@ class JaxBackend:
 
         return sample(model, noise, text, pooled, neg_text, neg_pooled, **settings)
 
+    def clip_embeddings(self, folder: Path, device: str = "cpu") -> Any:
+        from contentv_jax.reward.clip import ClipEmbeddings
+
+        return ClipEmbeddings(folder)
+
     def trace_layers(self, path: Path, pos_embed: str | None, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from contentv_jax.loading import load_transformer
 

@@ -117,6 +117,11 @@ class TorchBackend:
 
         return sample(model, noise, text, pooled, neg_text, neg_pooled, **settings)
 
+    def clip_embeddings(self, folder: Path, device: str = "cpu") -> Any:
+        from contentv_torch_npu.reward.clip import ClipEmbeddings
+
+        return ClipEmbeddings(folder, resolve_device(device))
+
     def trace_layers(self, path: Path, pos_embed: str | None, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from contentv_torch_npu.loading import load_transformer
         from contentv_torch_npu.ops import ops_for

@@ -1,12 +1,15 @@
 """Score a folder of generated clips, `{prompt}-{index}.mp4` (VBench's naming), on the dimensions asked for.
 
     python tools/eval.py samples/ --dimensions temporal_flickering,caption_colour,caption_direction --json eval.json
+    python tools/eval.py samples/ --dimensions clip_score,clip_consistency --clip /path/clip-vit-large-patch14 \
+        --backend torch --json eval.json
 
 Writes each dimension's score per clip and over the folder (the mean over clips, as VBench reports it) to the JSON
 file and prints a markdown table; VBench's Quality, Semantic and Total (`contentv_common/eval/composition.py`) are
 computed once every dimension of their group is scored, and the missing ones are named otherwise. Says which of VBench
 or VBench-Long the clips' length calls for. Bad input (an unsupported dimension, a missing folder, no clips, a badly
-named clip, a prompt a dimension cannot read) is one line and exit status 2 before any clip is decoded.
+named clip, a prompt a dimension cannot read, a CLIP folder that is missing or incomplete) is one line and exit status
+2 before any clip is decoded.
 """
 
 from __future__ import annotations
@@ -21,19 +24,32 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from contentv_common.backend import get
 from contentv_common.cli import run_cli
 from contentv_common.data.video_io import read_video
-from contentv_common.errors import DataError
+from contentv_common.errors import ConfigError, DataError
 from contentv_common.eval.composition import NORMALISATION, composite, normalised
-from contentv_common.eval.dimensions import DIMENSIONS, MIN_FRAMES, PROMPT_CHECKS, parse_dimensions
+from contentv_common.eval.dimensions import (
+    CLIP_DIMENSIONS,
+    DIMENSIONS,
+    MIN_FRAMES,
+    PROMPT_CHECKS,
+    SUPPORTED,
+    Scorer,
+    clip_scorers,
+    parse_dimensions,
+)
 from contentv_common.eval.videos import EvalVideo, benchmark, list_videos, probe
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("video_dir", type=Path, help="folder of {prompt}-{index}.mp4 clips")
-    ap.add_argument("--dimensions", required=True, help=f"NAME[,NAME...] of: {', '.join(DIMENSIONS)}")
+    ap.add_argument("--dimensions", required=True, help=f"NAME[,NAME...] of: {', '.join(SUPPORTED)}")
     ap.add_argument("--json", type=Path, required=True, help="where to write the scores")
+    ap.add_argument("--clip", type=Path, help=f"local CLIPModel folder, for {', '.join(CLIP_DIMENSIONS)}")
+    ap.add_argument("--backend", choices=["jax", "torch"], default="jax", help="what runs the CLIP model")
+    ap.add_argument("--device", default="auto", help="torch device: auto, npu, cuda, cpu")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -88,11 +104,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dimensions = parse_dimensions(args.dimensions)
     videos = list_videos(args.video_dir)
     headers = check_videos(videos, dimensions)
+    scorers: dict[str, Scorer] = dict(DIMENSIONS)
+    if any(name in CLIP_DIMENSIONS for name in dimensions):
+        if args.clip is None:
+            raise ConfigError(f"--clip DIR (a local CLIPModel folder) is needed for {', '.join(CLIP_DIMENSIONS)}")
+        from contentv_common.reward.clip_table import read_clip_config  # here: checkpoint I/O loads ml_dtypes
+
+        read_clip_config(args.clip)  # a missing or broken folder is one line before any weight loads
+        scorers |= clip_scorers(get(args.backend).clip_embeddings(args.clip, args.device))
     per_video: dict[str, dict[str, float]] = {name: {} for name in dimensions}
     clips = []
     for video, (_, fps) in tqdm(list(zip(videos, headers, strict=True)), desc="scoring", disable=args.no_progress):
         frames, _ = read_video(video.path)
-        scores = {name: DIMENSIONS[name](frames, video.prompt) for name in dimensions}
+        scores = {name: scorers[name](frames, video.prompt) for name in dimensions}
         for name, score in scores.items():
             per_video[name][video.path.name] = score
         seconds = len(frames) / fps

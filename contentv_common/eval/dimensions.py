@@ -1,4 +1,5 @@
-"""The dimensions `tools/eval.py` scores, by name: VBench's names for VBench's, `caption_*` for the synthetic set's.
+"""The dimensions `tools/eval.py` scores, by name: VBench's names for VBench's, `caption_*` for the synthetic set's,
+`clip_*` for the metrics of a local CLIP model.
 
 Each scores one decoded clip (uint8 [F, H, W, 3]) given its prompt; a folder's score is the mean over its clips, as
 VBench averages its per-video scores. VBench's other dimensions need backbones downloaded by VBench (CLIP, DINO,
@@ -13,6 +14,7 @@ import numpy as np
 
 from contentv_common.errors import ConfigError
 from contentv_common.eval.caption import caption_colour, caption_direction
+from contentv_common.eval.clip import ClipEmbeddings, clip_consistency, clip_score
 from contentv_common.eval.composition import NORMALISATION
 from contentv_common.eval.flicker import temporal_flickering
 from contentv_common.training.evaluation import parse_caption
@@ -29,17 +31,27 @@ PROMPT_CHECKS: dict[str, Callable[[str], object]] = {
     "caption_colour": parse_caption,
     "caption_direction": parse_caption,
 }
-MIN_FRAMES = {"temporal_flickering": 2, "caption_direction": 2}
+CLIP_DIMENSIONS = ("clip_score", "clip_consistency")  # need --clip: scored by `clip_scorers`
+SUPPORTED = (*DIMENSIONS, *CLIP_DIMENSIONS)
+MIN_FRAMES = {"temporal_flickering": 2, "caption_direction": 2, "clip_consistency": 2}
+
+
+def clip_scorers(clip: ClipEmbeddings) -> dict[str, Scorer]:
+    """The CLIP dimensions' scorers, on a backend's CLIP."""
+    return {
+        "clip_score": lambda video, prompt: clip_score(clip, video, prompt),
+        "clip_consistency": lambda video, prompt: clip_consistency(clip, video),
+    }
 
 
 def parse_dimensions(text: str) -> list[str]:
     """`NAME[,NAME...]` -> the names, each supported, in order, without repeats."""
     names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
-    unknown = [name for name in names if name not in DIMENSIONS]
+    unknown = [name for name in names if name not in SUPPORTED]
     if unknown or not names:
         later = sorted(set(NORMALISATION) - set(DIMENSIONS))
         raise ConfigError(
-            f"--dimensions: {', '.join(unknown) or 'none given'} not supported; supported: {', '.join(DIMENSIONS)} "
+            f"--dimensions: {', '.join(unknown) or 'none given'} not supported; supported: {', '.join(SUPPORTED)} "
             f"(VBench's {', '.join(later)} need its downloaded backbones: not supported yet)"
         )
     return names

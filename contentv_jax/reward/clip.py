@@ -215,3 +215,27 @@ class ClipReward(nnx.Module, RewardBase):
 def load_clip_reward(folder: str | Path) -> ClipReward:
     """Scorer weights and tokenizer from one CLIPModel folder (e.g. a local PickScore download)."""
     return ClipReward(load_clip_scorer(folder), load_clip_tokenizer(folder))
+
+
+@nnx.jit
+def _image_embeddings(scorer: ClipScorer, frames: jax.Array) -> jax.Array:
+    return _unit(scorer.image_features(scorer.preprocess(frames.astype(jnp.float32) / 255.0)).astype(jnp.float32))
+
+
+@nnx.jit
+def _text_embeddings(scorer: ClipScorer, input_ids: jax.Array) -> jax.Array:
+    return _unit(scorer.text_features(input_ids).astype(jnp.float32))
+
+
+class ClipEmbeddings:
+    """The scorer's unit image and text embeddings, numpy in and out (contentv_common.eval.clip's protocol)."""
+
+    def __init__(self, folder: str | Path):
+        self.scorer, self.tokenizer = load_clip_scorer(folder), load_clip_tokenizer(folder)
+
+    def image_embeddings(self, frames: np.ndarray) -> np.ndarray:
+        return np.asarray(_image_embeddings(self.scorer, jnp.asarray(frames)))
+
+    def text_embeddings(self, prompts: Sequence[str]) -> np.ndarray:
+        ids = tokenize(self.tokenizer, list(prompts), self.scorer.cfg.max_position_embeddings)
+        return np.asarray(_text_embeddings(self.scorer, jnp.asarray(ids)))

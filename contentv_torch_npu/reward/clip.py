@@ -195,3 +195,23 @@ def load_clip_reward(folder: str | Path, device: str | torch.device = "cpu") -> 
     """Scorer weights and tokenizer from one CLIPModel folder (e.g. a local PickScore download)."""
     scorer = load_clip_scorer(folder, device).requires_grad_(False)
     return ClipReward(scorer, load_clip_tokenizer(folder))
+
+
+class ClipEmbeddings:
+    """The scorer's unit image and text embeddings, numpy in and out (contentv_common.eval.clip's protocol)."""
+
+    def __init__(self, folder: str | Path, device: str | torch.device = "cpu"):
+        self.scorer = load_clip_scorer(folder, device).requires_grad_(False)
+        self.tokenizer, self.device = load_clip_tokenizer(folder), device
+
+    @torch.no_grad()
+    def image_embeddings(self, frames: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.asarray(frames)).to(self.device).float() / 255.0
+        emb = self.scorer.image_features(self.scorer.preprocess(x)).float()
+        return F.normalize(emb, dim=-1, eps=0.0).cpu().numpy()
+
+    @torch.no_grad()
+    def text_embeddings(self, prompts: Sequence[str]) -> np.ndarray:
+        ids = tokenize(self.tokenizer, list(prompts), self.scorer.cfg.max_position_embeddings)
+        emb = self.scorer.text_features(torch.from_numpy(ids).to(self.device).long()).float()
+        return F.normalize(emb, dim=-1, eps=0.0).cpu().numpy()

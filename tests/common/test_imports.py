@@ -71,7 +71,7 @@ def test_clis_and_backend_interface_need_neither_framework():
         assert result.returncode == 0 and "ok" in result.stdout, (module, result.stderr[-2000:])
 
 
-ENTRY_POINTS = ("train", "sample", "convert", "plan", "parity", "bench")
+ENTRY_POINTS = ("train", "sample", "convert", "plan", "parity", "bench", "eval")
 
 
 def test_entry_points_are_declared_and_importable():

@@ -69,6 +69,8 @@ def test_eval_bad_input_is_one_line_exit_2(tmp_path):
         ([str(tmp_path / "empty"), "--dimensions", "temporal_flickering"], "no .mp4 videos"),
         ([str(badly_named), "--dimensions", "temporal_flickering"], "clip.mp4: not named {prompt}-{index}.mp4"),
         ([str(good), "--dimensions", "caption_colour"], "'a cat on a sofa' is not a synthetic-set caption"),
+        ([str(good), "--dimensions", "clip_score"], "--clip DIR (a local CLIPModel folder) is needed"),
+        ([str(good), "--dimensions", "clip_score", "--clip", str(tmp_path / "no_clip")], "no config.json"),
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
