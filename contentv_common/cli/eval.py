@@ -32,9 +32,9 @@ from contentv_common.eval.composition import NORMALISATION, composite, normalise
 from contentv_common.eval.dimensions import (
     CLIP_DIMENSIONS,
     DIMENSIONS,
-    MIN_FRAMES,
     PROMPT_CHECKS,
     SUPPORTED,
+    TWO_FRAMES,
     Scorer,
     clip_scorers,
     parse_dimensions,
@@ -66,10 +66,10 @@ def check_videos(videos: list[EvalVideo], dimensions: list[str]) -> list[tuple[i
             except ValueError as e:
                 raise DataError(f"{video.path}: {dimension}: {e}") from e
     headers = [probe(video.path) for video in videos]
-    need = max(MIN_FRAMES.get(dimension, 1) for dimension in dimensions)
     for video, (frames, _) in zip(videos, headers, strict=True):
-        if frames < need:
-            raise DataError(f"{video.path}: {frames} frame(s); {', '.join(dimensions)} need at least {need}")
+        short = [name for name in dimensions if name in TWO_FRAMES and frames < 2]
+        if short:
+            raise DataError(f"{video.path}: {frames} frame(s); {', '.join(short)} need 2 or more")
     return headers
 
 
@@ -102,15 +102,17 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     dimensions = parse_dimensions(args.dimensions)
-    videos = list_videos(args.video_dir)
-    headers = check_videos(videos, dimensions)
-    scorers: dict[str, Scorer] = dict(DIMENSIONS)
-    if any(name in CLIP_DIMENSIONS for name in dimensions):
+    needs_clip = any(name in CLIP_DIMENSIONS for name in dimensions)
+    if needs_clip:
         if args.clip is None:
             raise ConfigError(f"--clip DIR (a local CLIPModel folder) is needed for {', '.join(CLIP_DIMENSIONS)}")
         from contentv_common.reward.clip_table import read_clip_config  # here: checkpoint I/O loads ml_dtypes
 
         read_clip_config(args.clip)  # a missing or broken folder is one line before any weight loads
+    videos = list_videos(args.video_dir)
+    headers = check_videos(videos, dimensions)
+    scorers: dict[str, Scorer] = dict(DIMENSIONS)
+    if needs_clip:
         scorers |= clip_scorers(get(args.backend).clip_embeddings(args.clip, args.device))
     per_video: dict[str, dict[str, float]] = {name: {} for name in dimensions}
     clips = []

@@ -33,7 +33,7 @@ PROMPT_CHECKS: dict[str, Callable[[str], object]] = {
 }
 CLIP_DIMENSIONS = ("clip_score", "clip_consistency")  # need --clip: scored by `clip_scorers`
 SUPPORTED = (*DIMENSIONS, *CLIP_DIMENSIONS)
-MIN_FRAMES = {"temporal_flickering": 2, "caption_direction": 2, "clip_consistency": 2}
+TWO_FRAMES = {"temporal_flickering", "caption_direction", "clip_consistency"}  # they compare frames
 
 
 def clip_scorers(clip: ClipEmbeddings) -> dict[str, Scorer]:

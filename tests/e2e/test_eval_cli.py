@@ -1,5 +1,5 @@
 """tools/eval.py end to end on tiny hand-made mp4 clips: scores per clip and overall in its JSON and table; bad input
-is one line and exit status 2 before any clip is decoded."""
+is an error naming what is wrong (one line and exit status 2 from the command) before any clip is decoded."""
 
 import json
 import os
@@ -9,7 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from contentv_common.cli import BAD_INPUT, one_line
 from contentv_common.cli.eval import main
 from contentv_common.data.synthetic import render
 from contentv_common.data.video_io import write_video
@@ -62,6 +64,9 @@ def test_eval_bad_input_is_one_line_exit_2(tmp_path):
     badly_named.mkdir()
     (badly_named / "clip.mp4").write_bytes(b"")
     (tmp_path / "empty").mkdir()
+    short = tmp_path / "short"
+    short.mkdir()
+    write_video(short / "a red circle moving right-0.mp4", np.zeros((1, 16, 16, 3), np.uint8), fps=8)
     cases = [
         ([str(good), "--dimensions", "subject_consistency"], "subject_consistency not supported; supported:"),
         ([str(good), "--dimensions", "nonsense"], "nonsense not supported; supported: temporal_flickering"),
@@ -69,18 +74,23 @@ def test_eval_bad_input_is_one_line_exit_2(tmp_path):
         ([str(tmp_path / "empty"), "--dimensions", "temporal_flickering"], "no .mp4 videos"),
         ([str(badly_named), "--dimensions", "temporal_flickering"], "clip.mp4: not named {prompt}-{index}.mp4"),
         ([str(good), "--dimensions", "caption_colour"], "'a cat on a sofa' is not a synthetic-set caption"),
+        ([str(short), "--dimensions", "caption_colour,caption_direction"], "1 frame(s); caption_direction need 2"),
         ([str(good), "--dimensions", "clip_score"], "--clip DIR (a local CLIPModel folder) is needed"),
         ([str(good), "--dimensions", "clip_score", "--clip", str(tmp_path / "no_clip")], "no config.json"),
     ]
+    for args, expected in cases:  # in-process: each is an error run_cli turns into one line and exit status 2
+        with pytest.raises(BAD_INPUT) as error:
+            main([*args, "--json", str(tmp_path / "x.json")])
+        assert expected in one_line(error.value), (args, one_line(error.value))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def run(args: list[str]) -> subprocess.CompletedProcess:
         cmd = [sys.executable, str(ROOT / "tools" / "eval.py"), *args, "--json", str(tmp_path / "x.json")]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
 
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        results = list(pool.map(run, [args for args, _ in cases]))
-    for (args, expected), proc in zip(cases, results, strict=True):
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the command itself: one line on stderr, exit status 2
+        results = list(pool.map(run, [cases[0][0], cases[4][0]]))
+    for (args, expected), proc in zip([cases[0], cases[4]], results, strict=True):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, proc.stderr)
     assert not (tmp_path / "x.json").exists()
