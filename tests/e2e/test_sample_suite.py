@@ -10,7 +10,7 @@ from contentv_common.data.video_io import read_video
 from contentv_common.errors import ConfigError
 from contentv_common.prompt_suite import CUT_CHARS, Pair, share, suite_pairs, video_name
 
-TINY = ["--tiny", "--backend", "torch", "--frames", "1", "--size", "32x32", "--steps", "2", "--guidance", "3"]
+TINY = ["--tiny", "--backend", "torch", "--frames", "1", "--size", "32x32", "--steps", "1", "--guidance", "3"]
 TINY += ["--negative-prompt", "blurry", "--seed", "7", "--no-progress"]
 AWKWARD = ["A 3D model of a 1800s victorian house.", 'the city of Petra\'s façades, "rock-carved" 100%']
 
