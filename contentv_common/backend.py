@@ -45,6 +45,13 @@ class Backend(Protocol):
         """Wait for every process of the run (a no-op where processes share no group before training starts)."""
         ...
 
+    def join_sampling(self, device: str) -> tuple[int, int]:
+        """Join a multi-process sampling run if this is one (JAX: jax.distributed, before any other JAX call; torch:
+        torchrun's ranks, each made current on its LOCAL_RANK accelerator); (group, groups): the data-parallel group
+        this process samples a prompt suite's share for, and their number. Without a sampling mesh each process is
+        its own group; with one, a group is the processes of one `data` index (contentv_common.prompt_suite.share)."""
+        ...
+
     def encoders(
         self,
         name: str | Path,

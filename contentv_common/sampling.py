@@ -189,7 +189,7 @@ def flow_match_sampler(
         schedule = flow_match_schedule(steps, shift, shift_terminal)
         text, pooled, guided = guidance_batch(text, pooled, neg_text, neg_pooled, guidance)
         x, step = prepare(model, noise, text, pooled, guided, guidance)
-        for i in tqdm(range(schedule.steps), desc=desc, disable=not progress):
+        for i in tqdm(range(schedule.steps), desc=desc, disable=not progress, leave=False):
             x = step(x, schedule.timesteps[i], schedule.step_sizes[i])
         return to_numpy(x)
 
@@ -258,6 +258,38 @@ class ClipSettings:
     fps: float = 24.0
 
 
+def sample_videos(
+    backend: Backend,
+    model: Any,
+    encoders: Any,
+    decode: Callable[[np.ndarray], np.ndarray],
+    prompts: list[str],
+    noise: np.ndarray,
+    settings: ClipSettings,
+    progress: bool = True,
+) -> np.ndarray:
+    """uint8 videos [B, F, H, W, 3] of one batch: the prompts (and the negative prompt, with guidance) through the
+    encoders, `noise` [B, C, f, h, w] through the backend's sampler, the latents through `decode`."""
+    guided = uses_guidance(settings.guidance)
+    text, pooled = encoders.encode_text(prompts + [settings.negative_prompt] * guided)
+    negs: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
+    if guided:
+        negs = (np.repeat(text[-1:], len(prompts), 0), np.repeat(pooled[-1:], len(prompts), 0))
+    latents = backend.sample(
+        model,
+        noise,
+        text[: len(prompts)],
+        pooled[: len(prompts)],
+        *negs,
+        steps=settings.steps,
+        guidance=settings.guidance,
+        shift=settings.shift,
+        shift_terminal=settings.shift_terminal,
+        progress=progress,
+    )
+    return decode(latents)
+
+
 def sample_clips(
     backend: Backend,
     model: Any,
@@ -268,36 +300,17 @@ def sample_clips(
     settings: ClipSettings,
     progress: bool = True,
 ) -> list[Path]:
-    """One mp4 per prompt, `out/<index>-<slug>.mp4`: the prompts (and the negative prompt, with guidance) through the
-    encoders in one batch, then `batch_size` prompts at a time through the backend's sampler and `decode`."""
+    """One mp4 per prompt, `out/<index>-<slug>.mp4`, `batch_size` prompts at a time (`sample_videos`)."""
     from contentv_common.data.video_io import write_video
 
-    cfg = model.cfg
-    shape = latent_shape(cfg.in_channels, settings.frames, settings.height, settings.width)
-    guided = uses_guidance(settings.guidance)
-    text, pooled = encoders.encode_text(prompts + [settings.negative_prompt] * guided)
-    neg_text, neg_pooled = (text[-1:], pooled[-1:]) if guided else (None, None)
-    text, pooled = text[: len(prompts)], pooled[: len(prompts)]
+    shape = latent_shape(model.cfg.in_channels, settings.frames, settings.height, settings.width)
     noise = initial_noise(settings.noise, settings.seed, shape, len(prompts), settings.dtype)
     written = []
     for start in range(0, len(prompts), settings.batch_size):
         idx = list(range(start, min(start + settings.batch_size, len(prompts))))
-        negs: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
-        if neg_text is not None and neg_pooled is not None:  # guided
-            negs = (np.repeat(neg_text, len(idx), 0), np.repeat(neg_pooled, len(idx), 0))
-        latents = backend.sample(
-            model,
-            noise[idx],
-            text[idx],
-            pooled[idx],
-            *negs,
-            steps=settings.steps,
-            guidance=settings.guidance,
-            shift=settings.shift,
-            shift_terminal=settings.shift_terminal,
-            progress=progress,
-        )
-        for i, video in zip(idx, decode(latents), strict=True):
+        batch = [prompts[i] for i in idx]
+        videos = sample_videos(backend, model, encoders, decode, batch, noise[idx], settings, progress)
+        for i, video in zip(idx, videos, strict=True):
             path = write_video(out / f"{i:03d}-{slug(prompts[i])}.mp4", video, fps=settings.fps)
             print(f"wrote {path} ({video.shape[0]} frames, {video.shape[1]}x{video.shape[2]})")
             written.append(path)

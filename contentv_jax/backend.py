@@ -40,6 +40,10 @@ class JaxBackend:
     def barrier(self, name: str) -> None:
         multihost.barrier(name)
 
+    def join_sampling(self, device: str) -> tuple[int, int]:
+        multihost.initialize()  # before any other JAX call
+        return jax.process_index(), jax.process_count()
+
     def encoders(
         self,
         name: str | Path,

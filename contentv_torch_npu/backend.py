@@ -49,6 +49,13 @@ class TorchBackend:
     def barrier(self, name: str) -> None:
         """No process group exists outside a run: ranks that must wait poll for what rank 0 writes instead."""
 
+    def join_sampling(self, device: str) -> tuple[int, int]:
+        """torchrun's RANK of WORLD_SIZE; no process group, as the ranks exchange nothing while sampling."""
+        from contentv_torch_npu.device import local_device
+
+        local_device(resolve_device(device), int(os.environ.get("LOCAL_RANK", "0")))
+        return _rank(), int(os.environ.get("WORLD_SIZE", "1"))
+
     def encoders(
         self,
         name: str | Path,

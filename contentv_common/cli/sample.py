@@ -4,6 +4,7 @@
     python tools/sample.py --pipeline sd3.5-large --prompt "a red fox" --frames 1 --size 1024x1024 --backend torch
     python tools/sample.py --tiny --transformer runs/tiny/final --prompt "a red cat" --frames 9 --size 64x64
     python tools/sample.py --pipeline ContentV-8B --lora runs/lora/adapter.safetensors:0.8 --prompt "a cat"
+    python tools/sample.py --pipeline ContentV-8B --prompts-file vbench/all_dimension.txt --seeds 5 --out suite
 
 Encoders (CLIP-L/CLIP-G/T5 + Wan VAE) come from `--pipeline` (a local diffusers folder), `--tiny` (random tiny
 ones, no downloads) or `--demo` (the CPU demo's: a tiny Wan VAE trained on the synthetic set + word embeddings), and
@@ -16,6 +17,12 @@ exactly as `tools/convert.py --lora` merges it into a checkpoint.
 SD3/SD3.5 checkpoints run in image mode (`--frames 1`). Noise is drawn in numpy from `--seed` + prompt index, so both
 backends and any batch size give the same video for the same weights; `--noise torch` draws it as the official
 ContentV demo does (a torch CPU generator seeded with `--seed`, all prompts at once, in `--dtype`).
+
+`--seeds N` samples a prompt suite (contentv_common.prompt_suite): every prompt x seed index 0..N-1 as
+`OUT/{prompt}-{index}.mp4` (VBench's naming), index i drawn from seed `--seed + i` whatever the prompt, batch or
+process, so each video is the one `--prompt PROMPT --seed SEED+i` gives. Several processes (JAX: jax.distributed as
+in training, e.g. tools/launch_local.py; torch: torchrun) each sample a fixed disjoint share; files already there
+are skipped, so a killed suite resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from contentv_common.config.recipe import AttentionChoice
 from contentv_common.dtypes import COMPUTE_DTYPES
 from contentv_common.errors import ConfigError
 from contentv_common.lora.adapters import Lora, open_lora, parse_lora_spec
+from contentv_common.prompt_suite import Pair, pending, sample_suite, share, suite_pairs
 from contentv_common.sampling import (
     SHIFT,
     ClipSettings,
@@ -132,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--encoder-seed", type=int, default=0, help="seed of the random tiny encoders")
     ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     ap.add_argument("--prompts-file", type=Path, help="text file with one prompt per line")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        metavar="N",
+        help="a prompt suite: N videos per prompt, OUT/{prompt}-{index}.mp4 from seed --seed + index, spread over "
+        "the processes, files already there skipped",
+    )
     ap.add_argument("--negative-prompt", default="", help="the unconditional branch of guidance")
     ap.add_argument("--backend", choices=["jax", "torch"], default="jax")
     ap.add_argument("--steps", type=int, default=50)
@@ -141,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--frames", type=int, default=125, help="1 + 4k frames (1 for image models)")
     ap.add_argument("--size", type=parse_size, default=(432, 768), help="HEIGHTxWIDTH in pixels, multiples of 16")
-    ap.add_argument("--seed", type=int, default=0, help="noise seed; prompt i uses seed + i (numpy noise)")
+    ap.add_argument("--seed", type=int, default=0, help="noise seed; prompt i (--seeds: index i) uses seed + i")
     ap.add_argument(
         "--noise",
         choices=("numpy", "torch"),
@@ -169,21 +184,29 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts_file:
         if not args.prompts_file.is_file():
             raise FileNotFoundError(f"--prompts-file {args.prompts_file}: no such file")
-        prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+        lines = [
+            line.strip() for line in args.prompts_file.read_text(encoding="utf-8-sig").splitlines() if line.strip()
+        ]
+        if not lines:
+            raise ConfigError(f"--prompts-file {args.prompts_file}: no prompts in it (empty or blank lines only)")
+        prompts += lines
     return prompts
 
 
-def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, prompts: list[str], backend: Backend) -> None:
+def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, prompts: list[str]) -> list[Pair] | None:
+    """Every check that needs no framework; the suite's pairs with `--seeds`, else None."""
     if not prompts:
         ap.error("give at least one --prompt or a --prompts-file")
     if (args.pipeline is not None) + args.tiny + args.demo != 1:
         ap.error("give exactly one of --pipeline FOLDER (a local diffusers pipeline), --tiny or --demo")
     if args.steps < 1 or args.batch_size < 1:
         ap.error("--steps and --batch-size must be >= 1")
-    try:
-        backend.check_attention(args.attention)
-    except ValueError as e:
-        ap.error(f"--attention: {e}")
+    pairs = None
+    if args.seeds is not None:
+        try:
+            pairs = suite_pairs(prompts, args.seeds)
+        except ValueError as e:
+            ap.error(str(e))
     try:
         latent_shape(16, args.frames, *args.size)
     except ValueError as e:
@@ -193,14 +216,47 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, prompts: l
     if args.transformer is not None:  # before any model loads: a bad checkpoint is one line naming its file
         register_format(args.transformer)
         open_checkpoint(args.transformer)
+    return pairs
+
+
+def join(ap: argparse.ArgumentParser, args: argparse.Namespace, backend: Backend, suite: bool) -> tuple[int, int]:
+    """Join the processes (before the backend's first framework call) and check what needs the framework; this
+    process's (group, groups) for the suite's share."""
+    group, groups = backend.join_sampling(args.device)
+    if groups > 1 and not suite:
+        ap.error(f"{groups} processes would all write the same files: give --seeds N to spread a prompt suite")
+    try:
+        backend.check_attention(args.attention)
+    except ValueError as e:
+        ap.error(f"--attention: {e}")
+    return group, groups
+
+
+def report_suite(
+    args: argparse.Namespace, pairs: list[Pair], group: int, groups: int, written: list[Path], skipped: int
+) -> list[Path]:
+    """Print what this process did of the suite; the files it wrote."""
+    print(
+        f"suite {args.out}: process {group} of {groups} wrote {len(written)}, skipped {skipped} already there (its "
+        f"share: {len(written) + skipped} of {len(pairs)} videos = {len(pairs) // args.seeds} prompts x {args.seeds})"
+    )
+    return written
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
     ap = build_parser()
     args = ap.parse_args(argv)
     prompts = read_prompts(args)
+    pairs = check_args(ap, args, prompts)
     backend = get(args.backend)
-    check_args(ap, args, prompts, backend)
+    group, groups = join(ap, args, backend, pairs is not None)
+    mine: list[Pair] = []
+    todo: list[Pair] = []
+    if pairs is not None:
+        mine = share(pairs, group, groups)
+        todo = pending(mine, args.out)
+        if not todo:  # a finished share loads no model
+            return report_suite(args, pairs, group, groups, [], len(mine))
     with tempfile.TemporaryDirectory() as tmp:
         path = args.transformer
         if path is None and args.pipeline is not None:
@@ -248,7 +304,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
         batch_size=args.batch_size,
         fps=args.fps,
     )
-    return sample_clips(backend, model, encoders, decode, prompts, args.out, settings, not args.no_progress)
+    progress = not args.no_progress
+    if pairs is None:
+        return sample_clips(backend, model, encoders, decode, prompts, args.out, settings, progress)
+    written = sample_suite(backend, model, encoders, decode, todo, args.out, settings, progress, len(mine) - len(todo))
+    return report_suite(args, pairs, group, groups, written, len(mine) - len(todo))
 
 
 def cli(argv: list[str] | None = None) -> int:

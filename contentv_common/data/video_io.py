@@ -25,7 +25,8 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 24.0, crf: in
         raise ValueError(f"H.264 yuv420p needs even height and width, got {height}x{width}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix or ".mp4")
+    # not *.mp4: a killed write leaves no file that a folder scan (VBench) takes for a video
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".partial")
     os.close(fd)
     try:
         with av.open(tmp, mode="w", format="mp4") as container:
