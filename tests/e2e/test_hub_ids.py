@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import huggingface_hub
+import jax
 import numpy as np
 import pytest
 import torch
@@ -25,6 +26,7 @@ from contentv_common.checkpoint import hub
 from contentv_common.checkpoint.formats import open_checkpoint, write_diffusers
 from contentv_common.cli import sample as sample_tool
 from contentv_common.cli import train
+from contentv_common.config.recipe import load_recipe
 from contentv_common.config.reward import load_reward_recipe
 from contentv_common.data.video_io import read_video
 from contentv_common.errors import ConfigError
@@ -180,3 +182,18 @@ def test_a_local_folder_named_like_an_id_wins(pipeline, offline_hub, tmp_path, m
     got = _torch_arrays(contentv_torch_npu.load_transformer(f"{REPO}/transformer"))
     assert _same(got, _torch_arrays(contentv_torch_npu.load_transformer(local)))
     assert not _same(got, _torch_arrays(contentv_torch_npu.load_transformer(pipeline / "transformer")))
+
+
+def test_a_recipes_init_from_takes_a_hub_id_in_both_backends(pipeline, offline_hub):
+    """Both trainers start from `init_from: owner/name/transformer` (read from the cache) as from the folder."""
+    from contentv_jax.train import initial_params
+    from contentv_torch_npu.distributed import Topology
+    from contentv_torch_npu.train import build_model
+
+    def recipe(init_from):
+        return load_recipe(ROOT / "tests" / "recipes" / "tiny.yaml", {"init_from": init_from})
+
+    local, from_hub = recipe(str(pipeline / "transformer")), recipe(f"{REPO}/transformer")
+    assert _same(_torch_arrays(build_model(from_hub, Topology())), _torch_arrays(build_model(local, Topology())))
+    leaves = [jax.tree.leaves(initial_params(r)) for r in (from_hub, local)]
+    assert len(leaves[1]) > 10 and all(np.array_equal(a, b) for a, b in zip(*leaves, strict=True))
