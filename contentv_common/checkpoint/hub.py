@@ -10,6 +10,7 @@ format (safetensors); our JAX format (an orbax `params/` folder) is read from lo
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,18 +19,22 @@ from contentv_common.errors import ConfigError
 
 # owner/name as the Hub spells them, then an optional subfolder (e.g. ByteDance/ContentV-8B/vae)
 HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:/(?P<sub>[\w.-]+(?:/[\w.-]+)*))?")
-WEIGHTS = ("*.safetensors", "*.safetensors.index.json")
+INDEX = "*.safetensors.index.json"
 TRANSFORMER_CONFIGS = ("config.json", "contentv_config.json")
 VAE_CONFIGS = ("config.json",)
-# a diffusers text-to-video/image pipeline as our encoders read it (contentv_common.text.sd3_prompt, the VAE loaders)
+# a diffusers text-to-video/image pipeline as our encoders read it (contentv_common.text.sd3_prompt, the VAE loaders):
+# the small files first; then the weights of each folder holding some
 PIPELINE_FILES = (
     "model_index.json",
     "scheduler/scheduler_config.json",
-    *(f"text_encoder*/{p}" for p in ("config.json", *WEIGHTS)),
+    "text_encoder*/config.json",
+    f"text_encoder*/{INDEX}",
     "tokenizer*/*",
-    *(f"vae/{p}" for p in (*VAE_CONFIGS, *WEIGHTS)),
+    "vae/config.json",
+    f"vae/{INDEX}",
 )
-PIPELINE_TRANSFORMER_FILES = tuple(f"transformer/{p}" for p in (*TRANSFORMER_CONFIGS, *WEIGHTS))
+PIPELINE_TRANSFORMER_FILES = tuple(f"transformer/{p}" for p in (*TRANSFORMER_CONFIGS, INDEX))
+PIPELINE_WEIGHTS = ("text_encoder*", "vae", "transformer")
 
 
 def hub_id(path: str | Path) -> tuple[str, str] | None:
@@ -58,28 +63,47 @@ def pipeline_folder(path: str | Path, transformer: bool = True) -> Path:
     if found is None:
         return Path(path)
     repo, sub = found
-    files = PIPELINE_FILES + (PIPELINE_TRANSFORMER_FILES if transformer else ())
-    return download(str(path), repo, [_under(sub, f) for f in files])
+    small = [_under(sub, f) for f in PIPELINE_FILES + (PIPELINE_TRANSFORMER_FILES if transformer else ())]
+    deeper = [_under(sub, "*/*/*")]  # nothing a pipeline's loaders read lies deeper than its component folders
+    root = download(str(path), repo, small, deeper)
+    names = [n for n in PIPELINE_WEIGHTS if transformer or n != "transformer"]
+    folders = sorted({f for n in names for f in root.glob(n) if f.is_dir()})
+    weights = [_under(sub, w) for f in folders for w in weight_patterns(f, f.name)]
+    return download(str(path), repo, small + weights, deeper)
 
 
 def _model_folder(path: str | Path, configs: Sequence[str], component: str) -> Path:
-    """A model folder fetched in two steps: its config files, then its weights; a folder without a config (a
-    pipeline's root, a wrong subfolder) fails after a few bytes, not after the whole repo."""
+    """A model folder fetched in two steps: its config files (and safetensors index), then the weights they name;
+    a folder without a config (a pipeline's root, a wrong subfolder) fails after a few bytes, not after the repo."""
     found = hub_id(path)
     if found is None:
         return Path(path)
     repo, sub = found
     deeper = [_under(sub, "*/*")]  # only the folder's own files: fnmatch's `*` also spans `/`
-    folder = download(str(path), repo, [_under(sub, c) for c in (*configs, "model_index.json")], deeper)
+    small = [_under(sub, c) for c in (*configs, INDEX)]
+    folder = download(str(path), repo, [*small, _under(sub, "model_index.json")], deeper)
     if not any((folder / c).is_file() for c in configs):
         if (folder / "model_index.json").is_file():
             raise ConfigError(f"{path}: a pipeline on the Hub: name its {component} subfolder, e.g. {path}/{component}")
         _raise_if_offline(str(path), repo)
         raise ConfigError(f"{path}: no {' or '.join(configs)} in Hub repo {repo}{_where(sub)}: not a {component}")
-    return download(str(path), repo, [_under(sub, c) for c in (*configs, *WEIGHTS)], deeper)
+    return download(str(path), repo, small + [_under(sub, w) for w in weight_patterns(folder)], deeper)
 
 
-def download(text: str, repo: str, allow: list[str], ignore: list[str] | None = None) -> Path:
+def weight_patterns(folder: Path, prefix: str = "") -> list[str]:
+    """The safetensors a loader reads in `folder` (as safetensors_io.weight_files picks them): the shards its one
+    index lists, else every `*.safetensors` (then a variant beside them, e.g. `*.fp16.safetensors`, comes too)."""
+    indexes = sorted(folder.glob(INDEX))
+    names = ["*.safetensors"]
+    if len(indexes) == 1:
+        try:
+            names = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            pass  # the loader names the broken index once the folder is read
+    return [_under(prefix, n) for n in names]
+
+
+def download(text: str, repo: str, allow: list[str], ignore: list[str]) -> Path:
     """`snapshot_download` of the `allow` globs (repo-relative) -> the folder `text` names in the snapshot; hub
     errors become one ConfigError line naming `text`."""
     from huggingface_hub import snapshot_download

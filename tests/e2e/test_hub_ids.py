@@ -36,6 +36,7 @@ REPO = "owner/tiny-contentv"
 VAE_REPO = "owner/tiny-vae"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SNAPSHOT = f"models--owner--tiny-contentv/snapshots/{COMMIT}"
+DECOY = "diffusion_pytorch_model.fp16.safetensors"
 ARGS = ["--prompt", "a cat walking", "--frames", "5", "--size", "32x48", "--steps", "1", "--guidance", "1"]
 
 
@@ -61,7 +62,10 @@ def pipeline(tmp_path_factory) -> Path:
     folder = jax_encoders.tiny_encoders(seed=2).save(tmp_path_factory.mktemp("hub") / "pipe")
     ours = sample_tool.random_tiny_checkpoint(folder / "ours", seed=1)
     source = open_checkpoint(ours)
-    write_diffusers(folder / "transformer", source.config, source.tensors())
+    transformer = write_diffusers(folder / "transformer", source.config, source.tensors(), max_shard_bytes=2**17)
+    shards = sorted(transformer.glob("*.safetensors"))
+    assert len(shards) > 1 and (transformer / "diffusion_pytorch_model.safetensors.index.json").exists()
+    shutil.copy(shards[0], transformer / DECOY)  # a variant beside the indexed shards: the loader never reads it
     for file in ours.iterdir():
         file.unlink()
     ours.rmdir()
@@ -119,38 +123,49 @@ def test_loaders_read_hub_ids_in_both_backends(pipeline, offline_hub):
 
 
 def test_only_the_files_a_loader_reads_are_asked_for(pipeline, offline_hub, monkeypatch):
-    """The patterns given to snapshot_download, applied to the pipeline's files by huggingface_hub's own filter: the
-    VAE takes vae/ alone, a transformer its config first then its folder, a pipeline all but a transformer not used."""
+    """The patterns given to snapshot_download, applied to the repo's files by huggingface_hub's own filter: config
+    files (and the safetensors index) first, then the shards the index lists, never a variant beside them; the VAE
+    takes vae/ alone, a pipeline all but a transformer it does not use."""
     calls = []
     download = huggingface_hub.snapshot_download  # hub.py imports it from the package at each call
 
     def record(repo_id, allow_patterns, ignore_patterns):
-        calls.append(sorted(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)))
+        listing = files if repo_id == REPO else vae_repo_files
+        calls.append(
+            sorted(filter_repo_objects(listing, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        )
         return download(repo_id, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", record)
     files = sorted(p.relative_to(pipeline).as_posix() for p in pipeline.rglob("*") if p.is_file())
-    under = {sub: [f for f in files if f.startswith(f"{sub}/")] for sub in ("vae", "transformer")}
-    assert under["vae"] and under["transformer"]
+    vae = [f for f in files if f.startswith("vae/")]
+    transformer = [f for f in files if f.startswith("transformer/") and not f.endswith(DECOY)]
+    index = "transformer/diffusion_pytorch_model.safetensors.index.json"
+    small = [f for f in files if f.endswith(".json") or f.startswith("tokenizer")]
 
     assert hub.vae_folder(f"{REPO}/vae") == offline_hub / "hub" / SNAPSHOT / "vae"
-    assert calls == [["vae/config.json"], under["vae"]]
+    assert calls == [["vae/config.json"], vae]
     calls.clear()
     hub.transformer_folder(f"{REPO}/transformer")
-    assert calls == [["transformer/config.json"], under["transformer"]]
+    assert calls == [["transformer/config.json", index], transformer]
     calls.clear()
     hub.pipeline_folder(REPO, transformer=False)
     hub.pipeline_folder(REPO)
-    assert calls == [[f for f in files if f not in under["transformer"]], files]
+    no_transformer = [f for f in files if not f.startswith("transformer/")]
+    assert calls == [
+        [f for f in small if not f.startswith("transformer/")],
+        no_transformer,
+        small,
+        sorted(no_transformer + transformer),
+    ]
     calls.clear()
     with pytest.raises(ConfigError, match=f"{REPO}: a pipeline on the Hub: name its vae subfolder, e.g. {REPO}/vae"):
         hub.vae_folder(REPO)
     assert calls == [["model_index.json"]]
     calls.clear()
-    files = sorted(p.relative_to(pipeline).as_posix() for p in pipeline.glob("vae/**/*") if p.is_file())
-    files = [f.removeprefix("vae/") for f in files] + [f.replace("vae/", "nested/") for f in files]  # VAE_REPO
+    vae_repo_files = [f.removeprefix("vae/") for f in vae] + [f.replace("vae/", "nested/") for f in vae]
     hub.vae_folder(VAE_REPO)  # a model at the repo's root: its own files, not the nested folder's
-    assert calls == [["config.json"], [f for f in files if not f.startswith("nested/")]]
+    assert calls == [["config.json"], [f.removeprefix("vae/") for f in vae]]
 
 
 def test_a_missing_id_offline_is_one_line_naming_it(offline_hub, tmp_path):
