@@ -40,6 +40,7 @@ from contentv_common.checkpoint.formats import (
     register_format,
     write_our_config,
 )
+from contentv_common.checkpoint.hub import transformer_folder
 from contentv_common.checkpoint.param_table import TRANSFORMER_TABLE, Param, ParamTable, inverse_perm, jax_shape
 from contentv_common.checkpoint.safetensors_io import AtomicFolder, page_aligned
 from contentv_common.config.model import ModelConfig
@@ -260,13 +261,15 @@ def load_transformer(
     mesh: Mesh | None = None,
     constrain: Constrain = no_constraint,
 ) -> Transformer:
-    """Load a transformer checkpoint folder (diffusers, torch or jax format).
+    """Load a transformer checkpoint folder (diffusers, torch or jax format), or a Hugging Face Hub id
+    (`owner/name/transformer`: its config and safetensors only, via the Hub cache; a local path that exists wins).
 
     `dtype` is the parameter dtype (default float32; bf16 checkpoints are cast directly, never via float64);
     `compute_dtype` defaults to `dtype`. `pos_embed="sincos_3d"` turns an SD3/SD3.5 image checkpoint into the
     ContentV video model (its 2D table is dropped); `"sd3_2d"` keeps image mode. With `mesh`, every parameter is
     placed on its shards (sharding.PARAM_AXES) as it is read; without, on the first device.
     """
+    path = transformer_folder(path)
     source = open_checkpoint(path)
     cfg = source.config if pos_embed is None else source.config.replace(pos_embed=pos_embed)
     param_dtype = jnp.dtype(dtype or jnp.float32)
@@ -280,7 +283,7 @@ def load_transformer(
     )
     shardings = model_shardings(abstract, mesh) if mesh is not None else None
     if detect_format(path) == "jax":
-        return _restore_jax(Path(path), abstract, source, shardings)
+        return _restore_jax(path, abstract, source, shardings)
     return fill_from_source(abstract, source, shardings=shardings)
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from contentv_common.checkpoint.hub import vae_folder
 from contentv_common.vae.checkpoint import open_vae_source, write_vae_diffusers
 from contentv_common.vae.chunks import CausalHistory, TilePlan, Tiling, blend_weights, encode_chunks, tile_plan
 from contentv_common.vae.config import RGB, UpBlock, VAEConfig, decoder_blocks, encoder_layers, mid_dim
@@ -346,8 +347,9 @@ class WanVAE(nnx.Module):
 
 
 def load_vae(path: str | Path, dtype: jnp.dtype | None = None, *, compute_dtype: jnp.dtype | None = None) -> WanVAE:
-    """Load a diffusers `AutoencoderKLWan` folder (e.g. a ContentV pipeline's `vae/`); dtype defaults to float32."""
-    source = open_vae_source(path)
+    """Load a diffusers `AutoencoderKLWan` folder (e.g. a ContentV pipeline's `vae/`) or a Hugging Face Hub id
+    (`ByteDance/ContentV-8B/vae`: its config and safetensors only); dtype defaults to float32."""
+    source = open_vae_source(vae_folder(path))
     param_dtype = jnp.dtype(dtype or jnp.float32)
     compute = jnp.dtype(compute_dtype or param_dtype)
     abstract = nnx.eval_shape(lambda: WanVAE(source.config, rngs=nnx.Rngs(0), dtype=compute, param_dtype=param_dtype))

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from contentv_common.checkpoint.formats import TensorSource, check_keys, open_checkpoint, write_torch
+from contentv_common.checkpoint.hub import transformer_folder
 from contentv_common.checkpoint.param_table import TRANSFORMER_TABLE, ParamTable
 from contentv_torch_npu.transformer import Transformer
 
@@ -66,12 +67,13 @@ def load_transformer(
     ops: str = "auto",
     device: str | torch.device = "cpu",
 ) -> Transformer:
-    """Load a transformer checkpoint folder (diffusers, torch or jax format); same contract as contentv_jax's.
+    """Load a transformer checkpoint folder (diffusers, torch or jax format) or a Hugging Face Hub id
+    (`owner/name/transformer`); same contract as contentv_jax's.
 
     `dtype` is the parameter dtype (default float32; bf16 is cast directly, never via float64). `pos_embed`
     overrides the checkpoint's mode ("sincos_3d" turns an SD3/SD3.5 image checkpoint into the video model).
     """
-    source = open_checkpoint(path)
+    source = open_checkpoint(transformer_folder(path))
     cfg = source.config if pos_embed is None else source.config.replace(pos_embed=pos_embed)
     with torch.device("meta"):
         model = Transformer(cfg, compute_dtype=compute_dtype, ops=ops)

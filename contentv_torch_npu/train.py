@@ -29,6 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from contentv_common.checkpoint.formats import open_checkpoint
+from contentv_common.checkpoint.hub import transformer_folder
 from contentv_common.config.recipe import Recipe
 from contentv_common.config.reward import RewardRecipe
 from contentv_common.data.cache import Encoders, LatentCache
@@ -153,14 +154,15 @@ def build_model(recipe: Recipe | RewardRecipe, topo: Topology, ops: str = "auto"
     kwargs = dict(compute_dtype=DTYPES[recipe.compute_dtype], ops=ops, gradient_checkpointing=recipe.remat != "none")
     adapt = (lambda m: lora.add_adapters(m, recipe.lora, recipe.seed)) if recipe.lora else (lambda m: [])
     if recipe.init_from:
-        source = open_checkpoint(recipe.init_from)
+        folder = transformer_folder(recipe.init_from)  # a Hub id: its folder in the Hub cache
+        source = open_checkpoint(folder)
         source_cfg = source.config.replace(pos_embed=cfg.pos_embed)
         if source_cfg != cfg:
             raise ValueError(f"init_from {recipe.init_from}: model config {source_cfg} differs from the recipe's {cfg}")
         if topo.world == 1:
             compute = {"compute_dtype": kwargs["compute_dtype"], "ops": ops}
             dtype = DTYPES[recipe.lora.base_dtype] if recipe.lora else torch.float32  # a LoRA base never in fp32
-            model = load_transformer(recipe.init_from, dtype, cfg.pos_embed, device=topo.device, **compute)
+            model = load_transformer(folder, dtype, cfg.pos_embed, device=topo.device, **compute)
             model.gradient_checkpointing = kwargs["gradient_checkpointing"]
             adapt(model)
             return model

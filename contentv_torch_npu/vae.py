@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from contentv_common.checkpoint.hub import vae_folder
 from contentv_common.vae.checkpoint import open_vae_source, write_vae_diffusers
 from contentv_common.vae.chunks import CausalHistory, TilePlan, Tiling, blend_weights, encode_chunks, tile_plan
 from contentv_common.vae.config import RGB, UpBlock, VAEConfig, decoder_blocks, encoder_layers, mid_dim
@@ -297,8 +298,9 @@ class WanVAE(nn.Module):
 
 
 def load_vae(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> WanVAE:
-    """Load a diffusers `AutoencoderKLWan` folder (e.g. a ContentV pipeline's `vae/`); dtype defaults to float32."""
-    source = open_vae_source(path)
+    """Load a diffusers `AutoencoderKLWan` folder (e.g. a ContentV pipeline's `vae/`) or a Hugging Face Hub id
+    (`ByteDance/ContentV-8B/vae`: its config and safetensors only); dtype defaults to float32."""
+    source = open_vae_source(vae_folder(path))
     with torch.device("meta"):
         model = WanVAE(source.config)
     model = fill_from_source(model, source, dtype or torch.float32, table=vae_table(source.config))

@@ -1,19 +1,20 @@
 """Text to video: prompt(s) -> mp4, with the JAX core or the torch twin.
 
-    python tools/sample.py --pipeline ContentV-8B --prompt "a cat on the sea" --size 432x768 --dtype bfloat16
+    python tools/sample.py --pipeline ByteDance/ContentV-8B --prompt "a cat on the sea" --size 432x768 --dtype bfloat16
     python tools/sample.py --pipeline sd3.5-large --prompt "a red fox" --frames 1 --size 1024x1024 --backend torch
     python tools/sample.py --tiny --transformer runs/tiny/final --prompt "a red cat" --frames 9 --size 64x64
     python tools/sample.py --pipeline ContentV-8B --lora runs/lora/adapter.safetensors:0.8 --prompt "a cat"
     python tools/sample.py --pipeline ContentV-8B --prompts-file vbench/all_dimension.txt --seeds 5 --out suite
 
-Encoders (CLIP-L/CLIP-G/T5 + Wan VAE) come from `--pipeline` (a local diffusers folder), `--tiny` (random tiny
-ones, no downloads) or `--demo` (the CPU demo's: a tiny Wan VAE trained on the synthetic set + word embeddings), and
-run in the chosen backend: `--backend jax` needs no torch (Flax text encoders, JAX Wan VAE), except that SD3's 2D
-image VAE (an SD3/SD3.5 image pipeline) exists in torch only and decodes there.
-The transformer is `--transformer` (any folder `load_transformer` reads: diffusers, our torch or our JAX format), else
-`PIPELINE/transformer`, else (with `--tiny` or `--demo`) a random tiny model seeded by `--model-seed`. `--lora
-ADAPTER[:SCALE]` (repeatable; our adapter file or diffusers' SD3 LoRA file) is merged into its weights as it loads,
-exactly as `tools/convert.py --lora` merges it into a checkpoint.
+Encoders (CLIP-L/CLIP-G/T5 + Wan VAE) come from `--pipeline` (a diffusers folder, or a Hugging Face Hub id such as
+ByteDance/ContentV-8B, fetched into the Hub cache: HF_HOME and HF_HUB_OFFLINE apply, a local path that exists wins),
+`--tiny` (random tiny ones, no downloads) or `--demo` (the CPU demo's: a tiny Wan VAE trained on the synthetic set +
+word embeddings), and run in the chosen backend: `--backend jax` needs no torch (Flax text encoders, JAX Wan VAE),
+except that SD3's 2D image VAE (an SD3/SD3.5 image pipeline) exists in torch only and decodes there.
+The transformer is `--transformer` (any folder `load_transformer` reads: diffusers, our torch or our JAX format; or a
+Hub id such as owner/name/transformer), else `PIPELINE/transformer`, else (with `--tiny` or `--demo`) a random tiny
+model seeded by `--model-seed`. `--lora ADAPTER[:SCALE]` (repeatable; our adapter file or diffusers' SD3 LoRA file)
+is merged into its weights as it loads, exactly as `tools/convert.py --lora` merges it into a checkpoint.
 SD3/SD3.5 checkpoints run in image mode (`--frames 1`). Noise is drawn in numpy from `--seed` + prompt index, so both
 backends and any batch size give the same video for the same weights; `--noise torch` draws it as the official
 ContentV demo does (a torch CPU generator seeded with `--seed`, all prompts at once, in `--dtype`).
@@ -39,6 +40,7 @@ import numpy as np
 
 from contentv_common.backend import Backend, get
 from contentv_common.checkpoint.formats import detect_format, open_checkpoint, write_torch
+from contentv_common.checkpoint.hub import pipeline_folder, transformer_folder
 from contentv_common.cli import run_cli
 from contentv_common.config.model import ModelConfig, named_model_config
 from contentv_common.config.recipe import AttentionChoice
@@ -124,10 +126,14 @@ def transformer_config(path: Path) -> ModelConfig:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_argument_group("models")
-    src.add_argument("--pipeline", type=Path, help="local diffusers pipeline folder (ContentV-8B or SD3.5)")
+    src.add_argument(
+        "--pipeline", type=Path, help="diffusers pipeline folder or Hub id (ContentV-8B or SD3.5; a local path wins)"
+    )
     src.add_argument("--tiny", action="store_true", help="random tiny encoders (and model, without --transformer)")
     src.add_argument("--demo", action="store_true", help="the CPU demo's encoders: trained tiny VAE + word embeddings")
-    src.add_argument("--transformer", type=Path, help="transformer checkpoint folder (diffusers, torch or jax format)")
+    src.add_argument(
+        "--transformer", type=Path, help="transformer checkpoint folder (diffusers, torch or jax format) or Hub id"
+    )
     src.add_argument("--model-seed", type=int, default=0, help="seed of the random tiny transformer")
     src.add_argument(
         "--lora",
@@ -194,11 +200,13 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, prompts: list[str]) -> list[Pair] | None:
-    """Every check that needs no framework; the suite's pairs with `--seeds`, else None."""
+    """Every check that needs no framework, cheap ones first; then Hub ids become their folders in the Hub cache
+    (downloaded if need be: the transformer before the pipeline, which then skips its own transformer) and the
+    checkpoint's header is read. The suite's pairs with `--seeds`, else None."""
     if not prompts:
         ap.error("give at least one --prompt or a --prompts-file")
     if (args.pipeline is not None) + args.tiny + args.demo != 1:
-        ap.error("give exactly one of --pipeline FOLDER (a local diffusers pipeline), --tiny or --demo")
+        ap.error("give exactly one of --pipeline FOLDER|HUB_ID (a diffusers pipeline), --tiny or --demo")
     if args.steps < 1 or args.batch_size < 1:
         ap.error("--steps and --batch-size must be >= 1")
     pairs = None
@@ -211,11 +219,14 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, prompts: l
         latent_shape(16, args.frames, *args.size)
     except ValueError as e:
         ap.error(str(e))
-    if args.pipeline is not None and not args.pipeline.is_dir():
-        ap.error(f"--pipeline {args.pipeline}: no such folder")
     if args.transformer is not None:  # before any model loads: a bad checkpoint is one line naming its file
+        args.transformer = transformer_folder(args.transformer)
         register_format(args.transformer)
         open_checkpoint(args.transformer)
+    if args.pipeline is not None:
+        args.pipeline = pipeline_folder(args.pipeline, transformer=args.transformer is None)
+        if not args.pipeline.is_dir():
+            ap.error(f"--pipeline {args.pipeline}: no such folder")
     return pairs
 
 

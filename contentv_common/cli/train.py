@@ -15,28 +15,43 @@ the same command; process / rank 0 alone builds the data cache, writes the logs 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from contentv_common.backend import Backend, get
+from contentv_common.checkpoint.hub import transformer_folder
 from contentv_common.checkpoint.run_lock import check_unlocked
 from contentv_common.cli import run_cli
-from contentv_common.config.recipe import load_recipe, parse_override
-from contentv_common.config.reward import is_reward_recipe, load_reward_recipe
+from contentv_common.config.recipe import Recipe, load_recipe, parse_override
+from contentv_common.config.reward import RewardRecipe, is_reward_recipe, load_reward_recipe
 from contentv_common.data.prepare import check_encoder_widths, prepare_data_once
 from contentv_common.errors import ConfigError
 from contentv_common.training.demo import DEMO_PROMPTS, lora_demo_base, sample_demo, sample_reward_demo
 from contentv_common.training.metrics import LossCurve
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "recipes" / "tiny.yaml"
+R = TypeVar("R", Recipe, RewardRecipe)
+
+
+def local_init_from(recipe: R) -> R:
+    """The recipe with `init_from` a local folder: a Hugging Face Hub id (owner/name/transformer) is fetched into the
+    Hub cache now, before any model work (a local path that exists wins)."""
+    if recipe.init_from is None:
+        return recipe
+    return replace(recipe, init_from=str(transformer_folder(recipe.init_from)))
 
 
 def train_reward(path: str, overrides: dict[str, Any], backend: Backend, progress: bool, prompts: list[str]) -> int:
     """Reward fine-tuning (ReFL or GRPO): recipes with a `method` key (configs/recipes/reward_*.yaml). A run that
     tunes a model of its own (`init_from`) with the tiny or demo encoders then samples `prompts` before and after."""
     recipe = load_reward_recipe(path, overrides)
+    hint = " (the CPU demo's model: run `python tools/train.py` first)" if recipe.encoders == "demo" else ""
+    try:
+        recipe = local_init_from(recipe)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: init_from: {e}{hint}") from None
     if recipe.init_from is not None and not Path(recipe.init_from).exists():
-        hint = " (the CPU demo's model: run `python tools/train.py` first)" if recipe.encoders == "demo" else ""
         raise ConfigError(f"{path}: init_from: {recipe.init_from}: no such folder{hint}")
     primary = backend.check_devices(recipe)  # joins a multi-process run first, before any data work
     if primary:
@@ -73,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     if is_reward_recipe(args.config):
         return train_reward(args.config, overrides, get(args.backend), progress, prompts)
     recipe = lora_demo_base(load_recipe(args.config, overrides))
+    try:
+        recipe = local_init_from(recipe)
+    except ConfigError as e:
+        raise ConfigError(f"{args.config}: init_from: {e}") from None
     stages = recipe.stage_recipes()
     backend = get(args.backend)
     primary = backend.check_devices(recipe)  # joins a multi-process run first
