@@ -212,3 +212,11 @@ def test_a_recipes_init_from_takes_a_hub_id_in_both_backends(pipeline, offline_h
     assert _same(_torch_arrays(build_model(from_hub, Topology())), _torch_arrays(build_model(local, Topology())))
     leaves = [jax.tree.leaves(initial_params(r)) for r in (from_hub, local)]
     assert len(leaves[1]) > 10 and all(np.array_equal(a, b) for a, b in zip(*leaves, strict=True))
+
+
+def test_a_path_under_a_local_folder_is_not_an_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert hub.hub_id("runs/tiny/transformer") == ("runs/tiny", "transformer")  # no runs/ here: could be an id
+    (tmp_path / "runs").mkdir()
+    assert hub.hub_id("runs/tiny/transformer") is None  # runs/ exists: the run's own folder, not yet written
+    assert hub.transformer_folder("runs/tiny/transformer") == Path("runs/tiny/transformer")
