@@ -46,7 +46,7 @@ from contentv_common.checkpoint.safetensors_io import AtomicFolder, page_aligned
 from contentv_common.config.model import ModelConfig
 from contentv_common.errors import CheckpointError
 from contentv_jax import sharding
-from contentv_jax.ops import XLA_ATTENTION, Attention
+from contentv_jax.ops import Attention
 from contentv_jax.transformer import Constrain, Transformer, no_constraint
 
 _STACKED = re.compile(r"blocks\.(.+)")
@@ -233,8 +233,13 @@ def canonical_tensors(model: nnx.Module, table: ParamTable = TRANSFORMER_TABLE) 
         yield s.param.canonical, np.ascontiguousarray(array)
 
 
-def abstract_transformer(cfg: ModelConfig, **kwargs) -> Transformer:
-    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), **kwargs))
+def abstract_transformer(
+    cfg: ModelConfig, mesh: Mesh | None = None, *, attention: Attention | None = None, **kwargs
+) -> Transformer:
+    """load_transformer's model before its weights (shapes only, nothing allocated). `attention` defaults to "auto"
+    on `mesh`, resolved when traced for the mesh's platform, else this process's (contentv_jax.ops.Attention)."""
+    attention = Attention(mesh=mesh) if attention is None else attention
+    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), attention=attention, **kwargs))
 
 
 def model_shardings(
@@ -256,7 +261,7 @@ def load_transformer(
     pos_embed: Literal["sincos_3d", "sd3_2d"] | None = None,
     *,
     compute_dtype: jnp.dtype | None = None,
-    attention: Attention = XLA_ATTENTION,
+    attention: Attention | None = None,
     remat: str = "none",
     mesh: Mesh | None = None,
     constrain: Constrain = no_constraint,
@@ -267,7 +272,9 @@ def load_transformer(
     `dtype` is the parameter dtype (default float32; bf16 checkpoints are cast directly, never via float64);
     `compute_dtype` defaults to `dtype`. `pos_embed="sincos_3d"` turns an SD3/SD3.5 image checkpoint into the
     ContentV video model (its 2D table is dropped); `"sd3_2d"` keeps image mode. With `mesh`, every parameter is
-    placed on its shards (sharding.PARAM_AXES) as it is read; without, on the first device.
+    placed on its shards (sharding.PARAM_AXES) as it is read; without, on the first device. `attention` defaults to
+    "auto" on `mesh`, resolved when traced for the mesh's platform, else this process's: cuDNN flash on GPU, splash
+    on TPU, XLA on CPU (contentv_jax.ops.Attention).
     """
     path = transformer_folder(path)
     source = open_checkpoint(path)
@@ -275,6 +282,7 @@ def load_transformer(
     param_dtype = jnp.dtype(dtype or jnp.float32)
     abstract = abstract_transformer(
         cfg,
+        mesh,
         dtype=jnp.dtype(compute_dtype or param_dtype),
         param_dtype=param_dtype,
         attention=attention,

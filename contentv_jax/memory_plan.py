@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from contentv_common.config.model import ModelConfig
 from contentv_common.config.recipe import BucketConfig, Recipe, image_tokens
 from contentv_common.dtypes import DTYPES
 from contentv_common.model.flops import text_encoder_flops, transformer_flops
@@ -163,26 +164,66 @@ def plan_sample(
 ) -> StepPlan:
     """One sampler step (the cond/uncond pair batched in one forward, guidance, Euler update) at bucket `b` with one
     prompt per training sample, the weights in the compute dtype, sharded as in training."""
-    cfg, mesh = trainer.recipe.model_config, trainer.mesh
     dtype = DTYPES[trainer.recipe.compute_dtype]
     params = jax.tree.map(lambda a: _abstract(a.shape, dtype, a.sharding), trainer.abstract_state()["params"])
     graphdef, state = nnx.split(trainer.model(params))
-    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return _plan_denoise(graphdef, state, trainer.recipe.model_config, trainer.mesh, b, text_tokens, hbm, known)
+
+
+def placed_as_loaded(model: nnx.Module, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
+    """An abstract model (contentv_jax.loading.abstract_transformer) split, each leaf carrying the sharding
+    load_transformer gives it on `mesh`."""
+    from contentv_jax.loading import model_shardings
+
+    shardings = model_shardings(model, mesh)
+    graphdef, state = nnx.split(model)
+    flat = [
+        (p, v.replace(_abstract(tuple(v.shape), v.dtype, shardings[".".join(map(str, p))])))
+        for p, v in nnx.to_flat_state(state)
+    ]
+    return graphdef, nnx.from_flat_state(flat)
+
+
+def plan_library_sample(model: nnx.Module, mesh: Mesh, b: BucketConfig, hbm: int, text_tokens: int = 333) -> StepPlan:
+    """The sampler step of an abstract model built as users build it (contentv_jax.loading.abstract_transformer,
+    load_transformer's model: the library's default attention), its weights placed as load_transformer places them
+    on `mesh`; `b.batch_size` prompts, so the forward runs the cond/uncond pair of each."""
+    graphdef, state = placed_as_loaded(model, mesh)
+    return _plan_denoise(graphdef, state, model.cfg, mesh, b, text_tokens, hbm, {})
+
+
+def sample_step_inputs(cfg: ModelConfig, mesh: Mesh, b: BucketConfig, text_tokens: int) -> list[jax.ShapeDtypeStruct]:
+    """Abstract (x, timestep, dt, text, pooled, guidance) of contentv_jax.sampling's guided step: `b.batch_size`
+    prompts, their cond/uncond pairs batched, inputs split over the mesh's batch axes."""
     pair = 2 * b.batch_size
-    x_shape = latent_shape(cfg.in_channels, b.frames, b.height, b.width, b.batch_size)
     shapes = {
-        "x": x_shape,
+        "x": latent_shape(cfg.in_channels, b.frames, b.height, b.width, b.batch_size),
         "text": (pair, text_tokens, cfg.joint_attention_dim),
         "pooled": (pair, cfg.pooled_projection_dim),
     }
     sh = sharding.batch_shardings(shapes, mesh)
     x, text, pooled = (_abstract(shapes[k], jnp.float32, sh[k]) for k in ("x", "text", "pooled"))
-    scalar = _abstract((), jnp.float32, replicated)
-    tokens = image_tokens(b, cfg.patch_size)
+    scalar = _abstract((), jnp.float32, NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return [x, scalar, scalar, text, pooled, scalar]
+
+
+def _plan_denoise(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    cfg: ModelConfig,
+    mesh: Mesh,
+    b: BucketConfig,
+    text_tokens: int,
+    hbm: int,
+    known: Mapping[str, StepPlan],
+) -> StepPlan:
+    inputs = sample_step_inputs(cfg, mesh, b, text_tokens)
+    x, _, _, text, pooled, _ = inputs
+    tokens, pair = image_tokens(b, cfg.patch_size), 2 * b.batch_size
     flops = transformer_flops(cfg, tokens, text_tokens, pair).step("sample")
 
     def lower():
-        return _denoise_step.lower(graphdef, state, x, scalar, scalar, text, pooled, scalar, guided=True)
+        return _denoise_step.lower(graphdef, state, *inputs, guided=True)
 
     args = argument_bytes(state, x, text, pooled)
     return compile_plan("sample", b.name, tokens + text_tokens, pair, flops, lower, args, hbm, known)

@@ -2,16 +2,19 @@
 
 Attention is chosen by one setting, `attention: auto|xla|cudnn|splash` (recipe key and CLI flag), resolved per
 platform by `resolve_attention`: `auto` is cuDNN flash attention on GPU, the Pallas TPU splash kernel on TPU and XLA
-on CPU. `Attention` runs the chosen kernel over a device mesh: Ulysses sequence parallelism, where image tokens
-arrive split over `sequence` (and heads over `tensor`), one all-to-all trades the token split for a head split, every
-device attends over all tokens for its own heads, and a second all-to-all trades back. The heads are zero-padded to a
-multiple of sequence x tensor inside the attention only (38 heads become 40 at degree 4 or 8; a zero head attends
-uniformly over zero values, contributes nothing and is sliced off). Mosaic (splash) kernels must run inside
-`shard_map`, so on a mesh every kernel runs there (splash does even on one device).
+on CPU. `auto` is also the models' default (`Attention()`), resolved when the model is traced, for the platform of
+the mesh's devices (abstract TPU devices too), else this process's default backend, so a program compiled for a TPU
+gets splash and a CPU test XLA. `Attention` runs the chosen kernel over a device mesh: Ulysses sequence parallelism,
+where image tokens arrive split over `sequence` (and heads over `tensor`), one all-to-all trades the token split for
+a head split, every device attends over all tokens for its own heads, and a second all-to-all trades back. The heads
+are zero-padded to a multiple of sequence x tensor inside the attention only (38 heads become 40 at degree 4 or 8; a
+zero head attends uniformly over zero values, contributes nothing and is sliced off). Mosaic (splash) kernels must
+run inside `shard_map`, so on a mesh every kernel runs there (splash does even on one device).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -24,7 +27,7 @@ from jax.sharding import Mesh, PartitionSpec
 from contentv_common.model.sequence_split import MESH_AXES, check_sequence_split, padded_heads
 
 ATTENTION_CHOICES = ("auto", "xla", "cudnn", "splash")
-AUTO_ATTENTION = {"gpu": "cudnn", "tpu": "splash", "cpu": "xla"}
+PLATFORM_KERNELS = {"gpu": "cudnn", "tpu": "splash", "cpu": "xla"}
 BATCH_AXES = ("data", "fsdp")
 CUDNN_PAD_MULTIPLE = 128  # cuDNN's backward rejects odd lengths such as 33,093; padded keys are masked
 SPLASH_BLOCK = 512  # splash tile (queries and keys) on TPU; the sequence is padded to a multiple, padded keys masked
@@ -38,7 +41,7 @@ def resolve_attention(name: str, platform: str) -> str:
     if name not in ATTENTION_CHOICES:
         raise ValueError(f"attention {name!r} is not one of {', '.join(ATTENTION_CHOICES)}")
     if name == "auto":
-        return AUTO_ATTENTION.get(platform, "xla")
+        return PLATFORM_KERNELS.get(platform, "xla")
     if name == "cudnn" and platform != "gpu":
         raise ValueError(f"attention 'cudnn' needs a GPU, the platform is {platform!r}")
     return name
@@ -108,21 +111,29 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int, inter
 
 @dataclass(frozen=True)
 class Attention:
-    """Attention over image + text tokens with the resolved kernel on a mesh (hashable: a static model attribute).
+    """Attention over image + text tokens with the chosen kernel on a mesh (hashable: a static model attribute).
 
-    `kind` is a `resolve_attention` result; `mesh` None means one device. `block` is the splash tile and
+    `kind` is "auto" (the default: resolved at trace time for the mesh's platform, see `resolved`) or a
+    `resolve_attention` result; `mesh` None means one device. `block` is the splash tile and
     `pad_multiple` cuDNN's length multiple. Image tokens may be split over `sequence` (they must divide it: see
     contentv_common.model.sequence_split.check_sequence_split), text tokens are whole on every device.
     """
 
-    kind: str = "xla"
+    kind: str = "auto"
     mesh: Mesh | None = None
     block: int = SPLASH_BLOCK
     pad_multiple: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("xla", "cudnn", "splash"):
-            raise ValueError(f"attention kind {self.kind!r}: resolve it with resolve_attention first")
+        if self.kind not in ATTENTION_CHOICES:
+            raise ValueError(f"attention kind {self.kind!r} is not one of {', '.join(ATTENTION_CHOICES)}")
+
+    def resolved(self) -> Attention:
+        """`auto` made concrete (the kernels of `attention_for`) for the platform the program is traced for: the mesh's
+        devices, else this process's default backend; called at trace time, never at import."""
+        if self.kind != "auto":
+            return self
+        return dataclasses.replace(self, kind=resolve_attention("auto", mesh_platform(self.mesh)))
 
     def local(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         """One device's attention over [B, N, heads, d] with the chosen kernel."""
@@ -136,6 +147,8 @@ class Attention:
         self, q: jax.Array, k: jax.Array, v: jax.Array, cq: jax.Array, ck: jax.Array, cv: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
         """Image q/k/v [B, N, heads, d] and text cq/ck/cv [B, L, heads, d] -> (image out, text out), same shapes."""
+        if self.kind == "auto":
+            return self.resolved()(q, k, v, cq, ck, cv)
         mesh = self.mesh
         if mesh is None and self.kind != "splash":
             out = self.local(jnp.concatenate([q, cq], 1), jnp.concatenate([k, ck], 1), jnp.concatenate([v, cv], 1))
@@ -162,7 +175,7 @@ class Attention:
         return out[:, :, :heads], cout[:, :, :heads]
 
 
-XLA_ATTENTION = Attention("xla")  # one device, XLA's attention: the default of models built without a mesh
+DEFAULT_ATTENTION = Attention()  # "auto" on one device: the default of the models, resolved when traced
 
 
 def attention_for(name: str, mesh: Mesh | None = None, **kwargs) -> Attention:

@@ -18,7 +18,7 @@ from flax import nnx
 from contentv_common.config.model import ModelConfig
 from contentv_common.model.patches import unpatchify
 from contentv_common.model.pos_embed import crop_sd3_table, sd3_table, sincos_3d_table
-from contentv_jax.ops import XLA_ATTENTION, Attention, layer_norm, rms_norm
+from contentv_jax.ops import DEFAULT_ATTENTION, Attention, layer_norm, rms_norm
 
 REMAT_POLICIES = {
     "none": None,
@@ -239,6 +239,7 @@ class Transformer(nnx.Module):
     `dtype` is the compute dtype (e.g. bf16) and `param_dtype` the stored one (fp32 masters); norms, position
     tables and timestep features are computed in fp32. `remat` names a rematerialisation policy per block.
     `attention` is the kernel on its mesh (contentv_jax.ops.Attention: XLA, cuDNN or splash, sequence parallel);
+    the default, "auto" on one device, is resolved when traced: cuDNN flash on GPU, splash on TPU, XLA on CPU.
     `constrain` places activations on the device mesh (sequence-sharded image tokens).
 
     Blocks 0..L-2 are one stacked JointBlock (every parameter has a leading layer axis) run by `jax.lax.scan`, so
@@ -254,7 +255,7 @@ class Transformer(nnx.Module):
         rngs: nnx.Rngs,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
-        attention: Attention = XLA_ATTENTION,
+        attention: Attention = DEFAULT_ATTENTION,
         remat: str = "none",
         constrain: Constrain = no_constraint,
     ):

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from contentv_common.config.recipe import MeshConfig
@@ -102,3 +103,42 @@ def test_splash_compiles_for_a_tpu_topology(monkeypatch):
     heads_per_device = 40 // 8
     scores = batch * heads_per_device * (n + TEXT) ** 2 * 4  # one fp32 [N, N] block per local head
     assert 0 < temp < scores / 4, (temp, scores)
+
+
+def _library_sample_program(devices) -> str:
+    """The sampler step (CFG pair, 64x64x5 video, 333 text tokens) of the narrow model (38 heads, 2 blocks) as
+    load_transformer builds it, the library's default attention, lowered for `devices`' platform."""
+    from contentv_common.config.model import named_model_config
+    from contentv_common.config.recipe import BucketConfig
+    from contentv_jax.loading import abstract_transformer
+    from contentv_jax.memory_plan import placed_as_loaded, sample_step_inputs
+    from contentv_jax.sampling import _denoise_step
+    from tests.narrow_model import NARROW
+
+    cfg = named_model_config("tiny").replace(**NARROW)
+    mesh = make_mesh(MeshConfig(), devices)
+    model = abstract_transformer(cfg, mesh, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    graphdef, state = placed_as_loaded(model, mesh)
+    inputs = sample_step_inputs(cfg, mesh, BucketConfig(64, 64, 5, 1), TEXT)
+    with jax.default_matmul_precision("default"):  # Mosaic refuses bf16 operands at fp32 precision
+        return _denoise_step.lower(graphdef, state, *inputs, guided=True).as_text()
+
+
+def test_library_default_attention_is_resolved_for_the_compile_target(monkeypatch):
+    """`Transformer(...)` and `load_transformer(...)` default to attention "auto", resolved when traced for the
+    platform compiled for: lowered for one v5p chip (tpu:v5p:2x2x1, first device) the sampler step runs splash (the
+    Mosaic custom call), lowered for this CPU it runs XLA's attention (no custom call)."""
+    from jax.experimental import topologies
+
+    assert importlib.util.find_spec("libtpu"), "libtpu is not installed: install the .[tpu] extra (README: Tests)"
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no TPU is opened: other processes may hold libtpu's lock
+    from contentv_common.config.model import named_model_config
+    from contentv_jax.transformer import Transformer
+
+    built = nnx.eval_shape(lambda: Transformer(named_model_config("tiny"), rngs=nnx.Rngs(0)))
+    assert built.last_block.attn.attention == Attention("auto")
+    assert Attention().resolved().kind == "xla"  # this CPU process
+    chip = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1").devices[:1]
+    assert Attention(mesh=make_mesh(MeshConfig(), chip)).resolved().kind == "splash"
+    assert "tpu_custom_call" in _library_sample_program(chip)
+    assert "custom_call" not in _library_sample_program(jax.devices()[:1])

@@ -144,3 +144,21 @@ def test_fake_kernel_bands_a_short_window(fake_npu, rel_err):
     assert rel_err(banded, F.scaled_dot_product_attention(q, k, v, attn_mask=band)) < 1e-6
     fast = fake_npu.npu_fusion_attention(q, k, v, inner_precise=1, **call)[0]
     assert 1e-6 < rel_err(fast, full) < 1e-2
+
+
+def test_library_constructors_default_to_the_devices_fused_kernel(fake_npu, monkeypatch, tmp_path):
+    """`Transformer(...)` and `load_transformer(...)` default to ops "auto", picked by the input's device at call
+    time: on an NPU the forward runs npu_fusion_attention (the device type is faked here: no NPU), elsewhere SDPA
+    (flash / memory-efficient kernels on CUDA)."""
+    from contentv_torch_npu import transformer
+    from contentv_torch_npu.loading import load_transformer, save_torch
+
+    _, _, inputs = _tiny_pair()
+    save_torch(tmp_path, Transformer(named_model_config("tiny")))
+    model = load_transformer(tmp_path)
+    assert Transformer(named_model_config("tiny")).ops == "auto" and model.ops == "auto"
+    model(*inputs)
+    assert fake_npu.calls == []  # a CPU input: SDPA
+    monkeypatch.setattr(transformer, "ops_for", lambda choice, device_type: ops_for(choice, "npu"))
+    model(*inputs)
+    assert fake_npu.names().count("npu_fusion_attention") == 2  # one per block
