@@ -9,25 +9,32 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from contentv_common.sample_mesh import SampleMesh, pair_rows, split_pair
 from contentv_common.sampling import StepFn, euler_step, flow_match_sampler, guide
 
 
 def _prepare(
-    model: torch.nn.Module, noise: np.ndarray, text: np.ndarray, pooled: np.ndarray, guided: bool, guidance: float
+    model: torch.nn.Module,
+    noise: np.ndarray,
+    text: np.ndarray,
+    pooled: np.ndarray,
+    guided: bool,
+    guidance: float,
+    mesh: SampleMesh | None,
 ) -> tuple[torch.Tensor, StepFn]:
     """The torch half of `sample` (contentv_common.sampling.flow_match_sampler): inputs on the model's devices and
     one guided Euler step."""
+    layout = mesh or SampleMesh()
     device = next(model.parameters()).device
     text = torch.as_tensor(np.asarray(text, np.float32), device=device)
     pooled = torch.as_tensor(np.asarray(pooled, np.float32), device=device)
 
     def step(x: torch.Tensor, timestep: np.float32, dt: np.float32) -> torch.Tensor:
-        inputs = torch.cat([x, x]) if guided else x
+        inputs = pair_rows(x, x, layout) if guided else x
         timesteps = torch.full((inputs.shape[0],), float(timestep), device=device)
         velocity = model(inputs, timesteps, text, pooled).float()
         if guided:
-            uncond, cond = velocity.chunk(2)
-            velocity = guide(uncond, cond, guidance)
+            velocity = guide(*split_pair(velocity, layout), guidance)
         return euler_step(x, velocity, float(dt))
 
     return torch.as_tensor(np.asarray(noise, np.float32), device=device), step

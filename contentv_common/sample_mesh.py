@@ -1,0 +1,93 @@
+"""The sampling mesh, `--mesh data=D,sequence=S,cfg=C`, framework-free: parsing, the checks made before any model
+loads, and the order of the guidance pair's rows that puts the cond/uncond halves on their device groups.
+
+Both backends lay it out as the training mesh (data, fsdp, sequence, tensor) = (C x D, 1, S, 1): rows of a forward
+are split over the `data` axis, image tokens over `sequence` (Ulysses, heads padded as in training). With `cfg=2`
+the rows are ordered uncond-then-cond, so the first D data shards hold the uncond rows and the last D the cond rows
+of the same prompts (two device groups, one per branch of guidance); with `cfg=1` every data shard holds both rows of
+its prompts. Prompts are split over the D data groups; every group sees all the image tokens of its videos over its
+S sequence ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+from einops import rearrange
+
+from contentv_common.config.recipe import MeshConfig
+from contentv_common.model.sequence_split import check_sequence_split
+
+MESH_KEYS = ("data", "sequence", "cfg")
+
+
+@dataclass(frozen=True)
+class SampleMesh:
+    """Devices of a sampling run: `data` prompt groups x `sequence` ranks splitting the image tokens x `cfg` (1, or
+    2: uncond and cond rows on two device groups)."""
+
+    data: int = 1
+    sequence: int = 1
+    cfg: int = 1
+
+    @property
+    def devices(self) -> int:
+        return self.data * self.sequence * self.cfg
+
+    @property
+    def config(self) -> MeshConfig:
+        """The training mesh that lays it out: the data axis holds cfg x data shards (the cfg index outermost)."""
+        return MeshConfig(data=self.cfg * self.data, sequence=self.sequence)
+
+    def __str__(self) -> str:
+        return f"data={self.data},sequence={self.sequence},cfg={self.cfg}"
+
+
+def parse_mesh(text: str) -> SampleMesh:
+    """`data=D,sequence=S,cfg=C` (any order, any subset; missing sizes are 1) -> SampleMesh; argparse's type."""
+    sizes: dict[str, int] = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in MESH_KEYS or key in sizes or not value.strip().isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(
+                f"--mesh {text!r}: give {', '.join(f'{k}=N' for k in MESH_KEYS)} with N >= 1, each once "
+                f"(bad item {item!r})"
+            )
+        sizes[key] = int(value)
+    if sizes.get("cfg", 1) > 2:
+        raise argparse.ArgumentTypeError(f"--mesh {text!r}: cfg is 1 or 2 (the uncond and cond rows)")
+    return SampleMesh(**sizes)
+
+
+def check_mesh_devices(mesh: SampleMesh, devices: int) -> None:
+    """ValueError (one line) unless the mesh's sizes multiply to the `devices` count."""
+    if mesh.devices != devices:
+        raise ValueError(f"--mesh {mesh}: data x sequence x cfg = {mesh.devices} does not match the {devices} devices")
+
+
+def check_sample_mesh(mesh: SampleMesh, image_tokens: int, heads: int, guided: bool, batch: int) -> None:
+    """ValueError (one line) unless the mesh can sample: the image tokens split over `sequence` as training requires
+    (text tokens stay whole: any count), `cfg=2` has the guidance pair to split, and `data` divides the `batch` of
+    prompts denoised together."""
+    if mesh.cfg == 2 and not guided:
+        raise ValueError(f"--mesh {mesh}: cfg=2 splits the guidance pair, but --guidance <= 1 runs no uncond branch")
+    if batch % mesh.data:
+        raise ValueError(f"--mesh {mesh}: --batch-size {batch} does not split over data={mesh.data}")
+    check_sequence_split(image_tokens, 1, heads, mesh.config)
+
+
+def pair_rows(uncond: Any, cond: Any, mesh: SampleMesh) -> Any:
+    """The guidance pair's rows of one forward, [B] + [B] -> [2B], in the data shards' order (numpy, JAX or torch):
+    with cfg=2 all uncond rows, then all cond rows; with cfg=1 data group by data group, uncond then cond."""
+    order = "m (d b) ... -> (m d b) ..." if mesh.cfg == 2 else "m (d b) ... -> (d m b) ..."
+    return rearrange([uncond, cond], order, d=mesh.data)
+
+
+def split_pair(rows: Any, mesh: SampleMesh) -> tuple[Any, Any]:
+    """`pair_rows` undone: [2B] rows -> (uncond [B], cond [B])."""
+    order = "(m d b) ... -> m (d b) ..." if mesh.cfg == 2 else "(d m b) ... -> m (d b) ..."
+    pair = rearrange(rows, order, d=mesh.data, m=2)
+    return pair[0], pair[1]
