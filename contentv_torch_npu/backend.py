@@ -52,17 +52,19 @@ class TorchBackend:
         """No process group exists outside a run: ranks that must wait poll for what rank 0 writes instead."""
 
     def join_sampling(self, device: str, mesh: SampleMesh | None = None) -> SamplingGroups:
-        """torchrun's RANK of WORLD_SIZE, each its own group; no process group, as the ranks exchange nothing while
-        sampling alone."""
+        """Without a mesh torchrun's RANK of WORLD_SIZE, each its own group and no process group (the ranks exchange
+        nothing); with one, the mesh's process groups over the world."""
         from contentv_torch_npu.device import local_device
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if mesh is not None:
-            check_mesh_devices(mesh, world)
-            if mesh.devices > 1:
-                raise ValueError(f"--mesh {mesh}: the torch twin samples on one device per rank so far (--backend jax)")
-        local_device(resolve_device(device), int(os.environ.get("LOCAL_RANK", "0")))
-        return SamplingGroups(_rank(), world, tuple(range(world)))
+        if mesh is None:
+            local_device(resolve_device(device), int(os.environ.get("LOCAL_RANK", "0")))
+            return SamplingGroups(_rank(), world, tuple(range(world)))
+        from contentv_torch_npu.sampling import topology
+
+        check_mesh_devices(mesh, world)
+        topo = topology(device, mesh)  # the process groups; rank (c * data + d) * sequence + s
+        return SamplingGroups(topo.rank, world, tuple(g * mesh.sequence for g in range(mesh.data)), True)
 
     def encoders(
         self,
@@ -122,6 +124,10 @@ class TorchBackend:
     ) -> Any:
         from contentv_torch_npu.loading import load_transformer
 
+        if mesh is not None and mesh.devices > 1:
+            from contentv_torch_npu.sampling import load_sampling_transformer
+
+            return load_sampling_transformer(path, getattr(torch, dtype), device, mesh)
         return load_transformer(path, dtype=getattr(torch, dtype), device=resolve_device(device)).eval()
 
     def merge_loras(self, model: Any, loras: list[Lora]) -> None:
