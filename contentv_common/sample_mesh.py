@@ -1,12 +1,11 @@
 """The sampling mesh, `--mesh data=D,sequence=S,cfg=C`, framework-free: parsing, the checks made before any model
 loads, and the order of the guidance pair's rows that puts the cond/uncond halves on their device groups.
 
-Both backends lay it out as the training mesh (data, fsdp, sequence, tensor) = (C x D, 1, S, 1): rows of a forward
-are split over the `data` axis, image tokens over `sequence` (Ulysses, heads padded as in training). With `cfg=2`
-the rows are ordered uncond-then-cond, so the first D data shards hold the uncond rows and the last D the cond rows
-of the same prompts (two device groups, one per branch of guidance); with `cfg=1` every data shard holds both rows of
-its prompts. Prompts are split over the D data groups; every group sees all the image tokens of its videos over its
-S sequence ranks.
+Both backends lay it out as the training mesh (data, fsdp, sequence, tensor) = (D x C, 1, S, 1): the rows of a
+forward are split over the `data` axis, image tokens over `sequence` (Ulysses, heads padded as in training). Rows
+are ordered data group by data group, each group's uncond rows then its cond rows, so data shard `d * C + c` holds
+group d's uncond (c = 0) or cond (c = 1) rows with cfg=2, and both with cfg=1. A data group's devices are adjacent
+(on one host where they fit), so the exchange guidance needs each step stays inside the group.
 """
 
 from __future__ import annotations
@@ -38,8 +37,8 @@ class SampleMesh:
 
     @property
     def config(self) -> MeshConfig:
-        """The training mesh that lays it out: the data axis holds cfg x data shards (the cfg index outermost)."""
-        return MeshConfig(data=self.cfg * self.data, sequence=self.sequence)
+        """The training mesh that lays it out: the data axis holds data x cfg shards (the cfg index innermost)."""
+        return MeshConfig(data=self.data * self.cfg, sequence=self.sequence)
 
     def __str__(self) -> str:
         return f"data={self.data},sequence={self.sequence},cfg={self.cfg}"
@@ -81,13 +80,11 @@ def check_sample_mesh(mesh: SampleMesh, image_tokens: int, heads: int, guided: b
 
 def pair_rows(uncond: Any, cond: Any, mesh: SampleMesh) -> Any:
     """The guidance pair's rows of one forward, [B] + [B] -> [2B], in the data shards' order (numpy, JAX or torch):
-    with cfg=2 all uncond rows, then all cond rows; with cfg=1 data group by data group, uncond then cond."""
-    order = "m (d b) ... -> (m d b) ..." if mesh.cfg == 2 else "m (d b) ... -> (d m b) ..."
-    return rearrange([uncond, cond], order, d=mesh.data)
+    data group by data group, its uncond rows then its cond rows (on one device: all uncond, then all cond)."""
+    return rearrange([uncond, cond], "m (d b) ... -> (d m b) ...", d=mesh.data)
 
 
 def split_pair(rows: Any, mesh: SampleMesh) -> tuple[Any, Any]:
     """`pair_rows` undone: [2B] rows -> (uncond [B], cond [B])."""
-    order = "(m d b) ... -> m (d b) ..." if mesh.cfg == 2 else "(d m b) ... -> m (d b) ..."
-    pair = rearrange(rows, order, d=mesh.data, m=2)
+    pair = rearrange(rows, "(d m b) ... -> m (d b) ...", d=mesh.data, m=2)
     return pair[0], pair[1]

@@ -50,8 +50,9 @@ class JaxBackend:
         from contentv_jax.sampling import device_mesh
 
         check_mesh_devices(mesh, jax.device_count())
-        grid = device_mesh(mesh).devices  # (cfg x data, 1, sequence, 1): data group g's first device is [g, 0, 0, 0]
-        return SamplingGroups(process, processes, tuple(grid[g, 0, 0, 0].process_index for g in range(mesh.data)), True)
+        grid = device_mesh(mesh).devices  # (data x cfg, 1, sequence, 1): group g's first device is [g * cfg, 0, 0, 0]
+        owners = tuple(grid[g * mesh.cfg, 0, 0, 0].process_index for g in range(mesh.data))
+        return SamplingGroups(process, processes, owners, True)
 
     def encoders(
         self,

@@ -63,8 +63,8 @@ class TorchBackend:
         from contentv_torch_npu.sampling import topology
 
         check_mesh_devices(mesh, world)
-        topo = topology(device, mesh)  # the process groups; rank (c * data + d) * sequence + s
-        return SamplingGroups(topo.rank, world, tuple(g * mesh.sequence for g in range(mesh.data)), True)
+        topo = topology(device, mesh)  # the process groups; rank (d * cfg + c) * sequence + s
+        return SamplingGroups(topo.rank, world, tuple(g * mesh.cfg * mesh.sequence for g in range(mesh.data)), True)
 
     def encoders(
         self,

@@ -2,8 +2,8 @@
 
 The twin of contentv_jax/sampling.py: the same numpy schedule, noise and update rule, so both backends walk the same
 trajectory from the same seed. On a sampling mesh (`--mesh data=D,sequence=S,cfg=C` under torchrun, one rank per
-device, contentv_common.sample_mesh) the ranks are laid out as the training mesh (cfg x data, sequence): rank
-`(c * D + d) * S + s`; each data shard's S ranks run the forward on its rows of the guidance pair with Ulysses over
+device, contentv_common.sample_mesh) the ranks are laid out as the training mesh (data x cfg, sequence): rank
+`(d * C + c) * S + s`; each data shard's S ranks run the forward on its rows of the guidance pair with Ulysses over
 their tokens (contentv_torch_npu.distributed), the velocities are gathered from every shard, and every rank takes
 the same Euler step on the whole latents.
 """

@@ -34,9 +34,9 @@ def test_weights_are_sharded_by_trainings_rules(narrow_checkpoint):
 
 def test_pair_rows_put_each_branch_on_its_data_shards():
     uncond, cond = np.arange(4) * -1 - 1, np.arange(4) + 1  # prompts 1..4: uncond -p, cond +p
-    assert list(pair_rows(uncond, cond, SampleMesh(data=2, cfg=2))) == [-1, -2, -3, -4, 1, 2, 3, 4]
-    assert list(pair_rows(uncond, cond, SampleMesh(data=2))) == [-1, -2, 1, 2, -3, -4, 3, 4]
-    assert list(pair_rows(uncond, cond, SampleMesh())) == [-1, -2, -3, -4, 1, 2, 3, 4]
+    # data shard d * cfg + c: with cfg=2 shards 0, 1, 2, 3 hold group 0's uncond, its cond, group 1's uncond, cond
+    assert list(pair_rows(uncond, cond, SampleMesh(data=2, cfg=2))) == [-1, -2, 1, 2, -3, -4, 3, 4]
+    assert list(pair_rows(uncond, cond, SampleMesh())) == [-1, -2, -3, -4, 1, 2, 3, 4]  # as diffusers batches it
     for mesh in (SampleMesh(data=2, cfg=2), SampleMesh(data=2), SampleMesh(data=4, cfg=2)):
         back = split_pair(pair_rows(uncond, cond, mesh), mesh)
         assert list(back[0]) == list(uncond) and list(back[1]) == list(cond)
@@ -47,4 +47,5 @@ def test_mesh_must_use_every_device():
         BACKEND.join_sampling("auto", SampleMesh(data=2, sequence=2))
     groups = BACKEND.join_sampling("auto", SampleMesh(data=4, cfg=2))
     assert groups.owners == (0, 0, 0, 0) and groups.together and groups.sampled == [0, 1, 2, 3]
+    assert groups.written == [0, 1, 2, 3]
     assert jax.device_count() == 8
