@@ -44,10 +44,13 @@ def _denoise(graphdef, guided: bool, layout: SampleMesh, state, x, timestep, dt,
 
 @cache
 def denoise_step(graphdef, guided: bool, layout: SampleMesh = ONE_DEVICE, mesh: Mesh | None = None):
-    """The jitted step `(state, x, timestep, dt, text, pooled, guidance) -> x`, compiled together by every process
-    (multihost.jit_together); on `mesh` the latents come out whole on every device."""
-    out = None if mesh is None else NamedSharding(mesh, PartitionSpec())
-    return multihost.jit_together(partial(_denoise, graphdef, guided, layout), out_shardings=out)
+    """The jitted step `(state, x, timestep, dt, text, pooled, guidance) -> x`. On `mesh` every process compiles it
+    together (multihost.jit_together) and the latents come out whole on every device; without, it is this process's
+    alone (training's in-loop clip is drawn by process 0 only)."""
+    step = partial(_denoise, graphdef, guided, layout)
+    if mesh is None:
+        return jax.jit(step)
+    return multihost.jit_together(step, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 @cache
