@@ -69,12 +69,14 @@ def check_mesh_devices(mesh: SampleMesh, devices: int) -> None:
 
 def check_sample_mesh(mesh: SampleMesh, image_tokens: int, heads: int, guided: bool, batch: int) -> None:
     """ValueError (one line) unless the mesh can sample: the image tokens split over `sequence` as training requires
-    (text tokens stay whole: any count), `cfg=2` has the guidance pair to split, and `data` divides the `batch` of
-    prompts denoised together."""
+    (text tokens stay whole: any count), `cfg=2` has the guidance pair to split, `data` divides the `batch` of
+    prompts denoised together, and every sequence rank holds a head."""
     if mesh.cfg == 2 and not guided:
         raise ValueError(f"--mesh {mesh}: cfg=2 splits the guidance pair, but --guidance <= 1 runs no uncond branch")
     if batch % mesh.data:
         raise ValueError(f"--mesh {mesh}: --batch-size {batch} does not split over data={mesh.data}")
+    if mesh.sequence > heads:
+        raise ValueError(f"--mesh {mesh}: sequence={mesh.sequence} exceeds the model's {heads} heads (Ulysses)")
     check_sequence_split(image_tokens, 1, heads, mesh.config)
 
 

@@ -91,16 +91,18 @@ def _forbidden(*args, **kwargs):
 
 
 def test_a_mesh_the_devices_or_the_video_cannot_honour_is_one_line(monkeypatch, capsys, tmp_path):
-    """8 fake devices; the video is 2 latent frames x 2 x 3 patches = 12 image tokens; the batch is 1 prompt."""
+    """8 fake devices, the tiny model (2 heads); the video is 2 latent frames x 2 x 3 patches (12 image tokens, at
+    1 frame of 48x48: 9); the batch is 1 prompt."""
     import contentv_jax.backend as jax_backend
 
     for name in ("load_transformer", "encoders"):
         monkeypatch.setattr(jax_backend.JaxBackend, name, _forbidden)
     for argv, message in (
         (["--mesh", "data=2,sequence=2"], "data x sequence x cfg = 4 does not match the 8 devices"),
-        (["--mesh", "sequence=8"], "image tokens 12 do not split over mesh axis sequence=8"),
+        (["--mesh", "data=4,sequence=2", "--batch-size", "4", "--frames", "1", "--size", "48x48"], "image tokens 9 do"),
         (["--mesh", "data=4,cfg=2", "--guidance", "1"], "cfg=2 splits the guidance pair"),
         (["--mesh", "data=8"], "--batch-size 1 does not split over data=8"),
+        (["--mesh", "sequence=8"], "sequence=8 exceeds the model's 2 heads"),
         (["--mesh", "data=2,tensor=4"], "bad item 'tensor=4'"),
         (["--mesh", "cfg=4,data=2"], "cfg is 1 or 2"),
         (["--mesh", "data=2", "--backend", "torch"], "data x sequence x cfg = 2 does not match the 1 devices"),
