@@ -55,6 +55,11 @@ class Backend(Protocol):
         the first process holding it."""
         ...
 
+    def broadcast(self, flags: np.ndarray) -> np.ndarray:
+        """Process 0's copy of a small bool array, on every process of a sampling mesh (after `join_sampling` with a
+        mesh): what the processes decide together must not rest on what each one sees of a shared file system."""
+        ...
+
     def encoders(
         self,
         name: str | Path,

@@ -54,6 +54,13 @@ class JaxBackend:
         owners = tuple(grid[g * mesh.cfg, 0, 0, 0].process_index for g in range(mesh.data))
         return SamplingGroups(process, processes, owners, True)
 
+    def broadcast(self, flags: np.ndarray) -> np.ndarray:
+        if jax.process_count() == 1:
+            return flags
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.broadcast_one_to_all(flags))
+
     def encoders(
         self,
         name: str | Path,

@@ -66,6 +66,15 @@ class TorchBackend:
         topo = topology(device, mesh)  # the process groups; rank (d * cfg + c) * sequence + s
         return SamplingGroups(topo.rank, world, tuple(g * mesh.cfg * mesh.sequence for g in range(mesh.data)), True)
 
+    def broadcast(self, flags: np.ndarray) -> np.ndarray:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return flags
+        box = [flags]
+        dist.broadcast_object_list(box, src=0)
+        return np.asarray(box[0])
+
     def encoders(
         self,
         name: str | Path,

@@ -265,6 +265,14 @@ def join(ap: argparse.ArgumentParser, args: argparse.Namespace, backend: Backend
     return groups
 
 
+def agreed(backend: Backend, shares: list[list[Pair]], todo: list[list[Pair]]) -> list[list[Pair]]:
+    """Process 0's `todo` on every process of a mesh (each share's pairs left, as a flag per pair)."""
+    left = {pair for pairs in todo for pair in pairs}
+    flags = backend.broadcast(np.asarray([pair in left for pairs in shares for pair in pairs]))
+    it = iter(flags.tolist())
+    return [[pair for pair in pairs if next(it)] for pairs in shares]
+
+
 def check_mesh(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg: ModelConfig) -> None:
     """Exit 2 (one line) unless `--mesh` can sample this video and batch with this model (before any model loads)."""
     if args.mesh is None:
@@ -305,6 +313,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if pairs is not None:  # a mesh denoises every group's pairs together: every process checks every share's files
         shares = [share(pairs, g, len(groups.owners)) for g in groups.sampled]
         todo = [pending(mine, args.out) for mine in shares]
+        if groups.together:  # one program over all processes: they must agree on the pairs left (process 0's view)
+            todo = agreed(backend, shares, todo)
         done = zip(groups.sampled, shares, todo, strict=True)
         skipped = sum(len(mine) - len(left) for g, mine, left in done if g in groups.written)
         if not any(todo):  # a finished share loads no model
