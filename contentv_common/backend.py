@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from contentv_common.eval.clip import ClipEmbeddings
     from contentv_common.lora.adapters import Lora
     from contentv_common.plan.report import StepPlan
+    from contentv_common.prompt_suite import SamplingGroups
+    from contentv_common.sample_mesh import SampleMesh
     from contentv_common.training.run_result import RunResult
 
 # name -> the module that holds its `BACKEND`
@@ -45,11 +47,17 @@ class Backend(Protocol):
         """Wait for every process of the run (a no-op where processes share no group before training starts)."""
         ...
 
-    def join_sampling(self, device: str) -> tuple[int, int]:
+    def join_sampling(self, device: str, mesh: SampleMesh | None = None) -> SamplingGroups:
         """Join a multi-process sampling run if this is one (JAX: jax.distributed, before any other JAX call; torch:
-        torchrun's ranks, each made current on its LOCAL_RANK accelerator); (group, groups): the data-parallel group
-        this process samples a prompt suite's share for, and their number. Without a sampling mesh each process is
-        its own group; with one, a group is the processes of one `data` index (contentv_common.prompt_suite.share)."""
+        torchrun's ranks, each made current on its LOCAL_RANK accelerator); the data groups a prompt suite's shares
+        go to (contentv_common.prompt_suite.share). Without a sampling mesh each process is its own group; with one
+        (ValueError unless it uses every device of every process), group g is data index g of the mesh, written by
+        the first process holding it."""
+        ...
+
+    def broadcast(self, flags: np.ndarray) -> np.ndarray:
+        """Process 0's copy of a small bool array, on every process of a sampling mesh (after `join_sampling` with a
+        mesh): what the processes decide together must not rest on what each one sees of a shared file system."""
         ...
 
     def encoders(
@@ -85,8 +93,11 @@ class Backend(Protocol):
         """ValueError unless the attention kernel `choice` ("auto", "xla", "cudnn", "splash") runs here."""
         ...
 
-    def load_transformer(self, path: Path, dtype: str, device: str, attention: str = "auto") -> Any:
-        """The transformer of a checkpoint folder for inference, with its ModelConfig at `.cfg`."""
+    def load_transformer(
+        self, path: Path, dtype: str, device: str, attention: str = "auto", mesh: SampleMesh | None = None
+    ) -> Any:
+        """The transformer of a checkpoint folder for inference, with its ModelConfig at `.cfg`; with `mesh`, laid
+        out over the sampling mesh's devices (`sample(..., mesh=mesh)` then runs on them)."""
         ...
 
     def merge_loras(self, model: Any, loras: list[Lora]) -> None:
@@ -105,7 +116,7 @@ class Backend(Protocol):
         **settings: Any,
     ) -> np.ndarray:
         """Denoise `noise` (numpy latents) with the flow-matching sampler; `settings`: steps, guidance, shift,
-        shift_terminal, progress."""
+        shift_terminal, progress, mesh (the model's `load_transformer` mesh)."""
         ...
 
     def clip_embeddings(self, folder: Path, device: str = "cpu") -> ClipEmbeddings:

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from contentv_common.sampling import ClipSettings, initial_noise, latent_shape, sample_videos
+from contentv_common.sample_mesh import SampleMesh
+from contentv_common.sampling import ClipSettings, initial_noise, latent_shape, sample_latents
 
 if TYPE_CHECKING:
     from contentv_common.backend import Backend
@@ -88,31 +89,78 @@ def pending(pairs: list[Pair], out: Path) -> list[Pair]:
     return [pair for pair in pairs if not (out / pair.name).exists()]
 
 
+@dataclass(frozen=True)
+class SamplingGroups:
+    """A suite's data groups from one process (Backend.join_sampling): `owners[g]` is the process that writes group
+    g's videos. `together`: one program over every process's devices (a sampling mesh), which denoises every
+    group's pairs in each forward; else each process is its own group and samples alone."""
+
+    process: int
+    processes: int
+    owners: tuple[int, ...]
+    together: bool = False
+
+    @property
+    def sampled(self) -> list[int]:
+        """The groups whose pairs this process's forwards denoise."""
+        return list(range(len(self.owners))) if self.together else [self.process]
+
+    @property
+    def written(self) -> list[int]:
+        """The groups whose videos this process writes."""
+        return [g for g, owner in enumerate(self.owners) if owner == self.process]
+
+
+def suite_rows(todo: list[list[Pair]], per: int) -> list[list[tuple[Pair, int | None]]]:
+    """The rows of each forward: `per` pairs of every group's `todo` (a list per group, in group order), so data
+    group g's rows land on its data shard; a group short of pairs repeats one, marked None (sampled, not written).
+    Each row is (pair, group), group None for a repeat. One group alone is never padded."""
+    filler = next(pair for pairs in todo for pair in pairs)
+    steps = max(-(-len(pairs) // per) for pairs in todo)
+    batches = []
+    for k in range(steps):
+        rows: list[tuple[Pair, int | None]] = []
+        for g, pairs in enumerate(todo):
+            chunk = pairs[k * per : (k + 1) * per]
+            rows += [(pair, g) for pair in chunk]
+            if len(todo) > 1:
+                rows += [((chunk or [filler])[-1], None)] * (per - len(chunk))
+        batches.append(rows)
+    return batches
+
+
 def sample_suite(
     backend: Backend,
     model: Any,
     encoders: Any,
     decode: Callable[[np.ndarray], np.ndarray],
-    todo: list[Pair],
+    todo: list[list[Pair]],
     out: Path,
     settings: ClipSettings,
     progress: bool = True,
     done: int = 0,
+    mesh: SampleMesh | None = None,
+    write: Callable[[int], bool] = lambda group: True,
 ) -> list[Path]:
-    """Sample the pairs `todo` into `out`, `batch_size` at a time; the progress bar counts `done` (the share's pairs
-    already there) as finished."""
+    """Sample the pairs `todo` (one list per sampled group) into `out`: each forward holds `batch_size` pairs, split
+    evenly over the groups (`suite_rows`); the videos of the groups `write` accepts are decoded and written here. The
+    progress bar counts `done` (the share's pairs already there) as finished."""
     from contentv_common.data.video_io import write_video
 
     shape = latent_shape(model.cfg.in_channels, settings.frames, settings.height, settings.width)
+    per = max(1, settings.batch_size // len(todo))
+    mine = sum(len(pairs) for g, pairs in enumerate(todo) if write(g))
     written = []
-    with tqdm(total=done + len(todo), initial=done, desc="suite", unit="video", disable=not progress) as bar:
-        for start in range(0, len(todo), settings.batch_size):
-            batch = todo[start : start + settings.batch_size]
-            seeds = [pair_seed(settings.seed, pair.index) for pair in batch]
+    with tqdm(total=done + mine, initial=done, desc="suite", unit="video", disable=not progress) as bar:
+        for rows in suite_rows(todo, per):
+            seeds = [pair_seed(settings.seed, pair.index) for pair, _ in rows]
             noise = np.concatenate([initial_noise(settings.noise, s, shape, 1, settings.dtype) for s in seeds])
-            prompts = [pair.prompt for pair in batch]
-            videos = sample_videos(backend, model, encoders, decode, prompts, noise, settings, progress)
-            for pair, video in zip(batch, videos, strict=True):
-                written.append(write_video(out / pair.name, video, fps=settings.fps))
+            prompts = [pair.prompt for pair, _ in rows]
+            latents = sample_latents(backend, model, encoders, prompts, noise, settings, progress, mesh)
+            keep = [i for i, (_, group) in enumerate(rows) if group is not None and write(group)]
+            if not keep:
+                continue
+            for i, video in zip(keep, decode(latents[keep]), strict=True):
+                written.append(write_video(out / rows[i][0].name, video, fps=settings.fps))
                 bar.update()
     return written

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from contentv_common.errors import ConfigError
+from contentv_common.sample_mesh import SampleMesh, pair_rows
 from contentv_common.training.schedules import shift_sigmas
 
 if TYPE_CHECKING:
@@ -145,18 +146,23 @@ def guidance_batch(
     neg_text: np.ndarray | None,
     neg_pooled: np.ndarray | None,
     guidance: float,
+    mesh: SampleMesh | None = None,
 ) -> tuple[np.ndarray, np.ndarray, bool]:
-    """The text batch of one forward: [negative; prompt] when guidance is on (uncond first, as diffusers), else the
-    prompt alone; returns (text, pooled, guided). Guidance without the negative prompt's embeddings is an error."""
+    """The text batch of one forward: the negative prompt's and the prompt's rows (`pair_rows`: uncond first, as
+    diffusers, on one device) when guidance is on, else the prompt alone; returns (text, pooled, guided). Guidance
+    without the negative prompt's embeddings is an error."""
     if not uses_guidance(guidance):
         return text, pooled, False
     if neg_text is None or neg_pooled is None:
         raise ValueError(f"guidance {guidance} > 1 needs neg_text and neg_pooled (the negative prompt)")
-    return np.concatenate([neg_text, text]), np.concatenate([neg_pooled, pooled]), True
+    layout = mesh or SampleMesh()
+    return pair_rows(neg_text, text, layout), pair_rows(neg_pooled, pooled, layout), True
 
 
 StepFn: TypeAlias = Callable[[Array, np.float32, np.float32], Array]  # (x, timestep, dt) -> x after the step
-Prepare: TypeAlias = Callable[[Any, np.ndarray, np.ndarray, np.ndarray, bool, float], tuple[Array, StepFn]]
+Prepare: TypeAlias = Callable[
+    [Any, np.ndarray, np.ndarray, np.ndarray, bool, float, "SampleMesh | None"], tuple[Array, StepFn]
+]
 
 
 def flow_match_sampler(
@@ -164,7 +170,8 @@ def flow_match_sampler(
 ) -> Callable[..., np.ndarray]:
     """A backend's `sample`: the schedule, the guidance batch and the loop over the steps are every backend's; the
     backend gives `prepare(model, noise, text, pooled, guided, guidance) -> (x, step)`, its initial latents and one
-    guided Euler step on its own arrays, and `to_numpy` for the final latents."""
+    guided Euler step on its own arrays (on `mesh`'s devices: contentv_common.sample_mesh; None: where the model's
+    weights are), and `to_numpy` for the final latents."""
 
     def sample(
         model: Any,
@@ -178,17 +185,18 @@ def flow_match_sampler(
         shift: float = SHIFT,
         progress: bool = True,
         shift_terminal: float | None = None,
+        mesh: SampleMesh | None = None,
     ) -> np.ndarray:
         """Denoise `noise` [B, C, F, H, W] into latents (float32 numpy) conditioned on text [B, L, D] and pooled
         [B, P].
 
         With guidance > 1 the negative prompt's embeddings (the unconditional branch) are required and run in the same
         forward as the prompt's, uncond first as in diffusers. `shift` and `shift_terminal` shape the schedule
-        (`flow_match_schedule`).
+        (`flow_match_schedule`). `mesh`: the devices of a sampling mesh and the order of the pair's rows.
         """
         schedule = flow_match_schedule(steps, shift, shift_terminal)
-        text, pooled, guided = guidance_batch(text, pooled, neg_text, neg_pooled, guidance)
-        x, step = prepare(model, noise, text, pooled, guided, guidance)
+        text, pooled, guided = guidance_batch(text, pooled, neg_text, neg_pooled, guidance, mesh)
+        x, step = prepare(model, noise, text, pooled, guided, guidance, mesh)
         for i in tqdm(range(schedule.steps), desc=desc, disable=not progress, leave=False):
             x = step(x, schedule.timesteps[i], schedule.step_sizes[i])
         return to_numpy(x)
@@ -258,18 +266,23 @@ class ClipSettings:
     fps: float = 24.0
 
 
-def sample_videos(
+def sample_latents(
     backend: Backend,
     model: Any,
     encoders: Any,
-    decode: Callable[[np.ndarray], np.ndarray],
     prompts: list[str],
     noise: np.ndarray,
     settings: ClipSettings,
     progress: bool = True,
+    mesh: SampleMesh | None = None,
 ) -> np.ndarray:
-    """uint8 videos [B, F, H, W, 3] of one batch: the prompts (and the negative prompt, with guidance) through the
-    encoders, `noise` [B, C, f, h, w] through the backend's sampler, the latents through `decode`."""
+    """Final latents [B, C, f, h, w] of one batch: the prompts (and the negative prompt, with guidance) through the
+    encoders, `noise` [B, C, f, h, w] through the backend's sampler on `mesh`. A batch that `mesh.data` does not
+    divide is padded with its last prompt (those rows are dropped)."""
+    count = len(prompts)
+    pad = -count % (mesh.data if mesh else 1)
+    prompts = prompts + prompts[-1:] * pad
+    noise = np.concatenate([noise, np.repeat(noise[-1:], pad, 0)])
     guided = uses_guidance(settings.guidance)
     text, pooled = encoders.encode_text(prompts + [settings.negative_prompt] * guided)
     negs: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
@@ -286,8 +299,9 @@ def sample_videos(
         shift=settings.shift,
         shift_terminal=settings.shift_terminal,
         progress=progress,
+        mesh=mesh,
     )
-    return decode(latents)
+    return latents[:count]
 
 
 def sample_clips(
@@ -299,19 +313,40 @@ def sample_clips(
     out: Path,
     settings: ClipSettings,
     progress: bool = True,
+    mesh: SampleMesh | None = None,
+    writer: bool = True,
+    latents_out: Path | None = None,
 ) -> list[Path]:
-    """One mp4 per prompt, `out/<index>-<slug>.mp4`, `batch_size` prompts at a time (`sample_videos`)."""
+    """One mp4 per prompt, `out/<index>-<slug>.mp4`, `batch_size` prompts at a time (`sample_latents`) on `mesh`;
+    with `latents_out`, the final latents of all prompts as `latents` [prompts, C, f, h, w] in that .npz. Every
+    process of a mesh samples; the `writer` alone decodes and writes."""
     from contentv_common.data.video_io import write_video
 
     shape = latent_shape(model.cfg.in_channels, settings.frames, settings.height, settings.width)
     noise = initial_noise(settings.noise, settings.seed, shape, len(prompts), settings.dtype)
-    written = []
+    written, finals = [], []
     for start in range(0, len(prompts), settings.batch_size):
         idx = list(range(start, min(start + settings.batch_size, len(prompts))))
         batch = [prompts[i] for i in idx]
-        videos = sample_videos(backend, model, encoders, decode, batch, noise[idx], settings, progress)
-        for i, video in zip(idx, videos, strict=True):
+        latents = sample_latents(backend, model, encoders, batch, noise[idx], settings, progress, mesh)
+        finals.append(latents)
+        if not writer:
+            continue
+        for i, video in zip(idx, decode(latents), strict=True):
             path = write_video(out / f"{i:03d}-{slug(prompts[i])}.mp4", video, fps=settings.fps)
             print(f"wrote {path} ({video.shape[0]} frames, {video.shape[1]}x{video.shape[2]})")
             written.append(path)
+    if latents_out is not None and writer:
+        write_latents(latents_out, np.concatenate(finals))
     return written
+
+
+def write_latents(path: Path, latents: np.ndarray) -> Path:
+    """`latents` as key `latents` of the .npz `path` (its folder made), written under a temporary name and renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "wb") as f:
+        np.savez(f, latents=latents)
+    tmp.replace(path)
+    print(f"wrote {path} (latents {list(latents.shape)})")
+    return path

@@ -17,6 +17,8 @@ from contentv_common.config.reward import RewardRecipe
 from contentv_common.errors import ConfigError
 from contentv_common.lora.adapters import Lora
 from contentv_common.plan.report import StepPlan, format_table, gib
+from contentv_common.prompt_suite import SamplingGroups
+from contentv_common.sample_mesh import SampleMesh, check_mesh_devices
 from contentv_common.training.run_result import RunResult
 from contentv_jax import multihost
 from contentv_jax.encoders import Encoders
@@ -40,9 +42,24 @@ class JaxBackend:
     def barrier(self, name: str) -> None:
         multihost.barrier(name)
 
-    def join_sampling(self, device: str) -> tuple[int, int]:
+    def join_sampling(self, device: str, mesh: SampleMesh | None = None) -> SamplingGroups:
         multihost.initialize()  # before any other JAX call
-        return jax.process_index(), jax.process_count()
+        process, processes = jax.process_index(), jax.process_count()
+        if mesh is None:
+            return SamplingGroups(process, processes, tuple(range(processes)))
+        from contentv_jax.sampling import device_mesh
+
+        check_mesh_devices(mesh, jax.device_count())
+        grid = device_mesh(mesh).devices  # (data x cfg, 1, sequence, 1): group g's first device is [g * cfg, 0, 0, 0]
+        owners = tuple(grid[g * mesh.cfg, 0, 0, 0].process_index for g in range(mesh.data))
+        return SamplingGroups(process, processes, owners, True)
+
+    def broadcast(self, flags: np.ndarray) -> np.ndarray:
+        if jax.process_count() == 1:
+            return flags
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.broadcast_one_to_all(flags))
 
     def encoders(
         self,
@@ -92,11 +109,12 @@ class JaxBackend:
 
         resolve_attention(choice, jax.default_backend())
 
-    def load_transformer(self, path: Path, dtype: str, device: str, attention: str = "auto") -> Any:
-        from contentv_jax.loading import load_transformer
-        from contentv_jax.ops import attention_for
+    def load_transformer(
+        self, path: Path, dtype: str, device: str, attention: str = "auto", mesh: SampleMesh | None = None
+    ) -> Any:
+        from contentv_jax.sampling import load_sampling_transformer
 
-        return load_transformer(path, dtype=jnp.dtype(dtype), attention=attention_for(attention))
+        return load_sampling_transformer(path, jnp.dtype(dtype), attention, mesh or SampleMesh())
 
     def merge_loras(self, model: Any, loras: list[Lora]) -> None:
         from contentv_jax.lora import merge_adapters

@@ -32,7 +32,7 @@ from contentv_common.text.encoder_table import SD35_TEXT_CONFIGS
 from contentv_common.text.sd3_prompt import T5_MAX_SEQUENCE_LENGTH, TextConfigs, read_text_configs
 from contentv_common.tiny_models import tiny_text
 from contentv_jax import sharding
-from contentv_jax.sampling import _denoise_step
+from contentv_jax.sampling import denoise_step
 from contentv_jax.text_encoders import planned_encode
 from contentv_jax.train import Trainer, get_trainer
 
@@ -223,7 +223,7 @@ def _plan_denoise(
     flops = transformer_flops(cfg, tokens, text_tokens, pair).step("sample")
 
     def lower():
-        return _denoise_step.lower(graphdef, state, *inputs, guided=True)
+        return denoise_step(graphdef, True).lower(state, *inputs)
 
     args = argument_bytes(state, x, text, pooled)
     return compile_plan("sample", b.name, tokens + text_tokens, pair, flops, lower, args, hbm, known)

@@ -2,48 +2,105 @@
 
 The schedule, noise and update rule come from contentv_common.sampling, so the torch twin walks the same trajectory.
 One jitted function does a whole step (batched cond/uncond forward, guidance, Euler update); it is compiled once per
-model structure and shape and reused for every step and every call. Latents are decoded to uint8 frames by the JAX
-Wan VAE, rounded exactly as the torch twin's `Encoders.decode_latents` rounds.
+model structure and shape and reused for every step and every call. On a sampling mesh (`--mesh data=D,sequence=S,
+cfg=C`, contentv_common.sample_mesh) the same step runs over every device of every process: the forward's rows
+over `data` (the cond/uncond halves on two device groups with cfg=2), image tokens over `sequence` (Ulysses, as
+training). Latents are decoded to uint8 frames by the JAX Wan VAE, rounded exactly as the torch twin's
+`Encoders.decode_latents` rounds.
 """
 
 from __future__ import annotations
 
-from functools import partial
+from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from contentv_common.sample_mesh import SampleMesh, pair_rows, split_pair
 from contentv_common.sampling import StepFn, euler_step, flow_match_sampler, guide
+from contentv_jax import multihost
+from contentv_jax.loading import load_transformer
 from contentv_jax.multihost import to_host
+from contentv_jax.ops import attention_for
+from contentv_jax.sharding import ActivationSharding, make_mesh
 from contentv_jax.vae import WanVAE
 
+ONE_DEVICE = SampleMesh()
 
-@partial(jax.jit, static_argnames=("graphdef", "guided"))
-def _denoise_step(graphdef, state, x, timestep, dt, text, pooled, guidance, *, guided: bool):
+
+def _denoise(graphdef, guided: bool, layout: SampleMesh, state, x, timestep, dt, text, pooled, guidance):
+    """One step: the pair's rows in `layout`'s order (contentv_common.sample_mesh), one forward, guidance, Euler."""
     model = nnx.merge(graphdef, state)
-    inputs = jnp.concatenate([x, x]) if guided else x
+    inputs = pair_rows(x, x, layout) if guided else x
     timesteps = jnp.full((inputs.shape[0],), timestep, jnp.float32)
     velocity = model(inputs, timesteps, text, pooled).astype(jnp.float32)
     if guided:
-        uncond, cond = jnp.split(velocity, 2)
-        velocity = guide(uncond, cond, guidance)
+        velocity = guide(*split_pair(velocity, layout), guidance)
     return euler_step(x, velocity, dt)
 
 
+@cache
+def denoise_step(graphdef, guided: bool, layout: SampleMesh = ONE_DEVICE, mesh: Mesh | None = None):
+    """The jitted step `(state, x, timestep, dt, text, pooled, guidance) -> x`. On `mesh` every process compiles it
+    together (multihost.jit_together) and the latents come out whole on every device; without, it is this process's
+    alone (training's in-loop clip is drawn by process 0 only)."""
+    step = partial(_denoise, graphdef, guided, layout)
+    if mesh is None:
+        return jax.jit(step)
+    return multihost.jit_together(step, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+@cache
+def device_mesh(mesh: SampleMesh) -> Mesh:
+    """The devices of a sampling mesh laid out as training's (SampleMesh.config): every device of every process, or
+    for a mesh of one device this process's first (each process alone, as without `--mesh`)."""
+    devices = jax.devices() if mesh.devices > 1 else jax.local_devices()[:1]
+    return make_mesh(mesh.config, devices)
+
+
+def load_sampling_transformer(path, dtype: jnp.dtype, attention: str, mesh: SampleMesh) -> nnx.Module:
+    """A checkpoint's transformer for `sample` on `mesh`: the weights placed by contentv_jax.sharding's rules,
+    activations and attention (Ulysses over `sequence`, heads padded) laid out as training lays them out."""
+    where = device_mesh(mesh)
+    return load_transformer(
+        path, dtype=dtype, attention=attention_for(attention, where), mesh=where, constrain=ActivationSharding(where)
+    )
+
+
+def _put(rows: np.ndarray, where: NamedSharding) -> jax.Array:
+    """A host array every process holds whole -> a global array with each device's block (one or several hosts)."""
+    return jax.make_array_from_callback(rows.shape, where, lambda index: rows[index])
+
+
 def _prepare(
-    model: nnx.Module, noise: np.ndarray, text: np.ndarray, pooled: np.ndarray, guided: bool, guidance: float
+    model: nnx.Module,
+    noise: np.ndarray,
+    text: np.ndarray,
+    pooled: np.ndarray,
+    guided: bool,
+    guidance: float,
+    mesh: SampleMesh | None,
 ) -> tuple[jax.Array, StepFn]:
-    """The JAX half of `sample` (contentv_common.sampling.flow_match_sampler): inputs on the model's devices and
-    one guided Euler step."""
+    """The JAX half of `sample` (contentv_common.sampling.flow_match_sampler): inputs on the mesh (rows of the
+    forward over `data`, the latents whole), or without one where the model's weights are, and one guided step."""
     graphdef, state = nnx.split(model)
-    text, pooled = jnp.asarray(text, jnp.float32), jnp.asarray(pooled, jnp.float32)
+    text, pooled, noise = (np.asarray(a, np.float32) for a in (text, pooled, noise))
+    if mesh is None:
+        where, layout = None, ONE_DEVICE
+        text, pooled, x = jnp.asarray(text), jnp.asarray(pooled), jnp.asarray(noise)
+    else:
+        where, layout = device_mesh(mesh), mesh
+        rows = NamedSharding(where, PartitionSpec("data"))
+        text, pooled, x = _put(text, rows), _put(pooled, rows), _put(noise, NamedSharding(where, PartitionSpec()))
+    run = denoise_step(graphdef, guided, layout, where)
 
     def step(x: jax.Array, timestep: np.float32, dt: np.float32) -> jax.Array:
-        return _denoise_step(graphdef, state, x, timestep, dt, text, pooled, np.float32(guidance), guided=guided)
+        return run(state, x, timestep, dt, text, pooled, np.float32(guidance))
 
-    return jnp.asarray(noise, jnp.float32), step
+    return x, step
 
 
 # whole, in every process of a multi-process run

@@ -17,6 +17,8 @@ from contentv_common.config.reward import RewardRecipe
 from contentv_common.errors import ConfigError
 from contentv_common.lora.adapters import Lora
 from contentv_common.plan.report import StepPlan, format_table, gib
+from contentv_common.prompt_suite import SamplingGroups
+from contentv_common.sample_mesh import SampleMesh, check_mesh_devices
 from contentv_common.training.run_result import RunResult
 from contentv_torch_npu.device import resolve_device
 from contentv_torch_npu.encoders import Encoders
@@ -49,12 +51,29 @@ class TorchBackend:
     def barrier(self, name: str) -> None:
         """No process group exists outside a run: ranks that must wait poll for what rank 0 writes instead."""
 
-    def join_sampling(self, device: str) -> tuple[int, int]:
-        """torchrun's RANK of WORLD_SIZE; no process group, as the ranks exchange nothing while sampling."""
+    def join_sampling(self, device: str, mesh: SampleMesh | None = None) -> SamplingGroups:
+        """Without a mesh torchrun's RANK of WORLD_SIZE, each its own group and no process group (the ranks exchange
+        nothing); with one, the mesh's process groups over the world."""
         from contentv_torch_npu.device import local_device
 
-        local_device(resolve_device(device), int(os.environ.get("LOCAL_RANK", "0")))
-        return _rank(), int(os.environ.get("WORLD_SIZE", "1"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if mesh is None:
+            local_device(resolve_device(device), int(os.environ.get("LOCAL_RANK", "0")))
+            return SamplingGroups(_rank(), world, tuple(range(world)))
+        from contentv_torch_npu.sampling import topology
+
+        check_mesh_devices(mesh, world)
+        topo = topology(device, mesh)  # the process groups; rank (d * cfg + c) * sequence + s
+        return SamplingGroups(topo.rank, world, tuple(g * mesh.cfg * mesh.sequence for g in range(mesh.data)), True)
+
+    def broadcast(self, flags: np.ndarray) -> np.ndarray:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return flags
+        box = [flags]
+        dist.broadcast_object_list(box, src=0)
+        return np.asarray(box[0])
 
     def encoders(
         self,
@@ -109,9 +128,15 @@ class TorchBackend:
         if choice != "auto":
             raise ValueError(f"{choice} is a JAX kernel: use it with --backend jax")
 
-    def load_transformer(self, path: Path, dtype: str, device: str, attention: str = "auto") -> Any:
+    def load_transformer(
+        self, path: Path, dtype: str, device: str, attention: str = "auto", mesh: SampleMesh | None = None
+    ) -> Any:
         from contentv_torch_npu.loading import load_transformer
 
+        if mesh is not None and mesh.devices > 1:
+            from contentv_torch_npu.sampling import load_sampling_transformer
+
+            return load_sampling_transformer(path, getattr(torch, dtype), device, mesh)
         return load_transformer(path, dtype=getattr(torch, dtype), device=resolve_device(device)).eval()
 
     def merge_loras(self, model: Any, loras: list[Lora]) -> None:

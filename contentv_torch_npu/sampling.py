@@ -1,33 +1,84 @@
 """Text-to-video sampling with the torch transformer: flow-match Euler + classifier-free guidance.
 
 The twin of contentv_jax/sampling.py: the same numpy schedule, noise and update rule, so both backends walk the same
-trajectory from the same seed.
+trajectory from the same seed. On a sampling mesh (`--mesh data=D,sequence=S,cfg=C` under torchrun, one rank per
+device, contentv_common.sample_mesh) the ranks are laid out as the training mesh (data x cfg, sequence): rank
+`(d * C + c) * S + s`; each data shard's S ranks run the forward on its rows of the guidance pair with Ulysses over
+their tokens (contentv_torch_npu.distributed), the velocities are gathered from every shard, and every rank takes
+the same Euler step on the whole latents.
 """
 
 from __future__ import annotations
 
+from functools import cache
+from pathlib import Path
+
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from contentv_common.sample_mesh import SampleMesh, pair_rows, split_pair
 from contentv_common.sampling import StepFn, euler_step, flow_match_sampler, guide
+from contentv_torch_npu.distributed import Topology, enable_sequence_parallel, init_distributed
+from contentv_torch_npu.loading import load_transformer
+
+
+@cache
+def topology(device: str, mesh: SampleMesh) -> Topology:
+    """The torchrun world as the sampling mesh's process groups (joined once per process)."""
+    return init_distributed(device, mesh.config)
+
+
+def load_sampling_transformer(path: Path, dtype: torch.dtype, device: str, mesh: SampleMesh) -> torch.nn.Module:
+    """A checkpoint's transformer on this rank's device, whole (replicated over the mesh), with Ulysses over its
+    sequence group when `mesh.sequence > 1`."""
+    topo = topology(device, mesh)
+    model = load_transformer(path, dtype=dtype, device=topo.device).eval()
+    if topo.sp_group is not None:
+        enable_sequence_parallel(model, topo.sp_group, topo.device.type)
+    return model
+
+
+def _shard_rows(mesh: SampleMesh | None) -> tuple[int, int]:
+    """(this rank's data shard, the number of shards) of the forward's rows: (0, 1) on one device."""
+    if mesh is None or mesh.devices == 1:
+        return 0, 1
+    return dist.get_rank() // mesh.sequence, mesh.cfg * mesh.data
+
+
+def _gather_rows(rows: torch.Tensor, mesh: SampleMesh) -> torch.Tensor:
+    """Every data shard's rows (each rank's, the sequence ranks of a shard holding the same), in shard order."""
+    out = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, rows.contiguous())
+    return torch.cat(out[:: mesh.sequence])
 
 
 def _prepare(
-    model: torch.nn.Module, noise: np.ndarray, text: np.ndarray, pooled: np.ndarray, guided: bool, guidance: float
+    model: torch.nn.Module,
+    noise: np.ndarray,
+    text: np.ndarray,
+    pooled: np.ndarray,
+    guided: bool,
+    guidance: float,
+    mesh: SampleMesh | None,
 ) -> tuple[torch.Tensor, StepFn]:
-    """The torch half of `sample` (contentv_common.sampling.flow_match_sampler): inputs on the model's devices and
-    one guided Euler step."""
+    """The torch half of `sample` (contentv_common.sampling.flow_match_sampler): this rank's rows of the forward
+    on the model's device, and one guided Euler step on the whole latents."""
+    layout = mesh or SampleMesh()
     device = next(model.parameters()).device
-    text = torch.as_tensor(np.asarray(text, np.float32), device=device)
-    pooled = torch.as_tensor(np.asarray(pooled, np.float32), device=device)
+    shard, shards = _shard_rows(mesh)
+    mine = slice(shard * len(text) // shards, (shard + 1) * len(text) // shards)
+    text = torch.as_tensor(np.asarray(text[mine], np.float32), device=device)
+    pooled = torch.as_tensor(np.asarray(pooled[mine], np.float32), device=device)
 
     def step(x: torch.Tensor, timestep: np.float32, dt: np.float32) -> torch.Tensor:
-        inputs = torch.cat([x, x]) if guided else x
+        inputs = (pair_rows(x, x, layout) if guided else x)[mine]
         timesteps = torch.full((inputs.shape[0],), float(timestep), device=device)
         velocity = model(inputs, timesteps, text, pooled).float()
+        if shards > 1:
+            velocity = _gather_rows(velocity, layout)
         if guided:
-            uncond, cond = velocity.chunk(2)
-            velocity = guide(uncond, cond, guidance)
+            velocity = guide(*split_pair(velocity, layout), guidance)
         return euler_step(x, velocity, float(dt))
 
     return torch.as_tensor(np.asarray(noise, np.float32), device=device), step

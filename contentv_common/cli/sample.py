@@ -47,7 +47,9 @@ from contentv_common.config.recipe import AttentionChoice
 from contentv_common.dtypes import COMPUTE_DTYPES
 from contentv_common.errors import ConfigError
 from contentv_common.lora.adapters import Lora, open_lora, parse_lora_spec
-from contentv_common.prompt_suite import Pair, pending, sample_suite, share, suite_pairs
+from contentv_common.model.flops import image_tokens
+from contentv_common.prompt_suite import Pair, SamplingGroups, pending, sample_suite, share, suite_pairs
+from contentv_common.sample_mesh import SampleMesh, check_sample_mesh, parse_mesh
 from contentv_common.sampling import (
     SHIFT,
     ClipSettings,
@@ -55,6 +57,7 @@ from contentv_common.sampling import (
     latent_shape,
     read_scheduler_settings,
     sample_clips,
+    uses_guidance,
 )
 from contentv_common.text.sd3_prompt import check_text_widths, read_text_configs
 from contentv_common.tiny_models import random_weights
@@ -176,6 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="JAX attention kernel: auto = cuDNN flash on GPU, splash on TPU, XLA on CPU",
     )
+    ap.add_argument(
+        "--mesh",
+        type=parse_mesh,
+        metavar="data=D,sequence=S,cfg=C",
+        help="sample over every device of every process: D prompt groups x S ranks splitting the image tokens "
+        "(Ulysses) x C=2 to put the uncond and cond rows on two device groups; default: each process alone on one "
+        "device",
+    )
+    ap.add_argument(
+        "--latents-out", type=Path, help="also write the final latents to this .npz: key latents, [prompts, C, F, H, W]"
+    )
     ap.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32", help="transformer and text-encoder dtype")
     ap.add_argument("--device", default="auto", help="torch device: auto, npu, cuda, cpu")
     ap.add_argument("--cache-dir", type=Path, help="on-disk text-embedding cache")
@@ -209,6 +223,8 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, prompts: l
         ap.error("give exactly one of --pipeline FOLDER|HUB_ID (a diffusers pipeline), --tiny or --demo")
     if args.steps < 1 or args.batch_size < 1:
         ap.error("--steps and --batch-size must be >= 1")
+    if args.latents_out is not None and args.seeds is not None:
+        ap.error("--latents-out writes the latents of --prompt / --prompts-file runs; a --seeds suite writes videos")
     pairs = None
     if args.seeds is not None:
         try:
@@ -230,26 +246,55 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, prompts: l
     return pairs
 
 
-def join(ap: argparse.ArgumentParser, args: argparse.Namespace, backend: Backend, suite: bool) -> tuple[int, int]:
-    """Join the processes (before the backend's first framework call) and check what needs the framework; this
-    process's (group, groups) for the suite's share."""
-    group, groups = backend.join_sampling(args.device)
-    if groups > 1 and not suite:
-        ap.error(f"{groups} processes would all write the same files: give --seeds N to spread a prompt suite")
+def join(ap: argparse.ArgumentParser, args: argparse.Namespace, backend: Backend, suite: bool) -> SamplingGroups:
+    """Join the processes (before the backend's first framework call) and check what needs the framework; the data
+    groups of the suite's shares, seen from this process."""
+    try:
+        groups = backend.join_sampling(args.device, args.mesh)
+    except ValueError as e:
+        ap.error(str(e))
+    if not groups.together and groups.processes > 1 and not suite:
+        ap.error(
+            f"{groups.processes} processes would all write the same files: give --seeds N to spread a prompt suite, "
+            "or --mesh to sample together"
+        )
     try:
         backend.check_attention(args.attention)
     except ValueError as e:
         ap.error(f"--attention: {e}")
-    return group, groups
+    return groups
+
+
+def agreed(backend: Backend, shares: list[list[Pair]], todo: list[list[Pair]]) -> list[list[Pair]]:
+    """Process 0's `todo` on every process of a mesh (each share's pairs left, as a flag per pair)."""
+    left = {pair for pairs in todo for pair in pairs}
+    flags = backend.broadcast(np.asarray([pair in left for pairs in shares for pair in pairs]))
+    it = iter(flags.tolist())
+    return [[pair for pair in pairs if next(it)] for pairs in shares]
+
+
+def check_mesh(ap: argparse.ArgumentParser, args: argparse.Namespace, cfg: ModelConfig) -> None:
+    """Exit 2 (one line) unless `--mesh` can sample this video and batch with this model (before any model loads)."""
+    if args.mesh is None:
+        return
+    _, _, f, h, w = latent_shape(cfg.in_channels, args.frames, *args.size)
+    try:
+        tokens = image_tokens(cfg, f, h, w)
+        check_sample_mesh(args.mesh, tokens, cfg.num_attention_heads, uses_guidance(args.guidance), args.batch_size)
+    except ValueError as e:
+        ap.error(str(e))
 
 
 def report_suite(
-    args: argparse.Namespace, pairs: list[Pair], group: int, groups: int, written: list[Path], skipped: int
+    args: argparse.Namespace, pairs: list[Pair], groups: SamplingGroups, written: list[Path], skipped: int
 ) -> list[Path]:
     """Print what this process did of the suite; the files it wrote."""
+    who = f"process {groups.process} of {groups.processes}"
+    if groups.together:
+        who += f" (data groups {groups.written} of {len(groups.owners)})"
     print(
-        f"suite {args.out}: process {group} of {groups} wrote {len(written)}, skipped {skipped} already there (its "
-        f"share: {len(written) + skipped} of {len(pairs)} videos = {len(pairs) // args.seeds} prompts x {args.seeds})"
+        f"suite {args.out}: {who} wrote {len(written)}, skipped {skipped} already there (its share: "
+        f"{len(written) + skipped} of {len(pairs)} videos = {len(pairs) // args.seeds} prompts x {args.seeds})"
     )
     return written
 
@@ -260,14 +305,20 @@ def main(argv: list[str] | None = None) -> list[Path]:
     prompts = read_prompts(args)
     pairs = check_args(ap, args, prompts)
     backend = get(args.backend)
-    group, groups = join(ap, args, backend, pairs is not None)
-    mine: list[Pair] = []
-    todo: list[Pair] = []
-    if pairs is not None:
-        mine = share(pairs, group, groups)
-        todo = pending(mine, args.out)
-        if not todo:  # a finished share loads no model
-            return report_suite(args, pairs, group, groups, [], len(mine))
+    groups = join(ap, args, backend, pairs is not None)
+    mesh = args.mesh or SampleMesh()
+    shares: list[list[Pair]] = []
+    todo: list[list[Pair]] = []
+    skipped = 0
+    if pairs is not None:  # a mesh denoises every group's pairs together: every process checks every share's files
+        shares = [share(pairs, g, len(groups.owners)) for g in groups.sampled]
+        todo = [pending(mine, args.out) for mine in shares]
+        if groups.together:  # one program over all processes: they must agree on the pairs left (process 0's view)
+            todo = agreed(backend, shares, todo)
+        done = zip(groups.sampled, shares, todo, strict=True)
+        skipped = sum(len(mine) - len(left) for g, mine, left in done if g in groups.written)
+        if not any(todo):  # a finished share loads no model
+            return report_suite(args, pairs, groups, [], skipped)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.transformer
         if path is None and args.pipeline is not None:
@@ -275,12 +326,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
         elif path is None:
             path = random_tiny_checkpoint(Path(tmp), args.model_seed, args.backend)
         loras = open_loras(args.lora, path)  # before anything loads: a bad adapter is one line naming its file
+        check_mesh(ap, args, transformer_config(path))
         if args.pipeline is not None:  # widths from the config files, before any weight is read
             cfg = transformer_config(path)
             widths = (cfg.joint_attention_dim, cfg.pooled_projection_dim)
             check_text_widths(read_text_configs(args.pipeline), args.pipeline, *widths)
         encoders = build_encoders(backend, args)
-        model = backend.load_transformer(path, args.dtype, args.device, args.attention)
+        model = backend.load_transformer(path, args.dtype, args.device, args.attention, mesh)
         if loras:
             backend.merge_loras(model, loras)
         decode = latent_decoder(encoders, args.pipeline, args.device)
@@ -317,9 +369,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
     )
     progress = not args.no_progress
     if pairs is None:
-        return sample_clips(backend, model, encoders, decode, prompts, args.out, settings, progress)
-    written = sample_suite(backend, model, encoders, decode, todo, args.out, settings, progress, len(mine) - len(todo))
-    return report_suite(args, pairs, group, groups, written, len(mine) - len(todo))
+        writer = groups.process == 0
+        return sample_clips(
+            backend, model, encoders, decode, prompts, args.out, settings, progress, mesh, writer, args.latents_out
+        )
+    write = (lambda g: groups.owners[g] == groups.process) if groups.together else (lambda g: True)
+    written = sample_suite(backend, model, encoders, decode, todo, args.out, settings, progress, skipped, mesh, write)
+    return report_suite(args, pairs, groups, written, skipped)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -8,9 +8,13 @@ import contentv_jax.sampling as jax_sampling
 import contentv_torch_npu.encoders as torch_encoders
 import contentv_torch_npu.sampling as torch_sampling
 from contentv_common.backend import get
+from contentv_common.checkpoint.formats import write_torch
 from contentv_common.cli import sample as sample_tool
+from contentv_common.config.model import ModelConfig
 from contentv_common.data.video_io import read_video
 from contentv_common.sampling import draw_noise, latent_shape
+from contentv_common.tiny_models import random_weights
+from tests.narrow_model import NARROW
 
 ARGS = ["--tiny", "--prompt", "a cat walking", "--prompt", "a red dog", "--negative-prompt", "low quality"]
 ARGS += ["--frames", "5", "--size", "32x48", "--steps", "3", "--guidance", "4", "--seed", "5", "--no-progress"]
@@ -80,3 +84,51 @@ def test_cli_rejects_bad_arguments(capsys):
         with pytest.raises(SystemExit):
             sample_tool.main(argv)
         assert message in capsys.readouterr().err
+
+
+def _forbidden(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+
+def test_a_mesh_the_devices_or_the_video_cannot_honour_is_one_line(monkeypatch, capsys, tmp_path):
+    """8 fake devices, the tiny model (2 heads); the video is 2 latent frames x 2 x 3 patches (12 image tokens, at
+    1 frame of 48x48: 9); the batch is 1 prompt."""
+    import contentv_jax.backend as jax_backend
+
+    for name in ("load_transformer", "encoders"):
+        monkeypatch.setattr(jax_backend.JaxBackend, name, _forbidden)
+    for argv, message in (
+        (["--mesh", "data=2,sequence=2"], "data x sequence x cfg = 4 does not match the 8 devices"),
+        (["--mesh", "data=4,sequence=2", "--batch-size", "4", "--frames", "1", "--size", "48x48"], "image tokens 9 do"),
+        (["--mesh", "data=4,cfg=2", "--guidance", "1"], "cfg=2 splits the guidance pair"),
+        (["--mesh", "data=8"], "--batch-size 1 does not split over data=8"),
+        (["--mesh", "sequence=8"], "sequence=8 exceeds the model's 2 heads"),
+        (["--mesh", "data=2,tensor=4"], "bad item 'tensor=4'"),
+        (["--mesh", "cfg=4,data=2"], "cfg is 1 or 2"),
+        (["--mesh", "data=2", "--backend", "torch"], "data x sequence x cfg = 2 does not match the 1 devices"),
+        (["--seeds", "2", "--latents-out", str(tmp_path / "l.npz")], "a --seeds suite writes videos"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            sample_tool.main([*ARGS[:5], *ARGS[7:], *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and message in err[-1], (argv, err)
+
+
+def test_latents_out_on_a_mesh_equal_one_device(tmp_path, rel_err, monkeypatch):
+    """The narrow model (38 heads; the tiny encoders give 333 text tokens) through the CLI: 3 prompts, 2 per forward
+    over data=2 x sequence=2 x cfg=2 (the last forward padded to the data groups), the same final latents as one
+    device, written by --latents-out."""
+    cfg = ModelConfig(**{**NARROW, "joint_attention_dim": 48, "pooled_projection_dim": 24})
+    weights = random_weights(get("jax").transformer_shapes(cfg), 3)
+    narrow = write_torch(tmp_path / "narrow", cfg, iter(weights.items()))
+    argv = [*ARGS, "--prompt", "a blue bird", "--transformer", str(narrow), "--batch-size", "2"]
+    argv += ["--frames", "1", "--steps", "2"]
+    shared = jax_encoders.tiny_encoders(seed=0)  # both runs: built once
+    monkeypatch.setattr(sample_tool, "build_encoders", lambda backend, args: shared)
+    out = {}
+    for name, mesh in (("one", []), ("mesh", ["--mesh", "data=2,sequence=2,cfg=2"])):
+        npz = tmp_path / f"{name}.npz"
+        assert len(sample_tool.main([*argv, *mesh, "--out", str(tmp_path / name), "--latents-out", str(npz)])) == 3
+        out[name] = np.load(npz)["latents"]
+    assert out["one"].shape == (3, 16, 1, 4, 6) and np.isfinite(out["one"]).all()
+    assert rel_err(out["mesh"], out["one"]) < 1e-5, rel_err(out["mesh"], out["one"])

@@ -8,7 +8,7 @@ import contentv_torch_npu.backend as torch_backend
 from contentv_common.cli import sample as sample_tool
 from contentv_common.data.video_io import read_video
 from contentv_common.errors import ConfigError
-from contentv_common.prompt_suite import CUT_CHARS, Pair, share, suite_pairs, video_name
+from contentv_common.prompt_suite import CUT_CHARS, Pair, SamplingGroups, share, suite_pairs, suite_rows, video_name
 
 TINY = ["--tiny", "--backend", "torch", "--frames", "1", "--size", "32x32", "--steps", "1", "--guidance", "3"]
 TINY += ["--negative-prompt", "blurry", "--seed", "7", "--no-progress"]
@@ -116,12 +116,26 @@ def test_bad_suites_stop_before_any_model_loads(tmp_path, monkeypatch, capsys):
 
 
 def test_jax_processes_are_the_suite_groups(monkeypatch):
-    """JAX: the share is jax.process_index of jax.process_count, once the run is joined (a plain machine: alone)."""
+    """JAX without a mesh: each process is its own group (a plain machine: alone), and writes it."""
     import jax
 
     from contentv_common.backend import get
 
-    assert get("jax").join_sampling("auto") == (0, 1)
+    groups = get("jax").join_sampling("auto")
+    assert (groups.process, groups.owners, groups.sampled, groups.together) == (0, (0,), [0], False)
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    assert get("jax").join_sampling("auto") == (1, 2)
+    groups = get("jax").join_sampling("auto")
+    assert (groups.process, groups.owners, groups.sampled, groups.written) == (1, (0, 1), [1], [1])
+
+
+def test_a_mesh_samples_every_groups_pairs_in_each_forward():
+    """With a mesh the forward's rows are the groups' pairs in group order, `per` each; a group out of pairs repeats
+    one, marked None (not written)."""
+    pairs = suite_pairs(["a", "b", "c"], 1)
+    todo = [share(pairs, g, 2) for g in range(2)]  # group 0: a, c; group 1: b
+    rows = suite_rows(todo, 1)
+    assert [[(p.prompt, g) for p, g in batch] for batch in rows] == [[("a", 0), ("b", 1)], [("c", 0), ("a", None)]]
+    assert [[p.prompt for p, _ in batch] for batch in suite_rows(todo[:1], 2)] == [["a", "c"]]
+    groups = SamplingGroups(process=1, processes=2, owners=(0, 1, 1), together=True)
+    assert groups.sampled == [0, 1, 2] and groups.written == [1, 2]

@@ -112,7 +112,7 @@ def _library_sample_program(devices) -> str:
     from contentv_common.config.recipe import BucketConfig
     from contentv_jax.loading import abstract_transformer
     from contentv_jax.memory_plan import placed_as_loaded, sample_step_inputs
-    from contentv_jax.sampling import _denoise_step
+    from contentv_jax.sampling import denoise_step
     from tests.narrow_model import NARROW
 
     cfg = named_model_config("tiny").replace(**NARROW)
@@ -121,7 +121,7 @@ def _library_sample_program(devices) -> str:
     graphdef, state = placed_as_loaded(model, mesh)
     inputs = sample_step_inputs(cfg, mesh, BucketConfig(64, 64, 5, 1), TEXT)
     with jax.default_matmul_precision("default"):  # Mosaic refuses bf16 operands at fp32 precision
-        return _denoise_step.lower(graphdef, state, *inputs, guided=True).as_text()
+        return denoise_step(graphdef, True).lower(state, *inputs).as_text()
 
 
 def test_library_default_attention_is_resolved_for_the_compile_target(monkeypatch):
