@@ -8,6 +8,7 @@ Wan VAE, rounded exactly as the torch twin's `Encoders.decode_latents` rounds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 
 import jax
@@ -16,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from contentv_common.sampling import StepFn, euler_step, flow_match_sampler, guide
+from contentv_common.vae.chunks import Tiling
 from contentv_jax.multihost import to_host
 from contentv_jax.vae import WanVAE
 
@@ -57,15 +59,20 @@ def _to_uint8(video: jax.Array) -> jax.Array:
     return jnp.transpose(frames, (0, 2, 3, 4, 1))
 
 
-def decode_latents(vae: WanVAE, latents: np.ndarray) -> np.ndarray:
+def decode_latents(
+    vae: WanVAE, latents: np.ndarray, tiling: Tiling | None = None, devices: Sequence[jax.Device] | None = None
+) -> np.ndarray:
     """Normalised latents [B, C, f, h, w] -> uint8 frames [B, 1 + 4 (f - 1), 8 h, 8 w, 3], one clip at a time.
 
     The VAE runs one latent frame per jitted call, compiled once per latent frame size (one program for the first
     frame, one for the rest), so neither compile time nor memory grows with the video's length, and neither a longer
-    video nor a bigger batch compiles the VAE again.
+    video nor a bigger batch compiles the VAE again. `tiling` decodes blended spatial tiles (WanVAE.decode), side by
+    side on `devices` (default: this process's devices), one tile per device at a time.
     """
     latents = np.asarray(latents, np.float32)
     if latents.ndim != 5 or latents.shape[1] != vae.cfg.z_dim:
         raise ValueError(f"latents must be [B, {vae.cfg.z_dim}, f, h, w], got {latents.shape}")
-    clips = [_to_uint8(vae.decode(vae.denormalize(jnp.asarray(clip[None])))) for clip in latents]
+    if tiling is not None and devices is None:
+        devices = jax.local_devices()
+    clips = [_to_uint8(vae.decode(vae.denormalize(jnp.asarray(clip[None])), tiling, devices)) for clip in latents]
     return np.concatenate(jax.device_get(clips))

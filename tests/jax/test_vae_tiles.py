@@ -1,0 +1,43 @@
+"""The JAX Wan VAE's tiled decode spread over 8 (fake CPU) devices: the same frames as one device decoding the same
+tiles, and within the tiling's measured tolerance of the whole decode (the demo's trained VAE, diffusers' default
+256/192-pixel tiles, normalised latents drawn as the sampler draws them; docs/scale.md gives the figures)."""
+
+import jax
+import numpy as np
+import pytest
+
+from contentv_common.demo import DEMO_VAE
+from contentv_common.vae.chunks import Tiling
+from contentv_jax import vae as jvae
+from contentv_jax.sampling import decode_latents
+
+# 2 latent frames (the causal history crosses a chunk) of 8 x 40: one row of 3 tiles, 2 shapes (32 and 16 wide)
+LATENTS = np.random.default_rng(0).standard_normal((1, 16, 2, 8, 40)).astype(np.float32)
+MAX_LEVELS, MAX_REL = 24, 8e-3  # measured here: 15 uint8 levels, 4.4e-3 relative
+
+
+@pytest.fixture(scope="module")
+def decoded():
+    assert len(jax.devices()) == 8
+    vae, tiling = jvae.load_vae(DEMO_VAE), Tiling()
+    raw = np.asarray(vae.denormalize(LATENTS))
+    first = LATENTS[:, :, :1]
+    return dict(
+        one=np.asarray(vae.decode(raw, tiling)),
+        eight=np.asarray(vae.decode(raw, tiling, jax.devices())),
+        whole=np.asarray(vae.decode(raw[:, :, :1])),  # one latent frame: one program fewer to compile
+        whole_uint8=decode_latents(vae, first),
+        tiled_uint8=decode_latents(vae, first, tiling),  # over all 8 devices by default
+    )
+
+
+def test_tiles_over_eight_devices_equal_one_device(decoded):
+    assert decoded["eight"].shape == (1, 3, 5, 64, 320)
+    np.testing.assert_array_equal(decoded["eight"], decoded["one"])
+
+
+def test_tiled_decode_is_within_the_tilings_tolerance(decoded, rel_err):
+    whole, tiled = decoded["whole"], decoded["one"][:, :, :1]
+    levels = np.abs(decoded["tiled_uint8"].astype(int) - decoded["whole_uint8"].astype(int))
+    assert levels.max() > 0  # the tiles really differ from the whole decode, so the bounds below can fail
+    assert levels.max() <= MAX_LEVELS and rel_err(tiled, whole) < MAX_REL
