@@ -41,3 +41,19 @@ def test_tiled_decode_is_within_the_tilings_tolerance(decoded, rel_err):
     levels = np.abs(decoded["tiled_uint8"].astype(int) - decoded["whole_uint8"].astype(int))
     assert levels.max() > 0  # the tiles really differ from the whole decode, so the bounds below can fail
     assert levels.max() <= MAX_LEVELS and rel_err(tiled, whole) < MAX_REL
+
+
+def test_plan_decode_compiles_the_whole_frame_and_a_round_of_tiles():
+    """tools/plan.py --kinds decode: the whole-frame program on one device and one tile per device on all 8."""
+    from pathlib import Path
+
+    from contentv_common.config.recipe import load_recipe, parse_override
+    from contentv_jax.memory_plan import plan_decode
+    from contentv_jax.sharding import make_mesh
+
+    overrides = ["mesh.data=8", "data.buckets=[{width: 320, height: 64, frames: 9, batch_size: 8}]"]
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "tiny.yaml", dict(map(parse_override, overrides)))
+    whole, tiles = plan_decode(recipe, make_mesh(recipe.mesh), 2**30, recipe.data.buckets[0], {})
+    assert (whole.kind, whole.batch, whole.tokens) == ("decode", 1, 8 * 40)
+    assert (tiles.kind, tiles.batch, tiles.tokens) == ("decode-tiles", 8, 8 * 32)  # one 8 x 32 latent tile each
+    assert whole.fits and tiles.fits and 0 < tiles.temp_bytes < whole.temp_bytes
