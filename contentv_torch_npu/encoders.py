@@ -112,9 +112,10 @@ class Encoders:
             out.append(self.vae.normalize(self.vae.encode(video)).float().cpu().numpy())
         return np.concatenate(out)
 
-    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
-        """Normalised latents [B, C, f, h, w] -> uint8 frames [B, 1 + 4 (f - 1), 8 h, 8 w, 3], one clip at a time."""
-        return decode_latents(self.vae, latents)
+    def decode_latents(self, latents: np.ndarray, tiling: Tiling | None = None) -> np.ndarray:
+        """Normalised latents [B, C, f, h, w] -> uint8 frames [B, 1 + 4 (f - 1), 8 h, 8 w, 3], one clip at a time;
+        `tiling`: in spatial tiles on this rank's device (module `decode_latents` spreads them over a group)."""
+        return decode_latents(self.vae, latents, tiling)
 
     def encode_text(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Captions -> (text [B, L, D], pooled [B, P]) float32, through the embedding cache when there is one."""

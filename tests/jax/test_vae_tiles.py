@@ -43,6 +43,16 @@ def test_tiled_decode_is_within_the_tilings_tolerance(decoded, rel_err):
     assert levels.max() <= MAX_LEVELS and rel_err(tiled, whole) < MAX_REL
 
 
+def test_sample_cli_vae_tiling_decodes_in_tiles(decoded):
+    """tools/sample.py --vae-tiling: the CLI's decoder (demo encoders) gives the tiled frames."""
+    from contentv_common.backend import get
+    from contentv_common.cli.sample import build_parser, latent_decoder
+
+    assert build_parser().parse_args(["--vae-tiling"]).vae_tiling
+    decode = latent_decoder(get("jax").encoders("demo"), None, "cpu", Tiling())
+    np.testing.assert_array_equal(decode(LATENTS[:, :, :1]), decoded["tiled_uint8"])
+
+
 def test_plan_decode_compiles_the_whole_frame_and_a_round_of_tiles():
     """tools/plan.py --kinds decode: the whole-frame program on one device and one tile per device on all 8."""
     from pathlib import Path
