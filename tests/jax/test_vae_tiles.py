@@ -11,6 +11,8 @@ from contentv_common.vae.chunks import Tiling
 from contentv_jax import vae as jvae
 from contentv_jax.sampling import decode_latents
 
+pytestmark = pytest.mark.slow  # compiles the VAE for 2 tile shapes, 2 chunk programs each, on 1 and 8 devices
+
 # 2 latent frames (the causal history crosses a chunk) of 8 x 40: one row of 3 tiles, 2 shapes (32 and 16 wide)
 LATENTS = np.random.default_rng(0).standard_normal((1, 16, 2, 8, 40)).astype(np.float32)
 MAX_LEVELS, MAX_REL = 24, 8e-3  # measured here: 15 uint8 levels, 4.4e-3 relative

@@ -4,6 +4,7 @@ same tiles gives (the demo's trained VAE, diffusers' default 256/192-pixel tiles
 import os
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -30,8 +31,9 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_tiles_over_two_ranks_equal_one_process(tmp_path, spawn_ranks):
-    spawn_ranks(_worker, (2, free_port(), str(tmp_path)), 2, outputs=None)
+    spawn_ranks(_worker, (2, free_port(), str(tmp_path)), 2)
     expected = _decode(None)
     assert expected.shape == (1, 3, 5, 64, 320)
     for rank in range(2):
