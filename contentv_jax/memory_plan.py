@@ -228,14 +228,15 @@ def vae_config(recipe: Recipe) -> VAEConfig:
 def plan_decode(recipe: Recipe, mesh: Mesh, hbm: int, b: BucketConfig, known: Mapping[str, StepPlan]) -> list[StepPlan]:
     """The Wan VAE decode of one clip at bucket `b`, fp32 as the samplers load it: the program of a latent frame
     after the first (it holds the causal history and makes 4 frames; the first makes one), as `WanVAE.decode` runs
-    it: "decode", the whole frame on one device; "decode-tiles", one round of diffusers' default tiles (the largest
-    shape), one tile per device of `mesh`, the weights replicated. The decoded frames the loop keeps are not counted."""
+    it: "decode", the whole frame on one device (planned on a one-device mesh only: it is the same program whatever
+    the mesh); "decode-tiles", one round of diffusers' default tiles (the largest shape), one tile per device of
+    `mesh`, the weights replicated. The decoded frames the loop keeps are not counted."""
     cfg = vae_config(recipe)
     s = cfg.spatial_factor
     h, w = b.height // s, b.width // s
     devices = list(np.asarray(mesh.devices).reshape(-1))
     tiles = tile_plan(h, w, Tiling(), s)
-    rows = [(h, w, Mesh(devices[:1], ("tiles",)), "decode")]
+    rows = [(h, w, Mesh(devices, ("tiles",)), "decode")] if len(devices) == 1 else []
     if tiles is not None:
         tile_h, tile_w = tiles.rows[0][1] - tiles.rows[0][0], tiles.cols[0][1] - tiles.cols[0][0]
         rows.append((tile_h, tile_w, Mesh(devices, ("tiles",)), "decode-tiles"))

@@ -55,17 +55,24 @@ def test_sample_cli_vae_tiling_decodes_in_tiles(decoded):
     np.testing.assert_array_equal(decode(LATENTS[:, :, :1]), decoded["tiled_uint8"])
 
 
-def test_plan_decode_compiles_the_whole_frame_and_a_round_of_tiles():
-    """tools/plan.py --kinds decode: the whole-frame program on one device and one tile per device on all 8."""
+def test_plan_decode_compiles_a_round_of_tiles_and_the_whole_frame_on_one_device():
+    """tools/plan.py --kinds decode: one tile per device on all 8; the whole frame (which fits one tile here) on one."""
     from pathlib import Path
 
     from contentv_common.config.recipe import load_recipe, parse_override
     from contentv_jax.memory_plan import plan_decode
     from contentv_jax.sharding import make_mesh
 
-    overrides = ["mesh.data=8", "data.buckets=[{width: 320, height: 64, frames: 9, batch_size: 8}]"]
-    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "tiny.yaml", dict(map(parse_override, overrides)))
-    whole, tiles = plan_decode(recipe, make_mesh(recipe.mesh), 2**30, recipe.data.buckets[0], {})
-    assert (whole.kind, whole.batch, whole.tokens) == ("decode", 1, 8 * 40)
-    assert (tiles.kind, tiles.batch, tiles.tokens) == ("decode-tiles", 8, 8 * 32)  # one 8 x 32 latent tile each
-    assert whole.fits and tiles.fits and 0 < tiles.temp_bytes < whole.temp_bytes
+    def plan(data: int, width: int) -> list:
+        overrides = [f"mesh.data={data}", f"data.buckets=[{{width: {width}, height: 64, frames: 9, batch_size: 8}}]"]
+        tiny = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
+        recipe = load_recipe(tiny, dict(map(parse_override, overrides)))
+        return plan_decode(recipe, make_mesh(recipe.mesh, jax.devices()[:data]), 2**30, recipe.data.buckets[0], {})
+
+    (tiles,) = plan(8, 320)  # 8 x 40 latents: tiles of 8 x 32, one per device
+    (whole,) = plan(1, 256)  # 8 x 32 latents: one tile, so the whole frame
+    assert (tiles.kind, tiles.batch, tiles.tokens) == ("decode-tiles", 8, 8 * 32)
+    assert (whole.kind, whole.batch, whole.tokens) == ("decode", 1, 8 * 32)
+    assert tiles.fits and whole.fits and tiles.temp_bytes > 0
+    # per device, a round of tiles costs what one tile of the same size costs on one device
+    assert tiles.temp_bytes == pytest.approx(whole.temp_bytes, rel=0.2)
