@@ -24,6 +24,7 @@ from contentv_common.demo import DEMO_VAE, WordEmbeddingText, demo_text
 from contentv_common.errors import CheckpointError
 from contentv_common.text.sd3_prompt import T5_MAX_SEQUENCE_LENGTH
 from contentv_common.tiny_models import tiny_vae_weights
+from contentv_common.vae.chunks import Tiling
 from contentv_common.vae.config import tiny_vae_config
 from contentv_common.vae.table import vae_table
 from contentv_jax.loading import canonical_shapes, fill_from_source
@@ -70,9 +71,10 @@ class Encoders:
             out.append(np.asarray(vae.normalize(vae.encode(video)), np.float32))
         return np.concatenate(out)
 
-    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
-        """Normalised latents [B, C, f, h, w] -> uint8 frames [B, 1 + 4 (f - 1), 8 h, 8 w, 3], one clip at a time."""
-        return decode_latents(self.wan_vae(), latents)
+    def decode_latents(self, latents: np.ndarray, tiling: Tiling | None = None) -> np.ndarray:
+        """Normalised latents [B, C, f, h, w] -> uint8 frames [B, 1 + 4 (f - 1), 8 h, 8 w, 3], one clip at a time;
+        `tiling`: in spatial tiles, one per local device at a time (sampling.decode_latents)."""
+        return decode_latents(self.wan_vae(), latents, tiling)
 
     def encode_text(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Captions -> (text [B, L, D], pooled [B, P]) float32, through the embedding cache when there is one."""

@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from contentv_common.config.model import ModelConfig
 from contentv_common.config.recipe import BucketConfig, Recipe, image_tokens
+from contentv_common.demo import DEMO_VAE
 from contentv_common.dtypes import DTYPES
 from contentv_common.model.flops import text_encoder_flops, transformer_flops
 from contentv_common.plan.report import StepPlan, peak_bytes
@@ -31,13 +32,17 @@ from contentv_common.sampling import latent_shape
 from contentv_common.text.encoder_table import SD35_TEXT_CONFIGS
 from contentv_common.text.sd3_prompt import T5_MAX_SEQUENCE_LENGTH, TextConfigs, read_text_configs
 from contentv_common.tiny_models import tiny_text
+from contentv_common.vae.checkpoint import open_vae_source
+from contentv_common.vae.chunks import Tiling, tile_plan
+from contentv_common.vae.config import VAEConfig, tiny_vae_config
 from contentv_jax import sharding
 from contentv_jax.sampling import denoise_step
 from contentv_jax.text_encoders import planned_encode
 from contentv_jax.train import Trainer, get_trainer
+from contentv_jax.vae import WanVAE, _decode_chunk
 
-KINDS = ("train", "sample", "text")
-DEFAULT_KINDS = ("train", "sample")  # "text" (the text encoders' own compile) when asked
+KINDS = ("train", "sample", "text", "decode")
+DEFAULT_KINDS = ("train", "sample")  # "text", "decode" (the encoders' and the VAE's own compiles) when asked
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -252,6 +257,46 @@ def plan_text(
     return compile_plan("text", "prompts", clip + t5, batch, flops, lower, arg_bytes, hbm, known)
 
 
+def vae_config(recipe: Recipe) -> VAEConfig:
+    """The recipe's Wan VAE: its pipeline folder's `vae/` when the folder is here, else the released Wan2.1 one
+    (diffusers' defaults); the tiny or the demo VAE's for "tiny" / "demo"."""
+    name = recipe.data.encoders
+    if name in ("tiny", "demo"):
+        return tiny_vae_config() if name == "tiny" else open_vae_source(DEMO_VAE).config
+    return open_vae_source(Path(name) / "vae").config if Path(name, "vae").is_dir() else VAEConfig()
+
+
+def plan_decode(recipe: Recipe, mesh: Mesh, hbm: int, b: BucketConfig, known: Mapping[str, StepPlan]) -> list[StepPlan]:
+    """The Wan VAE decode of one clip at bucket `b`, fp32 as the samplers load it: the program of a latent frame
+    after the first (it holds the causal history and makes 4 frames; the first makes one), as `WanVAE.decode` runs
+    it: "decode", the whole frame on one device (planned on a one-device mesh only: it is the same program whatever
+    the mesh); "decode-tiles", one round of diffusers' default tiles (the largest shape), one tile per device of
+    `mesh`, the weights replicated. The decoded frames the loop keeps are not counted."""
+    cfg = vae_config(recipe)
+    s = cfg.spatial_factor
+    h, w = b.height // s, b.width // s
+    devices = list(np.asarray(mesh.devices).reshape(-1))
+    tiles = tile_plan(h, w, Tiling(), s)
+    rows = [(h, w, Mesh(devices, ("tiles",)), "decode")] if len(devices) == 1 else []
+    if tiles is not None:
+        tile_h, tile_w = tiles.rows[0][1] - tiles.rows[0][0], tiles.cols[0][1] - tiles.cols[0][0]
+        rows.append((tile_h, tile_w, Mesh(devices, ("tiles",)), "decode-tiles"))
+    plans = []
+    for th, tw, tile_mesh, kind in rows:
+        n = tile_mesh.size
+        split = NamedSharding(tile_mesh, jax.sharding.PartitionSpec("tiles"))
+        whole = NamedSharding(tile_mesh, jax.sharding.PartitionSpec())
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0))))
+        vae = nnx.merge(graphdef, jax.tree.map(lambda a: _abstract(a.shape, a.dtype, whole), state))  # noqa: B023
+        z = _abstract((n, 1, th, tw, cfg.z_dim), jnp.float32, split)
+        _, history = _decode_chunk.eval_shape(vae, z, None)
+        history = [_abstract(a.shape, a.dtype, split) for a in history]
+        lower = lambda: _decode_chunk.lower(vae, z, history)  # noqa: B023, E731
+        args = argument_bytes(nnx.state(vae), z, history)
+        plans.append(compile_plan(kind, b.name, th * tw, n, 0.0, lower, args, hbm, known))
+    return plans
+
+
 def largest_bucket(recipe: Recipe) -> BucketConfig:
     """The bucket with the most tokens per sample (ties: the larger batch)."""
     p = recipe.model_config.patch_size
@@ -270,8 +315,8 @@ def plan_recipe(
     known: Mapping[str, StepPlan] | None = None,
 ) -> list[StepPlan]:
     """Train step per bucket, then the sampling step at the largest bucket (both limited by `buckets` names), then
-    the text encoders on the largest bucket's batch of prompts; steps whose program is in `known` are not compiled
-    again (compile_plan)."""
+    the text encoders on the largest bucket's batch of prompts, then the VAE decode of one clip at that bucket; steps
+    whose program is in `known` are not compiled again (compile_plan)."""
     known = known or {}
     trainer = get_trainer(recipe, mesh)
     wanted = [b for b in recipe.data.buckets if buckets is None or b.name in buckets]
@@ -291,6 +336,11 @@ def plan_recipe(
         plans.append(plan_text(recipe, mesh, hbm_bytes, configs, big.batch_size, known))
         if on_plan is not None:
             on_plan(plans[-1])
+    if "decode" in kinds and (buckets is None or big.name in buckets):
+        for plan in plan_decode(recipe, mesh, hbm_bytes, big, known):
+            plans.append(plan)
+            if on_plan is not None:
+                on_plan(plan)
     return plans
 
 

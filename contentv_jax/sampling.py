@@ -11,6 +11,7 @@ training). Latents are decoded to uint8 frames by the JAX Wan VAE, rounded exact
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache, partial
 
 import jax
@@ -21,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from contentv_common.sample_mesh import SampleMesh, pair_rows, split_pair
 from contentv_common.sampling import StepFn, euler_step, flow_match_sampler, guide
+from contentv_common.vae.chunks import Tiling
 from contentv_jax import multihost
 from contentv_jax.loading import load_transformer
 from contentv_jax.multihost import to_host
@@ -114,15 +116,20 @@ def _to_uint8(video: jax.Array) -> jax.Array:
     return jnp.transpose(frames, (0, 2, 3, 4, 1))
 
 
-def decode_latents(vae: WanVAE, latents: np.ndarray) -> np.ndarray:
+def decode_latents(
+    vae: WanVAE, latents: np.ndarray, tiling: Tiling | None = None, devices: Sequence[jax.Device] | None = None
+) -> np.ndarray:
     """Normalised latents [B, C, f, h, w] -> uint8 frames [B, 1 + 4 (f - 1), 8 h, 8 w, 3], one clip at a time.
 
     The VAE runs one latent frame per jitted call, compiled once per latent frame size (one program for the first
     frame, one for the rest), so neither compile time nor memory grows with the video's length, and neither a longer
-    video nor a bigger batch compiles the VAE again.
+    video nor a bigger batch compiles the VAE again. `tiling` decodes blended spatial tiles (WanVAE.decode), side by
+    side on `devices` (default: this process's devices), one tile per device at a time.
     """
     latents = np.asarray(latents, np.float32)
     if latents.ndim != 5 or latents.shape[1] != vae.cfg.z_dim:
         raise ValueError(f"latents must be [B, {vae.cfg.z_dim}, f, h, w], got {latents.shape}")
-    clips = [_to_uint8(vae.decode(vae.denormalize(jnp.asarray(clip[None])))) for clip in latents]
+    if tiling is not None and devices is None:
+        devices = jax.local_devices()
+    clips = [_to_uint8(vae.decode(vae.denormalize(jnp.asarray(clip[None])), tiling, devices)) for clip in latents]
     return np.concatenate(jax.device_get(clips))

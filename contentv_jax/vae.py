@@ -5,14 +5,15 @@ over channels, times sqrt(C) and gamma), per-frame single-head attention, neares
 resampling in which frame 0 stays alone (so F frames <-> 1 + (F - 1) / 4 latent frames). Videos go through in time
 chunks with a `CausalHistory` (encode: frame 0, then 4 frames at a time; decode: one latent frame at a time), one
 jitted call per chunk (two compilations per shape: the first chunk and the rest); each chunk sees exactly the
-context the whole video gives it, with the memory of one chunk. Decoding can also be tiled in space.
+context the whole video gives it, with the memory of one chunk. Decoding can also be tiled in space, and the tiles
+spread over devices (time chunks are sequential through the causal history; tiles are independent).
 Public layout: `[B, C, F, H, W]` (videos in [-1, 1]); inside, channels-last `[B, T, H, W, C]`. Module attribute names
 are the canonical parameter names; conv kernels are DHWIO / HWIO and RMS gammas keep diffusers' `[C, 1, 1(, 1)]`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import pairwise
 from pathlib import Path
 
@@ -20,10 +21,19 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from contentv_common.checkpoint.hub import vae_folder
 from contentv_common.vae.checkpoint import open_vae_source, write_vae_diffusers
-from contentv_common.vae.chunks import CausalHistory, TilePlan, Tiling, blend_weights, encode_chunks, tile_plan
+from contentv_common.vae.chunks import (
+    CausalHistory,
+    TilePlan,
+    Tiling,
+    blend_weights,
+    encode_chunks,
+    tile_groups,
+    tile_plan,
+)
 from contentv_common.vae.config import RGB, UpBlock, VAEConfig, decoder_blocks, encoder_layers, mid_dim
 from contentv_common.vae.table import vae_table
 from contentv_jax.loading import canonical_tensors, fill_from_source
@@ -299,14 +309,18 @@ class WanVAE(nnx.Module):
             return mean
         return mean + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * jnp.asarray(noise, mean.dtype)
 
-    def decode(self, latents: jax.Array, tiling: Tiling | None = None) -> jax.Array:
+    def decode(
+        self, latents: jax.Array, tiling: Tiling | None = None, devices: Sequence[jax.Device] | None = None
+    ) -> jax.Array:
         """Video `[B, 3, F, H, W]` in [-1, 1] from raw latents `[B, z, f, h, w]` (F = 1 + 4 (f - 1)), one latent
-        frame at a time; `tiling` also splits space into blended tiles. Latent frame 0 alone decodes to frame 0."""
+        frame at a time; `tiling` also splits space into blended tiles. Latent frame 0 alone decodes to frame 0.
+        With `tiling`, `devices` (local ones) decode the tiles side by side, one tile per device at a time: the same
+        frames as one device decoding the same tiles, gathered on the first device."""
         self.cfg.check_latent_shape(latents.shape)
         z = rearrange(jnp.asarray(latents, self.dtype), "b c f h w -> b f h w c")
         _, _, h, w, _ = z.shape
         plan = None if tiling is None else tile_plan(h, w, tiling, self.cfg.spatial_factor)
-        video = self._decode_frames(z) if plan is None else self._decode_tiles(z, plan)
+        video = self._decode_frames(z) if plan is None else self._decode_tiles(z, plan, devices)
         return rearrange(jnp.clip(video, -1.0, 1.0), "b f h w c -> b c f h w")
 
     def _decode_frames(self, z: jax.Array) -> jax.Array:
@@ -316,8 +330,26 @@ class WanVAE(nnx.Module):
             frames.append(out)
         return jnp.concatenate(frames, axis=1)
 
-    def _decode_tiles(self, z: jax.Array, plan: TilePlan) -> jax.Array:
-        rows = [[self._decode_frames(z[:, :, r0:r1, c0:c1]) for c0, c1 in plan.cols] for r0, r1 in plan.rows]
+    def _decode_tiles(self, z: jax.Array, plan: TilePlan, devices: Sequence[jax.Device] | None) -> jax.Array:
+        """Decode every tile (in rounds of one tile per device: the tiles of one shape stacked on the batch axis,
+        sharded over the devices, zero tiles filling the last round), then blend and crop them."""
+        vae, n, sharded, gather = self, 1, None, None
+        if devices is not None and len(devices) > 1:
+            mesh = Mesh(list(devices), ("tiles",))
+            graphdef, state = nnx.split(self)
+            vae = nnx.merge(graphdef, jax.device_put(state, NamedSharding(mesh, PartitionSpec())))
+            n, sharded = len(devices), NamedSharding(mesh, PartitionSpec("tiles"))
+            gather = jax.sharding.SingleDeviceSharding(devices[0])
+        b = z.shape[0]
+        decoded: dict[tuple[int, int], jax.Array] = {}
+        for spots in tile_groups(plan, n):
+            parts = [z[:, :, slice(*plan.rows[i]), slice(*plan.cols[j])] for i, j in spots]
+            parts += [jnp.zeros_like(parts[0])] * (n - len(parts))
+            batch = jnp.concatenate(parts) if n > 1 else parts[0]
+            out = vae._decode_frames(batch if sharded is None else jax.device_put(batch, sharded))
+            out = out if gather is None else jax.device_put(out, gather)
+            decoded |= {spot: out[k * b : (k + 1) * b] for k, spot in enumerate(spots)}
+        rows = [[decoded[i, j] for j in range(len(plan.cols))] for i in range(len(plan.rows))]
         for i, row in enumerate(rows):
             for j, tile in enumerate(row):
                 if i > 0:

@@ -182,6 +182,8 @@ class TorchBackend:
             raise ConfigError("--reuse: the torch estimate has no compiled program to reuse (--backend jax)")
         if options["chips"] is not None:
             raise ConfigError("--chips picks chips of a --target (--backend jax); the torch world is the recipe's mesh")
+        if "decode" in options["kinds"]:
+            raise ConfigError("--kinds decode: the VAE decode is planned by the JAX backend (--backend jax)")
         try:
             from contentv_torch_npu.memory_plan import plan_recipe
         except ImportError as e:

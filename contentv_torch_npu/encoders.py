@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from contentv_common.data.embedding_cache import EmbeddingCache
 from contentv_common.demo import DEMO_VAE, WordEmbeddingText, demo_text
 from contentv_common.text.sd3_prompt import T5_MAX_SEQUENCE_LENGTH
 from contentv_common.tiny_models import tiny_vae_weights
+from contentv_common.vae.chunks import Tiling
 from contentv_common.vae.config import tiny_vae_config
 from contentv_torch_npu.loading import canonical_shapes
 from contentv_torch_npu.text_encoders import TextEncoders, load_text_encoders, tiny_text_encoders
@@ -57,15 +59,24 @@ def _latent_channels(vae: WanVAE | SD3ImageVAE) -> int:
 
 
 @torch.inference_mode()
-def decode_latents(vae: WanVAE | SD3ImageVAE, latents: np.ndarray) -> np.ndarray:
-    """Normalised latents [B, C, f, h, w] -> uint8 frames [B, 1 + 4 (f - 1), 8 h, 8 w, 3], one clip at a time."""
+def decode_latents(
+    vae: WanVAE | SD3ImageVAE,
+    latents: np.ndarray,
+    tiling: Tiling | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> np.ndarray:
+    """Normalised latents [B, C, f, h, w] -> uint8 frames [B, 1 + 4 (f - 1), 8 h, 8 w, 3], one clip at a time.
+    `tiling` (Wan VAE only) decodes blended spatial tiles, spread over the ranks of `group` (WanVAE.decode)."""
     latents = np.array(latents, np.float32)  # a writable copy for torch.from_numpy
     channels, device = _latent_channels(vae), next(vae.parameters()).device
     if latents.ndim != 5 or latents.shape[1] != channels:
         raise ValueError(f"latents must be [B, {channels}, f, h, w], got {latents.shape}")
+    if tiling is not None and not isinstance(vae, WanVAE):
+        raise ValueError("tiled decoding needs the Wan VAE (the SD3 image VAE decodes whole)")
     out = []
     for clip in latents:
-        video = vae.decode(vae.denormalize(torch.from_numpy(clip[None]).to(device)))
+        raw = vae.denormalize(torch.from_numpy(clip[None]).to(device))
+        video = vae.decode(raw) if tiling is None else vae.decode(raw, tiling, group)
         video = ((video.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
         out.append(video[0].permute(1, 2, 3, 0).cpu().numpy())
     return np.stack(out)
@@ -101,9 +112,10 @@ class Encoders:
             out.append(self.vae.normalize(self.vae.encode(video)).float().cpu().numpy())
         return np.concatenate(out)
 
-    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
-        """Normalised latents [B, C, f, h, w] -> uint8 frames [B, 1 + 4 (f - 1), 8 h, 8 w, 3], one clip at a time."""
-        return decode_latents(self.vae, latents)
+    def decode_latents(self, latents: np.ndarray, tiling: Tiling | None = None) -> np.ndarray:
+        """Normalised latents [B, C, f, h, w] -> uint8 frames [B, 1 + 4 (f - 1), 8 h, 8 w, 3], one clip at a time;
+        `tiling`: in spatial tiles on this rank's device (module `decode_latents` spreads them over a group)."""
+        return decode_latents(self.vae, latents, tiling)
 
     def encode_text(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Captions -> (text [B, L, D], pooled [B, P]) float32, through the embedding cache when there is one."""

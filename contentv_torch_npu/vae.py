@@ -5,7 +5,8 @@ over channels, times sqrt(C) and gamma), per-frame single-head attention, neares
 resampling in which frame 0 stays alone (so F frames <-> 1 + (F - 1) / 4 latent frames). Videos go through in time
 chunks with a `CausalHistory` (encode: frame 0, then 4 frames at a time; decode: one latent frame at a time), so each
 chunk sees exactly the context the whole video gives it, with the memory of one chunk. Decoding can also be tiled
-in space.
+in space, and the tiles spread over the ranks of a process group (time chunks are sequential through the causal
+history; tiles are independent).
 Layout: `[B, C, F, H, W]`; videos are in [-1, 1]. Module attribute names are the canonical parameter names.
 """
 
@@ -16,13 +17,22 @@ from itertools import pairwise
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from contentv_common.checkpoint.hub import vae_folder
 from contentv_common.vae.checkpoint import open_vae_source, write_vae_diffusers
-from contentv_common.vae.chunks import CausalHistory, TilePlan, Tiling, blend_weights, encode_chunks, tile_plan
+from contentv_common.vae.chunks import (
+    CausalHistory,
+    TilePlan,
+    Tiling,
+    blend_weights,
+    encode_chunks,
+    tile_groups,
+    tile_plan,
+)
 from contentv_common.vae.config import RGB, UpBlock, VAEConfig, decoder_blocks, encoder_layers, mid_dim
 from contentv_common.vae.table import vae_table
 from contentv_torch_npu.loading import canonical_tensors, fill_from_source
@@ -249,14 +259,18 @@ class WanVAE(nn.Module):
             return mean
         return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise.to(mean.dtype)
 
-    def decode(self, latents: torch.Tensor, tiling: Tiling | None = None) -> torch.Tensor:
+    def decode(
+        self, latents: torch.Tensor, tiling: Tiling | None = None, group: dist.ProcessGroup | None = None
+    ) -> torch.Tensor:
         """Video `[B, 3, F, H, W]` in [-1, 1] from raw latents `[B, z, f, h, w]` (F = 1 + 4 (f - 1)), one latent
-        frame at a time; `tiling` also splits space into blended tiles. Latent frame 0 alone decodes to frame 0."""
+        frame at a time; `tiling` also splits space into blended tiles. Latent frame 0 alone decodes to frame 0.
+        With `tiling`, the ranks of `group` (every one calling with the same latents) decode the tiles side by side
+        and exchange them: every rank gets the frames one rank decoding the same tiles gives."""
         self.cfg.check_latent_shape(latents.shape)
         latents = latents.to(self.dtype)
         _, _, _, h, w = latents.shape
         plan = None if tiling is None else tile_plan(h, w, tiling, self.cfg.spatial_factor)
-        video = self._decode_frames(latents) if plan is None else self._decode_tiles(latents, plan)
+        video = self._decode_frames(latents) if plan is None else self._decode_tiles(latents, plan, group)
         return video.clamp(-1.0, 1.0)
 
     def _decode_frames(self, latents: torch.Tensor) -> torch.Tensor:
@@ -267,8 +281,26 @@ class WanVAE(nn.Module):
             history = CausalHistory(history.current)
         return torch.cat(frames, dim=2)
 
-    def _decode_tiles(self, latents: torch.Tensor, plan: TilePlan) -> torch.Tensor:
-        rows = [[self._decode_frames(latents[..., r0:r1, c0:c1]) for c0, c1 in plan.cols] for r0, r1 in plan.rows]
+    def _decode_tiles(self, latents: torch.Tensor, plan: TilePlan, group: dist.ProcessGroup | None) -> torch.Tensor:
+        """Each rank decodes its tiles (the k-th of every round of contentv_common.vae.chunks.tile_groups), then every
+        tile is broadcast from the rank that decoded it; then the tiles are blended and cropped."""
+        rank, world = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
+        owners = {spot: k for spots in tile_groups(plan, world) for k, spot in enumerate(spots)}
+        decoded: dict[tuple[int, int], torch.Tensor] = {}
+        for (i, j), owner in owners.items():
+            if owner == rank:
+                (r0, r1), (c0, c1) = plan.rows[i], plan.cols[j]
+                decoded[i, j] = self._decode_frames(latents[..., r0:r1, c0:c1]).contiguous()
+        if group is not None and world > 1:
+            b, _, f, _, _ = latents.shape
+            t, s = self.cfg.temporal_factor, self.cfg.spatial_factor
+            for (i, j), owner in sorted(owners.items()):
+                (r0, r1), (c0, c1) = plan.rows[i], plan.cols[j]
+                if owner != rank:
+                    shape = (b, RGB, 1 + t * (f - 1), (r1 - r0) * s, (c1 - c0) * s)
+                    decoded[i, j] = torch.empty(shape, dtype=latents.dtype, device=latents.device)
+                dist.broadcast(decoded[i, j], src=dist.get_global_rank(group, owner), group=group)
+        rows = [[decoded[i, j] for j in range(len(plan.cols))] for i in range(len(plan.rows))]
         for i, row in enumerate(rows):
             for j, tile in enumerate(row):
                 if i > 0:

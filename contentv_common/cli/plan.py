@@ -10,8 +10,9 @@
 JAX: compiles the real train step of every bucket and one sampling step (cond/uncond pair batched) at the largest
 bucket (a reward recipe, configs/recipes/reward_*.yaml: its update step, kind "reward", contentv_jax.reward.plan),
 and with `--kinds text` SD3.5's text encoders on that bucket's batch of 333-token prompts (the recipe's pipeline
-folder's encoders, or the official full-size CLIP-L/CLIP-G/T5-XXL when the folder is not here), with abstract inputs
-sharded over the recipe's mesh, built from the target's devices: `tpu:<libtpu topology>`
+folder's encoders, or the official full-size CLIP-L/CLIP-G/T5-XXL when the folder is not here), and with `--kinds
+decode` the Wan VAE decode of one clip at that bucket (whole on one device; diffusers' tiles, one per device), with
+abstract inputs sharded over the recipe's mesh, built from the target's devices: `tpu:<libtpu topology>`
 (chips = the product, e.g. v5p:4x4x4 = 64; needs `pip install .[tpu]`) or `cpu:N` fake CPU devices. Prints per-device
 argument, temporary, output and aliased bytes, peak, compile time, model FLOPs and fit; lists parameters left
 replicated. `--blocks N` plans a shallower model for quick checks. `--reuse PLAN.json` lowers every step (seconds)
@@ -52,7 +53,7 @@ from contentv_common.plan.report import GIB, report
 
 ROOT = Path(__file__).resolve().parents[2]
 
-KINDS = ("train", "sample", "text")
+KINDS = ("train", "sample", "text", "decode")
 DEFAULT_KINDS = ("train", "sample")
 SCALE_DOC = ROOT / "docs" / "scale.md"
 
@@ -170,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("jax", "torch"), default="jax")
     parser.add_argument("--blocks", type=int, help="plan this many transformer blocks instead of the model's")
     parser.add_argument(
-        "--kinds", help="steps to plan, comma-separated: train,sample,text (default train,sample; text: the encoders)"
+        "--kinds",
+        help="steps to plan, comma-separated: train,sample,text,decode (default train,sample; text: the text "
+        "encoders; decode: the Wan VAE decode of one clip at the largest bucket, whole and in tiles over the devices)",
     )
     parser.add_argument("--buckets", help="only these bucket names, comma-separated (e.g. 832x480x121)")
     parser.add_argument("--text-tokens", type=int, default=333, help="text tokens per sample (SD3.5: 333)")

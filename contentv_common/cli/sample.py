@@ -61,6 +61,7 @@ from contentv_common.sampling import (
 )
 from contentv_common.text.sd3_prompt import check_text_widths, read_text_configs
 from contentv_common.tiny_models import random_weights
+from contentv_common.vae.chunks import Tiling
 
 
 def pipeline_scheduler(pipeline: Path | None) -> SchedulerSettings:
@@ -108,11 +109,14 @@ def build_encoders(backend: Backend, args: argparse.Namespace):
     return backend.encoders(name, args.encoder_seed, args.dtype, args.device, args.cache_dir)
 
 
-def latent_decoder(encoders, pipeline: Path | None, device: str) -> Callable[[np.ndarray], np.ndarray]:
-    """Normalised latents -> uint8 frames through the encoders' own VAE; SD3's 2D image VAE (an image pipeline, for
-    which the JAX encoders hold no VAE) exists in torch only, so there it decodes in torch."""
+def latent_decoder(
+    encoders, pipeline: Path | None, device: str, tiling: Tiling | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Normalised latents -> uint8 frames through the encoders' own VAE (`tiling`: in spatial tiles, JAX: spread over
+    this process's devices); SD3's 2D image VAE (an image pipeline, for which the JAX encoders hold no VAE) exists in
+    torch only, so there it decodes in torch."""
     if encoders.vae is not None:
-        return encoders.decode_latents
+        return partial(encoders.decode_latents, tiling=tiling)
     from contentv_torch_npu.device import resolve_device
     from contentv_torch_npu.encoders import decode_latents, load_pipeline_vae
 
@@ -193,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32", help="transformer and text-encoder dtype")
     ap.add_argument("--device", default="auto", help="torch device: auto, npu, cuda, cpu")
     ap.add_argument("--cache-dir", type=Path, help="on-disk text-embedding cache")
+    ap.add_argument(
+        "--vae-tiling",
+        action="store_true",
+        help="decode in diffusers' default blended tiles (256 px, stride 192); JAX: one tile per local device at once",
+    )
     ap.add_argument("--fps", type=float, default=24.0)
     ap.add_argument("--out", type=Path, default=Path("samples"), help="output folder for the mp4 files")
     ap.add_argument("--no-progress", action="store_true")
@@ -335,7 +344,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         model = backend.load_transformer(path, args.dtype, args.device, args.attention, mesh)
         if loras:
             backend.merge_loras(model, loras)
-        decode = latent_decoder(encoders, args.pipeline, args.device)
+        decode = latent_decoder(encoders, args.pipeline, args.device, Tiling() if args.vae_tiling else None)
     cfg = model.cfg
     if (cfg.joint_attention_dim, cfg.pooled_projection_dim) != (encoders.text_dim, encoders.pooled_dim):
         ap.error(
@@ -344,6 +353,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         )
     if cfg.pos_embed == "sd3_2d" and args.frames != 1:
         ap.error(f"{path} is an image model (SD3 position table): use --frames 1")
+    if cfg.pos_embed == "sd3_2d" and args.vae_tiling:
+        ap.error("--vae-tiling: an SD3 image pipeline's 2D VAE decodes whole")
     try:
         schedule = pipeline_scheduler(args.pipeline)
     except ConfigError as e:

@@ -108,3 +108,13 @@ def blend_weights(size_a: int, size_b: int, blend: int) -> list[float]:
     """Weights of the incoming tile over the overlap (the previous tile gets 1 - w); diffusers' blend_v / blend_h."""
     extent = min(size_a, size_b, blend)
     return [y / extent for y in range(extent)]
+
+
+def tile_groups(plan: TilePlan, devices: int) -> list[list[tuple[int, int]]]:
+    """The (row, col) tiles in rounds of at most `devices` tiles of one shape (decoded side by side, one per device),
+    in row-major order of each shape's first tile; one device: one tile per round."""
+    shapes: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for i, (r0, r1) in enumerate(plan.rows):
+        for j, (c0, c1) in enumerate(plan.cols):
+            shapes.setdefault((r1 - r0, c1 - c0), []).append((i, j))
+    return [spots[k : k + devices] for spots in shapes.values() for k in range(0, len(spots), devices)]
