@@ -27,7 +27,7 @@ from contentv_common.config.recipe import BucketConfig, Recipe, image_tokens
 from contentv_common.demo import DEMO_VAE
 from contentv_common.dtypes import DTYPES
 from contentv_common.model.flops import text_encoder_flops, transformer_flops
-from contentv_common.plan.report import StepPlan, peak_bytes
+from contentv_common.plan.report import DEFAULT_KINDS, StepPlan, peak_bytes
 from contentv_common.sampling import latent_shape
 from contentv_common.text.encoder_table import SD35_TEXT_CONFIGS
 from contentv_common.text.sd3_prompt import T5_MAX_SEQUENCE_LENGTH, TextConfigs, read_text_configs
@@ -41,8 +41,6 @@ from contentv_jax.text_encoders import planned_encode
 from contentv_jax.train import Trainer, get_trainer
 from contentv_jax.vae import WanVAE, _decode_chunk
 
-KINDS = ("train", "sample", "text", "decode")
-DEFAULT_KINDS = ("train", "sample")  # "text", "decode" (the encoders' and the VAE's own compiles) when asked
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 

@@ -49,12 +49,10 @@ from contentv_common.config.recipe import Recipe, load_recipe, parse_override
 from contentv_common.config.reward import RewardRecipe, is_reward_recipe, load_reward_recipe
 from contentv_common.errors import ConfigError
 from contentv_common.plan import table as plan_table
-from contentv_common.plan.report import GIB, report
+from contentv_common.plan.report import DEFAULT_KINDS, GIB, KINDS, report
 
 ROOT = Path(__file__).resolve().parents[2]
 
-KINDS = ("train", "sample", "text", "decode")
-DEFAULT_KINDS = ("train", "sample")
 SCALE_DOC = ROOT / "docs" / "scale.md"
 
 

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 GIB = 1024**3
+# the steps a plan can compile, and those it compiles unless asked (text, decode: the encoders' and the VAE's own)
+KINDS = ("train", "sample", "text", "decode")
+DEFAULT_KINDS = ("train", "sample")
 
 
 @dataclass(frozen=True)
