@@ -89,12 +89,12 @@ def _prepare(
     """The JAX half of `sample` (contentv_common.sampling.flow_match_sampler): inputs on the mesh (rows of the
     forward over `data`, the latents whole), or without one where the model's weights are, and one guided step."""
     graphdef, state = nnx.split(model)
-    text, pooled, noise = (np.asarray(a, np.float32) for a in (text, pooled, noise))
-    if mesh is None:
+    if mesh is None:  # arrays already on devices stay there (a reward run's batch spans every process's devices)
         where, layout = None, ONE_DEVICE
-        text, pooled, x = jnp.asarray(text), jnp.asarray(pooled), jnp.asarray(noise)
+        text, pooled, x = (jnp.asarray(a, jnp.float32) for a in (text, pooled, noise))
     else:
         where, layout = device_mesh(mesh), mesh
+        text, pooled, noise = (np.asarray(a, np.float32) for a in (text, pooled, noise))
         rows = NamedSharding(where, PartitionSpec("data"))
         text, pooled, x = _put(text, rows), _put(pooled, rows), _put(noise, NamedSharding(where, PartitionSpec()))
     run = denoise_step(graphdef, guided, layout, where)
