@@ -33,15 +33,29 @@ from contentv_jax.vae import WanVAE
 ONE_DEVICE = SampleMesh()
 
 
-def _denoise(graphdef, guided: bool, layout: SampleMesh, state, x, timestep, dt, text, pooled, guidance):
-    """One step: the pair's rows in `layout`'s order (contentv_common.sample_mesh), one forward, guidance, Euler."""
-    model = nnx.merge(graphdef, state)
+def guided_velocity(
+    model: nnx.Module,
+    x: jax.Array,
+    timestep: jax.Array | float,
+    text: jax.Array,
+    pooled: jax.Array,
+    guided: bool,
+    guidance: jax.Array | float,
+    layout: SampleMesh = ONE_DEVICE,
+) -> jax.Array:
+    """The velocity of one sampler step, for every sampler (`sample`, training's in-loop clips, reward rollouts):
+    with guidance, the latents' cond/uncond rows in `layout`'s order (contentv_common.sample_mesh; `text` and
+    `pooled` hold the pair's rows in that order, guidance_batch) in one forward, then guided."""
     inputs = pair_rows(x, x, layout) if guided else x
     timesteps = jnp.full((inputs.shape[0],), timestep, jnp.float32)
     velocity = model(inputs, timesteps, text, pooled).astype(jnp.float32)
-    if guided:
-        velocity = guide(*split_pair(velocity, layout), guidance)
-    return euler_step(x, velocity, dt)
+    return guide(*split_pair(velocity, layout), guidance) if guided else velocity
+
+
+def _denoise(graphdef, guided: bool, layout: SampleMesh, state, x, timestep, dt, text, pooled, guidance):
+    """One Euler step of `guided_velocity`."""
+    model = nnx.merge(graphdef, state)
+    return euler_step(x, guided_velocity(model, x, timestep, text, pooled, guided, guidance, layout), dt)
 
 
 @cache

@@ -449,8 +449,8 @@ def _train(
             waiting = None
             if evaluate:
                 evaluation = trainer.evaluate(state["params"], eval_cache, held_out)
+                clip = _eval_clip(trainer, state["params"], eval_cache, held_out[0])  # every process
                 if writer is not None:
-                    clip = _eval_clip(trainer, state["params"], eval_cache, held_out[0])
                     writer.evaluation(step + 1, evaluation, clip)
             if save:
                 data = {**data_after, "divergence": guard.state()}
@@ -469,18 +469,29 @@ def write_adapters(recipe: Recipe, trainer: Trainer, state: dict[str, Any]) -> N
         write_adapter_file(recipe.checkpoint.dir, adapters, recipe.lora)
 
 
+def clip_latents(trainer: Trainer, params: dict[str, Any], inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The latents of an in-loop clip (`eval_clip_inputs`, one copy per data x fsdp shard), drawn by every process
+    together with the sampler (contentv_jax.sampling.sample) on the training mesh, the model sharded as it trains."""
+    from contentv_jax.reward.mesh import device_batch
+    from contentv_jax.sampling import sample
+
+    model = trainer.model(params)
+    return sample(model, **device_batch(inputs, trainer.mesh), progress=False, **EVAL_CLIP)[:1]
+
+
 def _eval_clip(trainer: Trainer, params: dict[str, Any], cache: LatentCache, index: int) -> np.ndarray | None:
-    """A clip sampled for held-out sample `index`'s caption as a frame strip, when the cache was built with the demo
-    encoders (whose VAE is on disk); None otherwise."""
+    """A clip sampled for held-out sample `index`'s caption (every process: `clip_latents`) when the cache was built
+    with the demo encoders (whose VAE is on disk), decoded into a frame strip by process 0 (None elsewhere, or
+    without the demo encoders)."""
     if trainer.recipe.data.encoders != "demo":
         return None
     from contentv_common.demo import DEMO_VAE
-    from contentv_jax.sampling import decode_latents, sample
+    from contentv_jax.sampling import decode_latents
     from contentv_jax.vae import load_vae
 
-    inputs = eval_clip_inputs(cache, index, trainer.recipe.seed)
-    latents = sample(trainer.model(params), **inputs, progress=False, **EVAL_CLIP)
-    return frame_strip(decode_latents(load_vae(DEMO_VAE), latents)[0])
+    copies = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
+    latents = clip_latents(trainer, params, eval_clip_inputs(cache, index, trainer.recipe.seed, copies))
+    return frame_strip(decode_latents(load_vae(DEMO_VAE), latents)[0]) if multihost.is_primary() else None
 
 
 def initial_params(recipe: Recipe, mesh: Mesh | None = None) -> dict[str, Any] | None:

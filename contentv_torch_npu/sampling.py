@@ -22,6 +22,8 @@ from contentv_common.sampling import StepFn, euler_step, flow_match_sampler, gui
 from contentv_torch_npu.distributed import Topology, enable_sequence_parallel, init_distributed
 from contentv_torch_npu.loading import load_transformer
 
+ONE_DEVICE = SampleMesh()
+
 
 @cache
 def topology(device: str, mesh: SampleMesh) -> Topology:
@@ -39,11 +41,13 @@ def load_sampling_transformer(path: Path, dtype: torch.dtype, device: str, mesh:
     return model
 
 
-def _shard_rows(mesh: SampleMesh | None) -> tuple[int, int]:
-    """(this rank's data shard, the number of shards) of the forward's rows: (0, 1) on one device."""
-    if mesh is None or mesh.devices == 1:
-        return 0, 1
-    return dist.get_rank() // mesh.sequence, mesh.cfg * mesh.data
+def shard_rows(rows: int, layout: SampleMesh) -> slice:
+    """This rank's data shard of a forward's `rows` (all of them on one device): shard `rank // sequence` of the
+    `data x cfg` shards."""
+    if layout.devices == 1:
+        return slice(None)
+    shard, shards = dist.get_rank() // layout.sequence, layout.cfg * layout.data
+    return slice(shard * rows // shards, (shard + 1) * rows // shards)
 
 
 def _gather_rows(rows: torch.Tensor, mesh: SampleMesh) -> torch.Tensor:
@@ -51,6 +55,29 @@ def _gather_rows(rows: torch.Tensor, mesh: SampleMesh) -> torch.Tensor:
     out = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
     dist.all_gather(out, rows.contiguous())
     return torch.cat(out[:: mesh.sequence])
+
+
+def guided_velocity(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    timestep: float,
+    text: torch.Tensor,
+    pooled: torch.Tensor,
+    guided: bool,
+    guidance: float,
+    layout: SampleMesh = ONE_DEVICE,
+) -> torch.Tensor:
+    """The velocity of one sampler step, for every sampler (`sample`, training's in-loop clips, reward rollouts):
+    with guidance, the latents' cond/uncond rows in `layout`'s order (contentv_common.sample_mesh), this rank's data
+    shard of them (`text`, `pooled`: the shard's rows, `shard_rows`) in one forward, every shard's velocities
+    gathered, then guided."""
+    rows = pair_rows(x, x, layout) if guided else x
+    inputs = rows[shard_rows(len(rows), layout)]
+    timesteps = torch.full((inputs.shape[0],), float(timestep), device=x.device)
+    velocity = model(inputs, timesteps, text, pooled).float()
+    if layout.devices > 1 and layout.data * layout.cfg > 1:
+        velocity = _gather_rows(velocity, layout)
+    return guide(*split_pair(velocity, layout), guidance) if guided else velocity
 
 
 def _prepare(
@@ -64,22 +91,16 @@ def _prepare(
 ) -> tuple[torch.Tensor, StepFn]:
     """The torch half of `sample` (contentv_common.sampling.flow_match_sampler): this rank's rows of the forward
     on the model's device, and one guided Euler step on the whole latents."""
-    layout = mesh or SampleMesh()
+    layout = mesh or ONE_DEVICE
     device = next(model.parameters()).device
-    shard, shards = _shard_rows(mesh)
-    mine = slice(shard * len(text) // shards, (shard + 1) * len(text) // shards)
+    mine = shard_rows(len(text), layout)
     text = torch.as_tensor(np.asarray(text[mine], np.float32), device=device)
     pooled = torch.as_tensor(np.asarray(pooled[mine], np.float32), device=device)
 
     def step(x: torch.Tensor, timestep: np.float32, dt: np.float32) -> torch.Tensor:
-        inputs = (pair_rows(x, x, layout) if guided else x)[mine]
-        timesteps = torch.full((inputs.shape[0],), float(timestep), device=device)
-        velocity = model(inputs, timesteps, text, pooled).float()
-        if shards > 1:
-            velocity = _gather_rows(velocity, layout)
-        if guided:
-            velocity = guide(*split_pair(velocity, layout), guidance)
-        return euler_step(x, velocity, float(dt))
+        return euler_step(
+            x, guided_velocity(model, x, float(timestep), text, pooled, guided, guidance, layout), float(dt)
+        )
 
     return torch.as_tensor(np.asarray(noise, np.float32), device=device), step
 

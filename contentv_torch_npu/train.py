@@ -36,6 +36,7 @@ from contentv_common.data.cache import Encoders, LatentCache
 from contentv_common.errors import TrainingStopped
 from contentv_common.lora.training import initial_adapters
 from contentv_common.prefetch import Prefetcher
+from contentv_common.sample_mesh import SampleMesh
 from contentv_common.training.divergence import DivergenceGuard
 from contentv_common.training.evaluation import EVAL_CLIP, eval_batch, eval_clip_inputs, frame_strip
 from contentv_common.training.metrics import MetricsWriter
@@ -183,16 +184,27 @@ def build_model(recipe: Recipe | RewardRecipe, topo: Topology, ops: str = "auto"
     return shard_model(model, topo.shard_mesh) if topo.world > 1 else model
 
 
-def _eval_clip(model: torch.nn.Module, cache: LatentCache, index: int, recipe: Recipe) -> np.ndarray | None:
-    """A clip sampled for held-out sample `index`'s caption as a frame strip, with the demo encoders (the VAE on
-    disk), on a single process; None otherwise."""
+def clip_latents(model: torch.nn.Module, inputs: dict[str, np.ndarray], topo: Topology) -> np.ndarray:
+    """The latents of an in-loop clip (`eval_clip_inputs`, one copy per data-parallel group), drawn by every rank
+    together with the sampler (contentv_torch_npu.sampling.sample) on a sampling mesh laid out as training's ranks
+    (data = the data-parallel groups, Ulysses over each sequence group), the model sharded as it trains."""
+    from contentv_torch_npu.sampling import sample
+
+    layout = SampleMesh(data=topo.dp, sequence=topo.sp)
+    return sample(model, **inputs, progress=False, mesh=layout, **EVAL_CLIP)[:1]
+
+
+def _eval_clip(
+    model: torch.nn.Module, cache: LatentCache, index: int, recipe: Recipe, topo: Topology
+) -> np.ndarray | None:
+    """A clip sampled for held-out sample `index`'s caption (every rank: `clip_latents`) with the demo encoders (the
+    VAE on disk), decoded into a frame strip by rank 0 (None elsewhere, or without the demo encoders)."""
     if recipe.data.encoders != "demo":
         return None
     from contentv_torch_npu.encoders import demo_encoders
-    from contentv_torch_npu.sampling import sample
 
-    latents = sample(model, **eval_clip_inputs(cache, index, recipe.seed), progress=False, **EVAL_CLIP)
-    return frame_strip(demo_encoders(_device(model)).decode_latents(latents)[0])
+    latents = clip_latents(model, eval_clip_inputs(cache, index, recipe.seed, copies=topo.dp), topo)
+    return frame_strip(demo_encoders(_device(model)).decode_latents(latents)[0]) if topo.is_main else None
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -339,7 +351,7 @@ def _run(
             waiting = None
             if evaluating:
                 evaluation = evaluate(model, cache, held_out, recipe, topo.device)
-                clip = _eval_clip(model, cache, held_out[0], recipe) if topo.world == 1 else None
+                clip = _eval_clip(model, cache, held_out[0], recipe, topo)  # every rank
                 if topo.is_main:
                     writer.evaluation(step, evaluation, clip)
             if checkpoint:

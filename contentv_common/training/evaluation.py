@@ -32,17 +32,19 @@ def eval_batch(cache: LatentCache, index: int, timesteps: tuple[float, ...], see
 EVAL_CLIP = {"steps": 10, "guidance": 3.0, "shift": 3.0}  # a quick look, not the demo's final samples
 
 
-def eval_clip_inputs(cache: LatentCache, index: int, seed: int) -> dict[str, np.ndarray]:
+def eval_clip_inputs(cache: LatentCache, index: int, seed: int, copies: int = 1) -> dict[str, np.ndarray]:
     """What a validation clip of held-out sample `index` starts from: seeded noise of its latent shape, its cached
-    caption embedding and the empty prompt's (the unconditional branch of guidance)."""
+    caption embedding and the empty prompt's (the unconditional branch of guidance); `copies` rows of each, so that
+    every data-parallel group of a mesh draws the same clip (the first row is the clip)."""
     sample = cache.sample(index)
-    return {
+    rows = {
         "noise": draw_noise(seed, (1, *sample["latents"].shape)),
         "text": sample["text"][None],
         "pooled": sample["pooled"][None],
         "neg_text": cache.empty_text[None],
         "neg_pooled": cache.empty_pooled[None],
     }
+    return {k: np.repeat(v, copies, axis=0) for k, v in rows.items()}
 
 
 def frame_strip(*videos: np.ndarray, gap: int = 2) -> np.ndarray:

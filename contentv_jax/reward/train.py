@@ -29,12 +29,13 @@ from contentv_common.config.reward import GrpoConfig, ReflConfig, RewardRecipe, 
 from contentv_common.reward.models import BlackBoxReward, Reward, group_advantages, per_video, score_black_box, to_uint8
 from contentv_common.reward.run import uses_anchor, uses_ema_anchor
 from contentv_common.reward.sde import gaussian_kl, gaussian_log_prob, sde_mean, sde_schedule
-from contentv_common.sampling import euler_step, flow_match_schedule, guide, uses_guidance
+from contentv_common.sampling import euler_step, flow_match_schedule, guidance_batch
 from contentv_common.training.divergence import DivergenceGuard
 from contentv_common.training.schedules import interpolate, velocity_target
 from contentv_jax.lora import trained_filter
 from contentv_jax.multihost import to_host
 from contentv_jax.optim import ema, keep_if_bad
+from contentv_jax.sampling import guided_velocity
 from contentv_jax.train import get_trainer, initial_params, step_layout
 from contentv_jax.vae import WanVAE
 
@@ -45,21 +46,12 @@ Batch = dict[str, Any]
 
 
 def velocity(model: nnx.Module, x: jax.Array, timestep: float, batch: Batch, guidance: float) -> jax.Array:
-    """The (guided) velocity at one sampler step; uncond and cond share one forward, uncond first (diffusers)."""
-    guided = uses_guidance(guidance)
-    text, pooled = batch["text"], batch["pooled"]
-    if guided:
-        x_in = jnp.concatenate([x, x])
-        text = jnp.concatenate([batch["neg_text"], text])
-        pooled = jnp.concatenate([batch["neg_pooled"], pooled])
-    else:
-        x_in = x
-    t = jnp.full((x_in.shape[0],), timestep, jnp.float32)
-    v = model(x_in, t, text, pooled).astype(jnp.float32)
-    if guided:
-        uncond, cond = jnp.split(v, 2)
-        v = guide(uncond, cond, guidance)
-    return v
+    """The sampler's (guided) velocity at one step (contentv_jax.sampling.guided_velocity): the cond/uncond pair in
+    one forward, uncond first as diffusers."""
+    text, pooled, guided = guidance_batch(
+        batch["text"], batch["pooled"], batch.get("neg_text"), batch.get("neg_pooled"), guidance
+    )
+    return guided_velocity(model, x, timestep, text, pooled, guided, guidance)
 
 
 class VaeFirstFrameDecoder(nnx.Module):

@@ -30,12 +30,13 @@ from contentv_common.config.recipe import OptimizerConfig
 from contentv_common.config.reward import GrpoConfig, ReflConfig, RolloutConfig
 from contentv_common.reward.models import BlackBoxReward, Reward, group_advantages, per_video, score_black_box, to_uint8
 from contentv_common.reward.sde import gaussian_kl, gaussian_log_prob, sde_mean, sde_schedule
-from contentv_common.sampling import euler_step, flow_match_schedule, guide, uses_guidance
+from contentv_common.sampling import euler_step, flow_match_schedule, guidance_batch
 from contentv_common.training.divergence import DivergenceGuard
 from contentv_common.training.optim import learning_rate
 from contentv_common.training.schedules import interpolate, velocity_target
 from contentv_torch_npu.distributed import Topology
 from contentv_torch_npu.optim import apply_update, global_grad_norm, step_ok, updates_done
+from contentv_torch_npu.sampling import guided_velocity
 from contentv_torch_npu.vae import WanVAE
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
@@ -72,20 +73,12 @@ def mean_over_groups(metrics: dict[str, torch.Tensor], topo: Topology) -> dict[s
 
 
 def velocity(model: torch.nn.Module, x: torch.Tensor, timestep: float, batch: Batch, guidance: float) -> torch.Tensor:
-    """The (guided) velocity at one sampler step; uncond and cond share one forward, uncond first (diffusers)."""
-    guided = uses_guidance(guidance)
-    text, pooled = batch["text"], batch["pooled"]
-    if guided:
-        x_in = torch.cat([x, x])
-        text, pooled = torch.cat([batch["neg_text"], text]), torch.cat([batch["neg_pooled"], pooled])
-    else:
-        x_in = x
-    t = torch.full((x_in.shape[0],), float(timestep), device=x.device)
-    v = model(x_in, t, text, pooled).float()
-    if guided:
-        uncond, cond = v.chunk(2)
-        v = guide(uncond, cond, guidance)
-    return v
+    """The sampler's (guided) velocity at one step (contentv_torch_npu.sampling.guided_velocity) on this rank's rows:
+    the cond/uncond pair in one forward, uncond first as diffusers."""
+    text, pooled, guided = guidance_batch(
+        batch["text"], batch["pooled"], batch.get("neg_text"), batch.get("neg_pooled"), guidance
+    )
+    return guided_velocity(model, x, float(timestep), text, pooled, guided, guidance)
 
 
 class VaeFirstFrameDecoder(torch.nn.Module):

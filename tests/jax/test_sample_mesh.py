@@ -1,6 +1,7 @@
 """The sampling mesh (`tools/sample.py --mesh data=D,sequence=S,cfg=C`) on 8 fake CPU devices: the weights placed as
 training places them, the guidance pair's rows on their data shards, every device used. (The final latents equal one
-device's: tests/e2e/test_sample_cli.py, through the CLI.)"""
+device's: tests/e2e/test_sample_cli.py, through the CLI.) Training's in-loop clip runs the same sampler on the
+training mesh and draws one device's clip."""
 
 import jax
 import jax.numpy as jnp
@@ -49,3 +50,28 @@ def test_mesh_must_use_every_device():
     assert groups.owners == (0, 0, 0, 0) and groups.together and groups.sampled == [0, 1, 2, 3]
     assert groups.written == [0, 1, 2, 3]
     assert jax.device_count() == 8
+
+
+def test_the_in_loop_clip_on_the_training_mesh_is_one_device_clip(tmp_path, rel_err):
+    from contentv_common.config.model import from_dict
+    from contentv_common.config.recipe import MeshConfig, Recipe
+    from contentv_jax.sharding import make_mesh
+    from contentv_jax.train import clip_latents, get_trainer
+    from tests.narrow_model import POOLED, TEXT, WIDTH
+
+    data = {"manifest": str(tmp_path / "m.jsonl"), "cache_dir": str(tmp_path / "cache"),
+            "buckets": [{"width": 64, "height": 64, "frames": 5, "batch_size": 2}]}  # fmt: skip
+    recipe = from_dict(Recipe, {"model": NARROW, "data": data, "checkpoint": {"dir": str(tmp_path / "ckpt")},
+                                "steps": 1, "compute_dtype": "float32", "attention": "xla"})  # fmt: skip
+    rng = np.random.default_rng(0)
+    shapes = {"noise": (1, 16, 2, 8, 8), "text": (1, TEXT, WIDTH), "pooled": (1, POOLED)}
+    shapes |= {"neg_text": shapes["text"], "neg_pooled": shapes["pooled"]}
+    inputs = {k: rng.standard_normal(v, dtype=np.float32) for k, v in shapes.items()}
+    one = get_trainer(recipe, make_mesh(MeshConfig(), jax.devices()[:1]))
+    params = jax.tree.map(lambda a: 0.05 * rng.standard_normal(a.shape, dtype=np.float32), one.init_state()["params"])
+    ref = clip_latents(one, jax.device_put(params, one.param_shardings), inputs)
+    assert rel_err(ref, inputs["noise"]) > 0.1, "the steps changed the latents"
+    trainer = get_trainer(recipe, make_mesh(MeshConfig(data=2, fsdp=2, sequence=2), jax.devices()))
+    copies = {k: np.repeat(v, 4, axis=0) for k, v in inputs.items()}  # one per data x fsdp shard
+    got = clip_latents(trainer, jax.device_put(params, trainer.param_shardings), copies)
+    assert rel_err(got, ref) < 1e-5, rel_err(got, ref)
