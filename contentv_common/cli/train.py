@@ -9,7 +9,9 @@ latents and text embeddings with the demo encoders (configs/demo_vae + word embe
 writes a loss-curve PNG and samples the four demo prompts into `<run>/samples/` beside a strip image.
 Logs go to `<log_dir>/metrics.jsonl` and TensorBoard; multi-stage recipes run their stages in order.
 Several processes (JAX: jax.distributed, see contentv_jax.multihost and tools/launch_local.py; torch: torchrun) run
-the same command; process / rank 0 alone builds the data cache, writes the logs and samples the demo clip.
+the same command; process / rank 0 alone builds the data cache, writes the logs and samples the demo clips after
+training, while the in-loop clips of the held-out evaluation are drawn by every process together (the sampler on the
+training mesh).
 """
 
 from __future__ import annotations
