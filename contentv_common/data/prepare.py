@@ -37,6 +37,11 @@ def check_encoder_widths(name: str, cfg: ModelConfig) -> None:
         check_text_widths(read_text_configs(name), name, cfg.joint_attention_dim, cfg.pooled_projection_dim)
 
 
+def eval_prompt_list(recipe: Recipe) -> tuple[str, ...]:
+    """The recipe's `eval.prompts` (a reward recipe, whose SFT data this module also prepares, has none)."""
+    return recipe.eval.prompts if isinstance(recipe, Recipe) else ()
+
+
 def prepare_data(recipe: Recipe, progress: bool = True, backend: Backend | None = None) -> None:
     """Make sure the cache matches the recipe: generate the synthetic set if the manifest is missing and it is the
     demo's, then (re)build the latent/text cache when its settings differ, with the backend's encoders (default:
@@ -71,7 +76,7 @@ def prepare_data(recipe: Recipe, progress: bool = True, backend: Backend | None 
             encoders_name=data.encoders,
             progress=progress,
         )
-    prompts = recipe.eval.prompts
+    prompts = eval_prompt_list(recipe)
     if prompts and not eval_prompts_current(data.cache_dir, prompts):
         write_eval_prompts(data.cache_dir, prompts, get_encoders())
     index = read_index(data.cache_dir)
@@ -99,7 +104,7 @@ def prepare_data_once(recipe: Recipe, backend: Backend, primary: bool, progress:
         prepare_data(recipe, progress, backend)
     backend.barrier("data")
     settings = cache_settings(recipe.data.manifest, list(recipe.data.buckets), recipe.data.fps, recipe.data.encoders)
-    prompts = recipe.eval.prompts
+    prompts = eval_prompt_list(recipe)
     while not cache_is_current(recipe.data.cache_dir, settings) or (
         prompts and not eval_prompts_current(recipe.data.cache_dir, prompts)
     ):

@@ -12,8 +12,10 @@ from PIL import Image
 from contentv_common.backend import get
 from contentv_common.checkpoint.formats import write_torch
 from contentv_common.config.recipe import load_recipe
+from contentv_common.data.cache import EVAL_PROMPTS, eval_prompts_current, read_eval_prompts
 from contentv_common.data.prepare import prepare_data
 from contentv_common.data.synthetic import make_synthetic_set
+from contentv_common.errors import DataError
 from contentv_common.tiny_models import random_weights
 from contentv_common.training.demo import DEMO_PROMPTS
 from contentv_common.training.evaluation import eval_scorers, score_clips
@@ -56,7 +58,11 @@ def test_both_backends_log_the_metrics_of_the_prompts_clips(tmp_path):
     write_torch(tmp_path / "transformer", cfg, iter(random_weights(get("jax").transformer_shapes(cfg), 1).items()))
     prepare_data(recipe, progress=False, backend=get("jax"))  # the cache and the prompts' embeddings, demo encoders
     run_jax(recipe, progress=False)
+    with pytest.raises(DataError, match="eval.prompts: .* does not hold these prompts"):
+        read_eval_prompts(tmp_path / "cache", PROMPTS[::-1])
+    (tmp_path / "cache" / EVAL_PROMPTS).unlink()  # the torch run encodes them again, with its own demo encoders
     run_torch(_recipe(tmp_path, "torch"), device="cpu", progress=False)
+    assert eval_prompts_current(tmp_path / "cache", PROMPTS)
     jax_record, jax_clips = _logged(tmp_path, "jax")
     torch_record, torch_clips = _logged(tmp_path, "torch")
     metrics = {"temporal_flickering", "caption_colour", "caption_direction"}
