@@ -402,8 +402,9 @@ def _train(
     loader = make_loader(recipe, data_state, multihost.batch_shards(trainer.mesh))
     eval_cache = LatentCache(recipe.data.cache_dir, list(recipe.data.buckets)) if recipe.eval.interval else None
     held_out = eval_cache.hold_out(recipe.eval.samples, recipe.seed) if eval_cache else []
-    prompts = eval_prompts(eval_cache, recipe.data.buckets, recipe.eval.prompts, recipe.seed) if (
-        eval_cache and recipe.eval.prompts) else None  # fmt: skip
+    prompts = None
+    if eval_cache is not None and recipe.eval.prompts:
+        prompts = eval_prompts(eval_cache, recipe.data.buckets, recipe.eval.prompts, recipe.seed)
     writer = MetricsWriter(recipe.log_dir, recipe.log_interval) if jax.process_index() == 0 else None
     decode, scorers = _eval_tools(recipe) if prompts is not None and writer is not None else (None, {})
     start = int(state["step"])
