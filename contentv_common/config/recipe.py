@@ -292,8 +292,9 @@ class Recipe:
         names = [s.name for s in self.stages]
         _check(len(set(names)) == len(names), "stages", f"stage names must be unique, got {names}")
         check_buckets_on_mesh(self.data.buckets, self.mesh, self.model_config.patch_size)
-        videos = any(b.frames > 1 for b in self.data.buckets)
-        _check(videos or not self.eval.prompts, "eval.prompts", "sampled at the first video bucket's size: none given")
+        no_video = not any(b.frames > 1 for b in self.data.buckets)
+        why = "sampled at the first video bucket's size, and data.buckets has no video bucket (frames > 1)"
+        _check(not (self.eval.prompts and no_video), "eval.prompts", why)
         if self.lora is not None and self.lora.base_dtype == "bfloat16":
             _check(self.compute_dtype == "bfloat16", "lora.base_dtype", "bfloat16 needs compute_dtype: bfloat16")
 
