@@ -34,7 +34,16 @@ from contentv_common.lora.training import write_adapter_file
 from contentv_common.prefetch import Prefetcher
 from contentv_common.reward.run import optimizer_updates
 from contentv_common.training.divergence import DivergenceGuard
-from contentv_common.training.evaluation import EVAL_CLIP, eval_batch, eval_clip_inputs, frame_strip
+from contentv_common.training.evaluation import (
+    EVAL_CLIP,
+    EvalPrompts,
+    eval_batch,
+    eval_clip_inputs,
+    eval_prompts,
+    eval_scorers,
+    frame_strip,
+    score_clips,
+)
 from contentv_common.training.metrics import MetricsWriter
 from contentv_common.training.optim import learning_rate
 from contentv_common.training.run_result import RunResult
@@ -393,7 +402,11 @@ def _train(
     loader = make_loader(recipe, data_state, multihost.batch_shards(trainer.mesh))
     eval_cache = LatentCache(recipe.data.cache_dir, list(recipe.data.buckets)) if recipe.eval.interval else None
     held_out = eval_cache.hold_out(recipe.eval.samples, recipe.seed) if eval_cache else []
+    prompts = None
+    if eval_cache is not None and recipe.eval.prompts:
+        prompts = eval_prompts(eval_cache, recipe.data.buckets, recipe.eval.prompts, recipe.seed)
     writer = MetricsWriter(recipe.log_dir, recipe.log_interval) if jax.process_index() == 0 else None
+    decode, scorers = _eval_tools(recipe) if prompts is not None and writer is not None else (None, {})
     start = int(state["step"])
     end = recipe.steps if stop_after is None else min(stop_after, recipe.steps)
     losses, skipped = {}, []
@@ -449,9 +462,14 @@ def _train(
             waiting = None
             if evaluate:
                 evaluation = trainer.evaluate(state["params"], eval_cache, held_out)
-                clip = _eval_clip(trainer, state["params"], eval_cache, held_out[0])  # every process
+                # every process; the prompts' clips, when there are some, stand in for the held-out sample's
+                clip = _eval_clip(trainer, state["params"], eval_cache, held_out[0]) if prompts is None else None
                 if writer is not None:
                     writer.evaluation(step + 1, evaluation, clip)
+                if prompts is not None:
+                    videos = _eval_samples(trainer, state["params"], prompts, decode)  # every process
+                    if writer is not None and videos is not None:
+                        writer.eval_samples(step + 1, score_clips(videos, prompts.prompts, scorers), videos)
             if save:
                 data = {**data_after, "divergence": guard.state()}
                 ckpt.save(step + 1, trainer.checkpointed(state), data, pin_before=guard.first_bad_step)
@@ -469,14 +487,46 @@ def write_adapters(recipe: Recipe, trainer: Trainer, state: dict[str, Any]) -> N
         write_adapter_file(recipe.checkpoint.dir, adapters, recipe.lora)
 
 
-def clip_latents(trainer: Trainer, params: dict[str, Any], inputs: dict[str, np.ndarray]) -> np.ndarray:
-    """The latents of an in-loop clip (`eval_clip_inputs`, one copy per data x fsdp shard), drawn by every process
-    together with the sampler (contentv_jax.sampling.sample) on the training mesh, the model sharded as it trains."""
+def clip_latents(trainer: Trainer, params: dict[str, Any], inputs: dict[str, np.ndarray], rows: int = 1) -> np.ndarray:
+    """The latents of the first `rows` in-loop clips (`eval_clip_inputs` or `EvalPrompts.inputs`: rows padded to a
+    multiple of the data x fsdp shards), drawn by every process together with the sampler
+    (contentv_jax.sampling.sample) on the training mesh, the model sharded as it trains."""
     from contentv_jax.reward.mesh import device_batch
     from contentv_jax.sampling import sample
 
     model = trainer.model(params)
-    return sample(model, **device_batch(inputs, trainer.mesh), progress=False, **EVAL_CLIP)[:1]
+    return sample(model, **device_batch(inputs, trainer.mesh), progress=False, **EVAL_CLIP)[:rows]
+
+
+def _eval_tools(recipe: Recipe) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
+    """Process 0's decoder of `eval.prompts`' clips (the VAE of the data's encoders: the demo's, the tiny random one
+    of the recipe's seed or a pipeline folder's vae/) and their metrics' scorers (`eval_scorers`; CLIP's with
+    `eval.clip`)."""
+    from functools import partial
+
+    from contentv_common.demo import DEMO_VAE
+    from contentv_jax.encoders import tiny_vae
+    from contentv_jax.sampling import decode_latents
+    from contentv_jax.vae import load_vae
+
+    name = recipe.data.encoders
+    vae = tiny_vae(recipe.seed) if name == "tiny" else load_vae(DEMO_VAE if name == "demo" else Path(name) / "vae")
+    clip = None
+    if recipe.eval.clip is not None:
+        from contentv_jax.reward.clip import ClipEmbeddings
+
+        clip = ClipEmbeddings(recipe.eval.clip)
+    return partial(decode_latents, vae), eval_scorers(recipe.eval.prompts, clip)
+
+
+def _eval_samples(
+    trainer: Trainer, params: dict[str, Any], prompts: EvalPrompts, decode: Callable[[np.ndarray], np.ndarray] | None
+) -> np.ndarray | None:
+    """The clips of `eval.prompts` (every process: `clip_latents`), decoded by process 0 into uint8 [N, F, H, W, 3]
+    (None elsewhere)."""
+    shards = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
+    latents = clip_latents(trainer, params, prompts.inputs(shards), len(prompts.prompts))
+    return decode(latents) if decode is not None else None
 
 
 def _eval_clip(trainer: Trainer, params: dict[str, Any], cache: LatentCache, index: int) -> np.ndarray | None:

@@ -16,7 +16,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from contentv_common.config.recipe import DataConfig
 from contentv_common.data.buckets import BucketBatchSampler, host_slice
-from contentv_common.data.cache import Encoders, LatentCache, build_cache, cache_is_current, cache_settings
+from contentv_common.data.cache import (
+    Encoders,
+    LatentCache,
+    build_cache,
+    cache_is_current,
+    cache_settings,
+    eval_prompts_current,
+    write_eval_prompts,
+)
 
 
 class GlobalBatches(Sampler):
@@ -73,20 +81,33 @@ def make_loader(cache: LatentCache, data: DataConfig, seed: int, start: int, dp_
     )
 
 
-def open_cache(data: DataConfig, encoders: Encoders | None, *, build: bool, progress: bool = True) -> LatentCache:
-    """The recipe's latent cache, (re)built first when `build` and its settings are stale.
+def open_cache(
+    data: DataConfig,
+    encoders: Encoders | None,
+    *,
+    build: bool,
+    progress: bool = True,
+    prompts: tuple[str, ...] = (),
+    seed: int = 0,
+) -> LatentCache:
+    """The recipe's latent cache, (re)built first when `build` and its settings are stale, with the embeddings of
+    `prompts` (a recipe's `eval.prompts`) beside it.
 
-    `encoders` defaults to `data.encoders`: "tiny" (random tiny encoders), "demo" or a local diffusers pipeline folder.
-    Only one process should pass `build=True` (the others wait at a barrier, then open it).
+    `encoders` defaults to `data.encoders`: "tiny" (random tiny encoders of `seed`), "demo" or a local diffusers
+    pipeline folder. Only one process should pass `build=True` (the others wait at a barrier, then open it).
     """
     buckets = list(data.buckets)
     settings = cache_settings(data.manifest, buckets, data.fps, data.encoders)
-    if build and not cache_is_current(data.cache_dir, settings):
+    stale = not cache_is_current(data.cache_dir, settings)
+    if build and (stale or (prompts and not eval_prompts_current(data.cache_dir, prompts))):
         if encoders is None:
             from contentv_torch_npu.encoders import named_encoders
 
-            encoders = named_encoders(data.encoders)
-        build_cache(data.manifest, data.cache_dir, encoders, buckets, data.fps, data.encoders, progress=progress)
+            encoders = named_encoders(data.encoders, seed)
+        if stale:
+            build_cache(data.manifest, data.cache_dir, encoders, buckets, data.fps, data.encoders, progress=progress)
+        if prompts:
+            write_eval_prompts(data.cache_dir, prompts, encoders)
     return LatentCache(data.cache_dir, buckets)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,16 @@ from contentv_common.lora.training import initial_adapters
 from contentv_common.prefetch import Prefetcher
 from contentv_common.sample_mesh import SampleMesh
 from contentv_common.training.divergence import DivergenceGuard
-from contentv_common.training.evaluation import EVAL_CLIP, eval_batch, eval_clip_inputs, frame_strip
+from contentv_common.training.evaluation import (
+    EVAL_CLIP,
+    EvalPrompts,
+    eval_batch,
+    eval_clip_inputs,
+    eval_prompts,
+    eval_scorers,
+    frame_strip,
+    score_clips,
+)
 from contentv_common.training.metrics import MetricsWriter
 from contentv_common.training.optim import learning_rate
 from contentv_common.training.run_result import RunResult
@@ -184,14 +194,47 @@ def build_model(recipe: Recipe | RewardRecipe, topo: Topology, ops: str = "auto"
     return shard_model(model, topo.shard_mesh) if topo.world > 1 else model
 
 
-def clip_latents(model: torch.nn.Module, inputs: dict[str, np.ndarray], topo: Topology) -> np.ndarray:
-    """The latents of an in-loop clip (`eval_clip_inputs`, one copy per data-parallel group), drawn by every rank
-    together with the sampler (contentv_torch_npu.sampling.sample) on a sampling mesh laid out as training's ranks
-    (data = the data-parallel groups, Ulysses over each sequence group), the model sharded as it trains."""
+def clip_latents(model: torch.nn.Module, inputs: dict[str, np.ndarray], topo: Topology, rows: int = 1) -> np.ndarray:
+    """The latents of the first `rows` in-loop clips (`eval_clip_inputs` or `EvalPrompts.inputs`: rows padded to a
+    multiple of the data-parallel groups), drawn by every rank together with the sampler
+    (contentv_torch_npu.sampling.sample) on a sampling mesh laid out as training's ranks (data = the data-parallel
+    groups, Ulysses over each sequence group), the model sharded as it trains."""
     from contentv_torch_npu.sampling import sample
 
     layout = SampleMesh(data=topo.dp, sequence=topo.sp)
-    return sample(model, **inputs, progress=False, mesh=layout, **EVAL_CLIP)[:1]
+    return sample(model, **inputs, progress=False, mesh=layout, **EVAL_CLIP)[:rows]
+
+
+def _eval_tools(recipe: Recipe, device: torch.device) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
+    """Rank 0's decoder of `eval.prompts`' clips (the VAE of the data's encoders: the demo's, the tiny random one of
+    the recipe's seed or a pipeline folder's vae/) and their metrics' scorers (`eval_scorers`; CLIP's with
+    `eval.clip`)."""
+    from functools import partial
+
+    from contentv_common.demo import DEMO_VAE
+    from contentv_torch_npu.encoders import decode_latents, load_pipeline_vae, tiny_vae
+    from contentv_torch_npu.vae import load_vae
+
+    name = recipe.data.encoders
+    if name in ("tiny", "demo"):
+        vae = tiny_vae(recipe.seed).to(device) if name == "tiny" else load_vae(DEMO_VAE, device=device)
+    else:
+        vae = load_pipeline_vae(Path(name) / "vae", device)
+    clip = None
+    if recipe.eval.clip is not None:
+        from contentv_torch_npu.reward.clip import ClipEmbeddings
+
+        clip = ClipEmbeddings(recipe.eval.clip, device)
+    return partial(decode_latents, vae), eval_scorers(recipe.eval.prompts, clip)
+
+
+def _eval_samples(
+    model: torch.nn.Module, prompts: EvalPrompts, topo: Topology, decode: Callable[[np.ndarray], np.ndarray] | None
+) -> np.ndarray | None:
+    """The clips of `eval.prompts` (every rank: `clip_latents`), decoded by rank 0 into uint8 [N, F, H, W, 3] (None
+    elsewhere)."""
+    latents = clip_latents(model, prompts.inputs(topo.dp), topo, len(prompts.prompts))
+    return decode(latents) if decode is not None else None
 
 
 def _eval_clip(
@@ -246,7 +289,8 @@ def _run(
     on_step: Callable[[dict[str, Any]], None] | None,
     stop_after: int | None,
 ) -> RunResult:
-    cache = open_cache(recipe.data, encoders, build=topo.is_main, progress=progress)
+    prompts = recipe.eval.prompts
+    cache = open_cache(recipe.data, encoders, build=topo.is_main, progress=progress, prompts=prompts, seed=recipe.seed)
     if topo.world > 1:
         dist.barrier()
         cache = open_cache(recipe.data, None, build=False)
@@ -281,6 +325,8 @@ def _run(
 
     held_out = cache.hold_out(recipe.eval.samples if recipe.eval.interval else 0, recipe.seed)
     writer = MetricsWriter(recipe.log_dir, recipe.log_interval) if topo.is_main else None
+    sampled = eval_prompts(cache, recipe.data.buckets, prompts, recipe.seed) if held_out and prompts else None
+    decode, scorers = _eval_tools(recipe, topo.device) if sampled is not None and topo.is_main else (None, {})
     loader = iter(make_loader(cache, recipe.data, recipe.seed, position, topo.dp_rank, topo.dp))
     empty = (cache.empty_text, cache.empty_pooled)
     schedule = DeviceSchedule(recipe.optimizer, recipe.steps, step - guard.skipped, topo.device)
@@ -351,9 +397,14 @@ def _run(
             waiting = None
             if evaluating:
                 evaluation = evaluate(model, cache, held_out, recipe, topo.device)
-                clip = _eval_clip(model, cache, held_out[0], recipe, topo)  # every rank
+                # every rank; the prompts' clips, when there are some, stand in for the held-out sample's
+                clip = _eval_clip(model, cache, held_out[0], recipe, topo) if sampled is None else None
                 if topo.is_main:
                     writer.evaluation(step, evaluation, clip)
+                if sampled is not None:
+                    videos = _eval_samples(model, sampled, topo, decode)  # every rank
+                    if writer is not None and videos is not None:
+                        writer.eval_samples(step, score_clips(videos, sampled.prompts, scorers), videos)
             if checkpoint:
                 save()
     if writer is not None:

@@ -217,16 +217,32 @@ class DivergenceConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     """In-loop validation every `interval` steps (0: off): the flow-matching loss at the fixed `timesteps` (0-1000) on
-    `samples` cached samples held out of training, and with tiny/demo encoders a sampled clip, to TensorBoard."""
+    `samples` cached samples held out of training, and with demo encoders a sampled clip, to TensorBoard.
+
+    `prompts`: also sample each prompt (noise seed: the recipe's seed + its index, as `tools/sample.py --prompts-file`
+    draws it; the first video bucket's size; EVAL_CLIP's sampler settings) on the training mesh, decode the clips and
+    log their metrics (contentv_common.eval: temporal_flickering; caption_colour / caption_direction when every prompt
+    is a synthetic-set caption; clip_score / clip_consistency with `clip`, a local CLIPModel folder) and the clips,
+    which then stand in for the held-out sample's clip. The prompts' text embeddings are encoded by the data's
+    encoders beside the latent cache (once, by the process that builds it)."""
 
     interval: int = 0
     timesteps: tuple[float, ...] = (100.0, 500.0, 900.0)
     samples: int = 4
+    prompts: tuple[str, ...] = ()
+    clip: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.interval >= 0, "interval", f"must be >= 0 (0: off), got {self.interval}")
         _check(all(0 <= t <= 1000 for t in self.timesteps), "timesteps", f"must be in [0, 1000], got {self.timesteps}")
         _check(self.samples >= 1, "samples", f"must be >= 1, got {self.samples}")
+        _check(not self.prompts or self.interval > 0, "prompts", "sampled every eval.interval steps: set interval > 0")
+        _check(all(p.strip() for p in self.prompts), "prompts", f"must not be empty strings, got {list(self.prompts)}")
+        _check(len(set(self.prompts)) == len(self.prompts), "prompts", f"must be unique, got {list(self.prompts)}")
+        if self.clip is not None:
+            _check(bool(self.prompts), "clip", "scores the clips of eval.prompts: give prompts too")
+            config = Path(self.clip) / "config.json"
+            _check(config.is_file(), "clip", f"{config}: missing (a local transformers CLIPModel folder)")
 
 
 @dataclass(frozen=True)
@@ -276,6 +292,9 @@ class Recipe:
         names = [s.name for s in self.stages]
         _check(len(set(names)) == len(names), "stages", f"stage names must be unique, got {names}")
         check_buckets_on_mesh(self.data.buckets, self.mesh, self.model_config.patch_size)
+        no_video = not any(b.frames > 1 for b in self.data.buckets)
+        why = "sampled at the first video bucket's size, and data.buckets has no video bucket (frames > 1)"
+        _check(not (self.eval.prompts and no_video), "eval.prompts", why)
         if self.lora is not None and self.lora.base_dtype == "bfloat16":
             _check(self.compute_dtype == "bfloat16", "lora.base_dtype", "bfloat16 needs compute_dtype: bfloat16")
 

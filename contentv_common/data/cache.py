@@ -1,10 +1,12 @@
 """The latent/text cache: decode each manifest entry into its bucket, encode it once, train from the cache.
 
 Layout of `cache_dir`: `samples/NNNNNN.safetensors` (latents [C, f, h, w], text [L, D], pooled [P], float32),
-`empty_prompt.safetensors` (the encoded "" used for text dropout) and `index.json` (samples with their bucket, the
-skipped files with reasons). A build writes into a fresh `.build-*` folder inside `cache_dir`, then moves the new
-files in and writes `index.json` last, atomically: without it the cache is not complete, and a crash leaves no mix of
-old and new samples. One process builds (tools/train.py: process or rank 0; the others wait at a barrier).
+`empty_prompt.safetensors` (the encoded "" used for text dropout), `index.json` (samples with their bucket, the
+skipped files with reasons) and, for a recipe with `eval.prompts`, `eval_prompts.safetensors` (those prompts' text
+[N, L, D] and pooled [N, P], encoded by the cache's encoders). A build writes into a fresh `.build-*` folder inside
+`cache_dir`, then moves the new files in and writes `index.json` last, atomically: without it the cache is not
+complete, and a crash leaves no mix of old and new samples. One process builds (tools/train.py: process or rank 0;
+the others wait at a barrier).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
@@ -28,10 +30,11 @@ from contentv_common.data.buckets import BucketLike, assign_bucket, available_fr
 from contentv_common.data.decode import decode_clip, probe
 from contentv_common.data.manifest import read_manifest
 from contentv_common.demo import demo_identity
-from contentv_common.errors import ClipError
+from contentv_common.errors import ClipError, DataError
 
 INDEX = "index.json"
 EMPTY_PROMPT = "empty_prompt.safetensors"
+EVAL_PROMPTS = "eval_prompts.safetensors"
 
 
 class Encoders(Protocol):
@@ -170,6 +173,39 @@ def cache_is_current(cache_dir: str | Path, settings: dict[str, Any]) -> bool:
         return read_index(cache_dir).settings == settings
     except FileNotFoundError:
         return False
+
+
+def eval_prompts_current(cache_dir: str | Path, prompts: Sequence[str]) -> bool:
+    """`cache_dir` holds the embeddings of exactly `prompts`, encoded by the encoders that built the cache."""
+    path = Path(cache_dir) / EVAL_PROMPTS
+    if not path.is_file():
+        return False
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata() or {}
+    encoders = read_index(cache_dir).settings["encoders"]
+    return meta.get("prompts") == json.dumps(list(prompts)) and meta.get("encoders") == encoders
+
+
+def write_eval_prompts(cache_dir: str | Path, prompts: Sequence[str], encoders: Encoders) -> None:
+    """Encode `prompts` (a recipe's `eval.prompts`) with the cache's encoders into `cache_dir`, atomically."""
+    text, pooled = encoders.encode_text(list(prompts))
+    path = Path(cache_dir) / EVAL_PROMPTS
+    tmp = path.with_name(path.name + ".tmp")
+    meta = {"prompts": json.dumps(list(prompts)), "encoders": read_index(cache_dir).settings["encoders"]}
+    arrays = {"text": np.ascontiguousarray(text, np.float32), "pooled": np.ascontiguousarray(pooled, np.float32)}
+    save_file(arrays, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def read_eval_prompts(cache_dir: str | Path, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(text [N, L, D], pooled [N, P]) of `prompts`, as `write_eval_prompts` stored them."""
+    if not eval_prompts_current(cache_dir, prompts):
+        raise DataError(
+            f"eval.prompts: {Path(cache_dir) / EVAL_PROMPTS} does not hold these prompts' embeddings by the cache's "
+            "encoders (contentv-train's data step writes it: contentv_common.data.prepare.prepare_data)"
+        )
+    stored = load_file(str(Path(cache_dir) / EVAL_PROMPTS))
+    return stored["text"], stored["pooled"]
 
 
 class LatentCache:

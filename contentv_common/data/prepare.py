@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING
 from contentv_common.config.model import ModelConfig
 from contentv_common.config.recipe import Recipe
 from contentv_common.data.buckets import BucketBatchSampler
-from contentv_common.data.cache import build_cache, cache_is_current, cache_settings, read_index
+from contentv_common.data.cache import (
+    Encoders,
+    build_cache,
+    cache_is_current,
+    cache_settings,
+    eval_prompts_current,
+    read_index,
+    write_eval_prompts,
+)
 from contentv_common.data.synthetic import make_synthetic_set
 from contentv_common.errors import DataError
 from contentv_common.text.sd3_prompt import check_text_widths, read_text_configs
@@ -29,10 +37,15 @@ def check_encoder_widths(name: str, cfg: ModelConfig) -> None:
         check_text_widths(read_text_configs(name), name, cfg.joint_attention_dim, cfg.pooled_projection_dim)
 
 
+def eval_prompt_list(recipe: Recipe) -> tuple[str, ...]:
+    """The recipe's `eval.prompts` (a reward recipe, whose SFT data this module also prepares, has none)."""
+    return recipe.eval.prompts if isinstance(recipe, Recipe) else ()
+
+
 def prepare_data(recipe: Recipe, progress: bool = True, backend: Backend | None = None) -> None:
     """Make sure the cache matches the recipe: generate the synthetic set if the manifest is missing and it is the
     demo's, then (re)build the latent/text cache when its settings differ, with the backend's encoders (default:
-    JAX's)."""
+    JAX's), and encode the recipe's `eval.prompts` beside it when they are not there yet."""
     data = recipe.data
     manifest = Path(data.manifest)
     if not manifest.exists() and "synthetic" in manifest.parts:
@@ -40,21 +53,32 @@ def prepare_data(recipe: Recipe, progress: bool = True, backend: Backend | None 
     if not manifest.is_file():
         raise DataError(f"data.manifest: {manifest}: no such file")
     settings = cache_settings(manifest, list(data.buckets), data.fps, data.encoders)
-    if not cache_is_current(data.cache_dir, settings):  # a current cache needs no encoders
-        check_encoder_widths(data.encoders, recipe.model_config)
-        if backend is None:
-            from contentv_common.backend import get
+    encoders = None  # loaded once, only if the cache or the eval prompts' embeddings need them
 
-            backend = get("jax")
+    def get_encoders() -> Encoders:
+        nonlocal encoders, backend
+        if encoders is None:
+            check_encoder_widths(data.encoders, recipe.model_config)
+            if backend is None:
+                from contentv_common.backend import get
+
+                backend = get("jax")
+            encoders = backend.encoders(data.encoders, recipe.seed)
+        return encoders
+
+    if not cache_is_current(data.cache_dir, settings):  # a current cache needs no encoders
         build_cache(
             manifest,
             data.cache_dir,
-            backend.encoders(data.encoders, recipe.seed),
+            get_encoders(),
             list(data.buckets),
             data.fps,
             encoders_name=data.encoders,
             progress=progress,
         )
+    prompts = eval_prompt_list(recipe)
+    if prompts and not eval_prompts_current(data.cache_dir, prompts):
+        write_eval_prompts(data.cache_dir, prompts, get_encoders())
     index = read_index(data.cache_dir)
     skipped = index.skip_counts
     print(f"cache {data.cache_dir}: {len(index.samples)} samples" + (f", skipped {skipped}" if skipped else ""))
@@ -73,12 +97,15 @@ def check_batches(index, recipe: Recipe) -> None:
 
 
 def prepare_data_once(recipe: Recipe, backend: Backend, primary: bool, progress: bool, poll_s: float = 2.0) -> None:
-    """prepare_data in process 0 only. The others wait at the backend's barrier (JAX), then until the cache is
-    current (torch ranks, which have no process group yet), for as long as it takes: the launcher stops every process
-    if process 0 fails."""
+    """prepare_data in process 0 only. The others wait at the backend's barrier (JAX), then until the cache and the
+    eval prompts' embeddings are current (torch ranks, which have no process group yet), for as long as it takes: the
+    launcher stops every process if process 0 fails."""
     if primary:
         prepare_data(recipe, progress, backend)
     backend.barrier("data")
     settings = cache_settings(recipe.data.manifest, list(recipe.data.buckets), recipe.data.fps, recipe.data.encoders)
-    while not cache_is_current(recipe.data.cache_dir, settings):
+    prompts = eval_prompt_list(recipe)
+    while not cache_is_current(recipe.data.cache_dir, settings) or (
+        prompts and not eval_prompts_current(recipe.data.cache_dir, prompts)
+    ):
         time.sleep(poll_s)

@@ -1,4 +1,5 @@
-"""Validation, framework-free: held-out samples at fixed timesteps, clips as image strips, and what a demo clip shows.
+"""Validation, framework-free: held-out samples at fixed timesteps, the prompts of `eval.prompts` and their clips'
+metrics, clips as image strips, and what a demo clip shows.
 
 Both trainers feed `eval_batch` to their own per-sample flow-matching loss, so the numbers are comparable between
 backends and between runs: the noise of held-out sample i is a pure function of (seed, i), the timesteps are fixed,
@@ -7,11 +8,21 @@ the text is never dropped and every row weighs 1.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
-from contentv_common.data.cache import LatentCache
+from contentv_common.data.buckets import BucketLike
+from contentv_common.data.cache import LatentCache, bucket_name, read_eval_prompts
 from contentv_common.data.synthetic import COLOURS, DIRECTIONS
+from contentv_common.errors import DataError
 from contentv_common.sampling import draw_noise
+
+if TYPE_CHECKING:
+    from contentv_common.eval.clip import ClipEmbeddings
+    from contentv_common.eval.dimensions import Scorer
 
 
 def eval_batch(cache: LatentCache, index: int, timesteps: tuple[float, ...], seed: int) -> dict[str, np.ndarray]:
@@ -45,6 +56,70 @@ def eval_clip_inputs(cache: LatentCache, index: int, seed: int, copies: int = 1)
         "neg_pooled": cache.empty_pooled[None],
     }
     return {k: np.repeat(v, copies, axis=0) for k, v in rows.items()}
+
+
+@dataclass(frozen=True)
+class EvalPrompts:
+    """A recipe's `eval.prompts`, ready to sample: prompt i's noise (seed + i, the first cached video bucket's latent
+    shape), its text embeddings and the empty prompt's (the unconditional branch, as the in-loop clip's)."""
+
+    prompts: tuple[str, ...]
+    noise: np.ndarray  # [N, C, f, h, w]
+    text: np.ndarray  # [N, L, D]
+    pooled: np.ndarray  # [N, P]
+    neg_text: np.ndarray  # [L, D]
+    neg_pooled: np.ndarray  # [P]
+
+    def inputs(self, shards: int) -> dict[str, np.ndarray]:
+        """The sampler's rows (`clip_latents`), padded with copies of row 0 to a multiple of `shards` (the training
+        mesh's data shards); rows N.. are dropped after sampling."""
+        n = len(self.prompts)
+        rows = [*range(n), *[0] * (-n % shards)]
+        return {
+            "noise": self.noise[rows],
+            "text": self.text[rows],
+            "pooled": self.pooled[rows],
+            "neg_text": np.repeat(self.neg_text[None], len(rows), 0),
+            "neg_pooled": np.repeat(self.neg_pooled[None], len(rows), 0),
+        }
+
+
+def eval_prompts(cache: LatentCache, buckets: Sequence[BucketLike], prompts: tuple[str, ...], seed: int) -> EvalPrompts:
+    """`EvalPrompts` of a recipe's `eval.prompts`, from the cache (their embeddings: `read_eval_prompts`); the clips
+    take the latent shape of the first video bucket's cached samples."""
+    text, pooled = read_eval_prompts(cache.dir, prompts)
+    first = bucket_name(next(b for b in buckets if b.frames > 1))
+    in_bucket = [i for i, s in enumerate(cache.index.samples) if s["bucket"] == first]
+    if not in_bucket:
+        raise DataError(f"eval.prompts: {cache.dir} holds no sample of the first video bucket {first}")
+    shape = cache.sample(in_bucket[0])["latents"].shape
+    noise = np.concatenate([draw_noise(seed + i, (1, *shape)) for i in range(len(prompts))])
+    return EvalPrompts(prompts, noise, text, pooled, cache.empty_text, cache.empty_pooled)
+
+
+def eval_scorers(prompts: Sequence[str], clip: ClipEmbeddings | None) -> dict[str, Scorer]:
+    """The metrics of `eval.prompts`' clips (contentv_common.eval.dimensions): temporal flickering; the caption
+    accuracy of colour and direction when every prompt is a synthetic-set caption; the CLIP metrics given a CLIP."""
+    from contentv_common.eval.dimensions import DIMENSIONS, clip_scorers  # it imports this module
+
+    names = ["temporal_flickering"]
+    try:
+        for prompt in prompts:
+            parse_caption(prompt)
+        names += ["caption_colour", "caption_direction"]
+    except ValueError:
+        pass
+    scorers = {name: DIMENSIONS[name] for name in names}
+    return scorers | (clip_scorers(clip) if clip is not None else {})
+
+
+def score_clips(videos: np.ndarray, prompts: Sequence[str], scorers: dict[str, Scorer]) -> dict[str, Any]:
+    """Each metric's mean over the clips (uint8 [N, F, H, W, 3], one per prompt) and, under "prompts", every
+    prompt's own values."""
+    pairs = zip(videos, prompts, strict=True)
+    per_prompt = {prompt: {name: score(video, prompt) for name, score in scorers.items()} for video, prompt in pairs}
+    means = {name: float(np.mean([values[name] for values in per_prompt.values()])) for name in scorers}
+    return {**means, "prompts": per_prompt}
 
 
 def frame_strip(*videos: np.ndarray, gap: int = 2) -> np.ndarray:

@@ -3,7 +3,8 @@
 Each trainer's `run` writes its records here (main process only), so a run has exactly one line per logged step with
 the same fields whatever the backend: step (0-based), loss, grad_norm, lr, skipped, nan_skips, step_time, batch.
 Validation (recipe `eval`) adds `eval/...` scalars and a frame-strip image to TensorBoard and an `{"eval": ...}`
-line to the JSONL.
+line to the JSONL; with `eval.prompts`, their clips' metrics as `eval/<metric>` scalars and an `{"eval_samples": ...}`
+line, the clips as an image in TensorBoard and `<log_dir>/eval_samples/`.
 """
 
 from __future__ import annotations
@@ -53,9 +54,35 @@ class MetricsWriter:
             self.tb.add_image("eval/sample", strip, step, dataformats="HWC")
         self.tb.flush()
 
+    def eval_samples(self, step: int, scores: dict[str, Any], videos: np.ndarray) -> Path:
+        """The clips of `eval.prompts` (uint8 [N, F, H, W, 3]) and their metrics (`score_clips`): an
+        `{"eval_samples": ...}` line, `eval/<metric>` scalars (the means), and the clips as one frame strip (a row
+        per prompt) in TensorBoard and in `<log_dir>/eval_samples/step_<step>.png` (lossless: the very frames scored),
+        whose path it returns."""
+        from contentv_common.training.evaluation import frame_strip
+
+        self.jsonl.write(json.dumps({"eval_samples": {"step": step, **scores}}) + "\n")
+        self.jsonl.flush()
+        for name, value in scores.items():
+            if name != "prompts":
+                self.tb.add_scalar(f"eval/{name}", value, step)
+        strip = frame_strip(*videos)
+        self.tb.add_image("eval/prompts", strip, step, dataformats="HWC")
+        self.tb.flush()
+        return save_png(strip, self.dir / "eval_samples" / f"step_{step:07d}.png")
+
     def close(self) -> None:
         self.jsonl.close()
         self.tb.close()
+
+
+def save_png(image: np.ndarray, path: Path) -> Path:
+    """A uint8 [H, W, 3] image as PNG, its folder made first."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24").to_image().save(path)
+    return path
 
 
 class LossCurve:

@@ -1,5 +1,6 @@
 """The evaluation package: VBench's composition against its published constants, its temporal flickering against a
-straightforward computation of its definition, and the synthetic set's caption accuracy on hand-made clips."""
+straightforward computation of its definition, the synthetic set's caption accuracy on hand-made clips, and the
+in-loop scores of a recipe's `eval.prompts`."""
 
 import numpy as np
 import pytest
@@ -91,3 +92,27 @@ def test_benchmark_follows_vbench_five_second_rule():
     assert benchmark([2.0, 4.99]).startswith("VBench (")
     assert benchmark([5.0, 5.2]).startswith("VBench-Long")
     assert benchmark([4.0, 5.0]).startswith("mixed: 1 of 2")
+
+
+def test_the_in_loop_scores_of_eval_prompts():
+    from contentv_common.training.evaluation import EvalPrompts, eval_scorers, score_clips
+
+    prompts = ["a red circle moving right", "a yellow square moving left"]  # the second clip moves down
+    clips = np.stack(
+        [render("circle", "red", "right", 64, 64, 9, seed=1), render("square", "yellow", "down", 64, 64, 9, seed=2)]
+    )
+    scorers = eval_scorers(prompts, None)
+    assert list(scorers) == ["temporal_flickering", "caption_colour", "caption_direction"]
+    assert list(eval_scorers(["a red circle moving right", "a cat on a sofa"], None)) == ["temporal_flickering"]
+    scores = score_clips(clips, prompts, scorers)
+    second = {"temporal_flickering": temporal_flickering(clips[1]), "caption_colour": 1.0, "caption_direction": 0.0}
+    assert scores["prompts"][prompts[1]] == second
+    assert scores["caption_colour"] == 1.0 and scores["caption_direction"] == 0.5
+    assert scores["temporal_flickering"] == pytest.approx(np.mean([temporal_flickering(c) for c in clips]), abs=1e-15)
+    rng = np.random.default_rng(0)
+    ready = EvalPrompts(tuple(prompts[:1] + ["x", "y"]), rng.standard_normal((3, 4)), rng.standard_normal((3, 5, 2)),
+                        rng.standard_normal((3, 2)), np.zeros((5, 2)), np.zeros(2))  # fmt: skip
+    rows = ready.inputs(shards=4)  # 3 prompts padded to the 4 data shards with prompt 0's row
+    np.testing.assert_array_equal(rows["noise"], ready.noise[[0, 1, 2, 0]])
+    np.testing.assert_array_equal(rows["text"], ready.text[[0, 1, 2, 0]])
+    assert rows["neg_text"].shape == (4, 5, 2) and ready.inputs(shards=1)["pooled"].shape == (3, 2)

@@ -52,13 +52,37 @@ steps: 5
         ({"model": "no-such-model"}, "model"),
         ({"objective.shift_mode": "dynamic"}, "objective.shift_mode"),
         ({"steps": None}, "steps"),
+        ({"eval.prompts": ["a red circle moving right"]}, "eval.prompts"),  # sampled every interval steps: 0 is off
+        ({"eval": {"interval": 2, "prompts": ["a", "a"]}}, "eval.prompts"),
+        ({"eval": {"interval": 2, "prompts": ["a", " "]}}, "eval.prompts"),
+        ({"eval": {"interval": 2, "prompts": "a"}}, "eval.prompts"),
+        ({"eval": {"interval": 2, "prompts": ["a"], "clip": "no/such/clip"}}, "eval.clip"),
+        ({"eval": {"interval": 2, "clip": "no/such/clip"}}, "eval.clip"),  # no prompts to score
+        (
+            {
+                "eval": {"interval": 2, "prompts": ["a"]},
+                "data.buckets": [{"width": 64, "height": 64, "frames": 1, "batch_size": 2}],
+            },
+            "eval.prompts",
+        ),  # fmt: skip
     ],
 )
 def test_errors_name_the_file_and_key(tmp_path, overrides, key):
     path = _write(tmp_path, BASE)
     with pytest.raises(ConfigError) as e:
         load_recipe(path, overrides)
-    assert str(path) in str(e.value) and f"{key}:" in str(e.value)
+    assert str(path) in str(e.value) and f"{key}:" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_eval_prompts_and_a_clip_folder(tmp_path):
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "config.json").write_text("{}")
+    prompts = ["a red circle moving right", "a dog"]
+    recipe = load_recipe(
+        _write(tmp_path, BASE), {"eval": {"interval": 5, "prompts": prompts, "clip": str(tmp_path / "clip")}}
+    )
+    assert recipe.eval.prompts == tuple(prompts) and recipe.eval.clip == str(tmp_path / "clip")
+    assert load_recipe(_write(tmp_path, BASE)).eval.prompts == ()  # default: no prompts sampled
 
 
 def test_missing_key_is_named(tmp_path):

@@ -1,7 +1,7 @@
 """The sampling mesh (`tools/sample.py --mesh data=D,sequence=S,cfg=C`) on 8 fake CPU devices: the weights placed as
 training places them, the guidance pair's rows on their data shards, every device used. (The final latents equal one
 device's: tests/e2e/test_sample_cli.py, through the CLI.) Training's in-loop clip runs the same sampler on the
-training mesh and draws one device's clip."""
+training mesh and draws one device's clip, and a recipe's `eval.prompts` one device's clip of each prompt."""
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,7 @@ def test_mesh_must_use_every_device():
 def test_the_in_loop_clip_on_the_training_mesh_is_one_device_clip(tmp_path, rel_err):
     from contentv_common.config.model import from_dict
     from contentv_common.config.recipe import MeshConfig, Recipe
+    from contentv_common.training.evaluation import EvalPrompts
     from contentv_jax.sharding import make_mesh
     from contentv_jax.train import clip_latents, get_trainer
     from tests.narrow_model import POOLED, TEXT, WIDTH
@@ -69,9 +70,19 @@ def test_the_in_loop_clip_on_the_training_mesh_is_one_device_clip(tmp_path, rel_
     inputs = {k: rng.standard_normal(v, dtype=np.float32) for k, v in shapes.items()}
     one = get_trainer(recipe, make_mesh(MeshConfig(), jax.devices()[:1]))
     params = jax.tree.map(lambda a: 0.05 * rng.standard_normal(a.shape, dtype=np.float32), one.init_state()["params"])
-    ref = clip_latents(one, jax.device_put(params, one.param_shardings), inputs)
+    one_params = jax.device_put(params, one.param_shardings)
+    ref = clip_latents(one, one_params, inputs)
     assert rel_err(ref, inputs["noise"]) > 0.1, "the steps changed the latents"
     trainer = get_trainer(recipe, make_mesh(MeshConfig(data=2, fsdp=2, sequence=2), jax.devices()))
-    copies = {k: np.repeat(v, 4, axis=0) for k, v in inputs.items()}  # one per data x fsdp shard
-    got = clip_latents(trainer, jax.device_put(params, trainer.param_shardings), copies)
-    assert rel_err(got, ref) < 1e-5, rel_err(got, ref)
+    mesh_params = jax.device_put(params, trainer.param_shardings)
+    # the rows of a recipe's eval.prompts (the held-out clip's are one row copied): 2 prompts, the first the clip
+    # above, padded with copies of it to the 4 data x fsdp shards; each row is its prompt's one-device clip
+    second = {k: rng.standard_normal(v, dtype=np.float32) for k, v in shapes.items()}
+    both = {k: np.concatenate([inputs[k], second[k]]) for k in ("noise", "text", "pooled")}
+    prompts = EvalPrompts(("a", "b"), **both, neg_text=inputs["neg_text"][0], neg_pooled=inputs["neg_pooled"][0])
+    got = clip_latents(trainer, mesh_params, prompts.inputs(shards=4), rows=2)
+    assert got.shape == (2, *shapes["noise"][1:]) and rel_err(got[:1], ref) < 1e-5, rel_err(got[:1], ref)
+    second_ref = clip_latents(
+        one, one_params, {**second, "neg_text": inputs["neg_text"], "neg_pooled": inputs["neg_pooled"]}
+    )
+    assert rel_err(got[1:], second_ref) < 1e-5, rel_err(got[1:], second_ref)
