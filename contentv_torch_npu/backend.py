@@ -178,7 +178,7 @@ class TorchBackend:
             raise ConfigError(
                 f"{options['recipe_path']}: reward recipes are planned by the JAX backend (--backend jax)"
             )
-        if options["previous"] is not None:
+        if options["previous"]:
             raise ConfigError("--reuse: the torch estimate has no compiled program to reuse (--backend jax)")
         if options["chips"] is not None:
             raise ConfigError("--chips picks chips of a --target (--backend jax); the torch world is the recipe's mesh")

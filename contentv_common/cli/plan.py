@@ -45,11 +45,15 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from contentv_common.backend import get
-from contentv_common.config.recipe import Recipe, load_recipe, parse_override
+from contentv_common.config.model import ModelConfig, named_model_config
+from contentv_common.config.recipe import BucketConfig, Recipe, load_recipe, parse_override
 from contentv_common.config.reward import RewardRecipe, is_reward_recipe, load_reward_recipe
 from contentv_common.errors import ConfigError
+from contentv_common.model.flops import image_tokens
 from contentv_common.plan import table as plan_table
-from contentv_common.plan.report import DEFAULT_KINDS, GIB, KINDS, report
+from contentv_common.plan.report import DEFAULT_KINDS, GIB, KINDS, format_job, job_summary, report
+from contentv_common.sample_mesh import SampleMesh, check_mesh_devices, check_sample_mesh, parse_mesh
+from contentv_common.sampling import latent_shape
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -141,17 +145,91 @@ def load(args: argparse.Namespace) -> Recipe | RewardRecipe:
     return recipe
 
 
-def read_previous(path: str | None) -> dict[str, Any] | None:
-    """`--reuse`'s plan document (BadInput when it is unreadable or not a plan)."""
-    if path is None:
-        return None
+def read_previous(paths: list[str] | None) -> list[dict[str, Any]]:
+    """`--reuse`'s plan documents (BadInput when one is unreadable or not a plan)."""
+    docs = []
+    for path in paths or ():
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise BadInput(f"--reuse {path}: {e}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("steps"), list):
+            raise BadInput(f"--reuse {path}: not a plan (no 'steps' list)")
+        docs.append(doc)
+    return docs
+
+
+def parse_job(args: argparse.Namespace) -> tuple[ModelConfig, BucketConfig, SampleMesh, Target | None]:
+    """`--sample-job`'s model, video and mesh, checked as tools/sample.py checks them (BadInput, before any
+    compile): WIDTHxHEIGHTxFRAMES of 1 + 4k frames and multiples of 16 pixels, a mesh of one prompt (data=1) whose
+    devices are the target's chips (torch: its ranks) and whose sequence axis splits the image tokens."""
+    named = ("recipe", "kinds", "buckets")
+    given = [f"--{k}" for k in named if getattr(args, k) is not None] + args.overrides
+    if given:
+        raise BadInput(f"--sample-job plans tools/sample.py's job, not a recipe: drop {' '.join(given)}")
+    sizes = args.sample_job.split("x")
+    if len(sizes) != 3 or not all(s.isdigit() for s in sizes):
+        raise BadInput(f"--sample-job {args.sample_job!r}: expected WIDTHxHEIGHTxFRAMES, e.g. 1280x720x121")
+    width, height, frames = map(int, sizes)
     try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise BadInput(f"--reuse {path}: {e}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("steps"), list):
-        raise BadInput(f"--reuse {path}: not a plan (no 'steps' list)")
-    return doc
+        bucket = BucketConfig(width, height, frames, 1)
+        cfg = named_model_config(args.model)
+    except ConfigError as e:
+        raise BadInput(f"--sample-job {args.sample_job}: {e}") from None
+    if args.blocks is not None:
+        if args.blocks < 1:
+            raise BadInput(f"--blocks must be >= 1, got {args.blocks}")
+        cfg = dataclasses.replace(cfg, num_layers=args.blocks)
+    if args.encoders not in ("official", "tiny") and not Path(args.encoders).is_dir():
+        raise BadInput(f"--encoders {args.encoders}: not a folder (a pipeline folder, tiny or official)")
+    mesh = args.mesh or SampleMesh()
+    if mesh.data != 1:
+        raise BadInput(f"--mesh {mesh}: a job is one prompt (data=1); data=D runs D such jobs side by side")
+    target = None
+    if args.backend == "jax":
+        if args.target is None:
+            raise BadInput("--target is required with --backend jax (e.g. tpu:v5p:2x2x2 or cpu:8)")
+        target = parse_target(args.target, args.chips)
+    elif args.target is not None or args.chips is not None:
+        raise BadInput("--target and --chips are the JAX planner's; the torch world is the mesh's ranks")
+    try:
+        if target is not None:
+            check_mesh_devices(mesh, target.count)
+        _, _, f, h, w = latent_shape(cfg.in_channels, frames, height, width)
+        check_sample_mesh(mesh, image_tokens(cfg, f, h, w), cfg.num_attention_heads, True, 1)
+    except ValueError as e:
+        raise BadInput(f"{e} ({target.where if target else 'torch'})") from None
+    return cfg, bucket, mesh, target
+
+
+def plan_job(args: argparse.Namespace) -> int:
+    """`--sample-job`: plan tools/sample.py's job, print and write it; 0 when the job fits, 1 when not."""
+    cfg, bucket, mesh, target = parse_job(args)
+    if args.backend == "torch" and args.reuse:
+        raise BadInput("--reuse: the torch estimate has no compiled program to reuse (--backend jax)")
+    previous = read_previous(args.reuse)
+    hbm = int(args.hbm_gib * GIB)
+    print(
+        f"plan tools/sample.py --mesh {mesh} --dtype bfloat16: {args.model} ({cfg.num_layers} blocks), "
+        f"{bucket.name}, one prompt and its negative, on {target.where if target else f'torch, {mesh.devices} ranks'}, "
+        f"{args.hbm_gib:g} GiB",
+        flush=True,
+    )
+    if target is not None:
+        ask_for_devices(target)
+    options = {"target": target, "encoders": args.encoders, "text_tokens": args.text_tokens, "previous": previous}
+    plans, meta = get(args.backend).plan_job(cfg, bucket, mesh, hbm, **options)
+    resident = meta["resident_bytes"]
+    job = job_summary(plans, resident, hbm)
+    print(format_job(job, resident, hbm))
+    where = {"recipe": "", "backend": args.backend, "model": args.model, "blocks": cfg.num_layers}
+    where |= {"sample_job": bucket.name, "mesh": dataclasses.asdict(mesh), "encoders": args.encoders}
+    doc = report(plans, hbm, **where, **meta, job=job, **plan_table.provenance(ROOT, ""))
+    doc["fits"] = job["fits"]
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+    print("the job fits" if job["fits"] else "the job does NOT fit", f"{args.hbm_gib:g} GiB per device")
+    return 0 if job["fits"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,12 +257,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="with --all: list missing / stale plans, plan nothing")
     parser.add_argument("--force", action="store_true", help="with --all: plan every entry, current or not")
     parser.add_argument("--jobs", type=int, default=1, help="with --all: plans run at once (default 1)")
-    parser.add_argument("--reuse", help="JAX: a previous plan JSON whose unchanged programs are not compiled again")
+    parser.add_argument(
+        "--reuse",
+        action="append",
+        help="JAX: a previous plan JSON whose unchanged programs are not compiled again (repeatable)",
+    )
+    parser.add_argument(
+        "--sample-job",
+        metavar="WxHxF",
+        help="plan tools/sample.py's job (text, sampling step, decode) for one video, e.g. 1280x720x121",
+    )
+    parser.add_argument(
+        "--mesh",
+        type=parse_mesh,
+        metavar="data=1,sequence=S,cfg=C",
+        help="with --sample-job: tools/sample.py's --mesh (default one device)",
+    )
+    parser.add_argument("--model", default="contentv-8b", help="with --sample-job: configs/model/ name or YAML")
+    parser.add_argument(
+        "--encoders",
+        default="official",
+        help="with --sample-job: a pipeline folder (its text encoders' and VAE's configs), tiny, or official "
+        "(SD3.5's CLIP-L, CLIP-G and T5-XXL, Wan2.1's VAE, at full size)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides, e.g. mesh.fsdp=8")
     try:
         args = parser.parse_intermixed_args(argv)
         if args.all:
-            named = ("recipe", "hbm_gib", "json", "target", "chips", "blocks", "kinds", "buckets", "reuse")
+            named = ["recipe", "hbm_gib", "json", "target", "chips", "blocks", "kinds", "buckets", "reuse"]
+            named += ["sample_job", "mesh"]
             given = [f"--{k.replace('_', '-')}" for k in named if getattr(args, k) is not None] + args.overrides
             if given:
                 raise BadInput(f"--all plans docs/scale.md's table entries; drop {' '.join(given)}")
@@ -194,6 +295,14 @@ def main(argv: list[str] | None = None) -> int:
             return plan_all(entries, ROOT / plan_table.PLANS, SCALE_DOC, args.force, args.check, args.jobs)
         if args.check or args.force or args.jobs != 1:
             raise BadInput("--check, --force and --jobs go with --all")
+        if args.hbm_gib is not None and not (args.hbm_gib > 0 and math.isfinite(args.hbm_gib)):
+            raise BadInput(f"--hbm-gib must be a positive number, got {args.hbm_gib}")
+        if args.sample_job is not None:
+            if args.hbm_gib is None:
+                raise BadInput("--hbm-gib is required")
+            return plan_job(args)
+        if args.mesh is not None:
+            raise BadInput("--mesh goes with --sample-job (a recipe's mesh is its mesh section)")
         if args.recipe is None or args.hbm_gib is None:
             raise BadInput("--recipe and --hbm-gib are required (or --all)")
         args.kinds_given = args.kinds is not None
