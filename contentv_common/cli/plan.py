@@ -6,6 +6,8 @@
     python tools/plan.py --recipe R --target tpu:v5p:2x2x1 --chips 1 --hbm-gib 64      # one chip of a host
     python tools/plan.py --recipe R --target tpu:v5p:4x4x4 --hbm-gib 64 --json OUT --reuse OUT  # compile changes only
     python tools/plan.py --all [--check | --force] [--jobs N]                         # docs/scale.md's table
+    python tools/plan.py --sample-job 1280x720x121 --mesh data=1,sequence=4,cfg=2 --target tpu:v5p:2x2x2 --hbm-gib 64
+    python tools/plan.py --sample-job 1280x720x121 --mesh data=1,sequence=4,cfg=2 --backend torch --hbm-gib 64
 
 JAX: compiles the real train step of every bucket and one sampling step (cond/uncond pair batched) at the largest
 bucket (a reward recipe, configs/recipes/reward_*.yaml: its update step, kind "reward", contentv_jax.reward.plan),
@@ -20,13 +22,23 @@ and compiles only those whose program (sha256 of the lowered StableHLO) is not a
 the same target by the same jax / jaxlib / libtpu; the others keep PLAN.json's figures (marked reused). Torch:
 contentv_torch_npu.memory_plan.
 
-`--all` plans every entry of docs/scale.md's table (contentv_common.plan.table: every bucket of every stage and
-reward recipe on 64 v5p chips and in the torch estimate, the one-device LoRA recipes) whose JSON in docs/plans/ is
+`--sample-job WIDTHxHEIGHTxFRAMES --mesh data=1,sequence=S,cfg=C` plans `tools/sample.py --mesh ... --dtype bfloat16`
+making one video of the `--model` (contentv-8b) from one prompt and its negative: the text encoders on the pair
+(`--encoders`: a pipeline folder's, tiny, or the official full-size ones), one guided step of the mesh sampler
+(attention auto: splash on TPU), the VAE decode (whole on one device; in tiles over the first process's devices when
+the mesh has more), each step's peak with the weights sample.py keeps loaded beside it, the job's peak, its model
+TFLOP per video (text + 50 steps; the decode uncounted) and compile seconds (JAX: compiled for --target; torch:
+traced as rank 0 of the mesh's ranks, contentv_torch_npu.memory_plan.plan_sample_job).
+
+`--all` plans every entry of docs/scale.md's tables (contentv_common.plan.table: every bucket of every stage and
+reward recipe on 64 v5p chips and in the torch estimate, the one-device LoRA recipes, the sampling jobs at 768x432x125
+and 1280x720x121 on 1, 4 and 8 v5p chips and 8 torch ranks) whose JSON in docs/plans/ is
 missing or stale (`--force`: all of them), one subprocess each (`--jobs N` at a time), then rewrites the table;
-`--check` only lists them. A stale JAX plan is re-planned with `--reuse` of itself (`--force`: without), so a change
+`--check` only lists them. A JAX plan is made with `--reuse` of every JAX plan there (`--force`: without), so a change
 that leaves its programs alone costs seconds; the torch estimates run again.
 
-Exit status: 0 when every step fits, 1 when one does not, 2 on bad input (one line on stderr, before any compile);
+Exit status: 0 when every step (a job: the job) fits, 1 when not, 2 on bad input (one line on stderr, before any
+compile);
 `--all`: 0 when every plan ran and fits, 1 otherwise; `--all --check`: 0 when no plan is missing or stale.
 """
 
@@ -361,11 +373,13 @@ def plan_all(
     if check:
         return 1 if todo else 0
     plans.mkdir(parents=True, exist_ok=True)
+    # every JAX plan there: a step whose program one of them compiled keeps its figures (one-device text, tiles)
+    compiled = [p for e in entries if e.backend == "jax" and (p := plan_table.plan_path(plans, e)).is_file()]
 
     def run(numbered: tuple[int, plan_table.Entry]) -> str | None:
         i, entry = numbered
         out = plan_table.plan_path(plans, entry)
-        reuse = ["--reuse", str(out)] if entry.backend == "jax" and out.is_file() and not force else []
+        reuse = [] if entry.backend == "torch" or force else [a for path in compiled for a in ("--reuse", str(path))]
         argv = [*entry.argv(), "--json", str(out), *reuse]
         print(f"[{i}/{len(todo)}] python tools/plan.py {' '.join(argv)}", flush=True)
         cmd = [sys.executable, "-m", "contentv_common.cli.plan", *argv]
@@ -381,6 +395,8 @@ def plan_all(
         failed = [key for key in pool.map(run, enumerate(todo, 1)) if key is not None]
     docs = [(e, plan_table.read_plan(plans, e)) for e in entries]
     plan_table.write_table(doc_path, plan_table.table(ROOT, docs))
+    if any(e.job for e in entries):
+        plan_table.write_table(doc_path, plan_table.job_table(ROOT, docs), plan_table.JOB_BEGIN, plan_table.JOB_END)
     print(f"wrote {len(docs)} plans into {doc_path}" + (f"; these failed: {', '.join(failed)}" if failed else ""))
     return 0 if not failed and all(d is not None and d["fits"] for _, d in docs) else 1
 
