@@ -17,10 +17,10 @@ decode` the Wan VAE decode of one clip at that bucket (whole on one device; diff
 abstract inputs sharded over the recipe's mesh, built from the target's devices: `tpu:<libtpu topology>`
 (chips = the product, e.g. v5p:4x4x4 = 64; needs `pip install .[tpu]`) or `cpu:N` fake CPU devices. Prints per-device
 argument, temporary, output and aliased bytes, peak, compile time, model FLOPs and fit; lists parameters left
-replicated. `--blocks N` plans a shallower model for quick checks. `--reuse PLAN.json` lowers every step (seconds)
-and compiles only those whose program (sha256 of the lowered StableHLO) is not a fitting step of PLAN.json planned on
-the same target by the same jax / jaxlib / libtpu; the others keep PLAN.json's figures (marked reused). Torch:
-contentv_torch_npu.memory_plan.
+replicated. `--blocks N` plans a shallower model for quick checks. `--reuse PLAN.json` (repeatable) lowers every
+step (seconds) and compiles only those whose program (sha256 of the lowered StableHLO: its device count and every
+sharding included) is not a fitting step of one of those plans, compiled for the same kind of chip by the same jax /
+jaxlib / libtpu; the others keep that plan's figures (marked reused). Torch: contentv_torch_npu.memory_plan.
 
 `--sample-job WIDTHxHEIGHTxFRAMES --mesh data=1,sequence=S,cfg=C` plans `tools/sample.py --mesh ... --dtype bfloat16`
 making one video of the `--model` (contentv-8b) from one prompt and its negative: the text encoders on the pair
@@ -32,14 +32,13 @@ traced as rank 0 of the mesh's ranks, contentv_torch_npu.memory_plan.plan_sample
 
 `--all` plans every entry of docs/scale.md's tables (contentv_common.plan.table: every bucket of every stage and
 reward recipe on 64 v5p chips and in the torch estimate, the one-device LoRA recipes, the sampling jobs at 768x432x125
-and 1280x720x121 on 1, 4 and 8 v5p chips and 8 torch ranks) whose JSON in docs/plans/ is
-missing or stale (`--force`: all of them), one subprocess each (`--jobs N` at a time), then rewrites the table;
+and 1280x720x121 on 1, 4 and 8 v5p chips and 8 torch ranks) whose JSON in docs/plans/ is missing or stale
+(`--force`: all of them), one subprocess each (`--jobs N` at a time), then rewrites the tables;
 `--check` only lists them. A JAX plan is made with `--reuse` of every JAX plan there (`--force`: without), so a change
 that leaves its programs alone costs seconds; the torch estimates run again.
 
 Exit status: 0 when every step (a job: the job) fits, 1 when not, 2 on bad input (one line on stderr, before any
-compile);
-`--all`: 0 when every plan ran and fits, 1 otherwise; `--all --check`: 0 when no plan is missing or stale.
+compile); `--all`: 0 when every plan ran and fits, 1 otherwise; `--all --check`: 0 when no plan is missing or stale.
 """
 
 from __future__ import annotations
@@ -309,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             raise BadInput("--check, --force and --jobs go with --all")
         if args.hbm_gib is not None and not (args.hbm_gib > 0 and math.isfinite(args.hbm_gib)):
             raise BadInput(f"--hbm-gib must be a positive number, got {args.hbm_gib}")
+        if args.json and not Path(args.json).resolve().parent.is_dir():
+            raise BadInput(f"--json {args.json}: directory does not exist")
         if args.sample_job is not None:
             if args.hbm_gib is None:
                 raise BadInput("--hbm-gib is required")
@@ -327,8 +328,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.text_tokens < 1:
             raise BadInput(f"--text-tokens must be positive, got {args.text_tokens}")
         target = None if args.target is None else parse_target(args.target, args.chips)
-        if args.json and not Path(args.json).resolve().parent.is_dir():
-            raise BadInput(f"--json {args.json}: directory does not exist")
         previous = read_previous(args.reuse)
         recipe = load(args)
         hbm = int(args.hbm_gib * GIB)

@@ -105,6 +105,6 @@ def format_job(job: dict[str, Any], resident: dict[str, int], hbm_bytes: int) ->
         f"weights kept loaded on the first device (GiB): {weights}\n"
         f"each step's peak with them (GiB): {steps}\n"
         f"job peak {gib(job['peak_bytes'])} GiB per device, headroom {gib(hbm_bytes - job['peak_bytes'])} GiB; "
-        f"{job['flops'] / 1e12:,.1f} TFLOP per video (text + {job['sampling_steps']} guided steps; decode not "
-        f"counted); compile {job['compile_s']:.0f} s"
+        f"{job['flops'] / 1e12:,.1f} TFLOP per video ({'text + ' * ('text' in job['step_peak_bytes'])}"
+        f"{job['sampling_steps']} guided steps; decode not counted); compile {job['compile_s']:.0f} s"
     )

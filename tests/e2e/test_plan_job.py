@@ -10,11 +10,13 @@ import pytest
 import yaml
 
 from contentv_common.cli import plan
-from contentv_common.plan.report import JOB_WEIGHTS, SAMPLING_STEPS
+from contentv_common.plan import table as plan_table
+from contentv_common.plan.report import GIB, JOB_WEIGHTS, SAMPLING_STEPS
 from tests.narrow_model import NARROW
 
 # 20 x 4 patches x 3 latent frames: 240 image tokens (split over sequence=4), and 40 latents wide, more than one of
 # the VAE's 32-latent tiles, so a job on several devices decodes in tiles
+ROOT = Path(__file__).resolve().parents[2]
 VIDEO = "320x64x9"
 IMAGE_TOKENS = 240
 
@@ -113,3 +115,33 @@ def test_bad_job_input_is_one_line_and_exit_2(capsys, argv, message):
 def test_a_mesh_goes_with_a_sample_job(capsys):
     assert plan.main(["--recipe", "r.yaml", "--hbm-gib", "64", "--mesh", "sequence=2"]) == 2
     assert "--mesh goes with --sample-job" in capsys.readouterr().err
+
+
+def test_the_jobs_are_entries_of_the_plan_table_with_their_own_rows(monkeypatch):
+    entries = {e.key: e for e in plan_table.job_entries()}
+    assert set(entries) == {
+        f"job_{video}.{where}"
+        for video in ("768x432x125", "1280x720x121")
+        for where in ("v5p-2x2x1-1chip", "v5p-2x2x1", "v5p-2x2x2", "torch")
+    }
+    assert set(entries) <= {e.key for e in plan_table.entries(ROOT)}
+    eight = entries["job_1280x720x121.v5p-2x2x2"]
+    assert eight.argv() == [
+        *("--sample-job", "1280x720x121", "--mesh", "data=1,sequence=4,cfg=2", "--hbm-gib", "64"),
+        *("--target", "tpu:v5p:2x2x2"),
+    ]
+    assert entries["job_768x432x125.torch"].argv()[-2:] == ["--backend", "torch"]
+    monkeypatch.setattr(plan_table, "stale", lambda root, doc: None)
+    steps = [{"kind": "text", "reused": True}, {"kind": "sample"}, {"kind": "decode-tiles"}]
+    job = {"step_peak_bytes": {"text": 2 * GIB, "sample": 30 * GIB, "decode-tiles": 3 * GIB}, "peak_bytes": 30 * GIB}
+    job |= {"fits": True, "flops": 5.5e15, "compile_s": 400.0}
+    doc = {"sample_job": "1280x720x121", "backend": "jax", "device_kind": "TPU v5", "devices": 8, "steps": steps}
+    doc |= {"mesh": {"data": 1, "sequence": 4, "cfg": 2}, "job": job, "hbm_bytes": 64 * GIB}
+    doc |= {"date": "2026-12-07", "commit": "abc"}
+    text = plan_table.job_table(ROOT, [(eight, doc), (entries["job_1280x720x121.torch"], None)])
+    assert text.startswith(plan_table.JOB_BEGIN) and text.endswith(plan_table.JOB_END)
+    assert (
+        "| 1280x720x121 | TPU v5 x 8 | 1, 4, 2 | 2.00 | 30.00 | 3.00 (tiles) | 30.00 | 64 | yes | 5,500 | 400 "
+        "| 2026-12-07 abc (1 of 3 steps reused) |" in text
+    )
+    assert "| 1280x720x121 | job_1280x720x121.torch | data=1,sequence=4,cfg=2 | not planned yet |" in text
