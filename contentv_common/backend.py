@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from contentv_common.config.model import ModelConfig
-    from contentv_common.config.recipe import Recipe
+    from contentv_common.config.recipe import BucketConfig, Recipe
     from contentv_common.config.reward import RewardRecipe
     from contentv_common.eval.clip import ClipEmbeddings
     from contentv_common.lora.adapters import Lora
@@ -130,6 +130,13 @@ class Backend(Protocol):
 
     def plan(self, recipe: Recipe | RewardRecipe, hbm: int, **options: Any) -> tuple[list[StepPlan], dict[str, Any]]:
         """Ahead-of-time memory plan of the recipe's steps against `hbm` bytes per device (contentv-plan's options)."""
+        ...
+
+    def plan_job(
+        self, cfg: ModelConfig, bucket: BucketConfig, mesh: SampleMesh, hbm: int, **options: Any
+    ) -> tuple[list[StepPlan], dict[str, Any]]:
+        """Memory plan of tools/sample.py's job (text, one sampling step, decode) for one video of `bucket` on `mesh`;
+        the meta has "resident_bytes", the weights kept loaded on the first device (contentv-plan's options)."""
         ...
 
 

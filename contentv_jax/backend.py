@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from contentv_common.config.model import ModelConfig
-from contentv_common.config.recipe import Recipe, check_device_count
+from contentv_common.config.recipe import BucketConfig, Recipe, check_device_count
 from contentv_common.config.reward import RewardRecipe
 from contentv_common.errors import ConfigError
 from contentv_common.lora.adapters import Lora
@@ -166,7 +166,7 @@ class JaxBackend:
         on_plan = lambda p: print(format_table([p], hbm).splitlines()[-1], flush=True)  # noqa: E731
         meta = {"target": target.text, "devices": len(devices), "device_kind": devices[0].device_kind}
         meta["compiler"] = compiler_versions()
-        known = reusable(options["previous"], target.text, len(devices))
+        known = reusable(options["previous"], devices[0].device_kind)
         try:
             if isinstance(recipe, RewardRecipe):
                 from contentv_jax.reward.plan import plan_reward
@@ -201,6 +201,34 @@ class JaxBackend:
             print(f"  {line}")
         meta["state_bytes"] = state
         return plans, {**meta, "replicated_params": replicated, "replicated_bytes": total, "unsplit_params": unsplit}
+
+    def plan_job(
+        self, cfg: ModelConfig, bucket: BucketConfig, mesh: SampleMesh, hbm: int, **options: Any
+    ) -> tuple[list[StepPlan], dict[str, Any]]:
+        """contentv_jax.memory_plan.plan_sample_job on the target's devices, each step printed as it is planned."""
+        from contentv_jax.memory_plan import compiler_versions, plan_sample_job, reusable
+
+        target = options["target"]
+        if target is None:
+            raise ConfigError("--target is required with --backend jax (e.g. tpu:v5p:2x2x2 or cpu:8)")
+        devices = plan_devices(target.platform, target.topology, target.total)[: target.count]
+        print(format_table([], hbm).splitlines()[0], flush=True)
+        on_plan = lambda p: print(format_table([p], hbm).splitlines()[-1], flush=True)  # noqa: E731
+        meta = {"target": target.text, "devices": len(devices), "device_kind": devices[0].device_kind}
+        meta["compiler"] = compiler_versions()
+        known = reusable(options["previous"], devices[0].device_kind)
+        plans, resident = plan_sample_job(
+            cfg,
+            options["encoders"],
+            bucket,
+            mesh,
+            devices,
+            hbm,
+            text_tokens=options["text_tokens"],
+            known=known,
+            on_plan=on_plan,
+        )
+        return plans, {**meta, "resident_bytes": resident}
 
 
 def plan_devices(platform: str, topology: str | None, count: int) -> list[Any]:

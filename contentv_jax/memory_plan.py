@@ -20,14 +20,15 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from contentv_common.config.model import ModelConfig
-from contentv_common.config.recipe import BucketConfig, Recipe, image_tokens
+from contentv_common.config.recipe import BucketConfig, MeshConfig, Recipe, image_tokens
 from contentv_common.demo import DEMO_VAE
 from contentv_common.dtypes import DTYPES
 from contentv_common.model.flops import text_encoder_flops, transformer_flops
 from contentv_common.plan.report import DEFAULT_KINDS, StepPlan, peak_bytes
+from contentv_common.sample_mesh import SampleMesh
 from contentv_common.sampling import latent_shape
 from contentv_common.text.encoder_table import SD35_TEXT_CONFIGS
 from contentv_common.text.sd3_prompt import T5_MAX_SEQUENCE_LENGTH, TextConfigs, read_text_configs
@@ -36,7 +37,9 @@ from contentv_common.vae.checkpoint import open_vae_source
 from contentv_common.vae.chunks import Tiling, tile_plan
 from contentv_common.vae.config import VAEConfig, tiny_vae_config
 from contentv_jax import sharding
+from contentv_jax.ops import attention_for
 from contentv_jax.sampling import denoise_step
+from contentv_jax.sharding import ActivationSharding, make_mesh
 from contentv_jax.text_encoders import planned_encode
 from contentv_jax.train import Trainer, get_trainer
 from contentv_jax.vae import WanVAE, _decode_chunk
@@ -120,16 +123,18 @@ def compile_plan(
     return StepPlan(kind, bucket, tokens, batch, arg, temp, out, alias, peak, compile_s, flops, peak <= hbm, program)
 
 
-def reusable(previous: dict[str, Any] | None, target: str, devices: int) -> dict[str, StepPlan]:
-    """The steps of a previous plan document (`tools/plan.py --json`) whose figures a new plan may take for the same
-    program: those that fit, planned on the same target and device count by the same compiler versions."""
-    if previous is None or (previous.get("target"), previous.get("devices")) != (target, devices):
-        return {}
-    if previous.get("compiler") != compiler_versions():
-        return {}
+def reusable(previous: Sequence[dict[str, Any]], device_kind: str) -> dict[str, StepPlan]:
+    """The steps of previous plan documents (`tools/plan.py --json`) whose figures a new plan may take for the same
+    program: those that fit, compiled for the same kind of chip by the same compiler versions (the program hash holds
+    the device count and every sharding, so a one-device step of one plan serves the one-device step of another)."""
     fields = {f.name for f in dataclasses.fields(StepPlan)}
-    steps = [StepPlan(**{k: v for k, v in s.items() if k in fields}) for s in previous.get("steps", [])]
-    return {s.program: s for s in steps if s.program and s.fits}
+    known = {}
+    for doc in previous:
+        if (doc.get("device_kind"), doc.get("compiler")) != (device_kind, compiler_versions()):
+            continue
+        steps = [StepPlan(**{k: v for k, v in s.items() if k in fields}) for s in doc.get("steps", [])]
+        known |= {s.program: s for s in steps if s.program and s.fits}
+    return known
 
 
 def _train_batch(trainer: Trainer, b: BucketConfig, text_tokens: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -195,18 +200,29 @@ def plan_library_sample(model: nnx.Module, mesh: Mesh, b: BucketConfig, hbm: int
     return _plan_denoise(graphdef, state, model.cfg, mesh, b, text_tokens, hbm, {})
 
 
-def sample_step_inputs(cfg: ModelConfig, mesh: Mesh, b: BucketConfig, text_tokens: int) -> list[jax.ShapeDtypeStruct]:
+def sample_step_inputs(
+    cfg: ModelConfig, mesh: Mesh, b: BucketConfig, text_tokens: int, on_mesh: bool = False
+) -> list[jax.ShapeDtypeStruct]:
     """Abstract (x, timestep, dt, text, pooled, guidance) of contentv_jax.sampling's guided step: `b.batch_size`
-    prompts, their cond/uncond pairs batched, inputs split over the mesh's batch axes."""
+    prompts, their cond/uncond pairs batched, inputs split over the mesh's batch axes; `on_mesh`: placed as the
+    sampler places them on a sampling mesh (the latents whole on every device, the pair's rows over `data`)."""
     pair = 2 * b.batch_size
     shapes = {
         "x": latent_shape(cfg.in_channels, b.frames, b.height, b.width, b.batch_size),
         "text": (pair, text_tokens, cfg.joint_attention_dim),
         "pooled": (pair, cfg.pooled_projection_dim),
     }
-    sh = sharding.batch_shardings(shapes, mesh)
+    whole = NamedSharding(mesh, PartitionSpec())
+    if on_mesh:
+        sh = {
+            "x": whole,
+            "text": NamedSharding(mesh, PartitionSpec("data")),
+            "pooled": NamedSharding(mesh, PartitionSpec("data")),
+        }
+    else:
+        sh = sharding.batch_shardings(shapes, mesh)
     x, text, pooled = (_abstract(shapes[k], jnp.float32, sh[k]) for k in ("x", "text", "pooled"))
-    scalar = _abstract((), jnp.float32, NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    scalar = _abstract((), jnp.float32, whole)
     return [x, scalar, scalar, text, pooled, scalar]
 
 
@@ -219,23 +235,27 @@ def _plan_denoise(
     text_tokens: int,
     hbm: int,
     known: Mapping[str, StepPlan],
+    layout: SampleMesh | None = None,
 ) -> StepPlan:
-    inputs = sample_step_inputs(cfg, mesh, b, text_tokens)
+    """The guided step on `mesh`; with `layout`, as contentv_jax.sampling runs it on a sampling mesh (the latents
+    whole on every device, the pair's rows over `data` in the layout's order), else as training's in-loop sampler."""
+    inputs = sample_step_inputs(cfg, mesh, b, text_tokens, layout is not None)
     x, _, _, text, pooled, _ = inputs
     tokens, pair = image_tokens(b, cfg.patch_size), 2 * b.batch_size
     flops = transformer_flops(cfg, tokens, text_tokens, pair).step("sample")
 
     def lower():
-        return denoise_step(graphdef, True).lower(state, *inputs)
+        step = denoise_step(graphdef, True) if layout is None else denoise_step(graphdef, True, layout, mesh)
+        return step.lower(state, *inputs)
 
     args = argument_bytes(state, x, text, pooled)
     return compile_plan("sample", b.name, tokens + text_tokens, pair, flops, lower, args, hbm, known)
 
 
-def text_configs(recipe: Recipe) -> TextConfigs | None:
-    """The recipe's text encoders: a pipeline folder's configs when the folder is here, else the official full-size
-    SD3.5 ones; the tiny encoders' for "tiny"; None for the demo's word embeddings (no model)."""
-    name = recipe.data.encoders
+def text_configs(name: str) -> TextConfigs | None:
+    """The text encoders of an `encoders` name (a recipe's data.encoders): a pipeline folder's configs when the folder
+    is here, else the official full-size SD3.5 ones; the tiny encoders' for "tiny"; None for the demo's word
+    embeddings (no model)."""
     if name == "demo":
         return None
     if name == "tiny":
@@ -248,17 +268,24 @@ def plan_text(
 ) -> StepPlan:
     """Encoding `batch` prompts (77 CLIP + 256 T5 tokens) with the recipe's text encoders, weights in the compute
     dtype sharded by contentv_jax.sharding.TEXT_PARAM_AXES (T5 over fsdp and tensor), prompts over data x fsdp."""
+    return _text_step(configs, DTYPES[recipe.compute_dtype], mesh, hbm, batch, known)[0]
+
+
+def _text_step(
+    configs: TextConfigs, dtype: Any, mesh: Mesh, hbm: int, batch: int, known: Mapping[str, StepPlan]
+) -> tuple[StepPlan, int]:
+    """plan_text's step, and the per-device bytes of the encoders' weights."""
     clip, t5 = 77, T5_MAX_SEQUENCE_LENGTH
-    lowered, args = planned_encode(configs, DTYPES[recipe.compute_dtype], mesh, batch, (clip, t5))
+    lowered, args = planned_encode(configs, dtype, mesh, batch, (clip, t5))
     flops = text_encoder_flops(configs, clip, t5, batch)
     lower, arg_bytes = lambda: lowered, argument_bytes(*args)
-    return compile_plan("text", "prompts", clip + t5, batch, flops, lower, arg_bytes, hbm, known)
+    plan = compile_plan("text", "prompts", clip + t5, batch, flops, lower, arg_bytes, hbm, known)
+    return plan, argument_bytes(args[0])
 
 
-def vae_config(recipe: Recipe) -> VAEConfig:
-    """The recipe's Wan VAE: its pipeline folder's `vae/` when the folder is here, else the released Wan2.1 one
-    (diffusers' defaults); the tiny or the demo VAE's for "tiny" / "demo"."""
-    name = recipe.data.encoders
+def vae_config(name: str) -> VAEConfig:
+    """The Wan VAE of an `encoders` name: a pipeline folder's `vae/` when the folder is here, else the released
+    Wan2.1 one (diffusers' defaults); the tiny or the demo VAE's for "tiny" / "demo"."""
     if name in ("tiny", "demo"):
         return tiny_vae_config() if name == "tiny" else open_vae_source(DEMO_VAE).config
     return open_vae_source(Path(name) / "vae").config if Path(name, "vae").is_dir() else VAEConfig()
@@ -270,29 +297,94 @@ def plan_decode(recipe: Recipe, mesh: Mesh, hbm: int, b: BucketConfig, known: Ma
     it: "decode", the whole frame on one device (planned on a one-device mesh only: it is the same program whatever
     the mesh); "decode-tiles", one round of diffusers' default tiles (the largest shape), one tile per device of
     `mesh`, the weights replicated. The decoded frames the loop keeps are not counted."""
-    cfg = vae_config(recipe)
-    s = cfg.spatial_factor
-    h, w = b.height // s, b.width // s
+    cfg = vae_config(recipe.data.encoders)
     devices = list(np.asarray(mesh.devices).reshape(-1))
-    tiles = tile_plan(h, w, Tiling(), s)
-    rows = [(h, w, Mesh(devices, ("tiles",)), "decode")] if len(devices) == 1 else []
-    if tiles is not None:
-        tile_h, tile_w = tiles.rows[0][1] - tiles.rows[0][0], tiles.cols[0][1] - tiles.cols[0][0]
-        rows.append((tile_h, tile_w, Mesh(devices, ("tiles",)), "decode-tiles"))
+    kinds = (["decode"] if len(devices) == 1 else []) + ["decode-tiles"]
+    return [p for kind in kinds if (p := _decode_step(cfg, devices, kind, hbm, b, known)) is not None]
+
+
+def _decode_step(
+    cfg: VAEConfig, devices: list, kind: str, hbm: int, b: BucketConfig, known: Mapping[str, StepPlan]
+) -> StepPlan | None:
+    """plan_decode's "decode" or "decode-tiles" step on `devices` (None: tiles asked for a clip that needs none)."""
+    s = cfg.spatial_factor
+    th, tw = b.height // s, b.width // s
+    if kind == "decode-tiles":
+        tiles = tile_plan(th, tw, Tiling(), s)
+        if tiles is None:
+            return None
+        th, tw = tiles.rows[0][1] - tiles.rows[0][0], tiles.cols[0][1] - tiles.cols[0][0]
+    tile_mesh = Mesh(devices, ("tiles",))
+    n = tile_mesh.size
+    split = NamedSharding(tile_mesh, PartitionSpec("tiles"))
+    whole = NamedSharding(tile_mesh, PartitionSpec())
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0))))
+    vae = nnx.merge(graphdef, jax.tree.map(lambda a: _abstract(a.shape, a.dtype, whole), state))
+    z = _abstract((n, 1, th, tw, cfg.z_dim), jnp.float32, split)
+    _, history = _decode_chunk.eval_shape(vae, z, None)
+    history = [_abstract(a.shape, a.dtype, split) for a in history]
+    lower = lambda: _decode_chunk.lower(vae, z, history)  # noqa: E731
+    args = argument_bytes(nnx.state(vae), z, history)
+    return compile_plan(kind, b.name, th * tw, n, 0.0, lower, args, hbm, known)
+
+
+def plan_sample_job(
+    cfg: ModelConfig,
+    encoders: str,
+    b: BucketConfig,
+    layout: SampleMesh,
+    devices: Sequence[Any],
+    hbm: int,
+    *,
+    dtype: Any = jnp.bfloat16,
+    text_tokens: int = 333,
+    known: Mapping[str, StepPlan] | None = None,
+    on_plan: Callable[[StepPlan], None] | None = None,
+) -> tuple[list[StepPlan], dict[str, int]]:
+    """`tools/sample.py --mesh LAYOUT --dtype bfloat16` making one video of bucket `b` from one prompt and its
+    negative, step by step as it runs: "text", the pair through the encoders (`encoders`: text_configs / vae_config),
+    whole on the first device, where sample.py loads them; "sample", one guided step of contentv_jax.sampling on
+    the mesh (attention "auto" resolved for the devices, the weights placed as load_sampling_transformer places
+    them); "decode", the whole frame on one device, or with more than one device "decode-tiles", one tile per device
+    of the first process (sample.py's `--vae-tiling`: process 0 decodes on its local devices). Returns the steps and
+    the per-device bytes of the weights sample.py keeps loaded throughout on the first device: "transformer", "text"
+    and "vae"."""
+    from contentv_jax.loading import abstract_transformer
+
+    known = known or {}
+    mesh = make_mesh(layout.config, devices)
+    model = abstract_transformer(
+        cfg,
+        mesh,
+        dtype=dtype,
+        param_dtype=dtype,
+        attention=attention_for("auto", mesh),
+        constrain=ActivationSharding(mesh),
+    )
+    graphdef, state = placed_as_loaded(model, mesh)
+    vae = vae_config(encoders)
+    vae_state = nnx.state(nnx.eval_shape(lambda: WanVAE(vae, rngs=nnx.Rngs(0))))
+    resident = {"transformer": argument_bytes(state), "vae": sum(_nbytes(a) for a in jax.tree.leaves(vae_state))}
     plans = []
-    for th, tw, tile_mesh, kind in rows:
-        n = tile_mesh.size
-        split = NamedSharding(tile_mesh, jax.sharding.PartitionSpec("tiles"))
-        whole = NamedSharding(tile_mesh, jax.sharding.PartitionSpec())
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0))))
-        vae = nnx.merge(graphdef, jax.tree.map(lambda a: _abstract(a.shape, a.dtype, whole), state))  # noqa: B023
-        z = _abstract((n, 1, th, tw, cfg.z_dim), jnp.float32, split)
-        _, history = _decode_chunk.eval_shape(vae, z, None)
-        history = [_abstract(a.shape, a.dtype, split) for a in history]
-        lower = lambda: _decode_chunk.lower(vae, z, history)  # noqa: B023, E731
-        args = argument_bytes(nnx.state(vae), z, history)
-        plans.append(compile_plan(kind, b.name, th * tw, n, 0.0, lower, args, hbm, known))
-    return plans
+    configs = text_configs(encoders)
+    if configs is not None:
+        first = make_mesh(MeshConfig(), devices[:1])
+        plan, resident["text"] = _text_step(configs, dtype, first, hbm, 2, known)
+        plans.append(plan)
+        if on_plan is not None:
+            on_plan(plan)
+    plans.append(_plan_denoise(graphdef, state, cfg, mesh, b, text_tokens, hbm, known, layout))
+    if on_plan is not None:
+        on_plan(plans[-1])
+    host = [d for d in devices if d.process_index == devices[0].process_index]
+    decode = _decode_step(vae, host, "decode" if len(devices) == 1 else "decode-tiles", hbm, b, known)
+    if decode is None:  # a clip within one tile decodes whole
+        decode = _decode_step(vae, devices[:1], "decode", hbm, b, known)
+    assert decode is not None
+    plans.append(decode)
+    if on_plan is not None:
+        on_plan(decode)
+    return plans, resident
 
 
 def largest_bucket(recipe: Recipe) -> BucketConfig:
@@ -329,7 +421,7 @@ def plan_recipe(
         plans.append(fn(trainer, b, text_tokens, hbm_bytes, known))
         if on_plan is not None:
             on_plan(plans[-1])
-    configs = text_configs(recipe)
+    configs = text_configs(recipe.data.encoders)
     if "text" in kinds and configs is not None:
         plans.append(plan_text(recipe, mesh, hbm_bytes, configs, big.batch_size, known))
         if on_plan is not None:

@@ -12,7 +12,7 @@ import torch
 
 from contentv_common.checkpoint.formats import detect_format
 from contentv_common.config.model import ModelConfig
-from contentv_common.config.recipe import Recipe
+from contentv_common.config.recipe import BucketConfig, Recipe
 from contentv_common.config.reward import RewardRecipe
 from contentv_common.errors import ConfigError
 from contentv_common.lora.adapters import Lora
@@ -178,7 +178,7 @@ class TorchBackend:
             raise ConfigError(
                 f"{options['recipe_path']}: reward recipes are planned by the JAX backend (--backend jax)"
             )
-        if options["previous"] is not None:
+        if options["previous"]:
             raise ConfigError("--reuse: the torch estimate has no compiled program to reuse (--backend jax)")
         if options["chips"] is not None:
             raise ConfigError("--chips picks chips of a --target (--backend jax); the torch world is the recipe's mesh")
@@ -192,6 +192,20 @@ class TorchBackend:
         print(format_table(plans, hbm), flush=True)
         print("state per device (GiB): " + ", ".join(f"{k} {gib(v)}" for k, v in state.items()))
         return plans, {"state_bytes": state}
+
+    def plan_job(
+        self, cfg: ModelConfig, bucket: BucketConfig, mesh: SampleMesh, hbm: int, **options: Any
+    ) -> tuple[list[StepPlan], dict[str, Any]]:
+        """contentv_torch_npu.memory_plan.plan_sample_job as rank 0 of the mesh's ranks (official encoders only)."""
+        if options["encoders"] != "official":
+            raise ConfigError("--encoders: the torch estimate counts the official encoders' weights (drop --encoders)")
+        try:
+            from contentv_torch_npu.memory_plan import plan_sample_job
+        except ImportError as e:
+            raise ConfigError(f"--backend torch: the torch planner is not available ({e})") from None
+        plans, resident = plan_sample_job(cfg, bucket, mesh, hbm, options["text_tokens"])
+        print(format_table(plans, hbm), flush=True)
+        return plans, {"devices": mesh.devices, "resident_bytes": resident}
 
 
 BACKEND = TorchBackend()

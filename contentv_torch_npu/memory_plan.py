@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -28,9 +30,11 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
+from contentv_common.config.model import ModelConfig
 from contentv_common.config.recipe import BucketConfig, Recipe
 from contentv_common.model.flops import image_tokens, transformer_flops
 from contentv_common.plan.report import StepPlan, peak_bytes
+from contentv_common.sample_mesh import SampleMesh
 from contentv_common.sampling import latent_shape
 from contentv_torch_npu.distributed import (
     check_mesh,
@@ -221,5 +225,100 @@ def plan_recipe(recipe: Recipe, hbm_bytes: int, blocks: int | None = None) -> tu
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
         return plan_buckets(recipe, hbm_bytes)
+    finally:
+        dist.destroy_process_group()
+
+
+def _fake(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A module built on the meta device given fake CPU tensors (call under FakeTensorMode), parameters in `dtype`."""
+    for sub in module.modules():
+        for name, p in sub.named_parameters(recurse=False):
+            fake = torch.empty_like(p, device="cpu", dtype=dtype or p.dtype)
+            setattr(sub, name, nn.Parameter(fake, requires_grad=False))
+        for name, b in sub.named_buffers(recurse=False):
+            setattr(sub, name, torch.empty_like(b, device="cpu"))
+    return module
+
+
+class _Step(nn.Module):
+    """A step as one module call: MemTracker follows a module called again (a VAE layer per latent frame) only
+    inside an outer module."""
+
+    def __init__(self, run: Callable[[], object]) -> None:
+        super().__init__()
+        self.run = run
+
+    def forward(self) -> object:
+        return self.run()
+
+
+def _traced(
+    kind: str, name: str, tokens: int, batch: int, flops: float, hbm: int, run: Callable[[], object], *tracked
+) -> StepPlan:
+    """`run()` under a one-process MemTracker that counts `tracked` (modules, tensors) as the step's arguments."""
+    start = time.perf_counter()
+    tracker = _OneProcessTracker()
+    tracker.track_external(*tracked)
+    with tracker, torch.no_grad():
+        _Step(run)()
+    snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    by_name = {getattr(k, "name", str(k)): v for k, v in snapshot.items()}
+    args = sum(by_name.get(k, 0) for k in _STATE)
+    peak = by_name["Total"]
+    seconds = time.perf_counter() - start
+    return StepPlan(kind, name, tokens, batch, args, peak - args, 0, 0, peak, seconds, flops, peak <= hbm)
+
+
+def plan_sample_job(
+    cfg: ModelConfig,
+    bucket: BucketConfig,
+    mesh: SampleMesh,
+    hbm_bytes: int,
+    text_tokens: int = TEXT_TOKENS,
+    dtype: torch.dtype = torch.bfloat16,
+) -> tuple[list[StepPlan], dict[str, int]]:
+    """Rank 0 of `tools/sample.py --backend torch --mesh MESH --dtype bfloat16` under torchrun, in a fake world of
+    the mesh's ranks: "sample", one guided step of contentv_torch_npu.sampling (the transformer whole on every rank,
+    this rank's rows of the pair, Ulysses over its sequence group, the velocities gathered); "decode", the Wan VAE
+    (fp32) decoding the clip whole on the rank's device, as sample.py does (its frames kept, unlike the JAX plan's).
+    The text encoders are not traced: their bf16 weights, kept loaded on every rank, are counted. Returns the steps
+    and the weights each rank keeps loaded: "transformer", "text", "vae"."""
+    from contentv_common.text.encoder_table import SD35_TEXT_CONFIGS, clip_text_shapes, t5_shapes
+    from contentv_common.vae.config import VAEConfig
+    from contentv_torch_npu import sampling
+    from contentv_torch_npu.vae import WanVAE
+
+    if dist.is_initialized():
+        raise RuntimeError("plan_sample_job starts its own fake process group; call it outside a distributed run")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=mesh.devices)
+    try:
+        groups = [dist.new_group(ranks) for ranks in sequence_groups(mesh.config)] if mesh.sequence > 1 else []
+        shape = latent_shape(cfg.in_channels, bucket.frames, bucket.height, bucket.width)
+        pair = np.zeros((2, text_tokens, cfg.joint_attention_dim), np.float32)
+        pooled = np.zeros((2, cfg.pooled_projection_dim), np.float32)
+        tokens = image_tokens(cfg, *shape[2:])
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            with torch.device("meta"):
+                model = Transformer(cfg, compute_dtype=dtype, ops="torch")
+            model = _fake(model, dtype).eval()
+            if groups:
+                enable_sequence_parallel(model, groups[0], "cpu")
+            x, step = sampling._prepare(model, np.zeros(shape, np.float32), pair, pooled, True, 6.0, mesh)
+            flops = transformer_flops(cfg, tokens, text_tokens, 2).step("sample")
+            run = lambda: step(x, np.float32(1.0), np.float32(-0.02))  # noqa: E731
+            plans = [_traced("sample", bucket.name, tokens + text_tokens, 2, flops, hbm_bytes, run, model, x)]
+            vae_cfg = VAEConfig()
+            with torch.device("meta"):
+                vae = WanVAE(vae_cfg)
+            vae = _fake(vae).eval()
+            latents = torch.zeros(shape)
+            decode = lambda: vae.decode(latents)  # noqa: E731
+            f, h, w = shape[2:]
+            plans.append(_traced("decode", bucket.name, h * w, 1, 0.0, hbm_bytes, decode, vae, latents))
+            resident = {"transformer": _local_bytes(model.parameters()), "vae": _local_bytes(vae.parameters())}
+        clip_l, clip_g, t5 = SD35_TEXT_CONFIGS
+        shapes = [*clip_text_shapes(clip_l).values(), *clip_text_shapes(clip_g).values(), *t5_shapes(t5).values()]
+        resident["text"] = sum(int(np.prod(s)) for s in shapes) * dtype.itemsize
+        return plans, resident
     finally:
         dist.destroy_process_group()

@@ -68,3 +68,43 @@ def report(plans: Sequence[StepPlan], hbm_bytes: int, **meta: Any) -> dict[str, 
         "fits": all(p.fits for p in plans),
         "steps": [dataclasses.asdict(p) for p in plans],
     }
+
+
+# tools/sample.py's default number of sampling steps, and the weights each step of a sampling job runs
+SAMPLING_STEPS = 50
+JOB_WEIGHTS = {"text": "text", "sample": "transformer", "decode": "vae", "decode-tiles": "vae"}
+
+
+def job_summary(
+    plans: Sequence[StepPlan], resident: dict[str, int], hbm_bytes: int, steps: int = SAMPLING_STEPS
+) -> dict[str, Any]:
+    """A sampling job as a whole (tools/sample.py loads the text encoders, the VAE and the transformer before the
+    first prompt and keeps them all): each step's peak on the first device, which holds all three, with the weights
+    of the other two resident beside it; the job's peak (the largest); the model FLOPs of one video (the prompt pair
+    encoded once and `steps` guided steps; the VAE decode has no FLOP counter and is left out); compile seconds."""
+    peaks = {
+        p.kind: p.peak_bytes + sum(n for name, n in resident.items() if name != JOB_WEIGHTS[p.kind]) for p in plans
+    }
+    flops = sum(p.flops * (steps if p.kind == "sample" else 1) for p in plans)
+    peak = max(peaks.values())
+    return {
+        "sampling_steps": steps,
+        "step_peak_bytes": peaks,
+        "peak_bytes": peak,
+        "fits": peak <= hbm_bytes,
+        "flops": flops,
+        "compile_s": sum(p.compile_s for p in plans),
+    }
+
+
+def format_job(job: dict[str, Any], resident: dict[str, int], hbm_bytes: int) -> str:
+    """The job summary in a few lines (GiB per device)."""
+    weights = ", ".join(f"{name} {gib(n)}" for name, n in resident.items())
+    steps = ", ".join(f"{kind} {gib(n)}" for kind, n in job["step_peak_bytes"].items())
+    return (
+        f"weights kept loaded on the first device (GiB): {weights}\n"
+        f"each step's peak with them (GiB): {steps}\n"
+        f"job peak {gib(job['peak_bytes'])} GiB per device, headroom {gib(hbm_bytes - job['peak_bytes'])} GiB; "
+        f"{job['flops'] / 1e12:,.1f} TFLOP per video ({'text + ' * ('text' in job['step_peak_bytes'])}"
+        f"{job['sampling_steps']} guided steps; decode not counted); compile {job['compile_s']:.0f} s"
+    )

@@ -33,30 +33,39 @@ CODE_PATHS = (
 PLANS = Path("docs") / "plans"
 BEGIN = "<!-- plan table: written by `python tools/plan.py --all` from docs/plans/*.json; edit the code, not this -->"
 END = "<!-- end of plan table -->"
-V5P_POD, V5P_HOST, V6E_HOST = "tpu:v5p:4x4x4", "tpu:v5p:2x2x1", "tpu:v6e:2x2"
+JOB_BEGIN = (
+    "<!-- sampling job table: written by `python tools/plan.py --all` from docs/plans/job_*.json; edit the code, "
+    "not this -->"
+)
+JOB_END = "<!-- end of sampling job table -->"
+V5P_POD, V5P_HOST, V5P_TWO_HOSTS, V6E_HOST = "tpu:v5p:4x4x4", "tpu:v5p:2x2x1", "tpu:v5p:2x2x2", "tpu:v6e:2x2"
 
 
 @dataclass(frozen=True)
 class Entry:
     """One plan of the table: a recipe (path from the repository root) on a backend, target and memory goal."""
 
-    recipe: str
+    recipe: str  # "" for a sampling job
     backend: str  # "jax" or "torch"
     hbm_gib: float
     target: str = ""  # JAX: tpu:<topology>; torch: none
     chips: int | None = None  # JAX: the first N chips of the target
+    job: str = ""  # a sampling job's video (tools/plan.py --sample-job), e.g. 1280x720x121
+    mesh: str = ""  # the sampling job's --mesh, e.g. data=1,sequence=4,cfg=2
 
     @property
     def key(self) -> str:
-        """The plan's file name stem, e.g. stage5_720p.v5p-4x4x4 or lora_8b_480p.torch."""
+        """The plan's file name stem, e.g. stage5_720p.v5p-4x4x4, lora_8b_480p.torch or job_1280x720x121.v5p-2x2x2."""
+        name = f"job_{self.job}" if self.job else Path(self.recipe).stem
         if self.backend == "torch":
-            return f"{Path(self.recipe).stem}.torch"
+            return f"{name}.torch"
         where = self.target.removeprefix("tpu:").replace(":", "-")
-        return f"{Path(self.recipe).stem}.{where}" + (f"-{self.chips}chip" if self.chips else "")
+        return f"{name}.{where}" + (f"-{self.chips}chip" if self.chips else "")
 
     def argv(self) -> list[str]:
         """tools/plan.py's arguments for this plan (without --json)."""
-        out = ["--recipe", self.recipe, "--hbm-gib", f"{self.hbm_gib:g}"]
+        what = ["--sample-job", self.job, "--mesh", self.mesh] if self.job else ["--recipe", self.recipe]
+        out = [*what, "--hbm-gib", f"{self.hbm_gib:g}"]
         if self.backend == "torch":
             return [*out, "--backend", "torch"]
         return [*out, "--target", self.target, *(["--chips", str(self.chips)] if self.chips else [])]
@@ -77,7 +86,26 @@ def entries(root: Path) -> list[Entry]:
     for stage in sorted(recipes.glob("stage*.yaml")):
         out += [Entry(rel(stage), "jax", 64, V5P_POD), Entry(rel(stage), "torch", 64)]
     rewards = [p for p in sorted(recipes.glob("reward_*.yaml")) if not p.stem.endswith(("_tiny", "_demo"))]
-    return out + [Entry(rel(p), "jax", 64, V5P_POD) for p in rewards]
+    return out + [Entry(rel(p), "jax", 64, V5P_POD) for p in rewards] + job_entries()
+
+
+# the sampling jobs: 1 chip, 4 chips (one v5p host), 8 chips (two hosts) and the torch twin's 8 ranks
+JOB_VIDEOS = ("768x432x125", "1280x720x121")
+JOB_MESHES = (
+    ("data=1,sequence=1,cfg=1", V5P_HOST, 1),
+    ("data=1,sequence=2,cfg=2", V5P_HOST, None),
+    ("data=1,sequence=4,cfg=2", V5P_TWO_HOSTS, None),
+)
+TORCH_JOB_MESH = "data=1,sequence=4,cfg=2"
+
+
+def job_entries() -> list[Entry]:
+    """tools/sample.py's job at ContentV's default video and at 720p on 1, 4 and 8 v5p chips and 8 torch ranks."""
+    out = []
+    for video in JOB_VIDEOS:
+        out += [Entry("", "jax", 64, target, chips, video, mesh) for mesh, target, chips in JOB_MESHES]
+        out.append(Entry("", "torch", 64, job=video, mesh=TORCH_JOB_MESH))
+    return out
 
 
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -152,6 +180,7 @@ def table(root: Path, plans: list[tuple[Entry, dict[str, Any] | None]]) -> str:
     )
     rows = [head, "|" + " --- |" * 14]
     stale_count = 0
+    plans = [(entry, doc) for entry, doc in plans if not entry.job]
     for entry, doc in plans:
         name = Path(entry.recipe).stem
         if doc is None:
@@ -183,10 +212,53 @@ def table(root: Path, plans: list[tuple[Entry, dict[str, Any] | None]]) -> str:
     return "\n".join([BEGIN, "", intro, "", *rows, "", END])
 
 
-def write_table(doc_path: Path, text: str) -> None:
-    """Replace the generated section of `doc_path` (between BEGIN and END) with `text`."""
+def job_table(root: Path, plans: list[tuple[Entry, dict[str, Any] | None]]) -> str:
+    """The generated sampling job section of docs/scale.md: one row per job (GiB on the first device, which holds
+    every model's weights)."""
+    head = (
+        "| video | planned on | mesh (d, s, c) | text GiB | sample step GiB | decode GiB | job peak GiB | goal GiB "
+        "| fits | TFLOP per video | compile s | planned at |"
+    )
+    rows = [head, "|" + " --- |" * 12]
+    jobs = [(entry, doc) for entry, doc in plans if entry.job]
+    stale_count = 0
+    for entry, doc in jobs:
+        if doc is None:
+            rows.append(f"| {entry.job} | {entry.key} | {entry.mesh} | not planned yet |" + " |" * 8)
+            continue
+        why = stale(root, doc)
+        stale_count += why is not None
+        job, m = doc["job"], doc["mesh"]
+        peaks = job["step_peak_bytes"]
+        decode = next((k for k in ("decode", "decode-tiles") if k in peaks), None)
+        cells = [peaks.get("text"), peaks.get("sample"), peaks.get(decode) if decode else None]
+        text, sample, dec = (f"{n / GIB:.2f}" if n is not None else "-" for n in cells)
+        dec += " (tiles)" if decode == "decode-tiles" else ""
+        where = (
+            f"torch, {doc['devices']} ranks"
+            if doc["backend"] == "torch"
+            else f"{doc['device_kind']} x {doc['devices']}"
+        )
+        reused = sum(s.get("reused", False) for s in doc["steps"])
+        when = f"{doc['date']} {doc['commit'] or '?'}" + (" **stale**" if why else "")
+        when += f" ({reused} of {len(doc['steps'])} steps reused)" if reused else ""
+        rows.append(
+            f"| {doc['sample_job']} | {where} | {m['data']}, {m['sequence']}, {m['cfg']} | {text} | {sample} | {dec} "
+            f"| {job['peak_bytes'] / GIB:.2f} | {doc['hbm_bytes'] / GIB:g} | {'yes' if job['fits'] else '**NO**'} "
+            f"| {job['flops'] / 1e12:,.0f} | {job['compile_s']:.0f} | {when} |"
+        )
+    intro = (
+        "Written by `python tools/plan.py --all` (each row: `python tools/plan.py --sample-job VIDEO --mesh MESH "
+        "--hbm-gib 64 --target ...`, its JSON docs/plans/job_*.json); stale as the table above. "
+        f"Stale jobs now: {stale_count} of {len(jobs)}."
+    )
+    return "\n".join([JOB_BEGIN, "", intro, "", *rows, "", JOB_END])
+
+
+def write_table(doc_path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the generated section of `doc_path` (between the lines `begin` and `end`) with `text`."""
     doc = doc_path.read_text()
-    start, end = doc.find(BEGIN), doc.find(END)
-    if start < 0 or end < start:
-        raise ValueError(f"{doc_path}: no generated plan table (the lines {BEGIN!r} ... {END!r})")
-    doc_path.write_text(doc[:start] + text + doc[end + len(END) :])
+    start, stop = doc.find(begin), doc.find(end)
+    if start < 0 or stop < start:
+        raise ValueError(f"{doc_path}: no generated plan table (the lines {begin!r} ... {end!r})")
+    doc_path.write_text(doc[:start] + text + doc[stop + len(end) :])

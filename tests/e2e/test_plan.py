@@ -238,15 +238,15 @@ def test_a_known_program_keeps_its_figures_and_a_changed_one_compiles():
     first = Lowered("module @step { a }")
     p = compile_plan("train", "b", 10, 2, 3.0, lambda: first, args=5, hbm=100)
     assert first.compiled and not p.reused and p.peak_bytes == 13 and p.program == program_hash(first)
-    doc = {"target": "cpu:8", "devices": 8, "compiler": compiler_versions(), "steps": [dataclasses.asdict(p)]}
-    known = reusable(doc, "cpu:8", 8)
+    doc = {"device_kind": "cpu", "compiler": compiler_versions(), "steps": [dataclasses.asdict(p)]}
+    known = reusable([doc], doc["device_kind"])
     same = Lowered("module @step { a }")
     q = compile_plan("train", "b", 10, 2, 4.0, lambda: same, args=5, hbm=12, known=known)
     assert not same.compiled and q.reused and q.peak_bytes == 13 and q.flops == 4.0 and not q.fits
     changed = Lowered("module @step { b }")
     r = compile_plan("train", "b", 10, 2, 3.0, lambda: changed, args=5, hbm=100, known=known)
     assert changed.compiled and not r.reused and r.program != p.program
-    assert reusable(doc, "cpu:4", 4) == {} and reusable(doc, "tpu:v5p:2x2x2", 8) == {}
-    assert reusable({**doc, "compiler": {**doc["compiler"], "jax": "0.0.1"}}, "cpu:8", 8) == {}
+    assert reusable([doc], "TPU v5") == {}
+    assert reusable([{**doc, "compiler": {**doc["compiler"], "jax": "0.0.1"}}], doc["device_kind"]) == {}
     unfit = {**doc, "steps": [dataclasses.asdict(dataclasses.replace(p, fits=False))]}
-    assert reusable(unfit, "cpu:8", 8) == {}  # a step that did not fit is a lower bound: compiled again
+    assert reusable([unfit], doc["device_kind"]) == {}  # a step that did not fit is a lower bound: compiled again
