@@ -1,5 +1,7 @@
 """The torch Wan VAE's tiled decode spread over 2 gloo ranks: every rank gets the frames one process decoding the
-same tiles gives (the demo's trained VAE, diffusers' default 256/192-pixel tiles, 2 latent frames, 3 tiles)."""
+same tiles gives (the demo's trained VAE, diffusers' default 256/192-pixel tiles, 2 latent frames, 3 tiles), within
+fp32 rounding: each rank runs one thread, and oneDNN's convolutions sum in another order than the test process's (CI
+saw 3 of 307,200 values 1.1e-6 apart at magnitude 0.5, relative 2.3e-6)."""
 
 import os
 
@@ -37,4 +39,4 @@ def test_tiles_over_two_ranks_equal_one_process(tmp_path, spawn_ranks):
     expected = _decode(None)
     assert expected.shape == (1, 3, 5, 64, 320)
     for rank in range(2):
-        np.testing.assert_allclose(np.load(tmp_path / f"rank{rank}.npy"), expected, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(np.load(tmp_path / f"rank{rank}.npy"), expected, rtol=1e-5, atol=1e-6)
