@@ -44,6 +44,9 @@ class SampleMesh:
         return f"data={self.data},sequence={self.sequence},cfg={self.cfg}"
 
 
+ONE_DEVICE = SampleMesh()  # sampling without a mesh: one device, the pair's rows as diffusers batches them
+
+
 def parse_mesh(text: str) -> SampleMesh:
     """`data=D,sequence=S,cfg=C` (any order, any subset; missing sizes are 1) -> SampleMesh; argparse's type."""
     sizes: dict[str, int] = {}

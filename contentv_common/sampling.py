@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from contentv_common.errors import ConfigError
-from contentv_common.sample_mesh import SampleMesh, pair_rows
+from contentv_common.sample_mesh import ONE_DEVICE, SampleMesh, pair_rows
 from contentv_common.training.schedules import shift_sigmas
 
 if TYPE_CHECKING:
@@ -155,7 +155,7 @@ def guidance_batch(
         return text, pooled, False
     if neg_text is None or neg_pooled is None:
         raise ValueError(f"guidance {guidance} > 1 needs neg_text and neg_pooled (the negative prompt)")
-    layout = mesh or SampleMesh()
+    layout = mesh or ONE_DEVICE
     return pair_rows(neg_text, text, layout), pair_rows(neg_pooled, pooled, layout), True
 
 

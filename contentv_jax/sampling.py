@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from contentv_common.sample_mesh import SampleMesh, pair_rows, split_pair
+from contentv_common.sample_mesh import ONE_DEVICE, SampleMesh, pair_rows, split_pair
 from contentv_common.sampling import StepFn, euler_step, flow_match_sampler, guide
 from contentv_common.vae.chunks import Tiling
 from contentv_jax import multihost
@@ -29,8 +29,6 @@ from contentv_jax.multihost import to_host
 from contentv_jax.ops import attention_for
 from contentv_jax.sharding import ActivationSharding, make_mesh
 from contentv_jax.vae import WanVAE
-
-ONE_DEVICE = SampleMesh()
 
 
 def guided_velocity(

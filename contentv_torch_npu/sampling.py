@@ -17,12 +17,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from contentv_common.sample_mesh import SampleMesh, pair_rows, split_pair
+from contentv_common.sample_mesh import ONE_DEVICE, SampleMesh, pair_rows, split_pair
 from contentv_common.sampling import StepFn, euler_step, flow_match_sampler, guide
 from contentv_torch_npu.distributed import Topology, enable_sequence_parallel, init_distributed
 from contentv_torch_npu.loading import load_transformer
-
-ONE_DEVICE = SampleMesh()
 
 
 @cache
