@@ -26,7 +26,7 @@ from contentv_common.config.model import ModelConfig
 from contentv_common.config.recipe import BucketConfig, MeshConfig, Recipe, image_tokens
 from contentv_common.demo import DEMO_VAE
 from contentv_common.dtypes import DTYPES
-from contentv_common.model.flops import text_encoder_flops, transformer_flops
+from contentv_common.model.flops import text_encoder_flops, transformer_flops, vae_encode_flops
 from contentv_common.plan.report import DEFAULT_KINDS, StepPlan, peak_bytes
 from contentv_common.sample_mesh import SampleMesh
 from contentv_common.sampling import latent_shape
@@ -35,14 +35,14 @@ from contentv_common.text.sd3_prompt import T5_MAX_SEQUENCE_LENGTH, TextConfigs,
 from contentv_common.tiny_models import tiny_text
 from contentv_common.vae.checkpoint import open_vae_source
 from contentv_common.vae.chunks import Tiling, tile_plan
-from contentv_common.vae.config import VAEConfig, tiny_vae_config
+from contentv_common.vae.config import RGB, VAEConfig, tiny_vae_config
 from contentv_jax import sharding
 from contentv_jax.ops import attention_for
 from contentv_jax.sampling import denoise_step
 from contentv_jax.sharding import ActivationSharding, make_mesh
 from contentv_jax.text_encoders import planned_encode
 from contentv_jax.train import Trainer, get_trainer
-from contentv_jax.vae import WanVAE, _decode_chunk
+from contentv_jax.vae import WanVAE, _decode_chunk, _encode_chunk
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -328,6 +328,27 @@ def _decode_step(
     return compile_plan(kind, b.name, th * tw, n, 0.0, lower, args, hbm, known)
 
 
+def plan_encode(recipe: Recipe, mesh: Mesh, hbm: int, b: BucketConfig, known: Mapping[str, StepPlan]) -> StepPlan:
+    """The Wan VAE encode of one clip at bucket `b` (the cache builder's), fp32 as the encoders load it, on the first
+    device of `mesh`: the program of a chunk after the first (`temporal_factor` frames after the causal history; the
+    first chunk is one frame), whole frames. FLOPs: that chunk's (contentv_common.model.flops.vae_encode_flops)."""
+    cfg = vae_config(recipe.data.encoders)
+    one = Mesh(np.asarray(mesh.devices).reshape(-1)[:1], ("one",))
+    whole = NamedSharding(one, PartitionSpec())
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0))))
+    vae = nnx.merge(graphdef, jax.tree.map(lambda a: _abstract(a.shape, a.dtype, whole), state))
+    t = cfg.temporal_factor
+    first = _abstract((1, 1, b.height, b.width, RGB), jnp.float32, whole)
+    _, history = _encode_chunk.eval_shape(vae, first, None)
+    history = [_abstract(a.shape, a.dtype, whole) for a in history]
+    x = _abstract((1, t, b.height, b.width, RGB), jnp.float32, whole)
+    lower = lambda: _encode_chunk.lower(vae, x, history)  # noqa: E731
+    flops = vae_encode_flops(cfg, 1 + t, b.height, b.width) - vae_encode_flops(cfg, 1, b.height, b.width)
+    args = argument_bytes(nnx.state(vae), x, history)
+    tokens = b.height * b.width // cfg.spatial_factor**2  # latent pixels of a frame
+    return compile_plan("encode", b.name, tokens, 1, flops, lower, args, hbm, known)
+
+
 def plan_sample_job(
     cfg: ModelConfig,
     encoders: str,
@@ -424,6 +445,10 @@ def plan_recipe(
     configs = text_configs(recipe.data.encoders)
     if "text" in kinds and configs is not None:
         plans.append(plan_text(recipe, mesh, hbm_bytes, configs, big.batch_size, known))
+        if on_plan is not None:
+            on_plan(plans[-1])
+    if "encode" in kinds and (buckets is None or big.name in buckets):
+        plans.append(plan_encode(recipe, mesh, hbm_bytes, big, known))
         if on_plan is not None:
             on_plan(plans[-1])
     if "decode" in kinds and (buckets is None or big.name in buckets):

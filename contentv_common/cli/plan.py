@@ -9,18 +9,19 @@
     python tools/plan.py --sample-job 1280x720x121 --mesh data=1,sequence=4,cfg=2 --target tpu:v5p:2x2x2 --hbm-gib 64
     python tools/plan.py --sample-job 1280x720x121 --mesh data=1,sequence=4,cfg=2 --backend torch --hbm-gib 64
 
-JAX: compiles the real train step of every bucket and one sampling step (cond/uncond pair batched) at the largest
-bucket (a reward recipe, configs/recipes/reward_*.yaml: its update step, kind "reward", contentv_jax.reward.plan),
-and with `--kinds text` SD3.5's text encoders on that bucket's batch of 333-token prompts (the recipe's pipeline
-folder's encoders, or the official full-size CLIP-L/CLIP-G/T5-XXL when the folder is not here), and with `--kinds
-decode` the Wan VAE decode of one clip at that bucket (whole on one device; diffusers' tiles, one per device), with
-abstract inputs sharded over the recipe's mesh, built from the target's devices: `tpu:<libtpu topology>`
+JAX: compiles the real train step of every bucket and one sampling step (cond/uncond pair batched) at the largest bucket
+(a reward recipe, configs/recipes/reward_*.yaml: its update step, kind "reward", contentv_jax.reward.plan), and with
+`--kinds text` SD3.5's text encoders on that bucket's batch of 333-token prompts (the recipe's pipeline folder's
+encoders, or the official full-size CLIP-L/CLIP-G/T5-XXL when the folder is not here), with `--kinds encode` the Wan VAE
+encode of one clip at that bucket on one device (a chunk of 4 frames after the first, as the cache builder runs it), and
+with `--kinds decode` the Wan VAE decode of one clip at that bucket (whole on one device; diffusers' tiles, one per
+device), with abstract inputs sharded over the recipe's mesh, built from the target's devices: `tpu:<libtpu topology>`
 (chips = the product, e.g. v5p:4x4x4 = 64; needs `pip install .[tpu]`) or `cpu:N` fake CPU devices. Prints per-device
 argument, temporary, output and aliased bytes, peak, compile time, model FLOPs and fit; lists parameters left
-replicated. `--blocks N` plans a shallower model for quick checks. `--reuse PLAN.json` (repeatable) lowers every
-step (seconds) and compiles only those whose program (sha256 of the lowered StableHLO: its device count and every
-sharding included) is not a fitting step of one of those plans, compiled for the same kind of chip by the same jax /
-jaxlib / libtpu; the others keep that plan's figures (marked reused). Torch: contentv_torch_npu.memory_plan.
+replicated. `--blocks N` plans a shallower model for quick checks. `--reuse PLAN.json` (repeatable) lowers every step
+(seconds) and compiles only those whose program (sha256 of the lowered StableHLO: its device count and every sharding
+included) is not a fitting step of one of those plans, compiled for the same kind of chip by the same jax / jaxlib /
+libtpu; the others keep that plan's figures (marked reused). Torch: contentv_torch_npu.memory_plan.
 
 `--sample-job WIDTHxHEIGHTxFRAMES --mesh data=1,sequence=S,cfg=C` plans `tools/sample.py --mesh ... --dtype bfloat16`
 making one video of the `--model` (contentv-8b) from one prompt and its negative: the text encoders on the pair
@@ -259,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, help="plan this many transformer blocks instead of the model's")
     parser.add_argument(
         "--kinds",
-        help="steps to plan, comma-separated: train,sample,text,decode (default train,sample; text: the text "
-        "encoders; decode: the Wan VAE decode of one clip at the largest bucket, whole and in tiles over the devices)",
+        help="steps to plan, comma-separated: train,sample,text,encode,decode (default train,sample; text: the "
+        "text encoders; encode: the Wan VAE encode of one clip at the largest bucket (the cache builder's), on one "
+        "device; decode: its decode, whole and in tiles over the devices)",
     )
     parser.add_argument("--buckets", help="only these bucket names, comma-separated (e.g. 832x480x121)")
     parser.add_argument("--text-tokens", type=int, default=333, help="text tokens per sample (SD3.5: 333)")

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from contentv_common.config.model import ModelConfig
+from contentv_common.vae.chunks import encode_chunks
+from contentv_common.vae.config import RGB, VAEConfig, encoder_layers, mid_dim
 
 Mode = Literal["train", "sample"]
 TRAIN_MULTIPLIER = 3
@@ -108,4 +110,32 @@ def text_encoder_flops(configs: tuple, clip_tokens: int, t5_tokens: int, batch: 
         macs += c.text.num_hidden_layers * (n * (4 * d * d + 2 * d * ff) + 2 * n * n * d) + d * c.projection_dim
     d, inner, ff, n = t5.d_model, t5.inner_dim, t5.d_ff, t5_tokens
     macs += t5.num_layers * (n * (4 * d * inner + 3 * d * ff) + 2 * n * n * inner)
+    return 2.0 * batch * macs
+
+
+def vae_encode_flops(cfg: VAEConfig, frames: int, height: int, width: int, batch: int = 1) -> float:
+    """Forward FLOPs of the Wan VAE encoding `batch` clips of `frames` x `height` x `width`, chunk by chunk as both
+    backends run it (frame 0 alone, then `temporal_factor` frames after the causal history, which convolves zeros
+    before frame 0): every conv (bias adds uncounted) and the middle block's single-head attention over each frame's
+    pixels. Norms and activations are not counted."""
+    macs = 0
+    k3 = 27  # a 3x3x3 kernel
+    mid = mid_dim(cfg)
+    for start, stop in encode_chunks(frames, cfg.temporal_factor):
+        t, h, w = stop - start, height, width
+        macs += t * h * w * RGB * cfg.base_dim * k3  # conv_in
+        for layer in encoder_layers(cfg):
+            if layer.kind == "residual":
+                a, b = layer.in_dim, layer.out_dim
+                macs += t * h * w * (k3 * (a * b + b * b) + (a * b if a != b else 0))
+                continue
+            h, w = h // 2, w // 2  # 3x3 stride 2 (sizes are multiples of 8)
+            macs += t * h * w * layer.out_dim**2 * 9
+            if layer.kind == "downsample3d" and start > 0:  # the last frame before the chunk, then stride 2
+                t = (t + 1 - 3) // 2 + 1
+                macs += t * h * w * layer.out_dim**2 * 3
+        s = h * w
+        macs += 2 * t * s * k3 * 2 * mid * mid  # the middle block's two residual blocks
+        macs += t * (s * 4 * mid * mid + 2 * s * s * mid)  # its attention: q, k, v, out; Q K^T and P V
+        macs += t * s * (k3 * mid * 2 * cfg.z_dim + (2 * cfg.z_dim) ** 2)  # conv_out, quant_conv
     return 2.0 * batch * macs

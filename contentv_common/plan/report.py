@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 GIB = 1024**3
-# the steps a plan can compile, and those it compiles unless asked (text, decode: the encoders' and the VAE's own)
-KINDS = ("train", "sample", "text", "decode")
+# the steps a plan can compile, and those it compiles unless asked (text, encode, decode: the encoders' and the VAE's)
+KINDS = ("train", "sample", "text", "encode", "decode")
 DEFAULT_KINDS = ("train", "sample")
 
 

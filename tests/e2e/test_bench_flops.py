@@ -153,3 +153,20 @@ def test_headline_formula_describes_contentv_8b():
     assert image_tokens(cfg, 21, 60, 104) + 333 == 33_093
     attn = transformer_flops(cfg, 32_760, 333)
     assert 0.6 < attn.attention / attn.forward < 0.75  # attention dominates at 33k tokens (docs/benchmarks.md: ~69%)
+
+
+@pytest.mark.parametrize("num_res_blocks", [1, 2])
+def test_vae_encode_flops_match_torch_flop_counter(num_res_blocks: int) -> None:
+    """The Wan VAE encode's counted FLOPs (the cache builder's time model) equal FlopCounterMode's count of the torch
+    twin encoding 2 clips of 9 frames (frame 0, then two 4-frame chunks with the causal history), 24 x 40 pixels (a
+    middle block of 3 x 5)."""
+    from contentv_common.model.flops import vae_encode_flops
+    from contentv_common.vae.config import VAEConfig
+    from contentv_torch_npu.vae import WanVAE
+
+    cfg = VAEConfig(base_dim=8, num_res_blocks=num_res_blocks)
+    vae = WanVAE(cfg).eval()
+    video = torch.zeros(2, 3, 9, 24, 40)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        vae.encode(video)
+    assert counter.get_total_flops() == vae_encode_flops(cfg, 9, 24, 40, batch=2)

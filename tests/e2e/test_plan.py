@@ -14,9 +14,11 @@ import pytest
 
 from contentv_common.cli import plan
 from contentv_common.config.model import named_model_config
-from contentv_common.model.flops import text_encoder_flops, transformer_flops
+from contentv_common.config.recipe import load_recipe
+from contentv_common.model.flops import text_encoder_flops, transformer_flops, vae_encode_flops
 from contentv_common.plan.report import GIB, StepPlan
 from contentv_common.tiny_models import tiny_text
+from contentv_common.vae.config import tiny_vae_config
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "recipes" / "tiny.yaml"
@@ -102,6 +104,23 @@ def test_text_encoders_plan(tmp_path, monkeypatch):
     # per device: one of the 4 prompts' [333, 48] embeddings and [24] pooled (float32) comes out (XLA aligns buffers)
     one = (333 * 48 + 24) * 4
     assert one <= step["output_bytes"] < 1.1 * one
+
+
+def test_vae_encode_plan(tmp_path, monkeypatch):
+    """`--kinds encode`: the cache builder's Wan VAE encode of one clip at the largest bucket, on one of the mesh's
+    devices: a 4-frame chunk after frame 0 with its causal history, FLOPs those of that chunk, the frames in fp32
+    as arguments."""
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    out = tmp_path / "plan.json"
+    argv = ["--recipe", str(TINY), "--target", "cpu:8", "--hbm-gib", "1", "--json", str(out), "--kinds", "encode"]
+    assert plan.main([*argv, "mesh.data=8", "data.encoders=tiny"]) == 0
+    [step] = json.loads(out.read_text())["steps"]
+    recipe = load_recipe(TINY)
+    b = max(recipe.data.buckets, key=lambda b: b.width * b.height * b.frames)
+    cfg = tiny_vae_config()
+    chunk = vae_encode_flops(cfg, 5, b.height, b.width) - vae_encode_flops(cfg, 1, b.height, b.width)
+    assert (step["kind"], step["bucket"], step["batch"], step["flops"]) == ("encode", b.name, 1, chunk)
+    assert step["argument_bytes"] > 4 * b.height * b.width * 3 * 4 and step["temp_bytes"] > 0 and step["fits"]
 
 
 @pytest.mark.parametrize(
