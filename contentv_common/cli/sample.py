@@ -309,6 +309,12 @@ def report_suite(
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
+    """Sample what the arguments ask for; the files this process wrote."""
+    return run(argv)[0]
+
+
+def run(argv: list[str] | None = None) -> tuple[list[Path], SamplingGroups]:
+    """main's work; also the processes' data groups (which process this is: a suite's caller waits on the others)."""
     ap = build_parser()
     args = ap.parse_args(argv)
     prompts = read_prompts(args)
@@ -327,7 +333,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         done = zip(groups.sampled, shares, todo, strict=True)
         skipped = sum(len(mine) - len(left) for g, mine, left in done if g in groups.written)
         if not any(todo):  # a finished share loads no model
-            return report_suite(args, pairs, groups, [], skipped)
+            return report_suite(args, pairs, groups, [], skipped), groups
     with tempfile.TemporaryDirectory() as tmp:
         path = args.transformer
         if path is None and args.pipeline is not None:
@@ -381,12 +387,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
     progress = not args.no_progress
     if pairs is None:
         writer = groups.process == 0
-        return sample_clips(
+        clips = sample_clips(
             backend, model, encoders, decode, prompts, args.out, settings, progress, mesh, writer, args.latents_out
         )
+        return clips, groups
     write = (lambda g: groups.owners[g] == groups.process) if groups.together else (lambda g: True)
     written = sample_suite(backend, model, encoders, decode, todo, args.out, settings, progress, skipped, mesh, write)
-    return report_suite(args, pairs, groups, written, skipped)
+    return report_suite(args, pairs, groups, written, skipped), groups
 
 
 def cli(argv: list[str] | None = None) -> int:

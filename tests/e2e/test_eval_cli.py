@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import numpy as np
 import pytest
 
 from contentv_common.cli import BAD_INPUT, one_line
-from contentv_common.cli.eval import main
+from contentv_common.cli.eval import main, wait_for
 from contentv_common.data.synthetic import render
 from contentv_common.data.video_io import write_video
+from contentv_common.prompt_suite import suite_pairs
 
 ROOT = Path(__file__).resolve().parents[2]
 DIMS = "temporal_flickering,caption_colour,caption_direction"
@@ -74,7 +76,7 @@ def test_eval_bad_input_is_one_line_exit_2(tmp_path):
         ([str(tmp_path / "empty"), "--dimensions", "temporal_flickering"], "no .mp4 videos"),
         ([str(badly_named), "--dimensions", "temporal_flickering"], "clip.mp4: not named {prompt}-{index}.mp4"),
         ([str(good), "--dimensions", "caption_colour"], "'a cat on a sofa' is not a synthetic-set caption"),
-        ([str(short), "--dimensions", "caption_colour,caption_direction"], "1 frame(s); caption_direction need 2"),
+        ([str(short), "--dimensions", "caption_colour,caption_direction"], "1 frame(s); caption_direction needs 2"),
         ([str(good), "--dimensions", "clip_score"], "--clip DIR (a local CLIPModel folder) is needed"),
         ([str(good), "--dimensions", "clip_score", "--clip", str(tmp_path / "no_clip")], "no config.json"),
     ]
@@ -94,3 +96,90 @@ def test_eval_bad_input_is_one_line_exit_2(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, proc.stderr)
     assert not (tmp_path / "x.json").exists()
+
+
+def _suite(path: Path) -> Path:
+    entries = [
+        {"prompt_en": "In a still frame, a stop sign", "dimension": ["temporal_flickering"]},
+        {"prompt_en": "a dog running", "dimension": ["dynamic_degree", "temporal_flickering"]},
+        {"prompt_en": "a red apple", "dimension": ["color"]},
+    ]
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def test_generate_samples_the_suite_then_scores_each_dimension_on_its_prompts(tmp_path, capsys):
+    """`--generate --suite`: the prompts of the asked dimensions (not the others'), `--seeds` videos each, named as
+    VBench names them, then scored; a second run keeps every clip (resumes) and gives the same scores. Scoring with
+    --suite skips clips of prompts the dimension does not list."""
+    suite, out = _suite(tmp_path / "VBench_full_info.json"), tmp_path / "suite"
+    argv = [str(out), "--dimensions", "temporal_flickering", "--json", str(tmp_path / "eval.json"), "--no-progress"]
+    argv += ["--generate", "--suite", str(suite), "--seeds", "2", "--", "--tiny", "--frames", "5", "--size", "32x32"]
+    first = main([*argv, "--steps", "1", "--no-progress"])
+    names = sorted(p.name for p in out.glob("*.mp4"))
+    expected = [f"{p}-{i}.mp4" for p in ("In a still frame, a stop sign", "a dog running") for i in (0, 1)]
+    assert names == expected and first is not None
+    assert sorted(first["dimensions"]["temporal_flickering"]["per_video"]) == expected
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*.mp4")}
+    again = main([*argv, "--steps", "1", "--no-progress"])
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*.mp4")} == stamps and again == first
+    assert "wrote 0, skipped 4 already there" in capsys.readouterr().out
+    write_video(out / "a red apple-0.mp4", np.zeros((5, 32, 32, 3), np.uint8), fps=8)  # not a flickering prompt
+    scored = main([str(out), "--dimensions", "temporal_flickering", "--json", str(tmp_path / "e2.json"),
+                   "--suite", str(suite), "--no-progress"])  # fmt: skip
+    assert scored is not None and sorted(scored["dimensions"]["temporal_flickering"]["per_video"]) == expected
+    unfiltered = main([str(out), "--dimensions", "temporal_flickering", "--json", str(tmp_path / "e3.json")])
+    assert unfiltered is not None and len(unfiltered["dimensions"]["temporal_flickering"]["per_video"]) == 5
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--generate", "--", "--tiny"], "--generate samples a prompt suite: give --suite"),
+        (["--generate", "--suite", "S", "--", "--tiny", "--out", "x"], "--out: --generate sets the sampler's"),
+        (["--generate", "--suite", "S", "--", "--tiny", "--prompt=a cat"], "--prompt=a cat: --generate sets"),
+        (["--generate", "--suite", "S"], "give the sampler's arguments after --"),
+        (["--suite", "S", "--", "--tiny"], "arguments after -- are the sampler's: give --generate"),
+        (["--generate", "--suite", "S", "--seeds", "0", "--", "--tiny"], "--seeds must be >= 1"),
+        (["--generate", "--suite", "missing.json", "--", "--tiny"], "missing.json: no such file"),
+        (["--suite", "S"], "temporal_flickering: no clip of its prompts in the folder"),
+    ],
+)
+def test_generate_bad_input_is_one_line_before_any_model(tmp_path, extra, message):
+    suite = _suite(tmp_path / "S")
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    write_video(folder / "a red apple-0.mp4", np.zeros((2, 16, 16, 3), np.uint8), fps=8)
+    extra = [str(suite) if a == "S" else str(tmp_path / a) if a == "missing.json" else a for a in extra]
+    with pytest.raises(BAD_INPUT) as error:
+        main([str(folder), "--dimensions", "temporal_flickering", "--json", str(tmp_path / "x.json"), *extra])
+    assert message in one_line(error.value)
+    assert not (tmp_path / "x.json").exists() and len(list(folder.glob("*.mp4"))) == 1
+
+
+def test_generate_over_two_ranks_scores_once_on_rank_0(tmp_path, monkeypatch, capsys):
+    """Two torchrun ranks (RANK / WORLD_SIZE): rank 1 samples its share and returns without scoring; rank 0 samples
+    its own, then scores every clip of the suite."""
+    suite, out = _suite(tmp_path / "VBench_full_info.json"), tmp_path / "suite"
+    argv = [str(out), "--dimensions", "temporal_flickering", "--json", str(tmp_path / "eval.json"), "--no-progress"]
+    argv += ["--generate", "--suite", str(suite), "--seeds", "2", "--", "--tiny", "--backend", "torch"]
+    argv += ["--frames", "5", "--size", "32x32", "--steps", "1", "--no-progress"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(argv) is None and not (tmp_path / "eval.json").exists()
+    assert (
+        len(list(out.glob("*.mp4"))) == 2 and "process 1: its share of the suite is written" in capsys.readouterr().out
+    )
+    monkeypatch.setenv("RANK", "0")
+    result = main(argv)
+    assert result is not None and len(result["dimensions"]["temporal_flickering"]["per_video"]) == 4
+
+
+def test_rank_0_waits_for_the_other_shares(tmp_path, capsys):
+    pairs = suite_pairs(["a cat"], 2)
+    write_video(tmp_path / pairs[0].name, np.zeros((2, 16, 16, 3), np.uint8), fps=8)
+    late = threading.Timer(0.3, lambda: write_video(tmp_path / pairs[1].name, np.zeros((2, 16, 16, 3), np.uint8), 8))
+    late.start()
+    wait_for(pairs, tmp_path, poll_s=0.05)
+    late.join()
+    assert "waiting for 1 clips of the other processes' shares, e.g. a cat-1.mp4" in capsys.readouterr().out
