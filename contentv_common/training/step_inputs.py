@@ -1,8 +1,9 @@
 """Everything random about training step k (noise, noise levels, loss weights, text dropout), drawn once for both
 backends.
 
-The draws come from `step_rng(seed, k)` for the whole global batch and each process keeps its rows: the stream is a
-pure function of (recipe, k), so resume needs only k, and every mesh, process count and backend sees the same numbers.
+The draws come from `step_rng(seed, k)` for the whole global batch and each process keeps its rows (the noise, the
+large part, is drawn for its rows alone: `schedules.flow_inputs`): the stream is a pure function of (recipe, k), so
+resume needs only k, and every mesh, process count and backend sees the same numbers.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def step_inputs(
     p = recipe.model_config.patch_size
     shift = resolve_shift(obj.shift_mode, obj.shift, f * (h // p) * (w // p), obj.base_tokens)
     rng = step_rng(recipe.seed, int(k))
+    rows = slice(first_row, first_row + len(latents))
     flow = flow_inputs(
         rng,
         (global_size, c, f, h, w),
@@ -37,13 +39,13 @@ def step_inputs(
         logit_std=obj.logit_std,
         shift=shift,
         weighting=obj.weighting,
+        rows=rows,
     )
-    rows = slice(first_row, first_row + len(latents))
     keep = ~(rng.random(global_size) < recipe.data.text_dropout)[rows]  # schedules.drop_text's draw
     empty_text, empty_pooled = empty
     return {
         **batch,
         "text": np.where(keep[:, None, None], batch["text"], empty_text[None]),
         "pooled": np.where(keep[:, None], batch["pooled"], empty_pooled[None]),
-        **{name: value[rows] for name, value in flow.items()},
+        **flow,
     }
