@@ -24,7 +24,7 @@ from contentv_common.checkpoint.run_lock import RunLock
 from contentv_common.cli import one_line
 from contentv_common.config.recipe import CheckpointConfig
 from contentv_common.errors import CheckpointError, CheckpointSaveError
-from contentv_jax.loading import HOST_GB_IN_FLIGHT
+from contentv_jax.loading import HOST_GB_IN_FLIGHT, RESTORE_GB_IN_FLIGHT, adopting_restores
 
 TMP_MARK = ".orbax-checkpoint-tmp"
 
@@ -71,9 +71,13 @@ class Checkpointer:
         if self.lock is not None:
             integrity.remove_partial(self.dir, lambda name: TMP_MARK in name)
         self._step = _agree(self._select(writer and self.main))
+        adopting_restores()  # every shard read with O_DIRECT into the buffer its CPU device keeps
         gb = HOST_GB_IN_FLIGHT  # the host stages this much at a time, not a second copy of the state
         state = ocp.PyTreeCheckpointHandler(
-            save_concurrent_gb=gb, save_device_host_concurrent_gb=gb, restore_concurrent_gb=gb, use_compression=False
+            save_concurrent_gb=gb,
+            save_device_host_concurrent_gb=gb,
+            restore_concurrent_gb=RESTORE_GB_IN_FLIGHT,
+            use_compression=False,
         )  # uncompressed: zstd costs more CPU time than it saves disk time, and the moments barely compress
         self.manager = ocp.CheckpointManager(
             self.dir,

@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     del state
     before = direct_read(files)  # leaves the files out of the page cache
     ckpt = Checkpointer(recipe.checkpoint, writer=False)
+    held = rss_bytes()  # the runtime, the compiled programs and what the save left behind
     with PeakRss() as restore_rss:
         start = time.perf_counter()
         state, _ = ckpt.restore(trainer.checkpointed(trainer.abstract_state()))
@@ -95,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         f"({file_bytes / 2**30:.2f} GiB of files); save {save_s:.1f} s = {file_bytes / save_s / gb:.2f} GB/s, peak RSS "
         f"{save_rss.peak / state_bytes:.2f}x the state; restore {restore_s:.1f} s = {file_bytes / restore_s / gb:.2f} "
         f"GB/s = {file_bytes / restore_s / gb / disk['gb_per_s']:.2f}x the disk's direct read "
-        f"({disk['gb_per_s']:.2f} GB/s), peak RSS {restore_rss.peak / state_bytes:.2f}x; "
-        f"load average {os.getloadavg()[0]:.1f}"
+        f"({disk['gb_per_s']:.2f} GB/s), peak RSS {restore_rss.peak / state_bytes:.2f}x "
+        f"({held / state_bytes:.2f}x held before it); load average {os.getloadavg()[0]:.1f}"
     )
     shutil.rmtree(args.dir, ignore_errors=True)
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import mmap
 import subprocess
 import sys
 from pathlib import Path
@@ -69,12 +70,16 @@ def test_every_tensor_is_read_once_and_every_device_keeps_only_its_slice(folder,
 
 
 def test_jax_format_saves_and_restores_on_the_shards(folder, mesh, tmp_path):
+    """Restored onto the mesh's shardings, every shard kept in the page-aligned buffer it was read into (no device
+    copy: JAX's own buffers are 64-byte aligned), bit-exact."""
     model = load_transformer(folder, mesh=mesh)
     save_jax(tmp_path / "jax", model)
     restored = load_transformer(tmp_path / "jax", mesh=mesh)
     shardings = model_shardings(contentv_jax.loading.abstract_transformer(CFG), mesh)
     for name, array in _flat(restored).items():
         assert array.sharding.is_equivalent_to(shardings[name], array.ndim), name
+        for shard in array.addressable_shards:
+            assert shard.data.unsafe_buffer_pointer() % mmap.PAGESIZE == 0, name
     expected = dict(canonical_tensors(load_transformer(folder)))
     got = dict(canonical_tensors(restored))
     assert sorted(got) == sorted(expected)
