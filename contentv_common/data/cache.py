@@ -73,15 +73,16 @@ def _save_atomic(path: Path, tensors: dict[str, np.ndarray]) -> None:
 
 
 def cache_settings(
-    manifest: str | Path, buckets: Sequence[BucketLike], fps: float, encoders_name: str
+    manifest: str | Path, buckets: Sequence[BucketLike], fps: float, encoders_name: str, text: str = "cached"
 ) -> dict[str, Any]:
-    """What a cache depends on; a cache whose settings differ must be rebuilt."""
-    return {
+    """What a cache depends on; a cache whose settings differ must be rebuilt. `text` "online": latents only."""
+    settings = {
         "manifest": str(Path(manifest).resolve()),
         "buckets": [bucket_name(b) for b in buckets],
         "fps": fps,
         "encoders": f"demo:{demo_identity()}" if encoders_name == "demo" else encoders_name,
     }
+    return settings if text == "cached" else {**settings, "text": text}
 
 
 def build_cache(
@@ -93,11 +94,13 @@ def build_cache(
     encoders_name: str = "",
     progress: bool = True,
     text_batch: int = 8,
+    text: bool = True,
 ) -> CacheIndex:
     """Decode, bucket and encode every manifest entry into `cache_dir`; bad entries are skipped and counted.
 
     Captions go through the text encoders `text_batch` at a time (one batched call, as the accelerator likes it);
-    each sample's file is written once its caption is encoded."""
+    each sample's file is written once its caption is encoded. Without `text` (recipe data.text: online) the samples
+    hold latents only; the empty prompt is encoded either way."""
     cache_dir = Path(cache_dir)
     entries = read_manifest(manifest)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -105,15 +108,18 @@ def build_cache(
         shutil.rmtree(stale, ignore_errors=True)
     build = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))
     (build / "samples").mkdir()
-    index = CacheIndex(samples=[], settings=cache_settings(manifest, buckets, fps, encoders_name))
+    settings = cache_settings(manifest, buckets, fps, encoders_name, "cached" if text else "online")
+    index = CacheIndex(samples=[], settings=settings)
     pending: list[tuple[np.ndarray, dict[str, str]]] = []  # encoded latents whose captions wait for the text batch
 
     def write_pending() -> None:
         if not pending:
             return
-        text, pooled = encoders.encode_text([sample["caption"] for _, sample in pending])
+        if text:
+            embeds, pooled = encoders.encode_text([sample["caption"] for _, sample in pending])
         for i, (latents, sample) in enumerate(pending):
-            _save_atomic(build / sample["file"], {"latents": latents, "text": text[i], "pooled": pooled[i]})
+            row = {"latents": latents, "text": embeds[i], "pooled": pooled[i]} if text else {"latents": latents}
+            _save_atomic(build / sample["file"], row)
             index.samples.append(sample)
         pending.clear()
 
@@ -249,6 +255,9 @@ class LatentCache:
             raise OSError(f"{path}: cannot read this cached sample ({e}); delete {INDEX} to rebuild") from None
 
     def batch(self, indices: list[int]) -> dict[str, np.ndarray]:
-        """Stacked latents [B, C, f, h, w], text [B, L, D], pooled [B, P] of the given samples."""
+        """Stacked latents [B, C, f, h, w], text [B, L, D], pooled [B, P] (a cache with text) of the given samples."""
         rows = [self.sample(i) for i in indices]
-        return {k: np.stack([r[k] for r in rows]) for k in ("latents", "text", "pooled")}
+        return {k: np.stack([r[k] for r in rows]) for k in ("latents", "text", "pooled") if k in rows[0]}
+
+    def captions(self, indices: list[int]) -> list[str]:
+        return [self.index.samples[i]["caption"] for i in indices]

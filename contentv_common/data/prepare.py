@@ -52,7 +52,7 @@ def prepare_data(recipe: Recipe, progress: bool = True, backend: Backend | None 
         make_synthetic_set(manifest.parent, seed=recipe.seed, progress=progress)
     if not manifest.is_file():
         raise DataError(f"data.manifest: {manifest}: no such file")
-    settings = cache_settings(manifest, list(data.buckets), data.fps, data.encoders)
+    settings = cache_settings(manifest, list(data.buckets), data.fps, data.encoders, data.text)
     encoders = None  # loaded once, only if the cache or the eval prompts' embeddings need them
 
     def get_encoders() -> Encoders:
@@ -75,6 +75,7 @@ def prepare_data(recipe: Recipe, progress: bool = True, backend: Backend | None 
             data.fps,
             encoders_name=data.encoders,
             progress=progress,
+            text=data.text == "cached",
         )
     prompts = eval_prompt_list(recipe)
     if prompts and not eval_prompts_current(data.cache_dir, prompts):
@@ -103,7 +104,8 @@ def prepare_data_once(recipe: Recipe, backend: Backend, primary: bool, progress:
     if primary:
         prepare_data(recipe, progress, backend)
     backend.barrier("data")
-    settings = cache_settings(recipe.data.manifest, list(recipe.data.buckets), recipe.data.fps, recipe.data.encoders)
+    data = recipe.data
+    settings = cache_settings(data.manifest, list(data.buckets), data.fps, data.encoders, data.text)
     prompts = eval_prompt_list(recipe)
     while not cache_is_current(recipe.data.cache_dir, settings) or (
         prompts and not eval_prompts_current(recipe.data.cache_dir, prompts)
