@@ -468,9 +468,14 @@ def plan_recipe(
 
 
 def state_bytes(recipe: Recipe, mesh: Mesh) -> dict[str, int]:
-    """Per-device bytes of the train state a run keeps between steps: params, opt_state (AdamW), ema (when kept)."""
-    state = get_trainer(recipe, mesh).abstract_state()
-    return {k: argument_bytes(state[k]) for k in ("params", "opt_state", "ema") if k in state}
+    """Per-device bytes of the train state a run keeps between steps: params, opt_state (AdamW), ema (when kept), and
+    with online text the text encoders' weights."""
+    trainer = get_trainer(recipe, mesh)
+    state = trainer.abstract_state()
+    out = {k: argument_bytes(state[k]) for k in ("params", "opt_state", "ema") if k in state}
+    if trainer.text_graphdef is not None:
+        out["text_encoders"] = argument_bytes(nnx.to_pure_dict(trainer.abstract_text))
+    return out
 
 
 def replicated_params(recipe: Recipe, mesh: Mesh) -> tuple[list[dict[str, Any]], list[str]]:
