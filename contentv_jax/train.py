@@ -231,6 +231,15 @@ class Trainer:
             self._text_params = nnx.to_pure_dict(nnx.split(text.model)[1])
         return self._text_params
 
+    def prompt_rows(self, rows: int) -> NamedSharding:
+        """Where the step's prompts are encoded: split over data x fsdp x sequence when the rows divide (the sequence
+        ranks, which share their samples, each encode a share: the encoders run as plain FSDP over the axes their
+        weights are split on), else over data x fsdp as the batch is."""
+        axes = (*sharding.BATCH, "sequence")
+        if rows % int(np.prod([self.mesh.shape[a] for a in axes])):
+            axes = sharding.BATCH
+        return NamedSharding(self.mesh, PartitionSpec(axes, None))
+
     def encoded(self, batch: dict[str, Any]) -> dict[str, Any]:
         """`batch` with text and pooled: online, its token ids through the text encoders (`batch["text_encoders"]`,
         their parameters), the outputs split over the batch as a cached batch's text is; else `batch` as it is."""
@@ -239,7 +248,8 @@ class Trainer:
         rest = dict(batch)
         state = jax.tree.map(lambda x: x, self.abstract_text)
         nnx.replace_by_pure_dict(state, rest.pop("text_encoders"))
-        text, pooled = nnx.merge(self.text_graphdef, state)(*(rest.pop(k) for k in TOKEN_KEYS))
+        ids = [jax.lax.with_sharding_constraint(rest.pop(k), self.prompt_rows(batch[k].shape[0])) for k in TOKEN_KEYS]
+        text, pooled = nnx.merge(self.text_graphdef, state)(*ids)
         where = sharding.batch_shardings({"text": text.shape, "pooled": pooled.shape}, self.mesh)
         text = jax.lax.with_sharding_constraint(text, where["text"])
         return {**rest, "text": text, "pooled": jax.lax.with_sharding_constraint(pooled, where["pooled"])}

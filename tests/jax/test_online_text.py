@@ -64,8 +64,9 @@ def test_online_trains_as_cached_frozen_and_resumes(caches, rel_err):
 
 
 def test_online_step_sharded_equals_one_device(caches, rel_err):
-    """One AdamW step of the narrow model (38 heads, 333 text tokens) on 8 devices (data 2, fsdp 2, tensor 2), the
-    text encoders split by TEXT_PARAM_AXES, against one device: the same loss and weight update."""
+    """One AdamW step of the narrow model (38 heads, 333 text tokens) on 8 devices (fsdp 2, sequence 2, tensor 2), the
+    text encoders split by TEXT_PARAM_AXES and the prompts over fsdp x sequence, against one device: the same loss
+    and weight update."""
     narrow = NARROW | {"num_layers": 1, "joint_attention_dim": 48, "pooled_projection_dim": 24}  # the encoders' widths
     adamw = {"optimizer.eps": 10.0, "optimizer.lr": 10.0, "optimizer.weight_decay": 0.0}  # update ~ -lr g / eps
     recipe = online_recipe(caches, "online", "mesh", model=narrow, **adamw)
@@ -81,7 +82,7 @@ def test_online_step_sharded_equals_one_device(caches, rel_err):
         return trainer, initial, jax.device_get(state["params"]), float(metrics["loss"])
 
     _, params, ref, ref_loss = one_step(one_device())
-    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
+    mesh = make_mesh(MeshConfig(fsdp=2, sequence=2, tensor=2), jax.devices()[:8])
     trainer, _, got, loss = one_step(mesh, params)
     assert rel_err(loss, ref_loss) < TOL, (loss, ref_loss)
 
@@ -92,6 +93,7 @@ def test_online_step_sharded_equals_one_device(caches, rel_err):
     assert rel_err(update(got), update(ref)) < TOL
     split = [a for a in jax.tree.leaves(trainer.text_params()) if a.addressable_shards[0].data.shape != a.shape]
     assert len(split) >= 10, "the text encoders' weights must be split over the mesh, not replicated"
+    assert trainer.prompt_rows(4).spec[0] == ("data", "fsdp", "sequence")  # 4 prompts: one per fsdp x sequence rank
 
 
 @pytest.mark.parametrize(
