@@ -43,6 +43,15 @@ class Backend(Protocol):
         fits the devices (JAX) or the launcher's world (torch); returns whether this is the main process."""
         ...
 
+    def processes(self) -> tuple[int, int]:
+        """(this process's index, the process count) of the launch (JAX: joins jax.distributed first; torch:
+        torchrun's RANK and WORLD_SIZE), for work the processes share before training (the data step)."""
+        ...
+
+    def data_device(self) -> str:
+        """Where this process's encoders run in the data step (`encoders`' device)."""
+        ...
+
     def barrier(self, name: str) -> None:
         """Wait for every process of the run (a no-op where processes share no group before training starts)."""
         ...

@@ -39,6 +39,14 @@ class JaxBackend:
             check_devices(recipe)
         return multihost.is_primary()
 
+    def processes(self) -> tuple[int, int]:
+        multihost.initialize()  # before any other JAX call
+        return jax.process_index(), jax.process_count()
+
+    def data_device(self) -> str:
+        """The encoders run on the process's default device, one of its local devices."""
+        return "cpu"
+
     def barrier(self, name: str) -> None:
         multihost.barrier(name)
 

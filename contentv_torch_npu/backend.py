@@ -48,6 +48,15 @@ class TorchBackend:
             raise ConfigError(str(e)) from None
         return _rank() == 0
 
+    def processes(self) -> tuple[int, int]:
+        return _rank(), int(os.environ.get("WORLD_SIZE", "1"))
+
+    def data_device(self) -> str:
+        """The rank's accelerator (LOCAL_RANK of npu, cuda), else the CPU."""
+        from contentv_torch_npu.device import local_device
+
+        return str(local_device(resolve_device("auto"), int(os.environ.get("LOCAL_RANK", "0"))))
+
     def barrier(self, name: str) -> None:
         """No process group exists outside a run: ranks that must wait poll for what rank 0 writes instead."""
 

@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from contentv_common.config.recipe import DataConfig
 from contentv_common.data.buckets import BucketBatchSampler, host_slice
+from contentv_common.data.build import build_cache
 from contentv_common.data.cache import (
     Encoders,
     LatentCache,
-    build_cache,
     cache_is_current,
     cache_settings,
     eval_prompts_current,
@@ -96,20 +96,32 @@ def open_cache(
     `prompts` (a recipe's `eval.prompts`) beside it.
 
     `encoders` defaults to `data.encoders`: "tiny" (random tiny encoders of `seed`), "demo" or a local diffusers
-    pipeline folder. Only one process should pass `build=True` (the others wait at a barrier, then open it).
+    pipeline folder. Only one process should pass `build=True`, building every chunk (the others wait at a barrier,
+    then open it); `contentv-train` and `contentv-prepare-data` share the build over the ranks before this.
     """
     buckets = list(data.buckets)
-    settings = cache_settings(data.manifest, buckets, data.fps, data.encoders, data.text)
+    settings = cache_settings(
+        data.manifest, buckets, data.fps, data.encoders, data.cache_dtype, data.chunk_size, data.text
+    )
     stale = not cache_is_current(data.cache_dir, settings)
     if build and (stale or (prompts and not eval_prompts_current(data.cache_dir, prompts))):
         if encoders is None:
             from contentv_torch_npu.encoders import named_encoders
 
             encoders = named_encoders(data.encoders, seed)
+        given = encoders
         if stale:
-            text = data.text == "cached"
             build_cache(
-                data.manifest, data.cache_dir, encoders, buckets, data.fps, data.encoders, progress=progress, text=text
+                data.manifest,
+                data.cache_dir,
+                lambda: given,
+                buckets,
+                data.fps,
+                data.encoders,
+                cache_dtype=data.cache_dtype,
+                chunk_size=data.chunk_size,
+                progress=progress,
+                text=data.text == "cached",
             )
         if prompts:
             write_eval_prompts(data.cache_dir, prompts, encoders)

@@ -5,7 +5,7 @@ encoders (data.text: cached), one with the latents alone (data.text: online); th
 from pathlib import Path
 
 from contentv_common.config.recipe import Recipe, load_recipe
-from contentv_common.data.cache import build_cache
+from contentv_common.data.build import build_cache
 from contentv_common.data.synthetic import make_synthetic_set
 from tests.stand_in_encoders import StandInEncoders
 
@@ -52,5 +52,8 @@ def build_caches(root: Path, text_encoders) -> Path:
     recipe = online_recipe(root, "cached", "build")
     encoders = TinyTextEncoders(text_encoders)
     for text in ("cached", "online"):
-        build_cache(manifest, root / text, encoders, list(recipe.data.buckets), 8, "tiny", False, text=text == "cached")
+        cached = text == "cached"
+        build_cache(
+            manifest, root / text, lambda: encoders, list(recipe.data.buckets), 8, "tiny", progress=False, text=cached
+        )
     return root

@@ -9,7 +9,8 @@ latents and text embeddings with the demo encoders (configs/demo_vae + word embe
 writes a loss-curve PNG and samples the four demo prompts into `<run>/samples/` beside a strip image.
 Logs go to `<log_dir>/metrics.jsonl` and TensorBoard; multi-stage recipes run their stages in order.
 Several processes (JAX: jax.distributed, see contentv_jax.multihost and tools/launch_local.py; torch: torchrun) run
-the same command; process / rank 0 alone builds the data cache, writes the logs and samples the demo clips after
+the same command; every process builds its share of the data cache (as contentv-prepare-data does), process / rank
+0 alone writes the logs and samples the demo clips after
 training, while the in-loop clips of the held-out evaluation are drawn by every process together (the sampler on the
 training mesh).
 """
@@ -27,7 +28,7 @@ from contentv_common.checkpoint.run_lock import check_unlocked
 from contentv_common.cli import run_cli
 from contentv_common.config.recipe import Recipe, load_recipe, parse_override
 from contentv_common.config.reward import RewardRecipe, is_reward_recipe, load_reward_recipe
-from contentv_common.data.prepare import check_encoder_widths, prepare_data_once
+from contentv_common.data.prepare import check_encoder_widths, prepare_data_together
 from contentv_common.errors import ConfigError
 from contentv_common.training.demo import DEMO_PROMPTS, lora_demo_base, sample_demo, sample_reward_demo
 from contentv_common.training.metrics import LossCurve
@@ -61,7 +62,7 @@ def train_reward(path: str, overrides: dict[str, Any], backend: Backend, progres
     check_encoder_widths(recipe.encoders, recipe.model_config)
     if recipe.data is not None:
         # the SFT data section has the training recipe's data fields, which is all prepare_data reads
-        prepare_data_once(recipe, backend, primary, progress)  # type: ignore[arg-type]
+        prepare_data_together(recipe, backend, progress)  # type: ignore[arg-type]
     record = backend.reward_tune(recipe, progress=progress and primary)
     if primary:
         print(f"reward fine-tuning ({recipe.method}, {backend.name}): last step {record}")
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = progress and primary
     for name, stage in stages:
         print(f"stage {name}: {stage.steps} steps, checkpoints in {stage.checkpoint.dir}")
-        prepare_data_once(stage, backend, primary, progress)
+        prepare_data_together(stage, backend, progress)
         curve = LossCurve(stage.log_dir) if primary else None
         backend.train(stage, progress, curve)
         if curve is not None and curve.losses:

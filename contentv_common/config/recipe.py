@@ -77,9 +77,12 @@ class DataConfig:
     text: Literal["cached", "online"] = "cached"
     num_threads: int = 2
     prefetch: int = 2
+    cache_dtype: Literal["bfloat16", "float32"] = "float32"  # the cached latents and text; readers get float32
+    chunk_size: int = 64  # manifest entries per cache file: the unit of work a process takes and a build resumes at
 
     def __post_init__(self) -> None:
         _check(len(self.buckets) > 0, "buckets", "needs at least one bucket")
+        _check(self.chunk_size > 0, "chunk_size", f"must be positive, got {self.chunk_size}")
         _check(self.fps > 0, "fps", f"must be positive, got {self.fps}")
         _check(0.0 <= self.text_dropout <= 1.0, "text_dropout", f"must be in [0, 1], got {self.text_dropout}")
         _check(self.text in ("cached", "online"), "text", f"must be cached or online, got {self.text!r}")

@@ -1,20 +1,20 @@
-"""The latent/text cache: decode each manifest entry into its bucket, encode it once, train from the cache.
+"""The latent/text cache: each manifest entry decoded into its bucket and encoded once; training reads the cache.
 
-Layout of `cache_dir`: `samples/NNNNNN.safetensors` (latents [C, f, h, w], text [L, D], pooled [P], float32),
-`empty_prompt.safetensors` (the encoded "" used for text dropout), `index.json` (samples with their bucket, the
-skipped files with reasons) and, for a recipe with `eval.prompts`, `eval_prompts.safetensors` (those prompts' text
-[N, L, D] and pooled [N, P], encoded by the cache's encoders). A build writes into a fresh `.build-*` folder inside
-`cache_dir`, then moves the new files in and writes `index.json` last, atomically: without it the cache is not
-complete, and a crash leaves no mix of old and new samples. One process builds (tools/train.py: process or rank 0;
-the others wait at a barrier).
+Layout of `cache_dir`: `index.json` (the samples in order with their bucket, caption and source; the skipped entries
+with reasons; the settings that built the cache; its data folder and files), the data folder `data-<settings key>/`
+with `chunk-NNNNNN.array_record` (one record per sample: contentv_common.data.record) and `empty_prompt.safetensors`
+(the encoded "" used for text dropout, one record in the same format) and, for a recipe with `eval.prompts`,
+`eval_prompts.safetensors` (those prompts' text [N, L, D] and pooled [N, P], float32, by the cache's encoders).
+Sample i is record i of the chunk files taken in order (grain's ArrayRecordDataSource over them). `index.json` is
+written last, atomically, and names its data folder, so a cache reads as complete only once everything it refers to
+is there; the previous cache stays readable until then. contentv_common.data.build writes it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,15 +22,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from grain.sources import ArrayRecordDataSource
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
-from tqdm import tqdm
 
-from contentv_common.data.buckets import BucketLike, assign_bucket, available_frames
-from contentv_common.data.decode import decode_clip, probe
-from contentv_common.data.manifest import read_manifest
+from contentv_common.data.buckets import BucketLike
+from contentv_common.data.record import CacheDtype, from_bytes
 from contentv_common.demo import demo_identity
-from contentv_common.errors import ClipError, DataError
+from contentv_common.errors import DataError
 
 INDEX = "index.json"
 EMPTY_PROMPT = "empty_prompt.safetensors"
@@ -55,25 +54,28 @@ def bucket_name(b: BucketLike) -> str:
 
 @dataclass
 class CacheIndex:
-    """What `index.json` holds: the cached samples and the files that were skipped, with reasons."""
+    """What `index.json` holds: the cached samples in order, the entries that were skipped with reasons, the
+    settings, and where the records are (`data` folder, its chunk `files` in order)."""
 
     samples: list[dict[str, Any]]
     skipped: list[dict[str, str]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    data: str = ""
+    files: list[str] = field(default_factory=list)
 
     @property
     def skip_counts(self) -> dict[str, int]:
         return dict(Counter(s["reason"] for s in self.skipped))
 
 
-def _save_atomic(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
 def cache_settings(
-    manifest: str | Path, buckets: Sequence[BucketLike], fps: float, encoders_name: str, text: str = "cached"
+    manifest: str | Path,
+    buckets: Sequence[BucketLike],
+    fps: float,
+    encoders_name: str,
+    cache_dtype: CacheDtype = "float32",
+    chunk_size: int = 64,
+    text: str = "cached",
 ) -> dict[str, Any]:
     """What a cache depends on; a cache whose settings differ must be rebuilt. `text` "online": latents only."""
     settings = {
@@ -81,89 +83,15 @@ def cache_settings(
         "buckets": [bucket_name(b) for b in buckets],
         "fps": fps,
         "encoders": f"demo:{demo_identity()}" if encoders_name == "demo" else encoders_name,
+        "cache_dtype": cache_dtype,
+        "chunk_size": chunk_size,
     }
     return settings if text == "cached" else {**settings, "text": text}
 
 
-def build_cache(
-    manifest: str | Path,
-    cache_dir: str | Path,
-    encoders: Encoders,
-    buckets: Sequence[BucketLike],
-    fps: float,
-    encoders_name: str = "",
-    progress: bool = True,
-    text_batch: int = 8,
-    text: bool = True,
-) -> CacheIndex:
-    """Decode, bucket and encode every manifest entry into `cache_dir`; bad entries are skipped and counted.
-
-    Captions go through the text encoders `text_batch` at a time (one batched call, as the accelerator likes it);
-    each sample's file is written once its caption is encoded. Without `text` (recipe data.text: online) the samples
-    hold latents only; the empty prompt is encoded either way."""
-    cache_dir = Path(cache_dir)
-    entries = read_manifest(manifest)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*cache_dir.glob(".build-*"), *cache_dir.glob(".old-*")]:  # left by a build that crashed
-        shutil.rmtree(stale, ignore_errors=True)
-    build = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))
-    (build / "samples").mkdir()
-    settings = cache_settings(manifest, buckets, fps, encoders_name, "cached" if text else "online")
-    index = CacheIndex(samples=[], settings=settings)
-    pending: list[tuple[np.ndarray, dict[str, str]]] = []  # encoded latents whose captions wait for the text batch
-
-    def write_pending() -> None:
-        if not pending:
-            return
-        if text:
-            embeds, pooled = encoders.encode_text([sample["caption"] for _, sample in pending])
-        for i, (latents, sample) in enumerate(pending):
-            row = {"latents": latents, "text": embeds[i], "pooled": pooled[i]} if text else {"latents": latents}
-            _save_atomic(build / sample["file"], row)
-            index.samples.append(sample)
-        pending.clear()
-
-    for entry in tqdm(entries, desc="cache latents", disable=not progress):
-        try:
-            info = probe(entry)
-            frames = 1 if entry.is_image else available_frames(info.duration_s, info.fps, fps)
-            b = assign_bucket(info.width, info.height, frames, entry.is_image, buckets)
-            if b is None:
-                kind = "image" if entry.is_image else f"video with {frames} frames at {fps} fps"
-                raise ClipError(
-                    "too_short" if not entry.is_image else "no_bucket", f"{entry.path}: no bucket for {kind}"
-                )
-            bucket = buckets[b]
-            clip = decode_clip(entry.path, fps, bucket.frames, bucket.width, bucket.height)
-        except ClipError as e:
-            index.skipped.append({"path": str(entry.path), "reason": e.reason, "message": str(e)})
-            continue
-        name = f"samples/{len(index.samples) + len(pending):06d}.safetensors"
-        sample = {"file": name, "bucket": bucket_name(bucket), "caption": entry.caption, "source": str(entry.path)}
-        pending.append((encoders.encode_video(clip[None])[0], sample))
-        if len(pending) == text_batch:
-            write_pending()
-    write_pending()
-    empty_text, empty_pooled = encoders.encode_text([""])
-    _save_atomic(build / EMPTY_PROMPT, {"text": empty_text[0], "pooled": empty_pooled[0]})
-    (build / INDEX).write_text(
-        json.dumps({"samples": index.samples, "skipped": index.skipped, "settings": index.settings}, indent=1)
-    )
-    _move_in(build, cache_dir)
-    return index
-
-
-def _move_in(build: Path, cache_dir: Path) -> None:
-    """Replace the cache in `cache_dir` by the finished build: unindex, swap `samples/`, index (the commit)."""
-    (cache_dir / INDEX).unlink(missing_ok=True)
-    old = cache_dir / (".old-" + build.name.removeprefix(".build-"))
-    if (cache_dir / "samples").exists():
-        os.replace(cache_dir / "samples", old)
-    os.replace(build / "samples", cache_dir / "samples")
-    os.replace(build / EMPTY_PROMPT, cache_dir / EMPTY_PROMPT)
-    os.replace(build / INDEX, cache_dir / INDEX)
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(build, ignore_errors=True)
+def settings_key(settings: dict[str, Any]) -> str:
+    """A short hash of the settings: names the build and data folders."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def read_index(cache_dir: str | Path) -> CacheIndex:
@@ -171,13 +99,15 @@ def read_index(cache_dir: str | Path) -> CacheIndex:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no cache index (run the cache step first)")
     data = json.loads(path.read_text())
-    return CacheIndex(samples=data["samples"], skipped=data["skipped"], settings=data["settings"])
+    if "data" not in data:
+        raise DataError(f"{path}: a cache of the older one-file-per-sample layout (tools/prepare_data.py rebuilds it)")
+    return CacheIndex(**data)
 
 
 def cache_is_current(cache_dir: str | Path, settings: dict[str, Any]) -> bool:
     try:
         return read_index(cache_dir).settings == settings
-    except FileNotFoundError:
+    except (FileNotFoundError, DataError):
         return False
 
 
@@ -225,11 +155,19 @@ class LatentCache:
         for s in self.index.samples:
             if s["bucket"] not in names:
                 raise ValueError(
-                    f"{self.dir / INDEX}: sample {s['file']} is in bucket {s['bucket']}, not one of {names}"
+                    f"{self.dir / INDEX}: sample {s['source']} is in bucket {s['bucket']}, not one of {names}"
                 )
             self.bucket_ids.append(names.index(s["bucket"]))
-        empty = load_file(str(self.dir / EMPTY_PROMPT))
+        self.dtype: CacheDtype = self.index.settings["cache_dtype"]
+        data = self.dir / self.index.data
+        self.paths = [str(data / f) for f in self.index.files]
+        self._source: ArrayRecordDataSource | None = None  # opened on first read, in the process that reads
+        empty = from_bytes((data / EMPTY_PROMPT).read_bytes(), self.dtype)
         self.empty_text, self.empty_pooled = empty["text"], empty["pooled"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Loader workers get the cache without its open files (each opens its own)."""
+        return {**self.__dict__, "_source": None}
 
     def __len__(self) -> int:
         return len(self.index.samples)
@@ -248,11 +186,14 @@ class LatentCache:
         return held
 
     def sample(self, i: int) -> dict[str, np.ndarray]:
-        path = self.dir / self.index.samples[i]["file"]
+        """Sample i's latents, text and pooled, float32."""
+        if self._source is None:
+            self._source = ArrayRecordDataSource(self.paths)
         try:
-            return load_file(str(path))
-        except (OSError, SafetensorError) as e:
-            raise OSError(f"{path}: cannot read this cached sample ({e}); delete {INDEX} to rebuild") from None
+            return from_bytes(self._source[i], self.dtype)
+        except (OSError, SafetensorError, ValueError) as e:
+            where = f"{self.dir / self.index.data}: sample {i} ({self.index.samples[i]['source']})"
+            raise OSError(f"{where}: cannot read this cached sample ({e}); delete {INDEX} to rebuild") from None
 
     def batch(self, indices: list[int]) -> dict[str, np.ndarray]:
         """Stacked latents [B, C, f, h, w], text [B, L, D], pooled [B, P] (a cache with text) of the given samples."""

@@ -1,6 +1,8 @@
 """The dataset manifest: one JSON object per line with `path` and `caption`, optionally fps/frames/width/height.
 
 Relative paths are relative to the manifest's folder. The optional fields are hints that spare a probe of the file.
+A line that is not a JSON object, lacks a string `path` or has a bad hint is fatal (the manifest is broken); an entry
+whose caption is not a string is kept with `problem` set, so the cache build skips and counts it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class ManifestEntry:
     frames: int | None = None
     width: int | None = None
     height: int | None = None
+    problem: str | None = None  # why this entry cannot be used ("bad_caption"); the cache build skips it
 
     @property
     def is_image(self) -> bool:
@@ -32,7 +35,7 @@ _OPTIONAL = {"fps": (int, float), "frames": (int,), "width": (int,), "height": (
 
 
 def read_manifest(path: str | Path) -> list[ManifestEntry]:
-    """All entries of a JSONL manifest; a bad line raises ManifestError naming file:line and key."""
+    """All entries of a JSONL manifest; a broken line raises ManifestError naming file:line and key."""
     path = Path(path)
     if not path.exists():
         raise ManifestError(f"{path}: manifest not found")
@@ -50,9 +53,9 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
         unknown = sorted(set(row) - {"path", "caption", *_OPTIONAL})
         if unknown:
             raise ManifestError(f"{where}: {unknown[0]}: unknown key")
-        for key in ("path", "caption"):
-            if not isinstance(row.get(key), str):
-                raise ManifestError(f"{where}: {key}: required string")
+        if not isinstance(row.get("path"), str):
+            raise ManifestError(f"{where}: path: required string")
+        caption = row.get("caption")
         for key, types in _OPTIONAL.items():
             value = row.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, types) or value <= 0):
@@ -61,8 +64,9 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
         entries.append(
             ManifestEntry(
                 path=file if file.is_absolute() else path.parent / file,
-                caption=row["caption"],
+                caption=caption if isinstance(caption, str) else "",
                 **{k: row.get(k) for k in _OPTIONAL},
+                problem=None if isinstance(caption, str) else "bad_caption",
             )
         )
     return entries

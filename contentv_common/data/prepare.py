@@ -1,27 +1,20 @@
 """A training run's data, made ready before any model work: the synthetic demo set, the latent/text cache, a batch.
 
-Process 0 builds the cache with the run's backend's encoders (`contentv_common.backend.Backend.encoders`); the other
-processes wait for it (`prepare_data_once`).
+Every process of the run builds its share of the cache with the run's backend's encoders on its own devices
+(`prepare_data_together`; contentv_common.data.build), as `contentv-prepare-data` and `contentv-train` both do.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from contentv_common.config.model import ModelConfig
 from contentv_common.config.recipe import Recipe
 from contentv_common.data.buckets import BucketBatchSampler
-from contentv_common.data.cache import (
-    Encoders,
-    build_cache,
-    cache_is_current,
-    cache_settings,
-    eval_prompts_current,
-    read_index,
-    write_eval_prompts,
-)
+from contentv_common.data.build import build_cache
+from contentv_common.data.cache import CacheIndex, Encoders, eval_prompts_current, write_eval_prompts
+from contentv_common.data.shard import wait_until
 from contentv_common.data.synthetic import make_synthetic_set
 from contentv_common.errors import DataError
 from contentv_common.text.sd3_prompt import check_text_widths, read_text_configs
@@ -42,18 +35,27 @@ def eval_prompt_list(recipe: Recipe) -> tuple[str, ...]:
     return recipe.eval.prompts if isinstance(recipe, Recipe) else ()
 
 
-def prepare_data(recipe: Recipe, progress: bool = True, backend: Backend | None = None) -> None:
-    """Make sure the cache matches the recipe: generate the synthetic set if the manifest is missing and it is the
-    demo's, then (re)build the latent/text cache when its settings differ, with the backend's encoders (default:
-    JAX's), and encode the recipe's `eval.prompts` beside it when they are not there yet."""
+def prepare_data(
+    recipe: Recipe,
+    progress: bool = True,
+    backend: Backend | None = None,
+    process: int = 0,
+    processes: int = 1,
+    poll_s: float = 1.0,
+) -> None:
+    """Make sure the cache matches the recipe, as process `process` of `processes` (every one calls this): generate
+    the synthetic set if the manifest is missing and it is the demo's (process 0), (re)build or finish the
+    latent/text cache when its settings differ, with the backend's encoders (default: JAX's) on this process's
+    device, and encode the recipe's `eval.prompts` beside it (process 0) when they are not there yet."""
     data = recipe.data
     manifest = Path(data.manifest)
     if not manifest.exists() and "synthetic" in manifest.parts:
-        make_synthetic_set(manifest.parent, seed=recipe.seed, progress=progress)
+        if process == 0:
+            make_synthetic_set(manifest.parent, seed=recipe.seed, progress=progress)
+        wait_until(manifest.is_file, lambda: f"process 0 to write {manifest}", poll_s)
     if not manifest.is_file():
         raise DataError(f"data.manifest: {manifest}: no such file")
-    settings = cache_settings(manifest, list(data.buckets), data.fps, data.encoders, data.text)
-    encoders = None  # loaded once, only if the cache or the eval prompts' embeddings need them
+    encoders = None  # loaded once, only if this process has clips or prompts to encode
 
     def get_encoders() -> Encoders:
         nonlocal encoders, backend
@@ -63,30 +65,44 @@ def prepare_data(recipe: Recipe, progress: bool = True, backend: Backend | None 
                 from contentv_common.backend import get
 
                 backend = get("jax")
-            encoders = backend.encoders(data.encoders, recipe.seed)
+            encoders = backend.encoders(data.encoders, recipe.seed, device=backend.data_device())
         return encoders
 
-    if not cache_is_current(data.cache_dir, settings):  # a current cache needs no encoders
-        build_cache(
-            manifest,
-            data.cache_dir,
-            get_encoders(),
-            list(data.buckets),
-            data.fps,
-            encoders_name=data.encoders,
-            progress=progress,
-            text=data.text == "cached",
-        )
+    index = build_cache(
+        manifest,
+        data.cache_dir,
+        get_encoders,
+        list(data.buckets),
+        data.fps,
+        data.encoders,
+        cache_dtype=data.cache_dtype,
+        chunk_size=data.chunk_size,
+        text=data.text == "cached",
+        process=process,
+        processes=processes,
+        progress=progress,
+        poll_s=poll_s,
+    )
     prompts = eval_prompt_list(recipe)
-    if prompts and not eval_prompts_current(data.cache_dir, prompts):
+    if prompts and process == 0 and not eval_prompts_current(data.cache_dir, prompts):
         write_eval_prompts(data.cache_dir, prompts, get_encoders())
-    index = read_index(data.cache_dir)
-    skipped = index.skip_counts
-    print(f"cache {data.cache_dir}: {len(index.samples)} samples" + (f", skipped {skipped}" if skipped else ""))
+    if prompts:
+        wait_until(lambda: eval_prompts_current(data.cache_dir, prompts), lambda: "process 0's eval prompts", poll_s)
+    if process == 0:
+        print("\n".join(summary(index, data.cache_dir)), flush=True)
     check_batches(index, recipe)
 
 
-def check_batches(index, recipe: Recipe) -> None:
+def summary(index: CacheIndex, cache_dir: str) -> list[str]:
+    """The cache's size, then one line per skip reason with its count and first file."""
+    lines = [f"cache {cache_dir}: {len(index.samples)} samples ({index.settings['cache_dtype']})"]
+    for reason, count in sorted(index.skip_counts.items()):
+        first = next(s for s in index.skipped if s["reason"] == reason)
+        lines.append(f"cache {cache_dir}: skipped {count} {reason}, e.g. {first['message']}")
+    return lines
+
+
+def check_batches(index: CacheIndex, recipe: Recipe) -> None:
     """DataError unless the cache makes at least one full batch; names the manifest and the first skipped file."""
     names = [b.name for b in recipe.data.buckets]
     ids = [names.index(s["bucket"]) for s in index.samples if s["bucket"] in names]
@@ -97,17 +113,7 @@ def check_batches(index, recipe: Recipe) -> None:
         raise DataError(f"{recipe.data.manifest}: {len(index.samples)} usable samples, {e}{first}") from None
 
 
-def prepare_data_once(recipe: Recipe, backend: Backend, primary: bool, progress: bool, poll_s: float = 2.0) -> None:
-    """prepare_data in process 0 only. The others wait at the backend's barrier (JAX), then until the cache and the
-    eval prompts' embeddings are current (torch ranks, which have no process group yet), for as long as it takes: the
-    launcher stops every process if process 0 fails."""
-    if primary:
-        prepare_data(recipe, progress, backend)
-    backend.barrier("data")
-    data = recipe.data
-    settings = cache_settings(data.manifest, list(data.buckets), data.fps, data.encoders, data.text)
-    prompts = eval_prompt_list(recipe)
-    while not cache_is_current(recipe.data.cache_dir, settings) or (
-        prompts and not eval_prompts_current(recipe.data.cache_dir, prompts)
-    ):
-        time.sleep(poll_s)
+def prepare_data_together(recipe: Recipe, backend: Backend, progress: bool) -> None:
+    """prepare_data in every process of the launch, each its share; they return once the cache is complete."""
+    process, processes = backend.processes()
+    prepare_data(recipe, progress and process == 0, backend, process, processes)

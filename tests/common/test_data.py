@@ -13,9 +13,11 @@ from contentv_common.data.buckets import (
     epoch_batches,
     host_slice,
 )
-from contentv_common.data.cache import LatentCache, build_cache, cache_is_current, cache_settings
+from contentv_common.data.build import build_cache
+from contentv_common.data.cache import LatentCache, cache_is_current, cache_settings
 from contentv_common.data.decode import decode_clip
 from contentv_common.data.manifest import read_manifest, write_manifest
+from contentv_common.data.prepare import summary
 from contentv_common.data.synthetic import make_synthetic_set, render, write_mp4
 from contentv_common.errors import ClipError, ManifestError
 from tests.stand_in_encoders import StandInEncoders
@@ -79,27 +81,37 @@ def test_manifest_errors_name_line_and_key(tmp_path):
     p.write_text('{"path": "a.mp4", "caption": "x"}\n{"path": "b.mp4", "caption": "y", "fps": -2}\n')
     with pytest.raises(ManifestError, match=r"m.jsonl:2: fps"):
         read_manifest(p)
-    p.write_text('{"path": "a.mp4"}\n')
-    with pytest.raises(ManifestError, match=r"m.jsonl:1: caption"):
+    p.write_text('{"caption": "x"}\n')
+    with pytest.raises(ManifestError, match=r"m.jsonl:1: path"):
         read_manifest(p)
+    p.write_text('{"path": "a.mp4", "caption": 3}\n{"path": "b.mp4"}\n')  # kept, for the cache build to skip
+    assert [e.problem for e in read_manifest(p)] == ["bad_caption", "bad_caption"]
 
 
-def test_cache_skips_bad_files_and_reads_back(tmp_path):
+def test_cache_skips_bad_files_and_reads_back(tmp_path, capsys):
+    """Garbage bytes, an empty file, a too-short clip, a missing file and a non-string caption are skipped with their
+    reasons, counted in the index and summarised one line per reason; the good clips read back."""
     manifest = make_synthetic_set(tmp_path / "set", num_videos=4, num_images=2, frames=12, fps=8, progress=False)
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     (tmp_path / "set" / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video" * 10)
+    (tmp_path / "set" / "empty.mp4").write_bytes(b"")
     write_mp4(tmp_path / "set" / "short.mp4", render("circle", "blue", "up", 64, 64, 3, 0), fps=8)
     rows += [
         {"path": "corrupt.mp4", "caption": "broken"},
+        {"path": "empty.mp4", "caption": "zero bytes"},
         {"path": "short.mp4", "caption": "too short"},
         {"path": "missing.mp4", "caption": "gone"},
+        {"path": rows[0]["path"], "caption": ["not", "a", "string"]},
     ]
     write_manifest(manifest, rows)
     cache_dir = tmp_path / "cache"
     encoders = CountingEncoders()
-    index = build_cache(manifest, cache_dir, encoders, BUCKETS, fps=8, progress=False, text_batch=4)
-    assert index.skip_counts == {"corrupt": 1, "too_short": 1, "missing": 1}
+    index = build_cache(manifest, cache_dir, lambda: encoders, BUCKETS, fps=8, progress=False, text_batch=4)
+    assert index.skip_counts == {"corrupt": 2, "too_short": 1, "missing": 1, "bad_caption": 1}
     assert len(index.samples) == 6
+    lines = summary(index, str(cache_dir))
+    assert lines[0].endswith("6 samples (float32)") and len(lines) == 5
+    assert "skipped 2 corrupt, e.g. " in lines[2] and "corrupt.mp4" in lines[2]
     assert encoders.text_batches == [4, 2, 1], "captions encoded 4 at a time, then the empty prompt"
     assert [s["caption"] for s in index.samples] == [r["caption"] for r in rows[:6]]
     assert cache_is_current(cache_dir, cache_settings(manifest, BUCKETS, 8, ""))
@@ -127,35 +139,3 @@ class CountingEncoders(StandInEncoders):
     def encode_text(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
         self.text_batches.append(len(captions))
         return super().encode_text(captions)
-
-
-class FailingEncoders(StandInEncoders):
-    """Stand-in encoders that fail on the second clip, as a crash in the middle of a cache build would."""
-
-    def __init__(self):
-        super().__init__()
-        self.clips = 0
-
-    def encode_video(self, frames: np.ndarray) -> np.ndarray:
-        self.clips += 1
-        if self.clips == 2:
-            raise RuntimeError("encoder crashed")
-        return super().encode_video(frames)
-
-
-def test_a_cache_rebuild_is_atomic(tmp_path):
-    """A rebuild that fails leaves the previous cache complete and current; the next one replaces it whole."""
-    manifest = make_synthetic_set(tmp_path / "set", num_videos=3, num_images=0, frames=12, fps=8, progress=False)
-    cache_dir = tmp_path / "cache"
-    build_cache(manifest, cache_dir, StandInEncoders(), BUCKETS, fps=8, progress=False)
-    before = {p.name: p.read_bytes() for p in (cache_dir / "samples").iterdir()}
-    with pytest.raises(RuntimeError, match="encoder crashed"):
-        build_cache(manifest, cache_dir, FailingEncoders(), BUCKETS[:1], fps=8, progress=False)
-    assert cache_is_current(cache_dir, cache_settings(manifest, BUCKETS, 8, ""))
-    assert {p.name: p.read_bytes() for p in (cache_dir / "samples").iterdir()} == before
-    index = build_cache(manifest, cache_dir, StandInEncoders(), BUCKETS[:1], fps=8, progress=False)
-    assert cache_is_current(cache_dir, cache_settings(manifest, BUCKETS[:1], 8, ""))
-    assert sorted(p.name for p in (cache_dir / "samples").iterdir()) == sorted(
-        s["file"].removeprefix("samples/") for s in index.samples
-    )
-    assert sorted(p.name for p in cache_dir.iterdir()) == ["empty_prompt.safetensors", "index.json", "samples"]

@@ -71,14 +71,16 @@ def test_clis_and_backend_interface_need_neither_framework():
         assert result.returncode == 0 and "ok" in result.stdout, (module, result.stderr[-2000:])
 
 
-ENTRY_POINTS = ("train", "sample", "convert", "plan", "parity", "bench", "eval")
+ENTRY_POINTS = ("train", "sample", "convert", "plan", "parity", "bench", "eval", "prepare_data")
 
 
 def test_entry_points_are_declared_and_importable():
     """pyproject.toml's `contentv-*` scripts name each CLI's `entry`; `python tools/<name>.py` runs the same one."""
     section = (ROOT / "pyproject.toml").read_text().split("[project.scripts]\n")[1].split("\n\n")[0]
     scripts = dict(line.replace('"', "").split(" = ") for line in section.splitlines())
-    assert scripts == {f"contentv-{name}": f"contentv_common.cli.{name}:entry" for name in ENTRY_POINTS}
+    assert scripts == {
+        f"contentv-{name.replace('_', '-')}": f"contentv_common.cli.{name}:entry" for name in ENTRY_POINTS
+    }
     for name in ENTRY_POINTS:
         module = importlib.import_module(f"contentv_common.cli.{name}")
         assert callable(module.entry) and callable(module.main)

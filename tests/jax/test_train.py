@@ -7,15 +7,15 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
 
 from contentv_common.config.recipe import MeshConfig, load_recipe
-from contentv_common.data.cache import build_cache, read_index
+from contentv_common.data.build import build_cache
 from contentv_common.data.synthetic import make_synthetic_set
 from contentv_common.errors import CheckpointError, TrainingStopped
 from contentv_jax.checkpointing import Checkpointer
 from contentv_jax.sharding import make_mesh
 from contentv_jax.train import Trainer, default_mesh, get_trainer, run
+from tests.cache_edit import nan_latents
 from tests.full_disk import cli_args, train_on_a_full_disk
 from tests.narrow_model import NARROW
 from tests.stand_in_encoders import StandInEncoders
@@ -28,7 +28,10 @@ def cached_set(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     manifest = make_synthetic_set(root / "set", num_videos=24, num_images=2, frames=12, fps=8, progress=False)
     recipe = tiny_recipe(root, "cache")
-    index = build_cache(manifest, root / "cache", StandInEncoders(), list(recipe.data.buckets), 8, "fake", False)
+    buckets, chunk_size = list(recipe.data.buckets), recipe.data.chunk_size  # the settings the CLI tests check
+    index = build_cache(
+        manifest, root / "cache", StandInEncoders, buckets, 8, "fake", chunk_size=chunk_size, progress=False
+    )
     assert index.skip_counts == {"no_bucket": 2}  # the images: these tests use one video bucket (one compile)
     return root
 
@@ -175,10 +178,7 @@ def test_nan_steps_are_skipped_then_the_run_stops(cached_set):
     run(recipe, progress=False, stop_after=2)
     bad = cached_set / "nan_cache"
     shutil.copytree(cached_set / "cache", bad)
-    for sample in read_index(bad).samples:
-        tensors = load_file(str(bad / sample["file"]))
-        tensors["latents"][:] = np.nan
-        save_file(tensors, str(bad / sample["file"]))
+    nan_latents(bad)
     bad = {"data.cache_dir": str(bad), "checkpoint.interval": 1}
     bad_recipe = tiny_recipe(cached_set, "nan", steps=10, nan_skip_limit=3, **bad)
     seen = []

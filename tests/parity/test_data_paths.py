@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from contentv_common.config.recipe import load_recipe
-from contentv_common.data.cache import LatentCache, build_cache
+from contentv_common.data.build import build_cache
+from contentv_common.data.cache import LatentCache
 from contentv_common.data.synthetic import make_synthetic_set
 from contentv_jax.data import StepBatches
 from contentv_torch_npu.data import make_loader
@@ -28,7 +29,7 @@ def recipe(tmp_path_factory):
     overrides = {"data.manifest": str(manifest), "data.cache_dir": str(root / "cache"), "data.buckets": BUCKETS}
     overrides |= {"data.text_dropout": 0.5, "data.num_threads": 0, "seed": 3, "checkpoint.dir": str(root / "ckpt")}
     recipe = load_recipe(TINY, overrides)
-    build_cache(manifest, root / "cache", StandInEncoders(), list(recipe.data.buckets), 8, progress=False)
+    build_cache(manifest, root / "cache", StandInEncoders, list(recipe.data.buckets), 8, progress=False)
     return recipe
 
 

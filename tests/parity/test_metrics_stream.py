@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from contentv_common.config.recipe import load_recipe
-from contentv_common.data.cache import LatentCache, build_cache
+from contentv_common.data.build import build_cache
+from contentv_common.data.cache import LatentCache
 from contentv_common.data.synthetic import make_synthetic_set
 from contentv_common.training.metrics import FIELDS
 from contentv_jax.data import StepBatches
@@ -25,7 +26,7 @@ def dataset(tmp_path_factory):
     data = {"manifest": str(manifest), "cache_dir": str(root / "cache"), "encoders": "fake", "buckets": buckets}
     data |= {"num_threads": 0, "fps": 8}
     build_cache(
-        manifest, root / "cache", StandInEncoders(), list(load_recipe(TINY, {"data": data}).data.buckets), 8, "fake"
+        manifest, root / "cache", StandInEncoders, list(load_recipe(TINY, {"data": data}).data.buckets), 8, "fake"
     )
     return data
 

@@ -80,14 +80,14 @@ def fake_npu():
 def tiny_dataset(tmp_path_factory):
     """A synthetic manifest (8 clips of 64x64 and 96x64) and its latent cache, built once per session."""
     from contentv_common.config.recipe import BucketConfig
-    from contentv_common.data.cache import build_cache
+    from contentv_common.data.build import build_cache
     from contentv_common.data.synthetic import make_synthetic_set
 
     root = tmp_path_factory.mktemp("tiny_data")
     manifest = make_synthetic_set(root / "videos", num_videos=8, frames=12, fps=8, progress=False)
     buckets = [BucketConfig(64, 64, 9, 2), BucketConfig(96, 64, 9, 2)]
-    build_cache(manifest, root / "cache", StandInEncoders(), buckets, 8.0, "fake", progress=False)
-    return {"manifest": str(manifest), "cache_dir": str(root / "cache"), "encoders": "fake", "fps": 8,
+    build_cache(manifest, root / "cache", StandInEncoders, buckets, 8.0, "fake", chunk_size=4, progress=False)
+    return {"manifest": str(manifest), "cache_dir": str(root / "cache"), "encoders": "fake", "fps": 8, "chunk_size": 4,
             "buckets": [{"width": 64, "height": 64, "frames": 9, "batch_size": 2},
                         {"width": 96, "height": 64, "frames": 9, "batch_size": 2}]}  # fmt: skip
 

@@ -1,33 +1,44 @@
-"""Under torchrun, rank 0 alone builds the latent/text cache; the other ranks wait until it is complete."""
+"""Under torchrun (RANK / WORLD_SIZE), each rank builds its chunks of the latent/text cache on its device and rank 0
+commits when every chunk is done (they meet through the chunks' completion records: no process group yet); the cache
+equals one process's byte for byte."""
 
-import threading
-import time
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from contentv_common.backend import get
 from contentv_common.config.recipe import load_recipe
-from contentv_common.data.cache import read_index
-from contentv_common.data.prepare import prepare_data_once
+from contentv_common.data.prepare import prepare_data
 from contentv_common.data.synthetic import make_synthetic_set
+from tests.common.test_cache_build import cache_bytes
 
 pytestmark = pytest.mark.multiprocess  # every test here starts several processes
 
-TINY = Path(__file__).resolve().parents[2] / "tests" / "recipes" / "tiny.yaml"
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "tests" / "recipes" / "tiny.yaml"
 
 
-def test_other_ranks_wait_for_rank_0s_cache(tmp_path):
-    manifest = make_synthetic_set(tmp_path / "set", num_videos=2, num_images=0, frames=12, fps=8, progress=False)
-    buckets = [{"width": w, "height": 64, "frames": 9, "batch_size": 1} for w in (64, 96)]
-    recipe = load_recipe(
-        TINY, {"data.manifest": str(manifest), "data.cache_dir": str(tmp_path / "cache"), "data.buckets": buckets}
-    )
-    rank1 = threading.Thread(target=prepare_data_once, args=(recipe, get("torch"), False, False, 0.05))
-    rank1.start()
-    time.sleep(0.5)
-    assert rank1.is_alive() and not (tmp_path / "cache").exists()  # waits, builds nothing
-    prepare_data_once(recipe, get("torch"), True, False, 0.05)  # rank 0
-    rank1.join(timeout=30)
-    assert not rank1.is_alive()
-    assert len(read_index(tmp_path / "cache").samples) == 2
+def test_two_ranks_build_the_cache_one_builds(tmp_path):
+    manifest = make_synthetic_set(tmp_path / "set", num_videos=8, num_images=2, frames=12, fps=8, progress=False)
+    data = {"data.manifest": str(manifest), "data.chunk_size": 2}
+    prepare_data(load_recipe(TINY, {**data, "data.cache_dir": str(tmp_path / "one")}), False, get("torch"))
+    cmd = [sys.executable, "tools/prepare_data.py", "--config", str(TINY), "--backend", "torch", "--no-progress"]
+    cmd += [f"{k}={v}" for k, v in data.items()] + [f"data.cache_dir={tmp_path / 'two'}"]
+    ranks = [
+        subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    outputs = [p.communicate(timeout=180)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    assert "cache " in outputs[0] and "cache " not in outputs[1]  # rank 0 commits and summarises
+    assert cache_bytes(tmp_path / "two") == cache_bytes(tmp_path / "one")

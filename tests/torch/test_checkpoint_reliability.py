@@ -12,15 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
 
 from contentv_common.checkpoint import integrity
 from contentv_common.checkpoint.run_lock import LOCK_FILE
 from contentv_common.config.recipe import load_recipe
-from contentv_common.data.cache import read_index
 from contentv_common.errors import CheckpointError, TrainingStopped
 from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu.train import run
+from tests.cache_edit import nan_latents
 from tests.full_disk import cli_args, train_on_a_full_disk
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,10 +157,7 @@ def test_a_failed_save_ends_the_run_with_one_line_and_status_1(tiny_dataset, tmp
 def _nan_cache(dataset, folder):
     bad = folder / "nan_cache"
     shutil.copytree(dataset["cache_dir"], bad)
-    for sample in read_index(bad).samples:
-        tensors = load_file(str(bad / sample["file"]))
-        tensors["latents"][:] = np.nan
-        save_file(tensors, str(bad / sample["file"]))
+    nan_latents(bad)
     return {**dataset, "cache_dir": str(bad), "text_dropout": 0.25, "num_threads": 0}
 
 

@@ -9,16 +9,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load_file, save_file
 
 from contentv_common.config.model import named_model_config
 from contentv_common.config.recipe import load_recipe
-from contentv_common.data.cache import read_index
 from contentv_common.errors import TrainingStopped
 from contentv_torch_npu import checkpointing as ckpt
 from contentv_torch_npu.loading import load_transformer
 from contentv_torch_npu.train import StepInputs, learning_rate, make_optimizer, run, train_step
 from contentv_torch_npu.transformer import Transformer
+from tests.cache_edit import nan_latents
 from tools.launch_local import free_port
 
 RECIPE = "tests/recipes/tiny.yaml"
@@ -160,10 +159,7 @@ def test_nan_steps_are_skipped_then_the_run_stops(tiny_dataset, tmp_path):
     good = ckpt.load_state(tmp_path / "ckpt" / "step_00000001")
     bad = tmp_path / "nan_cache"
     shutil.copytree(tiny_dataset["cache_dir"], bad)
-    for sample in read_index(bad).samples:
-        tensors = load_file(str(bad / sample["file"]))
-        tensors["latents"][:] = np.nan
-        save_file(tensors, str(bad / sample["file"]))
+    nan_latents(bad)
     data = {**tiny_dataset, "cache_dir": str(bad), "text_dropout": 0.25, "num_threads": 0}
     recipe = _recipe(tiny_dataset, tmp_path, steps=10, nan_skip_limit=2, data=data, **{"checkpoint.interval": 100})
     seen = []
