@@ -17,13 +17,15 @@ import numpy as np
 from contentv_common.config.recipe import Recipe
 from contentv_common.data.buckets import BucketBatchSampler
 from contentv_common.data.cache import LatentCache
+from contentv_common.text.online import step_tokenizers, tokenized
 from contentv_common.training.step_inputs import step_inputs
 
 ENDLESS = 2**40  # batches: the stream never runs out; the run length is the recipe's step count
 
 
 class StepBatches:
-    """Host batch k (numpy) of one process: its rows of the cached latents/text plus the step's random inputs.
+    """Host batch k (numpy) of one process: its rows of the cached latents/text (with `data.text: online`, the token
+    ids of its captions instead of text) plus the step's random inputs.
 
     `shards` = (first, stop, count): the global batch splits into `count` equal row blocks and this process feeds
     blocks first..stop-1; `global_size` in each batch tells the trainer the global batch size.
@@ -36,6 +38,8 @@ class StepBatches:
         self.held_out = self.cache.hold_out(recipe.eval.samples if recipe.eval.interval else 0, recipe.seed)
         self.sampler = BucketBatchSampler(self.cache.bucket_ids, [b.batch_size for b in buckets], recipe.seed)
         self.shards = shards
+        self.online = recipe.data.text == "online"
+        self.tokenizers = step_tokenizers(recipe.data.encoders, recipe.seed) if self.online else None
 
     def rows(self, global_size: int) -> slice:
         first, stop, count = self.shards
@@ -48,14 +52,20 @@ class StepBatches:
         global_ids = self.sampler.batch(int(k))
         n = len(global_ids)
         rows = self.rows(n)
+        mine = global_ids[rows]
+        read: dict[str, Any] = self.cache.batch(mine)
+        if self.online:
+            read["captions"] = self.cache.captions(mine)
         batch = step_inputs(
             self.recipe,
             k,
-            self.cache.batch(global_ids[rows]),
+            read,
             global_size=n,
             first_row=rows.start,
             empty=(self.cache.empty_text, self.cache.empty_pooled),
         )
+        if self.tokenizers is not None:
+            batch = tokenized(batch, self.tokenizers)
         batch["global_size"] = np.asarray(n)
         return batch
 

@@ -30,9 +30,8 @@ from contentv_common.model.flops import text_encoder_flops, transformer_flops, v
 from contentv_common.plan.report import DEFAULT_KINDS, StepPlan, peak_bytes
 from contentv_common.sample_mesh import SampleMesh
 from contentv_common.sampling import latent_shape
-from contentv_common.text.encoder_table import SD35_TEXT_CONFIGS
-from contentv_common.text.sd3_prompt import T5_MAX_SEQUENCE_LENGTH, TextConfigs, read_text_configs
-from contentv_common.tiny_models import tiny_text
+from contentv_common.text.online import TOKEN_KEYS, text_configs
+from contentv_common.text.sd3_prompt import T5_MAX_SEQUENCE_LENGTH, TextConfigs
 from contentv_common.vae.checkpoint import open_vae_source
 from contentv_common.vae.chunks import Tiling, tile_plan
 from contentv_common.vae.config import RGB, VAEConfig, tiny_vae_config
@@ -44,6 +43,7 @@ from contentv_jax.text_encoders import planned_encode
 from contentv_jax.train import Trainer, get_trainer
 from contentv_jax.vae import WanVAE, _decode_chunk, _encode_chunk
 
+CLIP_TOKENS = 77  # SD3.5's CLIP tokenizers' model_max_length
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -137,8 +137,9 @@ def reusable(previous: Sequence[dict[str, Any]], device_kind: str) -> dict[str, 
     return known
 
 
-def _train_batch(trainer: Trainer, b: BucketConfig, text_tokens: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """The abstract batch the data loader feeds the train step for bucket `b` (float32, as the cache holds it)."""
+def _train_batch(trainer: Trainer, b: BucketConfig, text_tokens: int) -> dict[str, Any]:
+    """The abstract batch the data loader feeds the train step for bucket `b` (float32, as the cache holds it; online
+    text: int32 token ids and the text encoders' parameters instead of text and pooled)."""
     cfg = trainer.recipe.model_config
     latent = latent_shape(cfg.in_channels, b.frames, b.height, b.width, b.batch_size)
     shapes = {
@@ -149,18 +150,36 @@ def _train_batch(trainer: Trainer, b: BucketConfig, text_tokens: int) -> dict[st
         "text": (b.batch_size, text_tokens, cfg.joint_attention_dim),
         "pooled": (b.batch_size, cfg.pooled_projection_dim),
     }
+    if trainer.text_graphdef is not None:  # online text: token ids in, the encoders' parameters beside them
+        del shapes["text"], shapes["pooled"]
+        clip, t5 = text_split(text_tokens)
+        ids = dict(zip(TOKEN_KEYS, ((b.batch_size, n) for n in (clip, clip, t5)), strict=True))
+        where = sharding.batch_shardings(ids, trainer.mesh)
+        tokens: dict[str, Any] = {k: _abstract(s, jnp.int32, where[k]) for k, s in ids.items()}
+        shardings = sharding.batch_shardings(shapes, trainer.mesh)
+        batch = {k: _abstract(s, jnp.float32, shardings[k]) for k, s in shapes.items()}
+        return {**batch, **tokens, "text_encoders": nnx.to_pure_dict(trainer.abstract_text)}
     shardings = sharding.batch_shardings(shapes, trainer.mesh)
     return {k: _abstract(s, jnp.float32, shardings[k]) for k, s in shapes.items()}
+
+
+def text_split(text_tokens: int) -> tuple[int, int]:
+    """(CLIP, T5) token counts of SD3.5's `text_tokens` (77 CLIP, the rest T5)."""
+    return CLIP_TOKENS, text_tokens - CLIP_TOKENS
 
 
 def plan_train(
     trainer: Trainer, b: BucketConfig, text_tokens: int, hbm: int, known: Mapping[str, StepPlan]
 ) -> StepPlan:
-    """The jitted train step of the trainer (state donated) for one bucket."""
+    """The jitted train step of the trainer (state donated) for one bucket; with online text its FLOPs count the text
+    encoders' forward too."""
     state, batch = trainer.abstract_state(), _train_batch(trainer, b, text_tokens)
     cfg = trainer.recipe.model_config
     tokens = image_tokens(b, cfg.patch_size)
     flops = transformer_flops(cfg, tokens, text_tokens, b.batch_size).step("train")
+    configs = text_configs(trainer.recipe.data.encoders) if trainer.text_graphdef is not None else None
+    if configs is not None:
+        flops += text_encoder_flops(configs, *text_split(text_tokens), b.batch_size)
     step = trainer.jitted_step(state, batch)
     lower = lambda: step.lower(state, batch)  # noqa: E731
     args = argument_bytes(state, batch)
@@ -252,17 +271,6 @@ def _plan_denoise(
     return compile_plan("sample", b.name, tokens + text_tokens, pair, flops, lower, args, hbm, known)
 
 
-def text_configs(name: str) -> TextConfigs | None:
-    """The text encoders of an `encoders` name (a recipe's data.encoders): a pipeline folder's configs when the folder
-    is here, else the official full-size SD3.5 ones; the tiny encoders' for "tiny"; None for the demo's word
-    embeddings (no model)."""
-    if name == "demo":
-        return None
-    if name == "tiny":
-        return tiny_text().configs
-    return read_text_configs(name) if Path(name).is_dir() else SD35_TEXT_CONFIGS
-
-
 def plan_text(
     recipe: Recipe, mesh: Mesh, hbm: int, configs: TextConfigs, batch: int, known: Mapping[str, StepPlan]
 ) -> StepPlan:
@@ -275,7 +283,7 @@ def _text_step(
     configs: TextConfigs, dtype: Any, mesh: Mesh, hbm: int, batch: int, known: Mapping[str, StepPlan]
 ) -> tuple[StepPlan, int]:
     """plan_text's step, and the per-device bytes of the encoders' weights."""
-    clip, t5 = 77, T5_MAX_SEQUENCE_LENGTH
+    clip, t5 = CLIP_TOKENS, T5_MAX_SEQUENCE_LENGTH
     lowered, args = planned_encode(configs, dtype, mesh, batch, (clip, t5))
     flops = text_encoder_flops(configs, clip, t5, batch)
     lower, arg_bytes = lambda: lowered, argument_bytes(*args)
@@ -460,9 +468,14 @@ def plan_recipe(
 
 
 def state_bytes(recipe: Recipe, mesh: Mesh) -> dict[str, int]:
-    """Per-device bytes of the train state a run keeps between steps: params, opt_state (AdamW), ema (when kept)."""
-    state = get_trainer(recipe, mesh).abstract_state()
-    return {k: argument_bytes(state[k]) for k in ("params", "opt_state", "ema") if k in state}
+    """Per-device bytes of the train state a run keeps between steps: params, opt_state (AdamW), ema (when kept), and
+    with online text the text encoders' weights."""
+    trainer = get_trainer(recipe, mesh)
+    state = trainer.abstract_state()
+    out = {k: argument_bytes(state[k]) for k in ("params", "opt_state", "ema") if k in state}
+    if trainer.text_graphdef is not None:
+        out["text_encoders"] = argument_bytes(nnx.to_pure_dict(trainer.abstract_text))
+    return out
 
 
 def replicated_params(recipe: Recipe, mesh: Mesh) -> tuple[list[dict[str, Any]], list[str]]:

@@ -267,9 +267,9 @@ def _fill(
     return SD3TextEncoders(*modules)
 
 
-def planned_encode(configs: TextConfigs, dtype: jnp.dtype, mesh: Mesh, batch: int, tokens: tuple[int, int]):
-    """The jitted encode lowered for `batch` prompts of (CLIP, T5) `tokens` with abstract parameters of `configs` in
-    `dtype`, sharded as `load_text_encoders(..., mesh=mesh)` places them (for contentv_jax.memory_plan)."""
+def abstract_text_encoders(configs: TextConfigs, dtype: jnp.dtype, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state of ShapeDtypeStructs) of the three encoders of `configs` in `dtype`, each parameter with the
+    sharding `load_text_encoders(..., mesh=mesh)` gives it (TEXT_PARAM_AXES)."""
     model = SD3TextEncoders(*(abstract_encoder(c, dtype, dtype) for c in configs))
     where = model_shardings(model, mesh, sharding.TEXT_PARAM_AXES)
     graphdef, state = nnx.split(model)
@@ -277,7 +277,13 @@ def planned_encode(configs: TextConfigs, dtype: jnp.dtype, mesh: Mesh, batch: in
         (path, var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=where[".".join(map(str, path))])))
         for path, var in nnx.to_flat_state(state)
     ]
-    state = nnx.from_flat_state(flat)
+    return graphdef, nnx.from_flat_state(flat)
+
+
+def planned_encode(configs: TextConfigs, dtype: jnp.dtype, mesh: Mesh, batch: int, tokens: tuple[int, int]):
+    """The jitted encode lowered for `batch` prompts of (CLIP, T5) `tokens` with abstract parameters of `configs` in
+    `dtype`, sharded as `load_text_encoders(..., mesh=mesh)` places them (for contentv_jax.memory_plan)."""
+    graphdef, state = abstract_text_encoders(configs, dtype, mesh)
     shapes = [(batch, n) for n in (tokens[0], tokens[0], tokens[1])]
     specs = [sharding.activation_spec(("batch", None), shape, mesh) for shape in shapes]
     ids = [

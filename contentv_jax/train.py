@@ -33,6 +33,7 @@ from contentv_common.errors import ConfigError, TrainingStopped
 from contentv_common.lora.training import write_adapter_file
 from contentv_common.prefetch import Prefetcher
 from contentv_common.reward.run import optimizer_updates
+from contentv_common.text.online import TOKEN_KEYS, text_configs
 from contentv_common.training.divergence import DivergenceGuard
 from contentv_common.training.evaluation import (
     EVAL_CLIP,
@@ -53,6 +54,7 @@ from contentv_jax.checkpointing import Checkpointer, abstract_like
 from contentv_jax.data import make_loader
 from contentv_jax.ops import attention_for
 from contentv_jax.optim import guard_limits, guard_record, guarded_update, make_optimizer
+from contentv_jax.text_encoders import abstract_text_encoders, load_text_encoders, tiny_text_encoders
 from contentv_jax.transformer import Transformer
 
 
@@ -93,6 +95,13 @@ class Trainer:
         self._steps: dict[tuple, Callable] = {}
         self._init: tuple[Callable, Callable] | None = None
         self._eval: Callable | None = None
+        # data.text online: the frozen text encoders (float32, as the cache encodes) sharded by TEXT_PARAM_AXES; their
+        # parameters enter the step beside the batch, never the train state (no gradient, optimizer state, checkpoint)
+        self.text_graphdef: nnx.GraphDef | None = None
+        self._text_params: dict[str, Any] | None = None
+        configs = text_configs(recipe.data.encoders) if online_text(recipe) else None
+        if configs is not None:
+            self.text_graphdef, self.abstract_text = abstract_text_encoders(configs, jnp.dtype(jnp.float32), mesh)
 
     # ---- state -------------------------------------------------------------------------------------------------
 
@@ -210,6 +219,41 @@ class Trainer:
         (contentv_common.lora.adapters)."""
         return lora.canonical_adapters(self.lora_plan, multihost.to_host(self.trained(self.final_params(state))[0]))
 
+    def text_params(self) -> dict[str, Any]:
+        """The online text encoders' parameters on their shards (`data.encoders`: tiny or a pipeline folder), loaded
+        once."""
+        if self._text_params is None:
+            name, mesh = self.recipe.data.encoders, self.mesh
+            if name == "tiny":
+                text = tiny_text_encoders(self.recipe.seed, mesh=mesh)
+            else:
+                text = load_text_encoders(name, mesh=mesh)
+            self._text_params = nnx.to_pure_dict(nnx.split(text.model)[1])
+        return self._text_params
+
+    def prompt_rows(self, rows: int) -> NamedSharding:
+        """Where the step's prompts are encoded: split over data x fsdp x sequence when the rows divide (the sequence
+        ranks, which share their samples, each encode a share: the encoders run as plain FSDP over the axes their
+        weights are split on), else over data x fsdp as the batch is."""
+        axes = (*sharding.BATCH, "sequence")
+        if rows % int(np.prod([self.mesh.shape[a] for a in axes])):
+            axes = sharding.BATCH
+        return NamedSharding(self.mesh, PartitionSpec(axes, None))
+
+    def encoded(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """`batch` with text and pooled: online, its token ids through the text encoders (`batch["text_encoders"]`,
+        their parameters), the outputs split over the batch as a cached batch's text is; else `batch` as it is."""
+        if "text_encoders" not in batch:
+            return batch
+        rest = dict(batch)
+        state = jax.tree.map(lambda x: x, self.abstract_text)
+        nnx.replace_by_pure_dict(state, rest.pop("text_encoders"))
+        ids = [jax.lax.with_sharding_constraint(rest.pop(k), self.prompt_rows(batch[k].shape[0])) for k in TOKEN_KEYS]
+        text, pooled = nnx.merge(self.text_graphdef, state)(*ids)
+        where = sharding.batch_shardings({"text": text.shape, "pooled": pooled.shape}, self.mesh)
+        text = jax.lax.with_sharding_constraint(text, where["text"])
+        return {**rest, "text": text, "pooled": jax.lax.with_sharding_constraint(pooled, where["pooled"])}
+
     # ---- the step ----------------------------------------------------------------------------------------------
 
     def per_sample_loss(self, params: dict[str, Any], batch: dict[str, jax.Array]) -> jax.Array:
@@ -234,7 +278,8 @@ class Trainer:
         return {t: float(v) for t, v in zip(timesteps, mean, strict=True)}
 
     def step(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-        """One flow-matching update (`apply`)."""
+        """One flow-matching update (`apply`); online text is encoded first (`encoded`), outside the gradient."""
+        batch = self.encoded(batch)
         trained, frozen = self.trained(state["params"])
         loss, grads = jax.value_and_grad(lambda t: self.loss(self.join(t, frozen), batch))(trained)
         return self.apply(state, loss, grads)
@@ -265,7 +310,8 @@ class Trainer:
     def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Host batch (this process's rows, from contentv_jax.data) -> global arrays sharded over the mesh.
 
-        Each device takes its block out of the rows this process read (a batch without `global_size` is global)."""
+        Each device takes its block out of the rows this process read (a batch without `global_size` is global).
+        Online text: the token ids are placed so, and the text encoders' parameters join as `text_encoders`."""
         batch = dict(batch)
         size = int(batch.pop("global_size", len(batch["latents"])))
         first, _, count = multihost.batch_shards(self.mesh)
@@ -282,7 +328,10 @@ class Trainer:
 
             return jax.make_array_from_callback(shapes[name], shardings[name], block)
 
-        return {name: make(name) for name in batch}
+        placed: dict[str, Any] = {name: make(name) for name in batch}
+        if self.text_graphdef is not None:
+            placed["text_encoders"] = self.text_params()
+        return placed
 
     def jitted_step(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> Callable:
         """The compiled flow-matching step for this state layout and batch shape (one compile per bucket)."""
@@ -300,6 +349,11 @@ class Trainer:
         return multihost.jit_together(
             step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=0
         )
+
+
+def online_text(recipe: Recipe | RewardRecipe) -> bool:
+    """The recipe's training step encodes its captions (data.text: online)."""
+    return isinstance(recipe, Recipe) and recipe.data.text == "online"
 
 
 def step_layout(state: dict[str, Any], batch: Any) -> tuple:
@@ -322,8 +376,9 @@ def get_trainer(recipe: Recipe, mesh: Mesh) -> Trainer:
     """A Trainer for this recipe and mesh, reused when only data, paths or run length differ (no recompiles
     between stages or resumed runs of the same shapes in one process)."""
     r = recipe
+    text = (r.data.text, r.data.encoders) if online_text(r) else None
     key = (r.model_config, r.compute_dtype, r.remat, r.attention, r.optimizer, schedule_steps(r), r.seed, r.lora,
-           r.divergence, mesh)  # fmt: skip
+           r.divergence, mesh, text)  # fmt: skip
     if key not in _TRAINERS:
         _TRAINERS[key] = Trainer(recipe, mesh)
     return _TRAINERS[key]

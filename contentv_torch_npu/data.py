@@ -41,10 +41,11 @@ class GlobalBatches(Sampler):
 
 
 class RankSlices(Dataset):
-    """Item `(k, global indices)` -> this rank's rows of the batch as tensors, with where they sit globally."""
+    """Item `(k, global indices)` -> this rank's rows of the batch as tensors (and, for online text, their
+    `captions`), with where they sit globally."""
 
-    def __init__(self, cache: LatentCache, dp_rank: int, dp: int):
-        self.cache, self.dp_rank, self.dp = cache, dp_rank, dp
+    def __init__(self, cache: LatentCache, dp_rank: int, dp: int, captions: bool = False):
+        self.cache, self.dp_rank, self.dp, self.captions = cache, dp_rank, dp, captions
 
     def __getitem__(self, item: tuple[int, list[int]]) -> dict[str, Any]:
         k, indices = item
@@ -52,6 +53,7 @@ class RankSlices(Dataset):
         arrays = self.cache.batch(mine)
         return {
             **{name: torch.from_numpy(a) for name, a in arrays.items()},
+            **({"captions": self.cache.captions(mine)} if self.captions else {}),
             "batch_index": k,
             "global_size": len(indices),
             "offset": self.dp_rank * len(mine),
@@ -71,7 +73,7 @@ def make_loader(cache: LatentCache, data: DataConfig, seed: int, start: int, dp_
     sampler = BucketBatchSampler(cache.bucket_ids, sizes, seed)
     workers = data.num_threads
     return DataLoader(
-        RankSlices(cache, dp_rank, dp),
+        RankSlices(cache, dp_rank, dp, captions=data.text == "online"),
         sampler=GlobalBatches(sampler, start),
         batch_size=None,
         collate_fn=_identity,
@@ -98,7 +100,9 @@ def open_cache(
     then open it); `contentv-train` and `contentv-prepare-data` share the build over the ranks before this.
     """
     buckets = list(data.buckets)
-    settings = cache_settings(data.manifest, buckets, data.fps, data.encoders, data.cache_dtype, data.chunk_size)
+    settings = cache_settings(
+        data.manifest, buckets, data.fps, data.encoders, data.cache_dtype, data.chunk_size, data.text
+    )
     stale = not cache_is_current(data.cache_dir, settings)
     if build and (stale or (prompts and not eval_prompts_current(data.cache_dir, prompts))):
         if encoders is None:
@@ -117,6 +121,7 @@ def open_cache(
                 cache_dtype=data.cache_dtype,
                 chunk_size=data.chunk_size,
                 progress=progress,
+                text=data.text == "cached",
             )
         if prompts:
             write_eval_prompts(data.cache_dir, prompts, encoders)

@@ -32,10 +32,12 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from contentv_common.config.model import ModelConfig
 from contentv_common.config.recipe import BucketConfig, Recipe
-from contentv_common.model.flops import image_tokens, transformer_flops
+from contentv_common.model.flops import image_tokens, text_encoder_flops, transformer_flops
 from contentv_common.plan.report import StepPlan, peak_bytes
 from contentv_common.sample_mesh import SampleMesh
 from contentv_common.sampling import latent_shape
+from contentv_common.text.encoder_table import clip_text_shapes, t5_shapes
+from contentv_common.text.online import text_configs
 from contentv_torch_npu.distributed import (
     check_mesh,
     enable_sequence_parallel,
@@ -49,6 +51,7 @@ from contentv_torch_npu.train import DTYPES, StepInputs, flow_matching_loss
 from contentv_torch_npu.transformer import Transformer
 
 TEXT_TOKENS = 333
+CLIP_TOKENS = 77  # of TEXT_TOKENS: SD3.5's CLIP tokenizers' model_max_length; the rest are T5's
 # tracker categories that persist between steps: FSDPMemTracker's (sharded world) and MemTracker's (one process,
 # where the step's inputs are tracked as "Other")
 _STATE = ("SHARDED_PARAM", "BUFFER", "OPT", "INP", "PARAM", "OTH")
@@ -142,6 +145,16 @@ def _tracker(model: Transformer, optimizer: torch.optim.Optimizer, inputs: StepI
     return tracker
 
 
+def online_text_bytes(recipe: Recipe) -> int:
+    """The float32 weights of the text encoders a `data.text: online` run keeps whole on every rank (0 otherwise)."""
+    configs = text_configs(recipe.data.encoders) if recipe.data.text == "online" else None
+    if configs is None:
+        return 0
+    clip_l, clip_g, t5 = configs
+    shapes = [*clip_text_shapes(clip_l).values(), *clip_text_shapes(clip_g).values(), *t5_shapes(t5).values()]
+    return sum(int(np.prod(s)) for s in shapes) * 4
+
+
 def _local_bytes(tensors) -> int:
     return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
 
@@ -151,7 +164,8 @@ def plan_buckets(
 ) -> tuple[list[StepPlan], dict[str, int]]:
     """Trace one train step per bucket as rank 0 of the recipe's mesh (the fake world must be initialised); the
     model, AdamW (over the trained parameters: all, or the LoRA adapters) and the EMA are built once. Returns the
-    plans and the rank's train state in bytes (params, optimizer, ema)."""
+    plans and the rank's train state in bytes (params, optimizer, ema; with online text the encoders' weights, which
+    are counted, not traced: their forward's activations are not in the peak, their FLOPs are)."""
     mesh, cfg = recipe.mesh, recipe.model_config
     dp, sp = mesh.data * mesh.fsdp, mesh.sequence
     world = dp * sp
@@ -180,6 +194,10 @@ def plan_buckets(
         state_bytes = {"params": _local_bytes(model.parameters()), "optimizer": _local_bytes(moments)}
         if ema:
             state_bytes["ema"] = ema_bytes
+        text_bytes = online_text_bytes(recipe)
+        if text_bytes:
+            state_bytes["text_encoders"] = text_bytes
+        configs = text_configs(recipe.data.encoders) if text_bytes else None
         build_s = time.perf_counter() - start
         for bucket in recipe.data.buckets:
             start = time.perf_counter()
@@ -191,8 +209,12 @@ def plan_buckets(
             by_name = {getattr(k, "name", str(k)): v for k, v in snapshot.items()}
             state = sum(by_name.get(k, 0) for k in _STATE) + ema_bytes
             temp = by_name["Total"] + ema_bytes - state
+            state += text_bytes
             tokens = _tokens(cfg, bucket)
             peak = peak_bytes(state, temp, 0, 0)
+            flops = transformer_flops(cfg, tokens, text_tokens, bucket.batch_size).step("train")
+            if configs is not None:
+                flops += text_encoder_flops(configs, CLIP_TOKENS, text_tokens - CLIP_TOKENS, bucket.batch_size)
             plans.append(
                 StepPlan(
                     kind="train",
@@ -205,7 +227,7 @@ def plan_buckets(
                     alias_bytes=0,
                     peak_bytes=peak,
                     compile_s=build_s + time.perf_counter() - start,
-                    flops=transformer_flops(cfg, tokens, text_tokens, bucket.batch_size).step("train"),
+                    flops=flops,
                     fits=peak <= hbm_bytes,
                 )
             )

@@ -74,24 +74,27 @@ class TextEncoders:
             m.to(device)
         return self
 
-    @torch.inference_mode()
-    def encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(prompt_embeds [B, clip_length + max_sequence_length, text_dim], pooled [B, pooled_dim]), float32."""
-        *clip_ids, t5_ids = (torch.from_numpy(a).long().to(self.device) for a in self.tokenizers.tokenize(prompts))
+    def encode_ids(
+        self, clip_l_ids: torch.Tensor, clip_g_ids: torch.Tensor, t5_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (`tokenizers.tokenize`'s, long, on the encoders' device) -> (prompt_embeds [B, clip_length +
+        max_sequence_length, text_dim], pooled [B, pooled_dim]) float32 tensors there."""
         hidden, pooled = [], []
-        for model, ids in zip(self.clips, clip_ids, strict=True):
+        for model, ids in zip(self.clips, (clip_l_ids, clip_g_ids), strict=True):
             out = model(ids, output_hidden_states=True)
             hidden.append(out.hidden_states[CLIP_HIDDEN_STATE].to(self.clips[0].dtype))
             pooled.append(out.text_embeds)
         t5 = self.t5(t5_ids)[0]
         clip = torch.cat(hidden, dim=-1)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        prompt_embeds = torch.cat([clip, t5], dim=-2)
-        pooled_embeds = torch.cat(pooled, dim=-1)
-        return (
-            prompt_embeds.float().cpu().numpy(),
-            pooled_embeds.float().cpu().numpy(),
-        )
+        return torch.cat([clip, t5], dim=-2).float(), torch.cat(pooled, dim=-1).float()
+
+    @torch.inference_mode()
+    def encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt_embeds [B, clip_length + max_sequence_length, text_dim], pooled [B, pooled_dim]), float32."""
+        ids = (torch.from_numpy(a).long().to(self.device) for a in self.tokenizers.tokenize(prompts))
+        prompt_embeds, pooled_embeds = self.encode_ids(*ids)
+        return prompt_embeds.cpu().numpy(), pooled_embeds.cpu().numpy()
 
     def save(self, folder: str | Path) -> Path:
         """Write the diffusers pipeline layout (text_encoder*/, tokenizer*/) that `load_text_encoders` reads."""

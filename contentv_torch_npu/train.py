@@ -38,6 +38,7 @@ from contentv_common.errors import TrainingStopped
 from contentv_common.lora.training import initial_adapters
 from contentv_common.prefetch import Prefetcher
 from contentv_common.sample_mesh import SampleMesh
+from contentv_common.text.online import TOKEN_KEYS, tokenized
 from contentv_common.training.divergence import DivergenceGuard
 from contentv_common.training.evaluation import (
     EVAL_CLIP,
@@ -70,6 +71,7 @@ from contentv_torch_npu.optim import (
     make_optimizer,
 )
 from contentv_torch_npu.sharded_checkpoint import stream_weights
+from contentv_torch_npu.text_encoders import TextEncoders, load_text_encoders, tiny_text_encoders
 from contentv_torch_npu.transformer import Transformer
 
 
@@ -85,14 +87,36 @@ class StepInputs:
     pooled: torch.Tensor
 
 
-def step_inputs(recipe: Recipe, batch: dict[str, Any], empty: tuple[np.ndarray, np.ndarray]) -> StepInputs:
+def step_inputs(
+    recipe: Recipe, batch: dict[str, Any], empty: tuple[np.ndarray, np.ndarray], text: TextEncoders | None = None
+) -> StepInputs:
     """This rank's rows of global batch k with the step's random inputs (contentv_common.training.step_inputs, as
-    contentv_jax.data draws them): every backend and mesh sees the same noise, sigmas and dropped captions."""
-    rows = {name: batch[name].numpy() for name in ("latents", "text", "pooled")}
+    contentv_jax.data draws them): every backend and mesh sees the same noise, sigmas and dropped captions. Online
+    text (`text`, the frozen encoders): the kept captions are tokenized and encoded on the encoders' device."""
+    rows: dict[str, Any] = {name: batch[name].numpy() for name in ("latents", "text", "pooled") if name in batch}
+    if text is not None:
+        rows["captions"] = batch["captions"]
     drawn = common_step_inputs(
         recipe, batch["batch_index"], rows, global_size=batch["global_size"], first_row=batch["offset"], empty=empty
     )
-    return StepInputs(**{name: torch.from_numpy(drawn[name]) for name in StepInputs.__dataclass_fields__})
+    if text is not None:
+        ids = tokenized(drawn, text.tokenizers)
+        with torch.no_grad():
+            encoded = text.encode_ids(*(torch.from_numpy(ids[k]).long().to(text.device) for k in TOKEN_KEYS))
+        drawn["text"], drawn["pooled"] = encoded
+    return StepInputs(**{name: torch.as_tensor(drawn[name]) for name in StepInputs.__dataclass_fields__})
+
+
+def online_text_encoders(recipe: Recipe, device: torch.device) -> TextEncoders | None:
+    """The frozen text encoders of `data.encoders` on this rank's device for `data.text: online` (else None): outside
+    the model, so no gradient, optimizer state or checkpoint holds them."""
+    if recipe.data.text != "online":
+        return None
+    name = recipe.data.encoders
+    text = tiny_text_encoders(recipe.seed) if name == "tiny" else load_text_encoders(name)
+    for model in (*text.clips, text.t5):
+        model.requires_grad_(False)
+    return text.to(device)
 
 
 def per_sample_loss(model: torch.nn.Module, inputs: StepInputs) -> torch.Tensor:
@@ -329,6 +353,7 @@ def _run(
     decode, scorers = _eval_tools(recipe, topo.device) if sampled is not None and topo.is_main else (None, {})
     loader = iter(make_loader(cache, recipe.data, recipe.seed, position, topo.dp_rank, topo.dp))
     empty = (cache.empty_text, cache.empty_pooled)
+    text_encoders = online_text_encoders(recipe, topo.device)
     schedule = DeviceSchedule(recipe.optimizer, recipe.steps, step - guard.skipped, topo.device)
     window = {k: torch.from_numpy(v).to(topo.device) for k, v in guard.window().items()}
     end = recipe.steps if stop_after is None else min(stop_after, recipe.steps)
@@ -338,7 +363,7 @@ def _run(
     last_read = time.perf_counter()
 
     def prepare(batch: dict[str, Any]) -> tuple[int, int, StepInputs]:
-        inputs = step_inputs(recipe, batch, empty)
+        inputs = step_inputs(recipe, batch, empty, text_encoders)
         inputs = StepInputs(*(t.to(topo.device, non_blocking=True) for t in vars(inputs).values()))
         return batch["batch_index"], batch["global_size"], inputs
 

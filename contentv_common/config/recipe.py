@@ -72,6 +72,9 @@ class DataConfig:
     encoders: str = "tiny"  # "tiny" (random tiny VAE + text encoders), "demo" or a local diffusers pipeline folder
     fps: float = 24.0
     text_dropout: float = 0.1
+    # "cached": the cache holds each caption's text embeddings; "online": latents only, the loader tokenizes the
+    # captions and the training step encodes them with the encoders' text encoders (frozen, sharded like the model)
+    text: Literal["cached", "online"] = "cached"
     num_threads: int = 2
     prefetch: int = 2
     cache_dtype: Literal["bfloat16", "float32"] = "float32"  # the cached latents and text; readers get float32
@@ -82,6 +85,9 @@ class DataConfig:
         _check(self.chunk_size > 0, "chunk_size", f"must be positive, got {self.chunk_size}")
         _check(self.fps > 0, "fps", f"must be positive, got {self.fps}")
         _check(0.0 <= self.text_dropout <= 1.0, "text_dropout", f"must be in [0, 1], got {self.text_dropout}")
+        _check(self.text in ("cached", "online"), "text", f"must be cached or online, got {self.text!r}")
+        why = "online needs text encoders in the step; the demo's word embeddings (encoders: demo) are cached only"
+        _check(self.text == "cached" or self.encoders != "demo", "text", why)
         names = [b.name for b in self.buckets]
         dup = sorted({n for n in names if names.count(n) > 1})
         _check(not dup, "buckets", f"duplicate bucket {dup}")
@@ -298,6 +304,8 @@ class Recipe:
         no_video = not any(b.frames > 1 for b in self.data.buckets)
         why = "sampled at the first video bucket's size, and data.buckets has no video bucket (frames > 1)"
         _check(not (self.eval.prompts and no_video), "eval.prompts", why)
+        why = "held-out samples are evaluated from cached text: set data.text: cached to evaluate in the loop"
+        _check(not (self.eval.interval and self.data.text == "online"), "eval.interval", why)
         if self.lora is not None and self.lora.base_dtype == "bfloat16":
             _check(self.compute_dtype == "bfloat16", "lora.base_dtype", "bfloat16 needs compute_dtype: bfloat16")
 

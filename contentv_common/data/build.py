@@ -79,17 +79,20 @@ def _records(
     dtype: CacheDtype,
     text_batch: int,
     done: dict[str, list[dict[str, Any]]],
+    text: bool = True,
 ) -> Iterator[bytes]:
-    """The records of `entries` in order (captions encoded `text_batch` at a time); the samples and skipped entries
-    go to `done`."""
+    """The records of `entries` in order (captions encoded `text_batch` at a time; latents alone without `text`); the
+    samples and skipped entries go to `done`."""
     pending: list[tuple[Any, dict[str, Any]]] = []
 
     def flush() -> Iterator[bytes]:
         if pending:
-            text, pooled = encoders.encode_text([sample["caption"] for _, sample in pending])
+            if text:
+                embeds, pooled = encoders.encode_text([sample["caption"] for _, sample in pending])
             for i, (latents, sample) in enumerate(pending):
                 done["samples"].append(sample)
-                yield to_bytes({"latents": latents, "text": text[i], "pooled": pooled[i]}, dtype)
+                row = {"latents": latents, "text": embeds[i], "pooled": pooled[i]} if text else {"latents": latents}
+                yield to_bytes(row, dtype)
             pending.clear()
 
     for entry in entries:
@@ -176,12 +179,16 @@ def build_cache(
     progress: bool = True,
     text_batch: int = 8,
     poll_s: float = 1.0,
+    text: bool = True,
 ) -> CacheIndex:
     """Build (or finish building) the cache of `manifest` in `cache_dir` as process `process` of `processes` (every
     process of the run calls it); returns the committed index. `encoders` loads the encoders, called only if this
-    process has something to encode."""
+    process has something to encode. Without `text` (recipe data.text: online) the records hold latents only; the
+    empty prompt is encoded either way."""
     manifest, cache_dir = Path(manifest), Path(cache_dir)
-    settings = cache_settings(manifest, buckets, fps, encoders_name, cache_dtype, chunk_size)
+    settings = cache_settings(
+        manifest, buckets, fps, encoders_name, cache_dtype, chunk_size, "cached" if text else "online"
+    )
     entries = read_manifest(manifest)
     check_usable(manifest, entries, buckets, fps)
     load = functools.cache(encoders)
@@ -198,7 +205,8 @@ def build_cache(
             for c in tqdm(todo, desc=f"cache chunks of process {process}", disable=not progress):
                 if cache_is_current(cache_dir, settings):  # committed meanwhile (this process's chunks were done)
                     break
-                write_chunk(build, c, [entries[i] for i in chunks[c]], buckets, fps, load(), cache_dtype, text_batch)
+                mine = [entries[i] for i in chunks[c]]
+                write_chunk(build, c, mine, buckets, fps, load(), cache_dtype, text_batch, text)
             if process == 0:
 
                 def missing() -> list[int]:
@@ -220,11 +228,12 @@ def write_chunk(
     encoders: Encoders,
     dtype: CacheDtype,
     text_batch: int,
+    text: bool = True,
 ) -> None:
     """Chunk c's ArrayRecord file, then (the file closed and renamed into place) its completion record."""
     done: dict[str, list[dict[str, Any]]] = {"samples": [], "skipped": []}
     tmp = build / (chunk_file(c) + ".tmp")
-    write_records(tmp, _records(entries, buckets, fps, encoders, dtype, text_batch, done))
+    write_records(tmp, _records(entries, buckets, fps, encoders, dtype, text_batch, done, text))
     _fsync(tmp)
     os.replace(tmp, build / chunk_file(c))
     _write_atomic(completion_record(build, c), json.dumps(done).encode())

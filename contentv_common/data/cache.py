@@ -75,9 +75,10 @@ def cache_settings(
     encoders_name: str,
     cache_dtype: CacheDtype = "float32",
     chunk_size: int = 64,
+    text: str = "cached",
 ) -> dict[str, Any]:
-    """What a cache depends on; a cache whose settings differ must be rebuilt."""
-    return {
+    """What a cache depends on; a cache whose settings differ must be rebuilt. `text` "online": latents only."""
+    settings = {
         "manifest": str(Path(manifest).resolve()),
         "buckets": [bucket_name(b) for b in buckets],
         "fps": fps,
@@ -85,6 +86,7 @@ def cache_settings(
         "cache_dtype": cache_dtype,
         "chunk_size": chunk_size,
     }
+    return settings if text == "cached" else {**settings, "text": text}
 
 
 def settings_key(settings: dict[str, Any]) -> str:
@@ -194,6 +196,9 @@ class LatentCache:
             raise OSError(f"{where}: cannot read this cached sample ({e}); delete {INDEX} to rebuild") from None
 
     def batch(self, indices: list[int]) -> dict[str, np.ndarray]:
-        """Stacked latents [B, C, f, h, w], text [B, L, D], pooled [B, P] of the given samples."""
+        """Stacked latents [B, C, f, h, w], text [B, L, D], pooled [B, P] (a cache with text) of the given samples."""
         rows = [self.sample(i) for i in indices]
-        return {k: np.stack([r[k] for r in rows]) for k in ("latents", "text", "pooled")}
+        return {k: np.stack([r[k] for r in rows]) for k in ("latents", "text", "pooled") if k in rows[0]}
+
+    def captions(self, indices: list[int]) -> list[str]:
+        return [self.index.samples[i]["caption"] for i in indices]

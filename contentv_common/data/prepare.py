@@ -77,6 +77,7 @@ def prepare_data(
         data.encoders,
         cache_dtype=data.cache_dtype,
         chunk_size=data.chunk_size,
+        text=data.text == "cached",
         process=process,
         processes=processes,
         progress=progress,

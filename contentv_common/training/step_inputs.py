@@ -8,23 +8,27 @@ resume needs only k, and every mesh, process count and backend sees the same num
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from contentv_common.config.recipe import Recipe
+from contentv_common.text.online import captions_kept
 from contentv_common.training.schedules import flow_inputs, resolve_shift, step_rng
 
 
 def step_inputs(
     recipe: Recipe,
     k: int,
-    batch: dict[str, np.ndarray],
+    batch: dict[str, Any],
     *,
     global_size: int,
     first_row: int,
-    empty: tuple[np.ndarray, np.ndarray],
-) -> dict[str, np.ndarray]:
-    """`batch` (rows first_row.. of global batch k: latents, text, pooled) with the step's random inputs: captions
-    dropped out (replaced by the `empty` prompt's text and pooled embeddings), noise, sigmas and loss weights added."""
+    empty: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """`batch` (rows first_row.. of global batch k: latents, and text and pooled, or online the `captions`) with the
+    step's random inputs: captions dropped out (replaced by the `empty` prompt's text and pooled embeddings, or online
+    by the caption "", which encodes to them), noise, sigmas and loss weights added."""
     obj = recipe.objective
     latents = batch["latents"]
     _, c, f, h, w = latents.shape
@@ -42,6 +46,10 @@ def step_inputs(
         rows=rows,
     )
     keep = ~(rng.random(global_size) < recipe.data.text_dropout)[rows]  # schedules.drop_text's draw
+    if "captions" in batch:
+        return {**batch, "captions": captions_kept(list(batch["captions"]), keep), **flow}
+    if empty is None:
+        raise ValueError("cached text needs the empty prompt's embeddings for its dropout")
     empty_text, empty_pooled = empty
     return {
         **batch,

@@ -269,3 +269,26 @@ def test_a_known_program_keeps_its_figures_and_a_changed_one_compiles():
     assert reusable([{**doc, "compiler": {**doc["compiler"], "jax": "0.0.1"}}], doc["device_kind"]) == {}
     unfit = {**doc, "steps": [dataclasses.asdict(dataclasses.replace(p, fits=False))]}
     assert reusable([unfit], doc["device_kind"]) == {}  # a step that did not fit is a lower bound: compiled again
+
+
+def test_online_text_train_plan_counts_the_encoders(tmp_path, monkeypatch):
+    """`data.text=online`: the train step takes the token ids and the text encoders' parameters (split by
+    TEXT_PARAM_AXES) instead of the cached text, so it has more argument bytes, and its FLOPs add the encoders'
+    forward on the batch's prompts (77 CLIP + 256 T5 tokens)."""
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    argv = ["--recipe", str(TINY), "--target", "cpu:8", "--hbm-gib", "1", "--kinds", "train", "--blocks", "1"]
+    argv += ["--buckets", "64x64x9", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "data.encoders=tiny", NARROW[3]]
+    steps, state = {}, {}
+    for text in ("cached", "online"):
+        out = tmp_path / f"{text}.json"
+        assert plan.main([*argv, "--json", str(out), f"data.text={text}"]) == 0
+        doc = json.loads(out.read_text())
+        [steps[text]], state[text] = doc["steps"], doc["state_bytes"]
+    cached, online = steps["cached"], steps["online"]
+    # the encoders' float32 weights beside the train state, split over the mesh (between 1/8 and all of them)
+    weights = 4 * sum(a.size for tensors in tiny_text().weights for a in tensors.values())
+    assert state["online"] == {**state["cached"], "text_encoders": state["online"]["text_encoders"]}
+    assert weights / 8 < state["online"]["text_encoders"] < weights
+    assert (online["kind"], online["bucket"], online["batch"], online["tokens"]) == ("train", "64x64x9", 4, 48 + 333)
+    assert online["flops"] - cached["flops"] == text_encoder_flops(tiny_text().configs, 77, 256, 4)
+    assert online["argument_bytes"] > cached["argument_bytes"] and online["fits"]

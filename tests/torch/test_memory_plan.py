@@ -84,3 +84,24 @@ def test_lora_on_one_process_keeps_the_frozen_base_and_the_adapters_state():
 def test_mesh_the_model_cannot_honour_is_refused():
     with pytest.raises(ValueError, match="mesh.sequence 40 exceeds num_attention_heads 38"):
         plan_recipe(_recipe(MeshConfig(sequence=40), buckets=(BucketConfig(160, 64, 9, 4),)), 2**30)  # 120 tokens
+
+
+def test_online_text_counts_the_encoders_weights_and_flops():
+    """data.text: online: every rank keeps the text encoders' float32 weights (here the tiny ones, counted from their
+    torch modules) beside the train state, and the step's FLOPs add their forward on the batch's prompts."""
+    import torch
+
+    from contentv_common.model.flops import text_encoder_flops
+    from contentv_common.tiny_models import tiny_text
+    from contentv_torch_npu.text_encoders import tiny_text_encoders
+
+    cached = _recipe(MeshConfig(), buckets=BUCKETS[:1], compute_dtype="float32")
+    online = dataclasses.replace(cached, data=dataclasses.replace(cached.data, text="online", encoders="tiny"))
+    (plain,), plain_state = plan_recipe(cached, 2**30)
+    (plan,), state = plan_recipe(online, 2**30)
+    text = tiny_text_encoders(0)
+    weights = 4 * sum(p.numel() for m in (*text.clips, text.t5) for p in m.parameters())
+    assert all(p.dtype == torch.float32 for m in (*text.clips, text.t5) for p in m.parameters())
+    assert state == {**plain_state, "text_encoders": weights}
+    assert plan.argument_bytes - plain.argument_bytes == weights and plan.peak_bytes - plain.peak_bytes == weights
+    assert plan.flops - plain.flops == text_encoder_flops(tiny_text().configs, 77, 256, 4)
