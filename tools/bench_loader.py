@@ -1,9 +1,10 @@
 """Benchmark: samples per second one process's loader delivers from a local cache, against what it consumes per step.
 
-    python tools/bench_loader.py --recipe configs/recipes/stage4_480p.yaml [--samples 32] [--batches 24]
+    python tools/bench_loader.py --recipe configs/recipes/stage4_480p.yaml [--samples 32] [--batches 24] [--text online]
 
 A cache of `--samples` samples of the recipe's largest bucket's sizes (its latents, 333 x 4096 text, pooled 2048, in
-its `data.cache_dtype`; with `data.text: online`, latents only) is built through the cache builder from tiny clips,
+its `data.cache_dtype`; with `--text online`, latents only, the loader tokenizing each row's caption with the tiny
+encoders' CLIP and T5 tokenizers) is built through the cache builder from tiny clips,
 with stand-in encoders that return arrays of those shapes: only the records' sizes and the read path matter here.
 Its files leave the page cache, then the JAX loader (contentv_jax.data.make_loader: grain, the recipe's threads and
 prefetch) yields one process's rows of consecutive global batches, each with its step's random inputs (noise, noise
@@ -82,7 +83,7 @@ def step_seconds(name: str, bucket: BucketConfig, chips: int) -> float:
     return flops / (chips * UTILISATION * V5P_BF16_FLOPS)
 
 
-def build(recipe: Recipe, bucket: BucketConfig, samples: int, work: Path) -> Path:
+def build(recipe: Recipe, bucket: BucketConfig, samples: int, work: Path, text: bool) -> Path:
     """The shaped cache in `work` (rebuilt every run: the samples' sizes are the point)."""
     shutil.rmtree(work, ignore_errors=True)
     clips = work / "clips"
@@ -96,20 +97,20 @@ def build(recipe: Recipe, bucket: BucketConfig, samples: int, work: Path) -> Pat
     shape = latent_shape(16, bucket.frames, bucket.height, bucket.width)[1:]
     data = recipe.data
     build_cache(manifest, work / "cache", lambda: ShapedEncoders(shape), [CLIP], data.fps, "bench",
-                cache_dtype=data.cache_dtype, chunk_size=data.chunk_size, progress=False)  # fmt: skip
+                cache_dtype=data.cache_dtype, chunk_size=data.chunk_size, progress=False, text=text)  # fmt: skip
     return work / "cache"
 
 
-def measure(path: Path, samples: int, batches: int, work: Path) -> dict[str, Any]:
+def measure(path: Path, samples: int, batches: int, work: Path, text: str) -> dict[str, Any]:
     from contentv_jax.data import make_loader
 
-    recipe = load_recipe(path)
+    recipe = load_recipe(path, {"data.text": text, **({"data.encoders": "tiny"} if text == "online" else {})})
     chips = recipe.mesh.data * recipe.mesh.fsdp * recipe.mesh.sequence * recipe.mesh.tensor
     bucket = largest(recipe)
     rows, mine, blocks = rows_per_process(recipe, chips, bucket.batch_size)
     if samples < bucket.batch_size:
         raise ValueError(f"--samples {samples}: needs at least the bucket's batch of {bucket.batch_size}")
-    cache = build(recipe, bucket, samples, work)
+    cache = build(recipe, bucket, samples, work, text == "cached")
     index = read_index(cache)
     files = [cache / index.data / f for f in index.files]
     disk = direct_read(files)
@@ -130,6 +131,7 @@ def measure(path: Path, samples: int, batches: int, work: Path) -> dict[str, Any
         "recipe": path.stem,
         "bucket": bucket.name,
         "cache_dtype": recipe.data.cache_dtype,
+        "text": text,
         "rows_per_process": rows,
         "record_mb": record_bytes / 1e6,
         "first_batch_s": t1 - t0,
@@ -148,14 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=32, help="samples in the cache")
     ap.add_argument("--batches", type=int, default=24, help="global batches read (the first is left out)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_loader"))
+    ap.add_argument("--text", choices=["cached", "online"], default="cached", help="data.text of the recipes")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    results = [measure(r, args.samples, args.batches, args.work) for r in args.recipe]
-    print("| recipe | bucket | cache | MB/sample | rows/process | rows/s read | GB/s read (disk) | rows/s consumed | "
-          "read / consumed |")  # fmt: skip
+    results = [measure(r, args.samples, args.batches, args.work, args.text) for r in args.recipe]
+    print("| recipe | bucket | cache, text | MB/sample | rows/process | rows/s read | GB/s read (disk) "
+          "| rows/s consumed | read / consumed |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {Path(r['recipe']).stem} | {r['bucket']} | {r['cache_dtype']} | {r['record_mb']:.2f} | "
+        print(f"| {Path(r['recipe']).stem} | {r['bucket']} | {r['cache_dtype']}, {r['text']} | {r['record_mb']:.2f} | "
               f"{r['rows_per_process']} | {r['rows_per_s']:.1f} | {r['read_gb_per_s']:.2f} "
               f"({r['disk_gb_per_s']:.2f}) | {r['consumed_rows_per_s']:.3f} | {r['headroom']:.0f}x |")  # fmt: skip
     if args.json:
