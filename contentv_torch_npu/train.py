@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -71,8 +71,10 @@ from contentv_torch_npu.optim import (
     make_optimizer,
 )
 from contentv_torch_npu.sharded_checkpoint import stream_weights
-from contentv_torch_npu.text_encoders import TextEncoders, load_text_encoders, tiny_text_encoders
 from contentv_torch_npu.transformer import Transformer
+
+if TYPE_CHECKING:
+    from contentv_torch_npu.text_encoders import TextEncoders
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,8 @@ def online_text_encoders(recipe: Recipe, device: torch.device) -> TextEncoders |
     the model, so no gradient, optimizer state or checkpoint holds them."""
     if recipe.data.text != "online":
         return None
+    from contentv_torch_npu.text_encoders import load_text_encoders, tiny_text_encoders  # transformers: only online
+
     name = recipe.data.encoders
     text = tiny_text_encoders(recipe.seed) if name == "tiny" else load_text_encoders(name)
     for model in (*text.clips, text.t5):

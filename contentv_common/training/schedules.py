@@ -120,25 +120,16 @@ def flow_inputs(
     logit_std: float,
     shift: float,
     weighting: Weighting,
-    rows: slice = slice(None),
 ) -> dict[str, np.ndarray]:
-    """Noise [R, ...] (float32), sigmas [R] and loss weights [R] for `rows` (default all) of a batch of latents of
-    `latent_shape`.
+    """Noise [B, ...] (float32), sigmas [B] and loss weights [B] for one batch of latents of `latent_shape`.
 
-    Sigmas are logit-normal then shifted (the model timestep is 1000 * sigma), drawn from `rng` for the whole batch.
-    Each row's noise comes from its own Generator, keyed by one draw of `rng` and the row, so a process draws only the
-    noise of the rows it trains on (at stage 4, the global batch's is 200 MB a step) and the numbers do not depend on
-    which rows a process takes.
+    Sigmas are logit-normal then shifted; the model timestep is 1000 * sigma.
     """
     b = latent_shape[0]
     sigmas = shift_sigmas(sample_logit_normal(rng, b, logit_mean, logit_std), shift)
-    key = int(rng.integers(2**63))
-    mine = range(b)[rows]
-    noise = np.empty((len(mine), *latent_shape[1:]), np.float32)
-    for i, row in enumerate(mine):
-        noise[i] = np.random.default_rng([key, row]).standard_normal(latent_shape[1:], dtype=np.float32)
+    noise = rng.standard_normal(latent_shape, dtype=np.float32)
     return {
         "noise": noise,
-        "sigmas": sigmas[rows].astype(np.float32),
-        "weights": loss_weights(sigmas, weighting)[rows].astype(np.float32),
+        "sigmas": sigmas.astype(np.float32),
+        "weights": loss_weights(sigmas, weighting).astype(np.float32),
     }

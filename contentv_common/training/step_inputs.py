@@ -1,9 +1,8 @@
 """Everything random about training step k (noise, noise levels, loss weights, text dropout), drawn once for both
 backends.
 
-The draws come from `step_rng(seed, k)` for the whole global batch and each process keeps its rows (the noise, the
-large part, is drawn for its rows alone: `schedules.flow_inputs`): the stream is a pure function of (recipe, k), so
-resume needs only k, and every mesh, process count and backend sees the same numbers.
+The draws come from `step_rng(seed, k)` for the whole global batch and each process keeps its rows: the stream is a
+pure function of (recipe, k), so resume needs only k, and every mesh, process count and backend sees the same numbers.
 """
 
 from __future__ import annotations
@@ -36,15 +35,15 @@ def step_inputs(
     shift = resolve_shift(obj.shift_mode, obj.shift, f * (h // p) * (w // p), obj.base_tokens)
     rng = step_rng(recipe.seed, int(k))
     rows = slice(first_row, first_row + len(latents))
-    flow = flow_inputs(
+    drawn = flow_inputs(
         rng,
         (global_size, c, f, h, w),
         logit_mean=obj.logit_mean,
         logit_std=obj.logit_std,
         shift=shift,
         weighting=obj.weighting,
-        rows=rows,
     )
+    flow = {name: value[rows] for name, value in drawn.items()}
     keep = ~(rng.random(global_size) < recipe.data.text_dropout)[rows]  # schedules.drop_text's draw
     if "captions" in batch:
         return {**batch, "captions": captions_kept(list(batch["captions"]), keep), **flow}

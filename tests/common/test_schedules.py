@@ -80,14 +80,3 @@ def test_flow_inputs_are_a_pure_function_of_seed_and_step():
         np.testing.assert_array_equal(a[k], b[k])
     assert not np.array_equal(a["noise"], c["noise"])
     assert a["noise"].dtype == np.float32 and a["sigmas"].shape == (2,)
-
-
-def test_flow_inputs_of_some_rows_are_those_rows_of_the_whole_batch():
-    """A process draws the noise of its rows alone (rows 2..4 of 6 here); the numbers are the whole batch's rows."""
-    kw = dict(logit_mean=0.0, logit_std=1.0, shift=2.0, weighting="uniform")
-    whole = S.flow_inputs(S.step_rng(3, 10), (6, 4, 3, 8, 8), **kw)
-    part = S.flow_inputs(S.step_rng(3, 10), (6, 4, 3, 8, 8), rows=slice(2, 5), **kw)
-    assert part["noise"].shape == (3, 4, 3, 8, 8)
-    for k in whole:
-        np.testing.assert_array_equal(part[k], whole[k][2:5])
-    assert not np.array_equal(whole["noise"][0], whole["noise"][1]), "every row has its own noise"
