@@ -146,14 +146,8 @@ def check_videos(chosen: dict[str, list[EvalVideo]]) -> dict[Path, tuple[int, fl
     for dimension, videos in chosen.items():
         if not videos:
             raise DataError(f"{dimension}: no clip of its prompts in the folder (--suite names them)")
-        check = PROMPT_CHECKS.get(dimension)
-        if check is None:
-            continue
         for video in videos:
-            try:
-                check(video.prompt)
-            except ValueError as e:
-                raise DataError(f"{video.path}: {dimension}: {e}") from e
+            check_prompts([dimension], [video.prompt], str(video.path))
     headers = {video.path: probe(video.path) for videos in chosen.values() for video in videos}
     for dimension, videos in chosen.items():
         for video in videos:
