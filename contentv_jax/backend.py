@@ -44,8 +44,8 @@ class JaxBackend:
         return jax.process_index(), jax.process_count()
 
     def data_device(self) -> str:
-        """The encoders run on the process's default device, one of its local devices."""
-        return "cpu"
+        """Every local device of the process ("local": contentv_jax.encoders.local_mesh) runs the encoders."""
+        return "local"
 
     def barrier(self, name: str) -> None:
         multihost.barrier(name)
@@ -79,11 +79,13 @@ class JaxBackend:
     ) -> Encoders:
         from contentv_jax import encoders
 
+        mesh = encoders.local_mesh() if device == "local" else None  # else the default device
         if name == "tiny":
-            return encoders.tiny_encoders(seed, cache_dir=cache_dir)
+            return encoders.tiny_encoders(seed, cache_dir=cache_dir, mesh=mesh)
         if name == "demo":
-            return encoders.demo_encoders(cache_dir=cache_dir)
-        return encoders.load_encoders(name, dtype=None if dtype is None else jnp.dtype(dtype), cache_dir=cache_dir)
+            return encoders.demo_encoders(cache_dir, mesh)
+        jdtype = None if dtype is None else jnp.dtype(dtype)
+        return encoders.load_encoders(name, dtype=jdtype, mesh=mesh, cache_dir=cache_dir)
 
     def train(self, recipe: Recipe, progress: bool, on_step: Callable[[dict[str, Any]], None] | None) -> RunResult:
         from contentv_jax.train import run

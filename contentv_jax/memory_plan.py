@@ -344,15 +344,15 @@ def plan_encode(recipe: Recipe, mesh: Mesh, hbm: int, b: BucketConfig, known: Ma
     one = Mesh(np.asarray(mesh.devices).reshape(-1)[:1], ("one",))
     whole = NamedSharding(one, PartitionSpec())
     graphdef, state = nnx.split(nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0))))
-    vae = nnx.merge(graphdef, jax.tree.map(lambda a: _abstract(a.shape, a.dtype, whole), state))
+    state = jax.tree.map(lambda a: _abstract(a.shape, a.dtype, whole), state)
     t = cfg.temporal_factor
     first = _abstract((1, 1, b.height, b.width, RGB), jnp.float32, whole)
-    _, history = _encode_chunk.eval_shape(vae, first, None)
+    _, history = _encode_chunk.eval_shape(graphdef, state, first, None)
     history = [_abstract(a.shape, a.dtype, whole) for a in history]
     x = _abstract((1, t, b.height, b.width, RGB), jnp.float32, whole)
-    lower = lambda: _encode_chunk.lower(vae, x, history)  # noqa: E731
+    lower = lambda: _encode_chunk.lower(graphdef, state, x, history)  # noqa: E731
     flops = vae_encode_flops(cfg, 1 + t, b.height, b.width) - vae_encode_flops(cfg, 1, b.height, b.width)
-    args = argument_bytes(nnx.state(vae), x, history)
+    args = argument_bytes(state, x, history)
     tokens = b.height * b.width // cfg.spatial_factor**2  # latent pixels of a frame
     return compile_plan("encode", b.name, tokens, 1, flops, lower, args, hbm, known)
 

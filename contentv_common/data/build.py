@@ -16,12 +16,14 @@ import functools
 import json
 import os
 import shutil
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from contentv_common.data.buckets import BucketLike, assign_bucket, available_frames
@@ -77,23 +79,28 @@ def _records(
     fps: float,
     encoders: Encoders,
     dtype: CacheDtype,
-    text_batch: int,
+    batch: int,
     done: dict[str, list[dict[str, Any]]],
     text: bool = True,
 ) -> Iterator[bytes]:
-    """The records of `entries` in order (captions encoded `text_batch` at a time; latents alone without `text`); the
+    """The records of `entries` in order, `batch` decoded clips at a time: the clips of one shape encoded together
+    (the backend spreads them over its devices), their captions together (latents alone without `text`); the
     samples and skipped entries go to `done`."""
-    pending: list[tuple[Any, dict[str, Any]]] = []
+    pending: list[tuple[np.ndarray, dict[str, Any]]] = []
 
     def flush() -> Iterator[bytes]:
-        if pending:
-            if text:
-                embeds, pooled = encoders.encode_text([sample["caption"] for _, sample in pending])
-            for i, (latents, sample) in enumerate(pending):
-                done["samples"].append(sample)
-                row = {"latents": latents, "text": embeds[i], "pooled": pooled[i]} if text else {"latents": latents}
-                yield to_bytes(row, dtype)
-            pending.clear()
+        latents: list[Any] = [None] * len(pending)
+        for shape in dict.fromkeys(clip.shape for clip, _ in pending):
+            rows = [i for i, (clip, _) in enumerate(pending) if clip.shape == shape]
+            for i, z in zip(rows, encoders.encode_video(np.stack([pending[i][0] for i in rows])), strict=True):
+                latents[i] = z
+        if text and pending:
+            embeds, pooled = encoders.encode_text([sample["caption"] for _, sample in pending])
+        for i, (_, sample) in enumerate(pending):
+            done["samples"].append(sample)
+            row = {"latents": latents[i], "text": embeds[i], "pooled": pooled[i]} if text else {"latents": latents[i]}
+            yield to_bytes(row, dtype)
+        pending.clear()
 
     for entry in entries:
         try:
@@ -102,9 +109,8 @@ def _records(
         except ClipError as e:
             done["skipped"].append({"path": str(entry.path), "reason": e.reason, "message": str(e)})
             continue
-        sample = {"bucket": bucket_name(bucket), "caption": entry.caption, "source": str(entry.path)}
-        pending.append((encoders.encode_video(clip[None])[0], sample))
-        if len(pending) == text_batch:
+        pending.append((clip, {"bucket": bucket_name(bucket), "caption": entry.caption, "source": str(entry.path)}))
+        if len(pending) == batch:
             yield from flush()
     yield from flush()
 
@@ -177,7 +183,7 @@ def build_cache(
     process: int = 0,
     processes: int = 1,
     progress: bool = True,
-    text_batch: int = 8,
+    batch: int = 8,
     poll_s: float = 1.0,
     text: bool = True,
 ) -> CacheIndex:
@@ -202,11 +208,18 @@ def build_cache(
                 _remove_stale(cache_dir, {build.name, committed_data(cache_dir)})
             build.mkdir(exist_ok=True)
             todo = [c for c in my_chunks(len(chunks), process, processes) if not completion_record(build, c).exists()]
+            clips, seconds = 0, 0.0  # the build's rate: decoding, encoding and writing (not loading the encoders)
             for c in tqdm(todo, desc=f"cache chunks of process {process}", disable=not progress):
                 if cache_is_current(cache_dir, settings):  # committed meanwhile (this process's chunks were done)
                     break
                 mine = [entries[i] for i in chunks[c]]
-                write_chunk(build, c, mine, buckets, fps, load(), cache_dtype, text_batch, text)
+                ready = load()
+                start = time.perf_counter()
+                clips += write_chunk(build, c, mine, buckets, fps, ready, cache_dtype, batch, text)
+                seconds += time.perf_counter() - start
+            if clips:
+                rate = f"{clips} clips in {seconds:.1f} s ({clips / seconds:.2f} clips/s)"
+                print(f"cache {cache_dir}: process {process} encoded {rate}", flush=True)
             if process == 0:
 
                 def missing() -> list[int]:
@@ -227,13 +240,15 @@ def write_chunk(
     fps: float,
     encoders: Encoders,
     dtype: CacheDtype,
-    text_batch: int,
+    batch: int,
     text: bool = True,
-) -> None:
-    """Chunk c's ArrayRecord file, then (the file closed and renamed into place) its completion record."""
+) -> int:
+    """Chunk c's ArrayRecord file, then (the file closed and renamed into place) its completion record; returns how
+    many clips it holds."""
     done: dict[str, list[dict[str, Any]]] = {"samples": [], "skipped": []}
     tmp = build / (chunk_file(c) + ".tmp")
-    write_records(tmp, _records(entries, buckets, fps, encoders, dtype, text_batch, done, text))
+    write_records(tmp, _records(entries, buckets, fps, encoders, dtype, batch, done, text))
     _fsync(tmp)
     os.replace(tmp, build / chunk_file(c))
     _write_atomic(completion_record(build, c), json.dumps(done).encode())
+    return len(done["samples"])

@@ -45,15 +45,16 @@ build_cache(sys.argv[1], sys.argv[2], KilledAtCall, buckets, 8, chunk_size=2, pr
 
 
 class CountingEncoders(StandInEncoders):
-    """Stand-in encoders that count their video calls, and fail at call `fail_at` (a crash mid-build)."""
+    """Stand-in encoders that count the clips they encode, and fail on the call that holds clip `fail_at` (a crash
+    mid-build)."""
 
     def __init__(self, fail_at: int = 0):
         super().__init__()
         self.videos, self.fail_at = 0, fail_at
 
     def encode_video(self, frames: np.ndarray) -> np.ndarray:
-        self.videos += 1
-        if self.videos == self.fail_at:
+        self.videos += len(frames)
+        if self.videos - len(frames) < self.fail_at <= self.videos:
             raise RuntimeError("encoder crashed")
         return super().encode_video(frames)
 

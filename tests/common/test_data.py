@@ -106,13 +106,14 @@ def test_cache_skips_bad_files_and_reads_back(tmp_path, capsys):
     write_manifest(manifest, rows)
     cache_dir = tmp_path / "cache"
     encoders = CountingEncoders()
-    index = build_cache(manifest, cache_dir, lambda: encoders, BUCKETS, fps=8, progress=False, text_batch=4)
+    index = build_cache(manifest, cache_dir, lambda: encoders, BUCKETS, fps=8, progress=False, batch=4)
     assert index.skip_counts == {"corrupt": 2, "too_short": 1, "missing": 1, "bad_caption": 1}
     assert len(index.samples) == 6
     lines = summary(index, str(cache_dir))
     assert lines[0].endswith("6 samples (float32)") and len(lines) == 5
     assert "skipped 2 corrupt, e.g. " in lines[2] and "corrupt.mp4" in lines[2]
     assert encoders.text_batches == [4, 2, 1], "captions encoded 4 at a time, then the empty prompt"
+    assert sum(encoders.video_batches) == 6 and max(encoders.video_batches) > 1, "clips of one shape encoded together"
     assert [s["caption"] for s in index.samples] == [r["caption"] for r in rows[:6]]
     assert cache_is_current(cache_dir, cache_settings(manifest, BUCKETS, 8, ""))
     assert not cache_is_current(cache_dir, cache_settings(manifest, BUCKETS, 4, ""))
@@ -121,9 +122,12 @@ def test_cache_skips_bad_files_and_reads_back(tmp_path, capsys):
     batch = cache.batch([i for i, b in enumerate(cache.bucket_ids) if b == 0])
     assert batch["latents"].shape == (2, 16, 3, 8, 8)
     assert batch["text"].shape == (2, 333, 48) and batch["pooled"].shape == (2, 24)  # 77 CLIP + 256 T5 tokens
-    first = cache.sample(0)
-    expect = StandInEncoders().encode_video(decode_clip(tmp_path / "set" / rows[0]["path"], 8, 9, 64, 64)[None])[0]
-    np.testing.assert_allclose(first["latents"], expect, rtol=1e-6)
+    sizes = {f"{b.width}x{b.height}x{b.frames}": b for b in BUCKETS}
+    for i, sample in enumerate(index.samples):  # each sample's latents are its own clip's, whatever its batch
+        b = sizes[sample["bucket"]]
+        clip = decode_clip(tmp_path / "set" / rows[i]["path"], 8, b.frames, b.width, b.height)
+        expect = StandInEncoders().encode_video(clip[None])[0]
+        np.testing.assert_allclose(cache.sample(i)["latents"], expect, rtol=1e-6)
     np.testing.assert_allclose(cache.empty_text, StandInEncoders().encode_text([""])[0][0])
     for i in (3, 5):  # each sample's text is its own caption's, batched or not
         np.testing.assert_allclose(cache.sample(i)["text"], StandInEncoders().encode_text([rows[i]["caption"]])[0][0])
@@ -135,6 +139,11 @@ class CountingEncoders(StandInEncoders):
     def __init__(self):
         super().__init__()
         self.text_batches: list[int] = []
+        self.video_batches: list[int] = []
+
+    def encode_video(self, frames: np.ndarray) -> np.ndarray:
+        self.video_batches.append(len(frames))
+        return super().encode_video(frames)
 
     def encode_text(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
         self.text_batches.append(len(captions))
