@@ -16,12 +16,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from contentv_common.config.recipe import DataConfig
 from contentv_common.data.buckets import BucketBatchSampler, host_slice
-from contentv_common.data.build import build_cache
+from contentv_common.data.build import build_data_cache, data_settings
 from contentv_common.data.cache import (
     Encoders,
     LatentCache,
     cache_is_current,
-    cache_settings,
     eval_prompts_current,
     write_eval_prompts,
 )
@@ -99,11 +98,7 @@ def open_cache(
     pipeline folder. Only one process should pass `build=True`, building every chunk (the others wait at a barrier,
     then open it); `contentv-train` and `contentv-prepare-data` share the build over the ranks before this.
     """
-    buckets = list(data.buckets)
-    settings = cache_settings(
-        data.manifest, buckets, data.fps, data.encoders, data.cache_dtype, data.chunk_size, data.text
-    )
-    stale = not cache_is_current(data.cache_dir, settings)
+    stale = not cache_is_current(data.cache_dir, data_settings(data))
     if build and (stale or (prompts and not eval_prompts_current(data.cache_dir, prompts))):
         if encoders is None:
             from contentv_torch_npu.encoders import named_encoders
@@ -111,21 +106,10 @@ def open_cache(
             encoders = named_encoders(data.encoders, seed)
         given = encoders
         if stale:
-            build_cache(
-                data.manifest,
-                data.cache_dir,
-                lambda: given,
-                buckets,
-                data.fps,
-                data.encoders,
-                cache_dtype=data.cache_dtype,
-                chunk_size=data.chunk_size,
-                progress=progress,
-                text=data.text == "cached",
-            )
+            build_data_cache(data, lambda: given, progress=progress)
         if prompts:
             write_eval_prompts(data.cache_dir, prompts, encoders)
-    return LatentCache(data.cache_dir, buckets)
+    return LatentCache(data.cache_dir, list(data.buckets))
 
 
 def empty_prompt(cache: LatentCache) -> tuple[np.ndarray, np.ndarray]:

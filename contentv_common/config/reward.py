@@ -190,6 +190,8 @@ class RewardRecipe:
         )
         sft = self.refl.sft_weight if self.method == "refl" else self.grpo.sft_weight
         _check(sft == 0 or self.data is not None, "data", "the SFT term (sft_weight > 0) needs a data section")
+        why = "the SFT term reads its captions' embeddings from the cache: set data.text: cached"
+        _check(self.data is None or self.data.text == "cached", "data.text", why)
         check_reward_on_mesh(self)
 
     @property

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from contentv_common.config.recipe import DataConfig
 from contentv_common.data.buckets import BucketLike, assign_bucket, available_frames
 from contentv_common.data.cache import (
     EMPTY_PROMPT,
@@ -113,6 +114,40 @@ def _records(
         if len(pending) == batch:
             yield from flush()
     yield from flush()
+
+
+def data_settings(data: DataConfig) -> dict[str, Any]:
+    """cache_settings of a recipe's data section."""
+    return cache_settings(
+        data.manifest, list(data.buckets), data.fps, data.encoders, data.cache_dtype, data.chunk_size, data.text
+    )
+
+
+def build_data_cache(
+    data: DataConfig,
+    encoders: Callable[[], Encoders],
+    *,
+    process: int = 0,
+    processes: int = 1,
+    progress: bool = True,
+    poll_s: float = 1.0,
+) -> CacheIndex:
+    """build_cache of a recipe's data section (its manifest, buckets, fps, encoders, dtype, chunks and text)."""
+    return build_cache(
+        data.manifest,
+        data.cache_dir,
+        encoders,
+        list(data.buckets),
+        data.fps,
+        data.encoders,
+        cache_dtype=data.cache_dtype,
+        chunk_size=data.chunk_size,
+        text=data.text == "cached",
+        process=process,
+        processes=processes,
+        progress=progress,
+        poll_s=poll_s,
+    )
 
 
 def chunk_file(c: int) -> str:
@@ -219,7 +254,7 @@ def build_cache(
                 seconds += time.perf_counter() - start
             if clips:
                 rate = f"{clips} clips in {seconds:.1f} s ({clips / seconds:.2f} clips/s)"
-                print(f"cache {cache_dir}: process {process} encoded {rate}", flush=True)
+                print(f"process {process} encoded {rate} into {cache_dir}", flush=True)
             if process == 0:
 
                 def missing() -> list[int]:

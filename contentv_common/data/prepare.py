@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from contentv_common.config.model import ModelConfig
 from contentv_common.config.recipe import Recipe
 from contentv_common.data.buckets import BucketBatchSampler
-from contentv_common.data.build import build_cache
+from contentv_common.data.build import build_data_cache
 from contentv_common.data.cache import CacheIndex, Encoders, eval_prompts_current, write_eval_prompts
 from contentv_common.data.shard import wait_until
 from contentv_common.data.synthetic import make_synthetic_set
@@ -68,21 +68,7 @@ def prepare_data(
             encoders = backend.encoders(data.encoders, recipe.seed, device=backend.data_device())
         return encoders
 
-    index = build_cache(
-        manifest,
-        data.cache_dir,
-        get_encoders,
-        list(data.buckets),
-        data.fps,
-        data.encoders,
-        cache_dtype=data.cache_dtype,
-        chunk_size=data.chunk_size,
-        text=data.text == "cached",
-        process=process,
-        processes=processes,
-        progress=progress,
-        poll_s=poll_s,
-    )
+    index = build_data_cache(data, get_encoders, process=process, processes=processes, progress=progress, poll_s=poll_s)
     prompts = eval_prompt_list(recipe)
     if prompts and process == 0 and not eval_prompts_current(data.cache_dir, prompts):
         write_eval_prompts(data.cache_dir, prompts, get_encoders())

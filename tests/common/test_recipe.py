@@ -120,3 +120,11 @@ def test_base_and_stages(tmp_path):
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
         load_recipe(tmp_path / "loop.yaml")
+
+
+def test_a_reward_recipe_refuses_online_text():
+    """The SFT term reads its captions' embeddings from the cache: a reward recipe with data.text online is one
+    ConfigError naming the key, at load."""
+    with pytest.raises(ConfigError, match=r"data\.text: .*set data\.text: cached"):
+        load_reward_recipe(RECIPES / "reward_grpo_tiny.yaml", {"data.text": "online"})
+    assert load_reward_recipe(RECIPES / "reward_grpo_tiny.yaml").data.text == "cached"
