@@ -10,8 +10,8 @@ of contentv_common.text.encoder_table, so a pipeline folder loads by name, strea
 
 `encode` runs one jitted program per padded batch size (powers of two up to `batch_size`); on a mesh the parameters
 are sharded by contentv_jax.sharding.TEXT_PARAM_AXES (T5-XXL over `fsdp` and `tensor`) and prompts over data x fsdp
-(in chunks of at least data x fsdp). Training's cache is encoded by process 0 alone, on its own devices; a mesh
-spanning several processes is not tested here.
+(in chunks of at least data x fsdp). Each process of a cache build encodes its share on a mesh of its own devices
+(contentv_jax.encoders.local_mesh); the online train step on the training mesh.
 """
 
 from __future__ import annotations
