@@ -191,8 +191,10 @@ def test_two_processes_train_like_one(reference, rel_err):
     assert rel_err(one.empty_text, two.empty_text) < 1e-6
     for i in range(len(one)):
         a, b = one.sample(i), two.sample(i)
-        # the JAX VAE encodes on 8 devices here and on 4 there: XLA:CPU convs split their sums by threads
-        assert all(rel_err(a[k], b[k]) < 1e-6 for k in a), i
+        # the encoders run on each process's devices, 8 here and 4 there: the text encoders' weights are sharded over
+        # them (their contractions sum in other orders: up to 1.6e-6 seen) and XLA:CPU convs split sums by threads
+        errors = {k: rel_err(a[k], b[k]) for k in a}
+        assert all(e < 1e-5 for e in errors.values()), (i, errors)
     assert not list((root / "cache2").glob(".build-*"))  # no build folder left
     logs = root / "two" / "logs"
     assert len(list((logs / "tensorboard").iterdir())) == 1
