@@ -32,7 +32,6 @@ from contentv_common.vae.table import vae_table
 from contentv_jax import sharding
 from contentv_jax.loading import canonical_shapes, fill_from_source
 from contentv_jax.sampling import decode_latents
-from contentv_jax.sharding import make_mesh
 from contentv_jax.text_encoders import TextEncoders, load_text_encoders, tiny_text_encoders
 from contentv_jax.vae import WanVAE, load_vae, save_vae
 
@@ -42,7 +41,7 @@ IMAGE_VAE = "AutoencoderKL"  # SD3/SD3.5's 2D image VAE: no JAX twin (the torch 
 def local_mesh() -> Mesh:
     """This process's devices as one mesh whose batch axes (data x fsdp) span them all: where the data step encodes
     its clips (one per device at a time) and captions (T5-XXL's weights split over the devices, TEXT_PARAM_AXES)."""
-    return make_mesh(MeshConfig(fsdp=jax.local_device_count()), jax.local_devices())
+    return sharding.make_mesh(MeshConfig(fsdp=jax.local_device_count()), jax.local_devices())
 
 
 class Encoders:

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from contentv_common.config.reward import RewardModelConfig, RewardRecipe
-from contentv_common.data.build import build_data_cache
-from contentv_common.data.cache import Encoders, LatentCache
+from contentv_common.data.build import build_data_cache, data_settings
+from contentv_common.data.cache import Encoders, LatentCache, cache_is_current
 from contentv_common.errors import CheckpointError, ConfigError, RunStopped
 from contentv_common.reward.models import BlackBoxReward, as_black_box, load_black_box
 from contentv_common.sampling import latent_shape
@@ -123,7 +123,8 @@ def open_sft_cache(recipe: RewardRecipe, encoders: Encoders, progress: bool = Tr
     data = recipe.data
     if data is None:
         return None
-    build_data_cache(data, lambda: encoders, progress=progress)
+    if not cache_is_current(data.cache_dir, data_settings(data)):
+        build_data_cache(data, lambda: encoders, progress=progress)
     return LatentCache(data.cache_dir, list(data.buckets))
 
 
