@@ -28,6 +28,7 @@ from contentv_common.config.recipe import (
 )
 from contentv_common.errors import ConfigError
 from contentv_common.reward.models import SIMPLE_REWARDS, Reward, simple_reward
+from contentv_common.sampling import VAE_SPACE_FACTOR
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -116,10 +117,17 @@ class ReflConfig:
 @dataclass(frozen=True)
 class GrpoConfig:
     """GRPO over SDE sampling: `group_size` rollouts per prompt, group-normalised advantages, a clipped ratio, a KL
-    to the frozen reference policy, and the SFT term. `train_steps` sampler steps per rollout are trained (the first
-    ones, where exploration happens, when fewer than all). `shared_start`: the rollouts of a group start from the
-    same noise (DanceGRPO), so their rewards differ by the exploration alone, which is what the policy gradient
-    credits (otherwise most of a group's spread comes from where each rollout started)."""
+    to the frozen reference policy, and the SFT term.
+
+    `train_steps` = n (None: all S sampler steps): the first n sampler steps are SDE steps with `noise_level` and are
+    trained; the other S - n are the deterministic flow-match Euler steps (no noise, so no reward spread that the
+    policy gradient could not credit). `noise_grid` = g: each explored step's noise is one draw per latent channel,
+    frame and cell of a g x g grid over the latent's H x W, constant within the cell, and the log-probabilities and KL
+    are those of the cell means: few dimensions for a group's reward spread to be credited to (the CPU demo uses it);
+    g must divide the latent's height and width. None: one draw per latent element, as Flow-GRPO. `shared_start`:
+    the rollouts of a group start from the same noise (DanceGRPO), so their rewards differ by the exploration alone,
+    which is what the policy gradient credits (otherwise most of a group's spread comes from where each rollout
+    started)."""
 
     group_size: int = 4
     noise_level: float = 0.7
@@ -129,6 +137,7 @@ class GrpoConfig:
     updates_per_rollout: int = 1
     train_steps: int | None = None
     shared_start: bool = False
+    noise_grid: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.group_size >= 2, "group_size", f"needs >= 2 samples to normalise, got {self.group_size}")
@@ -137,6 +146,11 @@ class GrpoConfig:
         _check(self.kl_weight >= 0 and self.sft_weight >= 0, "kl_weight", "weights must be >= 0")
         _check(self.updates_per_rollout >= 1, "updates_per_rollout", "must be >= 1")
         _check(self.train_steps is None or self.train_steps >= 1, "train_steps", "must be >= 1")
+        _check(self.noise_grid is None or self.noise_grid >= 1, "noise_grid", f"must be >= 1, got {self.noise_grid}")
+
+    def explored_steps(self, sampler_steps: int) -> int:
+        """The sampler steps that explore (SDE) and are trained: the first `train_steps` (at most all of them)."""
+        return min(self.train_steps or sampler_steps, sampler_steps)
 
 
 @dataclass(frozen=True)
@@ -187,6 +201,13 @@ class RewardRecipe:
             self.optimizer.ema_decay is None or self.method != "refl" or self.refl.anchor != "ema",
             "optimizer.ema_decay",
             "the EMA anchor (refl.anchor: ema) already is the EMA of the weights: set refl.anchor_ema_decay instead",
+        )
+        grid, r = self.grpo.noise_grid, self.rollout
+        h, w = r.height // VAE_SPACE_FACTOR, r.width // VAE_SPACE_FACTOR
+        _check(
+            self.method != "grpo" or grid is None or (h % grid == 0 and w % grid == 0),
+            "grpo.noise_grid",
+            f"{grid} does not divide the {h} x {w} latent (rollout {r.height} x {r.width} pixels / {VAE_SPACE_FACTOR})",
         )
         sft = self.refl.sft_weight if self.method == "refl" else self.grpo.sft_weight
         _check(sft == 0 or self.data is not None, "data", "the SFT term (sft_weight > 0) needs a data section")

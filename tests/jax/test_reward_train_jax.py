@@ -109,3 +109,29 @@ def test_grpo_raises_reward_with_bounded_fm_loss(twins, before):
     assert r1 > r0 + 0.01, (r0, r1)
     assert r1 > rc + 0.01, (rc, r1)
     assert fm1 < 1.25 * fm0, (fm0, fm1)
+
+
+def test_grpo_rollout_explores_its_trained_steps_alone(twins):
+    """`grpo.train_steps` n < S: the first n steps are those of the all-exploring rollout given the same noise, the
+    later ones the Euler sampler's from states[n]; the rollout takes n steps of noise and gives n log-probs."""
+    from contentv_common.sampling import flow_match_schedule
+    from contentv_jax.reward import train as jr
+
+    model, n = twins[0], 1
+    grpo = replace(GRPO, train_steps=n)
+    batch = jr.to_device_batch(rollout_batch(3, GRPO_BATCH, guided=True, group_size=GRPO.group_size))
+    noise = step_noise(5, GRPO_BATCH, ROLLOUT.steps)
+    states, log_probs = jr.sde_rollout(model, batch, noise[:n], ROLLOUT, grpo)
+    all_states, all_log_probs = jr.sde_rollout(model, batch, noise, ROLLOUT, GRPO)
+    assert states.shape == all_states.shape and log_probs.shape == (n, GRPO_BATCH)
+    np.testing.assert_allclose(states[: n + 1], all_states[: n + 1], atol=1e-5)
+    np.testing.assert_allclose(log_probs, all_log_probs[:n], atol=1e-5)
+    schedule = flow_match_schedule(ROLLOUT.steps, ROLLOUT.shift)
+    x = states[n]
+    for i in range(n, ROLLOUT.steps):
+        v = jr.velocity(model, x, float(schedule.timesteps[i]), batch, ROLLOUT.guidance)
+        x = x + float(schedule.step_sizes[i]) * v
+        np.testing.assert_allclose(states[i + 1], x, atol=1e-5)
+    assert not np.allclose(states[-1], all_states[-1], atol=1e-2)  # the later steps no longer explore
+    with pytest.raises(ValueError, match=f"explores {n}"):
+        jr.sde_rollout(model, batch, noise, ROLLOUT, grpo)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -103,18 +105,21 @@ def test_refl_gradients_match(models, decoders, rel_err):
 
 
 @pytest.mark.slow
-def test_grpo_gradients_match(models, rel_err):
+@pytest.mark.parametrize(
+    "grpo", [GRPO, replace(GRPO, train_steps=2, noise_grid=2)], ids=["every_step_explores", "2_of_3_on_grid_2"]
+)
+def test_grpo_gradients_match(models, rel_err, grpo):
+    """Rollout and update of both backends: every sampler step exploring per latent element, or the first 2 of 3
+    exploring on a 2 x 2 grid of the 4 x 4 latent (the last step Euler, log-probs and KL of cell means)."""
     from contentv_jax.reward import train as jr
     from contentv_torch_npu.reward import train as tr
 
     t_model, t_ref, j_model, j_ref = models
-    grpo = GRPO
     batch = {**rollout_batch(3, GRPO_BATCH, guided=True, group_size=grpo.group_size), **sft_batch(4, GRPO_BATCH)}
-    noise = step_noise(5, GRPO_BATCH, ROLLOUT.steps)
-    states_j, logp_j = jr.sde_rollout(j_model, jr.to_device_batch(batch), noise, ROLLOUT, grpo.noise_level)
-    states_t, logp_t = tr.sde_rollout(
-        t_model, tr.to_device_batch(batch), torch.from_numpy(noise), ROLLOUT, grpo.noise_level
-    )
+    noise = step_noise(5, GRPO_BATCH, grpo.explored_steps(ROLLOUT.steps), grpo.noise_grid)
+    states_j, logp_j = jr.sde_rollout(j_model, jr.to_device_batch(batch), noise, ROLLOUT, grpo)
+    states_t, logp_t = tr.sde_rollout(t_model, tr.to_device_batch(batch), torch.from_numpy(noise), ROLLOUT, grpo)
+    assert states_t.shape[0] == ROLLOUT.steps + 1 and logp_t.shape == (grpo.explored_steps(ROLLOUT.steps), GRPO_BATCH)
     assert rel_err(states_j, states_t.numpy()) < 1e-5
     assert rel_err(logp_j, logp_t.numpy()) < 1e-5
 

@@ -99,3 +99,30 @@ def test_grpo_raises_reward_with_bounded_fm_loss():
     assert r1 > r0 + 0.01, (r0, r1)
     assert r1 > rc + 0.01, (rc, r1)
     assert fm1 < 1.25 * fm0, (fm0, fm1)
+
+
+def test_grpo_rollout_explores_its_trained_steps_alone():
+    """`grpo.train_steps` n < S: the first n steps are those of the all-exploring rollout given the same noise, the
+    later ones the Euler sampler's from states[n]; the rollout takes n steps of noise and gives n log-probs."""
+    from contentv_common.sampling import flow_match_schedule
+    from contentv_torch_npu.reward import train as tr
+
+    model, n = torch_model(), 1
+    grpo = dataclasses.replace(GRPO, train_steps=n)
+    batch = tr.to_device_batch(rollout_batch(3, GRPO_BATCH, guided=True, group_size=GRPO.group_size))
+    noise = torch.from_numpy(step_noise(5, GRPO_BATCH, ROLLOUT.steps))
+    states, log_probs = tr.sde_rollout(model, batch, noise[:n], ROLLOUT, grpo)
+    all_states, all_log_probs = tr.sde_rollout(model, batch, noise, ROLLOUT, GRPO)
+    assert states.shape == all_states.shape and log_probs.shape == (n, GRPO_BATCH)
+    torch.testing.assert_close(states[: n + 1], all_states[: n + 1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(log_probs, all_log_probs[:n], rtol=0, atol=1e-5)
+    schedule = flow_match_schedule(ROLLOUT.steps, ROLLOUT.shift)
+    x = states[n]
+    with torch.no_grad():
+        for i in range(n, ROLLOUT.steps):
+            v = tr.velocity(model, x, float(schedule.timesteps[i]), batch, ROLLOUT.guidance)
+            x = x + float(schedule.step_sizes[i]) * v
+            torch.testing.assert_close(states[i + 1], x, rtol=0, atol=1e-5)
+    assert not torch.allclose(states[-1], all_states[-1], atol=1e-2)  # the later steps no longer explore
+    with pytest.raises(ValueError, match=f"explores {n}"):
+        tr.sde_rollout(model, batch, noise, ROLLOUT, grpo)
