@@ -117,7 +117,9 @@ class ReflConfig:
 @dataclass(frozen=True)
 class GrpoConfig:
     """GRPO over SDE sampling: `group_size` rollouts per prompt, group-normalised advantages, a clipped ratio, a KL
-    to the frozen reference policy, and the SFT term.
+    to the frozen reference policy, and the SFT term. loss = `policy_weight` clipped-ratio term + `kl_weight` KL +
+    `sft_weight` SFT: the reward enters through the first alone, so `policy_weight` 0 is the control run (KL and SFT
+    alone, the rollouts' rewards unused).
 
     `train_steps` = n (None: all S sampler steps): the first n sampler steps are SDE steps with `noise_level` and are
     trained; the other S - n are the deterministic flow-match Euler steps (no noise, so no reward spread that the
@@ -132,6 +134,7 @@ class GrpoConfig:
     group_size: int = 4
     noise_level: float = 0.7
     clip_range: float = 0.2
+    policy_weight: float = 1.0
     kl_weight: float = 0.0
     sft_weight: float = 1.0
     updates_per_rollout: int = 1
@@ -143,7 +146,8 @@ class GrpoConfig:
         _check(self.group_size >= 2, "group_size", f"needs >= 2 samples to normalise, got {self.group_size}")
         _check(self.noise_level > 0, "noise_level", f"must be positive (GRPO needs noise), got {self.noise_level}")
         _check(self.clip_range > 0, "clip_range", f"must be positive, got {self.clip_range}")
-        _check(self.kl_weight >= 0 and self.sft_weight >= 0, "kl_weight", "weights must be >= 0")
+        for name in ("policy_weight", "kl_weight", "sft_weight"):
+            _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         _check(self.updates_per_rollout >= 1, "updates_per_rollout", "must be >= 1")
         _check(self.train_steps is None or self.train_steps >= 1, "train_steps", "must be >= 1")
         _check(self.noise_grid is None or self.noise_grid >= 1, "noise_grid", f"must be >= 1, got {self.noise_grid}")
@@ -151,6 +155,12 @@ class GrpoConfig:
     def explored_steps(self, sampler_steps: int) -> int:
         """The sampler steps that explore (SDE) and are trained: the first `train_steps` (at most all of them)."""
         return min(self.train_steps or sampler_steps, sampler_steps)
+
+    def scores_rollouts(self) -> bool:
+        """Whether the loss reads the rollouts' rewards. Not at `policy_weight` 0 (the control run): its rollouts stop
+        after the explored steps (all that the KL and the ratios read) and are neither decoded nor scored, so it
+        trains as it would with them, at a fraction of the cost, and logs no training reward."""
+        return self.policy_weight > 0
 
 
 @dataclass(frozen=True)

@@ -201,11 +201,12 @@ def _sde_step_mean(model: nnx.Module, x: jax.Array, c: dict[str, jax.Array], bat
     return sde_mean(x, velocity(model, x, c["t"], batch, guidance), c["sigma"], c["dt"], c["drift"])
 
 
-@nnx.jit(static_argnames=("rollout", "grpo"))
-def sde_rollout(model, batch, step_noise, rollout: RolloutConfig, grpo: GrpoConfig):
+@nnx.jit(static_argnames=("rollout", "grpo", "explored_only"))
+def sde_rollout(model, batch, step_noise, rollout: RolloutConfig, grpo: GrpoConfig, explored_only: bool = False):
     """Sampling without gradient -> (states [S + 1, B, ...], log-probs [n, B]): n = `grpo.explored_steps` SDE steps
     with step_noise [n, B, ...] (the exploration noise drawn in numpy, shared with the torch twin), then the
-    deterministic Euler steps."""
+    deterministic Euler steps; `explored_only`: the states [n + 1, B, ...] of the SDE steps alone (what the loss
+    reads)."""
     n = grpo.explored_steps(rollout.steps)
     if step_noise.shape[0] != n:
         raise ValueError(f"step_noise has {step_noise.shape[0]} steps, the rollout explores {n}")
@@ -225,7 +226,7 @@ def sde_rollout(model, batch, step_noise, rollout: RolloutConfig, grpo: GrpoConf
     x0 = batch["noise"]
     x, (sde_states, log_probs) = jax.lax.scan(sde_step, x0, ({k: v[:n] for k, v in coeffs.items()}, step_noise))
     states = [x0[None], sde_states]
-    if n < rollout.steps:
+    if n < rollout.steps and not explored_only:
         states.append(jax.lax.scan(ode_step, x, {k: coeffs[k][n:] for k in ("t", "dt")})[1])
     return jnp.concatenate(states), log_probs
 
@@ -269,7 +270,7 @@ def grpo_loss(
             ref_mean = jax.lax.stop_gradient(_sde_step_mean(nnx.merge(*ref), x, c, batch, rollout.guidance))
             kl = jnp.mean(gaussian_kl(mean, ref_mean, c["std"], grpo.noise_grid)) / n
         clip_fraction = jnp.mean(jnp.abs(ratio - 1.0) > grpo.clip_range) / n
-        return policy + grpo.kl_weight * kl, (policy, kl, clip_fraction)
+        return grpo.policy_weight * policy + grpo.kl_weight * kl, (policy, kl, clip_fraction)
 
     def step(carry, inputs):
         grads, sums = carry
@@ -286,7 +287,7 @@ def grpo_loss(
     else:
         sft, grads = zero, jax.tree.map(jnp.zeros_like, params)
     (grads, (policy, kl, clip_fraction)), _ = jax.lax.scan(step, (grads, (zero, zero, zero)), xs)
-    loss = policy + grpo.kl_weight * kl + grpo.sft_weight * sft
+    loss = grpo.policy_weight * policy + grpo.kl_weight * kl + grpo.sft_weight * sft
     metrics = {"loss": loss, "policy_loss": policy, "kl": kl, "sft_loss": sft, "clip_fraction": clip_fraction}
     return loss, grads, metrics
 
@@ -435,7 +436,8 @@ class RewardTuner:
         step: int = 0,
     ) -> tuple[dict[str, Any], dict[str, float]]:
         """Rollout (SDE, no gradient) -> decode -> black-box rewards on uint8 -> advantages -> `updates_per_rollout`
-        updates -> (state, the last update's metrics with "skipped" counting the iteration's skipped updates).
+        updates -> (state, the last update's metrics with "skipped" counting the iteration's skipped updates, and the
+        rollouts' reward mean and std when `grpo.scores_rollouts()`).
 
         `batch` holds consecutive groups of `grpo.group_size` rows sharing a prompt; `prompts` has one entry per row.
         `place` puts host arrays on the devices (contentv_jax.reward.mesh.device_batch on a mesh; default: one device).
@@ -444,14 +446,19 @@ class RewardTuner:
         place = place or to_device_batch
         device_batch = place({**batch, "step_noise": step_noise})
         noise = device_batch.pop("step_noise")
-        states, log_probs = sde_rollout(self.model(state), device_batch, noise, rollout, grpo)
-        frames = to_host(decode_frames(self.decoder, states[-1], rollout.reward_frames))  # all rows, every process
-        rewards = score_black_box(black_box, to_uint8(frames), list(prompts))
-        device_batch.update(states=states, old_log_probs=log_probs,
-                            **place({"advantages": group_advantages(rewards, grpo.group_size)}))  # fmt: skip
+        scored = grpo.scores_rollouts()
+        states, log_probs = sde_rollout(self.model(state), device_batch, noise, rollout, grpo, explored_only=not scored)
+        advantages = np.zeros(len(prompts), np.float32)  # unread by the loss when not scored
+        if scored:
+            frames = to_host(decode_frames(self.decoder, states[-1], rollout.reward_frames))  # all rows, every process
+            rewards = score_black_box(black_box, to_uint8(frames), list(prompts))
+            advantages = group_advantages(rewards, grpo.group_size)
+        device_batch.update(states=states, old_log_probs=log_probs, **place({"advantages": advantages}))
         skipped = 0
         for _ in range(grpo.updates_per_rollout):
             state, metrics = self.update(state, device_batch, guard, step)
             skipped += metrics["skipped"]
-        return state, {**metrics, "skipped": skipped, "reward_mean": float(rewards.mean()),
-                       "reward_std": float(rewards.std())}  # fmt: skip
+        metrics["skipped"] = skipped
+        if scored:
+            metrics.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()))
+        return state, metrics

@@ -242,10 +242,16 @@ def refl_train_step(
 
 @torch.no_grad()
 def sde_rollout(
-    model: torch.nn.Module, batch: Batch, step_noise: torch.Tensor, rollout: RolloutConfig, grpo: GrpoConfig
+    model: torch.nn.Module,
+    batch: Batch,
+    step_noise: torch.Tensor,
+    rollout: RolloutConfig,
+    grpo: GrpoConfig,
+    explored_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampling without gradient -> (states [S + 1, B, ...], log-probs [n, B]): n = `grpo.explored_steps` SDE steps
-    with step_noise [n, B, ...], then the deterministic Euler steps."""
+    with step_noise [n, B, ...], then the deterministic Euler steps; `explored_only`: the states [n + 1, B, ...] of
+    the SDE steps alone (what the loss reads)."""
     n = grpo.explored_steps(rollout.steps)
     if step_noise.shape[0] != n:
         raise ValueError(f"step_noise has {step_noise.shape[0]} steps, the rollout explores {n}")
@@ -253,7 +259,7 @@ def sde_rollout(
     sched = sde_schedule(schedule, grpo.noise_level, n)
     x = batch["noise"]
     states, log_probs = [x], []
-    for i in range(sched.steps):
+    for i in range(n if explored_only else sched.steps):
         v = velocity(model, x, schedule.timesteps[i], batch, rollout.guidance)
         if i < n:
             mean = sde_mean(x, v, float(sched.sigmas[i]), float(sched.dts[i]), float(sched.drift[i]))
@@ -296,7 +302,7 @@ def grpo_backward(
         ratio = torch.exp(gaussian_log_prob(x_next, mean, std, log_std, grpo.noise_grid) - batch["old_log_probs"][i])
         clipped = ratio.clamp(1.0 - grpo.clip_range, 1.0 + grpo.clip_range)
         step_policy = (-torch.minimum(ratio * adv, clipped * adv)).mean() / n
-        step_loss = step_policy
+        step_loss = grpo.policy_weight * step_policy
         ratios.append(ratio.detach())
         if ref_model is not None and grpo.kl_weight > 0:
             with torch.no_grad():
@@ -313,8 +319,8 @@ def grpo_backward(
         (grpo.sft_weight * loss_scale * sft).backward()
         sft = sft.detach()
     r = torch.stack(ratios)
-    return {"loss": policy + grpo.kl_weight * kl + grpo.sft_weight * sft, "policy_loss": policy, "kl": kl,
-            "sft_loss": sft, "clip_fraction": ((r - 1.0).abs() > grpo.clip_range).float().mean()}  # fmt: skip
+    return {"loss": grpo.policy_weight * policy + grpo.kl_weight * kl + grpo.sft_weight * sft, "policy_loss": policy,
+            "kl": kl, "sft_loss": sft, "clip_fraction": ((r - 1.0).abs() > grpo.clip_range).float().mean()}  # fmt: skip
 
 
 def grpo_train_step(
@@ -355,22 +361,29 @@ def grpo_iteration(
     The whole batch holds consecutive groups of `grpo.group_size` rows sharing a prompt; `batch`, `step_noise`
     ([n, rows, ...], n the explored steps) and `prompts` hold this data-parallel group's rows (all of them in a single
     process), which it samples and scores; the advantages are normalised over the groups of the whole batch's rewards.
-    The metrics are the last update's, with "skipped" counting the skipped updates of the iteration.
+    The metrics are the last update's, with "skipped" counting the skipped updates of the iteration, and the rollouts'
+    reward mean and std when `grpo.scores_rollouts()`.
     """
     topo = topo or Topology()
     device = next(model.parameters()).device
     device_batch = to_device_batch(batch, device)
-    states, log_probs = sde_rollout(model, device_batch, torch.as_tensor(step_noise, device=device), rollout, grpo)
-    frames = decode_frames(decoder, states[-1], rollout.reward_frames).float().cpu().numpy()
-    mine = torch.as_tensor(score_black_box(black_box, to_uint8(frames), list(prompts)), device=device)
-    rewards = gather_rows(mine, topo).cpu().numpy()
-    advantages = group_advantages(rewards, grpo.group_size)[row_slice(len(rewards), topo)]
+    scored = grpo.scores_rollouts()
+    noise = torch.as_tensor(step_noise, device=device)
+    states, log_probs = sde_rollout(model, device_batch, noise, rollout, grpo, explored_only=not scored)
+    advantages = np.zeros(len(prompts), np.float32)  # unread by the loss when not scored
+    if scored:
+        frames = decode_frames(decoder, states[-1], rollout.reward_frames).float().cpu().numpy()
+        mine = torch.as_tensor(score_black_box(black_box, to_uint8(frames), list(prompts)), device=device)
+        rewards = gather_rows(mine, topo).cpu().numpy()
+        advantages = group_advantages(rewards, grpo.group_size)[row_slice(len(rewards), topo)]
     device_batch.update(states=states, old_log_probs=log_probs, advantages=torch.as_tensor(advantages, device=device))
     skipped = 0.0
     for _ in range(grpo.updates_per_rollout):
         metrics = grpo_train_step(optimizer, tuning, model, ref_model, device_batch, rollout, grpo, topo)
         skipped += metrics["skipped"]
-    metrics.update(skipped=skipped, reward_mean=float(rewards.mean()), reward_std=float(rewards.std()))
+    metrics["skipped"] = skipped
+    if scored:
+        metrics.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()))
     return metrics
 
 

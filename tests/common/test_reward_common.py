@@ -223,3 +223,15 @@ def test_grpo_groups_share_their_start_when_asked():
     noise = data.rollout(3)[0]["noise"].reshape(recipe.rollout.batch_size, recipe.grpo.group_size, -1)
     assert all(np.array_equal(group[0], row) for group in noise for row in group)
     assert not np.allclose(noise[0, 0], noise[1, 0])
+
+
+@pytest.mark.parametrize("key", ["policy_weight", "kl_weight", "sft_weight"])
+def test_grpo_weights_below_zero_are_config_errors_naming_the_key(key):
+    """`grpo.policy_weight` 0 is the control run (KL and SFT alone); below 0 any of the weights is a one-line error."""
+    from contentv_common.config.reward import load_reward_recipe
+    from contentv_common.errors import ConfigError
+
+    path = "configs/recipes/reward_grpo_tiny.yaml"
+    assert load_reward_recipe(path, {"grpo.policy_weight": 0}).grpo.policy_weight == 0
+    with pytest.raises(ConfigError, match=rf"reward_grpo_tiny.yaml: grpo.{key}: must be >= 0, got -0.5$"):
+        load_reward_recipe(path, {f"grpo.{key}": -0.5})

@@ -106,11 +106,14 @@ def test_refl_gradients_match(models, decoders, rel_err):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "grpo", [GRPO, replace(GRPO, train_steps=2, noise_grid=2)], ids=["every_step_explores", "2_of_3_on_grid_2"]
+    "grpo",
+    [GRPO, replace(GRPO, train_steps=2, noise_grid=2, policy_weight=0.5)],
+    ids=["every_step_explores", "2_of_3_on_grid_2_policy_weight_half"],
 )
 def test_grpo_gradients_match(models, rel_err, grpo):
     """Rollout and update of both backends: every sampler step exploring per latent element, or the first 2 of 3
-    exploring on a 2 x 2 grid of the 4 x 4 latent (the last step Euler, log-probs and KL of cell means)."""
+    exploring on a 2 x 2 grid of the 4 x 4 latent (the last step Euler, log-probs and KL of cell means) with the
+    clipped-ratio term at half weight."""
     from contentv_jax.reward import train as jr
     from contentv_torch_npu.reward import train as tr
 
@@ -123,8 +126,9 @@ def test_grpo_gradients_match(models, rel_err, grpo):
     assert rel_err(states_j, states_t.numpy()) < 1e-5
     assert rel_err(logp_j, logp_t.numpy()) < 1e-5
 
-    # train on the rollout with a policy that has moved (the ref weights), so ratios differ from 1 and clip
-    shifted = logp_t.numpy() + np.float32(0.3) * np.array([[1, -1, 1, -1]], np.float32)
+    # train on the rollout with a policy that has moved, so ratios differ from 1: exp(-0.3), exp(0.1), ...; with these
+    # advantages rows 0 and 3 are clipped and rows 1 and 2 carry the policy term's gradient
+    shifted = logp_t.numpy() + np.array([[0.3, -0.1, 0.1, -0.3]], np.float32)
     batch.update(
         states=states_t.numpy(), old_log_probs=shifted, advantages=group_advantages(np.array([0.1, 0.5, 0.2, 0.9]), 4)
     )
