@@ -23,6 +23,7 @@ from contentv_common.data.build import build_data_cache
 from contentv_common.data.cache import Encoders, LatentCache
 from contentv_common.errors import CheckpointError, ConfigError, RunStopped
 from contentv_common.reward.models import BlackBoxReward, as_black_box, load_black_box
+from contentv_common.reward.sde import exploration_noise
 from contentv_common.sampling import latent_shape
 from contentv_common.training.divergence import DivergenceGuard
 from contentv_common.training.schedules import flow_inputs, resolve_shift, step_rng
@@ -55,10 +56,11 @@ class RewardData:
     def rollout(
         self, step: int, noise_rows: slice | None = None
     ) -> tuple[dict[str, np.ndarray], list[str], np.ndarray | None]:
-        """(batch without tokens, the prompt of each row, GRPO's SDE exploration noise [S, rows, ...]) for a step.
+        """(batch without tokens, the prompt of each row, GRPO's SDE exploration noise [n, rows, ...]) for a step,
+        n the explored steps (`GrpoConfig.explored_steps`), on `grpo.noise_grid`'s cells when set.
 
         Each row's exploration noise comes from its own generator of (seed, step, row), so a process that runs some
-        rows draws `noise_rows` alone (at 8B, 32 rollouts x 16 steps of noise are 2.7 GB)."""
+        rows draws `noise_rows` alone (at 8B, 32 rollouts x 16 explored steps of noise are 2.7 GB)."""
         rng = step_rng(self.recipe.seed, step)
         ids = rng.integers(len(self.prompts), size=self.recipe.rollout.batch_size)
         batch = self._prompt_rows(ids)
@@ -69,12 +71,13 @@ class RewardData:
             batch["noise"] = rng.standard_normal(self.latent_shape, dtype=np.float32)
         step_noise = None
         if self.recipe.method == "grpo":
+            grpo = self.recipe.grpo
             rows = range(self.rows)[noise_rows or slice(None)]
-            shape = self.latent_shape[1:]
-            step_noise = np.empty((self.recipe.rollout.steps, len(rows), *shape), np.float32)
+            shape = (grpo.explored_steps(self.recipe.rollout.steps), *self.latent_shape[1:])
+            step_noise = np.empty((shape[0], len(rows), *shape[1:]), np.float32)
             for i, row in enumerate(rows):
                 row_rng = np.random.default_rng([self.recipe.seed, step, row])
-                step_noise[:, i] = row_rng.standard_normal((self.recipe.rollout.steps, *shape), dtype=np.float32)
+                step_noise[:, i] = exploration_noise(row_rng, shape, grpo.noise_grid)
         return batch, [self.prompts[i] for i in np.repeat(ids, self.group)], step_noise
 
     def evaluation(self) -> tuple[dict[str, np.ndarray], list[str]]:
