@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -149,11 +149,19 @@ def evaluated_updates(step: int, recipe: RewardRecipe) -> int | None:
     return step if step % recipe.rollout.eval_interval == 0 else None
 
 
-def eval_record(rewards: np.ndarray, updates: int) -> dict[str, float]:
-    """The log's held-out entries: the reward's mean over the eval seeds, its seed-to-seed std (the spread a change
-    must clear to mean something) and the updates the evaluated model had."""
+def eval_record(rewards: np.ndarray, prompts: Sequence[str], updates: int) -> dict[str, float]:
+    """The log's held-out entries: the reward's mean and std over the eval clips, the updates the evaluated model had,
+    and where a prompt has several seeds, the seed-to-seed std (`eval_seed_std`: the std of each clip's reward about
+    its prompt's mean, pooled over the prompts, with one degree of freedom per prompt taken by its mean): the spread a
+    change must clear to mean something, without the differences between prompts."""
     rewards = np.asarray(rewards, np.float64)
-    return {"eval_reward_mean": float(rewards.mean()), "eval_reward_std": float(rewards.std()), "eval_updates": updates}
+    record = {"eval_reward_mean": float(rewards.mean()), "eval_reward_std": float(rewards.std())}
+    record["eval_updates"] = updates
+    names, which = np.unique(np.asarray(prompts), return_inverse=True)
+    if len(names) < len(rewards):
+        residuals = rewards - (np.bincount(which, rewards) / np.bincount(which))[which]
+        record["eval_seed_std"] = float(np.sqrt((residuals**2).sum() / (len(rewards) - len(names))))
+    return record
 
 
 def differentiable_builtin(cfg: RewardModelConfig):
@@ -295,9 +303,10 @@ class RewardLog:
         ax.fill_between(steps, mean - std, mean + std, alpha=0.25, label="train reward (std)")
         if evals:
             at = [r.get("eval_updates", r["step"]) for r in evals]  # older logs lack the last two
-            spread = [r.get("eval_reward_std", 0.0) for r in evals]
+            seeded = all("eval_seed_std" in r for r in evals)  # else one seed per prompt: the std over the clips
+            spread = [r["eval_seed_std"] if seeded else r.get("eval_reward_std", 0.0) for r in evals]
             ax.errorbar(at, [r["eval_reward_mean"] for r in evals], yerr=spread, fmt="o-", capsize=3,
-                        label="held-out seeds (mean, std over seeds)")  # fmt: skip
+                        label=f"held-out seeds (mean, {'seed-to-seed std' if seeded else 'std'})")  # fmt: skip
         ax.set_xlabel("step")
         ax.set_ylabel("reward")
         ax.set_title(title)

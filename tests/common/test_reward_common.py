@@ -235,3 +235,18 @@ def test_grpo_weights_below_zero_are_config_errors_naming_the_key(key):
     assert load_reward_recipe(path, {"grpo.policy_weight": 0}).grpo.policy_weight == 0
     with pytest.raises(ConfigError, match=rf"reward_grpo_tiny.yaml: grpo.{key}: must be >= 0, got -0.5$"):
         load_reward_recipe(path, {f"grpo.{key}": -0.5})
+
+
+def test_held_out_seed_spread_leaves_out_the_differences_between_prompts():
+    """eval_seed_std is the spread about each prompt's own mean: prompts far apart with seeds close together give a
+    small seed spread and a large overall std; with one seed per prompt there is no seed spread to log."""
+    from contentv_common.reward.run import eval_record
+
+    prompts = ["red", "blue", "red", "blue", "red", "blue"]
+    rewards = np.array([1.0, 11.0, 2.0, 12.0, 3.0, 13.0])
+    record = eval_record(rewards, prompts, updates=7)
+    assert record["eval_updates"] == 7 and record["eval_reward_mean"] == pytest.approx(7.0)
+    assert record["eval_reward_std"] == pytest.approx(np.std(rewards)) and record["eval_reward_std"] > 5
+    # residuals about 2 and 12: -1, 0, 1 twice; 6 clips, 2 prompt means: sqrt(4 / 4)
+    assert record["eval_seed_std"] == pytest.approx(1.0)
+    assert "eval_seed_std" not in eval_record(rewards[:2], prompts[:2], updates=0)

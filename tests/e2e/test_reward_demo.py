@@ -72,7 +72,7 @@ def test_the_reward_rises_beyond_the_control_and_the_seed_spread(refl):
     (start, end), (control_start, control_end) = _held_out(rows), _held_out(control_rows)
     assert start["eval_updates"] == 0 and end["eval_updates"] == SHORT["steps"]
     assert start["eval_reward_mean"] == control_start["eval_reward_mean"], "both start from the demo's model"
-    spread = max(r["eval_reward_std"] for r in (start, end, control_end))
+    spread = max(r["eval_seed_std"] for r in (start, end, control_end))
     assert end["eval_reward_mean"] - control_end["eval_reward_mean"] > spread, (start, end, control_end)
     assert end["eval_reward_mean"] - start["eval_reward_mean"] > spread, (start, end)
 
@@ -84,7 +84,7 @@ def test_grpo_raises_the_reward_beyond_the_seed_spread(grpo):
     held_out = _held_out(rows)
     start, end = held_out[0], held_out[-1]
     assert start["eval_updates"] == 0 and end["eval_updates"] == len(rows)
-    spread = max(r["eval_reward_std"] for r in held_out)
+    spread = max(r["eval_seed_std"] for r in held_out)
     assert end["eval_reward_mean"] - start["eval_reward_mean"] > spread, held_out
 
 
