@@ -28,6 +28,7 @@ from contentv_common.config.recipe import (
 )
 from contentv_common.errors import ConfigError
 from contentv_common.reward.models import SIMPLE_REWARDS, Reward, simple_reward
+from contentv_common.sampling import VAE_SPACE_FACTOR
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -116,27 +117,50 @@ class ReflConfig:
 @dataclass(frozen=True)
 class GrpoConfig:
     """GRPO over SDE sampling: `group_size` rollouts per prompt, group-normalised advantages, a clipped ratio, a KL
-    to the frozen reference policy, and the SFT term. `train_steps` sampler steps per rollout are trained (the first
-    ones, where exploration happens, when fewer than all). `shared_start`: the rollouts of a group start from the
-    same noise (DanceGRPO), so their rewards differ by the exploration alone, which is what the policy gradient
-    credits (otherwise most of a group's spread comes from where each rollout started)."""
+    to the frozen reference policy, and the SFT term. loss = `policy_weight` clipped-ratio term + `kl_weight` KL +
+    `sft_weight` SFT: the reward enters through the first alone, so `policy_weight` 0 is the control run (KL and SFT
+    alone, the rollouts' rewards unused).
+
+    `train_steps` = n (None: all S sampler steps): the first n sampler steps are SDE steps with `noise_level` and are
+    trained; the other S - n are the deterministic flow-match Euler steps (no noise, so no reward spread that the
+    policy gradient could not credit). `noise_grid` = g: each explored step's noise is one draw per latent channel,
+    frame and cell of a g x g grid over the latent's H x W, constant within the cell, and the log-probabilities and KL
+    are those of the cell means: few dimensions for a group's reward spread to be credited to (the CPU demo uses it);
+    g must divide the latent's height and width. None: one draw per latent element, as Flow-GRPO. `shared_start`:
+    the rollouts of a group start from the same noise (DanceGRPO), so their rewards differ by the exploration alone,
+    which is what the policy gradient credits (otherwise most of a group's spread comes from where each rollout
+    started)."""
 
     group_size: int = 4
     noise_level: float = 0.7
     clip_range: float = 0.2
+    policy_weight: float = 1.0
     kl_weight: float = 0.0
     sft_weight: float = 1.0
     updates_per_rollout: int = 1
     train_steps: int | None = None
     shared_start: bool = False
+    noise_grid: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.group_size >= 2, "group_size", f"needs >= 2 samples to normalise, got {self.group_size}")
         _check(self.noise_level > 0, "noise_level", f"must be positive (GRPO needs noise), got {self.noise_level}")
         _check(self.clip_range > 0, "clip_range", f"must be positive, got {self.clip_range}")
-        _check(self.kl_weight >= 0 and self.sft_weight >= 0, "kl_weight", "weights must be >= 0")
+        for name in ("policy_weight", "kl_weight", "sft_weight"):
+            _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         _check(self.updates_per_rollout >= 1, "updates_per_rollout", "must be >= 1")
         _check(self.train_steps is None or self.train_steps >= 1, "train_steps", "must be >= 1")
+        _check(self.noise_grid is None or self.noise_grid >= 1, "noise_grid", f"must be >= 1, got {self.noise_grid}")
+
+    def explored_steps(self, sampler_steps: int) -> int:
+        """The sampler steps that explore (SDE) and are trained: the first `train_steps` (at most all of them)."""
+        return min(self.train_steps or sampler_steps, sampler_steps)
+
+    def scores_rollouts(self) -> bool:
+        """Whether the loss reads the rollouts' rewards. Not at `policy_weight` 0 (the control run): its rollouts stop
+        after the explored steps (all that the KL and the ratios read) and are neither decoded nor scored, so it
+        trains as it would with them, at a fraction of the cost, and logs no training reward."""
+        return self.policy_weight > 0
 
 
 @dataclass(frozen=True)
@@ -187,6 +211,13 @@ class RewardRecipe:
             self.optimizer.ema_decay is None or self.method != "refl" or self.refl.anchor != "ema",
             "optimizer.ema_decay",
             "the EMA anchor (refl.anchor: ema) already is the EMA of the weights: set refl.anchor_ema_decay instead",
+        )
+        grid, r = self.grpo.noise_grid, self.rollout
+        h, w = r.height // VAE_SPACE_FACTOR, r.width // VAE_SPACE_FACTOR
+        _check(
+            self.method != "grpo" or grid is None or (h % grid == 0 and w % grid == 0),
+            "grpo.noise_grid",
+            f"{grid} does not divide the {h} x {w} latent (rollout {r.height} x {r.width} pixels / {VAE_SPACE_FACTOR})",
         )
         sft = self.refl.sft_weight if self.method == "refl" else self.grpo.sft_weight
         _check(sft == 0 or self.data is not None, "data", "the SFT term (sft_weight > 0) needs a data section")

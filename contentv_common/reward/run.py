@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from contentv_common.data.build import build_data_cache, data_settings
 from contentv_common.data.cache import Encoders, LatentCache, cache_is_current
 from contentv_common.errors import CheckpointError, ConfigError, RunStopped
 from contentv_common.reward.models import BlackBoxReward, as_black_box, load_black_box
+from contentv_common.reward.sde import exploration_noise
 from contentv_common.sampling import latent_shape
 from contentv_common.training.divergence import DivergenceGuard
 from contentv_common.training.schedules import flow_inputs, resolve_shift, step_rng
@@ -55,10 +56,11 @@ class RewardData:
     def rollout(
         self, step: int, noise_rows: slice | None = None
     ) -> tuple[dict[str, np.ndarray], list[str], np.ndarray | None]:
-        """(batch without tokens, the prompt of each row, GRPO's SDE exploration noise [S, rows, ...]) for a step.
+        """(batch without tokens, the prompt of each row, GRPO's SDE exploration noise [n, rows, ...]) for a step,
+        n the explored steps (`GrpoConfig.explored_steps`), on `grpo.noise_grid`'s cells when set.
 
         Each row's exploration noise comes from its own generator of (seed, step, row), so a process that runs some
-        rows draws `noise_rows` alone (at 8B, 32 rollouts x 16 steps of noise are 2.7 GB)."""
+        rows draws `noise_rows` alone (at 8B, 32 rollouts x 16 explored steps of noise are 2.7 GB)."""
         rng = step_rng(self.recipe.seed, step)
         ids = rng.integers(len(self.prompts), size=self.recipe.rollout.batch_size)
         batch = self._prompt_rows(ids)
@@ -69,12 +71,13 @@ class RewardData:
             batch["noise"] = rng.standard_normal(self.latent_shape, dtype=np.float32)
         step_noise = None
         if self.recipe.method == "grpo":
+            grpo = self.recipe.grpo
             rows = range(self.rows)[noise_rows or slice(None)]
-            shape = self.latent_shape[1:]
-            step_noise = np.empty((self.recipe.rollout.steps, len(rows), *shape), np.float32)
+            shape = (grpo.explored_steps(self.recipe.rollout.steps), *self.latent_shape[1:])
+            step_noise = np.empty((shape[0], len(rows), *shape[1:]), np.float32)
             for i, row in enumerate(rows):
                 row_rng = np.random.default_rng([self.recipe.seed, step, row])
-                step_noise[:, i] = row_rng.standard_normal((self.recipe.rollout.steps, *shape), dtype=np.float32)
+                step_noise[:, i] = exploration_noise(row_rng, shape, grpo.noise_grid)
         return batch, [self.prompts[i] for i in np.repeat(ids, self.group)], step_noise
 
     def evaluation(self) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -147,11 +150,19 @@ def evaluated_updates(step: int, recipe: RewardRecipe) -> int | None:
     return step if step % recipe.rollout.eval_interval == 0 else None
 
 
-def eval_record(rewards: np.ndarray, updates: int) -> dict[str, float]:
-    """The log's held-out entries: the reward's mean over the eval seeds, its seed-to-seed std (the spread a change
-    must clear to mean something) and the updates the evaluated model had."""
+def eval_record(rewards: np.ndarray, prompts: Sequence[str], updates: int) -> dict[str, float]:
+    """The log's held-out entries: the reward's mean and std over the eval clips, the updates the evaluated model had,
+    and where a prompt has several seeds, the seed-to-seed std (`eval_seed_std`: the std of each clip's reward about
+    its prompt's mean, pooled over the prompts, with one degree of freedom per prompt taken by its mean): the spread a
+    change must clear to mean something, without the differences between prompts."""
     rewards = np.asarray(rewards, np.float64)
-    return {"eval_reward_mean": float(rewards.mean()), "eval_reward_std": float(rewards.std()), "eval_updates": updates}
+    record = {"eval_reward_mean": float(rewards.mean()), "eval_reward_std": float(rewards.std())}
+    record["eval_updates"] = updates
+    names, which = np.unique(np.asarray(prompts), return_inverse=True)
+    if len(names) < len(rewards):
+        residuals = rewards - (np.bincount(which, rewards) / np.bincount(which))[which]
+        record["eval_seed_std"] = float(np.sqrt((residuals**2).sum() / (len(rewards) - len(names))))
+    return record
 
 
 def differentiable_builtin(cfg: RewardModelConfig):
@@ -293,9 +304,10 @@ class RewardLog:
         ax.fill_between(steps, mean - std, mean + std, alpha=0.25, label="train reward (std)")
         if evals:
             at = [r.get("eval_updates", r["step"]) for r in evals]  # older logs lack the last two
-            spread = [r.get("eval_reward_std", 0.0) for r in evals]
+            seeded = all("eval_seed_std" in r for r in evals)  # else one seed per prompt: the std over the clips
+            spread = [r["eval_seed_std"] if seeded else r.get("eval_reward_std", 0.0) for r in evals]
             ax.errorbar(at, [r["eval_reward_mean"] for r in evals], yerr=spread, fmt="o-", capsize=3,
-                        label="held-out seeds (mean, std over seeds)")  # fmt: skip
+                        label=f"held-out seeds (mean, {'seed-to-seed std' if seeded else 'std'})")  # fmt: skip
         ax.set_xlabel("step")
         ax.set_ylabel("reward")
         ax.set_title(title)

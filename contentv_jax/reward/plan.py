@@ -89,7 +89,7 @@ def _batch(recipe: RewardRecipe, mesh: Mesh, text_tokens: int, reward_tokens: in
         shapes["tokens"] = ((rows, reward_tokens), jnp.int32)
     else:
         shapes["states"] = ((r.steps + 1, *latent), jnp.float32)
-        shapes["old_log_probs"] = ((r.steps, rows), jnp.float32)
+        shapes["old_log_probs"] = ((recipe.grpo.explored_steps(r.steps), rows), jnp.float32)
         shapes["advantages"] = ((rows,), jnp.float32)
     if recipe.data is not None:
         b = max(recipe.data.buckets, key=lambda b: image_tokens(b, cfg.patch_size))
@@ -113,7 +113,7 @@ def reward_flops(recipe: RewardRecipe, text_tokens: int) -> float:
         k, anchored = recipe.refl.grad_steps, recipe.refl.anchor != "none"
         total = (r.steps - k) * step + k * step * (TRAIN_MULTIPLIER + anchored)
     else:
-        k = min(recipe.grpo.train_steps or r.steps, r.steps)
+        k = recipe.grpo.explored_steps(r.steps)
         total = k * step * (TRAIN_MULTIPLIER + (recipe.grpo.kl_weight > 0))
     if recipe.data is not None:
         b = max(recipe.data.buckets, key=lambda b: image_tokens(b, cfg.patch_size))

@@ -84,7 +84,7 @@ def _eval_reward(tuner: jr.RewardTuner, state, score, data: RewardData, mesh: Me
     latents = sample(tuner.model(state), batch["noise"], *texts, steps=r.steps, guidance=r.guidance, shift=r.shift,
                      progress=False)  # fmt: skip
     frames = multihost.to_host(jr.decode_frames(tuner.decoder, latents, r.reward_frames))[:n]
-    return eval_record(score_black_box(score, to_uint8(frames), prompts), updates)
+    return eval_record(score_black_box(score, to_uint8(frames), prompts), prompts, updates)
 
 
 def _log(recipe: RewardRecipe, keep_lines: int = 0) -> RewardLog | None:

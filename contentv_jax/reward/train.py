@@ -6,8 +6,9 @@ decoded (the causal VAE decodes it without the others) and scored. loss = -w_r m
 batch + w_a anchor, the anchor being |v - v_ref|^2 on the K differentiable steps against a frozen copy or an EMA of
 the weights (for equal-variance Gaussian steps this is the KL up to a constant).
 
-GRPO: SDE rollouts (contentv_common.reward.sde) in groups per prompt, any black-box reward on uint8 frames,
-group-normalised advantages, PPO-clipped ratio of per-step Gaussian log-probs, optional KL to the reference policy.
+GRPO: rollouts in groups per prompt that explore (SDE, contentv_common.reward.sde) in the trained steps alone and
+take Euler steps after them, any black-box reward on uint8 frames, group-normalised advantages, PPO-clipped ratio of
+per-step Gaussian log-probs (of the noise grid's cell means when set), optional KL to the reference policy.
 
 Both share the numpy schedule, noise and SFT draws with the torch twin (contentv_torch_npu/reward/train.py), so the
 same weights and inputs give the same gradients. The training loop `run(recipe)` lives in contentv_jax/reward/run.py.
@@ -179,9 +180,10 @@ def refl_grads(model, ref_model, decoder, reward, batch, rollout, refl):
     return refl_loss(model, ref_model, decoder, reward, batch, rollout, refl)
 
 
-def _sde_arrays(rollout: RolloutConfig, noise_level: float) -> dict[str, jax.Array]:
+def _sde_arrays(rollout: RolloutConfig, grpo: GrpoConfig) -> dict[str, jax.Array]:
+    """Per sampler step: timestep and the SDE coefficients (std 0 and log_std -inf after the explored steps)."""
     schedule = flow_match_schedule(rollout.steps, rollout.shift)
-    sched = sde_schedule(schedule, noise_level)
+    sched = sde_schedule(schedule, grpo.noise_level, grpo.explored_steps(rollout.steps))
     arrays = {"t": schedule.timesteps, "sigma": sched.sigmas, "dt": sched.dts, "drift": sched.drift,
               "std": sched.std, "log_std": sched.log_std}  # fmt: skip
     return {k: jnp.asarray(v) for k, v in arrays.items()}
@@ -191,21 +193,34 @@ def _sde_step_mean(model: nnx.Module, x: jax.Array, c: dict[str, jax.Array], bat
     return sde_mean(x, velocity(model, x, c["t"], batch, guidance), c["sigma"], c["dt"], c["drift"])
 
 
-@nnx.jit(static_argnames=("rollout", "noise_level"))
-def sde_rollout(model, batch, step_noise, rollout: RolloutConfig, noise_level: float):
-    """SDE sampling without gradient -> (states [S + 1, B, ...], log-probs [S, B]); step_noise [S, B, ...] is the
-    exploration noise drawn in numpy (shared with the torch twin)."""
+@nnx.jit(static_argnames=("rollout", "grpo", "explored_only"))
+def sde_rollout(model, batch, step_noise, rollout: RolloutConfig, grpo: GrpoConfig, explored_only: bool = False):
+    """Sampling without gradient -> (states [S + 1, B, ...], log-probs [n, B]): n = `grpo.explored_steps` SDE steps
+    with step_noise [n, B, ...] (the exploration noise drawn in numpy, shared with the torch twin), then the
+    deterministic Euler steps; `explored_only`: the states [n + 1, B, ...] of the SDE steps alone (what the loss
+    reads)."""
+    n = grpo.explored_steps(rollout.steps)
+    if step_noise.shape[0] != n:
+        raise ValueError(f"step_noise has {step_noise.shape[0]} steps, the rollout explores {n}")
     graphdef, state = nnx.split(model)
+    coeffs = _sde_arrays(rollout, grpo)
 
-    def step(x, inputs):
+    def sde_step(x, inputs):
         c, eps = inputs
         mean = _sde_step_mean(nnx.merge(graphdef, state), x, c, batch, rollout.guidance)
         x_next = mean + c["std"] * eps
-        return x_next, (x_next, gaussian_log_prob(x_next, mean, c["std"], c["log_std"]))
+        return x_next, (x_next, gaussian_log_prob(x_next, mean, c["std"], c["log_std"], grpo.noise_grid))
+
+    def ode_step(x, c):
+        x_next = euler_step(x, velocity(nnx.merge(graphdef, state), x, c["t"], batch, rollout.guidance), c["dt"])
+        return x_next, x_next
 
     x0 = batch["noise"]
-    _, (states, log_probs) = jax.lax.scan(step, x0, (_sde_arrays(rollout, noise_level), step_noise))
-    return jnp.concatenate([x0[None], states]), log_probs
+    x, (sde_states, log_probs) = jax.lax.scan(sde_step, x0, ({k: v[:n] for k, v in coeffs.items()}, step_noise))
+    states = [x0[None], sde_states]
+    if n < rollout.steps and not explored_only:
+        states.append(jax.lax.scan(ode_step, x, {k: coeffs[k][n:] for k in ("t", "dt")})[1])
+    return jnp.concatenate(states), log_probs
 
 
 def grpo_loss(
@@ -222,14 +237,15 @@ def grpo_loss(
     per step): memory holds one step's activations and two gradient-sized buffers, whatever the number of steps;
     the SFT term's gradient starts the sum.
 
-    batch adds to the rollout inputs: "states" [S + 1, B, ...], "old_log_probs" [S, B], "advantages" [B].
+    batch adds to the rollout inputs: "states" [S + 1, B, ...], "old_log_probs" [n, B] (n: the explored steps),
+    "advantages" [B].
     """
-    n = min(grpo.train_steps or rollout.steps, rollout.steps)
-    coeffs = {k: v[:n] for k, v in _sde_arrays(rollout, grpo.noise_level).items()}
+    n = grpo.explored_steps(rollout.steps)
+    coeffs = {k: v[:n] for k, v in _sde_arrays(rollout, grpo).items()}
     graphdef, params, rest = _split(model)
     ref = nnx.split(ref_model) if ref_model is not None and grpo.kl_weight > 0 else None
     adv = batch["advantages"]
-    xs = (coeffs, batch["old_log_probs"][:n], jnp.arange(n))
+    xs = (coeffs, batch["old_log_probs"], jnp.arange(n))
     # Steps indexed in place (no per-step copies), from rows flattened: the compiler can only lay out the step it
     # takes for the model, never the whole rollout (on TPU it padded all S + 1 states ~10x to put frames minor).
     states, shape = batch["states"].reshape(*batch["states"].shape[:2], -1), batch["states"].shape[1:]
@@ -238,15 +254,15 @@ def grpo_loss(
         c, old_logp, i = inputs
         x, x_next = states[i].reshape(shape), states[i + 1].reshape(shape)
         mean = _sde_step_mean(nnx.merge(graphdef, p, rest), x, c, batch, rollout.guidance)
-        ratio = jnp.exp(gaussian_log_prob(x_next, mean, c["std"], c["log_std"]) - old_logp)
+        ratio = jnp.exp(gaussian_log_prob(x_next, mean, c["std"], c["log_std"], grpo.noise_grid) - old_logp)
         clipped = jnp.clip(ratio, 1.0 - grpo.clip_range, 1.0 + grpo.clip_range)
         policy = jnp.mean(-jnp.minimum(ratio * adv, clipped * adv)) / n
         kl = jnp.zeros((), jnp.float32)
         if ref is not None:
             ref_mean = jax.lax.stop_gradient(_sde_step_mean(nnx.merge(*ref), x, c, batch, rollout.guidance))
-            kl = jnp.mean(gaussian_kl(mean, ref_mean, c["std"])) / n
+            kl = jnp.mean(gaussian_kl(mean, ref_mean, c["std"], grpo.noise_grid)) / n
         clip_fraction = jnp.mean(jnp.abs(ratio - 1.0) > grpo.clip_range) / n
-        return policy + grpo.kl_weight * kl, (policy, kl, clip_fraction)
+        return grpo.policy_weight * policy + grpo.kl_weight * kl, (policy, kl, clip_fraction)
 
     def step(carry, inputs):
         grads, sums = carry
@@ -263,7 +279,7 @@ def grpo_loss(
     else:
         sft, grads = zero, jax.tree.map(jnp.zeros_like, params)
     (grads, (policy, kl, clip_fraction)), _ = jax.lax.scan(step, (grads, (zero, zero, zero)), xs)
-    loss = policy + grpo.kl_weight * kl + grpo.sft_weight * sft
+    loss = grpo.policy_weight * policy + grpo.kl_weight * kl + grpo.sft_weight * sft
     metrics = {"loss": loss, "policy_loss": policy, "kl": kl, "sft_loss": sft, "clip_fraction": clip_fraction}
     return loss, grads, metrics
 
@@ -412,7 +428,8 @@ class RewardTuner:
         step: int = 0,
     ) -> tuple[dict[str, Any], dict[str, float]]:
         """Rollout (SDE, no gradient) -> decode -> black-box rewards on uint8 -> advantages -> `updates_per_rollout`
-        updates -> (state, the last update's metrics with "skipped" counting the iteration's skipped updates).
+        updates -> (state, the last update's metrics with "skipped" counting the iteration's skipped updates, and the
+        rollouts' reward mean and std when `grpo.scores_rollouts()`).
 
         `batch` holds consecutive groups of `grpo.group_size` rows sharing a prompt; `prompts` has one entry per row.
         `place` puts host arrays on the devices (contentv_jax.reward.mesh.device_batch on a mesh; default: one device).
@@ -421,14 +438,19 @@ class RewardTuner:
         place = place or to_device_batch
         device_batch = place({**batch, "step_noise": step_noise})
         noise = device_batch.pop("step_noise")
-        states, log_probs = sde_rollout(self.model(state), device_batch, noise, rollout, grpo.noise_level)
-        frames = to_host(decode_frames(self.decoder, states[-1], rollout.reward_frames))  # all rows, every process
-        rewards = score_black_box(black_box, to_uint8(frames), list(prompts))
-        device_batch.update(states=states, old_log_probs=log_probs,
-                            **place({"advantages": group_advantages(rewards, grpo.group_size)}))  # fmt: skip
+        scored = grpo.scores_rollouts()
+        states, log_probs = sde_rollout(self.model(state), device_batch, noise, rollout, grpo, explored_only=not scored)
+        advantages = np.zeros(len(prompts), np.float32)  # unread by the loss when not scored
+        if scored:
+            frames = to_host(decode_frames(self.decoder, states[-1], rollout.reward_frames))  # all rows, every process
+            rewards = score_black_box(black_box, to_uint8(frames), list(prompts))
+            advantages = group_advantages(rewards, grpo.group_size)
+        device_batch.update(states=states, old_log_probs=log_probs, **place({"advantages": advantages}))
         skipped = 0
         for _ in range(grpo.updates_per_rollout):
             state, metrics = self.update(state, device_batch, guard, step)
             skipped += metrics["skipped"]
-        return state, {**metrics, "skipped": skipped, "reward_mean": float(rewards.mean()),
-                       "reward_std": float(rewards.std())}  # fmt: skip
+        metrics["skipped"] = skipped
+        if scored:
+            metrics.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()))
+        return state, metrics

@@ -111,7 +111,7 @@ def _eval_reward(model, decoder, score, data: RewardData, recipe: RewardRecipe, 
         padded[: len(rewards)] = rewards
         gathered = tr.gather_rows(torch.from_numpy(padded).to(topo.device), topo).cpu().numpy()
         rewards = gathered[~np.isnan(gathered)]
-    return eval_record(rewards, updates)
+    return eval_record(rewards, prompts, updates)
 
 
 def _sft_cache(recipe: RewardRecipe, encoders: Encoders, progress: bool, topo: Topology) -> LatentCache | None:

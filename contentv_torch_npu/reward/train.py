@@ -235,19 +235,32 @@ def refl_train_step(
 
 @torch.no_grad()
 def sde_rollout(
-    model: torch.nn.Module, batch: Batch, step_noise: torch.Tensor, rollout: RolloutConfig, noise_level: float
+    model: torch.nn.Module,
+    batch: Batch,
+    step_noise: torch.Tensor,
+    rollout: RolloutConfig,
+    grpo: GrpoConfig,
+    explored_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDE sampling without gradient -> (states [S + 1, B, ...], log-probs [S, B]); step_noise [S, B, ...]."""
+    """Sampling without gradient -> (states [S + 1, B, ...], log-probs [n, B]): n = `grpo.explored_steps` SDE steps
+    with step_noise [n, B, ...], then the deterministic Euler steps; `explored_only`: the states [n + 1, B, ...] of
+    the SDE steps alone (what the loss reads)."""
+    n = grpo.explored_steps(rollout.steps)
+    if step_noise.shape[0] != n:
+        raise ValueError(f"step_noise has {step_noise.shape[0]} steps, the rollout explores {n}")
     schedule = flow_match_schedule(rollout.steps, rollout.shift)
-    sched = sde_schedule(schedule, noise_level)
+    sched = sde_schedule(schedule, grpo.noise_level, n)
     x = batch["noise"]
     states, log_probs = [x], []
-    for i in range(sched.steps):
+    for i in range(n if explored_only else sched.steps):
         v = velocity(model, x, schedule.timesteps[i], batch, rollout.guidance)
-        mean = sde_mean(x, v, float(sched.sigmas[i]), float(sched.dts[i]), float(sched.drift[i]))
-        x = mean + float(sched.std[i]) * step_noise[i]
+        if i < n:
+            mean = sde_mean(x, v, float(sched.sigmas[i]), float(sched.dts[i]), float(sched.drift[i]))
+            x = mean + float(sched.std[i]) * step_noise[i]
+            log_probs.append(gaussian_log_prob(x, mean, float(sched.std[i]), float(sched.log_std[i]), grpo.noise_grid))
+        else:
+            x = euler_step(x, v, float(sched.dts[i]))
         states.append(x)
-        log_probs.append(gaussian_log_prob(x, mean, float(sched.std[i]), float(sched.log_std[i])))
     return torch.stack(states), torch.stack(log_probs)
 
 
@@ -264,11 +277,12 @@ def grpo_backward(
 
     Each trained step's terms run backward as soon as they are computed (the objective is a sum over steps, each
     from stored rollout states), so at most one step's activations are alive, whatever the number of trained steps.
-    batch adds to the rollout inputs: "states" [S + 1, B, ...], "old_log_probs" [S, B], "advantages" [B].
+    batch adds to the rollout inputs: "states" [S + 1, B, ...], "old_log_probs" [n, B] (n: the explored steps),
+    "advantages" [B].
     """
+    n = grpo.explored_steps(rollout.steps)
     schedule = flow_match_schedule(rollout.steps, rollout.shift)
-    sched = sde_schedule(schedule, grpo.noise_level)
-    n = min(grpo.train_steps or sched.steps, sched.steps)
+    sched = sde_schedule(schedule, grpo.noise_level, n)
     adv = batch["advantages"]
     device = adv.device
     policy, kl, ratios = torch.zeros((), device=device), torch.zeros((), device=device), []
@@ -278,16 +292,16 @@ def grpo_backward(
             float(a[i]) for a in (sched.sigmas, sched.dts, sched.drift, sched.std, sched.log_std)
         )
         mean = sde_mean(x, velocity(model, x, schedule.timesteps[i], batch, rollout.guidance), sigma, dt, drift)
-        ratio = torch.exp(gaussian_log_prob(x_next, mean, std, log_std) - batch["old_log_probs"][i])
+        ratio = torch.exp(gaussian_log_prob(x_next, mean, std, log_std, grpo.noise_grid) - batch["old_log_probs"][i])
         clipped = ratio.clamp(1.0 - grpo.clip_range, 1.0 + grpo.clip_range)
         step_policy = (-torch.minimum(ratio * adv, clipped * adv)).mean() / n
-        step_loss = step_policy
+        step_loss = grpo.policy_weight * step_policy
         ratios.append(ratio.detach())
         if ref_model is not None and grpo.kl_weight > 0:
             with torch.no_grad():
                 ref_mean = sde_mean(x, velocity(ref_model, x, schedule.timesteps[i], batch, rollout.guidance),
                                     sigma, dt, drift)  # fmt: skip
-            step_kl = gaussian_kl(mean, ref_mean, std).mean() / n
+            step_kl = gaussian_kl(mean, ref_mean, std, grpo.noise_grid).mean() / n
             step_loss = step_loss + grpo.kl_weight * step_kl
             kl = kl + step_kl.detach()
         (step_loss * loss_scale).backward()
@@ -298,8 +312,8 @@ def grpo_backward(
         (grpo.sft_weight * loss_scale * sft).backward()
         sft = sft.detach()
     r = torch.stack(ratios)
-    return {"loss": policy + grpo.kl_weight * kl + grpo.sft_weight * sft, "policy_loss": policy, "kl": kl,
-            "sft_loss": sft, "clip_fraction": ((r - 1.0).abs() > grpo.clip_range).float().mean()}  # fmt: skip
+    return {"loss": grpo.policy_weight * policy + grpo.kl_weight * kl + grpo.sft_weight * sft, "policy_loss": policy,
+            "kl": kl, "sft_loss": sft, "clip_fraction": ((r - 1.0).abs() > grpo.clip_range).float().mean()}  # fmt: skip
 
 
 def grpo_train_step(
@@ -338,25 +352,31 @@ def grpo_iteration(
     """Rollout (SDE, no gradient) -> decode frame 0 -> black-box rewards on uint8 -> advantages -> updates.
 
     The whole batch holds consecutive groups of `grpo.group_size` rows sharing a prompt; `batch`, `step_noise`
-    ([S, rows, ...]) and `prompts` hold this data-parallel group's rows (all of them in a single process), which
-    it samples and scores; the advantages are normalised over the groups of the whole batch's rewards.
-    The metrics are the last update's, with "skipped" counting the skipped updates of the iteration.
+    ([n, rows, ...], n the explored steps) and `prompts` hold this data-parallel group's rows (all of them in a single
+    process), which it samples and scores; the advantages are normalised over the groups of the whole batch's rewards.
+    The metrics are the last update's, with "skipped" counting the skipped updates of the iteration, and the rollouts'
+    reward mean and std when `grpo.scores_rollouts()`.
     """
     topo = topo or Topology()
     device = next(model.parameters()).device
     device_batch = to_device_batch(batch, device)
-    states, log_probs = sde_rollout(model, device_batch, torch.as_tensor(step_noise, device=device), rollout,
-                                    grpo.noise_level)  # fmt: skip
-    frames = decode_frames(decoder, states[-1], rollout.reward_frames).float().cpu().numpy()
-    mine = torch.as_tensor(score_black_box(black_box, to_uint8(frames), list(prompts)), device=device)
-    rewards = gather_rows(mine, topo).cpu().numpy()
-    advantages = group_advantages(rewards, grpo.group_size)[row_slice(len(rewards), topo)]
+    scored = grpo.scores_rollouts()
+    noise = torch.as_tensor(step_noise, device=device)
+    states, log_probs = sde_rollout(model, device_batch, noise, rollout, grpo, explored_only=not scored)
+    advantages = np.zeros(len(prompts), np.float32)  # unread by the loss when not scored
+    if scored:
+        frames = decode_frames(decoder, states[-1], rollout.reward_frames).float().cpu().numpy()
+        mine = torch.as_tensor(score_black_box(black_box, to_uint8(frames), list(prompts)), device=device)
+        rewards = gather_rows(mine, topo).cpu().numpy()
+        advantages = group_advantages(rewards, grpo.group_size)[row_slice(len(rewards), topo)]
     device_batch.update(states=states, old_log_probs=log_probs, advantages=torch.as_tensor(advantages, device=device))
     skipped = 0.0
     for _ in range(grpo.updates_per_rollout):
         metrics = grpo_train_step(optimizer, tuning, model, ref_model, device_batch, rollout, grpo, topo)
         skipped += metrics["skipped"]
-    metrics.update(skipped=skipped, reward_mean=float(rewards.mean()), reward_std=float(rewards.std()))
+    metrics["skipped"] = skipped
+    if scored:
+        metrics.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()))
     return metrics
 
 

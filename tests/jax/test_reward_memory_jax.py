@@ -30,7 +30,7 @@ def _temp_bytes(train_steps: int) -> int:
     rng = np.random.default_rng(0)
     shapes = {"noise": (BATCH, C, F, H, W), "text": (BATCH, 5, cfg.joint_attention_dim),
               "pooled": (BATCH, cfg.pooled_projection_dim), "states": (STEPS + 1, BATCH, C, F, H, W),
-              "old_log_probs": (STEPS, BATCH), "advantages": (BATCH,)}  # fmt: skip
+              "old_log_probs": (train_steps, BATCH), "advantages": (BATCH,)}  # fmt: skip
     batch = {k: jnp.asarray(rng.standard_normal(s, dtype=np.float32)) for k, s in shapes.items()}
     rollout = RolloutConfig(prompts=("p",), steps=STEPS, shift=3.0, guidance=1.0)
     grpo = GrpoConfig(group_size=BATCH, noise_level=0.7, kl_weight=0.0, sft_weight=0.0, train_steps=train_steps)

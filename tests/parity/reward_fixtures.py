@@ -9,6 +9,7 @@ import numpy as np
 from contentv_common.config.recipe import OptimizerConfig
 from contentv_common.config.reward import GrpoConfig, ReflConfig, RewardRecipe, RolloutConfig
 from contentv_common.reward.models import TargetColour
+from contentv_common.reward.sde import exploration_noise
 
 C, F, H, W = 16, 2, 4, 4
 TEXT_LEN, TEXT_DIM, POOLED_DIM = 5, 48, 24
@@ -112,5 +113,6 @@ def rollout_batch(seed: int, batch: int, guided: bool, group_size: int = 1) -> d
     return out
 
 
-def step_noise(seed: int, batch: int, steps: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((steps, batch, C, F, H, W), dtype=np.float32)
+def step_noise(seed: int, batch: int, steps: int, grid: int | None = None) -> np.ndarray:
+    """GRPO's exploration noise [steps, batch, C, F, H, W] (steps: the explored ones), on `grid`'s cells when set."""
+    return exploration_noise(np.random.default_rng(seed), (steps, batch, C, F, H, W), grid)

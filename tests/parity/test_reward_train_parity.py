@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -103,23 +105,30 @@ def test_refl_gradients_match(models, decoders, rel_err):
 
 
 @pytest.mark.slow
-def test_grpo_gradients_match(models, rel_err):
+@pytest.mark.parametrize(
+    "grpo",
+    [GRPO, replace(GRPO, train_steps=2, noise_grid=2, policy_weight=0.5)],
+    ids=["every_step_explores", "2_of_3_on_grid_2_policy_weight_half"],
+)
+def test_grpo_gradients_match(models, rel_err, grpo):
+    """Rollout and update of both backends: every sampler step exploring per latent element, or the first 2 of 3
+    exploring on a 2 x 2 grid of the 4 x 4 latent (the last step Euler, log-probs and KL of cell means) with the
+    clipped-ratio term at half weight."""
     from contentv_jax.reward import train as jr
     from contentv_torch_npu.reward import train as tr
 
     t_model, t_ref, j_model, j_ref = models
-    grpo = GRPO
     batch = {**rollout_batch(3, GRPO_BATCH, guided=True, group_size=grpo.group_size), **sft_batch(4, GRPO_BATCH)}
-    noise = step_noise(5, GRPO_BATCH, ROLLOUT.steps)
-    states_j, logp_j = jr.sde_rollout(j_model, jr.to_device_batch(batch), noise, ROLLOUT, grpo.noise_level)
-    states_t, logp_t = tr.sde_rollout(
-        t_model, tr.to_device_batch(batch), torch.from_numpy(noise), ROLLOUT, grpo.noise_level
-    )
+    noise = step_noise(5, GRPO_BATCH, grpo.explored_steps(ROLLOUT.steps), grpo.noise_grid)
+    states_j, logp_j = jr.sde_rollout(j_model, jr.to_device_batch(batch), noise, ROLLOUT, grpo)
+    states_t, logp_t = tr.sde_rollout(t_model, tr.to_device_batch(batch), torch.from_numpy(noise), ROLLOUT, grpo)
+    assert states_t.shape[0] == ROLLOUT.steps + 1 and logp_t.shape == (grpo.explored_steps(ROLLOUT.steps), GRPO_BATCH)
     assert rel_err(states_j, states_t.numpy()) < 1e-5
     assert rel_err(logp_j, logp_t.numpy()) < 1e-5
 
-    # train on the rollout with a policy that has moved (the ref weights), so ratios differ from 1 and clip
-    shifted = logp_t.numpy() + np.float32(0.3) * np.array([[1, -1, 1, -1]], np.float32)
+    # train on the rollout with a policy that has moved, so ratios differ from 1: exp(-0.3), exp(0.1), ...; with these
+    # advantages rows 0 and 3 are clipped and rows 1 and 2 carry the policy term's gradient
+    shifted = logp_t.numpy() + np.array([[0.3, -0.1, 0.1, -0.3]], np.float32)
     batch.update(
         states=states_t.numpy(), old_log_probs=shifted, advantages=group_advantages(np.array([0.1, 0.5, 0.2, 0.9]), 4)
     )
