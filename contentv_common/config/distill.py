@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from contentv_common.config.model import ModelConfig, named_model_config
 from contentv_common.config.recipe import CheckpointConfig, OptimizerConfig, load_recipe, read_with_base
@@ -88,7 +88,6 @@ class DistillRecipe:
     optimizer: OptimizerConfig = OptimizerConfig()
     fake_optimizer: OptimizerConfig = OptimizerConfig()
     encoders: str = "tiny"
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
     log_dir: str = "runs/distill"
 

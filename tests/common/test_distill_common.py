@@ -124,3 +124,64 @@ def test_predicted_x0_undoes_renoising():
         x_t = renoised(x0, eps, sigma)
         np.testing.assert_allclose(predicted_x0(x_t, eps - x0, sigma), x0, atol=1e-12)
     assert not np.allclose(renoised(x0, eps, np.asarray(0.6)), x0)
+
+
+class _Encoders:
+    """Text embeddings that name their prompt: row i of text is the index of its prompt (negative: -1)."""
+
+    latent_channels = 16
+    prompts = ("a", "b", "c")
+
+    def encode_text(self, prompts):
+        ids = np.array([self.prompts.index(p) if p in self.prompts else -1 for p in prompts], np.float32)
+        return np.broadcast_to(ids[:, None, None], (len(ids), 3, 4)).copy(), np.repeat(ids[:, None], 2, axis=1)
+
+
+def _tiny_recipe(tmp_path, **overrides):
+    path = tmp_path / "distill.yaml"
+    path.write_text(RECIPE.replace('["a red circle moving right"]', '["a", "b", "c"]'))
+    return load_distill_recipe(path, overrides)
+
+
+def test_distill_data_is_a_function_of_seed_and_step(tmp_path):
+    from contentv_common.distill.run import DistillData
+
+    data = DistillData(_tiny_recipe(tmp_path, **{"data.batch_size": 4}), _Encoders())
+    batch, draws = data.update(3)
+    again, draws_again = data.update(3)
+    assert data.shape == (4, 16, 2, 4, 4) and draws["noise"].shape == data.shape
+    assert all(np.array_equal(batch[k], again[k]) for k in batch)
+    assert all(np.array_equal(draws[k], draws_again[k]) for k in draws)
+    assert not np.array_equal(draws["noise"], data.update(4)[1]["noise"])
+    ids = batch["text"][:, 0, 0]
+    assert set(ids) <= {0.0, 1.0, 2.0} and np.array_equal(batch["pooled"][:, 0], ids)
+    assert np.all(batch["neg_text"] == -1) and batch["neg_pooled"].shape == (4, 2)
+    seen = {float(i) for step in range(20) for i in data.update(step)[0]["text"][:, 0, 0]}
+    assert seen == {0.0, 1.0, 2.0}  # every prompt is drawn
+
+
+def test_resume_rules(tmp_path):
+    from contentv_common.distill.run import DistillPoint, check_teacher, resume_step
+    from contentv_common.errors import CheckpointError
+
+    recipe = _tiny_recipe(tmp_path)
+    point = DistillPoint(step=4, log_lines=4, seed=recipe.seed, skipped=1)
+    assert DistillPoint.read(point.as_dict(), recipe, "ckpt") == point
+    with pytest.raises(ConfigError, match=r"^seed: the recipe has 0 but the checkpoint in ckpt .* seed 7"):
+        DistillPoint.read({**point.as_dict(), "seed": 7}, recipe, "ckpt")
+    with pytest.raises(CheckpointError, match=r"^ckpt: not a distillation checkpoint .*skipped"):
+        DistillPoint.read({"step": 4, "log_lines": 4, "seed": 0}, recipe, "ckpt")
+    assert resume_step(None, None) is None and resume_step(4, 4) == 4 and resume_step(4, 6) == 4
+    for student, fake in ((6, 4), (4, None), (None, 2)):
+        with pytest.raises(CheckpointError, match="do not belong together"):
+            resume_step(student, fake)
+    check_teacher(recipe, recipe.model_config)
+    other = replace(recipe.model_config, num_layers=recipe.model_config.num_layers + 1)
+    with pytest.raises(ConfigError, match=r"^model: the teacher runs/teacher/transformer has num_layers="):
+        check_teacher(recipe, other)
+
+
+def test_distill_tiny_recipe_loads():
+    recipe = load_distill_recipe("configs/recipes/distill_tiny.yaml")
+    assert is_distill_recipe("configs/recipes/distill_tiny.yaml") and recipe.distill.steps == 4
+    assert recipe.init_from == "runs/tiny/transformer" and recipe.encoders == "demo" and recipe.model == "demo"
