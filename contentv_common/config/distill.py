@@ -77,7 +77,8 @@ class PromptData:
 @dataclass(frozen=True)
 class DistillRecipe:
     """A distillation run of `steps` student updates. `init_from` (the teacher: a transformer folder) is required;
-    `encoders` is "tiny", "demo" or a local diffusers pipeline folder, as a reward recipe's."""
+    `encoders` is "tiny", "demo" or a local diffusers pipeline folder, as a reward recipe's. An update whose loss or
+    gradient norm is not finite is skipped (student and fake score alike); more than `nan_skip_limit` stop the run."""
 
     distill: DmdConfig
     model: str | ModelConfig
@@ -90,9 +91,11 @@ class DistillRecipe:
     encoders: str = "tiny"
     seed: int = 0
     log_dir: str = "runs/distill"
+    nan_skip_limit: int = 10
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, "steps", f"must be positive, got {self.steps}")
+        _check(self.nan_skip_limit >= 0, "nan_skip_limit", f"must be >= 0, got {self.nan_skip_limit}")
         _check(bool(self.init_from), "init_from", "needs the teacher's transformer folder")
         if isinstance(self.model, str):
             try:

@@ -24,7 +24,7 @@ from contentv_common.config.model import ModelConfig
 from contentv_common.config.recipe import CheckpointConfig
 from contentv_common.data.cache import Encoders
 from contentv_common.distill.schedule import update_draws
-from contentv_common.errors import CheckpointError, ConfigError
+from contentv_common.errors import CheckpointError, ConfigError, RunStopped
 from contentv_common.reward.run import RewardLog
 from contentv_common.sampling import latent_shape
 from contentv_common.training.schedules import step_rng
@@ -95,6 +95,15 @@ def check_teacher(recipe: DistillRecipe, cfg: ModelConfig) -> None:
         raise ConfigError(
             f"model: the teacher {recipe.init_from} has {field}={getattr(cfg, field)!r}, the recipe's model "
             f"{getattr(want, field)!r}; name the teacher's model"
+        )
+
+
+def check_skips(recipe: DistillRecipe, skipped: int) -> None:
+    """RunStopped once more updates (the student's and the fake score's) were skipped than `nan_skip_limit` allows."""
+    if skipped > recipe.nan_skip_limit:
+        raise RunStopped(
+            f"{skipped} skipped updates (non-finite loss or gradient norm; limit nan_skip_limit="
+            f"{recipe.nan_skip_limit}); resume point: the latest checkpoint in {recipe.checkpoint.dir}"
         )
 
 

@@ -6,8 +6,9 @@ from contentv_common.distill.run, as in the torch twin. Writes `<log_dir>/distil
 step); every `checkpoint.interval` steps (and at the end) the student and the fake score, each with its AdamW state,
 go to `<checkpoint.dir>/student` and `<checkpoint.dir>/fake` through the training `Checkpointer` (atomic, verified on
 resume, locked by this run). A run whose checkpoint dir holds a checkpoint continues from it and gives the records
-and weights of an uninterrupted run. At the end the student is exported as a transformer folder (our JAX format, read
-by either backend's `load_transformer`) at `<checkpoint.dir>/../transformer`.
+and weights of an uninterrupted run. An update with a non-finite loss or gradient norm is skipped and counted; more
+than `nan_skip_limit` stop the run (RunStopped) before the next checkpoint. At the end the student is exported as a
+transformer folder (our JAX format, read by either backend's `load_transformer`) at `<checkpoint.dir>/../transformer`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from contentv_common.distill.run import (
     PARTS,
     DistillData,
     DistillPoint,
+    check_skips,
     check_teacher,
     distill_log,
     export_folder,
@@ -60,6 +62,7 @@ def run(recipe: DistillRecipe, progress: bool = True) -> dict[str, Any]:
             skipped += int(metrics["skipped"])
             record = {"step": step, **metrics}
             log.write(record)
+            check_skips(recipe, skipped)
             if (step + 1) % recipe.checkpoint.interval == 0 or step == recipe.steps - 1:
                 counters = DistillPoint(step + 1, log.lines, recipe.seed, skipped).as_dict()
                 for part in PARTS:  # the student last: its step is the run's resume point

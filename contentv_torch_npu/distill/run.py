@@ -18,6 +18,7 @@ from contentv_common.distill.run import (
     PARTS,
     DistillData,
     DistillPoint,
+    check_skips,
     check_teacher,
     distill_log,
     export_folder,
@@ -56,6 +57,7 @@ def run(recipe: DistillRecipe, progress: bool = True, device: str = "cpu") -> di
             skipped += int(metrics["skipped"])
             record = {"step": step, **metrics}
             log.write(record)
+            check_skips(recipe, skipped)
             if (step + 1) % recipe.checkpoint.interval == 0 or step == recipe.steps - 1:
                 meta = {"data_position": step + 1,
                         "counters": DistillPoint(step + 1, log.lines, recipe.seed, skipped).as_dict()}  # fmt: skip

@@ -161,8 +161,8 @@ def test_distill_data_is_a_function_of_seed_and_step(tmp_path):
 
 
 def test_resume_rules(tmp_path):
-    from contentv_common.distill.run import DistillPoint, check_teacher, resume_step
-    from contentv_common.errors import CheckpointError
+    from contentv_common.distill.run import DistillPoint, check_skips, check_teacher, resume_step
+    from contentv_common.errors import CheckpointError, RunStopped
 
     recipe = _tiny_recipe(tmp_path)
     point = DistillPoint(step=4, log_lines=4, seed=recipe.seed, skipped=1)
@@ -175,6 +175,11 @@ def test_resume_rules(tmp_path):
     for student, fake in ((6, 4), (4, None), (None, 2)):
         with pytest.raises(CheckpointError, match="do not belong together"):
             resume_step(student, fake)
+    check_skips(recipe, 10)
+    with pytest.raises(
+        RunStopped, match=r"^11 skipped updates .*nan_skip_limit=10\); resume point: .*runs/distill/che"
+    ):
+        check_skips(recipe, 11)
     check_teacher(recipe, recipe.model_config)
     other = replace(recipe.model_config, num_layers=recipe.model_config.num_layers + 1)
     with pytest.raises(ConfigError, match=r"^model: the teacher runs/teacher/transformer has num_layers="):

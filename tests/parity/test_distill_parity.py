@@ -105,19 +105,21 @@ def test_fake_score_loss_and_gradients_match(models, k, rel_err):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("k", [0, 1, 2])
-def test_dmd_loss_and_gradients_match(models, k, rel_err):
-    """The student's DMD loss at its step k (inputs by backward simulation) and its gradients."""
+@pytest.mark.parametrize(("k", "guidance"), [(0, 3.0), (1, 3.0), (2, 3.0), (1, 1.0)])
+def test_dmd_loss_and_gradients_match(models, k, guidance, rel_err):
+    """The student's DMD loss at its step k (inputs by backward simulation) and its gradients, with a guided real
+    score and an unguided one."""
     from contentv_jax.distill import train as jd
     from contentv_torch_npu.distill import train as td
 
     (t_teacher, j_teacher), (t_student, j_student), (t_fake, j_fake) = (models[n] for n in NAMES)
     batch, draws = _batch(), _draws(k)
     turn = {n: draws[n] for n in ("k", "noise", "renoise", "sigmas", "score_noise")}
-    loss_j, grads_j, metrics_j = jd.dmd_grads(j_student, j_fake, j_teacher, _jax(batch), _jax(turn), DMD)
+    dmd = replace(DMD, guidance=guidance)
+    loss_j, grads_j, metrics_j = jd.dmd_grads(j_student, j_fake, j_teacher, _jax(batch), _jax(turn), dmd)
     for model in (t_teacher, t_student, t_fake):
         model.zero_grad()
-    loss_t, metrics_t = td.dmd_loss(t_student, t_fake, t_teacher, td.to_device(batch), td.to_device(turn), DMD)
+    loss_t, metrics_t = td.dmd_loss(t_student, t_fake, t_teacher, td.to_device(batch), td.to_device(turn), dmd)
     loss_t.backward()
     assert all(p.grad is None for p in t_fake.parameters()) and all(p.grad is None for p in t_teacher.parameters())
     assert float(metrics_t["dmd_loss"]) > 0
@@ -174,6 +176,18 @@ def test_distill_step_matches(models, rel_err):
         # AdamW's first steps divide by |g|: gradients near eps (1e-8) move their weights by sign-level noise
         assert rel_err(_flat({k: ours[k] - start[k] for k in ours}), _flat(moved)) < 1e-4, name
         assert rel_err(_flat(ours), _flat(theirs)) < 1e-5, name
+
+    # a non-finite DMD loss (NaN score noise) skips the student's update alone, in both backends
+    draws["score_noise"] = np.full_like(draws["score_noise"], np.nan)
+    student_j = [np.array(x, copy=True) for x in jax.tree.leaves(state["student"])]  # the state is donated
+    student_t = {k: v.clone() for k, v in t.student.state_dict().items()}
+    fake_t = {k: v.clone() for k, v in t.fake.state_dict().items()}
+    state, metrics_j = j.step(state, _batch(), draws)
+    metrics_t = t.step(_batch(), draws)
+    assert metrics_j["skipped"] == 1 and metrics_t["skipped"] == 1
+    assert all(np.array_equal(a, b) for a, b in zip(student_j, jax.tree.leaves(state["student"]), strict=True))
+    assert all(torch.equal(student_t[k], v) for k, v in t.student.state_dict().items())
+    assert any(not torch.equal(fake_t[k], v) for k, v in t.fake.state_dict().items())
 
 
 def _copy(model: torch.nn.Module) -> torch.nn.Module:
