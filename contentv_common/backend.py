@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import numpy as np
 
+    from contentv_common.config.distill import DistillRecipe
     from contentv_common.config.model import ModelConfig
     from contentv_common.config.recipe import BucketConfig, Recipe
     from contentv_common.config.reward import RewardRecipe
@@ -87,6 +88,11 @@ class Backend(Protocol):
 
     def reward_tune(self, recipe: RewardRecipe, progress: bool) -> dict[str, Any]:
         """Reward fine-tuning (ReFL or GRPO) to the recipe's steps; the last step's record."""
+        ...
+
+    def distill(self, recipe: DistillRecipe, progress: bool) -> dict[str, Any]:
+        """DMD2 distillation to the recipe's steps in one process, resuming from its checkpoint dir; the student
+        exported as a transformer folder at `<checkpoint.dir>/../transformer`. Returns the last step's record."""
         ...
 
     def export(self, recipe: Recipe) -> Path:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from contentv_common.config.distill import DistillRecipe
 from contentv_common.config.model import ModelConfig
 from contentv_common.config.recipe import BucketConfig, Recipe, check_device_count
 from contentv_common.config.reward import RewardRecipe
@@ -94,6 +95,11 @@ class JaxBackend:
 
     def reward_tune(self, recipe: RewardRecipe, progress: bool) -> dict[str, Any]:
         from contentv_jax.reward.run import run
+
+        return run(recipe, progress=progress)
+
+    def distill(self, recipe: DistillRecipe, progress: bool) -> dict[str, Any]:
+        from contentv_jax.distill.run import run
 
         return run(recipe, progress=progress)
 

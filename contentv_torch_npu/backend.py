@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from contentv_common.checkpoint.formats import detect_format
+from contentv_common.config.distill import DistillRecipe
 from contentv_common.config.model import ModelConfig
 from contentv_common.config.recipe import BucketConfig, Recipe
 from contentv_common.config.reward import RewardRecipe
@@ -28,7 +29,7 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _read_jax_init(recipe: Recipe | RewardRecipe) -> None:
+def _read_jax_init(recipe: Recipe | RewardRecipe | DistillRecipe) -> None:
     """A JAX-format `init_from` (e.g. the tiny demo's export) is read through contentv_jax's reader, registered by
     importing it."""
     if recipe.init_from and Path(recipe.init_from).is_dir() and detect_format(recipe.init_from) == "jax":
@@ -113,6 +114,12 @@ class TorchBackend:
 
         _read_jax_init(recipe)
         return run(recipe, progress=progress)
+
+    def distill(self, recipe: DistillRecipe, progress: bool) -> dict[str, Any]:
+        from contentv_torch_npu.distill.run import run
+
+        _read_jax_init(recipe)
+        return run(recipe, progress=progress, device=str(resolve_device("auto")))
 
     def export(self, recipe: Recipe) -> Path:
         """Rank 0 writes the folder; the other ranks only get its path."""

@@ -26,6 +26,7 @@ from contentv_common.backend import Backend, get
 from contentv_common.checkpoint.hub import transformer_folder
 from contentv_common.checkpoint.run_lock import check_unlocked
 from contentv_common.cli import run_cli
+from contentv_common.config.distill import DistillRecipe, is_distill_recipe, load_distill_recipe
 from contentv_common.config.recipe import Recipe, load_recipe, parse_override
 from contentv_common.config.reward import RewardRecipe, is_reward_recipe, load_reward_recipe
 from contentv_common.data.prepare import check_encoder_widths, prepare_data_together
@@ -34,7 +35,7 @@ from contentv_common.training.demo import DEMO_PROMPTS, lora_demo_base, sample_d
 from contentv_common.training.metrics import LossCurve
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "recipes" / "tiny.yaml"
-R = TypeVar("R", Recipe, RewardRecipe)
+R = TypeVar("R", Recipe, RewardRecipe, DistillRecipe)
 
 
 def local_init_from(recipe: R) -> R:
@@ -72,6 +73,25 @@ def train_reward(path: str, overrides: dict[str, Any], backend: Backend, progres
     return 0
 
 
+def train_distill(path: str, overrides: dict[str, Any], backend: Backend, progress: bool) -> int:
+    """DMD2 distillation: recipes with a `distill` section (configs/recipes/distill_*.yaml), one process. The teacher
+    (`init_from`) must exist; the student is exported to `<checkpoint.dir>/../transformer`."""
+    recipe = load_distill_recipe(path, overrides)
+    hint = " (the CPU demo's model: run `python tools/train.py` first)" if recipe.encoders == "demo" else ""
+    try:
+        recipe = local_init_from(recipe)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: init_from: {e}{hint}") from None
+    if not Path(recipe.init_from).exists():
+        raise ConfigError(f"{path}: init_from: {recipe.init_from}: no such folder{hint}")
+    check_unlocked(recipe.checkpoint.dir)
+    check_encoder_widths(recipe.encoders, recipe.model_config)
+    record = backend.distill(recipe, progress=progress)
+    print(f"distillation (dmd2, {backend.name}): last step {record}")
+    print(f"student: {Path(recipe.checkpoint.dir).parent / 'transformer'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(TINY), help="recipe YAML (default: the tiny CPU demo)")
@@ -88,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
     overrides = dict(parse_override(o) for o in args.overrides)
     prompts = [p for p in (args.sample_prompt or DEMO_PROMPTS) if p]
+    if is_distill_recipe(args.config):
+        return train_distill(args.config, overrides, get(args.backend), progress)
     if is_reward_recipe(args.config):
         return train_reward(args.config, overrides, get(args.backend), progress, prompts)
     recipe = lora_demo_base(load_recipe(args.config, overrides))

@@ -248,16 +248,17 @@ class ResumePoint:
 
 class RewardLog:
     """Appends one JSON line per step to `<log_dir>/reward_log.jsonl` (flushed, so a crash loses nothing logged) and
-    draws `reward.png` (reward mean +- std per step, held-out reward) from it.
+    draws `reward.png` (reward mean +- std per step, held-out reward) from it. A distillation run keeps its log the
+    same way under another `name` (contentv_common.distill.run).
 
     `keep_lines` > 0 resumes a log: its first `keep_lines` lines (the steps a checkpoint covers) stay and the rest,
     written by steps after that checkpoint, is cut (atomically) because the resumed run writes them again.
     """
 
-    def __init__(self, log_dir: str | Path, keep_lines: int = 0):
+    def __init__(self, log_dir: str | Path, keep_lines: int = 0, name: str = "reward_log.jsonl"):
         self.dir = Path(log_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.dir / "reward_log.jsonl"
+        self.path = self.dir / name
         if keep_lines == 0:
             self.path.unlink(missing_ok=True)
             self.lines = 0

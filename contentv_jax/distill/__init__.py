@@ -1,0 +1,1 @@
+"""Distillation (DMD2) in JAX: the loss terms and the update."""

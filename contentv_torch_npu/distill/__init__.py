@@ -1,0 +1,1 @@
+"""Distillation (DMD2) in the torch twin: the loss terms and the update."""
