@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from contentv_common.config.distill import DistillRecipe, is_distill_recipe, load_distill_recipe
 from contentv_common.config.recipe import Recipe, apply_overrides, load_recipe, parse_override
 from contentv_common.config.reward import RewardRecipe, is_reward_recipe, load_reward_recipe
 from contentv_common.errors import ConfigError
@@ -13,7 +14,12 @@ RECIPES = Path(__file__).resolve().parents[2] / "configs" / "recipes"
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_load(path):
-    """Every shipped recipe, training and reward, loads and passes the checks made at load (mesh splits included)."""
+    """Every shipped recipe, training, reward and distillation, loads and passes the checks made at load (mesh splits
+    included)."""
+    if is_distill_recipe(path):
+        distill = load_distill_recipe(path)
+        assert isinstance(distill, DistillRecipe) and distill.model_config.hidden_size > 0
+        return
     if is_reward_recipe(path):
         recipe = load_reward_recipe(path)
         assert isinstance(recipe, RewardRecipe) and recipe.method in path.name

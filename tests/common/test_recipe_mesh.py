@@ -17,7 +17,7 @@ from contentv_common.errors import ConfigError
 
 RECIPES = Path(__file__).resolve().parents[2] / "configs" / "recipes"
 STAGES = sorted(RECIPES.glob("stage*.yaml"))
-TRAINING = sorted(p for p in RECIPES.glob("*.yaml") if not p.name.startswith("reward_"))
+TRAINING = sorted(p for p in RECIPES.glob("*.yaml") if not p.name.startswith(("reward_", "distill_")))
 
 
 @pytest.mark.parametrize("path", TRAINING, ids=lambda p: p.stem)
