@@ -1,11 +1,12 @@
 """DMD2's schedule and draws, shared by both backends (numpy; the arithmetic helpers take numpy, JAX or torch arrays).
 
 The student is a K-step sampler at fixed sigmas (`student_sigmas`): at step k it maps x at sigma_k to an x0
-prediction, x0 = x - sigma_k v; the next step's input is that prediction re-noised to sigma_(k+1) with fresh noise
-(`renoised`). Backward simulation: the input of the step an update trains (k, uniform over the K steps) comes from the
-student's own earlier steps, run without gradient from pure noise (sigma_0 = 1).
+prediction, x0 = x - sigma_k v; the next step's input is the flow-match sampler's Euler step, x + (sigma_(k+1) -
+sigma_k) v (that x0 re-noised to sigma_(k+1) with the noise the step predicts), so the student trains on the inputs
+`contentv-sample --steps K` gives it. Backward simulation: the input of the step an update trains (k, uniform over the
+K steps) comes from the student's own earlier steps, run without gradient from pure noise (sigma_0 = 1).
 
-Every random number of an update (the trained step k, start and re-noising noise, the score's noise levels and noise)
+Every random number of an update (the trained step k, the start noise, the score's noise levels and noise)
 is drawn here (`update_draws`), in the order the update uses them: the fake score's `fake_updates` updates first, then
 the student's. Both backends take the same arrays, so the same weights give the same update.
 """
@@ -18,11 +19,10 @@ import numpy as np
 
 from contentv_common.config.distill import DmdConfig
 from contentv_common.sampling import flow_match_schedule
-from contentv_common.training.schedules import interpolate, shift_sigmas
+from contentv_common.training.schedules import shift_sigmas
 
-DRAWS = ("k", "noise", "renoise", "sigmas", "score_noise")
-"""One generator turn's draws: the step k it ends on, start noise, re-noising noise [K - 1, ...] (entry i takes the
-x0 prediction of step i to sigma_(i+1)), the score's noise levels [B] and noise."""
+DRAWS = ("k", "noise", "sigmas", "score_noise")
+"""One generator turn's draws: the step k it ends on, start noise, the score's noise levels [B] and noise."""
 
 
 def student_sigmas(dmd: DmdConfig) -> np.ndarray:
@@ -41,7 +41,6 @@ def generator_draws(rng: np.random.Generator, dmd: DmdConfig, shape: tuple[int, 
     return {
         "k": np.asarray(rng.integers(dmd.steps), np.int32),
         "noise": rng.standard_normal(shape, dtype=np.float32),
-        "renoise": rng.standard_normal((dmd.steps - 1, *shape), dtype=np.float32),
         "sigmas": score_sigmas(rng, shape[0], dmd),
         "score_noise": rng.standard_normal(shape, dtype=np.float32),
     }
@@ -66,8 +65,3 @@ def predicted_x0(x: Any, velocity: Any, sigma: Any) -> Any:
     if getattr(sigma, "ndim", 0):
         sigma = sigma.reshape(tuple(sigma.shape) + (1,) * (x.ndim - sigma.ndim))
     return x - sigma * velocity
-
-
-def renoised(x0: Any, noise: Any, sigma: Any) -> Any:
-    """The next student step's input: the x0 prediction taken to noise level `sigma` with fresh `noise`."""
-    return interpolate(x0, noise, sigma)

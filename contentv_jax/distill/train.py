@@ -20,9 +20,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from contentv_common.config.distill import DistillRecipe, DmdConfig
-from contentv_common.distill.schedule import DRAWS, predicted_x0, renoised, student_sigmas
+from contentv_common.distill.schedule import DRAWS, predicted_x0, student_sigmas
 from contentv_common.sample_mesh import ONE_DEVICE, pair_rows, split_pair
-from contentv_common.sampling import guidance_batch, guide
+from contentv_common.sampling import euler_step, guidance_batch, guide
 from contentv_common.training.schedules import interpolate, velocity_target
 from contentv_jax.optim import guarded_update, make_optimizer
 
@@ -42,16 +42,16 @@ def student_x0(model: nnx.Module, x: jax.Array, sigma: jax.Array, batch: Batch) 
 
 
 def simulated_input(model: nnx.Module, batch: Batch, turn: Batch, sigmas: jax.Array) -> jax.Array:
-    """The input of the student's step `turn["k"]` (no gradient): its steps 0 .. k-1 from the start noise, each x0
-    prediction re-noised to the next sigma with `turn["renoise"]`. A loop of traced length: one program for every k."""
+    """The input of the student's step `turn["k"]` (no gradient): its steps 0 .. k-1 from the start noise, each the
+    sampler's Euler step to the next sigma. A loop of traced length: one program for every k."""
     if sigmas.shape[0] == 1:
         return turn["noise"]
     graphdef, state = nnx.split(model)
     state = jax.lax.stop_gradient(state)
 
     def step(i: jax.Array, x: jax.Array) -> jax.Array:
-        x0 = student_x0(nnx.merge(graphdef, state), x, sigmas[i], batch)
-        return renoised(x0, turn["renoise"][i], sigmas[i + 1])
+        v = _velocity(nnx.merge(graphdef, state), x, sigmas[i], batch["text"], batch["pooled"])
+        return euler_step(x, v, sigmas[i + 1] - sigmas[i])
 
     return jax.lax.stop_gradient(jax.lax.fori_loop(0, turn["k"], step, turn["noise"]))
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from contentv_common.config.distill import DistillRecipe, DmdConfig
-from contentv_common.distill.schedule import fake_turn, predicted_x0, renoised, student_sigmas
+from contentv_common.distill.schedule import fake_turn, predicted_x0, student_sigmas
 from contentv_common.sample_mesh import ONE_DEVICE, pair_rows, split_pair
-from contentv_common.sampling import guidance_batch, guide
+from contentv_common.sampling import euler_step, guidance_batch, guide
 from contentv_common.training.schedules import interpolate, velocity_target
 from contentv_torch_npu.optim import make_optimizer
 from contentv_torch_npu.reward.train import Tuning, guarded_update
@@ -41,11 +41,11 @@ def student_x0(model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, bat
 
 @torch.no_grad()
 def simulated_input(model: torch.nn.Module, batch: Batch, turn: Batch, sigmas: torch.Tensor) -> torch.Tensor:
-    """The input of the student's step `turn["k"]`: its steps 0 .. k-1 from the start noise, each x0 prediction
-    re-noised to the next sigma with `turn["renoise"]`."""
+    """The input of the student's step `turn["k"]`: its steps 0 .. k-1 from the start noise, each the sampler's Euler
+    step to the next sigma."""
     x = turn["noise"]
     for i in range(int(turn["k"])):
-        x = renoised(student_x0(model, x, sigmas[i], batch), turn["renoise"][i], sigmas[i + 1])
+        x = euler_step(x, _velocity(model, x, sigmas[i], batch["text"], batch["pooled"]), sigmas[i + 1] - sigmas[i])
     return x
 
 

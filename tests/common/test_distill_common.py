@@ -13,14 +13,13 @@ from contentv_common.distill.schedule import (
     DRAWS,
     fake_turn,
     predicted_x0,
-    renoised,
     score_sigmas,
     student_sigmas,
     update_draws,
 )
 from contentv_common.errors import ConfigError
 from contentv_common.sampling import flow_match_schedule
-from contentv_common.training.schedules import shift_sigmas
+from contentv_common.training.schedules import interpolate, shift_sigmas
 
 RECIPE = """\
 distill: {steps: 4, shift: 3.0, guidance: 4.0, fake_updates: 2}
@@ -96,7 +95,7 @@ def test_update_draws_shapes_order_and_determinism():
     dmd = DmdConfig(steps=4, fake_updates=3)
     shape = (2, 16, 2, 4, 4)
     draws = update_draws(np.random.default_rng([7, 1]), dmd, shape)
-    assert draws["fake_renoise"].shape == (3, 3, *shape) and draws["renoise"].shape == (3, *shape)
+    assert set(draws) == set(DRAWS) | {f"fake_{name}" for name in DRAWS}
     assert draws["fake_k"].shape == (3,) and draws["k"].shape == () and draws["sigmas"].shape == (2,)
     assert draws["fake_noise"].shape == (3, *shape) and draws["score_noise"].dtype == np.float32
     again = update_draws(np.random.default_rng([7, 1]), dmd, shape)
@@ -106,7 +105,6 @@ def test_update_draws_shapes_order_and_determinism():
     turn = fake_turn(draws, 1)
     assert set(turn) == set(DRAWS) and np.array_equal(turn["noise"], draws["fake_noise"][1])
     assert not np.array_equal(turn["noise"], draws["noise"])  # the student's turn has its own draws
-    assert update_draws(np.random.default_rng(0), replace(dmd, steps=1), shape)["renoise"].shape == (0, *shape)
 
 
 def test_trained_step_is_uniform_over_the_students_steps():
@@ -116,14 +114,14 @@ def test_trained_step_is_uniform_over_the_students_steps():
     assert len(counts) == 4 and counts.min() > 160, counts
 
 
-def test_predicted_x0_undoes_renoising():
+def test_predicted_x0_undoes_noising():
     """x_t = (1 - s) x0 + s eps with v = eps - x0: x_t - s v is x0 again, s per sample or one for all."""
     rng = np.random.default_rng(0)
     x0, eps = rng.standard_normal((2, 3, 1, 2, 2)), rng.standard_normal((2, 3, 1, 2, 2))
     for sigma in (np.array([0.3, 0.8]), np.asarray(0.6)):
-        x_t = renoised(x0, eps, sigma)
+        x_t = interpolate(x0, eps, sigma)
         np.testing.assert_allclose(predicted_x0(x_t, eps - x0, sigma), x0, atol=1e-12)
-    assert not np.allclose(renoised(x0, eps, np.asarray(0.6)), x0)
+    assert not np.allclose(interpolate(x0, eps, np.asarray(0.6)), x0)
 
 
 class _Encoders:

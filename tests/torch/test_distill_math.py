@@ -49,9 +49,9 @@ def test_simulated_input_runs_the_students_earlier_steps():
     draws = update_draws(np.random.default_rng(1), dmd, SHAPE)
     s = student_sigmas(dmd).astype(np.float64)
     x = draws["noise"].astype(np.float64)
-    for i in range(2):  # step i's x0 = x - s_i w, re-noised to s_(i+1)
-        x = (1 - s[i + 1]) * (x - s[i] * w) + s[i + 1] * draws["renoise"][i]
-    turn = td.to_device({**{k: draws[k] for k in ("noise", "renoise")}, "k": np.asarray(2)})
+    for i in range(2):  # the sampler's Euler step with the constant velocity w
+        x = x + (s[i + 1] - s[i]) * w
+    turn = td.to_device({"noise": draws["noise"], "k": np.asarray(2)})
     got = td.simulated_input(Constant(w), td.to_device(batch), turn, torch.from_numpy(student_sigmas(dmd)))
     np.testing.assert_allclose(got.numpy(), x, rtol=1e-5, atol=1e-6)
     turn["k"] = torch.tensor(0)
