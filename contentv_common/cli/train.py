@@ -36,6 +36,7 @@ from contentv_common.training.metrics import LossCurve
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "recipes" / "tiny.yaml"
 R = TypeVar("R", Recipe, RewardRecipe, DistillRecipe)
+Tuning = TypeVar("Tuning", RewardRecipe, DistillRecipe)
 
 
 def local_init_from(recipe: R) -> R:
@@ -46,10 +47,9 @@ def local_init_from(recipe: R) -> R:
     return replace(recipe, init_from=str(transformer_folder(recipe.init_from)))
 
 
-def train_reward(path: str, overrides: dict[str, Any], backend: Backend, progress: bool, prompts: list[str]) -> int:
-    """Reward fine-tuning (ReFL or GRPO): recipes with a `method` key (configs/recipes/reward_*.yaml). A run that
-    tunes a model of its own (`init_from`) with the tiny or demo encoders then samples `prompts` before and after."""
-    recipe = load_reward_recipe(path, overrides)
+def existing_init_from(path: str, recipe: Tuning) -> Tuning:
+    """`local_init_from` for a tuning recipe (reward, distillation) read from `path`: its `init_from`, when set, must
+    be a folder here; errors are one line, and with the demo's encoders they say to train the demo first."""
     hint = " (the CPU demo's model: run `python tools/train.py` first)" if recipe.encoders == "demo" else ""
     try:
         recipe = local_init_from(recipe)
@@ -57,6 +57,13 @@ def train_reward(path: str, overrides: dict[str, Any], backend: Backend, progres
         raise ConfigError(f"{path}: init_from: {e}{hint}") from None
     if recipe.init_from is not None and not Path(recipe.init_from).exists():
         raise ConfigError(f"{path}: init_from: {recipe.init_from}: no such folder{hint}")
+    return recipe
+
+
+def train_reward(path: str, overrides: dict[str, Any], backend: Backend, progress: bool, prompts: list[str]) -> int:
+    """Reward fine-tuning (ReFL or GRPO): recipes with a `method` key (configs/recipes/reward_*.yaml). A run that
+    tunes a model of its own (`init_from`) with the tiny or demo encoders then samples `prompts` before and after."""
+    recipe = existing_init_from(path, load_reward_recipe(path, overrides))
     primary = backend.check_devices(recipe)  # joins a multi-process run first, before any data work
     if primary:
         check_unlocked(recipe.checkpoint.dir)
@@ -76,14 +83,7 @@ def train_reward(path: str, overrides: dict[str, Any], backend: Backend, progres
 def train_distill(path: str, overrides: dict[str, Any], backend: Backend, progress: bool) -> int:
     """DMD2 distillation: recipes with a `distill` section (configs/recipes/distill_*.yaml), one process. The teacher
     (`init_from`) must exist; the student is exported to `<checkpoint.dir>/../transformer`."""
-    recipe = load_distill_recipe(path, overrides)
-    hint = " (the CPU demo's model: run `python tools/train.py` first)" if recipe.encoders == "demo" else ""
-    try:
-        recipe = local_init_from(recipe)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: init_from: {e}{hint}") from None
-    if not Path(recipe.init_from).exists():
-        raise ConfigError(f"{path}: init_from: {recipe.init_from}: no such folder{hint}")
+    recipe = existing_init_from(path, load_distill_recipe(path, overrides))
     check_unlocked(recipe.checkpoint.dir)
     check_encoder_widths(recipe.encoders, recipe.model_config)
     record = backend.distill(recipe, progress=progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,3 +189,20 @@ def test_distill_tiny_recipe_loads():
     recipe = load_distill_recipe("configs/recipes/distill_tiny.yaml")
     assert is_distill_recipe("configs/recipes/distill_tiny.yaml") and recipe.distill.steps == 4
     assert recipe.init_from == "runs/tiny/transformer" and recipe.encoders == "demo" and recipe.model == "demo"
+
+
+@pytest.mark.parametrize("name", ["distill_tiny.yaml", "reward_grpo_demo.yaml"])
+def test_a_tuning_recipes_missing_teacher_is_one_line_naming_the_file_and_the_demo(name, tmp_path):
+    """Distillation and reward runs check their `init_from` alike before any model work: one line with the recipe,
+    the key, the folder and (with the demo's encoders) what to run first."""
+    from contentv_common.cli.train import existing_init_from
+    from contentv_common.config.reward import load_reward_recipe
+
+    path = str(Path(__file__).resolve().parents[2] / "configs" / "recipes" / name)
+    load = load_distill_recipe if name.startswith("distill") else load_reward_recipe
+    missing = tmp_path / "nope"
+    with pytest.raises(ConfigError, match=f"init_from: {missing}: no such folder.*python tools/train.py` first"):
+        existing_init_from(path, load(path, {"init_from": str(missing)}))
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    assert existing_init_from(path, load(path, {"init_from": str(teacher)})).init_from == str(teacher)
